@@ -1,0 +1,153 @@
+"""Run configuration: frozen dataclasses and the one place where they are validated.
+
+Every field has a docstring-style comment, every field is consumed somewhere, and every invalid
+value or combination raises one :class:`ConfigError` that names the field(s) and the valid
+choices. Notebooks change values with :func:`dataclasses.replace`; presets are plain functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+NOISE_KINDS = ("gaussian", "rademacher")
+COMPUTE_DTYPES = ("fp32", "bf16")
+STORAGE_DTYPES = ("fp32", "bf16", "fp16")
+MASTER_DTYPES = ("fp32", "none")
+ENGINES = ("zo2", "eager")
+TASKS = ("synthetic", "text")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value or combination; the message names fields and choices."""
+
+
+@dataclass(frozen=True)
+class ZOConfig:
+    """Hyper-parameters of the ZO-SGD (MeZO) step."""
+
+    lr: float = 1e-3
+    """Learning rate of the update theta <- theta - lr * (g * z + wd * theta)."""
+    eps: float = 1e-3
+    """Perturbation scale: the two passes see theta + eps z and theta - eps z."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay; never applied to biases and LayerNorm weights (MeZO)."""
+    noise: str = "gaussian"
+    """Distribution of z: 'gaussian' (N(0, 1)) or 'rademacher' (+1/-1 with equal odds)."""
+    chunk_size: int = 1 << 20
+    """Elements per noise chunk; any chunk-aligned slice of z regenerates on its own."""
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Where numbers are rounded: forward compute, stored parameters, and the master copy."""
+
+    compute: str = "fp32"
+    """Forward-pass arithmetic: 'fp32', or 'bf16' through torch.autocast."""
+    storage: str = "fp32"
+    """dtype of the parameters the forward reads: 'fp32', 'bf16' or 'fp16'."""
+    master: str = "fp32"
+    """Copy that receives perturbations and updates when storage is lower precision:
+    'fp32' keeps an fp32 master; 'none' is refused for bf16/fp16 storage (updates would be lost)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run on one rank."""
+
+    model: str = "tiny"
+    """A preset name (see ``distzo2_lab.models.PRESETS``) or a local checkpoint directory."""
+    steps: int = 300
+    """Number of ZO steps."""
+    seed: int = 0
+    """Run seed: model init, data order and every step seed derive from it."""
+    batch_size: int = 8
+    """Sequences per step."""
+    seq_len: int = 32
+    """Tokens per sequence; must not exceed the model's position table."""
+    engine: str = "zo2"
+    """'zo2' (block engine: dual forward, deferred fused update) or 'eager' (MeZO reference)."""
+    task: str = "synthetic"
+    """'synthetic' (embedded learnable sequences) or 'text' (causal LM on ``data``)."""
+    data: str | None = None
+    """Text or TSV file for task='text' (TSV: first column, header skipped)."""
+    threads: int = 2
+    """torch intra-op threads and noise-generation threads."""
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    """ZO-SGD hyper-parameters."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Compute / storage / master dtypes."""
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+
+
+def _positive(name: str, value: float, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise ConfigError(f"{name}={value!r} is not valid; it must be {kind}")
+
+
+def validate_zo(zo: ZOConfig) -> ZOConfig:
+    _positive("zo.lr", zo.lr)
+    _positive("zo.eps", zo.eps)
+    if not isinstance(zo.weight_decay, (int, float)) or zo.weight_decay < 0:
+        raise ConfigError(f"zo.weight_decay={zo.weight_decay!r} is not valid; it must be >= 0")
+    _choice("zo.noise", zo.noise, NOISE_KINDS)
+    _positive("zo.chunk_size", zo.chunk_size, integer=True)
+    return zo
+
+
+def validate_precision(p: PrecisionConfig) -> PrecisionConfig:
+    _choice("precision.compute", p.compute, COMPUTE_DTYPES)
+    _choice("precision.storage", p.storage, STORAGE_DTYPES)
+    _choice("precision.master", p.master, MASTER_DTYPES)
+    if p.storage != "fp32" and p.master == "none":
+        raise ConfigError(
+            f"precision.storage={p.storage!r} with precision.master='none' would silently lose "
+            f"updates: a MeZO update (lr * g * z, about 1e-7 at lr 1e-7) is far below {p.storage}'s "
+            f"resolution. Choose precision.master='fp32' or precision.storage='fp32'"
+        )
+    if p.storage == "bf16" and p.compute == "fp32":
+        raise ConfigError(
+            "precision.storage='bf16' needs precision.compute='bf16' (an fp32 forward cannot read "
+            "bf16 weights); choose compute='bf16' or storage='fp32'"
+        )
+    if p.storage == "fp16" and p.compute == "fp32":
+        raise ConfigError(
+            "precision.storage='fp16' needs precision.compute='bf16' (an fp32 forward cannot read "
+            "fp16 weights); choose compute='bf16' or storage='fp32'"
+        )
+    return p
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field and combination of a run config; return it unchanged or raise."""
+    if not isinstance(cfg.model, str) or not cfg.model:
+        raise ConfigError(f"model={cfg.model!r} is not valid; give a preset name or a directory")
+    _positive("steps", cfg.steps, integer=True)
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed!r} is not valid; it must be an integer >= 0")
+    _positive("batch_size", cfg.batch_size, integer=True)
+    _positive("seq_len", cfg.seq_len, integer=True)
+    if cfg.seq_len < 2:
+        raise ConfigError(f"seq_len={cfg.seq_len} is not valid; a causal LM loss needs seq_len >= 2")
+    _choice("engine", cfg.engine, ENGINES)
+    _choice("task", cfg.task, TASKS)
+    if cfg.task == "text" and not cfg.data:
+        raise ConfigError("task='text' needs data=PATH (a .txt or .tsv file)")
+    if cfg.task == "synthetic" and cfg.data:
+        raise ConfigError(f"data={cfg.data!r} is only read by task='text'; choose task='text' or drop data")
+    _positive("threads", cfg.threads, integer=True)
+    validate_zo(cfg.zo)
+    validate_precision(cfg.precision)
+    return cfg
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` followed by validation (for TrainConfig)."""
+    new = dataclasses.replace(cfg, **changes)
+    return validate(new) if isinstance(new, TrainConfig) else new

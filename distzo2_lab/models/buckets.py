@@ -1,0 +1,84 @@
+"""Flat parameter buckets: the unit that is perturbed, updated, stored and streamed.
+
+Each group of modules (resident-in, one transformer block, resident-out) owns one flat fp32
+master tensor; the modules' parameters become views into it (or into a lower-precision working
+copy). One flat tensor per block is what ZO2 (arXiv 2503.12668, Sec. 3) moves between host and
+device, what the DistZO2 slicer cuts into shards, and it turns hundreds of small per-tensor
+noise calls into a few large ones. A tied parameter (OPT's lm_head / embed_tokens) is one
+Parameter object and therefore lands in exactly one bucket, once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Slot:
+    name: str
+    param: nn.Parameter
+    start: int
+    stop: int
+    shape: torch.Size
+    decay: bool
+
+
+def _no_decay(name: str) -> bool:
+    # MeZO: no weight decay on biases and LayerNorm weights.
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "bias" or "layer_norm" in name or "layernorm" in name or ".norm" in name
+
+
+class ParamBucket:
+    """One flat fp32 master holding every unique parameter of a group of modules."""
+
+    def __init__(self, key: str, named_params: list[tuple[str, nn.Parameter]], storage: str = "fp32"):
+        self.key = key
+        self.slots: list[Slot] = []
+        offset = 0
+        for name, p in named_params:
+            self.slots.append(Slot(name, p, offset, offset + p.numel(), p.shape, not _no_decay(name)))
+            offset += p.numel()
+        self.numel = offset
+        device = named_params[0][1].device if named_params else torch.device("cpu")
+        self.master = torch.empty(offset, dtype=torch.float32, device=device)
+        for s in self.slots:
+            self.master[s.start : s.stop].copy_(s.param.detach().reshape(-1))
+        self.storage = storage
+        self.decay_spans = _merge([(s.start, s.stop) for s in self.slots if s.decay])
+        # The forward reads `working`: the master itself, or a rounded copy of it.
+        self.working = self.master if storage == "fp32" else self.master.to(DTYPES[storage])
+        self.bind(self.working)
+
+    def bind(self, flat: torch.Tensor) -> None:
+        """Point every parameter of the group at views of `flat` (no copy)."""
+        for s in self.slots:
+            s.param.data = flat[s.start : s.stop].view(s.shape)
+
+    def sync(self) -> None:
+        """Refresh the lower-precision working copy from the master (no-op for fp32)."""
+        if self.working is not self.master:
+            self.working.copy_(self.master)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """name -> fp32 tensor view of the master (for checkpoints and digests)."""
+        return {s.name: self.master[s.start : s.stop].view(s.shape) for s in self.slots}
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for s in self.slots:
+            self.master[s.start : s.stop].copy_(tensors[s.name].reshape(-1))
+        self.sync()
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged

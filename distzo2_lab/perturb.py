@@ -1,0 +1,81 @@
+"""Seeded perturber: the noise z of a MeZO step as a pure function, never stored.
+
+MeZO (arXiv 2305.17333, Alg. 1) regenerates z from the step seed instead of keeping it. Here z
+of a flat parameter bucket is cut into fixed-size chunks; chunk c of bucket `key` at step seed s
+is drawn from its own generator seeded with hash(s, key, c). So any chunk-aligned slice can be
+regenerated without generating the rest (what the slicer of DistZO2 Sec. 3.3 needs), no global
+RNG state is read or changed, and chunks are filled in parallel by a small thread pool (torch
+kernels release the GIL; CPU ``normal_`` is single-threaded).
+"""
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from .config import NOISE_KINDS, ConfigError
+
+
+def chunk_seed(step_seed: int, key: str, chunk: int) -> int:
+    """63-bit generator seed for one chunk; a pure function of its three arguments."""
+    digest = hashlib.blake2b(f"{step_seed}/{key}/{chunk}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The seed of step `step` of a run: a pure function, so a resumed run draws the same."""
+    return chunk_seed(run_seed, "step", step)
+
+
+class Perturber:
+    """Fills buffers with z(seed, key)[start:stop] for Gaussian or Rademacher noise."""
+
+    def __init__(self, noise: str = "gaussian", chunk_size: int = 1 << 20, threads: int = 1):
+        if noise not in NOISE_KINDS:
+            raise ConfigError(f"noise={noise!r} is not valid; choose one of {', '.join(NOISE_KINDS)}")
+        if chunk_size <= 0:
+            raise ConfigError(f"chunk_size={chunk_size!r} is not valid; it must be a positive integer")
+        self.noise = noise
+        self.chunk_size = int(chunk_size)
+        self.threads = max(1, int(threads))
+        self._pool = ThreadPoolExecutor(self.threads, "zo-noise") if self.threads > 1 else None
+
+    def _fill_chunk(self, out: torch.Tensor, seed: int) -> None:
+        gen = torch.Generator(device=out.device)
+        gen.manual_seed(seed)
+        if self.noise == "gaussian":
+            out.normal_(generator=gen)
+        else:  # rademacher: 0/1 bits mapped to -1/+1
+            out.random_(0, 2, generator=gen).mul_(2).sub_(1)
+
+    def fill(self, out: torch.Tensor, seed: int, key: str, start: int = 0) -> torch.Tensor:
+        """Write z(seed, key)[start : start + out.numel()] into the flat tensor `out`.
+
+        `start` must be chunk-aligned; `out` may end anywhere (a bucket's last chunk is short).
+        """
+        if out.dim() != 1 or not out.is_contiguous():
+            raise ValueError("Perturber.fill needs a flat contiguous buffer")
+        if start % self.chunk_size:
+            raise ValueError(f"start={start} is not aligned to chunk_size={self.chunk_size}")
+        n, c0 = out.numel(), start // self.chunk_size
+        jobs = [
+            (out[i : i + self.chunk_size], chunk_seed(seed, key, c0 + i // self.chunk_size))
+            for i in range(0, n, self.chunk_size)
+        ]
+        if self._pool is None or len(jobs) == 1:
+            for buf, s in jobs:
+                self._fill_chunk(buf, s)
+        else:
+            for f in [self._pool.submit(self._fill_chunk, buf, s) for buf, s in jobs]:
+                f.result()
+        return out
+
+    def noise_for(self, seed: int, key: str, numel: int, start: int = 0, device="cpu") -> torch.Tensor:
+        """A fresh buffer holding z(seed, key)[start : start + numel] (fp32)."""
+        return self.fill(torch.empty(numel, dtype=torch.float32, device=device), seed, key, start)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
