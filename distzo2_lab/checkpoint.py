@@ -1,0 +1,107 @@
+"""Checkpoints and seed logs: a fine-tuning run as a base model plus one (seed, g, lr) per step.
+
+MeZO (arXiv 2305.17333, Sec. 2.1) notes that a whole ZO run is recoverable from its seeds and
+projected gradients. A checkpoint is a directory: ``model.safetensors`` (flushed fp32 masters),
+``state.json`` (step, run config, where the base came from) and ``seedlog.jsonl``. Replaying the
+log re-runs exactly the arithmetic of training (+eps, -2 eps, +eps, update) with z regenerated,
+so the rebuilt weights are bit-identical, not merely close.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ZOConfig
+from .models.opt import OPTAdapter
+from .perturb import Perturber
+from .zo import apply_update_, perturb_
+
+
+def digest(adapter: OPTAdapter) -> str:
+    """sha256 of every unique parameter (fp32 bytes, canonical bucket order, names included)."""
+    h = hashlib.sha256()
+    for b in adapter.buckets:
+        h.update(b.key.encode())
+        for s in b.slots:
+            h.update(s.name.encode())
+        h.update(b.master.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_dict(adapter: OPTAdapter) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for b in adapter.buckets for k, v in b.state().items()}
+
+
+def load_weights(adapter: OPTAdapter, path: str) -> None:
+    tensors = load_file(path)
+    missing = [s.name for b in adapter.buckets for s in b.slots if s.name not in tensors]
+    if missing:
+        raise ConfigError(f"checkpoint {path!r} lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for b in adapter.buckets:
+        b.load(tensors)
+
+
+class SeedLog:
+    """Header (base model, ZO hyper-parameters) + one record per step, as JSON lines."""
+
+    def __init__(self, base: dict, zo: ZOConfig, records: list[dict] | None = None):
+        self.base, self.zo, self.records = base, zo, list(records or [])
+
+    def append(self, step: int, seed: int, grad: float, lr: float) -> None:
+        self.records.append({"step": step, "seed": seed, "grad": grad, "lr": lr})
+
+    def write(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"base": self.base, "zo": asdict(self.zo)}) + "\n")
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, path: str) -> SeedLog:
+        if not os.path.isfile(path):
+            raise ConfigError(f"seed log {path!r} does not exist")
+        with open(path) as f:
+            lines = [json.loads(ln) for ln in f if ln.strip()]
+        if not lines or "base" not in lines[0]:
+            raise ConfigError(f"seed log {path!r} has no header line")
+        return cls(lines[0]["base"], ZOConfig(**lines[0]["zo"]), lines[1:])
+
+
+@torch.no_grad()
+def replay(adapter: OPTAdapter, log: SeedLog, threads: int = 1) -> None:
+    """Apply every logged step to the adapter's weights (which must be the log's base)."""
+    zo = log.zo
+    perturber = Perturber(zo.noise, zo.chunk_size, threads)
+    for b in adapter.buckets:
+        z = torch.empty(b.numel, device=b.master.device)
+        for r in log.records:
+            perturber.fill(z, r["seed"], b.key)
+            for scale in (zo.eps, -2 * zo.eps, zo.eps):  # the perturbation round trip of training
+                perturb_(b.master, z, scale)
+            apply_update_(b.master, z, r["grad"], r["lr"], zo.weight_decay, b.decay_spans)
+        b.sync()
+    perturber.close()
+
+
+def save_checkpoint(path: str, adapter: OPTAdapter, state: dict, log: SeedLog) -> None:
+    """Write weights, state and seed log into directory `path` (the engine must be flushed)."""
+    os.makedirs(path, exist_ok=True)
+    save_file(state_dict(adapter), os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "state.json"), "w") as f:
+        json.dump(state, f, indent=1)
+    log.write(os.path.join(path, "seedlog.jsonl"))
+
+
+def read_state(path: str) -> dict:
+    f = os.path.join(path, "state.json")
+    if not os.path.isfile(f):
+        raise ConfigError(f"checkpoint {path!r} has no state.json (not a distzo2 checkpoint)")
+    with open(f) as fh:
+        return json.load(fh)
