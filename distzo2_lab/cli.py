@@ -1,0 +1,135 @@
+"""`distzo2`: train, demo, bench, rebuild. Every flag maps onto one config field."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .config import COMPUTE_DTYPES, ENGINES, MASTER_DTYPES, NOISE_KINDS, STORAGE_DTYPES, TASKS, ConfigError
+from .config import PrecisionConfig, TrainConfig, ZOConfig, validate
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d, z = TrainConfig(), ZOConfig()
+    p.add_argument("--model", default=d.model, help="preset name or local checkpoint directory")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lr", type=float, default=z.lr)
+    p.add_argument("--eps", type=float, default=z.eps)
+    p.add_argument("--weight-decay", type=float, default=z.weight_decay)
+    p.add_argument("--noise", default=z.noise, help=f"one of {', '.join(NOISE_KINDS)}")
+    p.add_argument("--chunk-size", type=int, default=z.chunk_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--precision", default="fp32", help=f"compute dtype, one of {', '.join(COMPUTE_DTYPES)}")
+    p.add_argument("--storage", default="fp32", help=f"parameter dtype, one of {', '.join(STORAGE_DTYPES)}")
+    p.add_argument("--master", default="fp32", help=f"master copy, one of {', '.join(MASTER_DTYPES)}")
+    p.add_argument("--engine", default=d.engine, help=f"one of {', '.join(ENGINES)}")
+    p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--data", default=None, help="text or TSV file for --task text")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--out", default="runs/train", help="directory for summary.json and seedlog.jsonl")
+    p.add_argument("--save", default=None, help="write a checkpoint directory here at the end")
+    p.add_argument("--resume", default=None, help="continue from a checkpoint directory")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    return validate(TrainConfig(
+        model=a.model, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len,
+        engine=a.engine, task=a.task, data=a.data, threads=a.threads,
+        zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size),
+        precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
+    ))
+
+
+def cmd_train(a) -> int:
+    from .train import train
+
+    s = train(config_from_args(a), out=a.out, save=a.save, resume=a.resume, progress=not a.no_progress)
+    print(f"loss {s['eval_loss_start']:.4f} -> {s['eval_loss_end']:.4f}; digest {s['digest'][:16]}; "
+          f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MiB; summary in {a.out}/summary.json")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    run_demo(a.out, steps=a.steps)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import efficiency
+
+    r = efficiency(a.model, a.batch, a.seq, a.precision, a.threads, a.repeats)
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"{r['model']} batch {r['batch']}x{r['seq']} {r['precision']} {r['threads']} threads "
+              f"(median of {r['repeats']})")
+        print(f"  forward       {r['forward_s']:.3f} s")
+        print(f"  eager MeZO    {r['eager_step_s']:.3f} s  step/(2 x forward) = {r['eager_ratio']:.3f}")
+        print(f"  ZO2 engine    {r['engine_step_s']:.3f} s  step/(2 x forward) = {r['engine_ratio']:.3f}")
+    return 0
+
+
+def cmd_rebuild(a) -> int:
+    from .checkpoint import digest, save_checkpoint
+    from .checkpoint import SeedLog
+    from .train import rebuild
+
+    t0 = time.perf_counter()
+    adapter = rebuild(a.seedlog, threads=a.threads)
+    d = digest(adapter)
+    if a.save:
+        log = SeedLog.read(a.seedlog)
+        save_checkpoint(a.save, adapter, {"step": len(log.records), "base": log.base, "digest": d,
+                                          "config": {"model": log.base["model"],
+                                                     "seed": log.base.get("init_seed", 0)}}, log)
+    print(json.dumps({"digest": d, "seconds": time.perf_counter() - t0}) if a.json else f"digest {d}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distzo2", description="distributed zeroth-order fine-tuning lab")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="ZO fine-tuning on one rank")
+    _add_train_args(t)
+    t.set_defaults(fn=cmd_train)
+    d = sub.add_parser("demo", help="the main job on embedded defaults (tiny OPT, synthetic task)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=300)
+    d.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    e = bsub.add_parser("efficiency", help="step / (2 x forward) for eager MeZO and the ZO2 engine")
+    e.add_argument("--model", default="opt-125m")
+    e.add_argument("--batch", type=int, default=8)
+    e.add_argument("--seq", type=int, default=128)
+    e.add_argument("--precision", default="fp32", choices=COMPUTE_DTYPES)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_bench)
+    r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
+    r.add_argument("seedlog")
+    r.add_argument("--save", default=None, help="write the rebuilt checkpoint here")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_rebuild)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"distzo2: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
