@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 NOISE_KINDS = ("gaussian", "rademacher")
-COMPUTE_DTYPES = ("fp32", "bf16")
+COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
 MASTER_DTYPES = ("fp32", "none")
 ENGINES = ("zo2", "eager")
@@ -44,7 +44,7 @@ class PrecisionConfig:
     """Where numbers are rounded: forward compute, stored parameters, and the master copy."""
 
     compute: str = "fp32"
-    """Forward-pass arithmetic: 'fp32', or 'bf16' through torch.autocast."""
+    """Forward-pass arithmetic: 'fp32', or 'bf16' / 'fp16' through torch.autocast."""
     storage: str = "fp32"
     """dtype of the parameters the forward reads: 'fp32', 'bf16' or 'fp16'."""
     master: str = "fp32"
@@ -112,15 +112,10 @@ def validate_precision(p: PrecisionConfig) -> PrecisionConfig:
             f"updates: a MeZO update (lr * g * z, about 1e-7 at lr 1e-7) is far below {p.storage}'s "
             f"resolution. Choose precision.master='fp32' or precision.storage='fp32'"
         )
-    if p.storage == "bf16" and p.compute == "fp32":
+    if p.storage != "fp32" and p.compute != p.storage:
         raise ConfigError(
-            "precision.storage='bf16' needs precision.compute='bf16' (an fp32 forward cannot read "
-            "bf16 weights); choose compute='bf16' or storage='fp32'"
-        )
-    if p.storage == "fp16" and p.compute == "fp32":
-        raise ConfigError(
-            "precision.storage='fp16' needs precision.compute='bf16' (an fp32 forward cannot read "
-            "fp16 weights); choose compute='bf16' or storage='fp32'"
+            f"precision.storage={p.storage!r} needs precision.compute={p.storage!r} (the forward reads "
+            f"{p.storage} weights; compute={p.compute!r} cannot); choose compute={p.storage!r} or storage='fp32'"
         )
     return p
 

@@ -83,9 +83,10 @@ def count_tokens(labels: torch.Tensor) -> int:
 
 
 def compute_context(compute: str, device: torch.device):
-    """torch.autocast for bf16 compute, else a no-op context."""
+    """torch.autocast for bf16 / fp16 compute, else a no-op context."""
     import contextlib
 
-    if compute == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if compute in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if compute == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()

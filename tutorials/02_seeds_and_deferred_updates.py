@@ -1,0 +1,264 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Seeds and deferred updates
+#
+# Tutorial 01 ran MeZO (arXiv 2305.17333): two forward passes at `θ ± eps z`, then
+# `θ -= lr · g · z`. This tutorial looks at the two ideas that make the step cheap in memory
+# and in data movement:
+#
+# * MeZO never stores `z`: it is a pure function of a **seed**, regenerated when needed. The
+#   same trick turns a whole fine-tuning run into a tiny **seed log**.
+# * ZO2 (arXiv 2503.12668, Sec. 3.2–3.3) visits each transformer block once per step. The update
+#   of step `t` is only known after the last block, so it is **deferred** and applied on the
+#   block's next visit, at step `t + 1`, with `z` regenerated from the seed of step `t`.
+
+# %% [markdown]
+# ## What you will see
+#
+# 1. `Perturber` regenerates the same `z` from `(seed, key)`; any chunk-aligned slice of `z`
+#    regenerates on its own; a seed costs 8 bytes where `z` costs 4 bytes per parameter.
+# 2. `ZO2Engine.step` leaves a `PendingUpdate` (seed, g, lr) in `engine.pending`; `flush()` and
+#    `evaluate()` apply it, after which the weights are **bit-identical** to eager MeZO's.
+# 3. A run's seed log rebuilds its weights exactly (same sha256 digest), is far smaller than the
+#    model, and a run resumed from a checkpoint ends where an uninterrupted run ends.
+
+# %% tags=["parameters"]
+import os
+
+SIZE = os.environ.get("DISTZO2_TUTORIAL_SIZE", "full")  # "tiny" in CI, "full" by default
+assert SIZE in ("tiny", "full"), f"DISTZO2_TUTORIAL_SIZE={SIZE!r}: choose 'tiny' or 'full'"
+CHUNK = 4096  # noise chunk size (package default 1 << 20); small so a tiny bucket spans many chunks
+ZO2_STEPS = 3 if SIZE == "tiny" else 10  # steps of the ZO2 engine vs the eager reference
+TRAIN_STEPS = 20 if SIZE == "tiny" else 200  # length of the checkpointed run (resumed halfway)
+THREADS = 2  # torch threads (the full size takes a couple of minutes on 2 cores)
+
+# %%
+import torch
+
+from distzo2_lab.train import build_adapter
+
+torch.set_num_threads(THREADS)
+base = build_adapter({"model": "tiny", "init_seed": 0})  # the starting weights, never trained
+for b in base.buckets:
+    print(f"{b.key:8s} {b.numel:>7,} parameters in one flat fp32 master ({-(-b.numel // CHUNK)} chunks)")
+
+# %% [markdown]
+# ## 1. `z` is a function of a seed
+#
+# `Perturber.noise_for(seed, key, numel)` returns `z` of one parameter bucket. Ask twice, get the
+# same tensor: nothing has to be kept between the `+eps`, `−2 eps`, `+eps` and update passes.
+
+# %%
+from distzo2_lab.perturb import Perturber, step_seed
+
+perturber = Perturber("gaussian", chunk_size=CHUNK)
+seed = step_seed(0, 7)  # the seed of step 7 of a run with run seed 0
+block = base.blocks[0]
+z = perturber.noise_for(seed, block.key, block.numel)
+print(f"seed {seed}, z of {block.key}: {z[:4].tolist()} ...")
+print("regenerated z is identical:", torch.equal(z, perturber.noise_for(seed, block.key, block.numel)))
+
+# %% [markdown]
+# Each bucket has its own `key`, each step its own seed, so the noise differs between them:
+
+# %%
+print(f"{block.key}, step 7: {z[:3].tolist()}")
+print(f"block.1, step 7: {perturber.noise_for(seed, 'block.1', 3).tolist()}")
+print(f"{block.key}, step 8: {perturber.noise_for(step_seed(0, 8), block.key, 3).tolist()}")
+
+# %% [markdown]
+# Every chunk draws from its own generator, seeded by `hash(seed, key, chunk)`; torch's global
+# random state is neither read nor changed, so user code around the engine stays reproducible.
+
+# %%
+torch.manual_seed(123)
+expected = torch.rand(3)
+torch.manual_seed(123)
+perturber.noise_for(seed, block.key, block.numel)
+print("global RNG untouched:", torch.equal(torch.rand(3), expected))
+
+# %% [markdown]
+# ### Slices regenerate on their own
+#
+# Because chunk `c` depends only on `(seed, key, c)`, a worker that owns only a slice of a
+# bucket (a shard) can generate its part of `z` without generating the rest. The slice must
+# start on a chunk boundary; it may end anywhere.
+
+# %%
+start, length = 3 * CHUNK, 2 * CHUNK + 100
+part = perturber.noise_for(seed, block.key, length, start=start)
+print(f"z[{start}:{start + length}] regenerated alone equals the slice of the full z:",
+      torch.equal(part, z[start : start + length]))
+try:
+    perturber.noise_for(seed, block.key, 10, start=CHUNK + 1)
+except ValueError as err:
+    print("misaligned start ->", err)
+
+# %% [markdown]
+# ### What storing `z` would cost
+#
+# `z` has one fp32 number per parameter; the seed is one 64-bit integer. For the tiny model
+# and for OPT-13B (parameters counted on the `meta` device, nothing allocated):
+
+# %%
+from distzo2_lab.models import count_parameters
+
+for name, n in [("tiny", sum(b.numel for b in base.buckets)), ("opt-13b", count_parameters("opt-13b"))]:
+    print(f"{name:8s} {n:>15,} parameters: z takes {4 * n / 2**20:>10,.1f} MiB, the seed 8 bytes")
+
+# %% [markdown]
+# ## 2. The deferred update
+#
+# Two copies of the same base model: one driven by the ZO2 engine, one by the eager MeZO
+# reference (tutorial 01). Both see the same batch and the same step seed.
+
+# %%
+from distzo2_lab.config import TrainConfig, ZOConfig
+from distzo2_lab.engine import ZO2Engine
+from distzo2_lab.reference import EagerMeZO
+from distzo2_lab.train import base_of, make_task
+
+cfg = TrainConfig(model="tiny", seed=0, threads=THREADS, zo=ZOConfig(chunk_size=CHUNK))
+zo2_model, ref_model = build_adapter(base_of(cfg)), build_adapter(base_of(cfg))
+zo2 = ZO2Engine(zo2_model, cfg.zo, cfg.precision, threads=THREADS)
+ref = EagerMeZO(ref_model, cfg.zo, cfg.precision, threads=THREADS)
+task = make_task(cfg, zo2_model)
+
+# %% [markdown]
+# One ZO2 step returns the two losses and `g` — and leaves the update **pending**:
+
+# %%
+r = zo2.step(task.batch(0), step_seed(cfg.seed, 0))
+print(r)
+print("pending:", zo2.pending)
+
+# %% [markdown]
+# The weights have not moved yet: they differ from the base only by the rounding of the
+# `+eps, −2 eps, +eps` round trip (~1e-7), not by an update (`lr · |g| · |z|`, ~1e-2).
+
+# %%
+def max_diff(a, b):
+    return max((x.master - y.master).abs().max().item() for x, y in zip(a.buckets, b.buckets))
+
+
+print(f"max |zo2 - base| = {max_diff(zo2_model, base):.2e}")
+print(f"size of the pending update, max lr*|g*z| = {r.lr * abs(r.grad) * z.abs().max().item():.2e}")
+
+# %% [markdown]
+# The eager reference applies its update at once, so now the two models differ by that update:
+
+# %%
+r_ref = ref.step(task.batch(0), step_seed(cfg.seed, 0))
+print("same losses and g:", (r_ref.loss_plus, r_ref.loss_minus, r_ref.grad) == (r.loss_plus, r.loss_minus, r.grad))
+print(f"max |zo2 - eager| before flush = {max_diff(zo2_model, ref_model):.2e}")
+
+# %% [markdown]
+# `flush()` applies the pending update to every bucket, regenerating `z` from its seed. The
+# same arithmetic in the same order: the result is equal bit for bit, not merely close.
+
+# %%
+zo2.flush()
+print("pending after flush:", zo2.pending)
+print("bit-identical buckets:", [torch.equal(x.master, y.master) for x, y in zip(zo2_model.buckets, ref_model.buckets)])
+
+# %% [markdown]
+# In a run, step `t + 1` applies the pending update of step `t` on each block's visit, and a
+# new update becomes pending. `evaluate()` flushes first, so it never reads stale weights.
+
+# %%
+for t in range(1, 1 + ZO2_STEPS):
+    a = zo2.step(task.batch(t), step_seed(cfg.seed, t))
+    b = ref.step(task.batch(t), step_seed(cfg.seed, t))
+    print(f"step {t}: l+ {a.loss_plus:.6f}  l- {a.loss_minus:.6f}  g {a.grad:+.4f}  same as eager: {a == b}")
+print("pending:", zo2.pending)
+
+# %%
+eval_batch = task.batch(10**9)
+print(f"eval loss ZO2 {zo2.evaluate(eval_batch):.6f}, eager {ref.evaluate(eval_batch):.6f}")
+print("pending after evaluate:", zo2.pending)
+print("bit-identical buckets:", [torch.equal(x.master, y.master) for x, y in zip(zo2_model.buckets, ref_model.buckets)])
+
+# %% [markdown]
+# ## 3. Seed-log checkpoints
+#
+# Since `z` follows from the seed, a step is fully described by `(seed, g, lr)`. `train` writes
+# one JSON line per step to `seedlog.jsonl` (after a header naming the base model and the ZO
+# hyper-parameters), and `save=` writes a checkpoint directory with the weights as well.
+
+# %%
+import tempfile
+
+from distzo2_lab.config import replace
+from distzo2_lab.train import train
+
+tmp = tempfile.TemporaryDirectory(prefix="distzo2-tutorial-")
+run_cfg = replace(cfg, steps=TRAIN_STEPS)
+summary = train(run_cfg, out=f"{tmp.name}/run", save=f"{tmp.name}/ckpt", progress=False)
+print(f"eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; digest {summary['digest'][:16]}")
+print("run/ :", sorted(os.listdir(f"{tmp.name}/run")), " ckpt/ :", sorted(os.listdir(f"{tmp.name}/ckpt")))
+
+# %%
+seedlog = f"{tmp.name}/run/seedlog.jsonl"
+with open(seedlog) as fh:
+    for line in fh.readlines()[:3]:
+        print(line.rstrip())
+
+# %% [markdown]
+# ### Rebuild the weights from base + seed log
+#
+# `rebuild` builds the base model named in the header and replays every record (round trip and
+# update, `z` regenerated). The sha256 digest of the rebuilt weights equals training's.
+
+# %%
+from distzo2_lab.checkpoint import digest
+from distzo2_lab.train import rebuild
+
+rebuilt = rebuild(seedlog, threads=THREADS)
+print(f"trained {summary['digest'][:16]}  rebuilt {digest(rebuilt)[:16]}  equal: {digest(rebuilt) == summary['digest']}")
+
+# %% [markdown]
+# ### How big is a seed log?
+#
+# A few dozen bytes per step, whatever the size of the model:
+
+# %%
+log_bytes = os.path.getsize(seedlog)
+weights_bytes = os.path.getsize(f"{tmp.name}/ckpt/model.safetensors")
+print(f"seed log: {log_bytes:,} bytes for {TRAIN_STEPS} steps ({log_bytes / TRAIN_STEPS:.0f} bytes/step)")
+print(f"weights:  {weights_bytes:,} bytes (tiny model, fp32), {weights_bytes / log_bytes:.0f}x the seed log")
+print(f"OPT-13B in fp16 would be {2 * count_parameters('opt-13b') / 2**30:.1f} GiB; its seed log the same size as here")
+
+# %% [markdown]
+# ### Resume from a checkpoint
+#
+# Step seeds and batches are pure functions of `(run seed, step)`. A run stopped halfway and
+# resumed from its checkpoint therefore ends with the same digest as the uninterrupted run.
+
+# %%
+half = TRAIN_STEPS // 2
+train(replace(run_cfg, steps=half), save=f"{tmp.name}/half", progress=False)
+resumed = train(run_cfg, resume=f"{tmp.name}/half", out=f"{tmp.name}/resumed", progress=False)
+print(f"uninterrupted {summary['digest'][:16]}  resumed at step {half} {resumed['digest'][:16]}  "
+      f"equal: {resumed['digest'] == summary['digest']}")
+
+# %% [markdown]
+# The resumed run's seed log holds all `TRAIN_STEPS` records, so it rebuilds the same weights too:
+
+# %%
+print("rebuilt from the resumed seed log:",
+      digest(rebuild(f"{tmp.name}/resumed/seedlog.jsonl", threads=THREADS)) == summary["digest"])
+tmp.cleanup()
