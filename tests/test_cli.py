@@ -1,0 +1,67 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distzo2_lab.cli import main
+
+
+def test_train_writes_the_summary_with_per_step_records_and_digest(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--model", "tiny", "--steps", "3", "--seed", "4", "--lr", "1e-3", "--eps", "1e-3",
+               "--batch-size", "2", "--seq-len", "16", "--precision", "fp32", "--engine", "zo2",
+               "--out", str(out), "--save", str(tmp_path / "ck"), "--no-progress"])
+    assert rc == 0
+    s = json.load(open(out / "summary.json"))
+    assert [r["step"] for r in s["steps"]] == [0, 1, 2]
+    for r in s["steps"]:
+        assert set(r) >= {"step", "seed", "loss_plus", "loss_minus", "projected_grad"}
+        assert r["projected_grad"] == pytest.approx((r["loss_plus"] - r["loss_minus"]) / 2e-3)
+    assert len(s["digest"]) == 64 and s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 0
+    assert os.path.exists(tmp_path / "ck" / "model.safetensors")
+    assert "summary in" in capsys.readouterr().out
+    rc = main(["rebuild", str(out / "seedlog.jsonl"), "--json"])
+    assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["digest"] == s["digest"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "opt-9b"], "model='opt-9b' is not a preset"),
+    (["--model", "./no/such/dir"], "checkpoint directory does not exist"),
+    (["--eps", "0"], "zo.eps=0.0 is not valid"),
+    (["--eps", "-1"], "zo.eps=-1.0 is not valid"),
+    (["--seq-len", "4096"], "seq_len=4096 is longer than the model's max_position_embeddings=256"),
+    (["--precision", "fp64"], "precision.compute='fp64' is not valid"),
+    (["--task", "text"], "task='text' needs data"),
+])
+def test_bad_input_fails_with_one_clear_message(args, message, capsys, tmp_path):
+    rc = main(["train", "--steps", "1", "--no-progress", "--out", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0 and err.startswith("distzo2: error:") and message in err
+
+
+def test_empty_data_file_fails_with_its_name(tmp_path, capsys):
+    (tmp_path / "e.tsv").write_text("sentence\tlabel\n")
+    rc = main(["train", "--task", "text", "--data", str(tmp_path / "e.tsv"), "--no-progress", "--out", str(tmp_path)])
+    assert rc == 2 and "e.tsv" in capsys.readouterr().err
+
+
+def test_bench_efficiency_json_reports_both_ratios(capsys):
+    rc = main(["bench", "efficiency", "--model", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1",
+               "--threads", "1", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert r["engine_ratio"] == pytest.approx(r["engine_step_s"] / (2 * r["forward_s"]))
+    assert r["eager_ratio"] == pytest.approx(r["eager_step_s"] / (2 * r["forward_s"]))
+
+
+def test_console_script_runs_the_demo(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "distzo2")
+    p = subprocess.run([exe, "demo", "--out", str(tmp_path / "demo"), "--steps", "40"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "bit-identical" in p.stdout and "matches training" in p.stdout
+    for f in ("summary.json", "seedlog.jsonl", "loss.html", "checkpoint/model.safetensors"):
+        assert os.path.exists(tmp_path / "demo" / f)
