@@ -6,8 +6,19 @@ import json
 import sys
 import time
 
-from .config import COMPUTE_DTYPES, ENGINES, MASTER_DTYPES, NOISE_KINDS, STORAGE_DTYPES, TASKS, ConfigError
-from .config import PrecisionConfig, TrainConfig, ZOConfig, validate
+from .config import (
+    COMPUTE_DTYPES,
+    ENGINES,
+    MASTER_DTYPES,
+    NOISE_KINDS,
+    STORAGE_DTYPES,
+    TASKS,
+    ConfigError,
+    PrecisionConfig,
+    TrainConfig,
+    ZOConfig,
+    validate,
+)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -76,8 +87,7 @@ def cmd_bench(a) -> int:
 
 
 def cmd_rebuild(a) -> int:
-    from .checkpoint import digest, save_checkpoint
-    from .checkpoint import SeedLog
+    from .checkpoint import SeedLog, digest, save_checkpoint
     from .train import rebuild
 
     t0 = time.perf_counter()

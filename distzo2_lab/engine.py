@@ -17,8 +17,16 @@ from .config import PrecisionConfig, ZOConfig
 from .models.buckets import ParamBucket
 from .models.opt import OPTAdapter
 from .perturb import Perturber
-from .zo import (PendingUpdate, StepResult, apply_update_, compute_context, count_tokens, perturb_,
-                 projected_grad, unpack_batch)
+from .zo import (
+    PendingUpdate,
+    StepResult,
+    apply_update_,
+    compute_context,
+    count_tokens,
+    perturb_,
+    projected_grad,
+    unpack_batch,
+)
 
 
 class ZO2Engine:
@@ -54,7 +62,9 @@ class ZO2Engine:
         self.pending = None
 
     def _scratch_for(self, b: ParamBucket) -> torch.Tensor:
-        return self._z_in if b is self.adapter.bucket_in else self._z_out if b is self.adapter.bucket_out else self._z_block
+        if b is self.adapter.bucket_in:
+            return self._z_in
+        return self._z_out if b is self.adapter.bucket_out else self._z_block
 
     # -- one step ------------------------------------------------------------------------
     @torch.no_grad()

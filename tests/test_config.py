@@ -76,7 +76,8 @@ EFFECT = {
     "task": ("text", None),  # covered in test_tasks.py (needs data)
     "data": (None, None),  # covered in test_tasks.py
     "threads": (2, lambda a, b: a["digest"] == b["digest"]),  # same numbers, more threads
-    "zo.lr": (1e-2, lambda a, b: a["steps"][0]["loss_plus"] == b["steps"][0]["loss_plus"] and a["digest"] != b["digest"]),
+    "zo.lr": (1e-2, lambda a, b: a["steps"][0]["loss_plus"] == b["steps"][0]["loss_plus"]
+              and a["digest"] != b["digest"]),
     "zo.eps": (1e-2, lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "zo.weight_decay": (0.5, lambda a, b: a["steps"][0] == b["steps"][0] and a["digest"] != b["digest"]),
     "zo.noise": ("rademacher", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),

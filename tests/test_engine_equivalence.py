@@ -1,11 +1,10 @@
 """The eager MeZO step is the oracle: the ZO2 engine must match it bit for bit."""
 import pytest
 import torch
+from helpers import batches, engine_pair, masters_equal, run
 
 from distzo2_lab.config import PrecisionConfig, ZOConfig
 from distzo2_lab.perturb import Perturber, step_seed
-
-from helpers import batches, engine_pair, masters_equal, run
 
 CASES = {
     "fp32": (ZOConfig(chunk_size=4096), PrecisionConfig()),
@@ -88,9 +87,13 @@ def test_engine_generates_noise_twice_per_step_and_eager_four_times():
     counts = {}
     eager, engine = engine_pair()
     for name, e in (("eager", eager), ("engine", engine)):
-        calls = []
-        fill = e.perturber.fill
-        e.perturber.fill = lambda out, seed, key, start=0, _f=fill, _c=calls: (_c.append(out.numel()), _f(out, seed, key, start))[1]
+        calls, fill = [], e.perturber.fill
+
+        def counting_fill(out, seed, key, start=0, _fill=fill, _calls=calls):
+            _calls.append(out.numel())
+            return _fill(out, seed, key, start)
+
+        e.perturber.fill = counting_fill
         run(e, batches(3))
         counts[name] = sum(calls)
     n = sum(b.numel for b in engine.adapter.buckets)

@@ -3,10 +3,9 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import batches, engine_pair, run
 
 from distzo2_lab.config import ConfigError, PrecisionConfig, TrainConfig, ZOConfig, validate
-
-from helpers import batches, engine_pair, run
 
 
 @pytest.mark.parametrize("storage", ["fp16", "bf16"])
