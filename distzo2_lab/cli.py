@@ -40,6 +40,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--data", default=None, help="text or TSV file for --task text")
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
     p.add_argument("--out", default="runs/train", help="directory for summary.json and seedlog.jsonl")
     p.add_argument("--save", default=None, help="write a checkpoint directory here at the end")
     p.add_argument("--resume", default=None, help="continue from a checkpoint directory")
@@ -49,7 +50,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return validate(TrainConfig(
         model=a.model, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len,
-        engine=a.engine, task=a.task, data=a.data, threads=a.threads,
+        engine=a.engine, task=a.task, data=a.data, threads=a.threads, device=a.device,
         zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
     ))

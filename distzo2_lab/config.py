@@ -16,6 +16,7 @@ STORAGE_DTYPES = ("fp32", "bf16", "fp16")
 MASTER_DTYPES = ("fp32", "none")
 ENGINES = ("zo2", "eager")
 TASKS = ("synthetic", "text")
+DEVICES = ("cpu", "cuda")
 
 
 class ConfigError(ValueError):
@@ -74,6 +75,8 @@ class TrainConfig:
     """Text or TSV file for task='text' (TSV: first column, header skipped)."""
     threads: int = 2
     """torch intra-op threads and noise-generation threads."""
+    device: str = "cpu"
+    """Working device: 'cpu' or 'cuda' (parameters, noise and compute all live there)."""
     zo: ZOConfig = field(default_factory=ZOConfig)
     """ZO-SGD hyper-parameters."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -138,6 +141,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.task == "synthetic" and cfg.data:
         raise ConfigError(f"data={cfg.data!r} is only read by task='text'; choose task='text' or drop data")
     _positive("threads", cfg.threads, integer=True)
+    _choice("device", cfg.device, DEVICES)
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device='cuda' but torch sees no CUDA device here; choose device='cpu'")
     validate_zo(cfg.zo)
     validate_precision(cfg.precision)
     return cfg

@@ -34,8 +34,13 @@ def base_of(cfg: TrainConfig) -> dict:
     return {"model": cfg.model, "init_seed": cfg.seed}
 
 
-def build_adapter(base: dict, storage: str = "fp32") -> OPTAdapter:
-    return OPTAdapter(build_model(base["model"], seed=base.get("init_seed", 0)), storage)
+def build_adapter(base: dict, storage: str = "fp32", device: str = "cpu") -> OPTAdapter:
+    """The starting model, built on CPU (seeded init is device-independent) then moved."""
+    return OPTAdapter(build_model(base["model"], seed=base.get("init_seed", 0)).to(device), storage)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def build_engine(cfg: TrainConfig, adapter: OPTAdapter):
@@ -74,7 +79,7 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
     validate(cfg)
     torch.set_num_threads(cfg.threads)
     base = base_of(cfg)
-    adapter = build_adapter(base, cfg.precision.storage)
+    adapter = build_adapter(base, cfg.precision.storage, cfg.device)
     task = make_task(cfg, adapter)
     log, start = SeedLog(base, cfg.zo), 0
     if resume is not None:
@@ -88,14 +93,14 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
         if start >= cfg.steps:
             raise ConfigError(f"steps={cfg.steps} is not beyond the checkpoint's step {start}")
     engine = build_engine(cfg, adapter)
-    eval_batch = task.batch(EVAL_STEP)
+    eval_batch = to_device(task.batch(EVAL_STEP), cfg.device)
     eval_start = engine.evaluate(eval_batch)
     records, tokens = [], 0
     t0 = time.perf_counter()
     for t in tqdm(range(start, cfg.steps), disable=not progress, desc=f"{cfg.engine} {cfg.model}",
                   initial=start, total=cfg.steps):
         engine.step_count = t
-        r = engine.step(task.batch(t), step_seed(cfg.seed, t))
+        r = engine.step(to_device(task.batch(t), cfg.device), step_seed(cfg.seed, t))
         log.append(r.step, r.seed, r.grad, r.lr)
         tokens += r.tokens
         records.append({"step": r.step, "seed": r.seed, "loss_plus": r.loss_plus,

@@ -25,6 +25,7 @@ BAD = {
     "task": ("glue", "task='glue' is not valid; choose one of synthetic, text"),
     "data": ("x.txt", "data='x.txt' is only read by task='text'"),
     "threads": (0, "threads=0"),
+    "device": ("tpu", "device='tpu' is not valid; choose one of cpu, cuda"),
     "zo": (ZOConfig(eps=0.0), "zo.eps=0.0 is not valid; it must be a positive finite number"),
     "precision": (PrecisionConfig(compute="int8"), "precision.compute='int8' is not valid; choose one of fp32"),
     "zo.lr": (-1.0, "zo.lr=-1.0"),
@@ -76,6 +77,7 @@ EFFECT = {
     "task": ("text", None),  # covered in test_tasks.py (needs data)
     "data": (None, None),  # covered in test_tasks.py
     "threads": (2, lambda a, b: a["digest"] == b["digest"]),  # same numbers, more threads
+    "device": ("cpu", None),  # test_cuda_device_is_refused_without_cuda; tests/test_gpu.py on a GPU
     "zo.lr": (1e-2, lambda a, b: a["steps"][0]["loss_plus"] == b["steps"][0]["loss_plus"]
               and a["digest"] != b["digest"]),
     "zo.eps": (1e-2, lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
@@ -114,3 +116,12 @@ def test_storage_field_sets_the_working_dtype():
 
     a = build_adapter({"model": "tiny"}, storage="bf16")
     assert a.blocks[0].working.dtype == torch.bfloat16 and a.blocks[0].master.dtype == torch.float32
+
+
+def test_cuda_device_is_refused_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: tests/test_gpu.py covers device='cuda'")
+    with pytest.raises(ConfigError, match="device='cuda' but torch sees no CUDA device"):
+        validate(with_field("device", "cuda"))

@@ -76,9 +76,11 @@ print("regenerated z is identical:", torch.equal(z, perturber.noise_for(seed, bl
 # Each bucket has its own `key`, each step its own seed, so the noise differs between them:
 
 # %%
+z_other_key = perturber.noise_for(seed, "block.1", block.numel)
+z_other_step = perturber.noise_for(step_seed(0, 8), block.key, block.numel)
 print(f"{block.key}, step 7: {z[:3].tolist()}")
-print(f"block.1, step 7: {perturber.noise_for(seed, 'block.1', 3).tolist()}")
-print(f"{block.key}, step 8: {perturber.noise_for(step_seed(0, 8), block.key, 3).tolist()}")
+print(f"block.1, step 7: {z_other_key[:3].tolist()}")
+print(f"{block.key}, step 8: {z_other_step[:3].tolist()}")
 
 # %% [markdown]
 # Every chunk draws from its own generator, seeded by `hash(seed, key, chunk)`; torch's global
@@ -96,15 +98,24 @@ print("global RNG untouched:", torch.equal(torch.rand(3), expected))
 #
 # Because chunk `c` depends only on `(seed, key, c)`, a worker that owns only a slice of a
 # bucket (a shard) can generate its part of `z` without generating the rest. The slice must
-# start on a chunk boundary; it may end anywhere.
+# start on a chunk boundary and end on one, or at the end of the bucket (its last chunk is short).
 
 # %%
-start, length = 3 * CHUNK, 2 * CHUNK + 100
+start, length = 3 * CHUNK, 2 * CHUNK
 part = perturber.noise_for(seed, block.key, length, start=start)
-print(f"z[{start}:{start + length}] regenerated alone equals the slice of the full z:",
+print(f"z[{start}:{start + length}] alone equals the slice of the full z:",
       torch.equal(part, z[start : start + length]))
+tail_start = (block.numel // CHUNK) * CHUNK
+tail = perturber.noise_for(seed, block.key, block.numel - tail_start, start=tail_start)
+print(f"z[{tail_start}:] (the short last chunk) alone equals the slice:",
+      torch.equal(tail, z[tail_start:]))
+
+# %% [markdown]
+# A slice that starts inside a chunk is refused:
+
+# %%
 try:
-    perturber.noise_for(seed, block.key, 10, start=CHUNK + 1)
+    perturber.noise_for(seed, block.key, CHUNK, start=CHUNK + 1)
 except ValueError as err:
     print("misaligned start ->", err)
 
@@ -163,7 +174,7 @@ print(f"size of the pending update, max lr*|g*z| = {r.lr * abs(r.grad) * z.abs()
 
 # %%
 r_ref = ref.step(task.batch(0), step_seed(cfg.seed, 0))
-print("same losses and g:", (r_ref.loss_plus, r_ref.loss_minus, r_ref.grad) == (r.loss_plus, r.loss_minus, r.grad))
+print("same step result as ZO2:", r_ref == r)
 print(f"max |zo2 - eager| before flush = {max_diff(zo2_model, ref_model):.2e}")
 
 # %% [markdown]
@@ -173,7 +184,8 @@ print(f"max |zo2 - eager| before flush = {max_diff(zo2_model, ref_model):.2e}")
 # %%
 zo2.flush()
 print("pending after flush:", zo2.pending)
-print("bit-identical buckets:", [torch.equal(x.master, y.master) for x, y in zip(zo2_model.buckets, ref_model.buckets)])
+print("bit-identical buckets:", [torch.equal(x.master, y.master)
+                                 for x, y in zip(zo2_model.buckets, ref_model.buckets)])
 
 # %% [markdown]
 # In a run, step `t + 1` applies the pending update of step `t` on each block's visit, and a
@@ -183,14 +195,15 @@ print("bit-identical buckets:", [torch.equal(x.master, y.master) for x, y in zip
 for t in range(1, 1 + ZO2_STEPS):
     a = zo2.step(task.batch(t), step_seed(cfg.seed, t))
     b = ref.step(task.batch(t), step_seed(cfg.seed, t))
-    print(f"step {t}: l+ {a.loss_plus:.6f}  l- {a.loss_minus:.6f}  g {a.grad:+.4f}  same as eager: {a == b}")
+    print(f"step {t}: l+ {a.loss_plus:.6f}, l- {a.loss_minus:.6f}, g {a.grad:+.4f}; same as eager: {a == b}")
 print("pending:", zo2.pending)
 
 # %%
 eval_batch = task.batch(10**9)
 print(f"eval loss ZO2 {zo2.evaluate(eval_batch):.6f}, eager {ref.evaluate(eval_batch):.6f}")
 print("pending after evaluate:", zo2.pending)
-print("bit-identical buckets:", [torch.equal(x.master, y.master) for x, y in zip(zo2_model.buckets, ref_model.buckets)])
+print("bit-identical buckets:", [torch.equal(x.master, y.master)
+                                 for x, y in zip(zo2_model.buckets, ref_model.buckets)])
 
 # %% [markdown]
 # ## 3. Seed-log checkpoints
@@ -208,8 +221,10 @@ from distzo2_lab.train import train
 tmp = tempfile.TemporaryDirectory(prefix="distzo2-tutorial-")
 run_cfg = replace(cfg, steps=TRAIN_STEPS)
 summary = train(run_cfg, out=f"{tmp.name}/run", save=f"{tmp.name}/ckpt", progress=False)
-print(f"eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}; digest {summary['digest'][:16]}")
-print("run/ :", sorted(os.listdir(f"{tmp.name}/run")), " ckpt/ :", sorted(os.listdir(f"{tmp.name}/ckpt")))
+print(f"eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f}")
+print(f"digest (sha256 of all weights) {summary['digest'][:16]}...")
+for d in ("run", "ckpt"):
+    print(f"{d}/:", sorted(os.listdir(f"{tmp.name}/{d}")))
 
 # %%
 seedlog = f"{tmp.name}/run/seedlog.jsonl"
@@ -228,7 +243,8 @@ from distzo2_lab.checkpoint import digest
 from distzo2_lab.train import rebuild
 
 rebuilt = rebuild(seedlog, threads=THREADS)
-print(f"trained {summary['digest'][:16]}  rebuilt {digest(rebuilt)[:16]}  equal: {digest(rebuilt) == summary['digest']}")
+print(f"trained {summary['digest'][:16]}..., rebuilt {digest(rebuilt)[:16]}...")
+print("equal:", digest(rebuilt) == summary["digest"])
 
 # %% [markdown]
 # ### How big is a seed log?
@@ -239,8 +255,9 @@ print(f"trained {summary['digest'][:16]}  rebuilt {digest(rebuilt)[:16]}  equal:
 log_bytes = os.path.getsize(seedlog)
 weights_bytes = os.path.getsize(f"{tmp.name}/ckpt/model.safetensors")
 print(f"seed log: {log_bytes:,} bytes for {TRAIN_STEPS} steps ({log_bytes / TRAIN_STEPS:.0f} bytes/step)")
-print(f"weights:  {weights_bytes:,} bytes (tiny model, fp32), {weights_bytes / log_bytes:.0f}x the seed log")
-print(f"OPT-13B in fp16 would be {2 * count_parameters('opt-13b') / 2**30:.1f} GiB; its seed log the same size as here")
+print(f"weights:  {weights_bytes:,} bytes (tiny model, fp32): {weights_bytes / log_bytes:.0f}x the seed log")
+opt13b_gib = 2 * count_parameters("opt-13b") / 2**30
+print(f"OPT-13B weights in fp16: {opt13b_gib:.1f} GiB; its seed log would be as small as this one")
 
 # %% [markdown]
 # ### Resume from a checkpoint
