@@ -40,6 +40,9 @@ class ZO2Engine:
         self._z_block = torch.empty(max((b.numel for b in adapter.blocks), default=0), device=self.device)
         self._z_in = torch.empty(adapter.bucket_in.numel, device=self.device)
         self._z_out = torch.empty(adapter.bucket_out.numel, device=self.device)
+        # The +eps state of the resident buckets, kept for the head's plus pass (reused buffers:
+        # fresh allocations cost page faults every step).
+        self._plus = [torch.empty_like(b.working) for b in (adapter.bucket_in, adapter.bucket_out)]
         self.pending: PendingUpdate | None = None
         self.step_count = 0
 
@@ -81,7 +84,8 @@ class ZO2Engine:
                 self.perturber.fill(z, seed, b.key)
                 perturb_(b.master, z, eps)
                 b.sync()
-            plus_state = [b.working.clone() for b, _ in resident]
+            for (b, _), state in zip(resident, self._plus):
+                state.copy_(b.working)
             h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
             for b, z in resident:
                 perturb_(b.master, z, -2 * eps)
@@ -104,14 +108,13 @@ class ZO2Engine:
 
             # Head: -eps state is live; swap in the saved +eps state for the plus pass.
             loss_minus = float(a.loss(a.head(h_minus), labels))
-            for (b, _), state in zip(resident, plus_state):
+            for (b, _), state in zip(resident, self._plus):
                 b.bind(state)
             loss_plus = float(a.loss(a.head(h_plus), labels))
             for b, z in resident:
                 b.bind(b.working)
                 perturb_(b.master, z, eps)
                 b.sync()
-        del plus_state
         grad = projected_grad(loss_plus, loss_minus, eps)
         self.pending = PendingUpdate(self.step_count, seed, grad, lr)
         self.step_count += 1

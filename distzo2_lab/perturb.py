@@ -49,15 +49,22 @@ class Perturber:
         else:  # rademacher: 0/1 bits mapped to -1/+1
             out.random_(0, 2, generator=gen).mul_(2).sub_(1)
 
-    def fill(self, out: torch.Tensor, seed: int, key: str, start: int = 0) -> torch.Tensor:
+    def fill(self, out: torch.Tensor, seed: int, key: str, start: int = 0, total: int | None = None) -> torch.Tensor:
         """Write z(seed, key)[start : start + out.numel()] into the flat tensor `out`.
 
-        `start` must be chunk-aligned; `out` may end anywhere (a bucket's last chunk is short).
+        `start` must be chunk-aligned, and the slice must end on a chunk boundary or at the end of
+        the bucket: a chunk's values depend on its length (CPU ``normal_`` treats its tail
+        specially), so a bucket of `total` elements has a short last chunk. Pass `total` to have
+        the end checked.
         """
         if out.dim() != 1 or not out.is_contiguous():
             raise ValueError("Perturber.fill needs a flat contiguous buffer")
         if start % self.chunk_size:
             raise ValueError(f"start={start} is not aligned to chunk_size={self.chunk_size}")
+        stop = start + out.numel()
+        if total is not None and stop != total and stop % self.chunk_size:
+            raise ValueError(f"slice end {stop} is neither chunk-aligned (chunk_size={self.chunk_size}) "
+                             f"nor the bucket end {total}")
         n, c0 = out.numel(), start // self.chunk_size
         jobs = [
             (out[i : i + self.chunk_size], chunk_seed(seed, key, c0 + i // self.chunk_size))
@@ -71,9 +78,10 @@ class Perturber:
                 f.result()
         return out
 
-    def noise_for(self, seed: int, key: str, numel: int, start: int = 0, device="cpu") -> torch.Tensor:
+    def noise_for(self, seed: int, key: str, numel: int, start: int = 0, device="cpu",
+                  total: int | None = None) -> torch.Tensor:
         """A fresh buffer holding z(seed, key)[start : start + numel] (fp32)."""
-        return self.fill(torch.empty(numel, dtype=torch.float32, device=device), seed, key, start)
+        return self.fill(torch.empty(numel, dtype=torch.float32, device=device), seed, key, start, total)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -77,6 +77,7 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
     `on_step(result)` is called after every step (live plots in notebooks).
     """
     validate(cfg)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     base = base_of(cfg)
     adapter = build_adapter(base, cfg.precision.storage, cfg.device)
@@ -89,10 +90,25 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
                               f"seed={state['config']['seed']}; pass the same model and seed")
         load_weights(adapter, os.path.join(resume, "model.safetensors"))
         log = SeedLog.read(os.path.join(resume, "seedlog.jsonl"))
+        # lr is logged per step and may change; the rest shapes z and the update rule.
+        differ = [f"zo.{k}" for k in ("eps", "weight_decay", "noise", "chunk_size")
+                  if getattr(log.zo, k) != getattr(cfg.zo, k)]
+        if differ:
+            raise ConfigError(f"resume={resume!r} was trained with different {', '.join(differ)} "
+                              f"({', '.join(f'{k}={getattr(log.zo, k[3:])!r}' for k in differ)}); "
+                              "a seed log replays one rule, so pass the same values")
         start = state["step"]
         if start >= cfg.steps:
             raise ConfigError(f"steps={cfg.steps} is not beyond the checkpoint's step {start}")
     engine = build_engine(cfg, adapter)
+    try:
+        return _run(cfg, adapter, engine, task, log, base, start, out, save, progress, on_step)
+    finally:
+        engine.perturber.close()
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg, adapter, engine, task, log, base, start, out, save, progress, on_step) -> dict:
     eval_batch = to_device(task.batch(EVAL_STEP), cfg.device)
     eval_start = engine.evaluate(eval_batch)
     records, tokens = [], 0
@@ -129,5 +145,4 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
     if save is not None:
         save_checkpoint(save, adapter, {"step": cfg.steps, "config": asdict(cfg), "base": base,
                                         "digest": summary["digest"]}, log)
-    engine.perturber.close()
     return summary

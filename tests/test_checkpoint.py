@@ -53,3 +53,15 @@ def test_checkpoint_round_trip_and_bad_paths(tmp_path):
         rebuild(str(tmp_path / "missing.jsonl"))
     with pytest.raises(ConfigError, match="not beyond the checkpoint's step 6"):
         train(CFG, resume=str(tmp_path / "ck"), progress=False)
+
+
+def test_resume_with_a_different_update_rule_is_refused(tmp_path):
+    import dataclasses
+
+    train(dataclasses.replace(CFG, steps=2), save=str(tmp_path / "ck"), progress=False)
+    other = dataclasses.replace(CFG, zo=dataclasses.replace(CFG.zo, noise="rademacher", eps=1e-2))
+    with pytest.raises(ConfigError, match=r"different zo.eps, zo.noise \(zo.eps=0.001, zo.noise='gaussian'\)"):
+        train(other, resume=str(tmp_path / "ck"), progress=False)
+    lr_changed = dataclasses.replace(CFG, zo=dataclasses.replace(CFG.zo, lr=1e-4))
+    assert len(train(lr_changed, resume=str(tmp_path / "ck"), progress=False)["steps"]) == 4
+    assert torch.get_num_threads() == 1  # train() restores the caller's thread count

@@ -23,6 +23,10 @@ def test_chunk_aligned_slice_regenerates_without_the_rest(noise):
     assert torch.equal(p.noise_for(11, "in", 256 * 3 + 100, start=256 * 4), full[256 * 4 :])
     with pytest.raises(ValueError, match="aligned"):
         p.noise_for(11, "in", 10, start=3)
+    # a slice ending inside a chunk is refused when the bucket length is known
+    with pytest.raises(ValueError, match="neither chunk-aligned .* nor the bucket end"):
+        p.noise_for(11, "in", 100, start=512, total=256 * 7 + 100)
+    assert torch.equal(p.noise_for(11, "in", 356, start=256 * 7 - 256, total=256 * 7 + 100), full[256 * 6 :])
 
 
 def test_perturber_reads_and_changes_no_global_rng_state():

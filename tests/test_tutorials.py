@@ -6,7 +6,6 @@ directory redirected into a temporary folder, so nothing in the user's home is r
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path

@@ -45,7 +45,7 @@ DIM = 20 if SIZE == "tiny" else 50  # dimension of the toy problem
 TOY_STEPS = 300 if SIZE == "tiny" else 1500  # iterations of SPSA / gradient descent
 N_ESTIMATES = 2_000 if SIZE == "tiny" else 20_000  # SPSA samples for the unbiasedness check
 MEZO_STEPS = 40 if SIZE == "tiny" else 300  # MeZO steps on the tiny OPT
-THREADS = 2  # torch threads (the full size takes a couple of minutes on 2 cores)
+THREADS = 2  # torch threads; the full size needs well under two minutes on 2 cores
 
 # %%
 import plotly.graph_objects as go
@@ -148,8 +148,9 @@ fig.show()
 # %% [markdown]
 # ## 4. The estimate is unbiased
 #
-# With `E[z zᵀ] = I`, `E[g z] = E[z zᵀ] ∇f = ∇f`. One sample points only roughly the right way
-# (cosine ≈ `1/√d` on average); the average of many converges to the gradient.
+# With `E[z zᵀ] = I`, `E[g z] = E[z zᵀ] ∇f = ∇f`. One sample `g z = (zᵀ∇f) z` is never an
+# ascent direction, but it points only roughly the right way (cosine ≈ `√(2/(π d))` on average
+# for Gaussian `z`); the average of many converges to the gradient.
 
 # %%
 Z = torch.randn(N_ESTIMATES, DIM, generator=gen, dtype=torch.float64)  # (N, d)
@@ -161,7 +162,8 @@ true_grad = grad_f(x0)
 # %%
 cos = torch.nn.functional.cosine_similarity(running_mean, true_grad[None], dim=1)  # (N,)
 single = torch.nn.functional.cosine_similarity(estimates, true_grad[None], dim=1)
-print(f"one sample:  mean cosine {single.mean():.3f} (1/sqrt(d) = {DIM ** -0.5:.3f})")
+print(f"one sample:  cosine {single.min():.3f} at worst, {single.mean():.3f} on average "
+      f"(sqrt(2 / (pi d)) = {(2 / (torch.pi * DIM)) ** 0.5:.3f})")
 n = 1
 while n <= N_ESTIMATES:
     print(f"mean of {n:>6} samples: cosine {cos[n - 1]:.4f}")
@@ -222,8 +224,9 @@ print(f"eval loss after one step: {engine.evaluate(eval_batch):.4f}")
 # %% [markdown]
 # ### A whole run
 #
-# `train(cfg)` builds the same model and task and loops over the steps; every step's
-# `(l+, l−, g)` lands in `summary["steps"]`.
+# A single step may well raise the loss (`z` is a random direction); many steps lower it.
+# `train(cfg)` builds the same model and task from scratch and loops over the steps; every
+# step's `(l+, l−, g)` lands in `summary["steps"]`.
 
 # %%
 from distzo2_lab.train import train

@@ -44,7 +44,7 @@ assert SIZE in ("tiny", "full"), f"DISTZO2_TUTORIAL_SIZE={SIZE!r}: choose 'tiny'
 CHUNK = 4096  # noise chunk size (package default 1 << 20); small so a tiny bucket spans many chunks
 ZO2_STEPS = 3 if SIZE == "tiny" else 10  # steps of the ZO2 engine vs the eager reference
 TRAIN_STEPS = 20 if SIZE == "tiny" else 200  # length of the checkpointed run (resumed halfway)
-THREADS = 2  # torch threads (the full size takes a couple of minutes on 2 cores)
+THREADS = 2  # torch threads; the full size needs well under two minutes on 2 cores
 
 # %%
 import torch
