@@ -21,6 +21,7 @@ from .zo import (
     PendingUpdate,
     StepResult,
     apply_update_,
+    check_engine_setup,
     compute_context,
     count_tokens,
     perturb_,
@@ -34,6 +35,7 @@ class ZO2Engine:
 
     def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1):
+        check_engine_setup(adapter, zo, precision)
         self.adapter, self.zo, self.precision = adapter, zo, precision
         self.perturber = Perturber(zo.noise, zo.chunk_size, threads)
         self.device = adapter.bucket_in.master.device

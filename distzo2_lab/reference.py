@@ -12,7 +12,16 @@ import torch
 from .config import PrecisionConfig, ZOConfig
 from .models.opt import OPTAdapter
 from .perturb import Perturber
-from .zo import StepResult, apply_update_, compute_context, count_tokens, perturb_, projected_grad, unpack_batch
+from .zo import (
+    StepResult,
+    apply_update_,
+    check_engine_setup,
+    compute_context,
+    count_tokens,
+    perturb_,
+    projected_grad,
+    unpack_batch,
+)
 
 
 class EagerMeZO:
@@ -20,11 +29,13 @@ class EagerMeZO:
 
     def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1):
+        check_engine_setup(adapter, zo, precision)
         self.adapter, self.zo, self.precision = adapter, zo, precision
         self.perturber = Perturber(zo.noise, zo.chunk_size, threads)
         self.device = adapter.bucket_in.master.device
         self._z = torch.empty(max(b.numel for b in adapter.buckets), device=self.device)
         self.step_count = 0
+        self.pending = None  # the reference applies every update at once; nothing is ever pending
 
     def _z_for(self, bucket, seed: int) -> torch.Tensor:
         return self.perturber.fill(self._z[: bucket.numel], seed, bucket.key)

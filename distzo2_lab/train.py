@@ -28,10 +28,11 @@ EVAL_STEP = 10**9  # batches at this index and above are never trained on
 
 
 def base_of(cfg: TrainConfig) -> dict:
-    """Where the starting weights come from (what a seed log replays onto)."""
+    """Where the starting weights come from (what a seed log replays onto), and the device type
+    whose generators drew z (CPU and CUDA generators give different numbers for one seed)."""
     if is_local_dir(cfg.model):
-        return {"model": os.path.abspath(cfg.model)}
-    return {"model": cfg.model, "init_seed": cfg.seed}
+        return {"model": os.path.abspath(cfg.model), "device": cfg.device}
+    return {"model": cfg.model, "init_seed": cfg.seed, "device": cfg.device}
 
 
 def build_adapter(base: dict, storage: str = "fp32", device: str = "cpu") -> OPTAdapter:
@@ -63,9 +64,15 @@ def peak_rss_mb() -> float:
 
 
 def rebuild(log_path: str, threads: int = 1, storage: str = "fp32") -> OPTAdapter:
-    """Base model + seed log -> the fine-tuned weights, bit-identical to training's."""
+    """Base model + seed log -> the fine-tuned weights, bit-identical to training's.
+
+    Replays on the device type that trained (its generators drew z)."""
     log = SeedLog.read(log_path)
-    adapter = build_adapter(log.base, storage)
+    device = log.base.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"seed log {log_path!r} was made on CUDA and must be replayed there (its noise "
+                          "came from CUDA generators); no CUDA device is visible")
+    adapter = build_adapter(log.base, storage, device)
     replay(adapter, log, threads)
     return adapter
 
@@ -91,6 +98,9 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
         load_weights(adapter, os.path.join(resume, "model.safetensors"))
         log = SeedLog.read(os.path.join(resume, "seedlog.jsonl"))
         # lr is logged per step and may change; the rest shapes z and the update rule.
+        if log.base.get("device", "cpu") != cfg.device:
+            raise ConfigError(f"resume={resume!r} drew its noise on device={log.base.get('device', 'cpu')!r}; "
+                              f"device={cfg.device!r} would draw different z. Resume on the same device type")
         differ = [f"zo.{k}" for k in ("eps", "weight_decay", "noise", "chunk_size")
                   if getattr(log.zo, k) != getattr(cfg.zo, k)]
         if differ:

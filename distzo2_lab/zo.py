@@ -90,3 +90,15 @@ def compute_context(compute: str, device: torch.device):
         dtype = torch.bfloat16 if compute == "bf16" else torch.float16
         return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+def check_engine_setup(adapter, zo, precision) -> None:
+    """Validate the hyper-parameters and that the adapter's buckets use the precision's storage."""
+    from .config import ConfigError, validate_precision, validate_zo
+
+    validate_zo(zo)
+    validate_precision(precision)
+    stored = {b.storage for b in adapter.buckets}
+    if stored != {precision.storage}:
+        raise ConfigError(f"precision.storage={precision.storage!r} but the adapter was built with storage "
+                          f"{', '.join(sorted(stored))}; build OPTAdapter(model, storage={precision.storage!r})")

@@ -15,7 +15,7 @@ def test_seed_log_rebuilds_the_fine_tuned_weights_bit_exactly(tmp_path):
     s = train(CFG, out=str(tmp_path / "run"), progress=False)
     log = SeedLog.read(str(tmp_path / "run" / "seedlog.jsonl"))
     assert [r["seed"] for r in log.records] == [r["seed"] for r in s["steps"]]
-    assert log.base == {"model": "tiny", "init_seed": 0}
+    assert log.base == {"model": "tiny", "init_seed": 0, "device": "cpu"}
     assert digest(rebuild(str(tmp_path / "run" / "seedlog.jsonl"))) == s["digest"]
     # a whole run is a few hundred bytes per step, not a copy of the model
     assert os.path.getsize(tmp_path / "run" / "seedlog.jsonl") < 200 * (CFG.steps + 1)
@@ -65,3 +65,17 @@ def test_resume_with_a_different_update_rule_is_refused(tmp_path):
     lr_changed = dataclasses.replace(CFG, zo=dataclasses.replace(CFG.zo, lr=1e-4))
     assert len(train(lr_changed, resume=str(tmp_path / "ck"), progress=False)["steps"]) == 4
     assert torch.get_num_threads() == 1  # train() restores the caller's thread count
+
+
+def test_engines_refuse_an_adapter_built_for_another_storage():
+    from distzo2_lab.config import PrecisionConfig
+    from distzo2_lab.engine import ZO2Engine
+    from distzo2_lab.models import OPTAdapter, build_model
+    from distzo2_lab.reference import EagerMeZO
+
+    adapter = OPTAdapter(build_model("tiny"))  # fp32 buckets
+    for cls in (ZO2Engine, EagerMeZO):
+        with pytest.raises(ConfigError, match="precision.storage='bf16' but the adapter was built with storage fp32"):
+            cls(adapter, ZOConfig(), PrecisionConfig(compute="bf16", storage="bf16"))
+        with pytest.raises(ConfigError, match="zo.eps=0"):
+            cls(adapter, ZOConfig(eps=0))
