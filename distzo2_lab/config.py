@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class ZOConfig:
     """Hyper-parameters of the ZO-SGD (MeZO) step."""
 
-    lr: float = 5e-3
+    lr: float = 3e-3
     """Learning rate of theta <- theta - lr * (g * z + wd * theta). The default suits the tiny
     synthetic demo; MeZO fine-tunes OPT-13B with 1e-6 or 1e-7."""
     eps: float = 1e-3

@@ -7,7 +7,9 @@ from distzo2_lab.config import ConfigError, TrainConfig, replace
 from distzo2_lab.tasks import ByteTokenizer, SyntheticTask, TextTask, read_text
 from distzo2_lab.train import train
 
-SST2 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "sst2", "train.tsv")
+# The shared SST-2 copy sits beside the checkout (../shared); DISTZO2_SST2_DIR points elsewhere.
+SST2 = os.path.join(os.environ.get("DISTZO2_SST2_DIR", os.path.join(os.path.dirname(__file__), "..", "..",
+                                                                     "shared", "data", "sst2")), "train.tsv")
 
 
 def test_synthetic_batches_are_pure_functions_of_seed_and_step():

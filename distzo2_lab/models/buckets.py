@@ -44,15 +44,30 @@ class ParamBucket:
             self.slots.append(Slot(name, p, offset, offset + p.numel(), p.shape, not _no_decay(name)))
             offset += p.numel()
         self.numel = offset
-        device = named_params[0][1].device if named_params else torch.device("cpu")
-        self.master = torch.empty(offset, dtype=torch.float32, device=device)
-        for s in self.slots:
-            self.master[s.start : s.stop].copy_(s.param.detach().reshape(-1))
         self.storage = storage
         self.decay_spans = _merge([(s.start, s.stop) for s in self.slots if s.decay])
-        # The forward reads `working`: the master itself, or a rounded copy of it.
-        self.working = self.master if storage == "fp32" else self.master.to(DTYPES[storage])
+        self.master: torch.Tensor | None = None
+        self.working: torch.Tensor | None = None
+        if any(p.is_meta for _, p in named_params):
+            return  # layout only: the values live in a store and are attached per visit
+        device = named_params[0][1].device if named_params else torch.device("cpu")
+        master = torch.empty(offset, dtype=torch.float32, device=device)
+        for s in self.slots:
+            master[s.start : s.stop].copy_(s.param.detach().reshape(-1))
+        self.attach(master, None if storage == "fp32" else master.to(DTYPES[storage]))
+
+    def attach(self, master: torch.Tensor, working: torch.Tensor | None = None) -> None:
+        """Make `master` (flat fp32) this bucket's values; the forward reads `working`, a
+        buffer of the storage dtype (the master itself for fp32)."""
+        self.master = master
+        self.working = master if self.storage == "fp32" else working
+        if self.working is None:
+            raise ValueError(f"bucket {self.key}: storage {self.storage} needs a working buffer")
+        self.sync()
         self.bind(self.working)
+
+    def detach(self) -> None:
+        self.master = self.working = None
 
     def bind(self, flat: torch.Tensor) -> None:
         """Point every parameter of the group at views of `flat` (no copy)."""

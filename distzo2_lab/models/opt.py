@@ -20,6 +20,31 @@ from ..config import ConfigError
 from .buckets import ParamBucket
 
 
+def opt_groups(model: OPTForCausalLM) -> list[tuple[str, list[tuple[str, nn.Module | None]]]]:
+    """The bucket plan: (key, [(parameter-name prefix, module)]) for in, block.0..N-1, out."""
+    dec, d = model.model.decoder, "model.decoder."
+    return [
+        ("in", [(d + "embed_tokens", dec.embed_tokens), (d + "embed_positions", dec.embed_positions),
+                (d + "project_in", dec.project_in)]),
+        *[(f"block.{i}", [(f"{d}layers.{i}", layer)]) for i, layer in enumerate(dec.layers)],
+        ("out", [(d + "final_layer_norm", dec.final_layer_norm), (d + "project_out", dec.project_out),
+                 ("lm_head", model.lm_head)]),
+    ]
+
+
+def unique_params(modules: list[tuple[str, nn.Module | None]], seen: set[int]) -> list[tuple[str, nn.Parameter]]:
+    """(full name, parameter) of each parameter not yet in `seen` (a tied weight counts once)."""
+    out = []
+    for prefix, mod in modules:
+        if mod is None:
+            continue
+        for pname, p in mod.named_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append((f"{prefix}.{pname}", p))
+    return out
+
+
 @dataclass
 class BlockContext:
     """What every block needs besides the hidden states (same for +eps and -eps passes)."""
@@ -35,31 +60,26 @@ class OPTAdapter:
         model.eval().requires_grad_(False)
         self.model = model
         self.config = model.config
-        dec = model.model.decoder
-        self.decoder = dec
-        self.layers = list(dec.layers)
+        self.decoder = model.model.decoder
+        self.layers = list(self.decoder.layers)
         seen: set[int] = set()
-
-        def unique(prefix: str, modules: list[tuple[str, nn.Module | None]]):
-            out = []
-            for mname, mod in modules:
-                if mod is None:
-                    continue
-                for pname, p in mod.named_parameters():
-                    if id(p) not in seen:
-                        seen.add(id(p))
-                        out.append((f"{prefix}{mname}.{pname}", p))
-            return out
-
-        d = "model.decoder."
-        self.bucket_in = ParamBucket("in", unique(d, [("embed_tokens", dec.embed_tokens),
-                                                      ("embed_positions", dec.embed_positions),
-                                                      ("project_in", dec.project_in)]), storage)
-        self.blocks = [ParamBucket(f"block.{i}", unique(d, [(f"layers.{i}", layer)]), storage)
-                       for i, layer in enumerate(self.layers)]
-        self.bucket_out = ParamBucket("out", unique("", [(d + "final_layer_norm", dec.final_layer_norm),
-                                                         (d + "project_out", dec.project_out),
-                                                         ("lm_head", model.lm_head)]), storage)
+        groups = [(key, unique_params(mods, seen)) for key, mods in opt_groups(model)]
+        self.bucket_in = ParamBucket(groups[0][0], groups[0][1], storage)
+        self.blocks = [ParamBucket(key, params, storage) for key, params in groups[1:-1]]
+        self.bucket_out = ParamBucket(groups[-1][0], groups[-1][1], storage)
+        self.offloaded = any(b.master is None for b in self.blocks)
+        if self.offloaded:
+            # Blocks live in a store (ZO2's offloading): every block runs through one materialised
+            # shell module whose parameters are re-pointed at the working buffer of the visit.
+            shell = self.layers[0]
+            if any(p.is_meta for p in shell.parameters()):
+                raise RuntimeError("an offloaded adapter needs layer 0 materialised as the block shell")
+            self.layers = [shell] * len(self.layers)
+            shell_params = dict(shell.named_parameters())
+            for i, b in enumerate(self.blocks):
+                prefix = f"model.decoder.layers.{i}."
+                for slot in b.slots:
+                    slot.param = shell_params[slot.name[len(prefix):]]
         n_model = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
         n_ours = sum(b.numel for b in self.buckets)
         if n_model != n_ours:

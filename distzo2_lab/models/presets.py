@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
 from ..config import ConfigError
+from ..perturb import chunk_seed
 
 # name: (hidden, layers, heads, ffn, word_embed_proj_dim, layer_norm_before)
 OPT_SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
@@ -53,8 +55,43 @@ def is_local_dir(model: str) -> bool:
     return model not in PRESETS and (os.sep in model or model.startswith(".") or os.path.exists(model))
 
 
-def build_model(model: str, seed: int = 0, device: str | torch.device = "cpu") -> OPTForCausalLM:
-    """A preset with seeded random weights, or a checkpoint directory loaded offline."""
+def init_group_(modules: list[tuple[str, nn.Module | None]], std: float, seed: int, done: set[int]) -> None:
+    """Seeded init of one bucket's modules (OPT's scheme: N(0, std) weights, zero biases, unit
+    LayerNorms, zero padding row), from its own generator, so any block can be built alone.
+    Parameters in `done` (a tied weight initialised by an earlier bucket) are left alone."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal_(p: nn.Parameter) -> bool:
+        if id(p) in done:
+            return False
+        done.add(id(p))
+        p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+        return True
+
+    for _, mod in modules:
+        for sub in mod.modules() if mod is not None else ():
+            if isinstance(sub, nn.Embedding):
+                if normal_(sub.weight) and sub.padding_idx is not None:
+                    sub.weight[sub.padding_idx].zero_()
+            elif isinstance(sub, nn.Linear):
+                normal_(sub.weight)
+            elif not isinstance(sub, nn.LayerNorm):
+                continue
+            if isinstance(sub, nn.LayerNorm) and sub.weight is not None:
+                sub.weight.fill_(1.0)
+            if getattr(sub, "bias", None) is not None:
+                sub.bias.zero_()
+
+
+@torch.no_grad()
+def build_model(model: str, seed: int = 0, device: str | torch.device = "cpu",
+                blocks: bool = True) -> OPTForCausalLM:
+    """A preset with seeded random weights, or a checkpoint directory loaded offline.
+
+    `device="meta"` gives shapes only. `blocks=False` (presets) materialises the resident
+    modules and block 0 (the shell an offloaded adapter runs every block through) and leaves
+    blocks 1.. on the meta device: their values come from a store.
+    """
     if is_local_dir(model):
         if not os.path.isdir(model):
             raise ConfigError(f"model={model!r}: checkpoint directory does not exist")
@@ -64,11 +101,23 @@ def build_model(model: str, seed: int = 0, device: str | torch.device = "cpu") -
                                            attn_implementation="sdpa")
         return m.to(device).eval()
     cfg = opt_config(model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device(device):
-            m = OPTForCausalLM(cfg)
-    return m.eval()
+    with torch.device("meta"):
+        m = OPTForCausalLM(cfg)
+    if torch.device(device).type == "meta":
+        return m.eval()
+    from .opt import opt_groups  # the bucket plan decides the init seeds
+
+    groups = [(k, mods) for k, mods in opt_groups(m) if blocks or not k.startswith("block.") or k == "block.0"]
+    for _, modules in groups:  # allocate everything first: to_empty on a tied module rewrites the shared weight
+        for _, mod in modules:
+            if mod is not None:
+                mod.to_empty(device="cpu", recurse=True)
+    if cfg.tie_word_embeddings:
+        m.lm_head.weight = m.model.decoder.embed_tokens.weight
+    done: set[int] = set()
+    for key, modules in groups:
+        init_group_(modules, cfg.init_std, chunk_seed(seed, "init", key), done)
+    return m.to(device).eval() if blocks else m.eval()
 
 
 def count_parameters(model: str) -> int:
