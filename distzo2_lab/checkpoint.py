@@ -22,19 +22,20 @@ from .perturb import Perturber
 from .zo import apply_update_, perturb_
 
 
-def digest(adapter: OPTAdapter) -> str:
-    """sha256 of every unique parameter (fp32 bytes, canonical bucket order, names included)."""
+def digest(adapter: OPTAdapter, values=None) -> str:
+    """sha256 of every unique parameter (fp32 bytes, canonical bucket order, names included).
+
+    `values(bucket) -> flat fp32 tensor` supplies buckets whose values live in a store."""
     h = hashlib.sha256()
     for b in adapter.buckets:
         h.update(b.key.encode())
         for s in b.slots:
             h.update(s.name.encode())
-        h.update(b.master.detach().cpu().contiguous().numpy().tobytes())
+        flat = b.master if b.master is not None else values(b)
+        h.update(flat.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def state_dict(adapter: OPTAdapter) -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for b in adapter.buckets for k, v in b.state().items()}
 
 
 def load_weights(adapter: OPTAdapter, path: str) -> None:
@@ -51,9 +52,19 @@ class SeedLog:
 
     def __init__(self, base: dict, zo: ZOConfig, records: list[dict] | None = None):
         self.base, self.zo, self.records = base, zo, list(records or [])
+        self._file = None
 
     def append(self, step: int, seed: int, grad: float, lr: float) -> None:
-        self.records.append({"step": step, "seed": seed, "grad": grad, "lr": lr})
+        rec = {"step": step, "seed": seed, "grad": grad, "lr": lr}
+        self.records.append(rec)
+        if self._file is not None:  # live log: the record is in the file before the step commits
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+
+    def keep_live(self, path: str) -> None:
+        """Rewrite the log at `path` and keep appending each new record to it as it comes."""
+        self.write(path)
+        self._file = open(path, "a")
 
     def write(self, path: str) -> None:
         tmp = path + ".tmp"
@@ -62,6 +73,11 @@ class SeedLog:
             for r in self.records:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     @classmethod
     def read(cls, path: str) -> SeedLog:
@@ -90,10 +106,10 @@ def replay(adapter: OPTAdapter, log: SeedLog, threads: int = 1) -> None:
     perturber.close()
 
 
-def save_checkpoint(path: str, adapter: OPTAdapter, state: dict, log: SeedLog) -> None:
-    """Write weights, state and seed log into directory `path` (the engine must be flushed)."""
+def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], state: dict, log: SeedLog) -> None:
+    """Write weights (name -> fp32 tensor, flushed), state and seed log into directory `path`."""
     os.makedirs(path, exist_ok=True)
-    save_file(state_dict(adapter), os.path.join(path, "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "state.json"), "w") as f:
         json.dump(state, f, indent=1)
     log.write(os.path.join(path, "seedlog.jsonl"))

@@ -11,9 +11,11 @@ from .config import (
     ENGINES,
     MASTER_DTYPES,
     NOISE_KINDS,
+    OFFLOAD_TIERS,
     STORAGE_DTYPES,
     TASKS,
     ConfigError,
+    OffloadConfig,
     PrecisionConfig,
     TrainConfig,
     ZOConfig,
@@ -41,6 +43,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="text or TSV file for --task text")
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
+    o = OffloadConfig()
+    p.add_argument("--offload", default=o.tier, help=f"block tier, one of {', '.join(OFFLOAD_TIERS)}")
+    p.add_argument("--prefetch", type=int, default=o.prefetch, help="upload lane runs this many blocks ahead")
+    p.add_argument("--store", default=None, help="disk tier: store directory (created, or resumed from)")
+    p.add_argument("--link-gbps", type=float, default=None, help="simulate a link of this bandwidth (GB/s)")
+    p.add_argument("--trace", default=None, help="write span events (JSONL) and a Chrome trace here")
     p.add_argument("--out", default="runs/train", help="directory for summary.json and seedlog.jsonl")
     p.add_argument("--save", default=None, help="write a checkpoint directory here at the end")
     p.add_argument("--resume", default=None, help="continue from a checkpoint directory")
@@ -53,13 +61,20 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         engine=a.engine, task=a.task, data=a.data, threads=a.threads, device=a.device,
         zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
+        offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps),
     ))
 
 
 def cmd_train(a) -> int:
     from .train import train
 
-    s = train(config_from_args(a), out=a.out, save=a.save, resume=a.resume, progress=not a.no_progress)
+    s = train(config_from_args(a), out=a.out, save=a.save, resume=a.resume, progress=not a.no_progress,
+              trace=a.trace)
+    if "overlap" in s:
+        o = s["overlap"]
+        busy = ", ".join(f"{k} {v:.0%}" for k, v in o["busy"].items())
+        hidden = "n/a" if o["hidden_fraction"] is None else f"{o['hidden_fraction']:.0%}"
+        print(f"lanes busy: {busy}; transfer hidden under compute: {hidden}; trace in {a.trace}")
     print(f"loss {s['eval_loss_start']:.4f} -> {s['eval_loss_end']:.4f}; digest {s['digest'][:16]}; "
           f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MiB; summary in {a.out}/summary.json")
     return 0
@@ -96,7 +111,8 @@ def cmd_rebuild(a) -> int:
     d = digest(adapter)
     if a.save:
         log = SeedLog.read(a.seedlog)
-        save_checkpoint(a.save, adapter, {"step": len(log.records), "base": log.base, "digest": d,
+        tensors = {k: v for b in adapter.buckets for k, v in b.state().items()}
+        save_checkpoint(a.save, tensors, {"step": len(log.records), "base": log.base, "digest": d,
                                           "config": {"model": log.base["model"],
                                                      "seed": log.base.get("init_seed", 0)}}, log)
     print(json.dumps({"digest": d, "seconds": time.perf_counter() - t0}) if a.json else f"digest {d}")

@@ -17,6 +17,7 @@ MASTER_DTYPES = ("fp32", "none")
 ENGINES = ("zo2", "eager")
 TASKS = ("synthetic", "text")
 DEVICES = ("cpu", "cuda")
+OFFLOAD_TIERS = ("resident", "host", "disk")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,20 @@ class PrecisionConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """Where the transformer blocks live between visits and how they stream (ZO2, Sec. 3)."""
+
+    tier: str = "resident"
+    """'resident' (no offloading), 'host' (CPU memory) or 'disk' (a store directory)."""
+    prefetch: int = 1
+    """Upload lane runs this many block visits ahead of compute (working memory: prefetch + 2 blocks)."""
+    store: str | None = None
+    """Disk tier: the store directory (created if missing, resumed from if it holds a run)."""
+    link_gbps: float | None = None
+    """Simulated link bandwidth in GB/s for every transfer (CPU demo of a slow link); None = real speed."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run on one rank."""
 
@@ -81,6 +96,8 @@ class TrainConfig:
     """ZO-SGD hyper-parameters."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Compute / storage / master dtypes."""
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    """Parameter offloading and streaming."""
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -123,6 +140,22 @@ def validate_precision(p: PrecisionConfig) -> PrecisionConfig:
     return p
 
 
+def validate_offload(o: OffloadConfig) -> OffloadConfig:
+    _choice("offload.tier", o.tier, OFFLOAD_TIERS)
+    if not isinstance(o.prefetch, int) or isinstance(o.prefetch, bool) or o.prefetch < 0:
+        raise ConfigError(f"offload.prefetch={o.prefetch!r} is not valid; it must be an integer >= 0")
+    if o.tier == "disk" and not o.store:
+        raise ConfigError("offload.tier='disk' needs offload.store=DIR (the store directory)")
+    if o.tier != "disk" and o.store:
+        raise ConfigError(f"offload.store={o.store!r} is only used by offload.tier='disk'")
+    if o.link_gbps is not None:
+        _positive("offload.link_gbps", o.link_gbps)
+        if o.tier == "resident":
+            raise ConfigError("offload.link_gbps simulates the transfers of offload.tier='host' or 'disk'; "
+                              "offload.tier='resident' moves nothing")
+    return o
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field and combination of a run config; return it unchanged or raise."""
     if not isinstance(cfg.model, str) or not cfg.model:
@@ -149,6 +182,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError("device='cuda' but torch sees no CUDA device here; choose device='cpu'")
     validate_zo(cfg.zo)
     validate_precision(cfg.precision)
+    validate_offload(cfg.offload)
+    if cfg.offload.tier != "resident" and cfg.engine == "eager":
+        raise ConfigError("engine='eager' is the resident reference; offload.tier='host' or 'disk' needs engine='zo2'")
     return cfg
 
 

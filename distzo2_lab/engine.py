@@ -7,14 +7,19 @@ restore while both perturbed activations (h+, h-) pass through it. The update of
 only known after the last block, so it becomes an explicit :class:`PendingUpdate`, applied on
 the next visit or by :meth:`ZO2Engine.flush` (before evaluation, checkpoints and at the end).
 Resident buckets (embeddings, final norm, head) keep a copy of their +eps state so the head can
-run both passes after the blocks. Same arithmetic as the eager reference, so bit-identical.
+run both passes after the blocks. With a :class:`~distzo2_lab.stream.Streamer` the blocks live
+in a store and every visit is served by the upload / offload lanes; the arithmetic is the same
+as the eager reference's either way, so the results are bit-identical.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 from .config import PrecisionConfig, ZOConfig
-from .models.buckets import ParamBucket
+from .events import Recorder
+from .models.buckets import DTYPES, ParamBucket
 from .models.opt import OPTAdapter
 from .perturb import Perturber
 from .zo import (
@@ -31,45 +36,85 @@ from .zo import (
 
 
 class ZO2Engine:
-    """Block-by-block ZO step with two noise generations per parameter per step (ratio ~1.1)."""
+    """Block-by-block ZO step with two noise generations per parameter per step."""
 
     def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
-                 precision: PrecisionConfig = PrecisionConfig(), threads: int = 1):
+                 precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
+                 streamer=None, recorder: Recorder | None = None):
         check_engine_setup(adapter, zo, precision)
+        if adapter.offloaded and streamer is None:
+            raise ValueError("this adapter's blocks live in a store: pass streamer=Streamer(store, ...)")
         self.adapter, self.zo, self.precision = adapter, zo, precision
+        self.streamer = streamer
+        self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
         self.perturber = Perturber(zo.noise, zo.chunk_size, threads)
         self.device = adapter.bucket_in.master.device
-        self._z_block = torch.empty(max((b.numel for b in adapter.blocks), default=0), device=self.device)
+        width = max((b.numel for b in adapter.blocks), default=0)
+        self._z_block = torch.empty(width, device=self.device)
         self._z_in = torch.empty(adapter.bucket_in.numel, device=self.device)
         self._z_out = torch.empty(adapter.bucket_out.numel, device=self.device)
+        # One low-precision working buffer serves every streamed block (compute is sequential).
+        self._cast = (torch.empty(width, dtype=DTYPES[precision.storage], device=self.device)
+                      if streamer is not None and precision.storage != "fp32" else None)
         # The +eps state of the resident buckets, kept for the head's plus pass (reused buffers:
         # fresh allocations cost page faults every step).
         self._plus = [torch.empty_like(b.working) for b in (adapter.bucket_in, adapter.bucket_out)]
         self.pending: PendingUpdate | None = None
         self.step_count = 0
+        self._visit = 0  # streamed visits served so far (the streamer's sweep order)
+
+    # -- spans ---------------------------------------------------------------------------
+    def _span(self, phase: str, block: int = -1):
+        r = self.recorder
+        if not r.enabled:
+            return contextlib.nullcontext()
+        if self.device.type == "cuda":
+            return r.cuda_span("compute", phase, self.step_count, block)
+        return r.span("compute", phase, self.step_count, block)
+
+    # -- blocks: resident, or streamed through the lanes ---------------------------------
+    def _sweep(self, visit, write: bool = True) -> None:
+        """Call visit(i, bucket) for every block in order; streamed blocks are attached to
+        their working buffer for the visit and handed to the offload lane after it."""
+        if self.streamer is None:
+            for i, b in enumerate(self.adapter.blocks):
+                visit(i, b)
+            return
+        self.streamer.step = self.step_count
+        for i, b in enumerate(self.adapter.blocks):
+            v = self._visit
+            self._visit += 1
+            buf = self.streamer.acquire(v)
+            b.attach(buf, None if self._cast is None else self._cast[: b.numel])
+            visit(i, b)
+            b.detach()
+            self.streamer.release(v, buf, write)
 
     # -- the deferred update -------------------------------------------------------------
-    def _apply_pending(self, bucket: ParamBucket, scratch: torch.Tensor) -> None:
+    def _apply_pending(self, bucket: ParamBucket, scratch: torch.Tensor, block: int = -1) -> None:
         p = self.pending
         if p is None:
             return
-        z = self.perturber.fill(scratch[: bucket.numel], p.seed, bucket.key)
-        apply_update_(bucket.master, z, p.grad, p.lr, self.zo.weight_decay, bucket.decay_spans)
+        with self._span("update", block):
+            z = self.perturber.fill(scratch[: bucket.numel], p.seed, bucket.key)
+            apply_update_(bucket.master, z, p.grad, p.lr, self.zo.weight_decay, bucket.decay_spans)
 
     @torch.no_grad()
     def flush(self) -> None:
         """Apply the pending update to every bucket now (evaluation never sees stale weights)."""
         if self.pending is None:
             return
-        for b in self.adapter.buckets:
-            self._apply_pending(b, self._scratch_for(b))
+        a = self.adapter
+        for b, z in ((a.bucket_in, self._z_in), (a.bucket_out, self._z_out)):
+            self._apply_pending(b, z)
             b.sync()
-        self.pending = None
 
-    def _scratch_for(self, b: ParamBucket) -> torch.Tensor:
-        if b is self.adapter.bucket_in:
-            return self._z_in
-        return self._z_out if b is self.adapter.bucket_out else self._z_block
+        def visit(i, b):
+            self._apply_pending(b, self._z_block, i)
+            b.sync()
+
+        self._sweep(visit)
+        self.pending = None
 
     # -- one step ------------------------------------------------------------------------
     @torch.no_grad()
@@ -83,36 +128,44 @@ class ZO2Engine:
             # Resident buckets: deferred update, then +eps; keep the +eps state for the head.
             for b, z in resident:
                 self._apply_pending(b, z)
-                self.perturber.fill(z, seed, b.key)
+                with self._span("rng"):
+                    self.perturber.fill(z, seed, b.key)
                 perturb_(b.master, z, eps)
                 b.sync()
             for (b, _), state in zip(resident, self._plus):
                 state.copy_(b.working)
-            h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
-            for b, z in resident:
-                perturb_(b.master, z, -2 * eps)
-                b.sync()
-            h_minus, _ = a.embed(ids, mask)  # (B, T, C)
+            with self._span("embed"):
+                h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
+                for b, z in resident:
+                    perturb_(b.master, z, -2 * eps)
+                    b.sync()
+                h_minus, _ = a.embed(ids, mask)  # (B, T, C)
+            h = [h_plus, h_minus]
 
             # Blocks: update, perturb, dual forward, restore; z generated once per visit.
-            z = self._z_block
-            for i, b in enumerate(a.blocks):
-                self._apply_pending(b, z)
-                zb = self.perturber.fill(z[: b.numel], seed, b.key)
+            def visit(i: int, b: ParamBucket) -> None:
+                self._apply_pending(b, self._z_block, i)
+                with self._span("rng", i):
+                    zb = self.perturber.fill(self._z_block[: b.numel], seed, b.key)
                 perturb_(b.master, zb, eps)
                 b.sync()
-                h_plus = a.run_block(i, h_plus, ctx)
+                with self._span("forward", i):
+                    h[0] = a.run_block(i, h[0], ctx)
                 perturb_(b.master, zb, -2 * eps)
                 b.sync()
-                h_minus = a.run_block(i, h_minus, ctx)
+                with self._span("forward", i):
+                    h[1] = a.run_block(i, h[1], ctx)
                 perturb_(b.master, zb, eps)
                 b.sync()
 
+            self._sweep(visit)
+
             # Head: -eps state is live; swap in the saved +eps state for the plus pass.
-            loss_minus = float(a.loss(a.head(h_minus), labels))
-            for (b, _), state in zip(resident, self._plus):
-                b.bind(state)
-            loss_plus = float(a.loss(a.head(h_plus), labels))
+            with self._span("head"):
+                loss_minus = float(a.loss(a.head(h[1]), labels))
+                for (b, _), state in zip(resident, self._plus):
+                    b.bind(state)
+                loss_plus = float(a.loss(a.head(h[0]), labels))
             for b, z in resident:
                 b.bind(b.working)
                 perturb_(b.master, z, eps)
@@ -126,7 +179,15 @@ class ZO2Engine:
     def evaluate(self, batch: dict) -> float:
         """Loss at the current parameters, after flushing the pending update."""
         self.flush()
+        a = self.adapter
         ids, labels, mask = unpack_batch(batch)
-        self.adapter.check_batch(ids)
+        a.check_batch(ids)
         with compute_context(self.precision.compute, self.device):
-            return float(self.adapter.loss(self.adapter.forward(ids, mask), labels))
+            hidden, ctx = a.embed(ids, mask)
+            h = [hidden]
+
+            def visit(i, b):
+                h[0] = a.run_block(i, h[0], ctx)
+
+            self._sweep(visit, write=False)
+            return float(a.loss(a.head(h[0]), labels))

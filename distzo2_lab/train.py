@@ -18,11 +18,14 @@ from tqdm.auto import tqdm
 from .checkpoint import SeedLog, digest, load_weights, read_state, replay, save_checkpoint
 from .config import ConfigError, TrainConfig, validate
 from .engine import ZO2Engine
+from .events import Recorder, overlap_metrics, write_trace
 from .models import OPTAdapter, build_model
 from .models.presets import is_local_dir
+from .offload import Offload
 from .perturb import step_seed
 from .reference import EagerMeZO
 from .tasks import SyntheticTask, TextTask, tokenizer_for
+from .zo import PendingUpdate
 
 EVAL_STEP = 10**9  # batches at this index and above are never trained on
 
@@ -44,9 +47,10 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def build_engine(cfg: TrainConfig, adapter: OPTAdapter):
-    cls = ZO2Engine if cfg.engine == "zo2" else EagerMeZO
-    return cls(adapter, cfg.zo, cfg.precision, threads=cfg.threads)
+def build_engine(cfg: TrainConfig, adapter: OPTAdapter, recorder: Recorder | None = None):
+    if cfg.engine == "zo2":
+        return ZO2Engine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder)
+    return EagerMeZO(adapter, cfg.zo, cfg.precision, threads=cfg.threads)
 
 
 def make_task(cfg: TrainConfig, adapter: OPTAdapter):
@@ -77,82 +81,148 @@ def rebuild(log_path: str, threads: int = 1, storage: str = "fp32") -> OPTAdapte
     return adapter
 
 
+def _check_resume(resume: str, cfg: TrainConfig, log: SeedLog) -> None:
+    """A run continues only under the rule that made it: same device type and update rule."""
+    if log.base.get("device", "cpu") != cfg.device:
+        raise ConfigError(f"resume={resume!r} drew its noise on device={log.base.get('device', 'cpu')!r}; "
+                          f"device={cfg.device!r} would draw different z. Resume on the same device type")
+    # lr is logged per step and may change; the rest shapes z and the update rule.
+    differ = [f"zo.{k}" for k in ("eps", "weight_decay", "noise", "chunk_size")
+              if getattr(log.zo, k) != getattr(cfg.zo, k)]
+    if differ:
+        raise ConfigError(f"resume={resume!r} was trained with different {', '.join(differ)} "
+                          f"({', '.join(f'{k}={getattr(log.zo, k[3:])!r}' for k in differ)}); "
+                          "a seed log replays one rule, so pass the same values")
+
+
+class Run:
+    """Everything one rank's training holds: adapter, engine, seed log, and the offload tier."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, recorder: Recorder | None = None):
+        self.cfg, self.base = cfg, base_of(cfg)
+        self.recorder = recorder or Recorder(enabled=False)
+        self.offload = None
+        self.log, self.start = SeedLog(self.base, cfg.zo), 0
+        if cfg.offload.tier == "resident":
+            self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device)
+            self.engine = build_engine(cfg, self.adapter, self.recorder)
+        else:
+            if resume is not None:
+                raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
+                                  "its offload.store directory")
+            self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder)
+            self.adapter = self.offload.adapter
+            self.engine = ZO2Engine(self.adapter, cfg.zo, cfg.precision, cfg.threads,
+                                    streamer=self.offload.streamer, recorder=self.recorder)
+            if cfg.offload.tier == "disk":
+                self._open_disk_log()
+        if resume is not None:
+            self._resume(resume)
+        if self.start >= cfg.steps:
+            raise ConfigError(f"steps={cfg.steps} is not beyond the step {self.start} already trained")
+
+    def _open_disk_log(self) -> None:
+        path = os.path.join(self.cfg.offload.store, "seedlog.jsonl")
+        committed = self.offload.resumed_step
+        if committed >= 0:  # a store that holds a run: continue it from its committed step
+            self.log = SeedLog.read(path)
+            _check_resume(self.cfg.offload.store, self.cfg, self.log)
+            self.log.records = [r for r in self.log.records if r["step"] <= committed]  # drop uncommitted
+            r = self.log.records[-1]
+            self.engine.pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"])
+            self.start = committed + 1
+        self.log.keep_live(path)
+
+    def _resume(self, resume: str) -> None:
+        state = read_state(resume)
+        if state["config"]["model"] != self.cfg.model or state["config"]["seed"] != self.cfg.seed:
+            raise ConfigError(f"resume={resume!r} was trained with model={state['config']['model']!r}, "
+                              f"seed={state['config']['seed']}; pass the same model and seed")
+        load_weights(self.adapter, os.path.join(resume, "model.safetensors"))
+        self.log = SeedLog.read(os.path.join(resume, "seedlog.jsonl"))
+        _check_resume(resume, self.cfg, self.log)
+        self.start = state["step"]
+
+    def values(self, bucket) -> torch.Tensor:
+        return bucket.master if bucket.master is not None else self.offload.block_values(bucket)
+
+    def digest(self) -> str:
+        return digest(self.adapter, self.values)
+
+    def close(self) -> None:
+        self.engine.perturber.close()
+        if self.offload is not None:
+            self.offload.close()
+        self.log.close()
+
+
 def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, resume: str | None = None,
-          progress: bool = True, on_step=None) -> dict:
+          progress: bool = True, on_step=None, trace: str | None = None) -> dict:
     """Run `cfg.steps` ZO steps; write DIR/summary.json and DIR/seedlog.jsonl when `out` is set.
 
-    `on_step(result)` is called after every step (live plots in notebooks).
+    `on_step(result)` is called after every step (live plots in notebooks); `trace=DIR` records
+    span events and writes per-rank JSONL and a Chrome trace there.
     """
     validate(cfg)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    base = base_of(cfg)
-    adapter = build_adapter(base, cfg.precision.storage, cfg.device)
-    task = make_task(cfg, adapter)
-    log, start = SeedLog(base, cfg.zo), 0
-    if resume is not None:
-        state = read_state(resume)
-        if state["config"]["model"] != cfg.model or state["config"]["seed"] != cfg.seed:
-            raise ConfigError(f"resume={resume!r} was trained with model={state['config']['model']!r}, "
-                              f"seed={state['config']['seed']}; pass the same model and seed")
-        load_weights(adapter, os.path.join(resume, "model.safetensors"))
-        log = SeedLog.read(os.path.join(resume, "seedlog.jsonl"))
-        # lr is logged per step and may change; the rest shapes z and the update rule.
-        if log.base.get("device", "cpu") != cfg.device:
-            raise ConfigError(f"resume={resume!r} drew its noise on device={log.base.get('device', 'cpu')!r}; "
-                              f"device={cfg.device!r} would draw different z. Resume on the same device type")
-        differ = [f"zo.{k}" for k in ("eps", "weight_decay", "noise", "chunk_size")
-                  if getattr(log.zo, k) != getattr(cfg.zo, k)]
-        if differ:
-            raise ConfigError(f"resume={resume!r} was trained with different {', '.join(differ)} "
-                              f"({', '.join(f'{k}={getattr(log.zo, k[3:])!r}' for k in differ)}); "
-                              "a seed log replays one rule, so pass the same values")
-        start = state["step"]
-        if start >= cfg.steps:
-            raise ConfigError(f"steps={cfg.steps} is not beyond the checkpoint's step {start}")
-    engine = build_engine(cfg, adapter)
+    recorder = Recorder(enabled=trace is not None)
+    run = Run(cfg, resume, recorder)
     try:
-        return _run(cfg, adapter, engine, task, log, base, start, out, save, progress, on_step)
+        summary = _loop(run, make_task(cfg, run.adapter), progress, on_step)
+        if trace is not None:
+            summary["trace"] = write_trace(recorder, trace)
+            summary["overlap"] = overlap_metrics(recorder.spans)
+        _write_outputs(run, summary, out, save)
+        return summary
     finally:
-        engine.perturber.close()
+        run.close()
         torch.set_num_threads(threads_before)
 
 
-def _run(cfg, adapter, engine, task, log, base, start, out, save, progress, on_step) -> dict:
+def _loop(run: Run, task, progress: bool, on_step) -> dict:
+    cfg, engine = run.cfg, run.engine
     eval_batch = to_device(task.batch(EVAL_STEP), cfg.device)
     eval_start = engine.evaluate(eval_batch)
     records, tokens = [], 0
     t0 = time.perf_counter()
-    for t in tqdm(range(start, cfg.steps), disable=not progress, desc=f"{cfg.engine} {cfg.model}",
-                  initial=start, total=cfg.steps):
+    for t in tqdm(range(run.start, cfg.steps), disable=not progress, desc=f"{cfg.engine} {cfg.model}",
+                  initial=run.start, total=cfg.steps):
         engine.step_count = t
         r = engine.step(to_device(task.batch(t), cfg.device), step_seed(cfg.seed, t))
-        log.append(r.step, r.seed, r.grad, r.lr)
+        run.log.append(r.step, r.seed, r.grad, r.lr)
+        if run.offload is not None:
+            run.offload.commit(t)  # disk tier: the step is durable once its record is logged
         tokens += r.tokens
         records.append({"step": r.step, "seed": r.seed, "loss_plus": r.loss_plus,
                         "loss_minus": r.loss_minus, "projected_grad": r.grad, "lr": r.lr})
         if on_step is not None:
             on_step(r)
+    if run.offload is not None:
+        run.offload.streamer.drain()
     elapsed = time.perf_counter() - t0
     engine.flush()  # the last deferred update lands before anything reads the weights
-    summary = {
+    return {
         "config": asdict(cfg),
-        "base": base,
-        "start_step": start,
+        "base": run.base,
+        "start_step": run.start,
         "steps": records,
         "eval_loss_start": eval_start,
         "eval_loss_end": engine.evaluate(eval_batch),
-        "digest": digest(adapter),
+        "digest": run.digest(),
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "seconds": elapsed,
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -> None:
     if out is not None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        log.write(os.path.join(out, "seedlog.jsonl"))
+        run.log.write(os.path.join(out, "seedlog.jsonl"))
     if save is not None:
-        save_checkpoint(save, adapter, {"step": cfg.steps, "config": asdict(cfg), "base": base,
-                                        "digest": summary["digest"]}, log)
-    return summary
+        tensors = {k: v for b in run.adapter.buckets for k, v in b.state(run.values(b)).items()}
+        save_checkpoint(save, tensors, {"step": run.cfg.steps, "config": asdict(run.cfg), "base": run.base,
+                                        "digest": summary["digest"]}, run.log)

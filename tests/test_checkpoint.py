@@ -51,7 +51,7 @@ def test_checkpoint_round_trip_and_bad_paths(tmp_path):
         train(CFG, resume=str(tmp_path))
     with pytest.raises(ConfigError, match="seed log .* does not exist"):
         rebuild(str(tmp_path / "missing.jsonl"))
-    with pytest.raises(ConfigError, match="not beyond the checkpoint's step 6"):
+    with pytest.raises(ConfigError, match="not beyond the step 6 already trained"):
         train(CFG, resume=str(tmp_path / "ck"), progress=False)
 
 

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from distzo2_lab.config import ConfigError, PrecisionConfig, TrainConfig, ZOConfig, validate
+from distzo2_lab.config import ConfigError, OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, validate
 
 BASE = TrainConfig(steps=2, batch_size=2, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096))
 
@@ -36,6 +36,11 @@ BAD = {
     "precision.compute": ("fp8", "precision.compute='fp8'"),
     "precision.storage": ("int4", "precision.storage='int4' is not valid; choose one of fp32, bf16, fp16"),
     "precision.master": ("fp64", "precision.master='fp64' is not valid; choose one of fp32, none"),
+    "offload": (OffloadConfig(tier="ssd"), "offload.tier='ssd' is not valid; choose one of resident, host, disk"),
+    "offload.tier": ("gpu", "offload.tier='gpu' is not valid"),
+    "offload.prefetch": (-1, "offload.prefetch=-1 is not valid; it must be an integer >= 0"),
+    "offload.store": ("/tmp/s", "offload.store='/tmp/s' is only used by offload.tier='disk'"),
+    "offload.link_gbps": (0.0, "offload.link_gbps=0.0 is not valid"),
 }
 
 
@@ -49,7 +54,7 @@ def all_fields():
 
 
 def test_every_field_has_a_bad_value_case_and_an_effect_case():
-    assert set(all_fields()) == set(BAD) == set(EFFECT) | {"zo", "precision"}
+    assert set(all_fields()) == set(BAD) == set(EFFECT) | {"zo", "precision", "offload"}
 
 
 @pytest.mark.parametrize("path", list(BAD))
@@ -87,6 +92,11 @@ EFFECT = {
     "precision.compute": ("bf16", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "precision.storage": ("bf16", None),  # needs compute=bf16: test_precision.py
     "precision.master": ("none", None),  # refusal and fp32 master: test_precision.py
+    "offload.tier": ("host", lambda a, b: a["steps"] == b["steps"] and a["digest"] == b["digest"]
+                     and b["config"]["offload"]["tier"] == "host"),
+    "offload.prefetch": (3, None),  # test_offload.py: working-memory bound and identical results
+    "offload.store": ("dir", None),  # test_offload.py: disk tier, reopen, SIGKILL
+    "offload.link_gbps": (1.0, None),  # test_offload.py: simulated link stretches transfers
 }
 
 
@@ -125,3 +135,12 @@ def test_cuda_device_is_refused_without_cuda():
         pytest.skip("CUDA present: tests/test_gpu.py covers device='cuda'")
     with pytest.raises(ConfigError, match="device='cuda' but torch sees no CUDA device"):
         validate(with_field("device", "cuda"))
+
+
+def test_offload_combinations_are_refused_with_the_fields_named():
+    with pytest.raises(ConfigError, match="offload.tier='disk' needs offload.store=DIR"):
+        validate(with_field("offload", OffloadConfig(tier="disk")))
+    with pytest.raises(ConfigError, match="offload.link_gbps simulates the transfers"):
+        validate(with_field("offload", OffloadConfig(link_gbps=1.0)))
+    with pytest.raises(ConfigError, match="engine='eager' is the resident reference"):
+        validate(dataclasses.replace(BASE, engine="eager", offload=OffloadConfig(tier="host")))

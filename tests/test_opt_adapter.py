@@ -58,7 +58,7 @@ def test_published_opt_shapes_have_their_parameter_counts():
     for name, nominal in [("opt-1.3b", 1.3e9), ("opt-2.7b", 2.7e9), ("opt-6.7b", 6.7e9), ("opt-13b", 13e9),
                           ("opt-30b", 30e9), ("opt-66b", 66e9), ("opt-175b", 175e9)]:
         assert abs(counts[name] / nominal - 1) < 0.05, (name, counts[name])
-    assert set(PRESETS) == {"tiny", *OPT_SHAPES}
+    assert set(PRESETS) == {"tiny", "tiny-deep", *OPT_SHAPES}
 
 
 def test_presets_are_seeded_and_leave_the_global_rng_alone():
@@ -80,7 +80,7 @@ def test_local_checkpoint_directory_loads_offline(tmp_path):
 
 
 def test_unknown_preset_and_missing_directory_fail_clearly(tmp_path):
-    with pytest.raises(ConfigError, match="model='opt-7b' is not a preset; choose one of tiny, opt-125m"):
+    with pytest.raises(ConfigError, match="model='opt-7b' is not a preset; choose one of tiny, tiny-deep, opt-125m"):
         build_model("opt-7b")
     with pytest.raises(ConfigError, match="does not exist"):
         build_model(str(tmp_path / "nope"))

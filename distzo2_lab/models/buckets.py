@@ -79,9 +79,10 @@ class ParamBucket:
         if self.working is not self.master:
             self.working.copy_(self.master)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """name -> fp32 tensor view of the master (for checkpoints and digests)."""
-        return {s.name: self.master[s.start : s.stop].view(s.shape) for s in self.slots}
+    def state(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """name -> fp32 tensor view of the master, or of `flat` (values held by a store)."""
+        flat = self.master if flat is None else flat
+        return {s.name: flat[s.start : s.stop].view(s.shape) for s in self.slots}
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for s in self.slots:

@@ -30,15 +30,16 @@ OPT_SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
 }
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
             word_embed_proj_dim=64, vocab_size=512, max_position_embeddings=256)
-PRESETS = ("tiny", *OPT_SHAPES)
+PRESETS = ("tiny", "tiny-deep", *OPT_SHAPES)
 
 
 def opt_config(name: str) -> OPTConfig:
     """The OPTConfig of a preset (dropout off: both perturbed passes must see one function)."""
     common = dict(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0,
                   pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
-    if name == "tiny":
-        cfg = OPTConfig(**TINY, do_layer_norm_before=True, **common)
+    if name in ("tiny", "tiny-deep"):  # tiny-deep: 8 blocks, for streaming and prefetch tests
+        layers = {"tiny": TINY["num_hidden_layers"], "tiny-deep": 8}[name]
+        cfg = OPTConfig(**{**TINY, "num_hidden_layers": layers}, do_layer_norm_before=True, **common)
     elif name in OPT_SHAPES:
         h, n, heads, ffn, proj, before = OPT_SHAPES[name]
         cfg = OPTConfig(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, ffn_dim=ffn,

@@ -1,0 +1,208 @@
+"""The streamer: upload, compute and offload lanes over the blocks of a store.
+
+ZO2 (arXiv 2503.12668, Sec. 3.3) overlaps the upload of block i+1, the compute of block i and
+the offload of block i-1 on three CUDA streams. Here every consumer walks the blocks in order
+(a *sweep*: a training step, a flush, an evaluation), and the streamer serves visits:
+- the upload lane runs up to `depth` visits ahead of compute (prefetch depth), into a pool of
+  depth + 2 working buffers (so at most depth + 2 blocks are in working memory at once), and
+  never reads a block whose previous write-back is still in flight;
+- the offload lane writes blocks back in order and returns their buffers to the pool.
+On CPU the lanes are worker threads (copies and file I/O release the GIL). On CUDA each lane
+also has its own stream; hand-offs are CUDA events (record / wait), buffers used across streams
+are marked with ``record_stream``, and host memory is pinned. An optional *simulated* link
+stretches each transfer to bytes / bandwidth, so a machine without a GPU can show a slow link.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+
+from .events import Recorder
+
+
+class Streamer:
+    """Serves block visits in sweep order with transfers overlapped with compute."""
+
+    def __init__(self, store, device: str | torch.device = "cpu", depth: int = 1, recorder: Recorder | None = None,
+                 link_gbps: float | None = None):
+        if depth < 0:
+            raise ValueError(f"depth={depth} is not valid; it must be >= 0")
+        self.store, self.device = store, torch.device(device)
+        # Prefetching a whole sweep ahead would read a block before its last write-back.
+        self.depth = min(depth, len(store.numels) - 1)
+        self.recorder = recorder or Recorder(enabled=False)
+        self.link_gbps = link_gbps
+        if link_gbps:
+            self.recorder.meta["simulated_link_gbps"] = link_gbps
+        self.n = len(store.numels)
+        self.cuda = self.device.type == "cuda"
+        width = max(store.numels)
+        self.pool: queue.Queue = queue.Queue()
+        for _ in range(depth + 2):
+            self.pool.put(torch.empty(width, dtype=torch.float32, device=self.device))
+        self.buffers_allocated = depth + 2
+        if self.cuda:
+            self.up_stream, self.off_stream = torch.cuda.Stream(), torch.cuda.Stream()
+            self.staging = torch.empty(width, dtype=torch.float32).pin_memory() if store.tier == "disk" else None
+        self._cv = threading.Condition()
+        self._requested = -1  # the latest visit compute asked for
+        self._uploaded: dict[int, tuple[torch.Tensor, object]] = {}
+        self._next_upload = 0
+        self._written = [threading.Event() for _ in range(self.n)]
+        for e in self._written:
+            e.set()
+        self._offq: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._stop = False
+        self.step = 0  # label for the spans of the current sweep
+        self._threads = [threading.Thread(target=self._guard(self._upload_loop), name="zo2-upload", daemon=True),
+                         threading.Thread(target=self._guard(self._offload_loop), name="zo2-offload", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # -- lanes ---------------------------------------------------------------------------
+    def _guard(self, fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # surfaces in the compute thread at the next call
+                with self._cv:
+                    self._error = e
+                    self._cv.notify_all()
+        return run
+
+    def _wait_for(self, get):
+        """Poll a blocking call so that close() is never stuck behind it; None once stopped."""
+        while not self._stop:
+            try:
+                got = get()
+            except queue.Empty:
+                continue
+            if got is not None:
+                return got
+        return None
+
+    def _simulate(self, nbytes: int, t0: int) -> None:
+        if self.link_gbps:
+            rest = nbytes / (self.link_gbps * 1e9) - (time.perf_counter_ns() - t0) / 1e9
+            if rest > 0:
+                time.sleep(rest)
+
+    def _upload_loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop or self._next_upload <= self._requested + self.depth)
+                if self._stop:
+                    return
+                v = self._next_upload
+                self._next_upload += 1
+            i = v % self.n
+            buf = self._wait_for(lambda: self.pool.get(timeout=0.05))
+            if buf is None:
+                return
+            # the previous sweep's write-back of this block has landed
+            if self._wait_for(lambda i=i: self._written[i].wait(0.05) or None) is None:
+                return
+            view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
+            t0 = time.perf_counter_ns()
+            event = None
+            if self.cuda:
+                with torch.cuda.stream(self.up_stream):
+                    if self.staging is not None:  # disk -> pinned staging -> device
+                        self.store.read_into(i, self.staging[: view.numel()])
+                        view.copy_(self.staging[: view.numel()], non_blocking=True)
+                    else:
+                        self.store.read_into(i, view, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self.up_stream)
+                event.synchronize()  # the staging buffer is reused by the next upload
+            else:
+                self.store.read_into(i, view)
+            self._simulate(nbytes, t0)
+            self.recorder.add("upload", "upload", self.step, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
+            with self._cv:
+                self._uploaded[v] = (buf, event)
+                self._cv.notify_all()
+
+    def _offload_loop(self) -> None:
+        while True:
+            job = self._offq.get()
+            if job is None:
+                return
+            kind, payload = job
+            if kind == "call":
+                payload()
+                continue
+            i, buf, write, event, step = payload
+            if write:
+                view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
+                t0 = time.perf_counter_ns()
+                if self.cuda:
+                    self.off_stream.wait_event(event)
+                    with torch.cuda.stream(self.off_stream):
+                        self.store.write_from(i, view, non_blocking=self.store.tier == "host")
+                    self.off_stream.synchronize()
+                else:
+                    self.store.write_from(i, view)
+                self._simulate(nbytes, t0)
+                self.recorder.add("offload", "offload", step, i, t0 - self.recorder.origin, self.recorder.now(),
+                                  nbytes)
+                self._written[i].set()
+            elif event is not None:
+                event.synchronize()
+            self.pool.put(buf)
+
+    # -- the compute side ----------------------------------------------------------------
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("a streamer lane failed") from self._error
+
+    def acquire(self, v: int) -> torch.Tensor:
+        """The working buffer of visit `v` (block v % N) once its upload has landed."""
+        with self._cv:
+            self._requested = max(self._requested, v)
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: v in self._uploaded or self._error is not None)
+            self._check()
+            buf, event = self._uploaded.pop(v)
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(event)
+            buf.record_stream(torch.cuda.current_stream())
+        return buf[: self.store.numels[v % self.n]]
+
+    def release(self, v: int, buf: torch.Tensor, write: bool = True) -> None:
+        """Hand visit `v`'s buffer to the offload lane (written back when `write`)."""
+        self._check()
+        i = v % self.n
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream())
+            buf.record_stream(self.off_stream)
+        if write:
+            self._written[i].clear()
+        base = buf if buf._base is None else buf._base
+        self._offq.put(("block", (i, base, write, event, self.step)))
+
+    def on_offload_lane(self, fn) -> None:
+        """Run `fn` on the offload lane after every write queued so far (commits)."""
+        self._offq.put(("call", fn))
+
+    def drain(self) -> None:
+        """Wait until every queued write-back (and call) has finished."""
+        done = threading.Event()
+        self.on_offload_lane(done.set)
+        while not done.wait(0.05):
+            self._check()
+        self._check()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._offq.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
