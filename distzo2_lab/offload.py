@@ -6,6 +6,7 @@ safetensors files, so a store is created without the whole model ever being in m
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -77,17 +78,22 @@ def build_offloaded(base: dict, storage: str = "fp32") -> tuple[OPTAdapter, call
             _copy_into_bucket(bucket, out, lambda s: reader.get(s.name))
         return adapter, fill
 
-    adapter = OPTAdapter(build_model(model, seed=base.get("init_seed", 0), blocks=False), storage)
-    shell, std = adapter.layers[0], opt_config(model).init_std
+    m = build_model(model, seed=base.get("init_seed", 0), blocks=False)
+    # A private fp32 copy of one block generates every block's start values: the adapter's shell
+    # gets bound to working buffers (bf16 / fp16 with such storage), which would round them.
+    init_block = copy.deepcopy(m.model.decoder.layers[0])
+    init_params = dict(init_block.named_parameters())
+    adapter, std = OPTAdapter(m, storage), opt_config(model).init_std
 
     @torch.no_grad()
     def fill(key: str, out: torch.Tensor) -> None:
         bucket = next(b for b in adapter.buckets if b.key == key)
-        if bucket.master is not None:
+        if not key.startswith("block."):
             out.copy_(bucket.master)
             return
-        init_group_([("", shell)], std, chunk_seed(base.get("init_seed", 0), "init", key), set())
-        _copy_into_bucket(bucket, out, lambda s: s.param.detach())
+        init_group_([("", init_block)], std, chunk_seed(base.get("init_seed", 0), "init", key), set())
+        prefix = f"model.decoder.layers.{key.split('.')[1]}."
+        _copy_into_bucket(bucket, out, lambda s: init_params[s.name[len(prefix):]].detach())
     return adapter, fill
 
 

@@ -19,7 +19,6 @@ import json
 import os
 import struct
 
-import numpy as np
 import torch
 
 from .config import ConfigError
@@ -60,7 +59,11 @@ class HostStore:
 
 
 class DiskStore:
-    """Per-block two-slot files + manifest; crash-safe at step granularity."""
+    """Per-bucket two-slot files + manifest; crash-safe at step granularity.
+
+    I/O is positional reads and writes into caller buffers (``os.preadv`` / ``os.pwritev``, which
+    release the GIL), not memory maps: mapped pages would count towards the process's resident
+    memory, and the point of this tier is that the model does not."""
 
     tier = "disk"
 
@@ -77,11 +80,12 @@ class DiskStore:
         entries = self.manifest["blocks"] + self.manifest["resident"]
         self.keys = [e["key"] for e in self.manifest["blocks"]]
         self.numels = [e["numel"] for e in self.manifest["blocks"]]
-        self._maps = {e["key"]: np.memmap(os.path.join(path, e["file"]), dtype=np.uint8, mode="r+") for e in entries}
+        self._fds = {e["key"]: os.open(os.path.join(path, e["file"]), os.O_RDWR) for e in entries}
         self._numel = {e["key"]: e["numel"] for e in entries}
+        self.bytes_read = self.bytes_written = 0
         # The slot each bucket's latest values are in; the committed one on open.
-        self._latest = {k: self.committed % 2 for k in self._maps}
-        for k in self._maps:
+        self._latest = {k: self.committed % 2 for k in self._fds}
+        for k in self._fds:
             held = self.slot_step(k, self._latest[k])
             if held != self.committed:
                 raise ConfigError(f"store={path!r}: bucket {k} slot holds step {held}, manifest says "
@@ -92,21 +96,23 @@ class DiskStore:
     def slot_bytes(numel: int) -> int:
         return HEADER + -(-numel * 4 // HEADER) * HEADER
 
-    def _values(self, key: str, slot: int) -> torch.Tensor:
-        n, sb = self._numel[key], self.slot_bytes(self._numel[key])
-        raw = self._maps[key][slot * sb + HEADER : slot * sb + HEADER + n * 4]
-        return torch.from_numpy(raw.view(np.float32))
+    def _offset(self, key: str, slot: int) -> int:
+        return slot * self.slot_bytes(self._numel[key])
 
     def slot_step(self, key: str, slot: int) -> int | None:
-        sb = self.slot_bytes(self._numel[key])
-        head = bytes(self._maps[key][slot * sb : slot * sb + 16])
+        head = os.pread(self._fds[key], 16, self._offset(key, slot))
         return struct.unpack("<q", head[8:])[0] if head[:8] == MAGIC else None
+
+    def _read(self, key: str, slot: int, dst: torch.Tensor) -> None:
+        _pread_full(self._fds[key], _bytes_view(dst), self._offset(key, slot) + HEADER)
+        self.bytes_read += dst.numel() * 4
 
     def _write(self, key: str, src: torch.Tensor, step: int) -> None:
         slot = (self.committed + 1) % 2  # never the committed slot
-        self._values(key, slot).copy_(src)
-        sb = self.slot_bytes(self._numel[key])
-        self._maps[key][slot * sb : slot * sb + 16] = np.frombuffer(MAGIC + struct.pack("<q", step), np.uint8)
+        fd, off = self._fds[key], self._offset(key, slot)
+        _pwrite_full(fd, _bytes_view(src), off + HEADER)
+        os.pwrite(fd, MAGIC + struct.pack("<q", step), off)  # the header last: the slot is whole
+        self.bytes_written += src.numel() * 4
         self._latest[key] = slot
 
     # -- the store interface ---------------------------------------------------------------
@@ -115,21 +121,23 @@ class DiskStore:
 
     def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False) -> None:
         key = self.keys[i]
-        dst.copy_(self._values(key, self._latest[key]), non_blocking=non_blocking)
+        self._read(key, self._latest[key], dst)
 
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False) -> None:
-        self._write(self.keys[i], src.cpu() if src.device.type != "cpu" else src, self.committed + 1)
+        self._write(self.keys[i], src, self.committed + 1)
 
     def read_resident(self, key: str) -> torch.Tensor:
-        return self._values(key, self._latest[key]).clone()
+        out = torch.empty(self._numel[key], dtype=torch.float32)
+        self._read(key, self._latest[key], out)
+        return out
 
     def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None) -> None:
         """Persist the resident buckets for `step`, then move the manifest to it (atomic rename)."""
         if step != self.committed + 1:
             raise RuntimeError(f"commit({step}) after step {self.committed}: steps commit in order")
         for key, t in (resident or {}).items():
-            self._write(key, t.cpu(), step)
-        missing = [k for k in self._maps if self._latest[k] != step % 2]
+            self._write(key, t, step)
+        missing = [k for k in self._fds if self._latest[k] != step % 2]
         if missing:
             raise RuntimeError(f"commit({step}): buckets {missing[:3]} were not written this step")
         self.manifest["committed"] = step
@@ -137,9 +145,9 @@ class DiskStore:
         self.committed = step
 
     def close(self) -> None:
-        for m in self._maps.values():
-            m.flush()
-        self._maps = {}
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
     # -- creation ----------------------------------------------------------------------------
     @classmethod
@@ -152,23 +160,42 @@ class DiskStore:
             raise ConfigError(f"store={path!r} already exists; open it or choose another directory")
         os.makedirs(path, exist_ok=True)
         entries = {"blocks": [], "resident": []}
+        width = max(n for _, n in blocks + resident)
+        buf = torch.empty(width, dtype=torch.float32)
         for kind, items in (("blocks", blocks), ("resident", resident)):
             for key, numel in items:
                 name = f"{key}.bin"
-                with open(os.path.join(path, name), "wb") as f:
-                    f.truncate(2 * cls.slot_bytes(numel))
-                mm = np.memmap(os.path.join(path, name), dtype=np.uint8, mode="r+")
-                buf = torch.from_numpy(mm[HEADER : HEADER + numel * 4].view(np.float32))  # slot 0
-                fill(key, buf)
-                sb = cls.slot_bytes(numel)
-                mm[sb + HEADER : sb + HEADER + numel * 4] = mm[HEADER : HEADER + numel * 4]  # slot 1
-                mm[sb : sb + 16] = np.frombuffer(MAGIC + struct.pack("<q", -1), np.uint8)
-                mm.flush()
-                del mm
+                fd = os.open(os.path.join(path, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(fd, 2 * cls.slot_bytes(numel))
+                fill(key, buf[:numel])
+                sb = cls.slot_bytes(numel)  # the start state sits in slot 1, the slot of step -1
+                _pwrite_full(fd, _bytes_view(buf[:numel]), sb + HEADER)
+                os.pwrite(fd, MAGIC + struct.pack("<q", -1), sb)
+                os.close(fd)
                 entries[kind].append({"key": key, "numel": numel, "file": name})
         manifest = {"format": FORMAT, "version": 1, "base": base, "dtype": "float32", "committed": -1, **entries}
         _write_json_atomic(os.path.join(path, "manifest.json"), manifest)
         return cls(path)
+
+
+def _bytes_view(t: torch.Tensor) -> memoryview:
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("disk I/O needs a contiguous CPU tensor")
+    return memoryview(t.numpy()).cast("B")
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise OSError(f"short read at offset {offset}")
+        view, offset = view[n:], offset + n
+
+
+def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.pwritev(fd, [view], offset)
+        view, offset = view[n:], offset + n
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:

@@ -41,9 +41,10 @@ class Streamer:
         self.cuda = self.device.type == "cuda"
         width = max(store.numels)
         self.pool: queue.Queue = queue.Queue()
-        for _ in range(depth + 2):
+        for _ in range(min(depth, len(store.numels) - 1) + 2):
             self.pool.put(torch.empty(width, dtype=torch.float32, device=self.device))
-        self.buffers_allocated = depth + 2
+        self.buffers_allocated = self.depth + 2
+        self.in_use = self.peak_in_use = 0  # working buffers out of the pool (checked by tests)
         if self.cuda:
             self.up_stream, self.off_stream = torch.cuda.Stream(), torch.cuda.Stream()
             self.staging = torch.empty(width, dtype=torch.float32).pin_memory() if store.tier == "disk" else None
@@ -103,6 +104,9 @@ class Streamer:
             buf = self._wait_for(lambda: self.pool.get(timeout=0.05))
             if buf is None:
                 return
+            with self._cv:
+                self.in_use += 1
+                self.peak_in_use = max(self.peak_in_use, self.in_use)
             # the previous sweep's write-back of this block has landed
             if self._wait_for(lambda i=i: self._written[i].wait(0.05) or None) is None:
                 return
@@ -153,6 +157,8 @@ class Streamer:
                 self._written[i].set()
             elif event is not None:
                 event.synchronize()
+            with self._cv:
+                self.in_use -= 1
             self.pool.put(buf)
 
     # -- the compute side ----------------------------------------------------------------

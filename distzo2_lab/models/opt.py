@@ -77,6 +77,7 @@ class OPTAdapter:
             self.layers = [shell] * len(self.layers)
             shell_params = dict(shell.named_parameters())
             for i, b in enumerate(self.blocks):
+                b.detach()  # block 0 too: its values come from the store like every other block's
                 prefix = f"model.decoder.layers.{i}."
                 for slot in b.slots:
                     slot.param = shell_params[slot.name[len(prefix):]]
