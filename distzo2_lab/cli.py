@@ -48,6 +48,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=int, default=o.prefetch, help="upload lane runs this many blocks ahead")
     p.add_argument("--store", default=None, help="disk tier: store directory (created, or resumed from)")
     p.add_argument("--link-gbps", type=float, default=None, help="simulate a link of this bandwidth (GB/s)")
+    p.add_argument("--lean", action="store_true", help="disk tier: park the embeddings in the store too")
     p.add_argument("--trace", default=None, help="write span events (JSONL) and a Chrome trace here")
     p.add_argument("--out", default="runs/train", help="directory for summary.json and seedlog.jsonl")
     p.add_argument("--save", default=None, help="write a checkpoint directory here at the end")
@@ -61,7 +62,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         engine=a.engine, task=a.task, data=a.data, threads=a.threads, device=a.device,
         zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
-        offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps),
+        offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps,
+                              lean=a.lean),
     ))
 
 

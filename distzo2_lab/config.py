@@ -66,6 +66,9 @@ class OffloadConfig:
     """Disk tier: the store directory (created if missing, resumed from if it holds a run)."""
     link_gbps: float | None = None
     """Simulated link bandwidth in GB/s for every transfer (CPU demo of a slow link); None = real speed."""
+    lean: bool = False
+    """Disk tier: keep the embedding bucket in the store between its uses too (peak memory of
+    about one embedding matrix or prefetch + 2 blocks; costs two more noise passes over it)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,11 @@ def validate_offload(o: OffloadConfig) -> OffloadConfig:
         raise ConfigError("offload.tier='disk' needs offload.store=DIR (the store directory)")
     if o.tier != "disk" and o.store:
         raise ConfigError(f"offload.store={o.store!r} is only used by offload.tier='disk'")
+    if not isinstance(o.lean, bool):
+        raise ConfigError(f"offload.lean={o.lean!r} is not valid; it must be True or False")
+    if o.lean and o.tier != "disk":
+        raise ConfigError(f"offload.lean=True parks the embeddings in the disk store; offload.tier={o.tier!r} "
+                          "has none. Choose offload.tier='disk' or lean=False")
     if o.link_gbps is not None:
         _positive("offload.link_gbps", o.link_gbps)
         if o.tier == "resident":

@@ -35,12 +35,70 @@ from .zo import (
 )
 
 
+class ResidentSet:
+    """The resident buckets (embeddings; final norm and head) held in working memory for the whole
+    run, as ZO2 keeps them on the GPU. z of this step is kept for the restore, and the +eps state
+    is copied so that the head (tied to the embeddings) can run both passes after the blocks."""
+
+    def __init__(self, engine: ZO2Engine):
+        a = engine.adapter
+        self.engine, self.adapter = engine, a
+        self.pairs = [(a.bucket_in, torch.empty(a.bucket_in.numel, device=engine.device)),
+                      (a.bucket_out, torch.empty(a.bucket_out.numel, device=engine.device))]
+        # reused buffers: fresh allocations cost page faults every step
+        self._plus = [torch.empty_like(b.working) for b, _ in self.pairs]
+
+    def flush(self) -> None:
+        for b, z in self.pairs:
+            self.engine._apply_pending(b, z)
+            b.sync()
+
+    def begin(self, seed: int, ids, mask):
+        """Deferred update, +eps, embed (h+), -2 eps, embed (h-); returns (h+, h-, ctx)."""
+        e, a, eps = self.engine, self.adapter, self.engine.zo.eps
+        for b, z in self.pairs:
+            e._apply_pending(b, z)
+            with e._span("rng"):
+                e.perturber.fill(z, seed, b.key)
+            perturb_(b.master, z, eps)
+            b.sync()
+        for (b, _), state in zip(self.pairs, self._plus):
+            state.copy_(b.working)
+        with e._span("embed"):
+            h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
+            for b, z in self.pairs:
+                perturb_(b.master, z, -2 * eps)
+                b.sync()
+            h_minus, _ = a.embed(ids, mask)  # (B, T, C)
+        return h_plus, h_minus, ctx
+
+    def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
+        """Head on the -eps state, then on the saved +eps state; restore. Returns (l+, l-)."""
+        e, a, eps = self.engine, self.adapter, self.engine.zo.eps
+        with e._span("head"):
+            loss_minus = float(a.loss(a.head(h_minus), labels))
+            for (b, _), state in zip(self.pairs, self._plus):
+                b.bind(state)
+            loss_plus = float(a.loss(a.head(h_plus), labels))
+        for b, z in self.pairs:
+            b.bind(b.working)
+            perturb_(b.master, z, eps)
+            b.sync()
+        return loss_plus, loss_minus
+
+    def embed(self, ids, mask):
+        return self.adapter.embed(ids, mask)
+
+    def head_loss(self, h, labels) -> float:
+        return float(self.adapter.loss(self.adapter.head(h), labels))
+
+
 class ZO2Engine:
     """Block-by-block ZO step with two noise generations per parameter per step."""
 
     def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
-                 streamer=None, recorder: Recorder | None = None):
+                 streamer=None, recorder: Recorder | None = None, resident=None):
         check_engine_setup(adapter, zo, precision)
         if adapter.offloaded and streamer is None:
             raise ValueError("this adapter's blocks live in a store: pass streamer=Streamer(store, ...)")
@@ -48,20 +106,17 @@ class ZO2Engine:
         self.streamer = streamer
         self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
         self.perturber = Perturber(zo.noise, zo.chunk_size, threads)
-        self.device = adapter.bucket_in.master.device
+        self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         width = max((b.numel for b in adapter.blocks), default=0)
         self._z_block = torch.empty(width, device=self.device)
-        self._z_in = torch.empty(adapter.bucket_in.numel, device=self.device)
-        self._z_out = torch.empty(adapter.bucket_out.numel, device=self.device)
         # One low-precision working buffer serves every streamed block (compute is sequential).
         self._cast = (torch.empty(width, dtype=DTYPES[precision.storage], device=self.device)
                       if streamer is not None and precision.storage != "fp32" else None)
-        # The +eps state of the resident buckets, kept for the head's plus pass (reused buffers:
-        # fresh allocations cost page faults every step).
-        self._plus = [torch.empty_like(b.working) for b in (adapter.bucket_in, adapter.bucket_out)]
         self.pending: PendingUpdate | None = None
         self.step_count = 0
         self._visit = 0  # streamed visits served so far (the streamer's sweep order)
+        # `resident(engine)` builds the keeper of the embeddings / head buckets.
+        self.resident = (resident or ResidentSet)(self)
 
     # -- spans ---------------------------------------------------------------------------
     def _span(self, phase: str, block: int = -1):
@@ -104,10 +159,7 @@ class ZO2Engine:
         """Apply the pending update to every bucket now (evaluation never sees stale weights)."""
         if self.pending is None:
             return
-        a = self.adapter
-        for b, z in ((a.bucket_in, self._z_in), (a.bucket_out, self._z_out)):
-            self._apply_pending(b, z)
-            b.sync()
+        self.resident.flush()
 
         def visit(i, b):
             self._apply_pending(b, self._z_block, i)
@@ -123,23 +175,8 @@ class ZO2Engine:
         ids, labels, mask = unpack_batch(batch)
         a.check_batch(ids)
         lr = self.zo.lr if lr is None else lr
-        resident = ((a.bucket_in, self._z_in), (a.bucket_out, self._z_out))
         with compute_context(self.precision.compute, self.device):
-            # Resident buckets: deferred update, then +eps; keep the +eps state for the head.
-            for b, z in resident:
-                self._apply_pending(b, z)
-                with self._span("rng"):
-                    self.perturber.fill(z, seed, b.key)
-                perturb_(b.master, z, eps)
-                b.sync()
-            for (b, _), state in zip(resident, self._plus):
-                state.copy_(b.working)
-            with self._span("embed"):
-                h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
-                for b, z in resident:
-                    perturb_(b.master, z, -2 * eps)
-                    b.sync()
-                h_minus, _ = a.embed(ids, mask)  # (B, T, C)
+            h_plus, h_minus, ctx = self.resident.begin(seed, ids, mask)
             h = [h_plus, h_minus]
 
             # Blocks: update, perturb, dual forward, restore; z generated once per visit.
@@ -160,16 +197,7 @@ class ZO2Engine:
 
             self._sweep(visit)
 
-            # Head: -eps state is live; swap in the saved +eps state for the plus pass.
-            with self._span("head"):
-                loss_minus = float(a.loss(a.head(h[1]), labels))
-                for (b, _), state in zip(resident, self._plus):
-                    b.bind(state)
-                loss_plus = float(a.loss(a.head(h[0]), labels))
-            for b, z in resident:
-                b.bind(b.working)
-                perturb_(b.master, z, eps)
-                b.sync()
+            loss_plus, loss_minus = self.resident.end(h[0], h[1], labels)
         grad = projected_grad(loss_plus, loss_minus, eps)
         self.pending = PendingUpdate(self.step_count, seed, grad, lr)
         self.step_count += 1
@@ -183,11 +211,11 @@ class ZO2Engine:
         ids, labels, mask = unpack_batch(batch)
         a.check_batch(ids)
         with compute_context(self.precision.compute, self.device):
-            hidden, ctx = a.embed(ids, mask)
+            hidden, ctx = self.resident.embed(ids, mask)
             h = [hidden]
 
             def visit(i, b):
                 h[0] = a.run_block(i, h[0], ctx)
 
             self._sweep(visit, write=False)
-            return float(a.loss(a.head(h[0]), labels))
+            return self.resident.head_loss(h[0], labels)

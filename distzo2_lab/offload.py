@@ -19,6 +19,7 @@ from .models.presets import build_model, init_group_, is_local_dir, opt_config
 from .perturb import chunk_seed
 from .store import DiskStore, HostStore
 from .stream import Streamer
+from .zo import perturb_
 
 
 class _SafetensorsReader:
@@ -125,7 +126,10 @@ class Offload:
                 b.master.copy_(self.store.read_resident(b.key))
                 b.sync()
             self.resumed_step = self.store.committed
+        self.lean = offload.lean
         a = self.adapter
+        if offload.tier == "host":
+            self.lean = False
         for b in (a.bucket_in, a.bucket_out):
             b.master = b.master.to(device)
             b.attach(b.master, None if storage == "fp32" else b.master.to(b.working.dtype))
@@ -133,13 +137,24 @@ class Offload:
             for layer in {id(x): x for x in a.layers}.values():
                 layer.to(device)
         self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps)
-        self._snap = [torch.empty_like(a.bucket_in.master, device="cpu"),
-                      torch.empty_like(a.bucket_out.master, device="cpu")]
+        if self.lean:  # the embeddings live in the store; LeanResident loads them when needed
+            a.bucket_in.detach()
+            a.bucket_in.unbind()
+        self._snap = {b.key: torch.empty(b.numel) for b in (a.bucket_in, a.bucket_out)
+                      if not (self.lean and b is a.bucket_in)}
         self._committed = None
 
+    def resident_keeper(self):
+        """What the engine's `resident=` takes: LeanResident for a lean disk tier, else the default."""
+        if not self.lean:
+            return None
+        return lambda engine: LeanResident(engine, self.store)
+
     def block_values(self, bucket) -> torch.Tensor:
-        """A block's current values (after the lanes have drained)."""
+        """A bucket's current values when they live in the store (after the lanes have drained)."""
         self.streamer.drain()
+        if bucket is self.adapter.bucket_in:
+            return self.store.read_resident(bucket.key)
         i = self.adapter.blocks.index(bucket)
         out = torch.empty(bucket.numel)
         self.store.read_into(i, out)
@@ -155,12 +170,13 @@ class Offload:
 
         self._committed = threading.Event()
         a = self.adapter
-        for snap, b in zip(self._snap, (a.bucket_in, a.bucket_out)):
-            snap.copy_(b.master)
+        for b in (a.bucket_in, a.bucket_out):
+            if b.key in self._snap:
+                self._snap[b.key].copy_(b.master)
         done, snaps = self._committed, self._snap
 
         def persist():
-            self.store.commit(step, {"in": snaps[0], "out": snaps[1]})
+            self.store.commit(step, snaps)
             done.set()
 
         self.streamer.on_offload_lane(persist)
@@ -171,3 +187,123 @@ class Offload:
         self.store.close()
 
 
+
+
+class LeanResident:
+    """Memory-lean keeper of the resident buckets for the disk tier.
+
+    The embedding bucket (tied to the head) is the largest resident piece: OPT-1.3B's is 0.43 GB
+    of fp32. Here it lives in the store between uses: loaded for the embedding, parked in scratch
+    files in its +eps and -eps states while the blocks stream, loaded again for the head, restored
+    and written back. Its noise is regenerated slab by slab (chunk-aligned, so the same z), so no
+    full-size noise buffer exists. Same elementwise arithmetic as :class:`ResidentSet`: bit-equal.
+    """
+
+    def __init__(self, engine, store: DiskStore, slab_chunks: int = 8):
+        from .engine import ResidentSet
+
+        self.engine, self.store, self.adapter = engine, store, engine.adapter
+        self.bin = self.adapter.bucket_in
+        self.out = ResidentSet.__new__(ResidentSet)  # the small out bucket stays in memory as usual
+        self.out.engine, self.out.adapter = engine, self.adapter
+        b = self.adapter.bucket_out
+        self.out.pairs = [(b, torch.empty(b.numel, device=engine.device))]
+        self.out._plus = [torch.empty_like(b.working)]
+        self.slab = engine.zo.chunk_size * slab_chunks
+        self._z = torch.empty(min(self.slab, self.bin.numel))
+        self._seed = None
+
+    # -- the embedding bucket's life cycle -------------------------------------------------
+    def _attach(self, master: torch.Tensor) -> None:
+        storage = self.bin.storage
+        self.bin.attach(master, None if storage == "fp32" else master.to(self.bin.working_dtype))
+
+    def _load(self) -> None:
+        self._attach(self.store.read_resident("in"))
+
+    def _unload(self) -> None:
+        self.bin.detach()
+        self.bin.unbind()
+
+    def _noise(self, seed: int, fn) -> None:
+        m = self.bin.master
+        for a in range(0, m.numel(), self.slab):
+            z = self.engine.perturber.fill(self._z[: min(self.slab, m.numel() - a)], seed, self.bin.key, start=a)
+            fn(m[a : a + z.numel()], z)
+        self.bin.sync()
+
+    def _pending(self) -> None:
+        p, e = self.engine.pending, self.engine
+        if p is None:
+            return
+        with e._span("update"):
+            if e.zo.weight_decay:
+                keep = 1.0 - p.lr * e.zo.weight_decay
+                for a, b in self.bin.decay_spans:
+                    self.bin.master[a:b].mul_(keep)
+            self._noise(p.seed, lambda m, z: m.add_(z, alpha=-p.lr * p.grad))
+
+    # -- the ResidentSet interface -----------------------------------------------------------
+    def flush(self) -> None:
+        self.out.flush()
+        self._load()
+        self._pending()
+        self.store.write_resident("in", self.bin.master)
+        self._unload()
+
+    def begin(self, seed: int, ids, mask):
+        e, a, eps = self.engine, self.adapter, self.engine.zo.eps
+        self._seed = seed
+        (b_out, z_out), plus_out = self.out.pairs[0], self.out._plus[0]
+        e._apply_pending(b_out, z_out)
+        e.perturber.fill(z_out, seed, b_out.key)
+        perturb_(b_out.master, z_out, eps)
+        b_out.sync()
+        plus_out.copy_(b_out.working)
+        self._load()
+        self._pending()
+        with e._span("rng"):
+            self._noise(seed, lambda m, z: perturb_(m, z, eps))
+        with e._span("embed"):
+            h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
+        self.store.stash("plus", self.bin.working)
+        self._noise(seed, lambda m, z: perturb_(m, z, -2 * eps))
+        perturb_(b_out.master, z_out, -2 * eps)
+        b_out.sync()
+        with e._span("embed"):
+            h_minus, _ = a.embed(ids, mask)  # (B, T, C)
+        self.store.stash("minus", self.bin.master)
+        self._unload()
+        return h_plus, h_minus, ctx
+
+    def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
+        e, a, eps = self.engine, self.adapter, self.engine.zo.eps
+        (b_out, z_out), plus_out = self.out.pairs[0], self.out._plus[0]
+        with e._span("head"):
+            self._attach(self.store.unstash("minus", self.bin.numel))
+            loss_minus = float(a.loss(a.head(h_minus), labels))
+            plus = self.store.unstash("plus", self.bin.numel, self.bin.working.dtype)
+            self.bin.bind(plus)
+            b_out.bind(plus_out)
+            loss_plus = float(a.loss(a.head(h_plus), labels))
+            del plus
+        b_out.bind(b_out.working)
+        perturb_(b_out.master, z_out, eps)
+        b_out.sync()
+        self.bin.bind(self.bin.working)
+        self._noise(self._seed, lambda m, z: perturb_(m, z, eps))
+        self.store.write_resident("in", self.bin.master)
+        self._unload()
+        return loss_plus, loss_minus
+
+    def embed(self, ids, mask):
+        self._load()
+        out = self.adapter.embed(ids, mask)
+        self._unload()
+        return out
+
+    def head_loss(self, h, labels) -> float:
+        self._load()
+        loss = float(self.adapter.loss(self.adapter.head(h), labels))
+        self._unload()
+        return loss

@@ -126,6 +126,30 @@ class DiskStore:
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False) -> None:
         self._write(self.keys[i], src, self.committed + 1)
 
+    def write_resident(self, key: str, src: torch.Tensor) -> None:
+        """Write a resident bucket's new state (the non-committed slot, like a block visit)."""
+        self._write(key, src, self.committed + 1)
+
+    def stash(self, name: str, src: torch.Tensor) -> None:
+        """Park a temporary tensor in scratch file `name` (no crash-safety: within a step only)."""
+        path = os.path.join(self.path, f"scratch-{name}.bin")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _pwrite_full(fd, _bytes_view(src), 0)
+        finally:
+            os.close(fd)
+        self.bytes_written += src.numel() * src.element_size()
+
+    def unstash(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.empty(numel, dtype=dtype)
+        fd = os.open(os.path.join(self.path, f"scratch-{name}.bin"), os.O_RDONLY)
+        try:
+            _pread_full(fd, _bytes_view(out), 0)
+        finally:
+            os.close(fd)
+        self.bytes_read += out.numel() * out.element_size()
+        return out
+
     def read_resident(self, key: str) -> torch.Tensor:
         out = torch.empty(self._numel[key], dtype=torch.float32)
         self._read(key, self._latest[key], out)
@@ -181,6 +205,8 @@ class DiskStore:
 def _bytes_view(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("disk I/O needs a contiguous CPU tensor")
+    if t.dtype != torch.float32:  # numpy has no bfloat16: view the raw bytes
+        t = t.view(torch.uint8)
     return memoryview(t.numpy()).cast("B")
 
 

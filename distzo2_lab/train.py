@@ -113,7 +113,8 @@ class Run:
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder)
             self.adapter = self.offload.adapter
             self.engine = ZO2Engine(self.adapter, cfg.zo, cfg.precision, cfg.threads,
-                                    streamer=self.offload.streamer, recorder=self.recorder)
+                                    streamer=self.offload.streamer, recorder=self.recorder,
+                                    resident=self.offload.resident_keeper())
             if cfg.offload.tier == "disk":
                 self._open_disk_log()
         if resume is not None:

@@ -41,6 +41,7 @@ BAD = {
     "offload.prefetch": (-1, "offload.prefetch=-1 is not valid; it must be an integer >= 0"),
     "offload.store": ("/tmp/s", "offload.store='/tmp/s' is only used by offload.tier='disk'"),
     "offload.link_gbps": (0.0, "offload.link_gbps=0.0 is not valid"),
+    "offload.lean": (True, "offload.lean=True parks the embeddings in the disk store; offload.tier='resident'"),
 }
 
 
@@ -97,6 +98,7 @@ EFFECT = {
     "offload.prefetch": (3, None),  # test_offload.py: working-memory bound and identical results
     "offload.store": ("dir", None),  # test_offload.py: disk tier, reopen, SIGKILL
     "offload.link_gbps": (1.0, None),  # test_offload.py: simulated link stretches transfers
+    "offload.lean": (True, None),  # test_offload.py: lean disk tier equals resident, frees the embeddings
 }
 
 

@@ -40,6 +40,20 @@ def test_every_tier_and_storage_dtype_matches_the_resident_engine(tier, storage,
     assert got["digest"] == ref["digest"] and got["eval_loss_end"] == ref["eval_loss_end"]
 
 
+@pytest.mark.parametrize("storage", ["fp32", "bf16"])
+def test_lean_disk_tier_parks_the_embeddings_and_changes_no_number(storage, tmp_path):
+    cfg = dataclasses.replace(BASE, steps=5, precision=PRECISIONS[storage])
+    ref = train(cfg, progress=False)
+    got = train(offloaded(cfg, "disk", tmp_path, lean=True), progress=False)
+    assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
+    from distzo2_lab.train import Run
+
+    run = Run(offloaded(cfg, "disk", tmp_path, lean=True))
+    emb = run.adapter.model.model.decoder.embed_tokens.weight
+    assert run.adapter.bucket_in.master is None and emb.untyped_storage().nbytes() <= 4  # freed
+    run.close()
+
+
 @pytest.mark.parametrize("depth", [0, 1, 3, 20])
 def test_prefetch_depth_bounds_working_memory_and_changes_no_number(depth, tmp_path):
     ref = train(BASE, progress=False)

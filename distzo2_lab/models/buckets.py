@@ -45,6 +45,7 @@ class ParamBucket:
             offset += p.numel()
         self.numel = offset
         self.storage = storage
+        self.working_dtype = DTYPES[storage]
         self.decay_spans = _merge([(s.start, s.stop) for s in self.slots if s.decay])
         self.master: torch.Tensor | None = None
         self.working: torch.Tensor | None = None
@@ -68,6 +69,12 @@ class ParamBucket:
 
     def detach(self) -> None:
         self.master = self.working = None
+
+    def unbind(self) -> None:
+        """Point the parameters at a one-element placeholder, so the values can be freed."""
+        holder = torch.empty(1, dtype=self.slots[0].param.dtype) if self.slots else None
+        for s in self.slots:
+            s.param.data = holder.expand(s.shape)
 
     def bind(self, flat: torch.Tensor) -> None:
         """Point every parameter of the group at views of `flat` (no copy)."""
