@@ -104,6 +104,24 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_bench_offload(a) -> int:
+    from .bench_offload import format_overhead, format_ratios, offload_ratios, recording_overhead
+
+    r = offload_ratios(a.model, a.batch, a.seq, a.threads, a.steps, a.prefetch)
+    o = recording_overhead(a.model, a.batch, a.seq, a.threads, a.steps, "host", a.prefetch)
+    text = format_ratios(r) + "\n" + format_overhead(o)
+    print(json.dumps({"ratios": r, "recording": o}, indent=1) if a.json else text)
+    return 0
+
+
+def cmd_bench_memory(a) -> int:
+    from .bench_offload import format_memory, peak_memory_subprocess
+
+    r = peak_memory_subprocess(a.model, tier="disk", store_dir=a.store, prefetch=a.prefetch, lean=not a.no_lean)
+    print(json.dumps(r, indent=1) if a.json else format_memory(r))
+    return 0
+
+
 def cmd_rebuild(a) -> int:
     from .checkpoint import SeedLog, digest, save_checkpoint
     from .train import rebuild
@@ -142,6 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--repeats", type=int, default=3)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_bench)
+    o = bsub.add_parser("offload", help="host / resident and disk / resident step time, overlap, recording overhead")
+    o.add_argument("--model", default="opt-125m")
+    o.add_argument("--batch", type=int, default=8)
+    o.add_argument("--seq", type=int, default=128)
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--steps", type=int, default=3)
+    o.add_argument("--prefetch", type=int, default=1)
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(fn=cmd_bench_offload)
+    m = bsub.add_parser("memory", help="peak RSS / model size of a disk-offloaded run (fresh process)")
+    m.add_argument("--model", default="opt-1.3b")
+    m.add_argument("--store", default=None, help="parent directory of the temporary disk store")
+    m.add_argument("--prefetch", type=int, default=0)
+    m.add_argument("--no-lean", action="store_true", help="keep the embeddings resident")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_bench_memory)
     r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
     r.add_argument("seedlog")
     r.add_argument("--save", default=None, help="write the rebuilt checkpoint here")

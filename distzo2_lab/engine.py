@@ -115,6 +115,7 @@ class ZO2Engine:
         self.pending: PendingUpdate | None = None
         self.step_count = 0
         self._visit = 0  # streamed visits served so far (the streamer's sweep order)
+        self.trim_buffers = False  # free idle working buffers after each sweep (lean runs)
         # `resident(engine)` builds the keeper of the embeddings / head buckets.
         self.resident = (resident or ResidentSet)(self)
 
@@ -135,7 +136,7 @@ class ZO2Engine:
             for i, b in enumerate(self.adapter.blocks):
                 visit(i, b)
             return
-        self.streamer.step = self.step_count
+        self.streamer.begin_sweep(self._visit, self.step_count)
         for i, b in enumerate(self.adapter.blocks):
             v = self._visit
             self._visit += 1
@@ -144,6 +145,10 @@ class ZO2Engine:
             visit(i, b)
             b.detach()
             self.streamer.release(v, buf, write)
+            del buf
+        if self.trim_buffers:
+            b.unbind()  # the shell still viewed the last buffer
+            self.streamer.trim()
 
     # -- the deferred update -------------------------------------------------------------
     def _apply_pending(self, bucket: ParamBucket, scratch: torch.Tensor, block: int = -1) -> None:

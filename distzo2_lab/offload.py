@@ -148,7 +148,10 @@ class Offload:
         """What the engine's `resident=` takes: LeanResident for a lean disk tier, else the default."""
         if not self.lean:
             return None
-        return lambda engine: LeanResident(engine, self.store)
+        def keeper(engine):
+            engine.trim_buffers = True  # between sweeps only the embeddings are held
+            return LeanResident(engine, self.store)
+        return keeper
 
     def block_values(self, bucket) -> torch.Tensor:
         """A bucket's current values when they live in the store (after the lanes have drained)."""
@@ -219,7 +222,14 @@ class LeanResident:
         self.bin.attach(master, None if storage == "fp32" else master.to(self.bin.working_dtype))
 
     def _load(self) -> None:
-        self._attach(self.store.read_resident("in"))
+        self.engine.streamer.drain()  # its queued write of this bucket must land first
+        self._attach(self.store.read_resident("in").to(self.engine.device))
+
+    def _write_back(self) -> None:
+        """Queue the bucket's new state on the offload lane: stores are written (and steps
+        committed) in one order, by one thread."""
+        master, store = self.bin.master, self.store
+        self.engine.streamer.on_offload_lane(lambda: store.write_resident("in", master))
 
     def _unload(self) -> None:
         self.bin.detach()
@@ -248,7 +258,7 @@ class LeanResident:
         self.out.flush()
         self._load()
         self._pending()
-        self.store.write_resident("in", self.bin.master)
+        self._write_back()
         self._unload()
 
     def begin(self, seed: int, ids, mask):
@@ -279,20 +289,20 @@ class LeanResident:
     def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
         e, a, eps = self.engine, self.adapter, self.engine.zo.eps
         (b_out, z_out), plus_out = self.out.pairs[0], self.out._plus[0]
-        with e._span("head"):
-            self._attach(self.store.unstash("minus", self.bin.numel))
+        with e._span("head"):  # one embedding matrix in memory at a time
+            self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
             loss_minus = float(a.loss(a.head(h_minus), labels))
-            plus = self.store.unstash("plus", self.bin.numel, self.bin.working.dtype)
-            self.bin.bind(plus)
+            self._unload()
+            self.bin.bind(self.store.unstash("plus", self.bin.numel, self.bin.working_dtype).to(e.device))
             b_out.bind(plus_out)
             loss_plus = float(a.loss(a.head(h_plus), labels))
-            del plus
+            self.bin.unbind()
         b_out.bind(b_out.working)
         perturb_(b_out.master, z_out, eps)
         b_out.sync()
-        self.bin.bind(self.bin.working)
+        self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
         self._noise(self._seed, lambda m, z: perturb_(m, z, eps))
-        self.store.write_resident("in", self.bin.master)
+        self._write_back()
         self._unload()
         return loss_plus, loss_minus
 

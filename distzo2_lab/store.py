@@ -108,6 +108,7 @@ class DiskStore:
         self.bytes_read += dst.numel() * 4
 
     def _write(self, key: str, src: torch.Tensor, step: int) -> None:
+        src = src if src.device.type == "cpu" else src.cpu()  # device buffers go through the host
         slot = (self.committed + 1) % 2  # never the committed slot
         fd, off = self._fds[key], self._offset(key, slot)
         _pwrite_full(fd, _bytes_view(src), off + HEADER)
@@ -132,6 +133,7 @@ class DiskStore:
 
     def stash(self, name: str, src: torch.Tensor) -> None:
         """Park a temporary tensor in scratch file `name` (no crash-safety: within a step only)."""
+        src = src if src.device.type == "cpu" else src.cpu()
         path = os.path.join(self.path, f"scratch-{name}.bin")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -39,10 +39,10 @@ class Streamer:
             self.recorder.meta["simulated_link_gbps"] = link_gbps
         self.n = len(store.numels)
         self.cuda = self.device.type == "cuda"
-        width = max(store.numels)
-        self.pool: queue.Queue = queue.Queue()
+        self.width = width = max(store.numels)
+        self.pool: queue.Queue = queue.Queue()  # None = a buffer not allocated (yet, or after trim())
         for _ in range(min(depth, len(store.numels) - 1) + 2):
-            self.pool.put(torch.empty(width, dtype=torch.float32, device=self.device))
+            self.pool.put(None)
         self.buffers_allocated = self.depth + 2
         self.in_use = self.peak_in_use = 0  # working buffers out of the pool (checked by tests)
         if self.cuda:
@@ -58,7 +58,8 @@ class Streamer:
         self._offq: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._stop = False
-        self.step = 0  # label for the spans of the current sweep
+        self.step = 0  # label for the spans of the current sweep (set by the engine)
+        self._sweep_steps: dict[int, int] = {}  # sweep index -> step label, once announced
         self._threads = [threading.Thread(target=self._guard(self._upload_loop), name="zo2-upload", daemon=True),
                          threading.Thread(target=self._guard(self._offload_loop), name="zo2-offload", daemon=True)]
         for t in self._threads:
@@ -101,9 +102,12 @@ class Streamer:
                 v = self._next_upload
                 self._next_upload += 1
             i = v % self.n
-            buf = self._wait_for(lambda: self.pool.get(timeout=0.05))
-            if buf is None:
+            got = self._wait_for(lambda: [self.pool.get(timeout=0.05)])
+            if got is None:
                 return
+            buf = got[0]
+            if buf is None:
+                buf = torch.empty(self.width, dtype=torch.float32, device=self.device)
             with self._cv:
                 self.in_use += 1
                 self.peak_in_use = max(self.peak_in_use, self.in_use)
@@ -126,7 +130,9 @@ class Streamer:
             else:
                 self.store.read_into(i, view)
             self._simulate(nbytes, t0)
-            self.recorder.add("upload", "upload", self.step, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
+            # a visit uploaded before its sweep was announced is a prefetch for the next step
+            label = self._sweep_steps.get(v // self.n, self.step + 1)
+            self.recorder.add("upload", "upload", label, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
             with self._cv:
                 self._uploaded[v] = (buf, event)
                 self._cv.notify_all()
@@ -166,6 +172,11 @@ class Streamer:
         if self._error is not None:
             raise RuntimeError("a streamer lane failed") from self._error
 
+    def begin_sweep(self, first_visit: int, step: int) -> None:
+        """Label the sweep starting at visit `first_visit` with `step` (for span labels only)."""
+        self.step = step
+        self._sweep_steps[first_visit // self.n] = step
+
     def acquire(self, v: int) -> torch.Tensor:
         """The working buffer of visit `v` (block v % N) once its upload has landed."""
         with self._cv:
@@ -204,6 +215,19 @@ class Streamer:
         while not done.wait(0.05):
             self._check()
         self._check()
+
+    def trim(self) -> None:
+        """Free the idle working buffers (after a sweep); they are allocated again on demand.
+        Lean runs trade these allocations for memory while the embeddings are loaded."""
+        self.drain()
+        idle = []
+        while True:
+            try:
+                idle.append(self.pool.get_nowait())
+            except queue.Empty:
+                break
+        for _ in idle:
+            self.pool.put(None)
 
     def close(self) -> None:
         with self._cv:

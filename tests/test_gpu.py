@@ -40,3 +40,25 @@ def test_cuda_noise_is_chunk_regenerable_and_leaves_cuda_rng_alone():
 def test_train_on_cuda_lowers_the_loss():
     s = train(dataclasses.replace(TrainConfig(steps=100), device="cuda"), progress=False)
     assert s["eval_loss_end"] < s["eval_loss_start"]
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_streamed_tiers_match_resident_on_cuda(tier, tmp_path):
+    from distzo2_lab.config import OffloadConfig
+
+    cfg = dataclasses.replace(TrainConfig(model="tiny-deep", steps=4, batch_size=2, seq_len=16), device="cuda")
+    ref = train(cfg, progress=False)
+    off = OffloadConfig(tier=tier, store=str(tmp_path / "s") if tier == "disk" else None, prefetch=2)
+    got = train(dataclasses.replace(cfg, offload=off), progress=False, trace=str(tmp_path / "t"))
+    assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
+    assert got["overlap"]["busy"]["compute"] > 0
+
+
+def test_host_store_is_pinned_for_cuda():
+    from distzo2_lab.config import OffloadConfig
+    from distzo2_lab.offload import Offload
+
+    off = Offload({"model": "tiny-deep", "init_seed": 0, "device": "cuda"}, OffloadConfig(tier="host"), device="cuda")
+    assert all(b.is_pinned() for b in off.store.blocks)
+    assert off.streamer.cuda and off.streamer.up_stream != off.streamer.off_stream
+    off.close()

@@ -188,7 +188,8 @@ fig.show()
 from distzo2_lab.config import TrainConfig
 
 cfg = TrainConfig(model="tiny", steps=MEZO_STEPS, engine="eager", threads=THREADS)
-print(cfg)
+print(f"model={cfg.model} steps={cfg.steps} engine={cfg.engine} batch={cfg.batch_size}x{cfg.seq_len} "
+      f"lr={cfg.zo.lr} eps={cfg.zo.eps} noise={cfg.zo.noise}")
 
 # %% [markdown]
 # The `tiny` preset is a 2-layer OPT with random (seeded) weights. The `synthetic` task feeds it
