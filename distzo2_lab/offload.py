@@ -6,7 +6,6 @@ safetensors files, so a store is created without the whole model ever being in m
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -15,7 +14,8 @@ import torch
 from .config import ConfigError, OffloadConfig
 from .events import Recorder
 from .models import OPTAdapter
-from .models.presets import build_model, init_group_, is_local_dir, opt_config
+from .models.opt import opt_groups
+from .models.presets import init_group_, is_local_dir, opt_config
 from .perturb import chunk_seed
 from .store import DiskStore, HostStore
 from .stream import Streamer
@@ -50,52 +50,80 @@ def _copy_into_bucket(bucket, out: torch.Tensor, get) -> None:
         out[s.start : s.stop].copy_(get(s).reshape(-1))
 
 
+def _meta_model(cfg):
+    """An OPT on the meta device whose resident modules and block 0 (the shell) have real, still
+    untouched storage: nothing is initialised twice and no page is touched before it is used."""
+    from transformers import OPTForCausalLM
+
+    with torch.device("meta"):
+        m = OPTForCausalLM(cfg)
+    dec = m.model.decoder
+    for mod in (dec.embed_tokens, dec.embed_positions, dec.project_in, dec.final_layer_norm,
+                dec.project_out, m.lm_head, dec.layers[0]):
+        if mod is not None:
+            mod.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:
+        m.lm_head.weight = dec.embed_tokens.weight
+    return m.eval()
+
+
 def build_offloaded(base: dict, storage: str = "fp32") -> tuple[OPTAdapter, callable]:
-    """An adapter whose blocks are layout-only, and fill(key, out) giving any bucket's start values."""
-    model = base["model"]
+    """An adapter whose blocks are layout-only, and values(key) -> flat fp32 start values of any
+    bucket (a resident bucket's own master, or a block generated / read into one reused buffer)."""
+    model, seed = base["model"], base.get("init_seed", 0)
     if is_local_dir(model):
-        from transformers import OPTConfig, OPTForCausalLM
+        from transformers import OPTConfig
 
         reader = _SafetensorsReader(model)
         cfg = OPTConfig.from_pretrained(model, local_files_only=True)
         cfg._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            m = OPTForCausalLM(cfg)
-        dec = m.model.decoder
-        for mod in (dec.embed_tokens, dec.embed_positions, dec.project_in, dec.final_layer_norm,
-                    dec.project_out, m.lm_head, dec.layers[0]):
-            if mod is not None:
-                mod.to_empty(device="cpu")
-        if cfg.tie_word_embeddings:
-            m.lm_head.weight = dec.embed_tokens.weight
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if not p.is_meta and not name.startswith("model.decoder.layers."):
-                    p.copy_(reader.get(name))
-        adapter = OPTAdapter(m.eval(), storage)
+        adapter = OPTAdapter(_meta_model(cfg), storage)
+        for b in (adapter.bucket_in, adapter.bucket_out):
+            _copy_into_bucket(b, b.master, lambda s: reader.get(s.name))
+            b.sync()
 
-        def fill(key: str, out: torch.Tensor) -> None:
-            bucket = next(b for b in adapter.buckets if b.key == key)
+        def make(bucket, out: torch.Tensor) -> None:
             _copy_into_bucket(bucket, out, lambda s: reader.get(s.name))
-        return adapter, fill
+    else:
+        from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
-    m = build_model(model, seed=base.get("init_seed", 0), blocks=False)
-    # A private fp32 copy of one block generates every block's start values: the adapter's shell
-    # gets bound to working buffers (bf16 / fp16 with such storage), which would round them.
-    init_block = copy.deepcopy(m.model.decoder.layers[0])
-    init_params = dict(init_block.named_parameters())
-    adapter, std = OPTAdapter(m, storage), opt_config(model).init_std
+        cfg = opt_config(model)
+        adapter = OPTAdapter(_meta_model(cfg), storage)
+        # Resident buckets: initialised in place (their parameters are views of the masters), with
+        # the seeds and order build_model uses, so the values equal a fully built model's.
+        groups, done = dict(opt_groups(adapter.model)), set()
+        for b in (adapter.bucket_in, adapter.bucket_out):
+            b.bind(b.master)  # initialise the fp32 master, not a bf16 / fp16 working copy
+            init_group_(groups[b.key], cfg.init_std, chunk_seed(seed, "init", b.key), done)
+            b.sync()
+            b.bind(b.working)
+        # Blocks: a private fp32 block whose parameters are pointed at the output buffer, so the
+        # init writes there directly (the adapter's shell may hold bf16 / fp16 working views).
+        with torch.device("meta"):
+            init_block = OPTDecoderLayer(cfg)
+        init_block.to_empty(device="cpu")
+        init_params = dict(init_block.named_parameters())
+
+        def make(bucket, out: torch.Tensor) -> None:
+            prefix = f"model.decoder.layers.{bucket.key.split('.')[1]}."
+            for s in bucket.slots:
+                init_params[s.name[len(prefix):]].data = out[s.start : s.stop].view(s.shape)
+            init_group_([("", init_block)], cfg.init_std, chunk_seed(seed, "init", bucket.key), set())
+
+    scratch: list[torch.Tensor] = []
 
     @torch.no_grad()
-    def fill(key: str, out: torch.Tensor) -> None:
+    def values(key: str) -> torch.Tensor:
         bucket = next(b for b in adapter.buckets if b.key == key)
-        if not key.startswith("block."):
-            out.copy_(bucket.master)
-            return
-        init_group_([("", init_block)], std, chunk_seed(base.get("init_seed", 0), "init", key), set())
-        prefix = f"model.decoder.layers.{key.split('.')[1]}."
-        _copy_into_bucket(bucket, out, lambda s: init_params[s.name[len(prefix):]].detach())
-    return adapter, fill
+        if bucket.master is not None:
+            return bucket.master
+        if not scratch:
+            scratch.append(torch.empty(max(b.numel for b in adapter.blocks)))
+        out = scratch[0][: bucket.numel]
+        make(bucket, out)
+        return out
+
+    return adapter, values
 
 
 class Offload:
@@ -104,13 +132,13 @@ class Offload:
     def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
                  recorder: Recorder | None = None):
         self.config = offload
-        self.adapter, fill = build_offloaded(base, storage)
+        self.adapter, values = build_offloaded(base, storage)
         a = self.adapter
         blocks = [(b.key, b.numel) for b in a.blocks]
         if offload.tier == "host":
             self.store = HostStore([k for k, _ in blocks], [n for _, n in blocks], pin=device == "cuda")
             for i, (key, _) in enumerate(blocks):
-                fill(key, self.store.blocks[i])
+                self.store.blocks[i].copy_(values(key))
             self.resumed_step = -1
         else:
             path = offload.store
@@ -121,7 +149,7 @@ class Offload:
                     raise ConfigError(f"offload.store={path!r} holds {self.store.manifest['base']}, not {base}")
             else:
                 self.store = DiskStore.create(path, blocks, [("in", a.bucket_in.numel), ("out", a.bucket_out.numel)],
-                                              base, fill)
+                                              base, values)
             for b in (a.bucket_in, a.bucket_out):  # the committed resident state
                 b.master.copy_(self.store.read_resident(b.key))
                 b.sync()

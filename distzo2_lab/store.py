@@ -178,24 +178,24 @@ class DiskStore:
     # -- creation ----------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str, blocks: list[tuple[str, int]], resident: list[tuple[str, int]], base: dict,
-               fill) -> DiskStore:
-        """Write a new store one bucket at a time: `fill(key, out_flat_fp32)` provides values.
+               values) -> DiskStore:
+        """Write a new store one bucket at a time: `values(key)` gives a flat fp32 CPU tensor.
 
-        Peak memory is one bucket, so a model larger than RAM can be written."""
+        Nothing but the bucket at hand is needed, so a model larger than RAM can be written."""
         if os.path.exists(os.path.join(path, "manifest.json")):
             raise ConfigError(f"store={path!r} already exists; open it or choose another directory")
         os.makedirs(path, exist_ok=True)
         entries = {"blocks": [], "resident": []}
-        width = max(n for _, n in blocks + resident)
-        buf = torch.empty(width, dtype=torch.float32)
         for kind, items in (("blocks", blocks), ("resident", resident)):
             for key, numel in items:
                 name = f"{key}.bin"
                 fd = os.open(os.path.join(path, name), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.ftruncate(fd, 2 * cls.slot_bytes(numel))
-                fill(key, buf[:numel])
+                flat = values(key)
+                if flat.numel() != numel:
+                    raise ValueError(f"values({key!r}) gave {flat.numel()} elements, the layout says {numel}")
                 sb = cls.slot_bytes(numel)  # the start state sits in slot 1, the slot of step -1
-                _pwrite_full(fd, _bytes_view(buf[:numel]), sb + HEADER)
+                _pwrite_full(fd, _bytes_view(flat), sb + HEADER)
                 os.pwrite(fd, MAGIC + struct.pack("<q", -1), sb)
                 os.close(fd)
                 entries[kind].append({"key": key, "numel": numel, "file": name})

@@ -80,10 +80,10 @@ def test_prefetch_depth_bounds_working_memory_and_changes_no_number(depth, tmp_p
 
 def test_disk_store_is_created_block_by_block_and_holds_the_presets_values(tmp_path):
     full = build_adapter({"model": "tiny-deep", "init_seed": 3})
-    adapter, fill = build_offloaded({"model": "tiny-deep", "init_seed": 3})
+    adapter, values = build_offloaded({"model": "tiny-deep", "init_seed": 3})
     assert adapter.offloaded and all(b.master is None for b in adapter.blocks)
     store = DiskStore.create(str(tmp_path / "s"), [(b.key, b.numel) for b in adapter.blocks],
-                             [("in", adapter.bucket_in.numel), ("out", adapter.bucket_out.numel)], {}, fill)
+                             [("in", adapter.bucket_in.numel), ("out", adapter.bucket_out.numel)], {}, values)
     for i, b in enumerate(full.blocks):
         out = torch.empty(b.numel)
         store.read_into(i, out)

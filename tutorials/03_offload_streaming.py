@@ -62,13 +62,13 @@ BASE = {"model": "tiny-deep", "init_seed": 0}  # 8 transformer blocks: enough to
 # `build_offloaded` builds the model with its transformer blocks as *layout only*: each block's
 # bucket knows its parameter names and offsets, but holds no values. Only the resident buckets
 # (embeddings and head) and one materialised **shell** block exist; every block runs through
-# the shell. `fill(key, out)` writes a bucket's starting values, generated from its own init
-# seed, so a store is written without the whole model ever being in memory.
+# the shell. `values(key)` gives a bucket's starting values, a block generated from its own init
+# seed into one reused buffer, so a store is written without the whole model ever in memory.
 
 # %%
 from distzo2_lab.offload import build_offloaded
 
-adapter, fill = build_offloaded(BASE)
+adapter, values = build_offloaded(BASE)
 for b in adapter.buckets:
     where = "values here" if b.master is not None else "layout only: values live in a store"
     print(f"{b.key:8s} {b.numel:>7,} parameters, {where}")
@@ -83,7 +83,7 @@ from distzo2_lab.store import HostStore
 
 store = HostStore([b.key for b in adapter.blocks], [b.numel for b in adapter.blocks])
 for i, b in enumerate(adapter.blocks):
-    fill(b.key, store.blocks[i])
+    store.blocks[i].copy_(values(b.key))
 print(f"{len(store.numels)} blocks of {store.nbytes(0):,} bytes each in the store")
 
 # %% [markdown]

@@ -81,6 +81,7 @@ class OPTAdapter:
                 prefix = f"model.decoder.layers.{i}."
                 for slot in b.slots:
                     slot.param = shell_params[slot.name[len(prefix):]]
+            self.blocks[0].unbind()  # the shell holds nothing between visits
         n_model = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
         n_ours = sum(b.numel for b in self.buckets)
         if n_model != n_ours:
