@@ -94,6 +94,7 @@ class Streamer:
                 time.sleep(rest)
 
     def _upload_loop(self) -> None:
+        # One visit per call: a parked lane holds no reference to a buffer (see trim()).
         while True:
             with self._cv:
                 self._cv.wait_for(lambda: self._stop or self._next_upload <= self._requested + self.depth)
@@ -101,71 +102,76 @@ class Streamer:
                     return
                 v = self._next_upload
                 self._next_upload += 1
-            i = v % self.n
-            got = self._wait_for(lambda: [self.pool.get(timeout=0.05)])
-            if got is None:
+            if not self._upload_one(v):
                 return
-            buf = got[0]
-            if buf is None:
-                buf = torch.empty(self.width, dtype=torch.float32, device=self.device)
-            with self._cv:
-                self.in_use += 1
-                self.peak_in_use = max(self.peak_in_use, self.in_use)
-            # the previous sweep's write-back of this block has landed
-            if self._wait_for(lambda i=i: self._written[i].wait(0.05) or None) is None:
-                return
-            view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
-            t0 = time.perf_counter_ns()
-            event = None
-            if self.cuda:
-                with torch.cuda.stream(self.up_stream):
-                    if self.staging is not None:  # disk -> pinned staging -> device
-                        self.store.read_into(i, self.staging[: view.numel()])
-                        view.copy_(self.staging[: view.numel()], non_blocking=True)
-                    else:
-                        self.store.read_into(i, view, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(self.up_stream)
-                event.synchronize()  # the staging buffer is reused by the next upload
-            else:
-                self.store.read_into(i, view)
-            self._simulate(nbytes, t0)
-            # a visit uploaded before its sweep was announced is a prefetch for the next step
-            label = self._sweep_steps.get(v // self.n, self.step + 1)
-            self.recorder.add("upload", "upload", label, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
-            with self._cv:
-                self._uploaded[v] = (buf, event)
-                self._cv.notify_all()
+
+    def _upload_one(self, v: int) -> bool:
+        i = v % self.n
+        got = self._wait_for(lambda: [self.pool.get(timeout=0.05)])
+        if got is None:
+            return False
+        buf = got[0]
+        if buf is None:
+            buf = torch.empty(self.width, dtype=torch.float32, device=self.device)
+        with self._cv:
+            self.in_use += 1
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
+        # the previous sweep's write-back of this block has landed
+        if self._wait_for(lambda: self._written[i].wait(0.05) or None) is None:
+            return False
+        view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
+        t0 = time.perf_counter_ns()
+        event = None
+        if self.cuda:
+            with torch.cuda.stream(self.up_stream):
+                if self.staging is not None:  # disk -> pinned staging -> device
+                    self.store.read_into(i, self.staging[: view.numel()])
+                    view.copy_(self.staging[: view.numel()], non_blocking=True)
+                else:
+                    self.store.read_into(i, view, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.up_stream)
+            event.synchronize()  # the staging buffer is reused by the next upload
+        else:
+            self.store.read_into(i, view)
+        self._simulate(nbytes, t0)
+        # a visit uploaded before its sweep was announced is a prefetch for the next step
+        label = self._sweep_steps.get(v // self.n, self.step + 1)
+        self.recorder.add("upload", "upload", label, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
+        with self._cv:
+            self._uploaded[v] = (buf, event)
+            self._cv.notify_all()
+        return True
 
     def _offload_loop(self) -> None:
-        while True:
-            job = self._offq.get()
-            if job is None:
-                return
-            kind, payload = job
-            if kind == "call":
-                payload()
-                continue
-            i, buf, write, event, step = payload
-            if write:
-                view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
-                t0 = time.perf_counter_ns()
-                if self.cuda:
-                    self.off_stream.wait_event(event)
-                    with torch.cuda.stream(self.off_stream):
-                        self.store.write_from(i, view, non_blocking=self.store.tier == "host")
-                    self.off_stream.synchronize()
-                else:
-                    self.store.write_from(i, view)
-                self._simulate(nbytes, t0)
-                self.recorder.add("offload", "offload", step, i, t0 - self.recorder.origin, self.recorder.now(),
-                                  nbytes)
-                self._written[i].set()
-            elif event is not None:
-                event.synchronize()
-            with self._cv:
-                self.in_use -= 1
-            self.pool.put(buf)
+        # One job per call: a parked lane holds no reference to a buffer (or a queued tensor).
+        while (job := self._offq.get()) is not None:
+            self._offload_one(*job)
+            del job
+
+    def _offload_one(self, kind: str, payload) -> None:
+        if kind == "call":
+            payload()
+            return
+        i, buf, write, event, step = payload
+        if write:
+            view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
+            t0 = time.perf_counter_ns()
+            if self.cuda:
+                self.off_stream.wait_event(event)
+                with torch.cuda.stream(self.off_stream):
+                    self.store.write_from(i, view, non_blocking=self.store.tier == "host")
+                self.off_stream.synchronize()
+            else:
+                self.store.write_from(i, view)
+            self._simulate(nbytes, t0)
+            self.recorder.add("offload", "offload", step, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
+            self._written[i].set()
+        elif event is not None:
+            event.synchronize()
+        with self._cv:
+            self.in_use -= 1
+        self.pool.put(buf)
 
     # -- the compute side ----------------------------------------------------------------
     def _check(self) -> None:
