@@ -107,7 +107,7 @@ class ZO2Engine:
         self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
         self.perturber = Perturber(zo.noise, zo.chunk_size, threads)
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
-        width = max((b.numel for b in adapter.blocks), default=0)
+        self._width = width = max((b.numel for b in adapter.blocks), default=0)
         self._z_block = torch.empty(width, device=self.device)
         # One low-precision working buffer serves every streamed block (compute is sequential).
         self._cast = (torch.empty(width, dtype=DTYPES[precision.storage], device=self.device)
@@ -137,6 +137,8 @@ class ZO2Engine:
                 visit(i, b)
             return
         self.streamer.begin_sweep(self._visit, self.step_count)
+        if self._z_block is None:
+            self._z_block = torch.empty(self._width, device=self.device)
         for i, b in enumerate(self.adapter.blocks):
             v = self._visit
             self._visit += 1
@@ -146,8 +148,9 @@ class ZO2Engine:
             b.detach()
             self.streamer.release(v, buf, write)
             del buf
-        if self.trim_buffers:
+        if self.trim_buffers:  # between sweeps hold no block-sized memory (lean runs)
             b.unbind()  # the shell still viewed the last buffer
+            self._z_block = None
             self.streamer.trim()
 
     # -- the deferred update -------------------------------------------------------------
