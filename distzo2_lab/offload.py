@@ -150,9 +150,11 @@ class Offload:
             else:
                 self.store = DiskStore.create(path, blocks, [("in", a.bucket_in.numel), ("out", a.bucket_out.numel)],
                                               base, values)
+            del values  # its block buffer
             for b in (a.bucket_in, a.bucket_out):  # the committed resident state
-                b.master.copy_(self.store.read_resident(b.key))
-                b.sync()
+                if not (offload.lean and b is a.bucket_in):  # lean: loaded when needed
+                    self.store.read_resident(b.key, b.master)
+                    b.sync()
             self.resumed_step = self.store.committed
         self.lean = offload.lean
         a = self.adapter

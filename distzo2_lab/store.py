@@ -152,8 +152,9 @@ class DiskStore:
         self.bytes_read += out.numel() * out.element_size()
         return out
 
-    def read_resident(self, key: str) -> torch.Tensor:
-        out = torch.empty(self._numel[key], dtype=torch.float32)
+    def read_resident(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A resident bucket's latest values, into `out` when given (no temporary)."""
+        out = torch.empty(self._numel[key], dtype=torch.float32) if out is None else out
         self._read(key, self._latest[key], out)
         return out
 

@@ -66,7 +66,7 @@ def init_group_(modules: list[tuple[str, nn.Module | None]], std: float, seed: i
         if id(p) in done:
             return False
         done.add(id(p))
-        p.copy_(torch.empty(p.shape).normal_(0.0, std, generator=gen))
+        p.normal_(0.0, std, generator=gen)  # in place: no model-sized temporary
         return True
 
     for _, mod in modules:
