@@ -40,50 +40,65 @@ class ResidentSet:
     run, as ZO2 keeps them on the GPU. z of this step is kept for the restore, and the +eps state
     is copied so that the head (tied to the embeddings) can run both passes after the blocks."""
 
-    def __init__(self, engine: ZO2Engine):
+    def __init__(self, engine: ZO2Engine, buckets: list[ParamBucket] | None = None):
         a = engine.adapter
         self.engine, self.adapter = engine, a
-        self.pairs = [(a.bucket_in, torch.empty(a.bucket_in.numel, device=engine.device)),
-                      (a.bucket_out, torch.empty(a.bucket_out.numel, device=engine.device))]
+        buckets = [a.bucket_in, a.bucket_out] if buckets is None else buckets
+        self.pairs = [(b, torch.empty(b.numel, device=engine.device)) for b in buckets]
         # reused buffers: fresh allocations cost page faults every step
         self._plus = [torch.empty_like(b.working) for b, _ in self.pairs]
 
+    # -- the pieces, also used by offload.LeanResident for the buckets it keeps in memory -----
     def flush(self) -> None:
         for b, z in self.pairs:
             self.engine._apply_pending(b, z)
             b.sync()
 
-    def begin(self, seed: int, ids, mask):
-        """Deferred update, +eps, embed (h+), -2 eps, embed (h-); returns (h+, h-, ctx)."""
-        e, a, eps = self.engine, self.adapter, self.engine.zo.eps
-        for b, z in self.pairs:
+    def to_plus(self, seed: int) -> None:
+        """Deferred update, then +eps z(seed); keep the +eps state."""
+        e = self.engine
+        for (b, z), state in zip(self.pairs, self._plus):
             e._apply_pending(b, z)
             with e._span("rng"):
                 e.perturber.fill(z, seed, b.key)
-            perturb_(b.master, z, eps)
+            perturb_(b.master, z, e.zo.eps)
             b.sync()
-        for (b, _), state in zip(self.pairs, self._plus):
             state.copy_(b.working)
+
+    def to_minus(self) -> None:
+        for b, z in self.pairs:
+            perturb_(b.master, z, -2 * self.engine.zo.eps)
+            b.sync()
+
+    def bind_plus(self) -> None:
+        for (b, _), state in zip(self.pairs, self._plus):
+            b.bind(state)
+
+    def restore(self) -> None:
+        for b, z in self.pairs:
+            b.bind(b.working)
+            perturb_(b.master, z, self.engine.zo.eps)
+            b.sync()
+
+    # -- the keeper interface the engine calls --------------------------------------------
+    def begin(self, seed: int, ids, mask):
+        """Deferred update, +eps, embed (h+), -2 eps, embed (h-); returns (h+, h-, ctx)."""
+        e, a = self.engine, self.adapter
+        self.to_plus(seed)
         with e._span("embed"):
             h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
-            for b, z in self.pairs:
-                perturb_(b.master, z, -2 * eps)
-                b.sync()
+            self.to_minus()
             h_minus, _ = a.embed(ids, mask)  # (B, T, C)
         return h_plus, h_minus, ctx
 
     def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
         """Head on the -eps state, then on the saved +eps state; restore. Returns (l+, l-)."""
-        e, a, eps = self.engine, self.adapter, self.engine.zo.eps
-        with e._span("head"):
+        a = self.adapter
+        with self.engine._span("head"):
             loss_minus = float(a.loss(a.head(h_minus), labels))
-            for (b, _), state in zip(self.pairs, self._plus):
-                b.bind(state)
+            self.bind_plus()
             loss_plus = float(a.loss(a.head(h_plus), labels))
-        for b, z in self.pairs:
-            b.bind(b.working)
-            perturb_(b.master, z, eps)
-            b.sync()
+        self.restore()
         return loss_plus, loss_minus
 
     def embed(self, ids, mask):

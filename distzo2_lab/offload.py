@@ -12,6 +12,7 @@ import os
 import torch
 
 from .config import ConfigError, OffloadConfig
+from .engine import ResidentSet
 from .events import Recorder
 from .models import OPTAdapter
 from .models.opt import opt_groups
@@ -100,7 +101,7 @@ def build_offloaded(base: dict, storage: str = "fp32") -> tuple[OPTAdapter, call
         # Blocks: a private fp32 block whose parameters are pointed at the output buffer, so the
         # init writes there directly (the adapter's shell may hold bf16 / fp16 working views).
         with torch.device("meta"):
-            init_block = OPTDecoderLayer(cfg)
+            init_block = OPTDecoderLayer(cfg, layer_idx=0)
         init_block.to_empty(device="cpu")
         init_params = dict(init_block.named_parameters())
 
@@ -233,15 +234,10 @@ class LeanResident:
     """
 
     def __init__(self, engine, store: DiskStore, slab_chunks: int = 8):
-        from .engine import ResidentSet
 
         self.engine, self.store, self.adapter = engine, store, engine.adapter
         self.bin = self.adapter.bucket_in
-        self.out = ResidentSet.__new__(ResidentSet)  # the small out bucket stays in memory as usual
-        self.out.engine, self.out.adapter = engine, self.adapter
-        b = self.adapter.bucket_out
-        self.out.pairs = [(b, torch.empty(b.numel, device=engine.device))]
-        self.out._plus = [torch.empty_like(b.working)]
+        self.out = ResidentSet(engine, [self.adapter.bucket_out])  # the small out bucket stays in memory
         self.slab = engine.zo.chunk_size * slab_chunks
         self._z = torch.empty(min(self.slab, self.bin.numel))
         self._seed = None
@@ -294,12 +290,7 @@ class LeanResident:
     def begin(self, seed: int, ids, mask):
         e, a, eps = self.engine, self.adapter, self.engine.zo.eps
         self._seed = seed
-        (b_out, z_out), plus_out = self.out.pairs[0], self.out._plus[0]
-        e._apply_pending(b_out, z_out)
-        e.perturber.fill(z_out, seed, b_out.key)
-        perturb_(b_out.master, z_out, eps)
-        b_out.sync()
-        plus_out.copy_(b_out.working)
+        self.out.to_plus(seed)
         self._load()
         self._pending()
         with e._span("rng"):
@@ -308,8 +299,7 @@ class LeanResident:
             h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
         self.store.stash("plus", self.bin.working)
         self._noise(seed, lambda m, z: perturb_(m, z, -2 * eps))
-        perturb_(b_out.master, z_out, -2 * eps)
-        b_out.sync()
+        self.out.to_minus()
         with e._span("embed"):
             h_minus, _ = a.embed(ids, mask)  # (B, T, C)
         self.store.stash("minus", self.bin.master)
@@ -318,18 +308,15 @@ class LeanResident:
 
     def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
         e, a, eps = self.engine, self.adapter, self.engine.zo.eps
-        (b_out, z_out), plus_out = self.out.pairs[0], self.out._plus[0]
         with e._span("head"):  # one embedding matrix in memory at a time
             self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
             loss_minus = float(a.loss(a.head(h_minus), labels))
             self._unload()
             self.bin.bind(self.store.unstash("plus", self.bin.numel, self.bin.working_dtype).to(e.device))
-            b_out.bind(plus_out)
+            self.out.bind_plus()
             loss_plus = float(a.loss(a.head(h_plus), labels))
             self.bin.unbind()
-        b_out.bind(b_out.working)
-        perturb_(b_out.master, z_out, eps)
-        b_out.sync()
+        self.out.restore()
         self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
         self._noise(self._seed, lambda m, z: perturb_(m, z, eps))
         self._write_back()
