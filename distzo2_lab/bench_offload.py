@@ -143,55 +143,61 @@ def _store_parent(store_dir: str | None) -> str | None:
 
 
 # -- tiers side by side -----------------------------------------------------------------------
-def _time_tier(model: str, batch: int, seq: int, threads: int, steps: int, tier: str, prefetch: int,
-               store: str | None) -> dict:
-    cfg = _config(model, batch, seq, threads, 1 + steps, tier, prefetch, store)
-    rec = Recorder()
-    t0 = time.perf_counter()
-    run = Run(cfg, recorder=rec)
-    build_s = time.perf_counter() - t0
-    try:
-        task = make_task(cfg, run.adapter)
-        _step(run, task, 0)  # warm-up: first-touch page faults, allocator, thread pools
-        _settle(run)
-        read0, written0 = _io(run)
-        rec.clear()
-        start = rec.now()
-        times, losses = [], []
+class _Tier:
+    """One tier's run, timed one step at a time so that tiers can be interleaved."""
+
+    def __init__(self, model, batch, seq, threads, steps, tier, prefetch, store):
+        self.tier = tier
+        self.cfg = _config(model, batch, seq, threads, 1 + steps, tier, prefetch, store)
+        self.rec = Recorder()
         t0 = time.perf_counter()
-        for t in range(1, steps + 1):
-            dt, r = _step(run, task, t)
-            times.append(dt)
-            losses.append([r.loss_plus, r.loss_minus])
-        _settle(run)
-        loop_s = time.perf_counter() - t0
-        read1, written1 = _io(run)
-        spans = [s for s in rec.spans if s.end > start]  # drop a stale span landing after clear()
-    finally:
-        run.close()
-    m = overlap_metrics(spans)
-    up_s, up_bytes = _lane(spans, "upload")
-    off_s, off_bytes = _lane(spans, "offload")
-    out = {
-        "tier": tier, "build_s": build_s, "step_s": statistics.median(times), "step_times": times,
-        "loop_s": loop_s, "losses": losses, "overlap": m, "kept_up": _kept_up(m),
-        "upload_busy_s": up_s, "offload_busy_s": off_s,
-        "upload_gbps": _gbps(up_bytes, up_s), "offload_gbps": _gbps(off_bytes, off_s),
-    }
-    if tier == "disk":
-        out.update({
-            "disk_read_bytes_per_step": (read1 - read0) / steps,
-            "disk_written_bytes_per_step": (written1 - written0) / steps,
-            "disk_read_gbps": _gbps(read1 - read0, up_s),
-            "disk_write_gbps": _gbps(written1 - written0, off_s),
-        })
-    return out
+        self.run = Run(self.cfg, recorder=self.rec)
+        self.build_s = time.perf_counter() - t0
+        self.task = make_task(self.cfg, self.run.adapter)
+        _step(self.run, self.task, 0)  # warm-up: first-touch page faults, allocator, thread pools
+        _settle(self.run)
+        self.read0, self.written0 = _io(self.run)
+        self.rec.clear()
+        self.start = self.rec.now()
+        self.times, self.losses = [], []
+
+    def step(self, t: int) -> None:
+        """Step t, including the wait for its write-backs (so no work spills into the next tier)."""
+        t0 = time.perf_counter()
+        _, r = _step(self.run, self.task, t)
+        _settle(self.run)
+        self.times.append(time.perf_counter() - t0)
+        self.losses.append([r.loss_plus, r.loss_minus])
+
+    def finish(self) -> dict:
+        read1, written1 = _io(self.run)
+        spans = [s for s in self.rec.spans if s.end > self.start]  # drop a stale span landing after clear()
+        self.run.close()
+        m = overlap_metrics(spans)
+        up_s, up_bytes = _lane(spans, "upload")
+        off_s, off_bytes = _lane(spans, "offload")
+        steps = len(self.times)
+        out = {
+            "tier": self.tier, "build_s": self.build_s, "step_s": statistics.median(self.times),
+            "step_times": self.times, "loop_s": sum(self.times), "losses": self.losses, "overlap": m,
+            "kept_up": _kept_up(m), "upload_busy_s": up_s, "offload_busy_s": off_s,
+            "upload_gbps": _gbps(up_bytes, up_s), "offload_gbps": _gbps(off_bytes, off_s),
+        }
+        if self.tier == "disk":
+            out.update({
+                "disk_read_bytes_per_step": (read1 - self.read0) / steps,
+                "disk_written_bytes_per_step": (written1 - self.written0) / steps,
+                "disk_read_gbps": _gbps(read1 - self.read0, up_s),
+                "disk_write_gbps": _gbps(written1 - self.written0, off_s),
+            })
+        return out
 
 
 def offload_ratios(model: str = "opt-125m", batch: int = 8, seq: int = 128, threads: int = 2, steps: int = 3,
                    prefetch: int = 1, store_dir: str | None = None) -> dict:
     """Median step seconds on the resident, host and disk tiers (one process, same model and
-    batches, 1 warm-up + `steps` timed steps each) and host / resident, disk / resident.
+    batches, 1 warm-up + `steps` timed steps each, the tiers interleaved step by step) and
+    host / resident, disk / resident. A step's time includes waiting for its write-backs.
 
     The disk store is created in a fresh temporary directory (inside `store_dir` when given, so
     the filesystem can be chosen) and removed afterwards. Overlap metrics cover the timed steps
@@ -203,8 +209,14 @@ def offload_ratios(model: str = "opt-125m", batch: int = 8, seq: int = 128, thre
     torch.set_num_threads(threads)
     where = tempfile.mkdtemp(prefix="distzo2-bench-", dir=_store_parent(store_dir))
     try:
-        tiers = {tier: _time_tier(model, batch, seq, threads, steps, tier, prefetch,
-                                  os.path.join(where, "store") if tier == "disk" else None) for tier in TIERS}
+        # Interleaved (resident, host, disk, then rotated each step): drift in the machine's speed
+        # (2 shared cores) falls on every tier alike instead of on whichever ran last.
+        runs = [_Tier(model, batch, seq, threads, steps, tier, prefetch,
+                      os.path.join(where, "store") if tier == "disk" else None) for tier in TIERS]
+        for t in range(1, steps + 1):
+            for k in range(len(runs)):
+                runs[(k + t) % len(runs)].step(t)
+        tiers = {r.tier: r.finish() for r in runs}
     finally:
         shutil.rmtree(where, ignore_errors=True)
         torch.set_num_threads(threads_before)
