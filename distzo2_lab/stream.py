@@ -122,22 +122,25 @@ class Streamer:
         view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
         t0 = time.perf_counter_ns()
         event = None
-        if self.cuda:
-            with torch.cuda.stream(self.up_stream):
-                if self.staging is not None:  # disk -> pinned staging -> device
-                    self.store.read_into(i, self.staging[: view.numel()])
+        # a visit uploaded before its sweep was announced is a prefetch for the next step
+        label = self._sweep_steps.get(v // self.n, self.step + 1)
+        if self.cuda:  # the span is the copy on the upload stream, timed by CUDA events
+            if self.staging is not None:  # disk -> pinned staging -> device
+                self.store.read_into(i, self.staging[: view.numel()])
+            with torch.cuda.stream(self.up_stream), \
+                    self.recorder.cuda_span("upload", "upload", label, i, nbytes, stream=self.up_stream):
+                if self.staging is not None:
                     view.copy_(self.staging[: view.numel()], non_blocking=True)
                 else:
                     self.store.read_into(i, view, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self.up_stream)
+            event = torch.cuda.Event()
+            event.record(self.up_stream)
             event.synchronize()  # the staging buffer is reused by the next upload
+            self._simulate(nbytes, t0)
         else:
             self.store.read_into(i, view)
-        self._simulate(nbytes, t0)
-        # a visit uploaded before its sweep was announced is a prefetch for the next step
-        label = self._sweep_steps.get(v // self.n, self.step + 1)
-        self.recorder.add("upload", "upload", label, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
+            self._simulate(nbytes, t0)
+            self.recorder.add("upload", "upload", label, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
         with self._cv:
             self._uploaded[v] = (buf, event)
             self._cv.notify_all()
@@ -157,15 +160,18 @@ class Streamer:
         if write:
             view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
             t0 = time.perf_counter_ns()
-            if self.cuda:
+            if self.cuda:  # the span is the copy on the offload stream, timed by CUDA events
                 self.off_stream.wait_event(event)
-                with torch.cuda.stream(self.off_stream):
+                with torch.cuda.stream(self.off_stream), \
+                        self.recorder.cuda_span("offload", "offload", step, i, nbytes, stream=self.off_stream):
                     self.store.write_from(i, view, non_blocking=self.store.tier == "host")
                 self.off_stream.synchronize()
+                self._simulate(nbytes, t0)
             else:
                 self.store.write_from(i, view)
-            self._simulate(nbytes, t0)
-            self.recorder.add("offload", "offload", step, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
+                self._simulate(nbytes, t0)
+                self.recorder.add("offload", "offload", step, i, t0 - self.recorder.origin, self.recorder.now(),
+                                  nbytes)
             self._written[i].set()
         elif event is not None:
             event.synchronize()
