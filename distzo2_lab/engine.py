@@ -84,20 +84,24 @@ class ResidentSet:
     def begin(self, seed: int, ids, mask):
         """Deferred update, +eps, embed (h+), -2 eps, embed (h-); returns (h+, h-, ctx)."""
         e, a = self.engine, self.adapter
+        plus, minus = e.signs
         self.to_plus(seed)
         with e._span("embed"):
-            h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
+            h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
             self.to_minus()
-            h_minus, _ = a.embed(ids, mask)  # (B, T, C)
+            if minus:
+                h_minus, ctx = a.embed(ids, mask)  # (B, T, C)
+            else:
+                h_minus = None
         return h_plus, h_minus, ctx
 
     def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
         """Head on the -eps state, then on the saved +eps state; restore. Returns (l+, l-)."""
         a = self.adapter
         with self.engine._span("head"):
-            loss_minus = float(a.loss(a.head(h_minus), labels))
+            loss_minus = float(a.loss(a.head(h_minus), labels)) if h_minus is not None else None
             self.bind_plus()
-            loss_plus = float(a.loss(a.head(h_plus), labels))
+            loss_plus = float(a.loss(a.head(h_plus), labels)) if h_plus is not None else None
         self.restore()
         return loss_plus, loss_minus
 
@@ -113,7 +117,8 @@ class ZO2Engine:
 
     def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
-                 streamer=None, recorder: Recorder | None = None, resident=None):
+                 streamer=None, recorder: Recorder | None = None, resident=None,
+                 signs: tuple[bool, bool] = (True, True), exchange=None):
         check_engine_setup(adapter, zo, precision)
         if adapter.offloaded and streamer is None:
             raise ValueError("this adapter's blocks live in a store: pass streamer=Streamer(store, ...)")
@@ -131,6 +136,13 @@ class ZO2Engine:
         self.step_count = 0
         self._visit = 0  # streamed visits served so far (the streamer's sweep order)
         self.trim_buffers = False  # free idle working buffers after each sweep (lean runs)
+        # PertP: which perturbed passes this rank runs (the arithmetic on the weights is always
+        # the whole +eps / -2 eps / +eps round trip, so every rank keeps identical weights), and
+        # exchange(l+, l-, tokens, step) -> (l+, l-) combining the scalars of all ranks.
+        if not any(signs):
+            raise ValueError("signs=(False, False): a rank must run at least one perturbed pass")
+        self.signs = signs
+        self.exchange = exchange
         # `resident(engine)` builds the keeper of the embeddings / head buckets.
         self.resident = (resident or ResidentSet)(self)
 
@@ -209,18 +221,23 @@ class ZO2Engine:
                     zb = self.perturber.fill(self._z_block[: b.numel], seed, b.key)
                 perturb_(b.master, zb, eps)
                 b.sync()
-                with self._span("forward", i):
-                    h[0] = a.run_block(i, h[0], ctx)
+                if h[0] is not None:
+                    with self._span("forward", i):
+                        h[0] = a.run_block(i, h[0], ctx)
                 perturb_(b.master, zb, -2 * eps)
                 b.sync()
-                with self._span("forward", i):
-                    h[1] = a.run_block(i, h[1], ctx)
+                if h[1] is not None:
+                    with self._span("forward", i):
+                        h[1] = a.run_block(i, h[1], ctx)
                 perturb_(b.master, zb, eps)
                 b.sync()
 
             self._sweep(visit)
 
             loss_plus, loss_minus = self.resident.end(h[0], h[1], labels)
+        if self.exchange is not None:
+            with self._span("exchange"):
+                loss_plus, loss_minus = self.exchange(loss_plus, loss_minus, count_tokens(labels), self.step_count)
         grad = projected_grad(loss_plus, loss_minus, eps)
         self.pending = PendingUpdate(self.step_count, seed, grad, lr)
         self.step_count += 1

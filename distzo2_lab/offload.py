@@ -295,13 +295,15 @@ class LeanResident:
         self._pending()
         with e._span("rng"):
             self._noise(seed, lambda m, z: perturb_(m, z, eps))
+        plus, minus = e.signs
         with e._span("embed"):
-            h_plus, ctx = a.embed(ids, mask)  # (B, T, C)
-        self.store.stash("plus", self.bin.working)
+            h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
+        if plus:
+            self.store.stash("plus", self.bin.working)
         self._noise(seed, lambda m, z: perturb_(m, z, -2 * eps))
         self.out.to_minus()
         with e._span("embed"):
-            h_minus, _ = a.embed(ids, mask)  # (B, T, C)
+            h_minus, ctx = a.embed(ids, mask) if minus else (None, ctx)  # (B, T, C)
         self.store.stash("minus", self.bin.master)
         self._unload()
         return h_plus, h_minus, ctx
@@ -309,13 +311,16 @@ class LeanResident:
     def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
         e, a, eps = self.engine, self.adapter, self.engine.zo.eps
         with e._span("head"):  # one embedding matrix in memory at a time
-            self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
-            loss_minus = float(a.loss(a.head(h_minus), labels))
-            self._unload()
-            self.bin.bind(self.store.unstash("plus", self.bin.numel, self.bin.working_dtype).to(e.device))
+            loss_minus = loss_plus = None
+            if h_minus is not None:
+                self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
+                loss_minus = float(a.loss(a.head(h_minus), labels))
+                self._unload()
             self.out.bind_plus()
-            loss_plus = float(a.loss(a.head(h_plus), labels))
-            self.bin.unbind()
+            if h_plus is not None:
+                self.bin.bind(self.store.unstash("plus", self.bin.numel, self.bin.working_dtype).to(e.device))
+                loss_plus = float(a.loss(a.head(h_plus), labels))
+                self.bin.unbind()
         self.out.restore()
         self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
         self._noise(self._seed, lambda m, z: perturb_(m, z, eps))

@@ -98,14 +98,28 @@ def _check_resume(resume: str, cfg: TrainConfig, log: SeedLog) -> None:
 class Run:
     """Everything one rank's training holds: adapter, engine, seed log, and the offload tier."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None, recorder: Recorder | None = None):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, recorder: Recorder | None = None,
+                 layout=None, rank: int = 0):
         self.cfg, self.base = cfg, base_of(cfg)
         self.recorder = recorder or Recorder(enabled=False)
+        self.layout, self.rank = layout, rank
+        distributed = layout is not None and layout.world_size > 1
+        if distributed and (cfg.engine != "zo2" or cfg.offload.tier == "disk" or resume is not None):
+            raise ConfigError("a distributed layout runs engine='zo2' with offload.tier 'resident' or 'host' and "
+                              "no resume (per-rank disk stores and distributed resume are not built yet)")
         self.offload = None
         self.log, self.start = SeedLog(self.base, cfg.zo), 0
+        self.exchange = None
+        extra = {}
+        if distributed:
+            from .collectives import LossExchange
+
+            self.exchange = LossExchange(recorder=self.recorder)
+            extra = {"signs": layout.signs(rank), "exchange": self.exchange}
         if cfg.offload.tier == "resident":
             self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device)
-            self.engine = build_engine(cfg, self.adapter, self.recorder)
+            self.engine = (ZO2Engine(self.adapter, cfg.zo, cfg.precision, cfg.threads, recorder=self.recorder, **extra)
+                           if extra else build_engine(cfg, self.adapter, self.recorder))
         else:
             if resume is not None:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
@@ -114,7 +128,7 @@ class Run:
             self.adapter = self.offload.adapter
             self.engine = ZO2Engine(self.adapter, cfg.zo, cfg.precision, cfg.threads,
                                     streamer=self.offload.streamer, recorder=self.recorder,
-                                    resident=self.offload.resident_keeper())
+                                    resident=self.offload.resident_keeper(), **extra)
             if cfg.offload.tier == "disk":
                 self._open_disk_log()
         if resume is not None:
@@ -144,6 +158,14 @@ class Run:
         _check_resume(resume, self.cfg, self.log)
         self.start = state["step"]
 
+    def micro_batch(self, batch: dict) -> dict:
+        """This rank's rows of the global batch: dp group d takes the d-th contiguous slice."""
+        if self.layout is None or self.layout.dp == 1:
+            return batch
+        d = self.layout.coords(self.rank)[0]
+        n = next(iter(batch.values())).shape[0] // self.layout.dp
+        return {k: v[d * n : (d + 1) * n] for k, v in batch.items()}
+
     def values(self, bucket) -> torch.Tensor:
         return bucket.master if bucket.master is not None else self.offload.block_values(bucket)
 
@@ -158,17 +180,18 @@ class Run:
 
 
 def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, resume: str | None = None,
-          progress: bool = True, on_step=None, trace: str | None = None) -> dict:
+          progress: bool = True, on_step=None, trace: str | None = None, layout=None, rank: int = 0) -> dict:
     """Run `cfg.steps` ZO steps; write DIR/summary.json and DIR/seedlog.jsonl when `out` is set.
 
     `on_step(result)` is called after every step (live plots in notebooks); `trace=DIR` records
-    span events and writes per-rank JSONL and a Chrome trace there.
+    span events and writes per-rank JSONL and a Chrome trace there. `layout` / `rank` run this
+    process as one rank of a distributed run (the process group must exist; see launch.py).
     """
     validate(cfg)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    recorder = Recorder(enabled=trace is not None)
-    run = Run(cfg, resume, recorder)
+    recorder = Recorder(rank=rank, enabled=trace is not None)
+    run = Run(cfg, resume, recorder, layout, rank)
     try:
         summary = _loop(run, make_task(cfg, run.adapter), progress, on_step)
         if trace is not None:
@@ -187,10 +210,11 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
     eval_start = engine.evaluate(eval_batch)
     records, tokens = [], 0
     t0 = time.perf_counter()
-    for t in tqdm(range(run.start, cfg.steps), disable=not progress, desc=f"{cfg.engine} {cfg.model}",
+    for t in tqdm(range(run.start, cfg.steps), disable=not progress or run.rank != 0,
+                  desc=f"{cfg.engine} {cfg.model}",
                   initial=run.start, total=cfg.steps):
         engine.step_count = t
-        r = engine.step(to_device(task.batch(t), cfg.device), step_seed(cfg.seed, t))
+        r = engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t))
         run.log.append(r.step, r.seed, r.grad, r.lr)
         if run.offload is not None:
             run.offload.commit(t)  # disk tier: the step is durable once its record is logged
@@ -214,6 +238,9 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "seconds": elapsed,
         "peak_rss_mb": peak_rss_mb(),
+        **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
+            "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records))}
+           if run.exchange is not None else {}),
     }
 
 
