@@ -11,7 +11,8 @@ def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=Non
     from .mesh import build_mesh
     from .train import train
 
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if not dist.is_initialized():  # the launcher and torchrun both set MASTER_ADDR / MASTER_PORT
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         build_mesh(layout)
         on_step = None

@@ -96,8 +96,14 @@ class RunHandle:
                 if on_event is not None:
                     on_event(rank, ev)
             if self._error is not None:
-                self.stop()
                 rank, tb = self._error
+                time.sleep(0.5)  # a rank that was killed is the cause; let its exit code show
+                killed = [(r, p.exitcode) for r, p in enumerate(self.procs) if (p.exitcode or 0) < 0 and r != rank]
+                self.stop()
+                if killed:
+                    r, code = killed[0]
+                    raise WorkerError(f"rank {r} died with exit code {code} (killed or crashed); rank {rank} "
+                                      f"failed after it:\n{tb}")
                 raise WorkerError(f"rank {rank} failed:\n{tb}")
             dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
             if dead and not self.alive() or dead and self._grace(dead):

@@ -254,3 +254,11 @@ def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -
         tensors = {k: v for b in run.adapter.buckets for k, v in b.state(run.values(b)).items()}
         save_checkpoint(save, tensors, {"step": run.cfg.steps, "config": asdict(run.cfg), "base": run.base,
                                         "digest": summary["digest"]}, run.log)
+
+
+if __name__ == "__main__":  # `torchrun ... -m distzo2_lab.train [train flags]`
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -105,3 +105,47 @@ def test_launcher_refuses_a_main_module_function():
     local.__module__ = "__main__"
     with pytest.raises(ConfigError, match="defined in __main__.*Put the worker in a module"):
         launch(local, 2)
+
+
+def test_killing_a_training_rank_mid_run_stops_every_rank():
+    cfg = dataclasses.replace(CFG, steps=500)
+    h = launch(train_worker, 2, args=(cfg, Layout(dp=1, pert=2), None), timeout=120)
+    while not h.events:  # rank 0 reports its first step: training is under way
+        h.poll(block=0.1)
+        assert h.alive()
+    os.kill(h.procs[1].pid, signal.SIGKILL)
+    with pytest.raises(WorkerError, match="rank 1 died with exit code -9"):
+        h.wait()
+    assert not h.alive() and all(code is not None for code in h.exitcodes)
+
+
+def test_cli_layout_dry_run_and_terminal_run(tmp_path, capsys, single):
+    from distzo2_lab.cli import main
+
+    assert main(["train", "--layout", "dp=2,pert=2", "--batch-size", "4", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "rank 3: dp 1, pert 1: batch rows 2..3, runs -eps" in plan
+    assert main(["train", "--layout", "dp=2", "--world-size", "3", "--dry-run"]) == 2
+    assert "world_size=3 is not dp x pert = 2 x 1 = 2" in capsys.readouterr().err
+    args = ["train", "--steps", "3", "--batch-size", "4", "--seq-len", "12", "--threads", "1", "--chunk-size",
+            "4096", "--no-progress", "--out", str(tmp_path / "o")]
+    assert main([*args, "--layout", "dp=1,pert=2"]) == 0
+    import json
+
+    s = json.load(open(tmp_path / "o" / "summary.json"))
+    assert s["digest"] == single["digest"] and s["layout"] == {"dp": 1, "pert": 2}
+    assert s["steps"] == single["steps"] and s["exchange_bytes_per_step"] == 32
+
+
+def test_torchrun_standalone_runs_the_same_workers(tmp_path, single):
+    import json
+    import subprocess
+    import sys
+
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "distzo2_lab.train", "--layout", "dp=1,pert=2",
+           "--steps", "3", "--batch-size", "4", "--seq-len", "12", "--threads", "1", "--chunk-size", "4096",
+           "--no-progress", "--out", str(tmp_path / "o")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.load(open(tmp_path / "o" / "summary.json"))["digest"] == single["digest"]
