@@ -52,6 +52,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default=None, help="write span events (JSONL) and a Chrome trace here")
     p.add_argument("--layout", default=None, help="distributed layout dp=D,pert=P (DistZO2)")
     p.add_argument("--world-size", type=int, default=None, help="ranks to launch (default: dp x pert)")
+    p.add_argument("--slice", action="store_true", help="each rank moves one shard of every block (DistZO2)")
     p.add_argument("--dry-run", action="store_true", help="print the layout plan and start nothing")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a distributed run is stopped")
     p.add_argument("--out", default="runs/train", help="directory for summary.json and seedlog.jsonl")
@@ -90,7 +91,10 @@ def plan_text(layout, batch_size: int) -> str:
         plus, minus = layout.signs(r)
         passes = "+eps and -eps (dual forward)" if plus and minus else ("+eps" if plus else "-eps")
         lines.append(f"  rank {r}: dp {d}, pert {p}: batch rows {d * rows}..{(d + 1) * rows - 1}, runs {passes}")
-    lines.append("  per step every rank all-gathers 4 float64 scalars (l+, l-, tokens); parameters never move")
+    if layout.slice:
+        lines.append(f"  sliced: each rank uploads and writes back 1/{layout.world_size} of every block; "
+                     "the ranks all-gather the shards")
+    lines.append("  per step every rank all-gathers 4 float64 scalars (l+, l-, tokens) for the optimiser")
     return "\n".join(lines)
 
 
@@ -108,9 +112,12 @@ def cmd_train(a) -> int:
         _print_summary(train(cfg, out=a.out, save=a.save, resume=a.resume, progress=not a.no_progress,
                              trace=a.trace), a)
         return 0
+    import dataclasses
+
     from .mesh import Layout, parse_layout, validate_layout
 
     layout = parse_layout(a.layout) if a.layout else Layout(dp=a.world_size or int(os.environ["WORLD_SIZE"]))
+    layout = dataclasses.replace(layout, slice=a.slice)
     world = a.world_size or (int(os.environ["WORLD_SIZE"]) if distributed_env else layout.world_size)
     validate_layout(layout, world, cfg.batch_size)
     if a.save or a.resume:

@@ -20,6 +20,11 @@ from .events import Recorder
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+def all_gather_flat(out: torch.Tensor, mine: torch.Tensor, group=None) -> None:
+    """out (world * n) <- every rank's `mine` (n) in rank order."""
+    _all_gather(out, mine, group=group)
+
+
 def combine(table: torch.Tensor) -> tuple[float, float]:
     """(world, 4) rows of (l+, l-, n+, n-) -> (l+, l-) over the ranks that ran each sign."""
     out = []
@@ -47,7 +52,7 @@ class LossExchange:
                              0 if loss_minus is None else tokens], dtype=torch.float64)
         flat = torch.empty(self.world * 4, dtype=torch.float64)
         t0 = self.recorder.now()
-        _all_gather(flat, mine, group=self.group)
+        all_gather_flat(flat, mine, group=self.group)
         table = flat.view(self.world, 4)
         nbytes = mine.numel() * mine.element_size()
         self.bytes_sent += nbytes

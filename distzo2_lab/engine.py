@@ -118,7 +118,7 @@ class ZO2Engine:
     def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
                  streamer=None, recorder: Recorder | None = None, resident=None,
-                 signs: tuple[bool, bool] = (True, True), exchange=None):
+                 signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None):
         check_engine_setup(adapter, zo, precision)
         if adapter.offloaded and streamer is None:
             raise ValueError("this adapter's blocks live in a store: pass streamer=Streamer(store, ...)")
@@ -143,6 +143,8 @@ class ZO2Engine:
             raise ValueError("signs=(False, False): a rank must run at least one perturbed pass")
         self.signs = signs
         self.exchange = exchange
+        self.slicer = slicer  # streamed blocks arrive as this rank's shard; see _assemble
+        self._skip_pending = False
         # `resident(engine)` builds the keeper of the embeddings / head buckets.
         self.resident = (resident or ResidentSet)(self)
 
@@ -170,8 +172,11 @@ class ZO2Engine:
             v = self._visit
             self._visit += 1
             buf = self.streamer.acquire(v)
-            b.attach(buf, None if self._cast is None else self._cast[: b.numel])
+            if self.slicer is not None:
+                self._assemble(buf, b, i)
+            b.attach(buf[: b.numel], None if self._cast is None else self._cast[: b.numel])
             visit(i, b)
+            self._skip_pending = False
             b.detach()
             self.streamer.release(v, buf, write)
             del buf
@@ -180,10 +185,21 @@ class ZO2Engine:
             self._z_block = None
             self.streamer.trim()
 
+    def _assemble(self, buf: torch.Tensor, b: ParamBucket, i: int) -> None:
+        """Sliced visit: the pending update lands on this rank's shard only, then the ranks
+        all-gather the updated shards into the whole block."""
+        p, (start, stop) = self.pending, self.slicer.bounds(b.numel)
+        if p is not None and stop > start:
+            with self._span("update", i):
+                z = self.perturber.fill(self._z_block[: stop - start], p.seed, b.key, start=start, total=b.numel)
+                apply_update_(buf[start:stop], z, p.grad, p.lr, self.zo.weight_decay, b.decay_spans, offset=start)
+        self.slicer.assemble(buf, b.numel, self.step_count, i)
+        self._skip_pending = True
+
     # -- the deferred update -------------------------------------------------------------
     def _apply_pending(self, bucket: ParamBucket, scratch: torch.Tensor, block: int = -1) -> None:
         p = self.pending
-        if p is None:
+        if p is None or (self._skip_pending and block >= 0):
             return
         with self._span("update", block):
             z = self.perturber.fill(scratch[: bucket.numel], p.seed, bucket.key)

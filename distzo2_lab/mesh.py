@@ -18,6 +18,8 @@ class Layout:
     """Data-parallel groups (different micro-batches, same seed)."""
     pert: int = 1
     """Ranks sharing one micro-batch: 1 (dual forward on one rank) or 2 (+eps / -eps split)."""
+    slice: bool = False
+    """Hardware-aware slicing: each rank moves one shard of every block, the ranks all-gather."""
 
     @property
     def world_size(self) -> int:
@@ -35,7 +37,8 @@ class Layout:
         return p == 0, p == 1
 
     def describe(self) -> str:
-        return f"dp={self.dp} x pert={self.pert} ({self.world_size} ranks)"
+        sliced = ", sliced" if self.slice else ""
+        return f"dp={self.dp} x pert={self.pert} ({self.world_size} ranks{sliced})"
 
 
 def parse_layout(text: str) -> Layout:

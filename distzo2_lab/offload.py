@@ -131,7 +131,7 @@ class Offload:
     """adapter + store + streamer for one rank, and the helpers training needs around them."""
 
     def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
-                 recorder: Recorder | None = None):
+                 recorder: Recorder | None = None, slicer=None):
         self.config = offload
         self.adapter, values = build_offloaded(base, storage)
         a = self.adapter
@@ -167,7 +167,8 @@ class Offload:
         if device != "cpu":
             for layer in {id(x): x for x in a.layers}.values():
                 layer.to(device)
-        self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps)
+        self.slicer = slicer
+        self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps, slicer)
         if self.lean:  # the embeddings live in the store; LeanResident loads them when needed
             a.bucket_in.detach()
             a.bucket_in.unbind()
@@ -190,6 +191,12 @@ class Offload:
         if bucket is self.adapter.bucket_in:
             return self.store.read_resident(bucket.key)
         i = self.adapter.blocks.index(bucket)
+        if self.slicer is not None:  # each rank's store is current on its own shard only
+            out = torch.empty(self.slicer.padded(bucket.numel))
+            start, stop = self.slicer.bounds(bucket.numel)
+            self.store.read_into(i, out[start:stop], start=start)
+            self.slicer.assemble(out, bucket.numel, -1, i)
+            return out[: bucket.numel]
         out = torch.empty(bucket.numel)
         self.store.read_into(i, out)
         return out

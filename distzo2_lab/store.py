@@ -45,11 +45,12 @@ class HostStore:
     def nbytes(self, i: int) -> int:
         return self.numels[i] * 4
 
-    def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False) -> None:
-        dst.copy_(self.blocks[i], non_blocking=non_blocking)
+    def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        """Elements [start, start + len(dst)) of block i into dst (a slicer reads one shard)."""
+        dst.copy_(self.blocks[i][start : start + dst.numel()], non_blocking=non_blocking)
 
-    def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False) -> None:
-        self.blocks[i].copy_(src, non_blocking=non_blocking)
+    def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        self.blocks[i][start : start + src.numel()].copy_(src, non_blocking=non_blocking)
 
     def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None) -> None:
         self.committed = step  # host memory does not outlive the process: nothing to persist
@@ -120,11 +121,15 @@ class DiskStore:
     def nbytes(self, i: int) -> int:
         return self.numels[i] * 4
 
-    def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False) -> None:
+    def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         key = self.keys[i]
+        if start or dst.numel() != self._numel[key]:
+            raise ValueError("the disk tier reads whole buckets (sharded stores are not built yet)")
         self._read(key, self._latest[key], dst)
 
-    def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False) -> None:
+    def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        if start or src.numel() != self._numel[self.keys[i]]:
+            raise ValueError("the disk tier writes whole buckets (sharded stores are not built yet)")
         self._write(self.keys[i], src, self.committed + 1)
 
     def write_resident(self, key: str, src: torch.Tensor) -> None:

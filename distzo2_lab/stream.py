@@ -27,7 +27,7 @@ class Streamer:
     """Serves block visits in sweep order with transfers overlapped with compute."""
 
     def __init__(self, store, device: str | torch.device = "cpu", depth: int = 1, recorder: Recorder | None = None,
-                 link_gbps: float | None = None):
+                 link_gbps: float | None = None, slicer=None):
         if depth < 0:
             raise ValueError(f"depth={depth} is not valid; it must be >= 0")
         self.store, self.device = store, torch.device(device)
@@ -39,7 +39,9 @@ class Streamer:
             self.recorder.meta["simulated_link_gbps"] = link_gbps
         self.n = len(store.numels)
         self.cuda = self.device.type == "cuda"
-        self.width = width = max(store.numels)
+        # With a slicer each visit moves only this rank's shard; buffers are padded to whole shards.
+        self.slicer = slicer
+        self.width = width = max(slicer.padded(n) if slicer else n for n in store.numels)
         self.pool: queue.Queue = queue.Queue()  # None = a buffer not allocated (yet, or after trim())
         for _ in range(min(depth, len(store.numels) - 1) + 2):
             self.pool.put(None)
@@ -119,7 +121,7 @@ class Streamer:
         # the previous sweep's write-back of this block has landed
         if self._wait_for(lambda: self._written[i].wait(0.05) or None) is None:
             return False
-        view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
+        view, start, nbytes = self._part(buf, i)
         t0 = time.perf_counter_ns()
         event = None
         # a visit uploaded before its sweep was announced is a prefetch for the next step
@@ -132,13 +134,13 @@ class Streamer:
                 if self.staging is not None:
                     view.copy_(self.staging[: view.numel()], non_blocking=True)
                 else:
-                    self.store.read_into(i, view, non_blocking=True)
+                    self.store.read_into(i, view, non_blocking=True, start=start)
             event = torch.cuda.Event()
             event.record(self.up_stream)
             event.synchronize()  # the staging buffer is reused by the next upload
             self._simulate(nbytes, t0)
         else:
-            self.store.read_into(i, view)
+            self.store.read_into(i, view, start=start)
             self._simulate(nbytes, t0)
             self.recorder.add("upload", "upload", label, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
         with self._cv:
@@ -158,17 +160,17 @@ class Streamer:
             return
         i, buf, write, event, step = payload
         if write:
-            view, nbytes = buf[: self.store.numels[i]], self.store.nbytes(i)
+            view, start, nbytes = self._part(buf, i)
             t0 = time.perf_counter_ns()
             if self.cuda:  # the span is the copy on the offload stream, timed by CUDA events
                 self.off_stream.wait_event(event)
                 with torch.cuda.stream(self.off_stream), \
                         self.recorder.cuda_span("offload", "offload", step, i, nbytes, stream=self.off_stream):
-                    self.store.write_from(i, view, non_blocking=self.store.tier == "host")
+                    self.store.write_from(i, view, non_blocking=self.store.tier == "host", start=start)
                 self.off_stream.synchronize()
                 self._simulate(nbytes, t0)
             else:
-                self.store.write_from(i, view)
+                self.store.write_from(i, view, start=start)
                 self._simulate(nbytes, t0)
                 self.recorder.add("offload", "offload", step, i, t0 - self.recorder.origin, self.recorder.now(),
                                   nbytes)
@@ -178,6 +180,13 @@ class Streamer:
         with self._cv:
             self.in_use -= 1
         self.pool.put(buf)
+
+    def _part(self, buf: torch.Tensor, i: int) -> tuple[torch.Tensor, int, int]:
+        """(view, start, bytes) this rank moves for block i: all of it, or its shard."""
+        if self.slicer is None:
+            return buf[: self.store.numels[i]], 0, self.store.nbytes(i)
+        a, b = self.slicer.bounds(self.store.numels[i])
+        return buf[a:b], a, (b - a) * 4
 
     # -- the compute side ----------------------------------------------------------------
     def _check(self) -> None:
@@ -200,7 +209,8 @@ class Streamer:
         if self.cuda:
             torch.cuda.current_stream().wait_event(event)
             buf.record_stream(torch.cuda.current_stream())
-        return buf[: self.store.numels[v % self.n]]
+        n = self.store.numels[v % self.n]
+        return buf[: self.slicer.padded(n) if self.slicer else n]
 
     def release(self, v: int, buf: torch.Tensor, write: bool = True) -> None:
         """Hand visit `v`'s buffer to the offload lane (written back when `write`)."""

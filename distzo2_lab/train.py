@@ -109,13 +109,21 @@ class Run:
                               "no resume (per-rank disk stores and distributed resume are not built yet)")
         self.offload = None
         self.log, self.start = SeedLog(self.base, cfg.zo), 0
-        self.exchange = None
+        self.exchange = self.slicer = None
         extra = {}
         if distributed:
             from .collectives import LossExchange
 
             self.exchange = LossExchange(recorder=self.recorder)
             extra = {"signs": layout.signs(rank), "exchange": self.exchange}
+        if layout is not None and layout.slice:
+            if cfg.offload.tier != "host":
+                raise ConfigError("layout slice=True moves shards of offloaded blocks: choose offload.tier='host' "
+                                  f"(offload.tier={cfg.offload.tier!r} moves no shards)")
+            from .slicer import Slicer
+
+            self.slicer = Slicer(rank, layout.world_size, cfg.zo.chunk_size, recorder=self.recorder)
+            extra["slicer"] = self.slicer
         if cfg.offload.tier == "resident":
             self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device)
             self.engine = (ZO2Engine(self.adapter, cfg.zo, cfg.precision, cfg.threads, recorder=self.recorder, **extra)
@@ -124,7 +132,8 @@ class Run:
             if resume is not None:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
                                   "its offload.store directory")
-            self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder)
+            self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
+                                   self.slicer)
             self.adapter = self.offload.adapter
             self.engine = ZO2Engine(self.adapter, cfg.zo, cfg.precision, cfg.threads,
                                     streamer=self.offload.streamer, recorder=self.recorder,
@@ -239,7 +248,8 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
         "seconds": elapsed,
         "peak_rss_mb": peak_rss_mb(),
         **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
-            "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records))}
+            "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records)),
+            "sliced": run.slicer is not None}
            if run.exchange is not None else {}),
     }
 

@@ -44,12 +44,17 @@ def apply_update_(
     lr: float,
     weight_decay: float,
     decay_spans: list[tuple[int, int]],
+    offset: int = 0,
 ) -> None:
-    """theta <- theta - lr * (g * z + wd * theta), wd only on `decay_spans` (not bias / norms)."""
+    """theta <- theta - lr * (g * z + wd * theta), wd only on `decay_spans` (not bias / norms).
+
+    `master` may be a slice of its bucket starting at element `offset` (a slicer's shard)."""
     if weight_decay:
         keep = 1.0 - lr * weight_decay
         for a, b in decay_spans:
-            master[a:b].mul_(keep)
+            a, b = max(a - offset, 0), min(b - offset, master.numel())
+            if a < b:
+                master[a:b].mul_(keep)
     master.add_(z, alpha=-lr * grad)
 
 
