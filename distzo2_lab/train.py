@@ -47,9 +47,10 @@ def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def build_engine(cfg: TrainConfig, adapter: OPTAdapter, recorder: Recorder | None = None):
+def build_engine(cfg: TrainConfig, adapter: OPTAdapter, recorder: Recorder | None = None, **zo2_options):
+    """The engine `cfg.engine` names; `zo2_options` (streamer, signs, exchange, slicer...) go to ZO2Engine."""
     if cfg.engine == "zo2":
-        return ZO2Engine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder)
+        return ZO2Engine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder, **zo2_options)
     return EagerMeZO(adapter, cfg.zo, cfg.precision, threads=cfg.threads)
 
 
@@ -126,8 +127,7 @@ class Run:
             extra["slicer"] = self.slicer
         if cfg.offload.tier == "resident":
             self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device)
-            self.engine = (ZO2Engine(self.adapter, cfg.zo, cfg.precision, cfg.threads, recorder=self.recorder, **extra)
-                           if extra else build_engine(cfg, self.adapter, self.recorder))
+            self.engine = build_engine(cfg, self.adapter, self.recorder, **extra)
         else:
             if resume is not None:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
@@ -135,9 +135,8 @@ class Run:
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
                                    self.slicer)
             self.adapter = self.offload.adapter
-            self.engine = ZO2Engine(self.adapter, cfg.zo, cfg.precision, cfg.threads,
-                                    streamer=self.offload.streamer, recorder=self.recorder,
-                                    resident=self.offload.resident_keeper(), **extra)
+            self.engine = build_engine(cfg, self.adapter, self.recorder, streamer=self.offload.streamer,
+                                       resident=self.offload.resident_keeper(), **extra)
             if cfg.offload.tier == "disk":
                 self._open_disk_log()
         if resume is not None:
