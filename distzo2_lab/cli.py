@@ -134,11 +134,10 @@ def cmd_train(a) -> int:
             print(f"rank 0 of {world}: digest {r['digest'][:16]}; summary in {a.out}/summary.json")
         return 0
     from .entrypoints import train_worker
-    from .launch import launch
+    from .launch import format_event, launch
 
     results = launch(train_worker, world, args=(cfg, layout, a.out, a.trace), timeout=a.timeout).wait(
-        on_event=None if a.no_progress else lambda rank, ev: print(
-            f"step {ev['step']}: l+ {ev['loss_plus']:.4f} l- {ev['loss_minus']:.4f} g {ev['projected_grad']:+.4f}"))
+        on_event=None if a.no_progress else lambda rank, ev: print(format_event(rank, ev)))
     digests = {r["digest"] for r in results.values()}
     print(f"{layout.describe()}: {'identical' if len(digests) == 1 else 'DIFFERENT'} weights on every rank "
           f"(digest {results[0]['digest'][:16]}); {results[0]['exchange_bytes']:.0f} bytes exchanged per rank "

@@ -1,6 +1,8 @@
 """Worker functions the launcher (or torchrun) starts: importable, so `spawn` can pickle them."""
 from __future__ import annotations
 
+import os
+
 import torch.distributed as dist
 
 
@@ -10,10 +12,20 @@ def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=Non
     from .train import train
 
     validate_layout(layout, world_size, cfg.batch_size)
+    from datetime import timedelta
+
+    from .launch import log
+
     if not dist.is_initialized():  # the launcher and torchrun both set MASTER_ADDR / MASTER_PORT
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # collectives give up after the launcher's timeout instead of torch's 30 min default
+        timeout = timedelta(seconds=float(os.environ.get("DISTZO2_TIMEOUT", "1800")))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
     try:
         build_mesh(layout)
+        d, p = layout.coords(rank)
+        plus, minus = layout.signs(rank)
+        log(q, rank, f"pid {os.getpid()}: dp {d}, pert {p}, runs {'+eps ' if plus else ''}{'-eps' if minus else ''}"
+                     f"{', sliced' if layout.slice else ''}")
         on_step = None
         if q is not None and rank == 0:
             def on_step(r):
@@ -23,6 +35,7 @@ def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=Non
         rank_trace = trace  # each rank writes rank<R>.jsonl / rank<R>.trace.json there
         s = train(cfg, out=rank_out, progress=False, on_step=on_step, trace=rank_trace, layout=layout,
                   rank=rank)
+        log(q, rank, f"done: digest {s['digest'][:16]}")
         return {"rank": rank, "digest": s["digest"], "steps": s["steps"], "eval_loss_end": s["eval_loss_end"],
                 "exchange_bytes": s.get("exchange_bytes_per_step"), "overlap": s.get("overlap")}
     finally:

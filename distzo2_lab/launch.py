@@ -34,7 +34,7 @@ def _entry(fn, rank: int, world_size: int, port: int, args: tuple, q, timeout: f
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), DISTZO2_TIMEOUT=str(timeout))
     try:
         value = fn(rank, world_size, q, *args)
         q.put(("result", rank, value))
@@ -127,6 +127,22 @@ class RunHandle:
         if not hasattr(self, "_dead_since"):
             self._dead_since = time.monotonic()
         return time.monotonic() - self._dead_since > 2.0
+
+
+def log(q, rank: int, text: str) -> None:
+    """A worker's log line, shown by the parent with a rank prefix (see RunHandle.wait)."""
+    if q is not None:
+        q.put(("event", rank, {"log": text}))
+
+
+def format_event(rank: int, event) -> str:
+    """One line for the terminal or a notebook: '[rank R] ...'."""
+    if isinstance(event, dict) and "log" in event:
+        return f"[rank {rank}] {event['log']}"
+    if isinstance(event, dict) and "step" in event:
+        return (f"[rank {rank}] step {event['step']}: l+ {event['loss_plus']:.4f} l- {event['loss_minus']:.4f} "
+                f"g {event['projected_grad']:+.4f}")
+    return f"[rank {rank}] {event}"
 
 
 def launch(fn, world_size: int, args: tuple = (), timeout: float = 300.0) -> RunHandle:
