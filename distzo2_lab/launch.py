@@ -77,6 +77,10 @@ class RunHandle:
     def alive(self) -> bool:
         return any(p.is_alive() for p in self.procs)
 
+    def _close_queue(self) -> None:
+        self.queue.close()  # releases the queue's semaphores and feeder thread
+        self.queue.join_thread()
+
     def stop(self) -> None:
         """Terminate every worker still running (then kill after 5 s); nothing is left behind."""
         for p in self.procs:
@@ -117,6 +121,7 @@ class RunHandle:
                 self.poll(block=0.1)
                 for p in self.procs:
                     p.join()
+                self._close_queue()
                 return self.results
             if time.monotonic() > deadline:
                 self.stop()
