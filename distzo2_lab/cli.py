@@ -185,6 +185,14 @@ def cmd_bench_memory(a) -> int:
     return 0
 
 
+def cmd_bench_scaling(a) -> int:
+    from .bench_scaling import format_scaling, scaling
+
+    r = scaling(a.model, a.batch, a.seq, a.steps)
+    print(json.dumps(r, indent=1) if a.json else format_scaling(r))
+    return 0
+
+
 def cmd_rebuild(a) -> int:
     from .checkpoint import SeedLog, digest, save_checkpoint
     from .train import rebuild
@@ -239,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-lean", action="store_true", help="keep the embeddings resident")
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_bench_memory)
+    sc = bsub.add_parser("scaling", help="tokens/s at world 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads")
+    sc.add_argument("--model", default="opt-125m")
+    sc.add_argument("--batch", type=int, default=8)
+    sc.add_argument("--seq", type=int, default=128)
+    sc.add_argument("--steps", type=int, default=3)
+    sc.add_argument("--json", action="store_true")
+    sc.set_defaults(fn=cmd_bench_scaling)
     r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
     r.add_argument("seedlog")
     r.add_argument("--save", default=None, help="write the rebuilt checkpoint here")

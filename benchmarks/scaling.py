@@ -1,0 +1,33 @@
+"""Tokens/s of real multi-process runs at world sizes 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads.
+
+    python benchmarks/scaling.py [--model opt-125m --batch 8 --seq 128 --steps 3 --threads 2] [--json]
+
+Each (layout, world) runs in fresh gloo worker processes; only the steps after a warm-up step and a
+barrier are timed (the slowest rank counts). The ideal is world-1 tokens/s scaled by the measured
+concurrency gain of single-threaded forwards (see distzo2_lab.bench_scaling). World sizes above
+--threads oversubscribe the CPU and are flagged. Prints a table, then the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+
+from distzo2_lab.bench_scaling import format_scaling, scaling, to_json
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="opt-125m")
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--threads", type=int, default=2, help="total CPU threads shared by the ranks")
+    p.add_argument("--json", action="store_true", help="print only the JSON")
+    a = p.parse_args()
+    r = scaling(a.model, a.batch, a.seq, a.steps, a.threads)
+    if not a.json:
+        print(format_scaling(r))
+    print(to_json(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+"""Scaling benchmark: tokens/s of real multi-process runs at world sizes 1, 2 and 4, equal total CPU threads.
+
+Every configuration runs in fresh worker processes (:func:`launch`, gloo). Each rank builds its
+:class:`Run`, takes one warm-up step, meets the others at a barrier, times `steps` engine steps,
+meets them again and returns its seconds; the parent keeps the slowest rank. Process start-up,
+model build and the warm-up step are outside the timed region. Throughput is
+
+    tokens/s = global batch tokens (batch x seq) x steps / max-over-ranks seconds.
+
+Threads: `total_threads` are shared out equally, at least one per rank (world 1: total_threads
+threads; world W >= total_threads: 1 thread per rank). World sizes above `total_threads`
+oversubscribe the CPU (4 single-threaded ranks on 2 threads) and are flagged in the output.
+
+Ideal (what the forward passes alone allow). Two forward measurements, also in worker processes
+(taken after the step timing inside the benchmarked runs, so no extra start-up is paid):
+T2 = one no-grad forward of the global batch by one rank with `total_threads` threads (the world-1
+run); T1c = the same forward by each of `total_threads` single-threaded ranks running at once, so
+they contend for the cores and memory bandwidth like real ranks (the first run with that many
+1-thread ranks, PertP at world 2 by default; mean over ranks). A ZO step is two forwards of
+the global batch: one rank does both, W ranks share them, so with the engine's own overhead ratio
+unchanged
+
+    ideal(W) = tokens/s(world 1) x min(W, total_threads) x T2 / T1c       (W > 1)
+
+and ideal(1) = tokens/s(world 1). min(W, total_threads): ranks beyond the CPU threads only take
+turns, so 4 ranks on 2 threads can do no better than 2. FACTS.md's 8 x 128 numbers
+(T2 = 1.48 s, T1c = 2.80 s) give ideal(2) ~ 1.06 x world 1. "% of ideal" = measured / ideal.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+from .bench import _median_time
+from .config import ConfigError, TrainConfig, validate
+from .launch import launch
+from .mesh import Layout, build_mesh, validate_layout
+
+WORLDS = (1, 2, 4)
+
+
+def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout, steps: int,
+                 forward_repeats: int = 0) -> dict:
+    """One rank: gloo group, Run, 1 warm-up step, barrier, `steps` timed steps, barrier.
+
+    Returns {"seconds": timed-step seconds, "forward_s": None}. With `forward_repeats` > 0 the
+    rank then also times (after the step timing, all ranks at once behind a barrier) the median
+    no-grad forward of the *global* batch on its own weights: the T2 / T1c measurements of the
+    ideal, taken in the same processes so no extra start-up is paid."""
+    from .perturb import step_seed
+    from .train import Run, make_task, to_device
+
+    validate(cfg)
+    validate_layout(layout, world_size, cfg.batch_size)
+    torch.set_num_threads(cfg.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        build_mesh(layout)
+        run = Run(cfg, layout=layout, rank=rank)
+        try:
+            task, engine = make_task(cfg, run.adapter), run.engine
+
+            def step(t: int) -> None:
+                engine.step_count = t
+                engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t))
+
+            step(0)  # warm-up: first-touch allocations, the first exchange
+            dist.barrier()
+            t0 = time.perf_counter()
+            for t in range(1, steps + 1):
+                step(t)
+            dist.barrier()
+            seconds = time.perf_counter() - t0
+            engine.flush()
+            forward_s = None
+            if forward_repeats > 0:
+                forward_s = _time_forward(run.adapter, task.batch(1)["input_ids"], forward_repeats)
+            return {"seconds": seconds, "forward_s": forward_s}
+        finally:
+            run.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def _time_forward(adapter, ids: torch.Tensor, repeats: int) -> float:
+    """Median no-grad forward seconds; one warm-up, then every rank of the group starts together."""
+    from .zo import compute_context
+
+    def forward():
+        with torch.no_grad(), compute_context("fp32", ids.device):
+            adapter.loss(adapter.forward(ids), ids)
+
+    forward()
+    dist.barrier()
+    seconds = _median_time(forward, repeats, warmup=0)
+    dist.barrier()
+    return seconds
+
+
+def forward_worker(rank: int, world_size: int, q, model: str, batch: int, seq: int, threads: int,
+                   repeats: int, seed: int = 0) -> float:
+    """Median seconds of one no-grad forward of a (batch x seq) batch; all ranks start together.
+
+    Used for T1c only when no benchmarked world has `total_threads` single-threaded ranks."""
+    from .models import OPTAdapter, build_model
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        adapter = OPTAdapter(build_model(model, seed=seed))
+        ids = torch.randint(4, adapter.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+        return _time_forward(adapter, ids, repeats)
+    finally:
+        dist.destroy_process_group()
+
+
+def layouts_for(world: int, batch: int) -> list[tuple[str, Layout]]:
+    """(name, layout) pairs tried at `world` ranks (world 1: one single-rank run)."""
+    if world == 1:
+        return [("single", Layout(1, 1))]
+    cands = [("PertP", Layout(dp=1, pert=world)), ("DDP", Layout(dp=world, pert=1))]
+    if world == 4:
+        cands.append(("2D", Layout(dp=2, pert=2)))
+    return cands
+
+
+def threads_per_rank(world: int, total_threads: int) -> int:
+    return max(1, total_threads // world)
+
+
+def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int = 3, total_threads: int = 2,
+            forward_repeats: int = 2, timeout: float = 900.0, seed: int = 0) -> dict:
+    """Tokens/s per (layout, world) at equal total threads, with the forward-limited ideal."""
+    if steps < 1 or total_threads < 1:
+        raise ConfigError(f"steps={steps}, total_threads={total_threads} are not valid; both must be >= 1")
+    tokens = batch * seq * steps
+    rows, skipped = [], []
+    t2 = t1 = None
+    for world in WORLDS:
+        tpr = threads_per_rank(world, total_threads)
+        cfg = TrainConfig(model=model, steps=steps + 1, seed=seed, batch_size=batch, seq_len=seq, threads=tpr)
+        for name, layout in layouts_for(world, batch):
+            try:
+                validate_layout(layout, world, batch)
+            except ConfigError as e:
+                skipped.append({"layout": name, "world": world, "reason": str(e)})
+                continue
+            # T2: the world-1 run (total_threads threads); T1c: the first run of total_threads 1-thread ranks.
+            want_t2 = world == 1 and t2 is None
+            want_t1 = world == total_threads and tpr == 1 and t1 is None
+            reps = forward_repeats if want_t2 or want_t1 else 0
+            per_rank = launch(bench_worker, world, (cfg, layout, steps, reps), timeout).wait()
+            if want_t2:
+                t2 = per_rank[0]["forward_s"]
+            if want_t1:
+                t1 = {r: v["forward_s"] for r, v in per_rank.items()}
+            secs = {r: v["seconds"] for r, v in per_rank.items()}
+            seconds = max(secs.values())
+            rows.append({"layout": name, "dp": layout.dp, "pert": layout.pert, "world": world,
+                         "threads_per_rank": tpr, "oversubscribed": world * tpr > total_threads,
+                         "seconds": seconds, "rank_seconds": [secs[r] for r in sorted(secs)],
+                         "tokens_per_s": tokens / seconds})
+    if t1 is None:  # total_threads is not one of WORLDS: measure the concurrent single-threaded forward apart
+        t1 = launch(forward_worker, total_threads, (model, batch, seq, 1, forward_repeats, seed), timeout).wait()
+    t1c = statistics.mean(t1.values())
+    base = next(r["tokens_per_s"] for r in rows if r["world"] == 1)
+    for r in rows:
+        r["vs_world1"] = r["tokens_per_s"] / base
+        r["ideal_tokens_per_s"] = base if r["world"] == 1 else base * min(r["world"], total_threads) * t2 / t1c
+        r["of_ideal"] = r["tokens_per_s"] / r["ideal_tokens_per_s"]
+    over = sorted({r["world"] for r in rows if r["oversubscribed"]})
+    return {
+        "model": model, "batch": batch, "seq": seq, "steps": steps, "total_threads": total_threads,
+        "cpu_count": os.cpu_count(), "forward_repeats": forward_repeats,
+        "forward_s_total_threads": t2, "forward_s_single_thread_concurrent": t1c,
+        "forward_s_single_thread_ranks": [t1[r] for r in sorted(t1)],
+        "concurrency_gain": total_threads * t2 / t1c,
+        "rows": rows, "skipped": skipped,
+        "notes": [f"world {w}: {w} ranks x {threads_per_rank(w, total_threads)} thread(s) oversubscribe "
+                  f"{total_threads} total threads; ranks take turns on the cores" for w in over],
+    }
+
+
+def format_scaling(r: dict) -> str:
+    lines = [f"{r['model']} global batch {r['batch']}x{r['seq']}, {r['steps']} timed steps, "
+             f"{r['total_threads']} total threads (cpu_count {r['cpu_count']})",
+             f"forward: {r['forward_s_total_threads']:.3f} s with {r['total_threads']} threads; "
+             f"{r['forward_s_single_thread_concurrent']:.3f} s each on {r['total_threads']} concurrent "
+             f"single-threaded ranks -> concurrency gain {r['concurrency_gain']:.2f}x",
+             f"{'layout':>7} {'world':>5} {'thr/rank':>8} {'tokens/s':>10} {'vs world-1':>10} {'ideal':>10} "
+             f"{'% ideal':>8}"]
+    for row in r["rows"]:
+        flag = "  (oversubscribed)" if row["oversubscribed"] else ""
+        lines.append(f"{row['layout']:>7} {row['world']:>5} {row['threads_per_rank']:>8} {row['tokens_per_s']:>10.1f} "
+                     f"{row['vs_world1']:>9.2f}x {row['ideal_tokens_per_s']:>10.1f} {100 * row['of_ideal']:>7.0f}%"
+                     f"{flag}")
+    for s in r["skipped"]:
+        lines.append(f"skipped {s['layout']} at world {s['world']}: {s['reason']}")
+    lines.extend(f"note: {n}" for n in r["notes"])
+    return "\n".join(lines)
+
+
+def to_json(r: dict) -> str:
+    return json.dumps(r, indent=1)
