@@ -33,7 +33,7 @@ import time
 import torch
 
 from .config import OffloadConfig, TrainConfig, ZOConfig, validate
-from .events import Recorder, overlap_metrics
+from .events import Recorder, lane_busy, overlap_metrics
 from .models.presets import PRESETS
 from .perturb import step_seed
 from .train import Run, make_task, to_device
@@ -63,20 +63,10 @@ def _step(run: Run, task, t: int) -> tuple[float, object]:
     return time.perf_counter() - t0, r
 
 
-def _settle(run: Run, timeout: float = 10.0) -> None:
-    """Wait for the write-backs and commits, and for the uploads the lanes may run ahead (the next
-    sweep's first `depth` blocks), so byte counters read at two settled points differ by whole sweeps."""
-    if run.offload is None:
-        return
-    s = run.offload.streamer
-    s.drain()
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        with s._cv:
-            ahead = range(s._requested + 1, s._requested + s.depth + 1)
-            if all(v in s._uploaded for v in ahead) or s._error is not None:
-                return
-        time.sleep(0.002)
+def _settle(run: Run) -> None:
+    """Lanes idle and prefetch landed, so byte counters read at two settled points differ by whole sweeps."""
+    if run.offload is not None:
+        run.offload.streamer.settle()
 
 
 def _io(run: Run) -> tuple[int, int]:
@@ -84,20 +74,6 @@ def _io(run: Run) -> tuple[int, int]:
     if store is None or store.tier != "disk":
         return 0, 0
     return store.bytes_read, store.bytes_written
-
-
-def _lane(spans, lane: str) -> tuple[float, int]:
-    """(busy seconds: union of the lane's spans, bytes it moved)."""
-    iv = sorted((s.start, s.end) for s in spans if s.lane == lane)
-    busy, end = 0, None
-    for a, b in iv:
-        if end is None or a > end:
-            busy += b - a
-            end = b
-        elif b > end:
-            busy += b - end
-            end = b
-    return busy / 1e9, sum(s.bytes for s in spans if s.lane == lane)
 
 
 def _gbps(nbytes: float, seconds: float) -> float | None:
@@ -174,8 +150,8 @@ class _Tier:
         spans = [s for s in self.rec.spans if s.end > self.start]  # drop a stale span landing after clear()
         self.run.close()
         m = overlap_metrics(spans)
-        up_s, up_bytes = _lane(spans, "upload")
-        off_s, off_bytes = _lane(spans, "offload")
+        up_s, up_bytes = lane_busy(spans, "upload")
+        off_s, off_bytes = lane_busy(spans, "offload")
         steps = len(self.times)
         out = {
             "tier": self.tier, "build_s": self.build_s, "step_s": statistics.median(self.times),
@@ -341,8 +317,8 @@ def peak_memory(model: str, tier: str = "disk", steps: int = 2, batch: int = 1, 
     hwm = _status_kib("VmHWM")
     peak = hwm if hwm is not None else maxrss
     model_bytes = 4 * params
-    up_s, _ = _lane(spans, "upload")
-    off_s, _ = _lane(spans, "offload")
+    up_s, _ = lane_busy(spans, "upload")
+    off_s, _ = lane_busy(spans, "offload")
     m = overlap_metrics(spans)
     return {
         "model": model, "tier": tier, "steps": steps, "batch": batch, "seq": seq, "prefetch": prefetch,

@@ -210,6 +210,17 @@ def cmd_rebuild(a) -> int:
     return 0
 
 
+def _bench_parser(bsub, name: str, help_text: str, fn) -> argparse.ArgumentParser:
+    """A `distzo2 bench NAME` parser with the arguments every model benchmark takes."""
+    p = bsub.add_parser(name, help=help_text)
+    p.add_argument("--model", default="opt-125m")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=fn)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distzo2", description="distributed zeroth-order fine-tuning lab")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -222,24 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    e = bsub.add_parser("efficiency", help="step / (2 x forward) for eager MeZO and the ZO2 engine")
-    e.add_argument("--model", default="opt-125m")
-    e.add_argument("--batch", type=int, default=8)
-    e.add_argument("--seq", type=int, default=128)
+    e = _bench_parser(bsub, "efficiency", "step / (2 x forward) for eager MeZO and the ZO2 engine", cmd_bench)
     e.add_argument("--precision", default="fp32", choices=COMPUTE_DTYPES)
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--repeats", type=int, default=3)
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(fn=cmd_bench)
-    o = bsub.add_parser("offload", help="host / resident and disk / resident step time, overlap, recording overhead")
-    o.add_argument("--model", default="opt-125m")
-    o.add_argument("--batch", type=int, default=8)
-    o.add_argument("--seq", type=int, default=128)
+    o = _bench_parser(bsub, "offload", "host / resident and disk / resident step time, overlap, recording overhead",
+                      cmd_bench_offload)
     o.add_argument("--threads", type=int, default=2)
     o.add_argument("--steps", type=int, default=3)
     o.add_argument("--prefetch", type=int, default=1)
-    o.add_argument("--json", action="store_true")
-    o.set_defaults(fn=cmd_bench_offload)
     m = bsub.add_parser("memory", help="peak RSS / model size of a disk-offloaded run (fresh process)")
     m.add_argument("--model", default="opt-1.3b")
     m.add_argument("--store", default=None, help="parent directory of the temporary disk store")
@@ -247,13 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-lean", action="store_true", help="keep the embeddings resident")
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_bench_memory)
-    sc = bsub.add_parser("scaling", help="tokens/s at world 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads")
-    sc.add_argument("--model", default="opt-125m")
-    sc.add_argument("--batch", type=int, default=8)
-    sc.add_argument("--seq", type=int, default=128)
+    sc = _bench_parser(bsub, "scaling", "tokens/s at world 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads",
+                       cmd_bench_scaling)
     sc.add_argument("--steps", type=int, default=3)
-    sc.add_argument("--json", action="store_true")
-    sc.set_defaults(fn=cmd_bench_scaling)
     r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
     r.add_argument("seedlog")
     r.add_argument("--save", default=None, help="write the rebuilt checkpoint here")

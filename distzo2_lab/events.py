@@ -171,6 +171,12 @@ def _intersection(x: list[tuple[int, int]], y: list[tuple[int, int]]) -> int:
     return total
 
 
+def lane_busy(spans: list[Span], lane: str) -> tuple[float, int]:
+    """(busy seconds = length of the union of the lane's spans, bytes the lane moved)."""
+    mine = [s for s in spans if s.lane == lane]
+    return _length(_union([(s.start, s.end) for s in mine])) / 1e9, sum(s.bytes for s in mine)
+
+
 def overlap_metrics(spans: list[Span], rank: int | None = None) -> dict:
     """Per-lane busy fraction of the run's window, and the share of transfer time hidden under
     compute (transfer time that coincides with some compute span, over all transfer time)."""

@@ -51,6 +51,7 @@ class RunHandle:
         self.results: dict[int, object] = {}
         self.events: list[tuple[int, object]] = []
         self._error: tuple[int, str] | None = None
+        self._dead_since: float | None = None  # when a rank was first seen dead without reporting
 
     def poll(self, block: float = 0.0) -> list[tuple[int, object]]:
         """Drain the queue; returns the new (rank, event) pairs."""
@@ -110,7 +111,10 @@ class RunHandle:
                                       f"failed after it:\n{tb}")
                 raise WorkerError(f"rank {rank} failed:\n{tb}")
             dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
-            if dead and not self.alive() or dead and self._grace(dead):
+            if dead and self._dead_since is None:
+                self._dead_since = time.monotonic()
+            # A dead rank leaves the others blocked in a collective: stop them after a short grace.
+            if dead and (not self.alive() or time.monotonic() - self._dead_since > 2.0):
                 self.poll(block=0.2)  # a traceback may still be in flight
                 if self._error is None:
                     self.stop()
@@ -126,12 +130,6 @@ class RunHandle:
             if time.monotonic() > deadline:
                 self.stop()
                 raise WorkerError(f"workers still running after timeout={self.timeout} s; all were stopped")
-
-    def _grace(self, dead) -> bool:
-        # A dead rank leaves the others blocked in a collective: stop them after a short grace.
-        if not hasattr(self, "_dead_since"):
-            self._dead_since = time.monotonic()
-        return time.monotonic() - self._dead_since > 2.0
 
 
 def log(q, rank: int, text: str) -> None:

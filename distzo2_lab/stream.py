@@ -238,6 +238,16 @@ class Streamer:
             self._check()
         self._check()
 
+    def settle(self, timeout: float = 10.0) -> None:
+        """drain(), then wait until the uploads the lane may run ahead (the next sweep's first
+        `depth` visits) have landed: the lanes are idle until compute asks for more."""
+        self.drain()
+        with self._cv:
+            ahead = range(self._requested + 1, self._requested + self.depth + 1)
+            self._cv.wait_for(lambda: self._error is not None or all(v in self._uploaded for v in ahead),
+                              timeout=timeout)
+        self._check()
+
     def trim(self) -> None:
         """Free the idle working buffers (after a sweep); they are allocated again on demand.
         Lean runs trade these allocations for memory while the embeddings are loaded."""
