@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ZOConfig
 from .models.opt import OPTAdapter
 from .perturb import Perturber
-from .zo import apply_update_, perturb_
+from .zo import PendingUpdate, apply_update_, perturb_
 
 
 def digest(adapter: OPTAdapter, values=None) -> str:
@@ -54,8 +54,10 @@ class SeedLog:
         self.base, self.zo, self.records = base, zo, list(records or [])
         self._file = None
 
-    def append(self, step: int, seed: int, grad: float, lr: float) -> None:
+    def append(self, step: int, seed: int, grad: float, lr: float, terms: tuple = ()) -> None:
         rec = {"step": step, "seed": seed, "grad": grad, "lr": lr}
+        if terms:  # n-SPSA: every direction's (seed, g)
+            rec["terms"] = [list(t) for t in terms]
         self.records.append(rec)
         if self._file is not None:  # live log: the record is in the file before the step commits
             self._file.write(json.dumps(rec) + "\n")
@@ -98,10 +100,14 @@ def replay(adapter: OPTAdapter, log: SeedLog, threads: int = 1) -> None:
     for b in adapter.buckets:
         z = torch.empty(b.numel, device=b.master.device)
         for r in log.records:
-            perturber.fill(z, r["seed"], b.key)
-            for scale in (zo.eps, -2 * zo.eps, zo.eps):  # the perturbation round trip of training
-                perturb_(b.master, z, scale)
-            apply_update_(b.master, z, r["grad"], r["lr"], zo.weight_decay, b.decay_spans)
+            p = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"], tuple(map(tuple, r.get("terms", ()))))
+            if not p.terms:
+                perturber.fill(z, r["seed"], b.key)
+                for scale in (zo.eps, -2 * zo.eps, zo.eps):  # the perturbation round trip of training
+                    perturb_(b.master, z, scale)
+            # n-SPSA perturbs out of place: the master only ever receives the updates
+            for seed, grad, lr, wd in p.updates(zo.weight_decay):
+                apply_update_(b.master, perturber.fill(z, seed, b.key), grad, lr, wd, b.decay_spans)
         b.sync()
     perturber.close()
 

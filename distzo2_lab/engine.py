@@ -29,16 +29,22 @@ from .zo import (
     check_engine_setup,
     compute_context,
     count_tokens,
+    direction_seed,
     perturb_,
+    perturbed_copy,
     projected_grad,
+    split_micro,
     unpack_batch,
+    weighted_loss,
 )
 
 
 class ResidentSet:
     """The resident buckets (embeddings; final norm and head) held in working memory for the whole
     run, as ZO2 keeps them on the GPU. z of this step is kept for the restore, and the +eps state
-    is copied so that the head (tied to the embeddings) can run both passes after the blocks."""
+    is copied so that the head (tied to the embeddings) can run both passes after the blocks.
+    With q > 1 directions (n-SPSA) the perturbed states are out-of-place copies made again for
+    the head (z regenerated), and the masters only receive the update."""
 
     def __init__(self, engine: ZO2Engine, buckets: list[ParamBucket] | None = None):
         a = engine.adapter
@@ -80,30 +86,80 @@ class ResidentSet:
             perturb_(b.master, z, self.engine.zo.eps)
             b.sync()
 
+    def bind_copy(self, seed: int, scale: float) -> None:
+        """n-SPSA: bind theta + scale z(seed) (a copy; the masters stay as they are)."""
+        e = self.engine
+        for (b, z), out in zip(self.pairs, self._plus):
+            with e._span("rng"):
+                e.perturber.fill(z, seed, b.key)
+            b.bind(perturbed_copy(out, b.master, z, scale))
+
+    def unbind_copies(self) -> None:
+        for b, _ in self.pairs:
+            b.bind(b.working)
+
     # -- the keeper interface the engine calls --------------------------------------------
-    def begin(self, seed: int, ids, mask):
-        """Deferred update, +eps, embed (h+), -2 eps, embed (h-); returns (h+, h-, ctx)."""
+    def begin(self, seed: int, micro: list) -> list:
+        """Deferred update, +eps, embed (h+), -2 eps, embed (h-) for each micro-batch (ids, mask);
+        returns [(h+, h-, ctx)] (None for a sign this rank does not run)."""
         e, a = self.engine, self.adapter
         plus, minus = e.signs
         self.to_plus(seed)
+        out = []
         with e._span("embed"):
-            h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
+            for ids, mask in micro:
+                h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
+                out.append([h_plus, None, ctx])
             self.to_minus()
-            if minus:
-                h_minus, ctx = a.embed(ids, mask)  # (B, T, C)
-            else:
-                h_minus = None
-        return h_plus, h_minus, ctx
+            for row, (ids, mask) in zip(out, micro):
+                if minus:
+                    row[1], row[2] = a.embed(ids, mask)  # (B, T, C)
+        return out
 
-    def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
+    def end(self, hs: list, labels: list, counts: list[int]) -> tuple[float, float]:
         """Head on the -eps state, then on the saved +eps state; restore. Returns (l+, l-)."""
-        a = self.adapter
         with self.engine._span("head"):
-            loss_minus = float(a.loss(a.head(h_minus), labels)) if h_minus is not None else None
+            loss_minus = self._losses([h[1] for h in hs], labels, counts)
             self.bind_plus()
-            loss_plus = float(a.loss(a.head(h_plus), labels)) if h_plus is not None else None
+            loss_plus = self._losses([h[0] for h in hs], labels, counts)
         self.restore()
         return loss_plus, loss_minus
+
+    def begin_directions(self, seeds: list[int], micro: list) -> dict:
+        """n-SPSA: apply the deferred update, then embed each micro-batch under every (direction,
+        sign) this rank runs; returns {(j, sign): [(h, ctx)]}."""
+        e, a = self.engine, self.adapter
+        self.flush()
+        out = {}
+        with e._span("embed"):
+            for j, seed in seeds:
+                for sign, scale in self._signed(e.zo.eps):
+                    self.bind_copy(seed, scale)
+                    out[j, sign] = [list(a.embed(ids, mask)) for ids, mask in micro]
+        self.unbind_copies()
+        return out
+
+    def end_directions(self, seeds: list[int], hs: dict, labels: list, counts: list[int]) -> dict:
+        """n-SPSA: head under every (direction, sign); returns {(j, sign): loss}."""
+        e = self.engine
+        out = {}
+        with e._span("head"):
+            for j, seed in seeds:
+                for sign, scale in self._signed(e.zo.eps):
+                    self.bind_copy(seed, scale)
+                    out[j, sign] = self._losses([h for h, _ in hs[j, sign]], labels, counts)
+        self.unbind_copies()
+        return out
+
+    def _signed(self, eps: float) -> list[tuple[int, float]]:
+        plus, minus = self.engine.signs
+        return [(0, eps)] * plus + [(1, -eps)] * minus
+
+    def _losses(self, hs: list, labels: list, counts: list[int]) -> float | None:
+        if hs[0] is None:
+            return None
+        a = self.adapter
+        return weighted_loss([float(a.loss(a.head(h), y)) for h, y in zip(hs, labels)], counts)
 
     def embed(self, ids, mask):
         return self.adapter.embed(ids, mask)
@@ -118,7 +174,8 @@ class ZO2Engine:
     def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
                  streamer=None, recorder: Recorder | None = None, resident=None,
-                 signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None):
+                 signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None,
+                 micro_batches: int = 1, directions: list[int] | None = None):
         check_engine_setup(adapter, zo, precision)
         if adapter.offloaded and streamer is None:
             raise ValueError("this adapter's blocks live in a store: pass streamer=Streamer(store, ...)")
@@ -142,6 +199,12 @@ class ZO2Engine:
         if not any(signs):
             raise ValueError("signs=(False, False): a rank must run at least one perturbed pass")
         self.signs = signs
+        # n-SPSA: the directions (of zo.directions) this rank runs; a single rank runs them all
+        self.directions = list(range(zo.directions)) if directions is None else list(directions)
+        if exchange is None and (self.directions != list(range(zo.directions)) or not all(signs)):
+            raise ValueError("a rank that runs only some signs or directions needs exchange= to combine the losses")
+        self.micro_batches = micro_batches
+        self._oop = None  # n-SPSA: the perturbed copy of the visited block (working dtype)
         self.exchange = exchange
         self.slicer = slicer  # streamed blocks arrive as this rank's shard; see _assemble
         self._skip_pending = False
@@ -191,8 +254,9 @@ class ZO2Engine:
         p, (start, stop) = self.pending, self.slicer.bounds(b.numel)
         if p is not None and stop > start:
             with self._span("update", i):
-                z = self.perturber.fill(self._z_block[: stop - start], p.seed, b.key, start=start, total=b.numel)
-                apply_update_(buf[start:stop], z, p.grad, p.lr, self.zo.weight_decay, b.decay_spans, offset=start)
+                for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
+                    z = self.perturber.fill(self._z_block[: stop - start], seed, b.key, start=start, total=b.numel)
+                    apply_update_(buf[start:stop], z, grad, lr, wd, b.decay_spans, offset=start)
         self.slicer.assemble(buf, b.numel, self.step_count, i)
         self._skip_pending = True
 
@@ -202,8 +266,9 @@ class ZO2Engine:
         if p is None or (self._skip_pending and block >= 0):
             return
         with self._span("update", block):
-            z = self.perturber.fill(scratch[: bucket.numel], p.seed, bucket.key)
-            apply_update_(bucket.master, z, p.grad, p.lr, self.zo.weight_decay, bucket.decay_spans)
+            for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
+                z = self.perturber.fill(scratch[: bucket.numel], seed, bucket.key)
+                apply_update_(bucket.master, z, grad, lr, wd, bucket.decay_spans)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -222,42 +287,82 @@ class ZO2Engine:
     # -- one step ------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, batch: dict, seed: int, lr: float | None = None) -> StepResult:
-        a, eps = self.adapter, self.zo.eps
-        ids, labels, mask = unpack_batch(batch)
-        a.check_batch(ids)
+        a = self.adapter
+        micro = split_micro(batch, self.micro_batches)
+        for ids, _, _ in micro:
+            a.check_batch(ids)
+        labels = [y for _, y, _ in micro]
+        counts = [count_tokens(y) for y in labels]
         lr = self.zo.lr if lr is None else lr
+        q = self.zo.directions
         with compute_context(self.precision.compute, self.device):
-            h_plus, h_minus, ctx = self.resident.begin(seed, ids, mask)
-            h = [h_plus, h_minus]
-
-            # Blocks: update, perturb, dual forward, restore; z generated once per visit.
-            def visit(i: int, b: ParamBucket) -> None:
-                self._apply_pending(b, self._z_block, i)
-                with self._span("rng", i):
-                    zb = self.perturber.fill(self._z_block[: b.numel], seed, b.key)
-                perturb_(b.master, zb, eps)
-                b.sync()
-                if h[0] is not None:
-                    with self._span("forward", i):
-                        h[0] = a.run_block(i, h[0], ctx)
-                perturb_(b.master, zb, -2 * eps)
-                b.sync()
-                if h[1] is not None:
-                    with self._span("forward", i):
-                        h[1] = a.run_block(i, h[1], ctx)
-                perturb_(b.master, zb, eps)
-                b.sync()
-
-            self._sweep(visit)
-
-            loss_plus, loss_minus = self.resident.end(h[0], h[1], labels)
+            if q == 1:
+                losses = [self._in_place(seed, micro, labels, counts)]
+            else:
+                losses = self._out_of_place(seed, micro, labels, counts)
         if self.exchange is not None:
             with self._span("exchange"):
-                loss_plus, loss_minus = self.exchange(loss_plus, loss_minus, count_tokens(labels), self.step_count)
-        grad = projected_grad(loss_plus, loss_minus, eps)
-        self.pending = PendingUpdate(self.step_count, seed, grad, lr)
+                losses = self.exchange(losses, sum(counts), self.step_count)
+        eps = self.zo.eps
+        if q == 1:
+            (loss_plus, loss_minus), terms = losses[0], ()
+            grad = projected_grad(loss_plus, loss_minus, eps)
+        else:
+            terms = tuple((direction_seed(seed, j), projected_grad(lp, lm, eps)) for j, (lp, lm) in enumerate(losses))
+            loss_plus, loss_minus = sum(lp for lp, _ in losses) / q, sum(lm for _, lm in losses) / q
+            grad = sum(g for _, g in terms) / q
+        self.pending = PendingUpdate(self.step_count, seed, grad, lr, terms)
         self.step_count += 1
-        return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr, count_tokens(labels))
+        return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr, sum(counts), terms)
+
+    def _in_place(self, seed: int, micro, labels, counts) -> tuple[float | None, float | None]:
+        """MeZO's step: per block update, +eps, forward h+, -2 eps, forward h-, +eps (z made once)."""
+        a, eps = self.adapter, self.zo.eps
+        hs = self.resident.begin(seed, [(ids, mask) for ids, _, mask in micro])  # [[h+, h-, ctx]]
+
+        def visit(i: int, b: ParamBucket) -> None:
+            self._apply_pending(b, self._z_block, i)
+            with self._span("rng", i):
+                zb = self.perturber.fill(self._z_block[: b.numel], seed, b.key)
+            for k, scale in ((0, eps), (1, -2 * eps)):
+                perturb_(b.master, zb, scale)
+                b.sync()
+                with self._span("forward", i):
+                    for h in hs:
+                        if h[k] is not None:
+                            h[k] = a.run_block(i, h[k], h[2])
+            perturb_(b.master, zb, eps)
+            b.sync()
+
+        self._sweep(visit)
+        return self.resident.end(hs, labels, counts)
+
+    def _out_of_place(self, seed: int, micro, labels, counts) -> list[tuple[float | None, float | None]]:
+        """n-SPSA: per block update, then for each direction this rank runs, the block's perturbed
+        copies theta +- eps z_j carry the forwards; the master is never perturbed."""
+        a, eps = self.adapter, self.zo.eps
+        seeds = [(j, direction_seed(seed, j)) for j in self.directions]
+        hs = self.resident.begin_directions(seeds, [(ids, mask) for ids, _, mask in micro])
+        signed = self.resident._signed(eps)
+        if self._oop is None:
+            self._oop = torch.empty(self._width, dtype=DTYPES[self.precision.storage], device=self.device)
+
+        def visit(i: int, b: ParamBucket) -> None:
+            self._apply_pending(b, self._z_block, i)
+            b.sync()
+            for j, s in seeds:
+                with self._span("rng", i):
+                    zb = self.perturber.fill(self._z_block[: b.numel], s, b.key)
+                for sign, scale in signed:
+                    b.bind(perturbed_copy(self._oop[: b.numel], b.master, zb, scale))
+                    with self._span("forward", i):
+                        for h in hs[j, sign]:
+                            h[0] = a.run_block(i, h[0], h[1])
+            b.bind(b.working)
+
+        self._sweep(visit)
+        got = self.resident.end_directions(seeds, hs, labels, counts)
+        return [(got.get((j, 0)), got.get((j, 1))) for j in range(self.zo.directions)]
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> float:

@@ -2,8 +2,10 @@
 
 ZO2 (arXiv 2503.12668, Sec. 3.1) keeps the blocks in CPU memory and streams them through the
 GPU; its disk offloading is a stub. Tiers here:
-- ``host``: one flat tensor per block in CPU memory, pinned when the working device is CUDA,
-  else in shared memory (so several local ranks can later map one copy);
+- ``host``: one flat tensor per block in CPU memory, pinned when the working device is CUDA;
+  for several ranks on one node, :class:`SharedHostStore`: one copy of the node's blocks in a
+  /dev/shm file that every local rank maps (two slots per block, as on disk, so a rank that
+  is a step behind never reads a block a faster rank has already updated);
 - ``disk``: a directory of raw per-block files plus ``manifest.json``. Each block file has two
   slots (header: magic + the step it holds, then the fp32 values). A visit reads the block's
   latest slot and writes the other; ``commit(step)`` (after the step's seed-log record is on
@@ -59,6 +61,74 @@ class HostStore:
         pass
 
 
+class SharedHostStore:
+    """Block masters of every rank of a node in one shared-memory file (one copy per node).
+
+    Sliced ranks (slots=1) each read and write only their own shard: one copy, no rank ever
+    touches another's elements. Ranks that move whole blocks (slots=2) read the slot holding a
+    block's latest values and write the other, which then is the latest: every rank keeps this
+    map for itself, and all ranks visit the blocks in the same order, step by step (the loss
+    exchange ends every step), so a slow rank still reads the block of its own step while a fast
+    one writes the next (with one slot it would apply an update twice); the ranks write identical
+    bytes, their arithmetic being the same. The file is unlinked once every rank has mapped it,
+    so nothing is left in /dev/shm whatever happens to the ranks."""
+
+    tier = "host"
+
+    def __init__(self, path: str, keys: list[str], numels: list[int], create: bool, pin: bool = False,
+                 slots: int = 2):
+        if slots not in (1, 2):
+            raise ValueError(f"slots={slots} is not valid; choose 1 (sliced ranks) or 2 (whole blocks)")
+        self.keys, self.numels, self.slots = list(keys), list(numels), slots
+        self.offsets, total = [], 0
+        for n in self.numels:
+            self.offsets.append(total)
+            total += slots * n
+        if create:
+            with open(path, "wb") as f:
+                f.truncate(total * 4)
+        self.path, self.nbytes_total = path, total * 4
+        self.flat = torch.from_file(path, shared=True, size=total, dtype=torch.float32)
+        if pin:  # page-locked for async CUDA copies, in place (cudaHostRegister)
+            torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), self.nbytes_total, 0)
+        self.pinned = pin
+        self._latest = [0] * len(self.numels)
+        self.committed = -1
+
+    def slot(self, i: int, which: int) -> torch.Tensor:
+        n = self.numels[i]
+        return self.flat[self.offsets[i] + which * n : self.offsets[i] + (which + 1) * n]
+
+    def fill(self, i: int, values: torch.Tensor) -> None:
+        """The start values of block i (written once, by the node's first rank)."""
+        self.slot(i, 0).copy_(values)
+
+    def nbytes(self, i: int) -> int:
+        return self.numels[i] * 4
+
+    def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        dst.copy_(self.slot(i, self._latest[i])[start : start + dst.numel()], non_blocking=non_blocking)
+
+    def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        nxt = (self._latest[i] + 1) % self.slots
+        self.slot(i, nxt)[start : start + src.numel()].copy_(src, non_blocking=non_blocking)
+        self._latest[i] = nxt
+
+    def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None) -> None:
+        self.committed = step
+
+    def unlink(self) -> None:
+        """Remove the file's name (the mappings stay valid until every rank closes)."""
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+            self.pinned = False
+        self.flat = None
+
+
 class DiskStore:
     """Per-bucket two-slot files + manifest; crash-safe at step granularity.
 
@@ -104,15 +174,15 @@ class DiskStore:
         head = os.pread(self._fds[key], 16, self._offset(key, slot))
         return struct.unpack("<q", head[8:])[0] if head[:8] == MAGIC else None
 
-    def _read(self, key: str, slot: int, dst: torch.Tensor) -> None:
-        _pread_full(self._fds[key], _bytes_view(dst), self._offset(key, slot) + HEADER)
+    def _read(self, key: str, slot: int, dst: torch.Tensor, start: int = 0) -> None:
+        _pread_full(self._fds[key], _bytes_view(dst), self._offset(key, slot) + HEADER + 4 * start)
         self.bytes_read += dst.numel() * 4
 
-    def _write(self, key: str, src: torch.Tensor, step: int) -> None:
+    def _write(self, key: str, src: torch.Tensor, step: int, start: int = 0) -> None:
         src = src if src.device.type == "cpu" else src.cpu()  # device buffers go through the host
         slot = (self.committed + 1) % 2  # never the committed slot
         fd, off = self._fds[key], self._offset(key, slot)
-        _pwrite_full(fd, _bytes_view(src), off + HEADER)
+        _pwrite_full(fd, _bytes_view(src), off + HEADER + 4 * start)
         os.pwrite(fd, MAGIC + struct.pack("<q", step), off)  # the header last: the slot is whole
         self.bytes_written += src.numel() * 4
         self._latest[key] = slot
@@ -122,15 +192,20 @@ class DiskStore:
         return self.numels[i] * 4
 
     def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        """Elements [start, start + len(dst)) of block i (a sliced rank reads its shard)."""
         key = self.keys[i]
-        if start or dst.numel() != self._numel[key]:
-            raise ValueError("the disk tier reads whole buckets (sharded stores are not built yet)")
-        self._read(key, self._latest[key], dst)
+        if start < 0 or start + dst.numel() > self._numel[key]:
+            raise ValueError(f"read of [{start}, {start + dst.numel()}) is outside bucket {key} "
+                             f"({self._numel[key]} elements)")
+        self._read(key, self._latest[key], dst, start)
 
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
-        if start or src.numel() != self._numel[self.keys[i]]:
-            raise ValueError("the disk tier writes whole buckets (sharded stores are not built yet)")
-        self._write(self.keys[i], src, self.committed + 1)
+        """Block i's new values (or a sliced rank's shard of them) into the non-committed slot."""
+        key = self.keys[i]
+        if start < 0 or start + src.numel() > self._numel[key]:
+            raise ValueError(f"write of [{start}, {start + src.numel()}) is outside bucket {key} "
+                             f"({self._numel[key]} elements)")
+        self._write(key, src, self.committed + 1, start)
 
     def write_resident(self, key: str, src: torch.Tensor) -> None:
         """Write a resident bucket's new state (the non-committed slot, like a block visit)."""
@@ -163,10 +238,18 @@ class DiskStore:
         self._read(key, self._latest[key], out)
         return out
 
-    def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None) -> None:
-        """Persist the resident buckets for `step`, then move the manifest to it (atomic rename)."""
+    def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None, leader: bool = True) -> None:
+        """Persist the resident buckets for `step`, then move the manifest to it (atomic rename).
+
+        Several ranks sharing the store all call it once every rank's writes of the step have
+        landed (a barrier); only the leader writes the resident buckets and the manifest."""
         if step != self.committed + 1:
             raise RuntimeError(f"commit({step}) after step {self.committed}: steps commit in order")
+        if not leader:
+            for k in self._fds:  # the leader writes the resident buckets' slots
+                self._latest[k] = step % 2
+            self.committed = step
+            return
         for key, t in (resident or {}).items():
             self._write(key, t, step)
         missing = [k for k in self._fds if self._latest[k] != step % 2]

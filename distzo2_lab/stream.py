@@ -128,7 +128,7 @@ class Streamer:
         label = self._sweep_steps.get(v // self.n, self.step + 1)
         if self.cuda:  # the span is the copy on the upload stream, timed by CUDA events
             if self.staging is not None:  # disk -> pinned staging -> device
-                self.store.read_into(i, self.staging[: view.numel()])
+                self.store.read_into(i, self.staging[: view.numel()], start=start)
             with torch.cuda.stream(self.up_stream), \
                     self.recorder.cuda_span("upload", "upload", label, i, nbytes, stream=self.up_stream):
                 if self.staging is not None:

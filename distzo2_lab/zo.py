@@ -16,15 +16,61 @@ import torch
 
 @dataclass(frozen=True)
 class PendingUpdate:
-    """An update that has been decided (g known) but not yet applied to every bucket."""
+    """An update that has been decided (g known) but not yet applied to every bucket.
+
+    With q > 1 directions (n-SPSA) `terms` holds (seed_j, g_j) of every direction and the update
+    is theta <- theta - (lr / q) sum_j g_j z_j - lr wd theta; `seed` / `grad` are then direction
+    0's seed and the mean of the g_j (what a log line shows)."""
 
     step: int
     seed: int
     grad: float
     lr: float
+    terms: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def updates(self, weight_decay: float) -> list[tuple[int, float, float, float]]:
+        """(seed, g, lr, wd) of each apply_update_ call, in order: one per direction."""
+        if not self.terms:
+            return [(self.seed, self.grad, self.lr, weight_decay)]
+        q = len(self.terms)
+        # decay once (keep = 1 - lr * wd, written with the scaled lr so that lr / q * (wd * q) = lr * wd)
+        return [(s, g, self.lr / q, weight_decay * q if j == 0 else 0.0) for j, (s, g) in enumerate(self.terms)]
+
+
+def direction_seed(seed: int, j: int) -> int:
+    """Seed of perturbation direction j of a step (n-SPSA); direction 0 is the step seed itself."""
+    from .perturb import chunk_seed
+
+    return seed if j == 0 else chunk_seed(seed, "direction", j)
+
+
+def perturbed_copy(out: torch.Tensor, master: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+    """out <- theta + scale * z, theta untouched: the out-of-place perturbation of n-SPSA (every
+    rank keeps the exact master whatever directions it ran)."""
+    return torch.add(master, z, alpha=scale, out=out)
+
+
+def split_micro(batch: dict, micro_batches: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(input_ids, labels, attention_mask) of each of `micro_batches` equal row slices."""
+    ids, labels, mask = unpack_batch(batch)
+    rows = ids.shape[0]
+    if micro_batches < 1 or rows % micro_batches:
+        raise ValueError(f"micro_batches={micro_batches} does not divide this batch of {rows} rows")
+    n = rows // micro_batches
+    return [(ids[k : k + n], labels[k : k + n], None if mask is None else mask[k : k + n])
+            for k in range(0, rows, n)]
+
+
+def weighted_loss(losses: list[float | None], counts: list[int]) -> float | None:
+    """Token-weighted mean of micro-batch losses (= the loss of their union); one passes through."""
+    if losses[0] is None:
+        return None
+    if len(losses) == 1:
+        return losses[0]
+    return sum(v * n for v, n in zip(losses, counts)) / sum(counts)
 
 
 def projected_grad(loss_plus: float, loss_minus: float, eps: float) -> float:
@@ -69,6 +115,8 @@ class StepResult:
     grad: float
     lr: float
     tokens: int
+    terms: tuple = ()
+    """n-SPSA: (seed_j, g_j) of every direction; loss_plus / loss_minus / grad are then means."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +131,10 @@ def unpack_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor 
 
 
 def count_tokens(labels: torch.Tensor) -> int:
-    """Tokens that carry loss (next-token targets that are not -100)."""
+    """Targets that carry loss: next-token targets that are not -100 for (B, T) labels, examples
+    whose label is not -100 for one label per sequence (B,) (a classifier)."""
+    if labels.dim() == 1:
+        return int((labels != -100).sum())
     return int((labels[:, 1:] != -100).sum())
 
 

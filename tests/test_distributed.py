@@ -171,3 +171,64 @@ def test_slicing_changes_no_number(layout, tmp_path):
     start, stop = Slicer(0, layout.world_size, cfg.zo.chunk_size).bounds(49984)  # a tiny block's shard
     visits = len([s for s in spans if s.lane == "upload"])
     assert up == visits * (stop - start) * 4 and stop - start < 49984 * 0.75
+
+
+def test_nspsa_layouts_equal_the_single_rank_engine():
+    """pert = 2q: one (direction, sign) per rank; pert = 2 with q = 2: each rank runs one sign of both
+    directions, sliced over a shared host store. Out-of-place perturbation: bit-exact."""
+    cfg = dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, directions=2))
+    single = train(cfg, progress=False)
+    assert single["steps"] != train(CFG, progress=False)["steps"]
+    per_rank = run_layout(Layout(dp=1, pert=4), cfg)
+    assert {r["digest"] for r in per_rank.values()} == {single["digest"]}
+    assert per_rank[0]["steps"] == single["steps"] and per_rank[0]["exchange_bytes"] == 2 * 32
+    sliced = run_layout(Layout(dp=1, pert=2, slice=True), dataclasses.replace(cfg, offload=OffloadConfig(tier="host")))
+    assert {r["digest"] for r in sliced.values()} == {single["digest"]} and sliced[0]["steps"] == single["steps"]
+
+
+def test_stores_shared_by_the_ranks_of_a_node(single, tmp_path):
+    """Host tier: one /dev/shm copy per node (unlinked once mapped); disk tier: one store directory
+    for every rank, the leader commits. Both give the single-rank numbers."""
+    from distzo2_lab.entrypoints import node_memory
+
+    host = run_layout(Layout(dp=1, pert=2), dataclasses.replace(CFG, offload=OffloadConfig(tier="host")))
+    assert {r["digest"] for r in host.values()} == {single["digest"]}
+    disk_cfg = dataclasses.replace(CFG, offload=OffloadConfig(tier="disk", store=str(tmp_path / "store")))
+    disk = run_layout(Layout(dp=1, pert=2, slice=True), disk_cfg)
+    assert {r["digest"] for r in disk.values()} == {single["digest"]} and disk[0]["steps"] == single["steps"]
+    import json
+
+    assert json.load(open(tmp_path / "store" / "manifest.json"))["committed"] == CFG.steps - 1
+    assert len(open(tmp_path / "store" / "seedlog.jsonl").readlines()) == CFG.steps + 1  # one writer
+    two_d = run_layout(Layout(dp=2, pert=2, slice=True), dataclasses.replace(CFG, offload=OffloadConfig(tier="host")))
+    (node,) = node_memory(two_d).values()
+    # sliced: one slot, one copy of the 2 tiny blocks (2 x 49984 fp32) for the node's 4 ranks
+    assert node["ranks"] == 4 and node["shared_store_mb"] == pytest.approx(2 * 49984 * 4 / 2**20)
+    assert node["copy_per_rank_mb"] - node["total_mb"] == pytest.approx(3 * node["shared_store_mb"])
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("distzo2-")]  # nothing left behind
+
+
+def test_gradient_accumulation_across_dp_groups():
+    """DDP(2) x 2 micro-batches each = one rank x 4 micro-batches (token-weighted, float order aside)."""
+    one = train(dataclasses.replace(CFG, micro_batches=4), progress=False)
+    ddp = run_layout(Layout(dp=2, pert=1), dataclasses.replace(CFG, micro_batches=2))
+    assert len({r["digest"] for r in ddp.values()}) == 1
+    for mine, ref in zip(ddp[0]["steps"], one["steps"]):
+        assert mine["loss_plus"] == pytest.approx(ref["loss_plus"], rel=1e-5)
+        assert mine["projected_grad"] == pytest.approx(ref["projected_grad"], abs=5e-3)
+    with pytest.raises(ConfigError, match="micro_batches=4 does not divide the 2 rows of each of dp=2 groups"):
+        validate_layout(Layout(2, 1), 2, 4, micro_batches=4)
+
+
+def test_nspsa_layout_validation_and_plan(capsys):
+    with pytest.raises(ConfigError, match="pert=4 does not fit zo.directions=1.*choose pert in 1, 2"):
+        validate_layout(Layout(1, 4), 4, 8)
+    with pytest.raises(ConfigError, match="pert=4 does not fit zo.directions=3"):
+        validate_layout(Layout(1, 4), 4, 8, directions=3)
+    assert Layout(1, 4).directions(2, 2) == [1] and Layout(1, 2).directions(1, 2) == [0, 1]
+    from distzo2_lab.cli import main
+
+    assert main(["train", "--layout", "dp=1,pert=4", "--batch-size", "4", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "rank 3: dp 0, pert 3: batch rows 0..3, runs -eps of direction 1 (n-SPSA)" in plan
+    assert "8 float64 scalars" in plan
