@@ -13,7 +13,7 @@ import torch
 
 from .config import PrecisionConfig, ZOConfig
 from .engine import ZO2Engine
-from .models import OPTAdapter, build_model
+from .models import adapter_for, build_model
 from .perturb import step_seed
 from .reference import EagerMeZO
 from .zo import compute_context
@@ -36,7 +36,7 @@ def efficiency(model: str = "opt-125m", batch: int = 8, seq: int = 128, precisio
     torch.set_num_threads(threads)
     prec = PrecisionConfig(compute=precision)
     zo = ZOConfig(lr=1e-6, eps=1e-3)
-    adapter = OPTAdapter(build_model(model, seed=seed))
+    adapter = adapter_for(build_model(model, seed=seed))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, adapter.config.vocab_size, (batch, seq), generator=g)
     b = {"input_ids": ids}

@@ -107,12 +107,12 @@ def forward_worker(rank: int, world_size: int, q, model: str, batch: int, seq: i
     """Median seconds of one no-grad forward of a (batch x seq) batch; all ranks start together.
 
     Used for T1c only when no benchmarked world has `total_threads` single-threaded ranks."""
-    from .models import OPTAdapter, build_model
+    from .models import adapter_for, build_model
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        adapter = OPTAdapter(build_model(model, seed=seed))
+        adapter = adapter_for(build_model(model, seed=seed))
         ids = torch.randint(4, adapter.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
         return _time_forward(adapter, ids, repeats)
     finally:

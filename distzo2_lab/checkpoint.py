@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ZOConfig
-from .models.opt import OPTAdapter
+from .models.base import BlockAdapter
 from .perturb import Perturber
 from .zo import PendingUpdate, apply_update_, perturb_
 
 
-def digest(adapter: OPTAdapter, values=None) -> str:
+def digest(adapter: BlockAdapter, values=None) -> str:
     """sha256 of every unique parameter (fp32 bytes, canonical bucket order, names included).
 
     `values(bucket) -> flat fp32 tensor` supplies buckets whose values live in a store."""
@@ -38,7 +38,7 @@ def digest(adapter: OPTAdapter, values=None) -> str:
 
 
 
-def load_weights(adapter: OPTAdapter, path: str) -> None:
+def load_weights(adapter: BlockAdapter, path: str) -> None:
     tensors = load_file(path)
     missing = [s.name for b in adapter.buckets for s in b.slots if s.name not in tensors]
     if missing:
@@ -93,7 +93,7 @@ class SeedLog:
 
 
 @torch.no_grad()
-def replay(adapter: OPTAdapter, log: SeedLog, threads: int = 1) -> None:
+def replay(adapter: BlockAdapter, log: SeedLog, threads: int = 1) -> None:
     """Apply every logged step to the adapter's weights (which must be the log's base)."""
     zo = log.zo
     perturber = Perturber(zo.noise, zo.chunk_size, threads)

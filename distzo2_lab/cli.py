@@ -21,6 +21,7 @@ from .config import (
     ZOConfig,
     validate,
 )
+from .plan import cli as plan_cli
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +34,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=z.weight_decay)
     p.add_argument("--noise", default=z.noise, help=f"one of {', '.join(NOISE_KINDS)}")
     p.add_argument("--chunk-size", type=int, default=z.chunk_size)
+    p.add_argument("--directions", type=int, default=None,
+                   help="n-SPSA: perturbation directions per step (default 1, or pert/2 with --layout)")
+    p.add_argument("--micro-batches", type=int, default=d.micro_batches,
+                   help="gradient accumulation: micro-batches per step inside every block visit")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--precision", default="fp32", help=f"compute dtype, one of {', '.join(COMPUTE_DTYPES)}")
@@ -40,7 +45,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master", default="fp32", help=f"master copy, one of {', '.join(MASTER_DTYPES)}")
     p.add_argument("--engine", default=d.engine, help=f"one of {', '.join(ENGINES)}")
     p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--data", default=None, help="text or TSV file for --task text")
+    p.add_argument("--data", default=None, help="text or TSV file for --task text; directory for --task sst2")
+    p.add_argument("--shots", type=int, default=None, help="--task sst2: k examples per class (k-shot)")
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     o = OffloadConfig()
@@ -50,6 +56,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--link-gbps", type=float, default=None, help="simulate a link of this bandwidth (GB/s)")
     p.add_argument("--lean", action="store_true", help="disk tier: park the embeddings in the store too")
     p.add_argument("--trace", default=None, help="write span events (JSONL) and a Chrome trace here")
+    p.add_argument("--profile", default=None, help="torch.profiler traces (Perfetto, TensorBoard) into this directory")
     p.add_argument("--layout", default=None, help="distributed layout dp=D,pert=P (DistZO2)")
     p.add_argument("--world-size", type=int, default=None, help="ranks to launch (default: dp x pert)")
     p.add_argument("--slice", action="store_true", help="each rank moves one shard of every block (DistZO2)")
@@ -61,11 +68,22 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _default_directions(layout: str | None) -> int:
+    """pert = 2q runs q directions (n-SPSA) unless --directions says otherwise."""
+    if not layout:
+        return 1
+    from .mesh import parse_layout
+
+    return max(1, parse_layout(layout).pert // 2)
+
+
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
     return validate(TrainConfig(
         model=a.model, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len,
-        engine=a.engine, task=a.task, data=a.data, threads=a.threads, device=a.device,
-        zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size),
+        micro_batches=a.micro_batches,
+        engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=a.threads, device=a.device,
+        zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size,
+                    directions=a.directions or _default_directions(a.layout)),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
         offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps,
                               lean=a.lean),
@@ -78,23 +96,36 @@ def _print_summary(s: dict, a) -> None:
         busy = ", ".join(f"{k} {v:.0%}" for k, v in o["busy"].items())
         hidden = "n/a" if o["hidden_fraction"] is None else f"{o['hidden_fraction']:.0%}"
         print(f"lanes busy: {busy}; transfer hidden under compute: {hidden}; trace in {a.trace}")
+    if "profile" in s:
+        print(f"profiler trace {s['profile']['chrome']} (open in ui.perfetto.dev); "
+              f"tensorboard --logdir {s['profile']['tensorboard']}")
     print(f"loss {s['eval_loss_start']:.4f} -> {s['eval_loss_end']:.4f}; digest {s['digest'][:16]}; "
           f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MiB; summary in {a.out}/summary.json")
 
 
-def plan_text(layout, batch_size: int) -> str:
+def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int = 1, device: str = "cpu") -> str:
     """What each rank of a layout does, without starting anything."""
+    import torch
+
+    from .mesh import choose_backend
+
     rows = batch_size // layout.dp
-    lines = [f"layout {layout.describe()}: mesh (dp={layout.dp}, pert={layout.pert}), gloo on 127.0.0.1"]
+    backend = choose_backend(device, layout.world_size, torch.cuda.device_count() if device == "cuda" else 0)
+    lines = [f"layout {layout.describe()}: mesh (dp={layout.dp}, pert={layout.pert}), {backend} on 127.0.0.1"]
     for r in range(layout.world_size):
         d, p = layout.coords(r)
         plus, minus = layout.signs(r)
         passes = "+eps and -eps (dual forward)" if plus and minus else ("+eps" if plus else "-eps")
-        lines.append(f"  rank {r}: dp {d}, pert {p}: batch rows {d * rows}..{(d + 1) * rows - 1}, runs {passes}")
+        dirs = layout.directions(r, directions)
+        if directions > 1:
+            passes += f" of direction{'s' if len(dirs) > 1 else ''} {', '.join(map(str, dirs))} (n-SPSA)"
+        micro = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
+        lines.append(f"  rank {r}: dp {d}, pert {p}: batch rows {d * rows}..{(d + 1) * rows - 1}{micro}, runs {passes}")
     if layout.slice:
         lines.append(f"  sliced: each rank uploads and writes back 1/{layout.world_size} of every block; "
                      "the ranks all-gather the shards")
-    lines.append("  per step every rank all-gathers 4 float64 scalars (l+, l-, tokens) for the optimiser")
+    lines.append(f"  per step every rank all-gathers {4 * directions} float64 scalars (l+, l-, tokens per direction) "
+                 "for the optimiser")
     return "\n".join(lines)
 
 
@@ -110,7 +141,7 @@ def cmd_train(a) -> int:
             print(f"single rank: {cfg.engine} engine, {cfg.offload.tier} tier; nothing launched")
             return 0
         _print_summary(train(cfg, out=a.out, save=a.save, resume=a.resume, progress=not a.no_progress,
-                             trace=a.trace), a)
+                             trace=a.trace, profile=a.profile), a)
         return 0
     import dataclasses
 
@@ -119,29 +150,35 @@ def cmd_train(a) -> int:
     layout = parse_layout(a.layout) if a.layout else Layout(dp=a.world_size or int(os.environ["WORLD_SIZE"]))
     layout = dataclasses.replace(layout, slice=a.slice)
     world = a.world_size or (int(os.environ["WORLD_SIZE"]) if distributed_env else layout.world_size)
-    validate_layout(layout, world, cfg.batch_size)
+    validate_layout(layout, world, cfg.batch_size, directions=cfg.zo.directions, micro_batches=cfg.micro_batches)
     if a.save or a.resume:
         raise ConfigError("--save / --resume are single-rank for now; a distributed run writes --out")
     if a.dry_run:
-        print(plan_text(layout, cfg.batch_size))
+        print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device))
         return 0
     if distributed_env:  # started by torchrun: this process is one rank
         from .entrypoints import train_worker
 
         rank = int(os.environ["RANK"])
-        r = train_worker(rank, world, None, cfg, layout, a.out if rank == 0 else None, a.trace)
+        r = train_worker(rank, world, None, cfg, layout, a.out if rank == 0 else None, a.trace, profile=a.profile)
         if rank == 0:
             print(f"rank 0 of {world}: digest {r['digest'][:16]}; summary in {a.out}/summary.json")
         return 0
     from .entrypoints import train_worker
     from .launch import format_event, launch
 
-    results = launch(train_worker, world, args=(cfg, layout, a.out, a.trace), timeout=a.timeout).wait(
+    results = launch(train_worker, world, args=(cfg, layout, a.out, a.trace, False, a.profile),
+                     timeout=a.timeout).wait(
         on_event=None if a.no_progress else lambda rank, ev: print(format_event(rank, ev)))
     digests = {r["digest"] for r in results.values()}
     print(f"{layout.describe()}: {'identical' if len(digests) == 1 else 'DIFFERENT'} weights on every rank "
           f"(digest {results[0]['digest'][:16]}); {results[0]['exchange_bytes']:.0f} bytes exchanged per rank "
           f"per step; summary in {a.out}/summary.json")
+    from .entrypoints import node_memory
+
+    for node, m in node_memory(results).items():
+        print(f"memory on {node}: {m['total_mb']:.0f} MiB = {m['ranks']} ranks' private {m['private_mb']:.0f} MiB "
+              f"+ one shared store {m['shared_store_mb']:.0f} MiB (a store per rank: {m['copy_per_rank_mb']:.0f} MiB)")
     return 0 if len(digests) == 1 else 1
 
 
@@ -210,6 +247,15 @@ def cmd_rebuild(a) -> int:
     return 0
 
 
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(a.checkpoint, a.data, a.split, a.task, a.limit, a.batch_size, a.threads)
+    print(json.dumps(r, indent=1) if a.json else
+          f"{r['split']}: accuracy {r['accuracy']:.4f} ({r['correct']} of {r['examples']} examples)")
+    return 0
+
+
 def _bench_parser(bsub, name: str, help_text: str, fn) -> argparse.ArgumentParser:
     """A `distzo2 bench NAME` parser with the arguments every model benchmark takes."""
     p = bsub.add_parser(name, help=help_text)
@@ -252,12 +298,23 @@ def build_parser() -> argparse.ArgumentParser:
     sc = _bench_parser(bsub, "scaling", "tokens/s at world 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads",
                        cmd_bench_scaling)
     sc.add_argument("--steps", type=int, default=3)
+    plan_cli.add_parser(sub)
     r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
     r.add_argument("seedlog")
     r.add_argument("--save", default=None, help="write the rebuilt checkpoint here")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_rebuild)
+    ev = sub.add_parser("eval", help="a checkpoint's accuracy on a split (SST-2)")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (train --save)")
+    ev.add_argument("--task", default="sst2", help="one of sst2")
+    ev.add_argument("--data", required=True, help="directory holding train.tsv / dev.tsv / test.tsv")
+    ev.add_argument("--split", default="dev", help="train, validation (samples of train.tsv), dev or test")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of this many examples")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(fn=cmd_eval)
     return p
 
 

@@ -39,7 +39,7 @@ def combine(table: torch.Tensor) -> tuple[float, float]:
 
 
 class LossExchange:
-    """exchange(l+, l-, tokens, step) for a process group; records its bytes as a span."""
+    """exchange([(l+, l-) per direction], tokens, step) for a process group; records its bytes as a span."""
 
     def __init__(self, group=None, recorder: Recorder | None = None, device: str = "cpu"):
         self.group, self.device = group, device  # nccl needs the scalars on the rank's GPU

@@ -15,7 +15,7 @@ COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
 MASTER_DTYPES = ("fp32", "none")
 ENGINES = ("zo2", "eager")
-TASKS = ("synthetic", "text")
+TASKS = ("synthetic", "text", "sst2")
 DEVICES = ("cpu", "cuda")
 OFFLOAD_TIERS = ("resident", "host", "disk")
 
@@ -39,6 +39,10 @@ class ZOConfig:
     """Distribution of z: 'gaussian' (N(0, 1)) or 'rademacher' (+1/-1 with equal odds)."""
     chunk_size: int = 1 << 20
     """Elements per noise chunk; any chunk-aligned slice of z regenerates on its own."""
+    directions: int = 1
+    """q independent perturbation directions per step, updates averaged (n-SPSA, MeZO's variant).
+    q = 1 is MeZO's in-place step; q > 1 perturbs out of place (theta + eps z_j into a scratch
+    copy), and a layout with pert = 2q runs one (direction, sign) per rank."""
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,21 @@ class TrainConfig:
     """Sequences per step."""
     seq_len: int = 32
     """Tokens per sequence; must not exceed the model's position table."""
+    micro_batches: int = 1
+    """Gradient accumulation: each rank's rows run as this many micro-batches inside every block
+    visit (activation memory of one micro-batch per forward); their losses are token-weighted, so
+    the step sees the loss of the whole batch. It must divide the rows of each dp group."""
     engine: str = "zo2"
     """'zo2' (block engine: dual forward, deferred fused update) or 'eager' (MeZO reference)."""
     task: str = "synthetic"
-    """'synthetic' (embedded learnable sequences) or 'text' (causal LM on ``data``)."""
+    """'synthetic' (embedded learnable sequences), 'text' (causal LM on ``data``) or 'sst2'
+    (SST-2 classification in MeZO's protocol, from the directory ``data``)."""
     data: str | None = None
-    """Text or TSV file for task='text' (TSV: first column, header skipped)."""
+    """Text or TSV file for task='text' (TSV: first column, header skipped); for task='sst2' a
+    directory holding train.tsv / dev.tsv (/ test.tsv)."""
+    shots: int | None = None
+    """task='sst2': k examples per class for train and for validation (k-shot, MeZO uses 16 and
+    512); None samples 1000 train / 500 validation examples."""
     threads: int = 2
     """torch intra-op threads and noise-generation threads."""
     device: str = "cpu"
@@ -122,6 +135,7 @@ def validate_zo(zo: ZOConfig) -> ZOConfig:
         raise ConfigError(f"zo.weight_decay={zo.weight_decay!r} is not valid; it must be >= 0")
     _choice("zo.noise", zo.noise, NOISE_KINDS)
     _positive("zo.chunk_size", zo.chunk_size, integer=True)
+    _positive("zo.directions", zo.directions, integer=True)
     return zo
 
 
@@ -173,6 +187,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"seed={cfg.seed!r} is not valid; it must be an integer >= 0")
     _positive("batch_size", cfg.batch_size, integer=True)
     _positive("seq_len", cfg.seq_len, integer=True)
+    _positive("micro_batches", cfg.micro_batches, integer=True)
+    if cfg.batch_size % cfg.micro_batches:
+        fits = ", ".join(str(m) for m in range(1, cfg.batch_size + 1) if cfg.batch_size % m == 0)
+        raise ConfigError(f"micro_batches={cfg.micro_batches} does not divide batch_size={cfg.batch_size}; "
+                          f"choose one of {fits}")
     if cfg.seq_len < 2:
         raise ConfigError(f"seq_len={cfg.seq_len} is not valid; a causal LM loss needs seq_len >= 2")
     _choice("engine", cfg.engine, ENGINES)
@@ -180,7 +199,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.task == "text" and not cfg.data:
         raise ConfigError("task='text' needs data=PATH (a .txt or .tsv file)")
     if cfg.task == "synthetic" and cfg.data:
-        raise ConfigError(f"data={cfg.data!r} is only read by task='text'; choose task='text' or drop data")
+        raise ConfigError(f"data={cfg.data!r} is only read by task='text' or 'sst2'; choose one of them or drop data")
+    if cfg.task == "sst2" and not cfg.data:
+        raise ConfigError("task='sst2' needs data=DIR (a directory holding train.tsv and dev.tsv)")
+    if cfg.shots is not None:
+        _positive("shots", cfg.shots, integer=True)
+        if cfg.task != "sst2":
+            raise ConfigError(f"shots={cfg.shots} is only read by task='sst2'; choose task='sst2' or shots=None")
     _positive("threads", cfg.threads, integer=True)
     _choice("device", cfg.device, DEVICES)
     if cfg.device == "cuda":
@@ -191,6 +216,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     validate_zo(cfg.zo)
     validate_precision(cfg.precision)
     validate_offload(cfg.offload)
+    if cfg.offload.lean and cfg.zo.directions > 1:
+        raise ConfigError(f"offload.lean=True runs MeZO's in-place step; zo.directions={cfg.zo.directions} (n-SPSA) "
+                          "perturbs out of place. Choose offload.lean=False or zo.directions=1")
     if cfg.offload.tier != "resident" and cfg.engine == "eager":
         raise ConfigError("engine='eager' is the resident reference; offload.tier='host' or 'disk' needs engine='zo2'")
     return cfg

@@ -1,56 +1,129 @@
-"""`distzo2 demo`: the main job on embedded defaults, in well under two minutes on 2 CPU cores.
+"""`distzo2 demo`: a real two-rank DistZO2 run on embedded defaults, and its HTML report.
 
 1. checks that the ZO2 engine reproduces the eager MeZO reference bit for bit (5 steps);
-2. ZO fine-tunes the tiny OPT on the synthetic task with the ZO2 engine;
-3. rebuilds the fine-tuned weights from base model + seed log and checks the digest;
-4. writes summary.json, seedlog.jsonl, a checkpoint and loss.html under `out`.
+2. ZO fine-tunes the tiny OPT on the synthetic task with PertP over two launched ranks
+   (dp=1 x pert=2: one rank runs +eps, the other -eps) and the host tier, every rank
+   streaming its blocks through the upload / compute / offload lanes and sending its spans live;
+3. checks that both ranks hold the same weights and that base model + seed log rebuild them;
+4. writes summary.json, seedlog.jsonl, per-rank traces and ``report.html`` (layout, metrics,
+   timeline, loss curve; one self-contained file) under `out`, and prints where it is.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
+from dataclasses import asdict
 
+import plotly.graph_objects as go
 import torch
 
-from .checkpoint import digest
-from .config import TrainConfig, replace
+from .checkpoint import SeedLog, digest, save_checkpoint
+from .config import OffloadConfig, TrainConfig, replace
+from .entrypoints import train_worker
+from .launch import launch
+from .live import LiveView
+from .mesh import Layout
+from .metrics import metrics_rows, run_metrics, tokens_rate
+from .report import write_report
 from .train import rebuild, train
-from .viz import loss_figure
+from .viz import bubble_figure, loss_figure, timeline_figure
 
 
-def run_demo(out: str = "runs/demo", steps: int = 300) -> dict:
-    t0 = time.perf_counter()
-    cfg = TrainConfig(steps=steps)
-    print(f"distzo2 demo: tiny OPT, synthetic counting task, {steps} ZO steps, batch {cfg.batch_size}x"
-          f"{cfg.seq_len}, lr {cfg.zo.lr}, eps {cfg.zo.eps}, {cfg.threads} threads")
-
-    probe = replace(cfg, steps=5)
+def _engine_check(cfg: TrainConfig) -> bool:
+    probe = replace(cfg, steps=5, offload=OffloadConfig())
     eager = train(replace(probe, engine="eager"), progress=False)
     zo2 = train(probe, progress=False)
-    same = all(
-        (a["loss_plus"], a["loss_minus"], a["projected_grad"]) == (b["loss_plus"], b["loss_minus"], b["projected_grad"])
-        for a, b in zip(eager["steps"], zo2["steps"])
-    ) and eager["digest"] == zo2["digest"]
-    print(f"[1/3] ZO2 engine vs eager MeZO, 5 steps: {'bit-identical' if same else 'MISMATCH'} "
+    keys = ("loss_plus", "loss_minus", "projected_grad")
+    return eager["digest"] == zo2["digest"] and all(
+        [a[k] for k in keys] == [b[k] for k in keys] for a, b in zip(eager["steps"], zo2["steps"]))
+
+
+def _last_steps_window(spans, first_step: int) -> tuple[float, float]:
+    """(t0, t1) seconds covering the spans of steps >= first_step on every rank."""
+    sel = [s for s in spans if s.step >= first_step and s.lane == "compute"] or spans
+    return min(s.start for s in sel) / 1e9, max(s.end for s in sel) / 1e9
+
+
+def report_figures(view: LiveView, records: list[dict], title: str, last_steps: int = 3) -> list[tuple[str, go.Figure]]:
+    """Metrics table, the last steps' timeline, loss curve, per-block bubbles, tokens/s."""
+    spans = view.rank_spans()
+    rates = {r: tokens_rate([{"t": x["t"], "tokens": x["tokens"]} for x in recs if "t" in x])
+             for r, recs in view.steps.items()}
+    header, rows = metrics_rows({title: spans}, {title: rates.get(0)})
+    table = go.Figure(go.Table(header={"values": header, "align": "left"},
+                               cells={"values": [list(c) for c in zip(*rows)], "align": "left"}))
+    table.update_layout(height=110 + 30 * len(rows), margin={"t": 10, "b": 10})
+    last = max(s.step for s in spans if s.phase == "rng") - last_steps + 1
+    window = _last_steps_window(spans, last)
+    speed = go.Figure([go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=f"rank {r}", mode="lines")
+                       for r, pts in sorted(view.tokens_per_s().items())])
+    speed.update_layout(template="plotly_white", height=300, xaxis_title="seconds", yaxis_title="tokens/s per step")
+    return [
+        ("Overlap metrics (whole run, per rank)", table),
+        (f"Timeline: the last {last_steps} steps, both ranks on one clock",
+         timeline_figure(spans, title="lanes over time (hover a bar: step, block, bytes)", window=window)),
+        ("Loss and projected gradient", loss_figure(records, title)),
+        ("Bubbles: compute waiting for each block's data", bubble_figure(spans)),
+        ("Throughput per step, as it arrived live", speed),
+    ]
+
+
+def run_demo(out: str = "runs/demo", steps: int = 300, layout: Layout | None = None, tier: str = "host",
+             timeout: float = 600.0) -> dict:
+    t0 = time.perf_counter()
+    layout = layout or Layout(dp=1, pert=2)
+    cfg = TrainConfig(steps=steps, threads=1, offload=OffloadConfig(tier=tier))
+    print(f"distzo2 demo: tiny OPT, synthetic counting task, {steps} ZO steps, batch {cfg.batch_size}x"
+          f"{cfg.seq_len}, lr {cfg.zo.lr}, eps {cfg.zo.eps}; layout {layout.describe()}, {tier} tier")
+
+    same = _engine_check(cfg)
+    print(f"[1/4] ZO2 engine vs eager MeZO, 5 steps: {'bit-identical' if same else 'MISMATCH'} "
           f"losses, projected gradients and weights")
     if not same:
         raise RuntimeError("the ZO2 engine diverged from the eager reference")
 
-    ckpt = os.path.join(out, "checkpoint")
-    s = train(cfg, out=out, save=ckpt)
-    print(f"[2/3] trained: eval loss {s['eval_loss_start']:.3f} -> {s['eval_loss_end']:.3f} "
-          f"in {s['seconds']:.1f} s ({s['tokens_per_s']:.0f} tokens/s, peak RSS {s['peak_rss_mb']:.0f} MiB)")
+    view = LiveView(title=f"tiny OPT, {layout.describe()}", widget=False)
+    trace = os.path.join(out, "trace")
+    handle = launch(train_worker, layout.world_size, args=(cfg, layout, out, trace, True), timeout=timeout)
+    results = view.watch(handle, display=False)
+    with open(os.path.join(out, "summary.json")) as f:
+        s = json.load(f)
+    print(f"[2/4] trained on {layout.world_size} ranks: eval loss {s['eval_loss_start']:.3f} -> "
+          f"{s['eval_loss_end']:.3f} in {s['seconds']:.1f} s ({s['tokens_per_s']:.0f} tokens/s); "
+          f"{len(view.spans)} spans arrived live")
 
-    rebuilt = digest(rebuild(os.path.join(out, "seedlog.jsonl"), threads=cfg.threads))
-    ok = rebuilt == s["digest"]
-    print(f"[3/3] rebuilt from base + seed log ({steps} records): digest {rebuilt[:16]} "
-          f"{'matches' if ok else 'DOES NOT MATCH'} training")
+    digests = {r["digest"] for r in results.values()}
+    adapter = rebuild(os.path.join(out, "seedlog.jsonl"), threads=cfg.threads)
+    rebuilt = digest(adapter)
+    ok = len(digests) == 1 and rebuilt == s["digest"]
+    print(f"[3/4] {'identical' if len(digests) == 1 else 'DIFFERENT'} weights on every rank; rebuilt from base + "
+          f"seed log ({steps} records): digest {rebuilt[:16]} "
+          f"{'matches training' if rebuilt == s['digest'] else 'DOES NOT MATCH training'}")
     if not ok:
-        raise RuntimeError("seed-log rebuild differs from the trained weights")
+        raise RuntimeError("ranks disagree, or the seed-log rebuild differs from the trained weights")
+    log = SeedLog.read(os.path.join(out, "seedlog.jsonl"))
+    save_checkpoint(os.path.join(out, "checkpoint"), {k: v for b in adapter.buckets for k, v in b.state().items()},
+                    {"step": steps, "config": asdict(cfg), "base": log.base, "digest": rebuilt}, log)
+    loss_figure(s["steps"], f"tiny OPT, {layout.describe()}, {steps} steps").write_html(
+        os.path.join(out, "loss.html"), include_plotlyjs=True)
 
-    html = os.path.join(out, "loss.html")
-    loss_figure(s["steps"], f"tiny OPT, ZO2 engine, {steps} steps").write_html(html, include_plotlyjs=True)
-    print(f"outputs in {os.path.abspath(out)}: summary.json, seedlog.jsonl, checkpoint/, loss.html "
+    from .cli import plan_text
+
+    m = run_metrics(view.rank_spans())["ranks"]
+    hidden = ", ".join(f"rank {r} {x['hidden_fraction']:.0%}" for r, x in m.items() if x["hidden_fraction"] is not None)
+    summary = {"model": cfg.model, "layout": layout.describe(), "tier": tier, "steps": steps,
+               "batch": f"{cfg.batch_size} x {cfg.seq_len}", "eval loss": f"{s['eval_loss_start']:.4f} -> "
+               f"{s['eval_loss_end']:.4f}", "tokens/s (rank 0)": f"{s['tokens_per_s']:.0f}",
+               "transfer hidden under compute": hidden, "digest": s["digest"][:16]}
+    html = write_report(os.path.join(out, "report.html"), f"distzo2 demo: {layout.describe()}", summary,
+                        plan_text(layout, cfg.batch_size), report_figures(view, s["steps"], "demo"),
+                        checks={"ZO2 engine == eager MeZO (5 steps, bit for bit)": same,
+                                "identical weights on every rank": len(digests) == 1,
+                                "base + seed log rebuilds the trained weights": rebuilt == s["digest"]})
+    print(f"[4/4] report: {html}")
+    print(f"outputs in {os.path.abspath(out)}: report.html, summary.json, seedlog.jsonl, checkpoint/, loss.html, "
+          f"trace/ "
           f"({time.perf_counter() - t0:.0f} s in all)")
     torch.set_num_threads(cfg.threads)
-    return s
+    return {**s, "report": html, "ranks": results, "spans": len(view.spans)}

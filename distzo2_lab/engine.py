@@ -10,6 +10,12 @@ Resident buckets (embeddings, final norm, head) keep a copy of their +eps state 
 run both passes after the blocks. With a :class:`~distzo2_lab.stream.Streamer` the blocks live
 in a store and every visit is served by the upload / offload lanes; the arithmetic is the same
 as the eager reference's either way, so the results are bit-identical.
+
+Two options change the step itself, with the eager reference following the same rule:
+`micro_batches` runs each visit's forwards micro-batch by micro-batch (gradient accumulation:
+one transfer per block, token-weighted losses), and zo.directions = q > 1 (n-SPSA) perturbs each
+visited block out of place for every direction this rank runs, so the masters only ever receive
+the averaged update and ranks running different directions keep identical weights.
 """
 from __future__ import annotations
 
@@ -19,8 +25,8 @@ import torch
 
 from .config import PrecisionConfig, ZOConfig
 from .events import Recorder
+from .models.base import BlockAdapter
 from .models.buckets import DTYPES, ParamBucket
-from .models.opt import OPTAdapter
 from .perturb import Perturber
 from .zo import (
     PendingUpdate,
@@ -171,7 +177,7 @@ class ResidentSet:
 class ZO2Engine:
     """Block-by-block ZO step with two noise generations per parameter per step."""
 
-    def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
+    def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
                  streamer=None, recorder: Recorder | None = None, resident=None,
                  signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None,
@@ -195,7 +201,7 @@ class ZO2Engine:
         self.trim_buffers = False  # free idle working buffers after each sweep (lean runs)
         # PertP: which perturbed passes this rank runs (the arithmetic on the weights is always
         # the whole +eps / -2 eps / +eps round trip, so every rank keeps identical weights), and
-        # exchange(l+, l-, tokens, step) -> (l+, l-) combining the scalars of all ranks.
+        # exchange([(l+, l-) per direction], tokens, step) -> the same list combined over all ranks.
         if not any(signs):
             raise ValueError("signs=(False, False): a rank must run at least one perturbed pass")
         self.signs = signs
@@ -327,9 +333,9 @@ class ZO2Engine:
             for k, scale in ((0, eps), (1, -2 * eps)):
                 perturb_(b.master, zb, scale)
                 b.sync()
-                with self._span("forward", i):
-                    for h in hs:
-                        if h[k] is not None:
+                if self.signs[k]:  # PertP: only the passes this rank runs
+                    with self._span("forward", i):
+                        for h in hs:
                             h[k] = a.run_block(i, h[k], h[2])
             perturb_(b.master, zb, eps)
             b.sync()

@@ -3,9 +3,12 @@
 A span is (rank, lane, phase, step, block, start, end, bytes) with start/end in nanoseconds on
 one clock per run (``time.perf_counter_ns`` minus the recorder's origin). Every view reads the
 same list: JSONL per rank, a Chrome trace (``ph: "X"``, pid = rank, tid = lane) that opens in
-Perfetto, and the overlap metrics below. On CUDA, device spans are timed with CUDA events and
-resolved onto the same clock when the recorder is flushed. ZO2 (arXiv 2503.12668, Sec. 3.3)
-and DistZO2 (arXiv 2507.03211, Sec. 4) show this picture as Nsight traces.
+Perfetto, the overlap metrics below, and the live view (a recorder's `listener` sees every span as
+it is recorded; :class:`SpanBatcher` sends them on in batches). On CUDA, device spans are timed
+with CUDA events and resolved onto the same clock when the recorder is flushed. With
+`ranges=True` every :meth:`Recorder.span` also opens a ``torch.profiler`` range named
+``distzo2::<lane>::<phase>`` (and an NVTX range on CUDA), so the phases appear in profiler
+traces. ZO2 (arXiv 2503.12668, Sec. 3.3) and DistZO2 (arXiv 2507.03211, Sec. 4) show this picture as Nsight traces.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 LANES = ("upload", "compute", "offload", "exchange")
 TRANSFER_LANES = ("upload", "offload")
+RANGE_PREFIX = "distzo2::"  # profiler / NVTX range names: distzo2::<lane>::<phase>
 
 
 @dataclass(frozen=True)
@@ -37,35 +41,46 @@ class Span:
 
 
 class Recorder:
-    """Collects spans from any thread (list.append is atomic); `enabled=False` records nothing."""
+    """Collects spans from any thread (list.append is atomic); `enabled=False` records nothing.
 
-    def __init__(self, rank: int = 0, enabled: bool = True, origin_ns: int | None = None):
+    `listener(span)` is called with every new span, on the thread that recorded it (live views);
+    `ranges=True` opens a profiler range (and NVTX on CUDA) around every :meth:`span`."""
+
+    def __init__(self, rank: int = 0, enabled: bool = True, origin_ns: int | None = None, listener=None,
+                 ranges: bool = False):
         self.rank, self.enabled = rank, enabled
         self.origin = time.perf_counter_ns() if origin_ns is None else origin_ns
         self.spans: list[Span] = []
         self.meta: dict = {}
+        self.listener, self.ranges = listener, ranges
         self._cuda: list[tuple] = []  # (lane, phase, step, block, bytes, start_event, end_event)
         self._cuda_base = None
         self._lock = threading.Lock()
+
+    def _emit(self, span: Span) -> None:
+        self.spans.append(span)
+        if self.listener is not None:
+            self.listener(span)
 
     def now(self) -> int:
         return time.perf_counter_ns() - self.origin
 
     def add(self, lane: str, phase: str, step: int, block: int, start: int, end: int, nbytes: int = 0) -> None:
         if self.enabled:
-            self.spans.append(Span(self.rank, lane, phase, step, block, start, end, nbytes))
+            self._emit(Span(self.rank, lane, phase, step, block, start, end, nbytes))
 
     @contextlib.contextmanager
     def span(self, lane: str, phase: str, step: int, block: int = -1, nbytes: int = 0):
         if not self.enabled:
             yield
             return
-        t0 = time.perf_counter_ns()
-        try:
-            yield
-        finally:
-            self.spans.append(Span(self.rank, lane, phase, step, block, t0 - self.origin,
-                                   time.perf_counter_ns() - self.origin, nbytes))
+        with _profiler_range(f"{RANGE_PREFIX}{lane}::{phase}") if self.ranges else contextlib.nullcontext():
+            t0 = time.perf_counter_ns()
+            try:
+                yield
+            finally:
+                self._emit(Span(self.rank, lane, phase, step, block, t0 - self.origin,
+                                time.perf_counter_ns() - self.origin, nbytes))
 
     @contextlib.contextmanager
     def cuda_span(self, lane: str, phase: str, step: int, block: int = -1, nbytes: int = 0, stream=None):
@@ -82,12 +97,13 @@ class Recorder:
                 torch.cuda.synchronize()
                 self._cuda_base = (self._cuda_base[0], self.now())
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        try:
-            yield
-        finally:
-            end.record(stream)
-            self._cuda.append((lane, phase, step, block, nbytes, start, end))
+        with _profiler_range(f"{RANGE_PREFIX}{lane}::{phase}") if self.ranges else contextlib.nullcontext():
+            start.record(stream)
+            try:
+                yield
+            finally:
+                end.record(stream)
+                self._cuda.append((lane, phase, step, block, nbytes, start, end))
 
     def flush_cuda(self) -> None:
         """Turn pending CUDA-event spans into spans on the host clock (synchronises)."""
@@ -104,6 +120,54 @@ class Recorder:
 
     def clear(self) -> None:
         self.spans = []
+
+
+@contextlib.contextmanager
+def _profiler_range(name: str):
+    """A torch.profiler user annotation, plus an NVTX range when CUDA is present (Nsight)."""
+    import torch
+
+    nvtx = torch.cuda.is_available()
+    if nvtx:
+        torch.cuda.nvtx.range_push(name)
+    try:
+        with torch.profiler.record_function(name):
+            yield
+    finally:
+        if nvtx:
+            torch.cuda.nvtx.range_pop()
+
+
+class SpanBatcher:
+    """A recorder listener that hands spans on in batches: `send(rows)` with rows in
+    :class:`Span` field order, at most every `every_s` seconds or when `max_spans` are waiting
+    (a worker forwards them through the launcher's queue; one message per span would cost more
+    than the work it times). Call :meth:`flush` at the end of a step or run."""
+
+    def __init__(self, send, every_s: float = 0.1, max_spans: int = 512):
+        self.send, self.every_s, self.max_spans = send, every_s, max_spans
+        self._rows: list[tuple] = []
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def __call__(self, s: Span) -> None:
+        with self._lock:
+            self._rows.append((s.rank, s.lane, s.phase, s.step, s.block, s.start, s.end, s.bytes))
+            due = len(self._rows) >= self.max_spans or time.monotonic() - self._last >= self.every_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._rows = self._rows, []
+            self._last = time.monotonic()
+        if rows:
+            self.send(rows)
+
+
+def spans_from_rows(rows) -> list[Span]:
+    """Rows sent by :class:`SpanBatcher` -> spans."""
+    return [Span(*r) for r in rows]
 
 
 # -- sinks ------------------------------------------------------------------------------------

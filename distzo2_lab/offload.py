@@ -8,25 +8,32 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .config import ConfigError, OffloadConfig
 from .engine import ResidentSet
 from .events import Recorder
-from .models import OPTAdapter
-from .models.opt import opt_groups
-from .models.presets import init_group_, is_local_dir, opt_config
+from .models.base import BlockAdapter
+from .models.presets import checkpoint_config, init_group_, init_missing_, is_local_dir, preset_config
+from .models.registry import adapter_class
 from .perturb import chunk_seed
-from .store import DiskStore, HostStore
+from .store import DiskStore, HostStore, SharedHostStore
 from .stream import Streamer
 from .zo import perturb_
 
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
+
 
 class _SafetensorsReader:
-    """name -> tensor from a checkpoint directory's (possibly sharded) safetensors files."""
+    """name -> tensor from a checkpoint directory's (possibly sharded) safetensors files.
 
-    def __init__(self, directory: str):
+    `prefix` is the model's base-model prefix (``bert``): a checkpoint saved from the bare base
+    model (``BertModel``) names its tensors without it."""
+
+    def __init__(self, directory: str, prefix: str = ""):
         from safetensors import safe_open
 
         index = os.path.join(directory, "model.safetensors.index.json")
@@ -39,11 +46,21 @@ class _SafetensorsReader:
             raise ConfigError(f"model={directory!r}: offloading reads safetensors weights; none found")
         self.handles = [safe_open(os.path.join(directory, f), framework="pt") for f in files]
         self.where = {k: h for h in self.handles for k in h.keys()}
+        self.prefix = prefix + "." if prefix else ""
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint's name for model parameter `name`, or None when it lacks the tensor."""
+        if name in self.where:
+            return name
+        if self.prefix and name.startswith(self.prefix) and name[len(self.prefix):] in self.where:
+            return name[len(self.prefix):]
+        return None
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
+        key = self.key(name)
+        if key is None:
             raise ConfigError(f"checkpoint lacks tensor {name!r}")
-        return self.where[name].get_tensor(name).float()
+        return self.where[key].get_tensor(key).float()
 
 
 def _copy_into_bucket(bucket, out: torch.Tensor, get) -> None:
@@ -52,64 +69,57 @@ def _copy_into_bucket(bucket, out: torch.Tensor, get) -> None:
 
 
 def _meta_model(cfg):
-    """An OPT on the meta device whose resident modules and block 0 (the shell) have real, still
-    untouched storage: nothing is initialised twice and no page is touched before it is used."""
-    from transformers import OPTForCausalLM
-
-    with torch.device("meta"):
-        m = OPTForCausalLM(cfg)
-    dec = m.model.decoder
-    for mod in (dec.embed_tokens, dec.embed_positions, dec.project_in, dec.final_layer_norm,
-                dec.project_out, m.lm_head, dec.layers[0]):
-        if mod is not None:
-            mod.to_empty(device="cpu")
-    if cfg.tie_word_embeddings:
-        m.lm_head.weight = dec.embed_tokens.weight
-    return m.eval()
+    """The family's model on the meta device whose resident modules and block 0 (the shell) have
+    real, still untouched storage: nothing is initialised twice and no page is touched before use."""
+    return adapter_class(cfg.model_type).meta_model(cfg)
 
 
-def build_offloaded(base: dict, storage: str = "fp32") -> tuple[OPTAdapter, callable]:
+def build_offloaded(base: dict, storage: str = "fp32") -> tuple[BlockAdapter, callable]:
     """An adapter whose blocks are layout-only, and values(key) -> flat fp32 start values of any
     bucket (a resident bucket's own master, or a block generated / read into one reused buffer)."""
     model, seed = base["model"], base.get("init_seed", 0)
     if is_local_dir(model):
-        from transformers import OPTConfig
-
-        reader = _SafetensorsReader(model)
-        cfg = OPTConfig.from_pretrained(model, local_files_only=True)
-        cfg._attn_implementation = "sdpa"
-        adapter = OPTAdapter(_meta_model(cfg), storage)
+        cfg = checkpoint_config(model)
+        adapter = adapter_class(cfg.model_type)(_meta_model(cfg), storage)
+        reader = _SafetensorsReader(model, adapter.model.base_model_prefix)
+        missing = {s.name for b in adapter.buckets for s in b.slots if reader.key(s.name) is None}
+        lacking = [s.name for b in adapter.blocks for s in b.slots if s.name in missing]
+        if lacking:
+            raise ConfigError(f"model={model!r}: checkpoint lacks block tensors, e.g. {lacking[:3]}")
         for b in (adapter.bucket_in, adapter.bucket_out):
-            _copy_into_bucket(b, b.master, lambda s: reader.get(s.name))
+            b.bind(b.master)  # fill the fp32 master, not a bf16 / fp16 working copy
+            for s in b.slots:
+                if s.name not in missing:
+                    b.master[s.start : s.stop].copy_(reader.get(s.name).reshape(-1))
+        init_missing_(adapter.model, missing, seed)  # a new head: the seeded init build_model gives it
+        for b in (adapter.bucket_in, adapter.bucket_out):
             b.sync()
+            b.bind(b.working)
 
         def make(bucket, out: torch.Tensor) -> None:
             _copy_into_bucket(bucket, out, lambda s: reader.get(s.name))
     else:
-        from transformers.models.opt.modeling_opt import OPTDecoderLayer
-
-        cfg = opt_config(model)
-        adapter = OPTAdapter(_meta_model(cfg), storage)
+        cfg = preset_config(model)
+        family = adapter_class(cfg.model_type)
+        adapter = family(_meta_model(cfg), storage)
         # Resident buckets: initialised in place (their parameters are views of the masters), with
         # the seeds and order build_model uses, so the values equal a fully built model's.
-        groups, done = dict(opt_groups(adapter.model)), set()
+        groups, done, std = dict(adapter.groups(adapter.model)), set(), family.init_std(cfg)
         for b in (adapter.bucket_in, adapter.bucket_out):
             b.bind(b.master)  # initialise the fp32 master, not a bf16 / fp16 working copy
-            init_group_(groups[b.key], cfg.init_std, chunk_seed(seed, "init", b.key), done)
+            init_group_(groups[b.key], std, chunk_seed(seed, "init", b.key), done)
             b.sync()
             b.bind(b.working)
         # Blocks: a private fp32 block whose parameters are pointed at the output buffer, so the
         # init writes there directly (the adapter's shell may hold bf16 / fp16 working views).
-        with torch.device("meta"):
-            init_block = OPTDecoderLayer(cfg, layer_idx=0)
-        init_block.to_empty(device="cpu")
+        init_block = adapter.new_block()
         init_params = dict(init_block.named_parameters())
 
         def make(bucket, out: torch.Tensor) -> None:
-            prefix = f"model.decoder.layers.{bucket.key.split('.')[1]}."
+            prefix = adapter.block_prefix(int(bucket.key.split(".")[1])) + "."
             for s in bucket.slots:
                 init_params[s.name[len(prefix):]].data = out[s.start : s.stop].view(s.shape)
-            init_group_([("", init_block)], cfg.init_std, chunk_seed(seed, "init", bucket.key), set())
+            init_group_([("", init_block)], std, chunk_seed(seed, "init", bucket.key), set())
 
     scratch: list[torch.Tensor] = []
 
@@ -127,22 +137,53 @@ def build_offloaded(base: dict, storage: str = "fp32") -> tuple[OPTAdapter, call
     return adapter, values
 
 
+@dataclass(frozen=True)
+class NodeShare:
+    """How the ranks of a distributed run share one store per node: the node's first rank (the
+    leader) creates and fills it, and commits the disk tier's steps; `barrier` spans all ranks;
+    `name` is common to the run (the shared-memory file's name)."""
+
+    leader: bool
+    barrier: Callable[[], None]
+    name: str
+
+
 class Offload:
     """adapter + store + streamer for one rank, and the helpers training needs around them."""
 
     def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
-                 recorder: Recorder | None = None, slicer=None):
-        self.config = offload
+                 recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None):
+        self.config, self.node = offload, node
+        if node is not None and offload.lean:
+            raise ConfigError("offload.lean=True keeps one rank's embeddings in the store; a distributed run "
+                              "shares the store between ranks: choose offload.lean=False")
         self.adapter, values = build_offloaded(base, storage)
         a = self.adapter
         blocks = [(b.key, b.numel) for b in a.blocks]
-        if offload.tier == "host":
-            self.store = HostStore([k for k, _ in blocks], [n for _, n in blocks], pin=device == "cuda")
-            for i, (key, _) in enumerate(blocks):
+        keys, numels = [k for k, _ in blocks], [n for _, n in blocks]
+        if offload.tier == "host" and node is not None:  # one copy per node, in shared memory
+            path = os.path.join(SHM_DIR, f"distzo2-{node.name}.bin")
+            slots = 1 if slicer is not None else 2  # see SharedHostStore
+            if node.leader:
+                self.store = SharedHostStore(path, keys, numels, create=True, pin=device == "cuda", slots=slots)
+                for i, key in enumerate(keys):
+                    self.store.fill(i, values(key))
+            node.barrier()  # the file is whole
+            if not node.leader:
+                self.store = SharedHostStore(path, keys, numels, create=False, pin=device == "cuda", slots=slots)
+            node.barrier()  # every rank has mapped it: its name can go
+            if node.leader:
+                self.store.unlink()
+            self.resumed_step = -1
+        elif offload.tier == "host":
+            self.store = HostStore(keys, numels, pin=device == "cuda")
+            for i, key in enumerate(keys):
                 self.store.blocks[i].copy_(values(key))
             self.resumed_step = -1
         else:
             path = offload.store
+            if node is not None and not node.leader:
+                node.barrier()  # the leader has created (or checked) the store
             if os.path.exists(os.path.join(path, "manifest.json")):
                 self.store = DiskStore(path)
                 if self.store.manifest["base"].get("model") != base["model"] or \
@@ -151,6 +192,8 @@ class Offload:
             else:
                 self.store = DiskStore.create(path, blocks, [("in", a.bucket_in.numel), ("out", a.bucket_out.numel)],
                                               base, values)
+            if node is not None and node.leader:
+                node.barrier()
             del values  # its block buffer
             for b in (a.bucket_in, a.bucket_out):  # the committed resident state
                 if not (offload.lean and b is a.bucket_in):  # lean: loaded when needed
@@ -167,6 +210,7 @@ class Offload:
         if device != "cpu":
             for layer in {id(x): x for x in a.layers}.values():
                 layer.to(device)
+            a.buffers_to(device)  # position ids, rotary frequencies: beside the resident weights
         self.slicer = slicer
         self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps, slicer)
         if self.lean:  # the embeddings live in the store; LeanResident loads them when needed
@@ -201,9 +245,20 @@ class Offload:
         self.store.read_into(i, out)
         return out
 
+    def shared_bytes(self) -> int:
+        """Bytes of the store this rank shares with the other ranks of its node (0: none)."""
+        return self.store.nbytes_total if isinstance(self.store, SharedHostStore) else 0
+
     def commit(self, step: int) -> None:
-        """Disk tier: persist step `step` on the offload lane, after its block write-backs."""
+        """Disk tier: persist step `step` on the offload lane, after its block write-backs. With
+        several ranks on one store: once every rank's writes have landed, the leader commits."""
         if self.store.tier != "disk":
+            return
+        if self.node is not None:
+            self.streamer.drain()
+            self.node.barrier()
+            self.store.commit(step, {b.key: b.master for b in (self.adapter.bucket_in, self.adapter.bucket_out)},
+                              leader=self.node.leader)
             return
         if self._committed is not None:
             self._committed.wait()  # the snapshot buffers of the previous commit are free again
@@ -243,6 +298,9 @@ class LeanResident:
     def __init__(self, engine, store: DiskStore, slab_chunks: int = 8):
 
         self.engine, self.store, self.adapter = engine, store, engine.adapter
+        if engine.zo.directions > 1:
+            raise ConfigError("offload.lean=True runs MeZO's in-place step; zo.directions > 1 (n-SPSA) needs "
+                              "offload.lean=False")
         self.bin = self.adapter.bucket_in
         self.out = ResidentSet(engine, [self.adapter.bucket_out])  # the small out bucket stays in memory
         self.slab = engine.zo.chunk_size * slab_chunks
@@ -294,7 +352,7 @@ class LeanResident:
         self._write_back()
         self._unload()
 
-    def begin(self, seed: int, ids, mask):
+    def begin(self, seed: int, micro: list) -> list:
         e, a, eps = self.engine, self.adapter, self.engine.zo.eps
         self._seed = seed
         self.out.to_plus(seed)
@@ -303,32 +361,37 @@ class LeanResident:
         with e._span("rng"):
             self._noise(seed, lambda m, z: perturb_(m, z, eps))
         plus, minus = e.signs
+        hs = []
         with e._span("embed"):
-            h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
+            for ids, mask in micro:
+                h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
+                hs.append([h_plus, None, ctx])
         if plus:
             self.store.stash("plus", self.bin.working)
         self._noise(seed, lambda m, z: perturb_(m, z, -2 * eps))
         self.out.to_minus()
         with e._span("embed"):
-            h_minus, ctx = a.embed(ids, mask) if minus else (None, ctx)  # (B, T, C)
+            for h, (ids, mask) in zip(hs, micro):
+                if minus:
+                    h[1], h[2] = a.embed(ids, mask)  # (B, T, C)
         self.store.stash("minus", self.bin.master)
         self._unload()
-        return h_plus, h_minus, ctx
+        return hs
 
-    def end(self, h_plus, h_minus, labels) -> tuple[float, float]:
-        e, a, eps = self.engine, self.adapter, self.engine.zo.eps
+    def end(self, hs: list, labels: list, counts: list[int]) -> tuple[float, float]:
+        e, eps, out = self.engine, self.engine.zo.eps, self.out
         with e._span("head"):  # one embedding matrix in memory at a time
             loss_minus = loss_plus = None
-            if h_minus is not None:
+            if hs[0][1] is not None:
                 self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
-                loss_minus = float(a.loss(a.head(h_minus), labels))
+                loss_minus = out._losses([h[1] for h in hs], labels, counts)
                 self._unload()
-            self.out.bind_plus()
-            if h_plus is not None:
+            out.bind_plus()
+            if hs[0][0] is not None:
                 self.bin.bind(self.store.unstash("plus", self.bin.numel, self.bin.working_dtype).to(e.device))
-                loss_plus = float(a.loss(a.head(h_plus), labels))
+                loss_plus = out._losses([h[0] for h in hs], labels, counts)
                 self.bin.unbind()
-        self.out.restore()
+        out.restore()
         self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
         self._noise(self._seed, lambda m, z: perturb_(m, z, eps))
         self._write_back()

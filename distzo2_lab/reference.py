@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .config import PrecisionConfig, ZOConfig
-from .models.opt import OPTAdapter
+from .models.base import BlockAdapter
 from .perturb import Perturber
 from .zo import (
     PendingUpdate,
@@ -36,7 +36,7 @@ from .zo import (
 class EagerMeZO:
     """MeZO step on a resident model: four noise passes, update applied at once."""
 
-    def __init__(self, adapter: OPTAdapter, zo: ZOConfig = ZOConfig(),
+    def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, micro_batches: int = 1):
         check_engine_setup(adapter, zo, precision)
         self.adapter, self.zo, self.precision = adapter, zo, precision

@@ -140,9 +140,9 @@ class Streamer:
             event.synchronize()  # the staging buffer is reused by the next upload
             self._simulate(nbytes, t0)
         else:
-            self.store.read_into(i, view, start=start)
-            self._simulate(nbytes, t0)
-            self.recorder.add("upload", "upload", label, i, t0 - self.recorder.origin, self.recorder.now(), nbytes)
+            with self.recorder.span("upload", "upload", label, i, nbytes):
+                self.store.read_into(i, view, start=start)
+                self._simulate(nbytes, t0)
         with self._cv:
             self._uploaded[v] = (buf, event)
             self._cv.notify_all()
@@ -170,10 +170,9 @@ class Streamer:
                 self.off_stream.synchronize()
                 self._simulate(nbytes, t0)
             else:
-                self.store.write_from(i, view, start=start)
-                self._simulate(nbytes, t0)
-                self.recorder.add("offload", "offload", step, i, t0 - self.recorder.origin, self.recorder.now(),
-                                  nbytes)
+                with self.recorder.span("offload", "offload", step, i, nbytes):
+                    self.store.write_from(i, view, start=start)
+                    self._simulate(nbytes, t0)
             self._written[i].set()
         elif event is not None:
             event.synchronize()

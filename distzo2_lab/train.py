@@ -19,7 +19,7 @@ from .checkpoint import SeedLog, digest, load_weights, read_state, replay, save_
 from .config import ConfigError, TrainConfig, validate
 from .engine import ZO2Engine
 from .events import Recorder, overlap_metrics, write_trace
-from .models import OPTAdapter, build_model
+from .models import BlockAdapter, adapter_for, build_model
 from .models.presets import is_local_dir
 from .offload import Offload
 from .perturb import step_seed
@@ -38,29 +38,65 @@ def base_of(cfg: TrainConfig) -> dict:
     return {"model": cfg.model, "init_seed": cfg.seed, "device": cfg.device}
 
 
-def build_adapter(base: dict, storage: str = "fp32", device: str = "cpu") -> OPTAdapter:
-    """The starting model, built on CPU (seeded init is device-independent) then moved."""
-    return OPTAdapter(build_model(base["model"], seed=base.get("init_seed", 0)).to(device), storage)
+def build_adapter(base: dict, storage: str = "fp32", device: str = "cpu") -> BlockAdapter:
+    """The starting model, built on CPU (seeded init is device-independent) then moved; the
+    adapter of its family (OPT, GPT-2, LLaMA, Qwen2, BERT)."""
+    return adapter_for(build_model(base["model"], seed=base.get("init_seed", 0)).to(device), storage)
 
 
 def to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def build_engine(cfg: TrainConfig, adapter: OPTAdapter, recorder: Recorder | None = None, **zo2_options):
+def build_engine(cfg: TrainConfig, adapter: BlockAdapter, recorder: Recorder | None = None, **zo2_options):
     """The engine `cfg.engine` names; `zo2_options` (streamer, signs, exchange, slicer...) go to ZO2Engine."""
     if cfg.engine == "zo2":
         return ZO2Engine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder, **zo2_options)
-    return EagerMeZO(adapter, cfg.zo, cfg.precision, threads=cfg.threads)
+    return EagerMeZO(adapter, cfg.zo, cfg.precision, threads=cfg.threads, micro_batches=cfg.micro_batches)
 
 
-def make_task(cfg: TrainConfig, adapter: OPTAdapter):
+def node_share():
+    """How this rank shares its node's store: the node's first rank leads, a name common to the run."""
+    import uuid
+
+    import torch.distributed as dist
+
+    from .offload import NodeShare
+
+    name = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    return NodeShare(leader=int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0, barrier=dist.barrier,
+                     name=name[0])
+
+
+def memory_report(run) -> dict:
+    """This rank's memory: peak RSS (counts the shared store pages it touched), private (USS) now,
+    and the shared store counted once per node (0 without one)."""
+    import psutil
+
+    shared = run.offload.shared_bytes() if run.offload is not None else 0
+    return {"peak_rss_mb": peak_rss_mb(), "private_mb": psutil.Process().memory_full_info().uss / 2**20,
+            "shared_store_mb": shared / 2**20}
+
+
+def comm_device(device: str) -> str:
+    """Where the optimiser's scalars are gathered: the rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    return "cuda" if device == "cuda" and dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+
+
+def make_task(cfg: TrainConfig, adapter: BlockAdapter):
     if cfg.seq_len > adapter.max_positions:
         raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's "
                           f"max_position_embeddings={adapter.max_positions}")
     vocab = adapter.config.vocab_size
     if cfg.task == "synthetic":
         return SyntheticTask(vocab, cfg.seq_len, cfg.batch_size, cfg.seed)
+    if cfg.task == "sst2":
+        from .sst2 import task_for
+
+        return task_for(cfg, adapter)  # sets adapter.choices for a causal LM (label-word loss)
     return TextTask(cfg.data, tokenizer_for(cfg.model), cfg.seq_len, cfg.batch_size, cfg.seed, vocab)
 
 
@@ -68,7 +104,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def rebuild(log_path: str, threads: int = 1, storage: str = "fp32") -> OPTAdapter:
+def rebuild(log_path: str, threads: int = 1, storage: str = "fp32") -> BlockAdapter:
     """Base model + seed log -> the fine-tuned weights, bit-identical to training's.
 
     Replays on the device type that trained (its generators drew z)."""
@@ -105,9 +141,9 @@ class Run:
         self.recorder = recorder or Recorder(enabled=False)
         self.layout, self.rank = layout, rank
         distributed = layout is not None and layout.world_size > 1
-        if distributed and (cfg.engine != "zo2" or cfg.offload.tier == "disk" or resume is not None):
-            raise ConfigError("a distributed layout runs engine='zo2' with offload.tier 'resident' or 'host' and "
-                              "no resume (per-rank disk stores and distributed resume are not built yet)")
+        if distributed and (cfg.engine != "zo2" or resume is not None):
+            raise ConfigError("a distributed layout runs engine='zo2' and resumes from its disk store "
+                              "(offload.store), not from resume=")
         self.offload = None
         self.log, self.start = SeedLog(self.base, cfg.zo), 0
         self.exchange = self.slicer = None
@@ -115,12 +151,15 @@ class Run:
         if distributed:
             from .collectives import LossExchange
 
-            self.exchange = LossExchange(recorder=self.recorder)
-            extra = {"signs": layout.signs(rank), "exchange": self.exchange}
+            self.exchange = LossExchange(recorder=self.recorder, device=comm_device(cfg.device))
+            extra = {"signs": layout.signs(rank), "exchange": self.exchange,
+                     "directions": layout.directions(rank, cfg.zo.directions)}
+        if cfg.engine == "zo2":
+            extra["micro_batches"] = cfg.micro_batches
         if layout is not None and layout.slice:
-            if cfg.offload.tier != "host":
+            if cfg.offload.tier == "resident":
                 raise ConfigError("layout slice=True moves shards of offloaded blocks: choose offload.tier='host' "
-                                  f"(offload.tier={cfg.offload.tier!r} moves no shards)")
+                                  "or 'disk' (offload.tier='resident' moves no shards)")
             from .slicer import Slicer
 
             self.slicer = Slicer(rank, layout.world_size, cfg.zo.chunk_size, recorder=self.recorder)
@@ -133,7 +172,7 @@ class Run:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
                                   "its offload.store directory")
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
-                                   self.slicer)
+                                   self.slicer, node_share() if distributed else None)
             self.adapter = self.offload.adapter
             self.engine = build_engine(cfg, self.adapter, self.recorder, streamer=self.offload.streamer,
                                        resident=self.offload.resident_keeper(), **extra)
@@ -152,9 +191,11 @@ class Run:
             _check_resume(self.cfg.offload.store, self.cfg, self.log)
             self.log.records = [r for r in self.log.records if r["step"] <= committed]  # drop uncommitted
             r = self.log.records[-1]
-            self.engine.pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"])
+            self.engine.pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"],
+                                                tuple(map(tuple, r.get("terms", ()))))  # n-SPSA: every direction
             self.start = committed + 1
-        self.log.keep_live(path)
+        if self.offload.node is None or self.offload.node.leader:  # one writer of the store's log
+            self.log.keep_live(path)
 
     def _resume(self, resume: str) -> None:
         state = read_state(resume)
@@ -188,20 +229,33 @@ class Run:
 
 
 def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, resume: str | None = None,
-          progress: bool = True, on_step=None, trace: str | None = None, layout=None, rank: int = 0) -> dict:
+          progress: bool = True, on_step=None, trace: str | None = None, layout=None, rank: int = 0,
+          recorder: Recorder | None = None, profile=None) -> dict:
     """Run `cfg.steps` ZO steps; write DIR/summary.json and DIR/seedlog.jsonl when `out` is set.
 
     `on_step(result)` is called after every step (live plots in notebooks); `trace=DIR` records
-    span events and writes per-rank JSONL and a Chrome trace there. `layout` / `rank` run this
-    process as one rank of a distributed run (the process group must exist; see launch.py).
+    span events and writes per-rank JSONL and a Chrome trace there; `recorder` records into a
+    given Recorder (live views); `profile=DIR` (or profiling.ProfileOptions) runs the steps under
+    torch.profiler. `layout` / `rank` run this process as one rank of a distributed run (the
+    process group must exist; see launch.py).
     """
     validate(cfg)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
-    recorder = Recorder(rank=rank, enabled=trace is not None)
+    recorder = recorder or Recorder(rank=rank, enabled=trace is not None or profile is not None)
+    profiler = None
+    if profile is not None:
+        from .profiling import StepProfiler
+
+        profiler, recorder.ranges = StepProfiler(profile, rank), True
     run = Run(cfg, resume, recorder, layout, rank)
     try:
-        summary = _loop(run, make_task(cfg, run.adapter), progress, on_step)
+        if profiler is not None:
+            with profiler:
+                summary = _loop(run, make_task(cfg, run.adapter), progress, profiler.wrap(on_step))
+            summary["profile"] = {"chrome": profiler.chrome, "tensorboard": profiler.tb_dir}
+        else:
+            summary = _loop(run, make_task(cfg, run.adapter), progress, on_step)
         if trace is not None:
             summary["trace"] = write_trace(recorder, trace)
             summary["overlap"] = overlap_metrics(recorder.spans)
@@ -223,7 +277,7 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
                   initial=run.start, total=cfg.steps):
         engine.step_count = t
         r = engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t))
-        run.log.append(r.step, r.seed, r.grad, r.lr)
+        run.log.append(r.step, r.seed, r.grad, r.lr, r.terms)
         if run.offload is not None:
             run.offload.commit(t)  # disk tier: the step is durable once its record is logged
         tokens += r.tokens
@@ -246,6 +300,7 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
         "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
         "seconds": elapsed,
         "peak_rss_mb": peak_rss_mb(),
+        "memory": memory_report(run),
         **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
             "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records)),
             "sliced": run.slicer is not None}

@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .events import LANES, TRANSFER_LANES, Span, overlap_metrics
+from .metrics import bubbles, metrics_rows
 
 # Transfers in blues, compute phases in warm colours, so the lanes read at a glance.
 PHASE_COLOURS = {"upload": "#1f77b4", "offload": "#17becf", "exchange": "#7f7f7f", "forward": "#d62728",
@@ -110,4 +111,39 @@ def metrics_table(runs: dict[str, list[Span]], title: str = "overlap metrics") -
                                     "align": "left"}))
     fig.update_layout(title=title, height=120 + 30 * len(rows), template="plotly_white",
                       margin={"t": 50, "b": 10})
+    return fig
+
+
+def compare_runs(runs: dict[str, list[Span]], tokens: dict[str, float | None] | None = None,
+                 title: str = "runs compared", window=None) -> go.Figure:
+    """Two or more runs (layouts, tiers, prefetch depths) on one time axis, each starting at 0 s,
+    above a table of their metrics per rank (see :mod:`distzo2_lab.metrics`); `tokens` gives
+    each run's tokens/s for the table."""
+    tl = compare_timelines(runs, title, window)
+    header, rows = metrics_rows(runs, tokens)
+    labels = list(tl.layout.yaxis.categoryarray)
+    fig = make_subplots(rows=2, cols=1, specs=[[{"type": "xy"}], [{"type": "table"}]], vertical_spacing=0.08,
+                        row_heights=[0.62, 0.38])
+    for t in tl.data:
+        fig.add_trace(t, row=1, col=1)
+    fig.add_trace(go.Table(header={"values": header, "align": "left"},
+                           cells={"values": [list(c) for c in zip(*rows)] if rows else [[]] * len(header),
+                                  "align": "left"}), row=2, col=1)
+    fig.update_layout(title=title, barmode="overlay", template="plotly_white", legend_title_text="phase",
+                      height=360 + 36 * len(labels) + 30 * len(rows), bargap=0.25)
+    fig.update_yaxes(type="category", categoryorder="array", categoryarray=labels, row=1, col=1)
+    fig.update_xaxes(type="linear", title_text="seconds from each run's start", row=1, col=1,
+                     range=list(window) if window else None)
+    return fig
+
+
+def bubble_figure(spans: list[Span], title: str = "compute waiting for data, per block") -> go.Figure:
+    """Bars of :func:`~distzo2_lab.metrics.bubbles` per rank: ms compute waited for each block."""
+    fig = go.Figure()
+    for rank in sorted({s.rank for s in spans}):
+        b = bubbles([s for s in spans if s.rank == rank])
+        fig.add_trace(go.Bar(name=f"rank {rank}", x=list(b), y=[v * 1e3 for v in b.values()]))
+    fig.update_layout(title=title, template="plotly_white", barmode="group", height=320)
+    fig.update_xaxes(title_text="block", type="category")
+    fig.update_yaxes(title_text="ms waited (all steps)")
     return fig

@@ -157,4 +157,4 @@ def check_engine_setup(adapter, zo, precision) -> None:
     stored = {b.storage for b in adapter.buckets}
     if stored != {precision.storage}:
         raise ConfigError(f"precision.storage={precision.storage!r} but the adapter was built with storage "
-                          f"{', '.join(sorted(stored))}; build OPTAdapter(model, storage={precision.storage!r})")
+                          f"{', '.join(sorted(stored))}; build the adapter with storage={precision.storage!r}")

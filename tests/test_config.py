@@ -21,9 +21,11 @@ BAD = {
     "seed": (-1, "seed=-1"),
     "batch_size": (0, "batch_size=0"),
     "seq_len": (1, "seq_len=1 is not valid"),
+    "micro_batches": (3, "micro_batches=3 does not divide batch_size=2; choose one of 1, 2"),
     "engine": ("adam", "engine='adam' is not valid; choose one of zo2, eager"),
     "task": ("glue", "task='glue' is not valid; choose one of synthetic, text"),
     "data": ("x.txt", "data='x.txt' is only read by task='text'"),
+    "shots": (0, "shots=0 is not valid; it must be a positive integer"),
     "threads": (0, "threads=0"),
     "device": ("tpu", "device='tpu' is not valid; choose one of cpu, cuda"),
     "zo": (ZOConfig(eps=0.0), "zo.eps=0.0 is not valid; it must be a positive finite number"),
@@ -33,6 +35,7 @@ BAD = {
     "zo.weight_decay": (-0.1, "zo.weight_decay=-0.1"),
     "zo.noise": ("uniform", "zo.noise='uniform' is not valid; choose one of gaussian, rademacher"),
     "zo.chunk_size": (0, "zo.chunk_size=0"),
+    "zo.directions": (0, "zo.directions=0 is not valid; it must be a positive integer"),
     "precision.compute": ("fp8", "precision.compute='fp8'"),
     "precision.storage": ("int4", "precision.storage='int4' is not valid; choose one of fp32, bf16, fp16"),
     "precision.master": ("fp64", "precision.master='fp64' is not valid; choose one of fp32, none"),
@@ -79,9 +82,13 @@ EFFECT = {
     "seed": (1, lambda a, b: a["digest"] != b["digest"] and a["steps"][0]["seed"] != b["steps"][0]["seed"]),
     "batch_size": (3, lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "seq_len": (16, lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
+    # two micro-batches: the same loss up to float order, a different reduction
+    "micro_batches": (2, lambda a, b: abs(a["steps"][0]["loss_plus"] - b["steps"][0]["loss_plus"]) < 1e-5
+                      and b["config"]["micro_batches"] == 2),
     "engine": ("eager", lambda a, b: a["steps"] == b["steps"] and b["config"]["engine"] == "eager"),
     "task": ("text", None),  # covered in test_tasks.py (needs data)
     "data": (None, None),  # covered in test_tasks.py
+    "shots": (16, None),  # test_sst2.py: k-shot sampling sizes and a k-shot training run
     "threads": (2, lambda a, b: a["digest"] == b["digest"]),  # same numbers, more threads
     "device": ("cpu", None),  # test_cuda_device_is_refused_without_cuda; tests/test_gpu.py on a GPU
     "zo.lr": (1e-2, lambda a, b: a["steps"][0]["loss_plus"] == b["steps"][0]["loss_plus"]
@@ -90,6 +97,8 @@ EFFECT = {
     "zo.weight_decay": (0.5, lambda a, b: a["steps"][0] == b["steps"][0] and a["digest"] != b["digest"]),
     "zo.noise": ("rademacher", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "zo.chunk_size": (1000, lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
+    "zo.directions": (2, lambda a, b: a["steps"][0]["seed"] == b["steps"][0]["seed"]
+                      and a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "precision.compute": ("bf16", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "precision.storage": ("bf16", None),  # needs compute=bf16: test_precision.py
     "precision.master": ("none", None),  # refusal and fp32 master: test_precision.py

@@ -232,3 +232,13 @@ def test_nspsa_layout_validation_and_plan(capsys):
     plan = capsys.readouterr().out
     assert "rank 3: dp 0, pert 3: batch rows 0..3, runs -eps of direction 1 (n-SPSA)" in plan
     assert "8 float64 scalars" in plan
+
+
+def test_backend_choice():
+    """nccl with one GPU per local rank; gloo on CPU and when ranks share a GPU."""
+    from distzo2_lab.mesh import choose_backend
+
+    assert choose_backend("cpu", 2, 0) == "gloo"
+    assert choose_backend("cuda", 2, 2) == "nccl" and choose_backend("cuda", 4, 2) == "gloo"
+    with pytest.raises(ConfigError, match="backend='nccl' needs one GPU per rank: 4 ranks, 2 GPUs"):
+        validate_layout(Layout(2, 2), 4, 8, backend="nccl", gpus=2)

@@ -62,3 +62,36 @@ def test_host_store_is_pinned_for_cuda():
     assert all(b.is_pinned() for b in off.store.blocks)
     assert off.streamer.cuda and off.streamer.up_stream != off.streamer.off_stream
     off.close()
+
+
+def _launch_on_cuda(layout, cfg):
+    from distzo2_lab.entrypoints import train_worker
+    from distzo2_lab.launch import launch
+
+    return launch(train_worker, layout.world_size, args=(cfg, layout, None), timeout=300).wait()
+
+
+def test_ranks_sharing_one_gpu_use_gloo_and_match_one_rank():
+    """Two ranks on one GPU: gloo (NCCL needs a GPU per rank), pinned shared host store, sliced."""
+    from distzo2_lab.config import OffloadConfig
+    from distzo2_lab.mesh import Layout, choose_backend
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this check is for ranks sharing one GPU; this machine has several")
+    assert choose_backend("cuda", 2, 1) == "gloo"
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, threads=1, device="cuda", zo=ZOConfig(chunk_size=4096),
+                      offload=OffloadConfig(tier="host"))
+    single = train(cfg, progress=False)
+    results = _launch_on_cuda(Layout(dp=1, pert=2, slice=True), cfg)
+    assert {r["digest"] for r in results.values()} == {single["digest"]}
+
+
+def test_nccl_with_one_rank_per_gpu():
+    from distzo2_lab.mesh import Layout, choose_backend
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"NCCL needs one GPU per rank: 2 ranks, {torch.cuda.device_count()} GPU(s) here")
+    assert choose_backend("cuda", 2, torch.cuda.device_count()) == "nccl"
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, threads=1, device="cuda", zo=ZOConfig(chunk_size=4096))
+    results = _launch_on_cuda(Layout(dp=1, pert=2), cfg)
+    assert len({r["digest"] for r in results.values()}) == 1

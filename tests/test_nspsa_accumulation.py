@@ -120,3 +120,18 @@ def test_nspsa_seed_log_rebuilds_the_weights(tmp_path):
     records = [json.loads(x) for x in open(tmp_path / "seedlog.jsonl")][1:]
     assert len(records[0]["terms"]) == 2
     assert digest(rebuild(str(tmp_path / "seedlog.jsonl"))) == s["digest"]
+
+
+def test_nspsa_disk_store_resumes_with_every_direction(tmp_path):
+    """The pending update rebuilt from the store's seed log carries every direction's (seed, g)."""
+    import dataclasses
+
+    from distzo2_lab.train import train
+
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, directions=2))
+    ref = train(cfg, progress=False)
+    disk = dataclasses.replace(cfg, offload=OffloadConfig(tier="disk", store=str(tmp_path / "store")))
+    first = train(dataclasses.replace(disk, steps=2), progress=False)
+    rest = train(disk, progress=False)
+    assert rest["start_step"] == 2 and first["steps"] + rest["steps"] == ref["steps"]
+    assert rest["digest"] == ref["digest"]

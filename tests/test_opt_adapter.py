@@ -58,7 +58,7 @@ def test_published_opt_shapes_have_their_parameter_counts():
     for name, nominal in [("opt-1.3b", 1.3e9), ("opt-2.7b", 2.7e9), ("opt-6.7b", 6.7e9), ("opt-13b", 13e9),
                           ("opt-30b", 30e9), ("opt-66b", 66e9), ("opt-175b", 175e9)]:
         assert abs(counts[name] / nominal - 1) < 0.05, (name, counts[name])
-    assert set(PRESETS) == {"tiny", "tiny-deep", *OPT_SHAPES}
+    assert set(PRESETS) == {"tiny", "tiny-deep", *OPT_SHAPES, "tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-bert"}
 
 
 def test_presets_are_seeded_and_leave_the_global_rng_alone():

@@ -116,3 +116,30 @@ def test_timeline_of_a_real_host_offloaded_run(tmp_path):
     both = compare_timelines({"host": spans, "again": spans})
     assert min(b for t in both.data for b in t.base) == 0.0
     json.loads(metrics_table({"host": spans}).to_json())
+
+
+def test_compare_runs_puts_runs_on_one_axis_above_a_metrics_table_per_rank():
+    from distzo2_lab.viz import compare_runs
+
+    spans = _spans()
+    fig = compare_runs({"two ranks": spans, "rank 0 only": [s for s in spans if s.rank == 0]},
+                       tokens={"two ranks": 1234.0})
+    bars = [t for t in fig.data if isinstance(t, go.Bar)]
+    table = [t for t in fig.data if isinstance(t, go.Table)][0]
+    assert bars and all(t.orientation == "h" and t.xaxis == "x" for t in bars)
+    header = list(table.header.values)
+    assert header[:3] == ["run", "rank", "window s"] and {"hidden", "bubble ms", "tokens/s"} <= set(header)
+    cols = dict(zip(header, table.cells.values))
+    assert list(cols["run"]) == ["two ranks", "two ranks", "rank 0 only"] and list(cols["rank"]) == ["0", "1", "0"]
+    assert list(cols["tokens/s"]) == ["1,234", "1,234", "—"]
+    assert min(b for t in bars for b in t.base) == 0.0  # every run starts at 0 s
+    json.loads(fig.to_json())
+
+
+def test_bubble_figure_has_one_bar_series_per_rank():
+    from distzo2_lab.viz import bubble_figure
+
+    fig = bubble_figure(_spans())
+    assert [t.name for t in fig.data] == ["rank 0", "rank 1"]
+    # rank 0: block 0's upload ends at 2 ms when compute starts (no compute before it: no wait)
+    assert list(fig.data[0].x) == [0] and list(fig.data[0].y) == [0.0]

@@ -35,6 +35,8 @@
 # 3. **Bit-exact with one rank**: the same weight digest and the same per-step `l+`, `l−`, `g`
 #    as the single-rank `train()`, with only 32 bytes per rank crossing per step.
 # 4. The two ranks' **timelines**: each runs one forward per step, and one exchange.
+# 5. Beyond the paper, **n-SPSA**: two perturbation directions per step on four ranks, one
+#    (direction, sign) per rank, bit-exact with the single-rank two-direction run.
 
 # %% tags=["parameters"]
 import os
@@ -42,6 +44,7 @@ import os
 SIZE = os.environ.get("DISTZO2_TUTORIAL_SIZE", "full")  # "tiny" in CI, "full" by default
 assert SIZE in ("tiny", "full"), f"DISTZO2_TUTORIAL_SIZE={SIZE!r}: choose 'tiny' or 'full'"
 STEPS = 4 if SIZE == "tiny" else 20  # training steps per run (one 2-rank run, one single-rank run)
+NSPSA_STEPS = 2 if SIZE == "tiny" else 10  # steps of the n-SPSA runs (one 4-rank run, one single-rank run)
 BATCH, SEQ = 4, 12  # sequences per step, tokens per sequence
 THREADS = 1  # torch threads per rank: two ranks share this machine's cores
 TIMEOUT = 300  # seconds before the launcher stops the workers
@@ -60,7 +63,8 @@ tmp = tempfile.TemporaryDirectory(prefix="distzo2-tutorial-")
 # ## 1. Two ranks from the notebook
 #
 # `Layout(dp=1, pert=2)` is a 1 × 2 mesh: rank 0 runs `+eps`, rank 1 runs `−eps`.
-# `validate_layout` checks it against the world size and the batch (`launch()` itself does not).
+# `validate_layout` checks it against the world size and the batch here, before any process
+# starts (`train_worker` checks it again in every rank; `launch()` knows nothing of layouts).
 
 # %%
 from distzo2_lab.config import TrainConfig, ZOConfig
@@ -177,6 +181,56 @@ from distzo2_lab.viz import compare_timelines
 
 compare_timelines({(f"rank {r}" if r != "single" else "single rank"): sp for r, sp in spans.items()},
                   title=f"PertP(2) ranks vs one rank, tiny OPT, {STEPS} steps").show()
+
+# %% [markdown]
+# ## 5. Several directions per step (n-SPSA)
+#
+# MeZO's n-SPSA variant averages `q` directions per step:
+# `θ ← θ − (lr/q) Σ_j g_j z_j`, each `z_j` drawn from its own seed `direction_seed(seed, j)`.
+# With `zo.directions=2`, `Layout(dp=1, pert=4)` runs one (direction, sign) per rank: ranks 0
+# and 1 are direction 0's pair, ranks 2 and 3 direction 1's. With `q > 1` the forwards run on
+# perturbed *copies* `θ ± eps z_j`: the masters only ever receive the update, so every rank
+# keeps them exact whichever directions it ran.
+
+# %%
+import dataclasses
+
+from distzo2_lab.cli import plan_text
+
+cfg_q = dataclasses.replace(cfg, steps=NSPSA_STEPS, zo=ZOConfig(chunk_size=4096, directions=2))
+layout_q = validate_layout(Layout(dp=1, pert=4), 4, cfg_q.batch_size, directions=2)
+print(plan_text(layout_q, cfg_q.batch_size, directions=2))
+
+# %% [markdown]
+# A real 4-rank launch, and the same config on one rank, which runs both directions and both
+# signs itself:
+
+# %%
+handle = launch(train_worker, 4, args=(cfg_q, layout_q, f"{tmp.name}/nspsa"), timeout=TIMEOUT)
+nspsa = handle.wait()
+single_q = train(cfg_q, progress=False)
+print("exit codes:", handle.exitcodes)
+print("all 4 digests == single-rank q=2 digest:", {r["digest"] for r in nspsa.values()} == {single_q["digest"]})
+print("per-step l+, l-, g equal to the single rank's:", nspsa[0]["steps"] == single_q["steps"])
+print("exchange bytes per rank per step (4 float64 x 2 directions):", nspsa[0]["exchange_bytes"])
+
+# %% [markdown]
+# Each (direction, sign) is computed by exactly one rank and nothing is averaged across ranks,
+# so the run is bit-exact, as PertP is. The step's `l+`, `l−`, `g` are means over the
+# directions; rank 0's seed log keeps every direction's `(seed_j, g_j)` as `terms`, and
+# replaying it applies the updates only (no perturbation round trip):
+
+# %%
+import json
+
+from distzo2_lab.checkpoint import digest
+from distzo2_lab.train import rebuild
+
+with open(f"{tmp.name}/nspsa/seedlog.jsonl") as f:
+    first = json.loads(f.readlines()[1])  # line 0 is the header (base model, zo config)
+print("step 0: g =", round(first["grad"], 5), " terms (seed_j, g_j):", [(s, round(g, 5)) for s, g in first["terms"]])
+print("rebuilt from the seed log == the ranks' digest:",
+      digest(rebuild(f"{tmp.name}/nspsa/seedlog.jsonl")) == nspsa[0]["digest"])
 
 # %%
 tmp.cleanup()

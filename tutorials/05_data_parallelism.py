@@ -34,6 +34,8 @@
 #    relative difference), and not bit for bit, unlike PertP.
 # 4. **Why**: the exchange combines the micro-batch means weighted by their token counts, which
 #    is the full-batch mean in exact arithmetic.
+# 5. **Gradient accumulation**: the same rule inside a rank, over micro-batches
+#    (`micro_batches`), and a DDP(2) × 2 micro-batch run against one rank × 4 micro-batches.
 
 # %% tags=["parameters"]
 import os
@@ -154,3 +156,47 @@ print("combine() gives the token-weighted mean:", abs(combine(table)[0] - weight
 # micro-batches in two partial sums, and each micro-batch runs its own (smaller) matmul shapes.
 # That is the ~1e-7 .. 1e-6 relative difference measured above. PertP (tutorial 04) splits no
 # sum, which is why it is bit-exact and DDP is not.
+
+# %% [markdown]
+# ## 5. Gradient accumulation
+#
+# `TrainConfig.micro_batches = k` splits each rank's rows into `k` micro-batches. The
+# gradient is a scalar, so accumulating costs nothing to exchange: within every block visit
+# the block is moved once and the forwards run micro-batch by micro-batch on it, and the
+# step's losses are the token-weighted means of the micro-batch losses, the rule of section 4.
+# DDP(2) with 2 micro-batches per rank covers the global batch in 4 micro-batches of one row:
+
+# %%
+import dataclasses
+
+acc = dataclasses.replace(cfg, micro_batches=2)
+layout_acc = validate_layout(layout, 2, BATCH, micro_batches=acc.micro_batches)  # each rank's rows split
+print(plan_text(layout_acc, BATCH, micro_batches=acc.micro_batches))
+handle = launch(train_worker, 2, args=(acc, layout_acc), timeout=TIMEOUT)
+ddp_acc = handle.wait()
+one_rank = train(dataclasses.replace(cfg, micro_batches=4), progress=False)  # the same 4 micro-batches
+print("exit codes:", handle.exitcodes)
+
+
+# %%
+def max_diffs(a, b):
+    """(max relative difference of l+ / l-, max absolute difference of g) over the steps."""
+    rel = max(abs(x[k] - y[k]) / abs(y[k]) for x, y in zip(a, b) for k in ("loss_plus", "loss_minus"))
+    return rel, max(abs(x["projected_grad"] - y["projected_grad"]) for x, y in zip(a, b))
+
+
+rel, dg = max_diffs(ddp_acc[0]["steps"], one_rank["steps"])
+same = ddp_acc[0]["digest"] == one_rank["digest"]
+print(f"DDP(2) x 2 vs 1 rank x 4: l+- {rel:.1e} relative, g {dg:.1e} absolute; "
+      f"{'same digest' if same else 'digests differ (float order)'}")
+print("within the test's tolerance (l+- 1e-5 relative, g 5e-3 absolute):", rel < 1e-5 and dg < 5e-3)
+rel, dg = max_diffs(one_rank["steps"], single["steps"])
+print(f"1 rank x 4 micro-batches vs the whole batch at once: l+- {rel:.1e} relative, g {dg:.1e} absolute")
+
+# %% [markdown]
+# Both sides run the same one-row micro-batches with the same matmul shapes, so their float32
+# losses are the same numbers; only the grouping of the float64 weighted sums differs
+# (`Σ` over 2 then over the ranks, or over 4 at once). That usually rounds the same way (at
+# the tiny size the runs agree to the bit), but float arithmetic does not promise it, hence the
+# tolerance. Against the whole batch in one forward, accumulation differs by float order, as
+# DDP does (section 3): each micro-batch runs its own matmul shapes.

@@ -34,13 +34,17 @@
 # 3. **Upload bytes per rank** from the spans: about a quarter with slicing.
 # 4. Each rank's lanes as timelines, naive vs sliced, with the `allgather` spans on the
 #    exchange lane.
+# 5. **One host store per node**: the four ranks share one copy of the blocks in shared
+#    memory; the memory report per node.
+# 6. The **disk tier with several ranks**: one store directory, each rank reading and writing
+#    its shard, the node's first rank committing every step.
 
 # %% tags=["parameters"]
 import os
 
 SIZE = os.environ.get("DISTZO2_TUTORIAL_SIZE", "full")  # "tiny" in CI, "full" by default
 assert SIZE in ("tiny", "full"), f"DISTZO2_TUTORIAL_SIZE={SIZE!r}: choose 'tiny' or 'full'"
-STEPS = 2 if SIZE == "tiny" else 10  # training steps per run (two 4-rank runs)
+STEPS = 2 if SIZE == "tiny" else 10  # training steps per run (two 4-rank runs, one 2-rank disk run)
 BATCH, SEQ = 4, 12  # global batch (2 rows per dp group), tokens per sequence
 THREADS = 1  # torch threads per rank: four ranks share this machine's cores
 TIMEOUT = 300  # seconds before the launcher stops the workers
@@ -69,9 +73,10 @@ for layout in LAYOUTS.values():
 # %% [markdown]
 # ## 2. Naive vs sliced
 #
-# Both runs use the host tier: each rank keeps its blocks in its own host store and streams them
-# through its upload / compute / offload lanes. `train_worker` is importable, as `launch` needs
-# (a worker defined in the notebook is refused: see tutorial 04).
+# Both runs use the host tier: the blocks live in host memory (one copy for the node's ranks,
+# section 5) and each rank streams them through its upload / compute / offload lanes.
+# `train_worker` is importable, as `launch` needs (a worker defined in the notebook is refused:
+# see tutorial 04).
 
 # %%
 from distzo2_lab.config import OffloadConfig, TrainConfig, ZOConfig
@@ -150,6 +155,63 @@ compare_timelines({f"{name} rank0": spans[name][0] for name in LAYOUTS},
 # %%
 compare_timelines({f"{name} rank{r}": spans[name][r] for name in LAYOUTS for r in range(4)},
                   title="every rank's lanes: naive vs sliced").show()
+
+# %% [markdown]
+# ## 5. One host store per node
+#
+# The ranks of a node do not each keep a copy of the blocks: the node's first rank writes them
+# into one `/dev/shm` file that every rank maps, and removes its name once all have mapped it.
+# Sliced ranks touch only their own shards, so one slot per block is enough; naive ranks keep
+# two slots per block (a slow rank must not read a block that a faster rank already updated).
+# Every rank reported its memory; `node_memory` adds it up per node:
+
+# %%
+from distzo2_lab.entrypoints import node_memory
+
+for name in LAYOUTS:
+    for node, m in node_memory(results[name]).items():
+        print(f"{name}: {m['ranks']} ranks on {node}: shared store {m['shared_store_mb']:.2f} MiB once, "
+              f"private {m['private_mb']:.0f} MiB, total {m['total_mb']:.0f} MiB "
+              f"(one store per rank: {m['copy_per_rank_mb']:.0f} MiB)")
+sliced_store = next(iter(node_memory(sliced).values()))["shared_store_mb"]
+naive_store = next(iter(node_memory(naive).values()))["shared_store_mb"]
+print("sliced: one slot per block, naive: two:", naive_store == 2 * sliced_store)
+print("nothing left in /dev/shm:", not [f for f in os.listdir("/dev/shm") if f.startswith("distzo2-")])
+
+# %% [markdown]
+# On the tiny model the blocks are a small part of a rank's memory (the Python process and
+# torch are most of it); on a large model they are most of it, and sharing saves
+# `(ranks − slots) ×` the blocks' size per node.
+#
+# ## 6. The disk tier with several ranks
+#
+# With `offload.tier="disk"` every rank of the node uses the one store directory: a sliced rank
+# reads and writes only its shard of each block file. After each step all ranks drain their
+# lanes and meet at a barrier; then the node's first rank writes the resident buckets and moves
+# the manifest to the step, and it alone writes the seed log. A PertP(2) sliced run on disk
+# equals the single-rank run bit for bit:
+
+# %%
+import dataclasses
+import json
+
+from distzo2_lab.train import train
+
+disk_cfg = dataclasses.replace(cfg, offload=OffloadConfig(tier="disk", store=f"{tmp.name}/store"))
+disk_layout = validate_layout(Layout(dp=1, pert=2, slice=True), 2, BATCH)
+handle = launch(train_worker, 2, args=(disk_cfg, disk_layout), timeout=TIMEOUT)
+disk = handle.wait()
+one = train(dataclasses.replace(cfg, offload=OffloadConfig()), progress=False)  # one rank, resident
+print("exit codes:", handle.exitcodes)
+print("both disk ranks == the single-rank digest:", {r["digest"] for r in disk.values()} == {one["digest"]})
+print("per-step l+, l-, g equal:", disk[0]["steps"] == one["steps"])
+
+# %%
+with open(f"{tmp.name}/store/manifest.json") as f:
+    print("manifest committed the last step:", json.load(f)["committed"] == STEPS - 1)
+with open(f"{tmp.name}/store/seedlog.jsonl") as f:
+    print("seed log lines (header + one per step, one writer):", len(f.readlines()))
+print("store files:", sorted(os.listdir(f"{tmp.name}/store")))
 
 # %%
 tmp.cleanup()

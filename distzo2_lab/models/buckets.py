@@ -29,19 +29,22 @@ class Slot:
 
 def _no_decay(name: str) -> bool:
     # MeZO: no weight decay on biases and LayerNorm weights.
-    leaf = name.rsplit(".", 1)[-1]
+    leaf, name = name.rsplit(".", 1)[-1], name.lower()
     return leaf == "bias" or "layer_norm" in name or "layernorm" in name or ".norm" in name
 
 
 class ParamBucket:
     """One flat fp32 master holding every unique parameter of a group of modules."""
 
-    def __init__(self, key: str, named_params: list[tuple[str, nn.Parameter]], storage: str = "fp32"):
+    def __init__(self, key: str, named_params: list[tuple[str, nn.Parameter]], storage: str = "fp32",
+                 norms: set[int] = frozenset()):
+        """`norms`: ids of norm-layer parameters (no weight decay whatever their names are)."""
         self.key = key
         self.slots: list[Slot] = []
         offset = 0
         for name, p in named_params:
-            self.slots.append(Slot(name, p, offset, offset + p.numel(), p.shape, not _no_decay(name)))
+            decay = not (_no_decay(name) or id(p) in norms)
+            self.slots.append(Slot(name, p, offset, offset + p.numel(), p.shape, decay))
             offset += p.numel()
         self.numel = offset
         self.storage = storage

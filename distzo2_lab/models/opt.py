@@ -8,19 +8,16 @@ stock ones. lm_head is tied to embed_tokens: one Parameter, kept in the resident
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import OPTForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from ..config import ConfigError
-from .buckets import ParamBucket
+from .base import BlockAdapter, BlockContext, Groups, unique_params
+
+__all__ = ["BlockContext", "OPTAdapter", "opt_groups", "unique_params"]
 
 
-def opt_groups(model: OPTForCausalLM) -> list[tuple[str, list[tuple[str, nn.Module | None]]]]:
+def opt_groups(model: OPTForCausalLM) -> Groups:
     """The bucket plan: (key, [(parameter-name prefix, module)]) for in, block.0..N-1, out."""
     dec, d = model.model.decoder, "model.decoder."
     return [
@@ -32,76 +29,25 @@ def opt_groups(model: OPTForCausalLM) -> list[tuple[str, list[tuple[str, nn.Modu
     ]
 
 
-def unique_params(modules: list[tuple[str, nn.Module | None]], seen: set[int]) -> list[tuple[str, nn.Parameter]]:
-    """(full name, parameter) of each parameter not yet in `seen` (a tied weight counts once)."""
-    out = []
-    for prefix, mod in modules:
-        if mod is None:
-            continue
-        for pname, p in mod.named_parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((f"{prefix}.{pname}", p))
-    return out
-
-
-@dataclass
-class BlockContext:
-    """What every block needs besides the hidden states (same for +eps and -eps passes)."""
-
-    attention_mask: torch.Tensor | None
-    position_ids: torch.Tensor
-
-
-class OPTAdapter:
+class OPTAdapter(BlockAdapter):
     """resident-in bucket, one bucket per decoder block, resident-out bucket, and the loss."""
 
+    family = "opt"
+    model_class = OPTForCausalLM
+
     def __init__(self, model: OPTForCausalLM, storage: str = "fp32"):
-        model.eval().requires_grad_(False)
-        self.model = model
-        self.config = model.config
         self.decoder = model.model.decoder
-        self.layers = list(self.decoder.layers)
-        seen: set[int] = set()
-        groups = [(key, unique_params(mods, seen)) for key, mods in opt_groups(model)]
-        self.bucket_in = ParamBucket(groups[0][0], groups[0][1], storage)
-        self.blocks = [ParamBucket(key, params, storage) for key, params in groups[1:-1]]
-        self.bucket_out = ParamBucket(groups[-1][0], groups[-1][1], storage)
-        self.offloaded = any(b.master is None for b in self.blocks)
-        if self.offloaded:
-            # Blocks live in a store (ZO2's offloading): every block runs through one materialised
-            # shell module whose parameters are re-pointed at the working buffer of the visit.
-            shell = self.layers[0]
-            if any(p.is_meta for p in shell.parameters()):
-                raise RuntimeError("an offloaded adapter needs layer 0 materialised as the block shell")
-            self.layers = [shell] * len(self.layers)
-            shell_params = dict(shell.named_parameters())
-            for i, b in enumerate(self.blocks):
-                b.detach()  # block 0 too: its values come from the store like every other block's
-                prefix = f"model.decoder.layers.{i}."
-                for slot in b.slots:
-                    slot.param = shell_params[slot.name[len(prefix):]]
-            self.blocks[0].unbind()  # the shell holds nothing between visits
-        n_model = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
-        n_ours = sum(b.numel for b in self.buckets)
-        if n_model != n_ours:
-            raise RuntimeError(f"adapter covers {n_ours} of {n_model} parameters")
+        super().__init__(model, storage)
 
-    @property
-    def buckets(self) -> list[ParamBucket]:
-        """Every bucket in canonical order: in, block.0 ... block.N-1, out."""
-        return [self.bucket_in, *self.blocks, self.bucket_out]
+    groups = staticmethod(opt_groups)
 
-    @property
-    def max_positions(self) -> int:
-        return self.config.max_position_embeddings
+    @staticmethod
+    def block_modules(model: OPTForCausalLM):
+        return model.model.decoder.layers
 
-    def check_batch(self, input_ids: torch.Tensor) -> None:
-        if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise ConfigError(f"input_ids must be a non-empty (batch, seq) tensor, got {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.max_positions:
-            raise ConfigError(f"seq_len={input_ids.shape[1]} is longer than the model's "
-                              f"max_position_embeddings={self.max_positions}")
+    @staticmethod
+    def block_prefix(i: int) -> str:
+        return f"model.decoder.layers.{i}"
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Resident-in modules: tokens -> (hidden (B, T, C), BlockContext). Mirrors OPTDecoder."""
@@ -130,17 +76,3 @@ class OPTAdapter:
         if dec.project_out is not None:
             hidden = dec.project_out(hidden)
         return self.model.lm_head(hidden)
-
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy in fp32; label -100 is ignored."""
-        v = logits.shape[-1]
-        shift = logits[:, :-1].reshape(-1, v).float()  # (B*(T-1), V)
-        return F.cross_entropy(shift, labels[:, 1:].reshape(-1), ignore_index=-100)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Block-by-block logits with the current parameters."""
-        hidden, ctx = self.embed(input_ids, attention_mask)
-        for i in range(len(self.layers)):
-            hidden = self.run_block(i, hidden, ctx)
-        return self.head(hidden)

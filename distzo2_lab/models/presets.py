@@ -1,20 +1,29 @@
-"""Model presets: the published OPT shapes with random weights, a tiny OPT, local checkpoints.
+"""Model presets: the published OPT shapes and small configs of every family with random
+weights, and local checkpoints.
 
-Shapes follow the OPT paper (arXiv 2205.01068, Table 1) and the released configs. Building a
-preset never touches the network: configs are written out here and weights are random (seeded,
+OPT shapes follow the OPT paper (arXiv 2205.01068, Table 1) and the released configs; the tiny
+GPT-2, LLaMA, Qwen2 and BERT configs exist for tests and tutorials. Building a preset never
+touches the network: configs are written out here and weights are random (seeded per bucket,
 without disturbing the caller's global RNG). A directory is loaded with
-``from_pretrained(path, local_files_only=True)``.
+``from_pretrained(path, local_files_only=True)``; weights it lacks (a new classifier head) get
+the same seeded init.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig, PretrainedConfig, Qwen2Config
 
 from ..config import ConfigError
 from ..perturb import chunk_seed
+from .base import init_group_
+from .registry import adapter_class
+
+__all__ = ["NUM_LABELS", "OPT_SHAPES", "PRESETS", "build_model", "checkpoint_config", "count_parameters",
+           "init_group_", "init_missing_", "is_local_dir", "opt_config", "preset_config"]
 
 # name: (hidden, layers, heads, ffn, word_embed_proj_dim, layer_norm_before)
 OPT_SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
@@ -30,7 +39,9 @@ OPT_SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
 }
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
             word_embed_proj_dim=64, vocab_size=512, max_position_embeddings=256)
-PRESETS = ("tiny", "tiny-deep", *OPT_SHAPES)
+FAMILY_PRESETS = ("tiny-gpt2", "tiny-llama", "tiny-qwen2", "tiny-bert")
+PRESETS = ("tiny", "tiny-deep", *OPT_SHAPES, *FAMILY_PRESETS)
+NUM_LABELS = 2  # classes of a new classification head (SST-2: negative, positive)
 
 
 def opt_config(name: str) -> OPTConfig:
@@ -52,72 +63,115 @@ def opt_config(name: str) -> OPTConfig:
     return cfg
 
 
+def preset_config(name: str) -> PretrainedConfig:
+    """The config of any preset: OPT shapes, or a tiny GPT-2 / LLaMA / Qwen2 / BERT (dropout off)."""
+    small = dict(vocab_size=512, max_position_embeddings=256, num_hidden_layers=2, num_attention_heads=4)
+    if name == "tiny-gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=256, vocab_size=512, n_positions=256,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                         bos_token_id=2, eos_token_id=2)
+    elif name == "tiny-llama":  # grouped-query attention, untied head
+        cfg = LlamaConfig(**small, hidden_size=64, intermediate_size=160, num_key_value_heads=2,
+                          attention_dropout=0.0, tie_word_embeddings=False, pad_token_id=0)
+    elif name == "tiny-qwen2":  # q/k/v biases, tied head
+        cfg = Qwen2Config(**small, hidden_size=64, intermediate_size=160, num_key_value_heads=2,
+                          attention_dropout=0.0, tie_word_embeddings=True, pad_token_id=0)
+    elif name == "tiny-bert":  # sequence classification, NUM_LABELS classes
+        cfg = BertConfig(**small, hidden_size=64, intermediate_size=256, type_vocab_size=2,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=NUM_LABELS,
+                         pad_token_id=0)
+    else:
+        return opt_config(name)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
 def is_local_dir(model: str) -> bool:
     return model not in PRESETS and (os.sep in model or model.startswith(".") or os.path.exists(model))
 
 
-def init_group_(modules: list[tuple[str, nn.Module | None]], std: float, seed: int, done: set[int]) -> None:
-    """Seeded init of one bucket's modules (OPT's scheme: N(0, std) weights, zero biases, unit
-    LayerNorms, zero padding row), from its own generator, so any block can be built alone.
-    Parameters in `done` (a tied weight initialised by an earlier bucket) are left alone."""
-    gen = torch.Generator().manual_seed(seed)
+def _check_dir(model: str) -> None:
+    if not os.path.isdir(model):
+        raise ConfigError(f"model={model!r}: checkpoint directory does not exist")
+    if not os.path.exists(os.path.join(model, "config.json")):
+        raise ConfigError(f"model={model!r}: directory has no config.json (not a checkpoint)")
 
-    def normal_(p: nn.Parameter) -> bool:
-        if id(p) in done:
-            return False
-        done.add(id(p))
-        p.normal_(0.0, std, generator=gen)  # in place: no model-sized temporary
-        return True
 
-    for _, mod in modules:
-        for sub in mod.modules() if mod is not None else ():
-            if isinstance(sub, nn.Embedding):
-                if normal_(sub.weight) and sub.padding_idx is not None:
-                    sub.weight[sub.padding_idx].zero_()
-            elif isinstance(sub, nn.Linear):
-                normal_(sub.weight)
-            elif not isinstance(sub, nn.LayerNorm):
-                continue
-            if isinstance(sub, nn.LayerNorm) and sub.weight is not None:
-                sub.weight.fill_(1.0)
-            if getattr(sub, "bias", None) is not None:
-                sub.bias.zero_()
+def checkpoint_config(model: str, num_labels: int = NUM_LABELS) -> PretrainedConfig:
+    """A checkpoint directory's config (offline, sdpa attention). An encoder saved without a
+    classification head gets one of `num_labels` classes."""
+    from transformers import AutoConfig
+
+    _check_dir(model)
+    cfg = AutoConfig.from_pretrained(model, local_files_only=True)
+    adapter = adapter_class(cfg.model_type)  # unknown family: a clear error before any weight is read
+    if not adapter.causal and not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or ()):
+        cfg.num_labels = num_labels
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """from_pretrained's progress bar and load report say nothing we do not handle ourselves."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def init_missing_(model: nn.Module, missing: set[str], seed: int) -> list[str]:
+    """Seeded init (as a preset's, per bucket) of the modules holding a weight the checkpoint
+    lacks; returns the keys of the buckets touched."""
+    touched = []
+    groups = adapter_class(model.config.model_type).groups(model)
+    done = {id(p) for _, mods in groups for prefix, m in mods if m is not None
+            for n, p in m.named_parameters() if f"{prefix}.{n}" not in missing}
+    std = adapter_class(model.config.model_type).init_std(model.config)
+    for key, mods in groups:
+        hit = [(prefix, m) for prefix, m in mods if m is not None
+               and any(f"{prefix}.{n}" in missing for n, _ in m.named_parameters())]
+        if hit:
+            init_group_(hit, std, chunk_seed(seed, "init", key), done)
+            touched.append(key)
+    return touched
 
 
 @torch.no_grad()
-def build_model(model: str, seed: int = 0, device: str | torch.device = "cpu",
-                blocks: bool = True) -> OPTForCausalLM:
+def build_model(model: str, seed: int = 0, device: str | torch.device = "cpu", blocks: bool = True,
+                num_labels: int = NUM_LABELS) -> nn.Module:
     """A preset with seeded random weights, or a checkpoint directory loaded offline.
 
     `device="meta"` gives shapes only. `blocks=False` (presets) materialises the resident
     modules and block 0 (the shell an offloaded adapter runs every block through) and leaves
-    blocks 1.. on the meta device: their values come from a store.
+    blocks 1.. on the meta device: their values come from a store. An encoder checkpoint without
+    a classification head gets a new one of `num_labels` classes, initialised from `seed`.
     """
     if is_local_dir(model):
-        if not os.path.isdir(model):
-            raise ConfigError(f"model={model!r}: checkpoint directory does not exist")
-        if not os.path.exists(os.path.join(model, "config.json")):
-            raise ConfigError(f"model={model!r}: directory has no config.json (not a checkpoint)")
-        m = OPTForCausalLM.from_pretrained(model, local_files_only=True, dtype=torch.float32,
-                                           attn_implementation="sdpa")
+        cfg = checkpoint_config(model, num_labels)
+        cls = adapter_class(cfg.model_type).model_class
+        with _quiet_loading(), torch.random.fork_rng(devices=[]):  # its init of missing weights draws
+            m, info = cls.from_pretrained(model, config=cfg, local_files_only=True, dtype=torch.float32,
+                                          output_loading_info=True)
+        init_missing_(m, set(info["missing_keys"]), seed)
         return m.to(device).eval()
-    cfg = opt_config(model)
+    cfg = preset_config(model)
+    family = adapter_class(cfg.model_type)
     with torch.device("meta"):
-        m = OPTForCausalLM(cfg)
+        m = family.model_class(cfg)
     if torch.device(device).type == "meta":
         return m.eval()
-    from .opt import opt_groups  # the bucket plan decides the init seeds
-
-    groups = [(k, mods) for k, mods in opt_groups(m) if blocks or not k.startswith("block.") or k == "block.0"]
-    for _, modules in groups:  # allocate everything first: to_empty on a tied module rewrites the shared weight
-        for _, mod in modules:
-            if mod is not None:
-                mod.to_empty(device="cpu", recurse=True)
-    if cfg.tie_word_embeddings:
-        m.lm_head.weight = m.model.decoder.embed_tokens.weight
+    groups = family.materialise(m, lambda k: blocks or not k.startswith("block.") or k == "block.0")
     done: set[int] = set()
-    for key, modules in groups:
-        init_group_(modules, cfg.init_std, chunk_seed(seed, "init", key), done)
+    for key, modules in groups:  # the bucket plan decides the init seeds
+        init_group_(modules, family.init_std(cfg), chunk_seed(seed, "init", key), done)
     return m.to(device).eval() if blocks else m.eval()
 
 

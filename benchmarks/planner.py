@@ -1,0 +1,116 @@
+"""Planner and simulator against reality here, and against the papers.
+
+    python benchmarks/planner.py [--quick] [--steps 4] [--dir runs/plan] [--json]
+
+1. `distzo2 plan calibrate` measures this machine (rates and lanes) into DIR/this-machine.json.
+2. Predicted vs measured seconds per step (steady state, after the first step) for the tiny and
+   OPT-125m shapes, resident / host / disk tiers, world sizes 1, 2 and 4 (real runs: ``train()``
+   for one rank, ``launch(train_worker, ...)`` for several). The disk tier runs at world 1 only
+   (the engine has no per-rank disk stores yet). One torch thread per rank: world 4 oversubscribes
+   the 2 cores (the simulator shares them out), and two-threaded resident runs are erratic under load.
+   --quick: the tiny shape only.
+3. Predicted vs measured peak RSS above the process baseline for the host and disk tiers (fresh
+   processes, ``bench_offload.peak_memory_subprocess``).
+4. The published checks: ZO2 peak GPU memory, DistZO2 trace shares and headline.
+The machine has 2 cores shared with other jobs: the load average is printed before and after;
+rerun when it moved a lot. Prints the tables, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from distzo2_lab.config import PrecisionConfig
+from distzo2_lab.mesh import Layout
+from distzo2_lab.plan.calibrate import calibrate
+from distzo2_lab.plan.check import compare
+from distzo2_lab.plan.memory import Workload, memory_plan
+from distzo2_lab.plan.paper import format_paper_checks, headline, trace_shares, zo2_memory_check
+
+SHAPES = {"tiny": (8, 32), "opt-125m": (2, 64)}  # batch per dp group, sequence length
+CASES = [  # (tier, name, layout)
+    ("resident", "single", Layout()), ("host", "single", Layout()), ("disk", "single", Layout()),
+    ("resident", "PertP", Layout(1, 2)), ("host", "PertP", Layout(1, 2)), ("host", "DDP", Layout(2, 1)),
+    ("resident", "2D", Layout(2, 2)), ("host", "2D", Layout(2, 2)), ("host", "2D sliced", Layout(2, 2, True)),
+]
+
+
+def timing_rows(hw, models, steps: int) -> list[dict]:
+    rows = []
+    for model in models:
+        batch, seq = SHAPES[model]
+        for tier, name, layout in CASES:
+            w = Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(), tier=tier, prefetch=1)
+            r = compare(w, layout, hw, steps=steps, threads=1)
+            r.pop("simulation"), r.pop("measured")
+            r["layout"] = name
+            rows.append(r)
+            print(format_row(r), flush=True)
+    return rows
+
+
+def format_row(r: dict) -> str:
+    ok = "ok" if abs(r["ratio"] - 1) <= 0.15 else "OFF"
+    return (f"{r['model']:>9} {r['tier']:>8} {r['layout']:>10} {r['world']:>5} {r['threads']:>7} "
+            f"{r['predicted_s']:>10.4f} {r['measured_s']:>10.4f} {r['ratio']:>6.2f}  {ok}")
+
+
+def memory_rows(hw, models) -> list[dict]:
+    from distzo2_lab.bench_offload import peak_memory_subprocess
+
+    rows = []
+    for model in models:
+        for tier in ("host", "disk"):
+            m = peak_memory_subprocess(model, tier=tier, steps=2, batch=1, seq=32, prefetch=1, lean=False)
+            w = Workload(model=model, batch=1, seq=32, precision=PrecisionConfig(), tier=tier, prefetch=1)
+            mp = memory_plan(w, Layout(), hw)
+            predicted = mp.device_total - mp.device["runtime overhead"] + mp.host.get("blocks (one shared copy)", 0)
+            measured = (m["peak_rss_kib"] - m["baseline_rss_kib"]) * 1024
+            rows.append({"model": model, "tier": tier, "predicted_mb": predicted / 1e6, "measured_mb": measured / 1e6,
+                         "ratio": predicted / measured})
+            r = rows[-1]
+            print(f"{model:>9} {tier:>5} predicted {r['predicted_mb']:8.1f} MB  measured {r['measured_mb']:8.1f} MB  "
+                  f"ratio {r['ratio']:.2f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shape only, no gloo probe, no memory runs")
+    p.add_argument("--steps", type=int, default=4, help="steps per real run (the first is not timed)")
+    p.add_argument("--dir", default=os.path.join("runs", "plan"), help="where the calibration is cached")
+    p.add_argument("--json", action="store_true", help="also print every row as one JSON line")
+    a = p.parse_args()
+    load0 = os.getloadavg()[0]
+    print(f"load average before: {load0:.2f} on {os.cpu_count()} cores (other jobs share this machine)")
+    hw = calibrate(a.dir, collectives=not a.quick)
+    print(f"calibrated: {hw.rate_by_width} TFLOP/s per thread by width, noise {hw.rng_gsamples:.3f} G/s, "
+          f"copies {hw.h2d_gbps:.1f} GB/s, visit hand-off {hw.visit_us:.0f} us, block pass {hw.launch_us:.0f} us")
+    models = ["tiny"] if a.quick else ["tiny", "opt-125m"]
+    print(f"\n{'model':>9} {'tier':>8} {'layout':>10} {'world':>5} {'threads':>7} {'predicted':>10} {'measured':>10} "
+          f"{'ratio':>6}  (seconds per step; ok = within 15 %)")
+    rows = timing_rows(hw, models, a.steps)
+    within = sum(abs(r["ratio"] - 1) <= 0.15 for r in rows)
+    print(f"{within} of {len(rows)} within 15 %")
+    mem = []
+    if not a.quick:
+        print("\npeak RSS above the process baseline (fresh process, batch 1 x 32):")
+        mem = memory_rows(hw, models)
+    print()
+    checks = zo2_memory_check(), trace_shares(), headline()
+    print(format_paper_checks(*checks))
+    load1 = os.getloadavg()[0]
+    print(f"\nload average after: {load1:.2f}" + ("  (changed a lot: rerun for steadier numbers)"
+                                                  if abs(load1 - load0) > 1.5 else ""))
+    if a.json:
+        print(json.dumps({"hardware": hw.to_dict(), "timing": rows, "memory": mem,
+                          "zo2_memory": checks[0], "load": [load0, load1],
+                          "trace_shares": [{"case": r["case"], "published": r["published"],
+                                            "simulated": r["simulated"]} for r in checks[1]],
+                          "headline": {k: checks[2][k] for k in ("published", "speedup", "zo2_step_s",
+                                                                  "distzo2_step_s")}}, default=str))
+
+
+if __name__ == "__main__":
+    main()

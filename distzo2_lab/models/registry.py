@@ -1,0 +1,27 @@
+"""Which adapter drives which model: chosen by the config's ``model_type``."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import ConfigError
+from .base import BlockAdapter
+from .bert import BertAdapter
+from .gpt2 import GPT2Adapter
+from .llama import LlamaAdapter, Qwen2Adapter
+from .opt import OPTAdapter
+
+ADAPTERS: dict[str, type[BlockAdapter]] = {a.family: a for a in
+                                           (OPTAdapter, GPT2Adapter, LlamaAdapter, Qwen2Adapter, BertAdapter)}
+FAMILIES = tuple(ADAPTERS)
+
+
+def adapter_class(model_type: str) -> type[BlockAdapter]:
+    """The adapter class of a config's model_type ('opt', 'gpt2', 'llama', 'qwen2', 'bert')."""
+    if model_type not in ADAPTERS:
+        raise ConfigError(f"model_type={model_type!r} has no adapter; the families are {', '.join(FAMILIES)}")
+    return ADAPTERS[model_type]
+
+
+def adapter_for(model: nn.Module, storage: str = "fp32") -> BlockAdapter:
+    """The family's adapter around a Hugging Face model (its buckets built with `storage`)."""
+    return adapter_class(model.config.model_type)(model, storage)

@@ -1,0 +1,233 @@
+"""`distzo2 plan calibrate`: measure this machine's rates and lanes into a hardware profile.
+
+A few seconds of micro-benchmarks, each timing the package's own code path: an OPT block forward
+(``OPTAdapter.run_block``) at a large and a tiny shape (matmul rate and the fixed cost of one
+block pass) with one thread and with every core, noise generation (``Perturber.fill``), the
+in-place perturb pass (``perturb_``), copies into reused buffers (the host tier's upload and
+offload lanes, alone and two at once for the shared memory path), pread / pwrite of a file in the
+chosen directory (the disk tier), and a gloo all-gather between two launched ranks (the exchange
+lane). The profile is cached as JSON in DIR/this-machine.json and read as hardware 'this-machine'.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+
+import torch
+
+from .hardware import DEFAULT_DIR, THIS_MACHINE, Hardware, calibration_path, save_profile
+
+
+def _median(fn, repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _probe_block(hidden: int, heads: int, ffn: int, batch: int, seq: int):
+    """A one-block OPT adapter and its inputs: (run() doing one block pass, FLOPs of the pass)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from ..models import OPTAdapter
+
+    cfg = OPTConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, ffn_dim=ffn,
+                    word_embed_proj_dim=hidden, vocab_size=512, max_position_embeddings=max(seq, 32),
+                    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, do_layer_norm_before=True)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):  # skip Hugging Face's init: any finite values time the same
+        m = OPTForCausalLM(cfg)
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        for prm in m.parameters():
+            prm.normal_(0.0, 0.02)
+    m.lm_head.weight = m.model.decoder.embed_tokens.weight
+    a = OPTAdapter(m)
+    ids = torch.randint(4, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h, ctx = a.embed(ids)
+    matmul = sum(p.numel() for p in a.layers[0].parameters() if p.dim() == 2)
+    flops = 2 * batch * seq * matmul + 4 * batch * seq * seq * hidden
+
+    def run():
+        with torch.no_grad():
+            a.run_block(0, h, ctx)
+
+    return run, flops
+
+
+def _probe_embed():
+    """One pass of the resident-in modules (embeddings, positions, attention mask) of the tiny preset."""
+    from ..models import OPTAdapter, build_model
+
+    a = OPTAdapter(build_model("tiny"))
+    ids = torch.randint(4, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        with torch.no_grad():
+            a.embed(ids)
+
+    return run
+
+
+def _visit_overhead(work, blocks: int = 8, sweeps: int = 4) -> float:
+    """Seconds per visit that a streamer sweep adds to the visits' own work (tiny blocks in a host
+    store; each visit runs `work`, a tiny block forward): the hand-offs between the busy compute
+    thread and the upload / offload lanes (thread wake-ups, the GIL)."""
+    alone = _median(work, repeats=10, warmup=2)
+    from ..store import HostStore
+    from ..stream import Streamer
+
+    store = HostStore([f"block.{i}" for i in range(blocks)], [256] * blocks)
+    s = Streamer(store, depth=1)
+    try:
+        v = 0
+        t0 = 0.0
+        for sweep in range(sweeps + 1):
+            if sweep == 1:
+                t0 = time.perf_counter()
+            s.begin_sweep(v, sweep)
+            for _ in range(blocks):
+                buf = s.acquire(v)
+                work()
+                s.release(v, buf)
+                v += 1
+        s.drain()
+        return max(0.0, (time.perf_counter() - t0) / (sweeps * blocks) - alone)
+    finally:
+        s.close()
+
+
+def _threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _copy_gbps(nbytes: int, streams: int) -> float:
+    """GB/s of `streams` concurrent copies into reused buffers (each of `nbytes`)."""
+    n = nbytes // 4
+    pairs = [(torch.empty(n), torch.ones(n)) for _ in range(streams)]
+    for dst, src in pairs:
+        dst.copy_(src)  # first touch
+
+    def once():
+        ts = [threading.Thread(target=dst.copy_, args=(src,)) for dst, src in pairs]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    return streams * nbytes / _median(once) / 1e9
+
+
+def _disk_gbps(directory: str, nbytes: int) -> tuple[float, float]:
+    """(read, write) GB/s of pread / pwrite of one file in `directory` (reads come from the page cache)."""
+    os.makedirs(directory, exist_ok=True)
+    buf = torch.ones(nbytes // 4)
+    view = memoryview(buf.numpy()).cast("B")
+    fd, path = tempfile.mkstemp(prefix="calibrate-", dir=directory)
+    try:
+        write = _median(lambda: os.pwrite(fd, view, 0))
+        out = bytearray(nbytes)
+        read = _median(lambda: os.preadv(fd, [out], 0))
+    finally:
+        os.close(fd)
+        os.remove(path)
+    return nbytes / read / 1e9, nbytes / write / 1e9
+
+
+def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int) -> dict:
+    """One rank of the exchange-lane probe: median seconds of a scalar and of an nbytes all-gather."""
+    import torch.distributed as dist
+
+    from ..collectives import all_gather_flat
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        def gather(n):
+            mine, out = torch.ones(n), torch.empty(n * world)
+            return lambda: all_gather_flat(out, mine)
+
+        small = _median(gather(1), repeats=repeats * 4, warmup=2)
+        big = _median(gather(nbytes // 4 // world), repeats=repeats)
+        return {"scalar_s": small, "big_s": big}
+    finally:
+        dist.destroy_process_group()
+
+
+def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int | None = None) -> Hardware:
+    """Measure this machine (a few seconds) and write DIR/this-machine.json; returns the profile."""
+    import transformers  # noqa: F401  (the baseline RSS counts torch and transformers)
+
+    baseline = _rss_bytes()
+    cores = cores or len(os.sched_getaffinity(0))
+    big, big_flops = _probe_block(768, 12, 3072, 2, 64)
+    small, small_flops = _probe_block(64, 4, 256, 8, 32)
+    tiny, _ = _probe_block(64, 4, 256, 1, 4)
+    launch = _threads(1, lambda: _median(tiny, repeats=20, warmup=3))
+    t1 = _threads(1, lambda: _median(big))
+    tc = _threads(cores, lambda: _median(big))
+    rate1 = big_flops / max(t1 - launch, 1e-6)
+    rate_small = small_flops / max(_threads(1, lambda: _median(small, repeats=10, warmup=2)) - launch, 1e-6)
+    scaling = (big_flops / max(tc - launch, 1e-6)) / (rate1 * cores)
+    embed_us = _threads(1, lambda: _median(_probe_embed(), repeats=20, warmup=3)) * 1e6
+    visit_us = _threads(1, lambda: _visit_overhead(small)) * 1e6
+    from ..perturb import Perturber
+    from ..zo import perturb_
+
+    n = 1 << 21  # two noise chunks
+    z = torch.empty(n)
+    p = Perturber("gaussian", 1 << 20, 1)
+    rng = n / _threads(1, lambda: _median(lambda: p.fill(z, 1, "calibrate"), repeats=5)) / 1e9
+    few = torch.empty(64)
+    call_us = _threads(1, lambda: _median(lambda: (p.fill(few, 1, "calibrate"), perturb_(few, few, 1e-3)),
+                                          repeats=50, warmup=5)) / 2 * 1e6
+    p.close()
+    n = 1 << 24  # 64 MB per operand: beyond the caches, like a block's master and z
+    z, master = torch.ones(n), torch.zeros(n)
+    axpy = 12 * n / _threads(1, lambda: _median(lambda: perturb_(master, z, 1e-3))) / 1e9
+    h2d = _copy_gbps(64 << 20, 1)
+    shared = _copy_gbps(64 << 20, 2)
+    disk_read, disk_write = _disk_gbps(directory, 64 << 20)
+    latency_us, peer = 200.0, 1.0
+    if collectives:
+        from ..launch import launch as start
+
+        r = start(gloo_probe, 2, (16 << 20, 3), timeout=120).wait()
+        latency_us = statistics.mean(v["scalar_s"] for v in r.values()) * 1e6
+        big_s = max(v["big_s"] for v in r.values())
+        peer = (16 << 20) / 2 / max(big_s - latency_us * 1e-6, 1e-6) / 1e9
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    hw = Hardware(
+        name=THIS_MACHINE, description=f"this machine: {cores} cores, measured by distzo2 plan calibrate",
+        kind="cpu", device_memory_gb=mem_total, host_memory_gb=mem_total, devices_per_node=64,
+        matmul_tflops={"fp32": rate1 / 1e12}, matmul_efficiency=1.0, memory_gbps=axpy, rng_gsamples=rng,
+        launch_us=launch * 1e6, h2d_gbps=h2d, d2h_gbps=h2d, link_latency_us=5.0, devices_per_switch=1,
+        switch_gbps=None, host_gbps=shared, peer_gbps=peer, peer_latency_us=latency_us,
+        disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
+        thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
+        call_us=call_us, embed_us=embed_us, visit_us=visit_us,
+        source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
+               "fp32 rate per thread; noise, perturb and copy rates per thread")
+    save_profile(hw, calibration_path(directory))
+    return hw

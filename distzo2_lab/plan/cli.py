@@ -1,0 +1,80 @@
+"""`distzo2 plan`: will a layout fit, how fast will it go; `distzo2 plan calibrate`: measure this machine."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..config import COMPUTE_DTYPES, MASTER_DTYPES, STORAGE_DTYPES, ConfigError, PrecisionConfig
+from .hardware import DEFAULT_DIR, names
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `plan` (and `plan calibrate`) on the top-level subparsers of `distzo2`."""
+    p = subparsers.add_parser("plan", help="memory planner and stream simulator for any OPT size and node")
+    p.add_argument("--model", default="opt-175b", help="preset name (opt-125m ... opt-175b, tiny)")
+    p.add_argument("--gpus", type=int, default=None, help="devices in the run (default: dp x pert)")
+    p.add_argument("--hardware", default="a100-80g-sxm", help=f"one of {', '.join(names())}")
+    p.add_argument("--layout", default="dp=1,pert=1", help="dp=D,pert=P")
+    p.add_argument("--slice", action="store_true", help="hardware-aware slicing (each rank moves one shard)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per dp group per step")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--precision", default="fp16", choices=COMPUTE_DTYPES, help="compute dtype")
+    p.add_argument("--storage", default="fp16", choices=STORAGE_DTYPES)
+    p.add_argument("--master", default="fp32", choices=MASTER_DTYPES)
+    p.add_argument("--tier", default="host", help="resident, host or disk")
+    p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--implementation", default="distzo2_lab", help="distzo2_lab (this engine) or zo2 (ZO2's code)")
+    p.add_argument("--steps", type=int, default=3, help="simulated steps")
+    p.add_argument("--dir", default=DEFAULT_DIR, help="where 'this-machine' is calibrated")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+    sub = p.add_subparsers(dest="plan_cmd")
+    c = sub.add_parser("calibrate", help="measure this machine (a few seconds) into DIR/this-machine.json")
+    c.add_argument("--dir", default=DEFAULT_DIR, dest="calibrate_dir")
+    c.add_argument("--no-collectives", action="store_true", help="skip the two-rank gloo all-gather probe")
+    c.add_argument("--json", action="store_true", dest="calibrate_json")
+    c.set_defaults(fn=cmd_calibrate)
+    return p
+
+
+def cmd_calibrate(a) -> int:
+    import time
+
+    from .calibrate import calibrate
+    from .hardware import calibration_path
+
+    t0 = time.perf_counter()
+    hw = calibrate(a.calibrate_dir, collectives=not a.no_collectives)
+    if a.calibrate_json:
+        print(json.dumps(hw.to_dict(), indent=1))
+        return 0
+    print(f"calibrated this machine in {time.perf_counter() - t0:.1f} s -> {calibration_path(a.calibrate_dir)}")
+    print(f"  compute {hw.tflops('fp32') * 1e3:.1f} GFLOP/s per thread (fp32 block forward), "
+          f"{hw.cores} cores at {hw.thread_scaling:.0%} per-core scaling; {hw.launch_us:.0f} us per block pass")
+    print(f"  noise {hw.rng_gsamples:.3f} G samples/s per thread; perturb pass {hw.memory_gbps:.1f} GB/s")
+    print(f"  upload / offload copies {hw.h2d_gbps:.1f} GB/s, two at once {hw.host_gbps:.1f} GB/s; "
+          f"disk read {hw.disk_read_gbps:.2f} GB/s, write {hw.disk_write_gbps:.2f} GB/s")
+    print(f"  exchange (gloo all-gather) {hw.peer_gbps:.2f} GB/s, scalar latency {hw.peer_latency_us:.0f} us; "
+          f"process baseline {hw.context_gb:.2f} GB")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from ..mesh import parse_layout
+    from .hardware import get_hardware
+    from .memory import IMPLEMENTATIONS, Workload
+    from .planner import format_plan, plan_layout
+
+    if a.implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"implementation={a.implementation!r} is not valid; choose one of "
+                          f"{', '.join(IMPLEMENTATIONS)}")
+    hw = get_hardware(a.hardware, a.dir)
+    import dataclasses
+
+    layout = dataclasses.replace(parse_layout(a.layout), slice=a.slice)
+    w = Workload(model=a.model, batch=a.batch, seq=a.seq, precision=PrecisionConfig(a.precision, a.storage, a.master),
+                 tier=a.tier, prefetch=a.prefetch, implementation=IMPLEMENTATIONS[a.implementation])
+    p = plan_layout(w, layout, hw, gpus=a.gpus, steps=a.steps)
+    p.pop("_simulation")
+    print(json.dumps(p, indent=1) if a.json else format_plan(p))
+    return 0

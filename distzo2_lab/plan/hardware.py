@@ -1,0 +1,166 @@
+"""Hardware profiles as data: what one node offers the planner and the stream simulator.
+
+A profile is a frozen dataclass of rates and links: dense matmul rate per dtype and the share of
+it a transformer forward reaches, device memory bandwidth (perturb / update passes), noise
+samples per second, the per-device host links, the switch and host links that several devices
+share, the peer link (NVLink) used by the sliced all-gather, and the runtime overhead per device.
+Published datasheet figures for A100-80GB SXM, H100 SXM and the PCIe-only RTX 4090; "this
+machine" is measured by ``distzo2 plan calibrate`` (see calibrate.py) and read from its JSON file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+from ..config import ConfigError
+
+THIS_MACHINE = "this-machine"
+DEFAULT_DIR = os.path.join("runs", "plan")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    description: str
+    kind: str
+    """'gpu' (one rank per device) or 'cpu' (ranks are processes sharing `cores`)."""
+    device_memory_gb: float
+    """Memory of one working device (GB = 1e9 bytes); for 'cpu' the node's RAM."""
+    host_memory_gb: float
+    """Host memory of one node."""
+    devices_per_node: int
+    matmul_tflops: dict = field(default_factory=dict)
+    """Peak dense matmul TFLOP/s per compute dtype (for 'cpu': per thread)."""
+    matmul_efficiency: float = 0.6
+    """Share of the peak a transformer forward reaches once the GEMMs are large."""
+    memory_gbps: float = 1000.0
+    """Device memory bandwidth: perturb / update / cast passes are memory-bound."""
+    rng_gsamples: float = 100.0
+    """Noise samples generated per second (G) (for 'cpu': per thread)."""
+    launch_us: float = 50.0
+    """Fixed cost of one block pass (kernel launches, Python), microseconds."""
+    h2d_gbps: float = 25.0
+    """Per-device host-to-device link (upload lane), GB/s."""
+    d2h_gbps: float = 25.0
+    """Per-device device-to-host link (offload lane), GB/s."""
+    link_latency_us: float = 10.0
+    devices_per_switch: int = 1
+    """Devices behind one upstream switch link (PCIe switch); 1 = no switch sharing."""
+    switch_gbps: float | None = None
+    """Upstream link of one switch, per direction (shared by its devices); None = not limiting."""
+    host_gbps: float | None = None
+    """Host memory / root complex bandwidth of the node per direction, shared by every device."""
+    peer_gbps: float | None = None
+    """Peer link per device per direction (NVLink); None = peers talk through the host."""
+    peer_latency_us: float = 10.0
+    disk_read_gbps: float = 3.0
+    disk_write_gbps: float = 2.0
+    context_gb: float = 0.0
+    """Runtime memory per device that no tensor accounts for (CUDA context, kernels, allocator
+    slack; for 'cpu' the process with torch imported). See memory.CUDA_OVERHEAD_GB."""
+    rate_by_width: dict = field(default_factory=dict)
+    """'cpu' only: measured block-forward TFLOP/s per thread at some hidden widths {width: rate};
+    small matrices run far below the large-GEMM rate. Interpolated in log(width)."""
+    call_us: float = 5.0
+    """Fixed cost of one noise fill or one elementwise pass over a bucket (kernel launch / Python)."""
+    embed_us: float = 100.0
+    """Fixed cost of the embeddings and the attention mask of one pass."""
+    visit_us: float = 20.0
+    """Streamer hand-off per streamed visit (acquire / release, waking the lanes)."""
+    cores: int | None = None
+    """'cpu' only: cores shared by every rank's compute (ranks beyond them take turns)."""
+    thread_scaling: float = 1.0
+    """'cpu' only: speed-up of `cores` threads over one thread, per core (1.0 = linear)."""
+    source: str = ""
+    """Where the figures come from (datasheet, or the calibration run)."""
+
+    def tflops(self, dtype: str) -> float:
+        if dtype in self.matmul_tflops:
+            return self.matmul_tflops[dtype]
+        return self.matmul_tflops.get("fp32", min(self.matmul_tflops.values()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# DGX-style nodes: 2 GPUs per PCIe Gen4/Gen5 switch, one x16 uplink per switch, NVSwitch between GPUs.
+# The effective PCIe figures are what pinned cudaMemcpyAsync reaches (about 80% of the signalling rate).
+# CUDA_OVERHEAD_GB (memory.py) is the stated per-GPU runtime overhead.
+_CUDA_OVERHEAD_GB = 2.25
+
+PROFILES: dict[str, Hardware] = {
+    "a100-80g-sxm": Hardware(
+        name="a100-80g-sxm", description="NVIDIA A100 80GB SXM4, 8 per node (DGX A100): PCIe Gen4 x16, "
+        "2 GPUs per PCIe switch, NVLink 3 through NVSwitch", kind="gpu", device_memory_gb=80.0,
+        host_memory_gb=2000.0, devices_per_node=8, matmul_tflops={"fp16": 312.0, "bf16": 312.0, "fp32": 156.0},
+        matmul_efficiency=0.6, memory_gbps=2039.0, rng_gsamples=250.0, launch_us=150.0, h2d_gbps=24.0,
+        d2h_gbps=24.0, link_latency_us=10.0, devices_per_switch=2, switch_gbps=24.0, host_gbps=100.0,
+        peer_gbps=240.0, peer_latency_us=15.0, disk_read_gbps=6.0, disk_write_gbps=3.0,
+        context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA A100 datasheet (312 TFLOP/s fp16 dense, 2039 GB/s HBM2e, "
+        "NVLink 600 GB/s bidirectional); DGX A100 topology; PCIe at ~75% of 32 GB/s; fp32 = TF32"),
+    "h100-sxm": Hardware(
+        name="h100-sxm", description="NVIDIA H100 80GB SXM5, 8 per node (DGX H100): PCIe Gen5 x16, "
+        "2 GPUs per PCIe switch, NVLink 4 through NVSwitch", kind="gpu", device_memory_gb=80.0,
+        host_memory_gb=2000.0, devices_per_node=8, matmul_tflops={"fp16": 989.0, "bf16": 989.0, "fp32": 495.0},
+        matmul_efficiency=0.5, memory_gbps=3350.0, rng_gsamples=400.0, launch_us=120.0, h2d_gbps=48.0,
+        d2h_gbps=48.0, link_latency_us=8.0, devices_per_switch=2, switch_gbps=48.0, host_gbps=200.0,
+        peer_gbps=360.0, peer_latency_us=12.0, disk_read_gbps=10.0, disk_write_gbps=5.0,
+        context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA H100 datasheet (989 TFLOP/s fp16 dense, 3.35 TB/s HBM3, "
+        "NVLink 900 GB/s bidirectional); PCIe Gen5 at ~75% of 64 GB/s; fp32 = TF32"),
+    "rtx4090": Hardware(
+        name="rtx4090", description="NVIDIA GeForce RTX 4090 24GB, PCIe Gen4 x16 each, no NVLink and no "
+        "peer-to-peer: the all-gather goes through host memory", kind="gpu", device_memory_gb=24.0,
+        host_memory_gb=256.0, devices_per_node=4, matmul_tflops={"fp16": 165.0, "bf16": 165.0, "fp32": 82.6},
+        matmul_efficiency=0.6, memory_gbps=1008.0, rng_gsamples=150.0, launch_us=100.0, h2d_gbps=24.0,
+        d2h_gbps=24.0, link_latency_us=10.0, devices_per_switch=1, switch_gbps=None, host_gbps=60.0,
+        peer_gbps=None, peer_latency_us=25.0, disk_read_gbps=5.0, disk_write_gbps=3.0,
+        context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA Ada whitepaper (165 TFLOP/s fp16 dense with fp32 "
+        "accumulate, 1008 GB/s GDDR6X); PCIe Gen4 at ~75% of 32 GB/s; dual-channel DDR5 host"),
+}
+
+
+def calibration_path(directory: str = DEFAULT_DIR) -> str:
+    """The JSON file `distzo2 plan calibrate` writes and `this-machine` reads."""
+    return os.path.join(directory, f"{THIS_MACHINE}.json")
+
+
+def save_profile(hw: Hardware, path: str) -> str:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(hw.to_dict(), f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_profile(path: str) -> Hardware:
+    with open(path) as f:
+        data = json.load(f)
+    known = set(Hardware.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"hardware file {path!r} has unknown fields {sorted(unknown)}; re-run distzo2 plan calibrate")
+    return Hardware(**data)
+
+
+def names() -> tuple[str, ...]:
+    return (*PROFILES, THIS_MACHINE)
+
+
+def get_hardware(name: str, directory: str = DEFAULT_DIR) -> Hardware:
+    """A profile by name; 'this-machine' reads the calibration file in `directory`."""
+    if name in PROFILES:
+        return PROFILES[name]
+    if name == THIS_MACHINE:
+        path = calibration_path(directory)
+        if not os.path.exists(path):
+            raise ConfigError(f"hardware='{THIS_MACHINE}' has not been measured yet: run `distzo2 plan calibrate "
+                              f"--dir {directory}` first (it writes {path})")
+        return load_profile(path)
+    raise ConfigError(f"hardware={name!r} is not known; choose one of {', '.join(names())}")
+
+
+def with_overrides(hw: Hardware, **changes) -> Hardware:
+    """A copy of `hw` with some figures changed (what-if studies in notebooks)."""
+    return replace(hw, **changes)

@@ -1,0 +1,413 @@
+"""Stream simulator: a discrete-event run of every rank's upload / exchange / compute / offload lanes.
+
+It builds the task graph of `steps` ZO steps the way the engine and streamer run them
+(ZO2 arXiv 2503.12668 Sec. 3.3; DistZO2 arXiv 2507.03211 Sec. 3): per visit the compute lane
+applies the pending update, draws z, perturbs and runs the dual (or PertP single) forward; the
+upload lane runs `prefetch` visits ahead into a pool of prefetch + 2 buffers and never reads a
+block whose write-back is in flight; the offload lane writes blocks back in order; with slicing
+each rank moves one shard and the ranks all-gather on the exchange lane; each step ends with the
+scalar loss exchange. Transfers share links max-min fairly (a host link behind several devices,
+a PCIe switch, the disk); NVLink all-gathers cost (W - 1) / W of the block plus W - 1 latencies.
+The output is a list of :class:`~distzo2_lab.events.Span`, so every view and metric of real runs
+works on simulated ones.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from ..events import LANES, Span, overlap_metrics
+from ..mesh import Layout
+from .hardware import Hardware
+from .memory import DTYPE_BYTES, Workload, check_workload, model_shape, padded_block, transfer_bytes_per_element
+
+
+# -- what one rank's compute costs ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Costs:
+    """Seconds of compute-lane work for one rank."""
+
+    block_pass: float
+    """One forward pass of one block over this rank's micro-batch."""
+    head_pass: float
+    """Final norm, logits and loss for one pass."""
+    embed_pass: float
+    rng_per_element: float
+    axpy_per_element: float
+    """One perturb / update pass over one parameter (read z and the master, write the master)."""
+    call: float = 0.0
+    """Fixed cost of one noise fill or elementwise pass over a bucket."""
+    visit: float = 0.0
+    """Streamer hand-off per streamed visit."""
+
+
+def compute_share(hw: Hardware, world: int, threads: int) -> float:
+    """CPU: how many threads' worth of speed one rank gets (ranks beyond the cores take turns)."""
+    if hw.kind != "cpu":
+        return 1.0
+    cores = hw.cores or 1
+    eff = threads * min(1.0, cores / (world * threads))
+    return eff * (hw.thread_scaling if eff > 1 else 1.0)
+
+
+def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
+    shape = model_shape(w.model)
+    c, s = DTYPE_BYTES[w.precision.compute], DTYPE_BYTES[w.precision.storage]
+    tokens = w.batch * w.seq
+    share = compute_share(hw, layout.world_size, threads)
+    rate = matmul_rate(hw, w.precision.compute, shape.hidden) * share
+    slow = share if hw.kind == "cpu" else 1.0  # fixed costs stretch when ranks take turns on the cores
+    mem = hw.memory_gbps * 1e9 * slow
+    launch, call = hw.launch_us * 1e-6 / slow, hw.call_us * 1e-6 / slow
+
+    def matmul(flops: float, weight_bytes: float) -> float:  # roofline: FLOPs or reading the weights
+        return max(flops / rate, weight_bytes / mem)
+
+    attention = 4 * w.batch * w.seq * w.seq * shape.hidden
+    block = launch + matmul(2 * tokens * shape.block_matmul_params + attention, shape.block_params * s)
+    head = launch + matmul(2 * tokens * shape.head_matmul_params, shape.head_matmul_params * s) \
+        + tokens * shape.vocab * (c + 8) / mem  # the fp32 copy and log-softmax of the logits
+    master = 4 if w.implementation.store_fp32 else s
+    axpy = (3 * master + (s if master != s else 0)) / mem
+    rng = 1.0 / (hw.rng_gsamples * 1e9 * share)
+    embed = hw.embed_us * 1e-6 / slow + tokens * shape.hidden * c * 3 / mem
+    return Costs(block, head, embed, rng, axpy, call, hw.visit_us * 1e-6 / slow)
+
+
+def matmul_rate(hw: Hardware, dtype: str, width: int) -> float:
+    """FLOP/s of a block forward at this hidden width (per thread on 'cpu')."""
+    import math
+
+    pts = sorted((int(k), v) for k, v in hw.rate_by_width.items())
+    if not pts:
+        return hw.tflops(dtype) * 1e12 * hw.matmul_efficiency
+    if width <= pts[0][0] or len(pts) == 1:
+        return pts[0][1] * 1e12 if width <= pts[0][0] else pts[-1][1] * 1e12
+    for (w0, r0), (w1, r1) in zip(pts, pts[1:]):
+        if width <= w1:
+            f = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return (r0 + f * (r1 - r0)) * 1e12
+    return pts[-1][1] * 1e12
+
+
+# -- the task graph -------------------------------------------------------------------------------
+@dataclass
+class Task:
+    id: int
+    rank: int
+    lane: str
+    phase: str
+    step: int
+    block: int
+    segments: list = field(default_factory=list)  # fixed work: [(phase, seconds)] back to back
+    nbytes: float = 0.0  # a transfer: bytes over `path`
+    path: tuple = ()
+    latency: float = 0.0
+    deps: list = field(default_factory=list)
+    group: int | None = None  # a collective: every task of the group starts together
+    start: float | None = None
+    end: float | None = None
+    remaining: float = 0.0
+    flowing_at: float = 0.0
+
+    @property
+    def transfer(self) -> bool:
+        return bool(self.path)
+
+
+class Graph:
+    def __init__(self):
+        self.tasks: list[Task] = []
+        self.lanes: dict[tuple[int, str], list[int]] = {}
+        self.groups: dict[int, list[int]] = {}
+
+    def add(self, rank, lane, phase, step, block, deps=(), segments=None, nbytes=0.0, path=(), latency=0.0,
+            group=None) -> int:
+        t = Task(len(self.tasks), rank, lane, phase, step, block, list(segments or []), nbytes, tuple(path),
+                 latency, [d for d in deps if d is not None], group)
+        self.tasks.append(t)
+        self.lanes.setdefault((rank, lane), []).append(t.id)
+        if group is not None:
+            self.groups.setdefault(group, []).append(t.id)
+        return t.id
+
+
+def _links(hw: Hardware, rank: int) -> dict[str, tuple]:
+    node, local = divmod(rank, hw.devices_per_node)
+    sw = local // max(1, hw.devices_per_switch)
+    host_up = ("host_mem", node) if hw.kind == "cpu" else ("host_h2d", node)
+    host_down = ("host_mem", node) if hw.kind == "cpu" else ("host_d2h", node)
+    up = [("h2d", rank), host_up]
+    down = [("d2h", rank), host_down]
+    if hw.switch_gbps is not None and hw.devices_per_switch > 1:
+        up.append(("sw_h2d", node, sw))
+        down.append(("sw_d2h", node, sw))
+    return {"upload": tuple(up), "offload": tuple(down), "disk_read": ("disk_read", node),
+            "disk_write": ("disk_write", node), "peer": ("peer", rank)}
+
+
+def _capacity(hw: Hardware, link: tuple) -> float:
+    kind = link[0]
+    gbps = {"h2d": hw.h2d_gbps, "d2h": hw.d2h_gbps, "host_h2d": hw.host_gbps, "host_d2h": hw.host_gbps,
+            "host_mem": hw.host_gbps, "sw_h2d": hw.switch_gbps, "sw_d2h": hw.switch_gbps, "peer": hw.peer_gbps,
+            "disk_read": hw.disk_read_gbps, "disk_write": hw.disk_write_gbps}[kind]
+    return float("inf") if gbps is None else gbps * 1e9
+
+
+def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: int) -> Graph:
+    """Every rank's tasks for `steps` steps, in each lane's program order, with their dependencies."""
+    shape = model_shape(w.model)
+    cost = costs(w, layout, hw, threads)
+    world, n = layout.world_size, shape.layers
+    streamed = w.tier != "resident"
+    sliced = layout.slice and w.tier == "host" and world > 1
+    depth = min(w.prefetch, n - 1)
+    moved = transfer_bytes_per_element(w)
+    width = padded_block(shape, world, sliced)
+    lane_bytes = (width // world if sliced else shape.block_params) * moved
+    gather_bytes = (world - 1) / world * width * moved
+    g = Graph()
+    marker, upload, offload, main = {}, {}, {}, {}
+    last_exchange: dict[int, int | None] = {r: None for r in range(world)}
+    res = shape.resident
+    for t in range(steps):
+        pending = t > 0
+        for r in range(world):
+            plus, minus = layout.signs(r)
+            passes = int(plus) + int(minus)
+            links = _links(hw, r)
+            rc = 2 * cost.call  # two resident buckets (in, out): one call each per pass
+            segs = ([("update", res * (cost.rng_per_element + cost.axpy_per_element) + 2 * rc)] if pending else []) + [
+                ("rng", res * cost.rng_per_element + rc),
+                ("embed", passes * cost.embed_pass + 2 * (res * cost.axpy_per_element + rc))]
+            prev = g.add(r, "compute", "embed", t, -1, [last_exchange[r]], segs)
+            for i in range(n):
+                v = t * n + i
+                deps = [prev]
+                if streamed:
+                    marker[r, v] = g.add(r, "compute", "request", t, i, deps, [(None, cost.visit)])
+                    up_path = links["upload"] + ((links["disk_read"],) if w.tier == "disk" else ())
+                    upload[r, v] = g.add(r, "upload", "upload", t, i, [
+                        marker.get((r, v - depth)) if v - depth >= 0 else None,
+                        offload.get((r, v - depth - 2)), offload.get((r, v - n))],
+                        nbytes=lane_bytes, path=up_path, latency=hw.link_latency_us * 1e-6)
+                    deps = [marker[r, v], upload[r, v]]
+                elem = shape.block_params
+                upd = [("update", elem * (cost.rng_per_element + cost.axpy_per_element) + 2 * cost.call)] \
+                    if pending else []
+                if sliced:
+                    shard = width // world
+                    pre = g.add(r, "compute", "update", t, i, deps,
+                                [("update", shard * (cost.rng_per_element + cost.axpy_per_element) + 2 * cost.call)]
+                                if pending
+                                else [])
+                    gather_path = (links["peer"],) if hw.peer_gbps is not None else links["upload"] + links["offload"]
+                    gather = g.add(r, "exchange", "allgather", t, i, [pre], nbytes=gather_bytes, path=gather_path,
+                                   latency=(world - 1) * hw.peer_latency_us * 1e-6, group=("gather", v))
+                    deps, upd = [pre, gather], []
+                perturb = ("perturb", elem * cost.axpy_per_element + cost.call)
+                segs = upd + [("rng", elem * cost.rng_per_element + cost.call), perturb]
+                if plus:
+                    segs.append(("forward", cost.block_pass))
+                segs.append(perturb)
+                if minus:
+                    segs.append(("forward", cost.block_pass))
+                segs.append(perturb)
+                main[r, v] = prev = g.add(r, "compute", "visit", t, i, deps, segs)
+                if streamed:
+                    down = links["offload"] + ((links["disk_write"],) if w.tier == "disk" else ())
+                    offload[r, v] = g.add(r, "offload", "offload", t, i, [main[r, v]], nbytes=lane_bytes, path=down,
+                                          latency=hw.link_latency_us * 1e-6)
+            head = g.add(r, "compute", "head", t, -1, [prev],
+                         [("head", passes * cost.head_pass + res * cost.axpy_per_element + 2 * cost.call)])
+            if w.tier == "disk":  # commit: the resident buckets go to the store after the step's writes
+                g.add(r, "offload", "commit", t, -1, [head, offload.get((r, t * n + n - 1))], nbytes=res * 4,
+                      path=links["offload"] + (links["disk_write"],), latency=hw.link_latency_us * 1e-6)
+            last_exchange[r] = g.add(r, "exchange", "exchange", t, -1, [head], [("exchange", 0.0)],
+                                     latency=(world - 1) * hw.peer_latency_us * 1e-6,
+                                     group=("exchange", t) if world > 1 else None)
+    return g
+
+
+# -- the event loop -------------------------------------------------------------------------------
+def _fair_rates(flows: list[Task], hw: Hardware) -> dict[int, float]:
+    """Max-min fair rates (bytes/s) of the flows over their links (progressive filling)."""
+    rates: dict[int, float] = {}
+    cap: dict[tuple, float] = {}
+    for f in flows:
+        for link in f.path:
+            cap.setdefault(link, _capacity(hw, link))
+    active = {f.id: f for f in flows}
+    while active:
+        users: dict[tuple, list[int]] = {}
+        for fid, f in active.items():
+            for link in f.path:
+                users.setdefault(link, []).append(fid)
+        link, share = min(((lk, cap[lk] / len(u)) for lk, u in users.items()), key=lambda x: x[1])
+        for fid in users[link]:
+            rates[fid] = share
+            for lk in active[fid].path:
+                cap[lk] -= share
+            del active[fid]
+    return rates
+
+
+def run_graph(g: Graph, hw: Hardware) -> None:
+    """Start every task as soon as its lane, its dependencies and its group allow; fill start / end."""
+    tasks = g.tasks
+    head = {lane: 0 for lane in g.lanes}
+    now, left = 0.0, len(tasks)
+    fixed: list[tuple[float, int]] = []
+    flows: dict[int, Task] = {}
+    waiting: set[int] = set()
+
+    def ready(t: Task) -> bool:
+        return all(tasks[d].end is not None and tasks[d].end <= now + 1e-15 for d in t.deps)
+
+    def begin(t: Task) -> None:
+        t.start = now
+        if t.transfer:
+            t.remaining, t.flowing_at = t.nbytes, now + t.latency
+            flows[t.id] = t
+        else:
+            t.end = now + t.latency + sum(d for _, d in t.segments)
+            heapq.heappush(fixed, (t.end, t.id))
+
+    while left:
+        started = True
+        while started:
+            started = False
+            for lane, k in head.items():
+                ids = g.lanes[lane]
+                if k >= len(ids):
+                    continue
+                t = tasks[ids[k]]
+                if t.start is not None or not ready(t):
+                    continue
+                if t.group is None:
+                    begin(t)
+                    started = True
+                    continue
+                waiting.add(t.id)
+                members = g.groups[t.group]
+                if all(m in waiting for m in members):
+                    for m in members:
+                        waiting.discard(m)
+                        begin(tasks[m])
+                    started = True
+        if not fixed and not flows:
+            stuck = [tasks[g.lanes[lane][k]] for lane, k in head.items() if k < len(g.lanes[lane])]
+            raise RuntimeError(f"simulation deadlocked at {now:.6f} s; lane heads: "
+                               f"{[(t.rank, t.lane, t.phase, t.step, t.block) for t in stuck[:6]]}")
+        moving = [f for f in flows.values() if f.flowing_at <= now + 1e-15]
+        rates = _fair_rates(moving, hw) if moving else {}
+        candidates = [fixed[0][0]] if fixed else []
+        for f in flows.values():
+            if f.flowing_at > now + 1e-15:
+                candidates.append(f.flowing_at)
+            else:
+                candidates.append(now + f.remaining / rates[f.id] if rates[f.id] > 0 else float("inf"))
+        nxt = max(now, min(candidates))
+        for f in moving:
+            f.remaining -= rates[f.id] * (nxt - now)
+        now = nxt
+        finished = []
+        while fixed and fixed[0][0] <= now + 1e-12:
+            finished.append(tasks[heapq.heappop(fixed)[1]])
+        for fid, f in list(flows.items()):
+            if f.flowing_at <= now + 1e-15 and f.remaining <= max(1.0, f.nbytes * 1e-9):
+                f.end = now
+                finished.append(f)
+                del flows[fid]
+        for t in finished:
+            t.end = max(t.end, now) if t.end is not None else now
+            head[(t.rank, t.lane)] += 1
+            left -= 1
+
+
+def spans_of(g: Graph) -> list[Span]:
+    """The simulated run as span events (ns), one per segment of fixed work or per transfer."""
+    out = []
+    for t in g.tasks:
+        if t.transfer:
+            out.append(Span(t.rank, t.lane, t.phase, t.step, t.block, int(t.start * 1e9), int(t.end * 1e9),
+                            int(t.nbytes)))
+            continue
+        at = t.start + t.latency
+        if t.phase == "exchange" and t.group is not None:
+            out.append(Span(t.rank, "exchange", "exchange", t.step, -1, int(t.start * 1e9), int(t.end * 1e9), 32))
+            continue
+        for phase, d in t.segments:
+            if d > 0 and phase is not None:  # None: work that real runs do not record as a span
+                out.append(Span(t.rank, t.lane, phase, t.step, t.block, int(at * 1e9), int((at + d) * 1e9)))
+            at += d
+    return out
+
+
+# -- results --------------------------------------------------------------------------------------
+@dataclass
+class Simulation:
+    workload: Workload
+    layout: Layout
+    hardware: str
+    threads: int
+    spans: list[Span]
+    step_ends: list[float]
+    """End of each step's exchange on rank 0 (seconds)."""
+
+    @property
+    def step_s(self) -> float:
+        """Steady-state seconds per step (after the first step)."""
+        e = self.step_ends
+        return (e[-1] - e[0]) / (len(e) - 1) if len(e) > 1 else e[0]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.layout.dp * self.workload.batch * self.workload.seq / self.step_s
+
+    def steady_spans(self) -> list[Span]:
+        """Spans inside the steady window (after step 0's exchange)."""
+        t0 = int(self.step_ends[0] * 1e9)
+        return [s for s in self.spans if s.start >= t0]
+
+    def shares(self) -> dict[str, float]:
+        """Share of each lane in the devices' total activity (busy time summed over lanes), mean over
+        ranks: what an Nsight trace reports as the share of GPU activity per stream."""
+        return activity_shares(self.steady_spans())
+
+    def bottleneck(self) -> str:
+        """The lane busiest over the steady window (on any rank)."""
+        spans = self.steady_spans()
+        busy = {lane: 0.0 for lane in LANES}
+        for r in range(self.layout.world_size):
+            for lane, v in overlap_metrics(spans, rank=r)["busy"].items():
+                busy[lane] = max(busy[lane], v)
+        return max(busy, key=busy.get)
+
+
+def activity_shares(spans: list[Span]) -> dict[str, float]:
+    """Per lane: busy seconds / busy seconds of all lanes, averaged over ranks."""
+    from ..events import lane_busy
+
+    ranks = sorted({s.rank for s in spans})
+    out = {lane: 0.0 for lane in LANES}
+    for r in ranks:
+        mine = [s for s in spans if s.rank == r]
+        busy = {lane: lane_busy(mine, lane)[0] for lane in LANES}
+        total = sum(busy.values()) or 1.0
+        for lane in LANES:
+            out[lane] += busy[lane] / total / len(ranks)
+    return out
+
+
+def simulate(w: Workload, layout: Layout, hw: Hardware, steps: int = 3, threads: int | None = None) -> Simulation:
+    """Run `steps` simulated steps of `w` on `layout` over `hw`."""
+    check_workload(w)
+    if steps < 2:
+        raise ValueError(f"steps={steps} is not valid; the steady state needs steps >= 2")
+    if threads is None:
+        threads = max(1, (hw.cores or 1) // layout.world_size) if hw.kind == "cpu" else 1
+    g = build_graph(w, layout, hw, steps, threads)
+    run_graph(g, hw)
+    ends = sorted((t.step, t.end) for t in g.tasks if t.phase == "exchange" and t.rank == 0)
+    return Simulation(w, layout, hw.name, threads, spans_of(g), [e for _, e in ends])
