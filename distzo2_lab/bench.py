@@ -19,7 +19,7 @@ from .reference import EagerMeZO
 from .zo import compute_context
 
 
-def _median_time(fn, repeats: int, warmup: int = 1) -> float:
+def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
@@ -45,12 +45,12 @@ def efficiency(model: str = "opt-125m", batch: int = 8, seq: int = 128, precisio
         with torch.no_grad(), compute_context(precision, ids.device):
             adapter.loss(adapter.forward(ids), ids)
 
-    t_fwd = _median_time(forward, repeats)
+    t_fwd = median_time(forward, repeats)
     counter = iter(range(10**9))
     eager = EagerMeZO(adapter, zo, prec, threads)
-    t_eager = _median_time(lambda: eager.step(b, step_seed(seed, next(counter))), repeats)
+    t_eager = median_time(lambda: eager.step(b, step_seed(seed, next(counter))), repeats)
     engine = ZO2Engine(adapter, zo, prec, threads)
-    t_engine = _median_time(lambda: engine.step(b, step_seed(seed, next(counter))), repeats)
+    t_engine = median_time(lambda: engine.step(b, step_seed(seed, next(counter))), repeats)
     engine.flush()
     return {
         "model": model, "batch": batch, "seq": seq, "precision": precision, "threads": threads,

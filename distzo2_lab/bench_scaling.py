@@ -36,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .bench import _median_time
+from .bench import median_time
 from .config import ConfigError, TrainConfig, validate
 from .launch import launch
 from .mesh import Layout, build_mesh, validate_layout
@@ -97,7 +97,7 @@ def _time_forward(adapter, ids: torch.Tensor, repeats: int) -> float:
 
     forward()
     dist.barrier()
-    seconds = _median_time(forward, repeats, warmup=0)
+    seconds = median_time(forward, repeats, warmup=0)
     dist.barrier()
     return seconds
 

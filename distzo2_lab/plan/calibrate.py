@@ -18,18 +18,8 @@ import time
 
 import torch
 
+from ..bench import median_time
 from .hardware import DEFAULT_DIR, THIS_MACHINE, Hardware, calibration_path, save_profile
-
-
-def _median(fn, repeats: int = 3, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _rss_bytes() -> int:
@@ -89,7 +79,7 @@ def _visit_overhead(work, blocks: int = 8, sweeps: int = 4) -> float:
     """Seconds per visit that a streamer sweep adds to the visits' own work (tiny blocks in a host
     store; each visit runs `work`, a tiny block forward): the hand-offs between the busy compute
     thread and the upload / offload lanes (thread wake-ups, the GIL)."""
-    alone = _median(work, repeats=10, warmup=2)
+    alone = median_time(work, repeats=10, warmup=2)
     from ..store import HostStore
     from ..stream import Streamer
 
@@ -136,7 +126,7 @@ def _copy_gbps(nbytes: int, streams: int) -> float:
         for t in ts:
             t.join()
 
-    return streams * nbytes / _median(once) / 1e9
+    return streams * nbytes / median_time(once) / 1e9
 
 
 def _disk_gbps(directory: str, nbytes: int) -> tuple[float, float]:
@@ -146,9 +136,9 @@ def _disk_gbps(directory: str, nbytes: int) -> tuple[float, float]:
     view = memoryview(buf.numpy()).cast("B")
     fd, path = tempfile.mkstemp(prefix="calibrate-", dir=directory)
     try:
-        write = _median(lambda: os.pwrite(fd, view, 0))
+        write = median_time(lambda: os.pwrite(fd, view, 0))
         out = bytearray(nbytes)
-        read = _median(lambda: os.preadv(fd, [out], 0))
+        read = median_time(lambda: os.preadv(fd, [out], 0))
     finally:
         os.close(fd)
         os.remove(path)
@@ -168,8 +158,8 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int) -> dict:
             mine, out = torch.ones(n), torch.empty(n * world)
             return lambda: all_gather_flat(out, mine)
 
-        small = _median(gather(1), repeats=repeats * 4, warmup=2)
-        big = _median(gather(nbytes // 4 // world), repeats=repeats)
+        small = median_time(gather(1), repeats=repeats * 4, warmup=2)
+        big = median_time(gather(nbytes // 4 // world), repeats=repeats)
         return {"scalar_s": small, "big_s": big}
     finally:
         dist.destroy_process_group()
@@ -184,13 +174,13 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     big, big_flops = _probe_block(768, 12, 3072, 2, 64)
     small, small_flops = _probe_block(64, 4, 256, 8, 32)
     tiny, _ = _probe_block(64, 4, 256, 1, 4)
-    launch = _threads(1, lambda: _median(tiny, repeats=20, warmup=3))
-    t1 = _threads(1, lambda: _median(big))
-    tc = _threads(cores, lambda: _median(big))
+    launch = _threads(1, lambda: median_time(tiny, repeats=20, warmup=3))
+    t1 = _threads(1, lambda: median_time(big))
+    tc = _threads(cores, lambda: median_time(big))
     rate1 = big_flops / max(t1 - launch, 1e-6)
-    rate_small = small_flops / max(_threads(1, lambda: _median(small, repeats=10, warmup=2)) - launch, 1e-6)
+    rate_small = small_flops / max(_threads(1, lambda: median_time(small, repeats=10, warmup=2)) - launch, 1e-6)
     scaling = (big_flops / max(tc - launch, 1e-6)) / (rate1 * cores)
-    embed_us = _threads(1, lambda: _median(_probe_embed(), repeats=20, warmup=3)) * 1e6
+    embed_us = _threads(1, lambda: median_time(_probe_embed(), repeats=20, warmup=3)) * 1e6
     visit_us = _threads(1, lambda: _visit_overhead(small)) * 1e6
     from ..perturb import Perturber
     from ..zo import perturb_
@@ -198,14 +188,14 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     n = 1 << 21  # two noise chunks
     z = torch.empty(n)
     p = Perturber("gaussian", 1 << 20, 1)
-    rng = n / _threads(1, lambda: _median(lambda: p.fill(z, 1, "calibrate"), repeats=5)) / 1e9
+    rng = n / _threads(1, lambda: median_time(lambda: p.fill(z, 1, "calibrate"), repeats=5)) / 1e9
     few = torch.empty(64)
-    call_us = _threads(1, lambda: _median(lambda: (p.fill(few, 1, "calibrate"), perturb_(few, few, 1e-3)),
+    call_us = _threads(1, lambda: median_time(lambda: (p.fill(few, 1, "calibrate"), perturb_(few, few, 1e-3)),
                                           repeats=50, warmup=5)) / 2 * 1e6
     p.close()
     n = 1 << 24  # 64 MB per operand: beyond the caches, like a block's master and z
     z, master = torch.ones(n), torch.zeros(n)
-    axpy = 12 * n / _threads(1, lambda: _median(lambda: perturb_(master, z, 1e-3))) / 1e9
+    axpy = 12 * n / _threads(1, lambda: median_time(lambda: perturb_(master, z, 1e-3))) / 1e9
     h2d = _copy_gbps(64 << 20, 1)
     shared = _copy_gbps(64 << 20, 2)
     disk_read, disk_write = _disk_gbps(directory, 64 << 20)
