@@ -1,6 +1,6 @@
 """Cost of watching a run: span recording + batching + live plotting, as % of step time.
 
-    python benchmarks/overhead.py [--model opt-125m --batch 4 --seq 64 --threads 2 --steps 4 --tier host]
+    python benchmarks/overhead.py [--model opt-125m --batch 4 --seq 64 --threads 2 --steps 8 --tier host]
 
 One run, one process, steps interleaved off, recorded, watched, off, ...: "off" records nothing;
 "recorded" records every span and batches them (events.SpanBatcher, as train_worker does);
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4, help="timed steps with and without watching (each)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps with and without watching (each)")
     p.add_argument("--tier", default="host", choices=("resident", "host", "disk"))
     a = p.parse_args(argv)
     r = measure(a.model, a.batch, a.seq, a.threads, a.steps, a.tier)
