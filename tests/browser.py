@@ -171,6 +171,16 @@ def open_browser(**kwargs) -> Browser:
     return Browser(**kwargs)
 
 
+def browser_or_skip(what: str, **kwargs) -> Browser:
+    """A headless Chromium, or pytest.skip saying plainly that `what` was not tested in a browser."""
+    import pytest
+
+    try:
+        return Browser(**kwargs)
+    except BrowserUnavailable as e:
+        pytest.skip(f"no headless Chromium, {what}: {e}")
+
+
 def image_stats(path: str) -> dict:
     """Distinct colours and the share of pixels that differ from the most common one (the
     background): a blank or single-colour screenshot has ~0 of both."""

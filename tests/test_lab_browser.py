@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from distzo2_lab.launch import free_port
-from tests.browser import BrowserUnavailable, image_stats, open_browser
+from tests.browser import browser_or_skip, image_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "overlap_profiler.ipynb"
@@ -103,10 +103,7 @@ _STATE = """(() => {
 
 def test_jupyterlab_runs_the_live_notebook_and_draws_the_widget(lab, tmp_path):
     url, root = lab
-    try:
-        browser = open_browser(width=1400, height=1000)
-    except BrowserUnavailable as e:
-        pytest.skip(f"no headless Chromium, JupyterLab not tested in a browser: {e}")
+    browser = browser_or_skip("JupyterLab not tested in a browser", width=1400, height=1000)
     with browser:
         browser.goto(url, settle=1.0)
         browser.wait_for(f"(() => {{ const s = {_STATE}; return s && s.kernel === 'idle'; }})()", timeout=120)

@@ -10,7 +10,7 @@ import pytest
 
 from distzo2_lab.demo import run_demo
 from distzo2_lab.events import read_jsonl
-from tests.browser import BrowserUnavailable, image_stats, open_browser
+from tests.browser import browser_or_skip, image_stats
 
 SHOTS = os.environ.get("DISTZO2_SCREENSHOTS")  # keep screenshots here when set (to look at them)
 
@@ -48,10 +48,7 @@ def test_report_is_one_self_contained_file(demo):
 
 def test_report_renders_in_headless_chromium(demo, tmp_path):
     out, _ = demo
-    try:
-        browser = open_browser(width=1280, height=2400)
-    except BrowserUnavailable as e:
-        pytest.skip(f"no headless Chromium, report not rendered: {e}")
+    browser = browser_or_skip("report not rendered", width=1280, height=2400)
     with browser:
         browser.goto((out / "report.html").as_uri(), settle=1.0)
         n = browser.wait_for("document.querySelectorAll('.js-plotly-plot .main-svg').length", timeout=60)
