@@ -60,6 +60,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", default=None, help="distributed layout dp=D,pert=P (DistZO2)")
     p.add_argument("--world-size", type=int, default=None, help="ranks to launch (default: dp x pert)")
     p.add_argument("--slice", action="store_true", help="each rank moves one shard of every block (DistZO2)")
+    p.add_argument("--no-share-noise", action="store_true",
+                   help="every rank draws all of z itself (default on CPU: the ranks of a node split the draws)")
     p.add_argument("--dry-run", action="store_true", help="print the layout plan and start nothing")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a distributed run is stopped")
     p.add_argument("--out", default="runs/train", help="directory for summary.json and seedlog.jsonl")
@@ -124,6 +126,12 @@ def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int =
     if layout.slice:
         lines.append(f"  sliced: each rank uploads and writes back 1/{layout.world_size} of every block; "
                      "the ranks all-gather the shards")
+    if layout.share_noise and device == "cpu" and layout.world_size > 1:
+        groups = layout.world_size // min(layout.world_size, max(1, layout.pert // 2))
+        lines.append(f"  noise: the ranks of a node that draw the same z (groups of up to {groups}) split every draw "
+                     "through shared memory")
+    elif layout.world_size > 1:
+        lines.append("  noise: every rank draws all of z" + (" (on its GPU)" if device == "cuda" else ""))
     lines.append(f"  per step every rank all-gathers {4 * directions} float64 scalars (l+, l-, tokens per direction) "
                  "for the optimiser")
     return "\n".join(lines)
@@ -148,7 +156,7 @@ def cmd_train(a) -> int:
     from .mesh import Layout, parse_layout, validate_layout
 
     layout = parse_layout(a.layout) if a.layout else Layout(dp=a.world_size or int(os.environ["WORLD_SIZE"]))
-    layout = dataclasses.replace(layout, slice=a.slice)
+    layout = dataclasses.replace(layout, slice=a.slice, share_noise=not a.no_share_noise)
     world = a.world_size or (int(os.environ["WORLD_SIZE"]) if distributed_env else layout.world_size)
     validate_layout(layout, world, cfg.batch_size, directions=cfg.zo.directions, micro_batches=cfg.micro_batches)
     if a.save or a.resume:
@@ -225,7 +233,8 @@ def cmd_bench_memory(a) -> int:
 def cmd_bench_scaling(a) -> int:
     from .bench_scaling import format_scaling, scaling
 
-    r = scaling(a.model, a.batch, a.seq, a.steps)
+    r = scaling(a.model, a.batch, a.seq, a.steps, repeats=a.repeats, share_noise=not a.no_share_noise,
+                progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(json.dumps(r, indent=1) if a.json else format_scaling(r))
     return 0
 
@@ -298,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc = _bench_parser(bsub, "scaling", "tokens/s at world 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads",
                        cmd_bench_scaling)
     sc.add_argument("--steps", type=int, default=3)
+    sc.add_argument("--repeats", type=int, default=2, help="round-robin rounds; each layout keeps its best")
+    sc.add_argument("--no-share-noise", action="store_true", help="every rank draws all of z (for comparison)")
     plan_cli.add_parser(sub)
     r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
     r.add_argument("seedlog")

@@ -72,7 +72,7 @@ class ResidentSet:
         for (b, z), state in zip(self.pairs, self._plus):
             e._apply_pending(b, z)
             with e._span("rng"):
-                e.perturber.fill(z, seed, b.key)
+                e.draw(z, seed, b.key)
             perturb_(b.master, z, e.zo.eps)
             b.sync()
             state.copy_(b.working)
@@ -97,7 +97,7 @@ class ResidentSet:
         e = self.engine
         for (b, z), out in zip(self.pairs, self._plus):
             with e._span("rng"):
-                e.perturber.fill(z, seed, b.key)
+                e.draw(z, seed, b.key)
             b.bind(perturbed_copy(out, b.master, z, scale))
 
     def unbind_copies(self) -> None:
@@ -189,6 +189,7 @@ class ZO2Engine:
         self.streamer = streamer
         self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
         self.perturber = Perturber(zo.noise, zo.chunk_size, threads)
+        self.noise_share = None  # noise_share.NoiseShare: the node's ranks split every whole-bucket draw
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
         self._z_block = torch.empty(width, device=self.device)
@@ -266,6 +267,13 @@ class ZO2Engine:
         self.slicer.assemble(buf, b.numel, self.step_count, i)
         self._skip_pending = True
 
+    def draw(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
+        """z(seed, key) of a whole bucket into `out`: drawn here, or split with the node's ranks
+        (every rank makes the same whole-bucket draws in the same order; shard draws stay local)."""
+        if self.noise_share is not None:
+            return self.noise_share.fill(out, seed, key)
+        return self.perturber.fill(out, seed, key)
+
     # -- the deferred update -------------------------------------------------------------
     def _apply_pending(self, bucket: ParamBucket, scratch: torch.Tensor, block: int = -1) -> None:
         p = self.pending
@@ -273,7 +281,7 @@ class ZO2Engine:
             return
         with self._span("update", block):
             for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
-                z = self.perturber.fill(scratch[: bucket.numel], seed, bucket.key)
+                z = self.draw(scratch[: bucket.numel], seed, bucket.key)
                 apply_update_(bucket.master, z, grad, lr, wd, bucket.decay_spans)
 
     @torch.no_grad()
@@ -329,7 +337,7 @@ class ZO2Engine:
         def visit(i: int, b: ParamBucket) -> None:
             self._apply_pending(b, self._z_block, i)
             with self._span("rng", i):
-                zb = self.perturber.fill(self._z_block[: b.numel], seed, b.key)
+                zb = self.draw(self._z_block[: b.numel], seed, b.key)
             for k, scale in ((0, eps), (1, -2 * eps)):
                 perturb_(b.master, zb, scale)
                 b.sync()
@@ -358,7 +366,7 @@ class ZO2Engine:
             b.sync()
             for j, s in seeds:
                 with self._span("rng", i):
-                    zb = self.perturber.fill(self._z_block[: b.numel], s, b.key)
+                    zb = self.draw(self._z_block[: b.numel], s, b.key)
                 for sign, scale in signed:
                     b.bind(perturbed_copy(self._oop[: b.numel], b.master, zb, scale))
                     with self._span("forward", i):

@@ -22,6 +22,8 @@ class Layout:
     """Ranks sharing one micro-batch: 1 (dual forward on one rank) or even (+eps / -eps pairs)."""
     slice: bool = False
     """Hardware-aware slicing: each rank moves one shard of every block, the ranks all-gather."""
+    share_noise: bool = True
+    """CPU noise: the ranks of a node that draw the same z split every draw (noise_share.py)."""
 
     @property
     def world_size(self) -> int:
@@ -48,7 +50,8 @@ class Layout:
 
     def describe(self) -> str:
         sliced = ", sliced" if self.slice else ""
-        return f"dp={self.dp} x pert={self.pert} ({self.world_size} ranks{sliced})"
+        unshared = ", noise drawn by every rank" if not self.share_noise and self.world_size > 1 else ""
+        return f"dp={self.dp} x pert={self.pert} ({self.world_size} ranks{sliced}{unshared})"
 
 
 def parse_layout(text: str) -> Layout:

@@ -178,6 +178,12 @@ class Run:
                                        resident=self.offload.resident_keeper(), **extra)
             if cfg.offload.tier == "disk":
                 self._open_disk_log()
+        if distributed and layout.share_noise and cfg.device == "cpu":
+            from .noise_share import open_node_noise
+
+            e = self.engine
+            e.noise_share = open_node_noise(e.perturber, rank, layout.directions(rank, cfg.zo.directions),
+                                            max(b.numel for b in self.adapter.blocks))
         if resume is not None:
             self._resume(resume)
         if self.start >= cfg.steps:
@@ -303,9 +309,17 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
         "memory": memory_report(run),
         **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
             "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records)),
-            "sliced": run.slicer is not None}
+            "sliced": run.slicer is not None, "noise_share": _noise_report(engine.noise_share)}
            if run.exchange is not None else {}),
     }
+
+
+def _noise_report(share) -> dict:
+    """How this rank's z was drawn: alone (ranks 1), or split with `ranks` ranks of its node."""
+    if share is None:
+        return {"ranks": 1}
+    return {"ranks": share.size, "drawn_elements": share.drawn, "served_elements": share.served,
+            "drawn_fraction": share.drawn / max(1, share.served)}
 
 
 def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -> None:

@@ -15,7 +15,10 @@ def test_layouts_and_threads():
 
 
 def test_scaling_runs_every_valid_layout():
-    r = scaling("tiny", batch=4, seq=12, steps=1, total_threads=2, forward_repeats=1, timeout=300)
+    seen = []
+    r = scaling("tiny", batch=4, seq=12, steps=1, total_threads=2, forward_repeats=1, timeout=300, repeats=2,
+                progress=seen.append)
+    assert len(seen) == 2 * 5 and seen[0] == "round 1/2: single world 1"  # 5 layouts, round-robin, 2 rounds
     for key in ("model", "batch", "seq", "steps", "total_threads", "forward_s_total_threads",
                 "forward_s_single_thread_concurrent", "concurrency_gain", "rows", "skipped", "notes"):
         assert key in r
@@ -25,9 +28,35 @@ def test_scaling_runs_every_valid_layout():
     for row in r["rows"]:
         for key in ("seconds", "tokens_per_s", "vs_world1", "ideal_tokens_per_s", "of_ideal"):
             assert _positive(row[key]), (row["layout"], row["world"], key, row[key])
-        assert len(row["rank_seconds"]) == row["world"]
+        assert len(row["rank_seconds"]) == row["world"] and len(row["tokens_per_s_runs"]) == 2
+        assert row["tokens_per_s"] == max(row["tokens_per_s_runs"])  # best of the rounds
+        # the node's ranks split z: rank 0 drew a part of it (1 on one rank)
+        assert 0 < row["noise_drawn_fraction"] <= (1.0 if row["world"] == 1 else 0.75)
         assert row["oversubscribed"] == (row["world"] == 4)
     assert _positive(r["forward_s_total_threads"]) and _positive(r["forward_s_single_thread_concurrent"])
     assert any("oversubscribe" in n for n in r["notes"])
+    assert r["forward_s_total_threads"] == min(r["forward_s_total_threads_runs"])
     text = format_scaling(r)
-    assert "2D" in text and "oversubscribed" in text
+    assert "2D" in text and "oversubscribed" in text and "split by the ranks" in text
+
+
+def test_scaling_without_shared_noise_and_bad_input():
+    import pytest
+
+    from distzo2_lab.bench_scaling import bench_worker
+    from distzo2_lab.config import ConfigError, TrainConfig
+    from distzo2_lab.launch import launch
+    from distzo2_lab.mesh import Layout
+
+    with pytest.raises(ConfigError, match="repeats=0 are not valid"):
+        scaling("tiny", repeats=0)
+    cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1)
+    alone = launch(bench_worker, 2, (cfg, Layout(2, 1, share_noise=False), 1), 300).wait()
+    assert [v["noise_drawn_fraction"] for v in alone.values()] == [1.0, 1.0]
+    shared = launch(bench_worker, 2, (cfg, Layout(2, 1), 1), 300).wait()
+    fractions = [v["noise_drawn_fraction"] for v in shared.values()]  # one-chunk buckets alternate
+    assert sum(fractions) == pytest.approx(1.0) and max(fractions) < 0.8
+    r = {"model": "tiny", "batch": 4, "seq": 12, "steps": 1, "total_threads": 2, "cpu_count": 2, "repeats": 1,
+         "share_noise": False, "forward_s_total_threads": 1.0, "forward_s_single_thread_concurrent": 1.0,
+         "concurrency_gain": 2.0, "rows": [], "skipped": [], "notes": []}
+    assert "every rank draws all of z" in format_scaling(r)

@@ -242,3 +242,33 @@ def test_backend_choice():
     assert choose_backend("cuda", 2, 2) == "nccl" and choose_backend("cuda", 4, 2) == "gloo"
     with pytest.raises(ConfigError, match="backend='nccl' needs one GPU per rank: 4 ranks, 2 GPUs"):
         validate_layout(Layout(2, 2), 4, 8, backend="nccl", gpus=2)
+
+
+def test_the_ranks_of_a_node_split_the_noise_draws():
+    """Shared draws change no number; each rank generates about 1/G of z, G = the node's ranks that
+    draw the same directions (all 4 for 2D; 2 per direction for n-SPSA pert=4)."""
+    from distzo2_lab.noise_share import split_run
+
+    assert [split_run(13, i, 4) for i in range(4)] == [(0, 4), (4, 7), (7, 10), (10, 13)]
+    assert [split_run(1, i, 2) for i in range(2)] == [(0, 1), (1, 1)]  # a member may draw nothing
+    layout = Layout(dp=2, pert=2)
+    shared = run_layout(layout)
+    alone = run_layout(dataclasses.replace(layout, share_noise=False))
+    assert shared[0]["steps"] == alone[0]["steps"]
+    assert {r["digest"] for r in shared.values()} == {alone[0]["digest"]}
+    assert {r["noise_share"]["ranks"] for r in alone.values()} == {1}
+    fractions = [shared[r]["noise_share"]["drawn_fraction"] for r in sorted(shared)]
+    assert sum(fractions) == pytest.approx(1.0) and max(fractions) < 0.4  # measured: [0.26, 0.25, 0.25, 0.24]
+    nspsa = run_layout(Layout(dp=1, pert=4), dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, directions=2)))
+    assert {r["noise_share"]["ranks"] for r in nspsa.values()} == {2}
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("distzo2-")]  # slots unlinked
+
+
+def test_cli_no_share_noise_reaches_the_layout(capsys):
+    from distzo2_lab.cli import main
+
+    assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run"]) == 0
+    assert "split every draw through shared memory" in capsys.readouterr().out
+    assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run", "--no-share-noise"]) == 0
+    out = capsys.readouterr().out
+    assert "noise drawn by every rank" in out and "noise: every rank draws all of z" in out
