@@ -49,7 +49,7 @@ def pooled_features(adapter, task, examples, batch_size: int = 64) -> torch.Tens
         h, ctx = adapter.embed(b["input_ids"], b["attention_mask"])
         for j in range(len(adapter.layers)):
             h = adapter.run_block(j, h, ctx)
-        out.append(adapter.pool(h))  # (B, C)
+        out.append(adapter.pool(h, ctx))  # (B, C)
     return torch.cat(out)
 
 

@@ -125,9 +125,9 @@ class ResidentSet:
     def end(self, hs: list, labels: list, counts: list[int]) -> tuple[float, float]:
         """Head on the -eps state, then on the saved +eps state; restore. Returns (l+, l-)."""
         with self.engine._span("head"):
-            loss_minus = self._losses([h[1] for h in hs], labels, counts)
+            loss_minus = self._losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
             self.bind_plus()
-            loss_plus = self._losses([h[0] for h in hs], labels, counts)
+            loss_plus = self._losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
         self.restore()
         return loss_plus, loss_minus
 
@@ -153,7 +153,8 @@ class ResidentSet:
             for j, seed in seeds:
                 for sign, scale in self._signed(e.zo.eps):
                     self.bind_copy(seed, scale)
-                    out[j, sign] = self._losses([h for h, _ in hs[j, sign]], labels, counts)
+                    rows = hs[j, sign]
+                    out[j, sign] = self._losses([h for h, _ in rows], labels, counts, [c for _, c in rows])
         self.unbind_copies()
         return out
 
@@ -161,17 +162,17 @@ class ResidentSet:
         plus, minus = self.engine.signs
         return [(0, eps)] * plus + [(1, -eps)] * minus
 
-    def _losses(self, hs: list, labels: list, counts: list[int]) -> float | None:
+    def _losses(self, hs: list, labels: list, counts: list[int], ctxs: list) -> float | None:
         if hs[0] is None:
             return None
         a = self.adapter
-        return weighted_loss([float(a.loss(a.head(h), y)) for h, y in zip(hs, labels)], counts)
+        return weighted_loss([float(a.loss(a.head(h, c), y)) for h, y, c in zip(hs, labels, ctxs)], counts)
 
     def embed(self, ids, mask):
         return self.adapter.embed(ids, mask)
 
-    def head_loss(self, h, labels) -> float:
-        return float(self.adapter.loss(self.adapter.head(h), labels))
+    def head_loss(self, h, labels, ctx=None) -> float:
+        return float(self.adapter.loss(self.adapter.head(h, ctx), labels))
 
 
 class ZO2Engine:
@@ -393,4 +394,4 @@ class ZO2Engine:
                 h[0] = a.run_block(i, h[0], ctx)
 
             self._sweep(visit, write=False)
-            return self.resident.head_loss(h[0], labels)
+            return self.resident.head_loss(h[0], labels, ctx)

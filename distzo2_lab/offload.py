@@ -384,12 +384,12 @@ class LeanResident:
             loss_minus = loss_plus = None
             if hs[0][1] is not None:
                 self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
-                loss_minus = out._losses([h[1] for h in hs], labels, counts)
+                loss_minus = out._losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
                 self._unload()
             out.bind_plus()
             if hs[0][0] is not None:
                 self.bin.bind(self.store.unstash("plus", self.bin.numel, self.bin.working_dtype).to(e.device))
-                loss_plus = out._losses([h[0] for h in hs], labels, counts)
+                loss_plus = out._losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
                 self.bin.unbind()
         out.restore()
         self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
@@ -404,8 +404,8 @@ class LeanResident:
         self._unload()
         return out
 
-    def head_loss(self, h, labels) -> float:
+    def head_loss(self, h, labels, ctx=None) -> float:
         self._load()
-        loss = float(self.adapter.loss(self.adapter.head(h), labels))
+        loss = float(self.adapter.loss(self.adapter.head(h, ctx), labels))
         self._unload()
         return loss

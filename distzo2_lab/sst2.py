@@ -237,7 +237,7 @@ def predict(model, batch: dict, choices: torch.Tensor | None) -> torch.Tensor:
             h[0] = a.run_block(i, h[0], ctx)
 
         engine._sweep(visit, write=False)
-        logits = a.head(h[0])
+        logits = a.head(h[0], ctx)
     return class_scores(logits, batch, choices).argmax(dim=1)
 
 

@@ -222,8 +222,11 @@ def test_bert_mean_pooling_equals_the_stock_encoder_and_ignores_padding(pooling)
         alone = adapter.forward(ids[:1, :-4])  # row 0 without its padding
         assert torch.allclose(logits[:1], alone, atol=1e-5)
         assert not torch.allclose(adapter.forward(ids)[:1], alone, atol=1e-3)  # the padding, attended and averaged
-        with pytest.raises(RuntimeError, match="needs the padding mask the last block attaches"):
-            adapter.head(torch.zeros(2, 5, m.config.hidden_size))
+        # the mask reaches the pooling through embed's context; without one every position counts
+        h, ctx = adapter.embed(ids, mask)
+        for i in range(len(adapter.layers)):
+            h = adapter.run_block(i, h, ctx)
+        assert torch.equal(adapter.head(h, ctx), logits) and not torch.allclose(adapter.head(h)[:1], logits[:1])
 
 
 def test_bert_engine_with_mean_pooling_equals_the_eager_reference():

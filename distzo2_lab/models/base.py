@@ -171,8 +171,9 @@ class BlockAdapter:
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Resident-out modules: hidden (B, T, C) -> logits."""
+    def head(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+        """Resident-out modules: hidden (B, T, C) -> logits. `ctx` is what embed() returned (an
+        encoder's pooling reads its padding mask)."""
         raise NotImplementedError
 
     @staticmethod
@@ -221,7 +222,7 @@ class BlockAdapter:
         hidden, ctx = self.embed(input_ids, attention_mask)
         for i in range(len(self.layers)):
             hidden = self.run_block(i, hidden, ctx)
-        return self.head(hidden)
+        return self.head(hidden, ctx)
 
     def buffers_to(self, device: str | torch.device) -> None:
         """Move the model's buffers (BERT's position ids, rotary frequencies) to `device`; the

@@ -18,8 +18,7 @@ What the classifier reads is the config's ``classifier_pooling``:
 
 Without the field, a sentence-transformers directory (``modules.json``, ``1_Pooling/config.json``)
 decides; the adapter writes the choice into the config, so the checkpoints a run saves keep it.
-The padding mask reaches the head attached to the hidden states the last block returns (the
-engine hands the head those tensors as they are, one per micro-batch and sign).
+The padding mask reaches the head through the context embed() returned (``head(hidden, ctx)``).
 """
 from __future__ import annotations
 
@@ -36,7 +35,6 @@ from ..config import ConfigError
 from .base import BlockAdapter, BlockContext, Groups
 
 POOLINGS = ("cls", "mean", "mean_normalized")
-_MASK_ATTR = "_distzo2_padding"  # set on the last block's output: the (B, T) padding mask, or None
 
 
 def sentence_transformers_pooling(path: str) -> str | None:
@@ -119,19 +117,14 @@ class BertAdapter(BlockAdapter):
         return hidden, BertContext(mask, padding=attention_mask)
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        out = self.layers[i](hidden, ctx.attention_mask)
-        if i == len(self.layers) - 1:
-            setattr(out, _MASK_ATTR, getattr(ctx, "padding", None))  # what the head's mean pooling reads
-        return out
+        return self.layers[i](hidden, ctx.attention_mask)
 
-    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, T, C) as the last block returned it -> (B, C) what the classifier reads."""
+    def pool(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+        """hidden (B, T, C) of the last block -> (B, C) what the classifier reads; `ctx` (from
+        embed) carries the padding mask the mean pooling skips (None: no padding)."""
         if self.pooling == "cls":
             return self.model.bert.pooler(hidden)  # (B, C)
-        if not hasattr(hidden, _MASK_ATTR):
-            raise RuntimeError(f"classifier_pooling={self.pooling!r} needs the padding mask the last block attaches "
-                               "to its output: give head() the tensor run_block returned")
-        mask = getattr(hidden, _MASK_ATTR)
+        mask = getattr(ctx, "padding", None)
         if mask is None:
             pooled = hidden.mean(dim=1)  # (B, C) no padding
         else:
@@ -139,9 +132,9 @@ class BertAdapter(BlockAdapter):
             pooled = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)  # (B, C)
         return F.normalize(pooled, dim=-1) if self.pooling == "mean_normalized" else pooled
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
         """hidden (B, T, C) -> logits (B, K): the pooled vector (see `classifier_pooling`), then the classifier."""
-        return self.model.classifier(self.model.dropout(self.pool(hidden)))  # (B, K)
+        return self.model.classifier(self.model.dropout(self.pool(hidden, ctx)))  # (B, K)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy in fp32 of logits (B, K) against class indices (B,); -100 ignored."""

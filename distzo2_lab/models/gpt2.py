@@ -51,6 +51,6 @@ class GPT2Adapter(BlockAdapter):
         return self.layers[i](hidden, None, ctx.attention_mask, None, encoder_attention_mask=None,
                               use_cache=False, position_ids=ctx.position_ids)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, ctx=None) -> torch.Tensor:
         """hidden (B, T, C) -> logits (B, T, V)."""
         return self.model.lm_head(self.model.transformer.ln_f(hidden))

@@ -65,7 +65,7 @@ class LlamaAdapter(BlockAdapter):
         return self.layers[i](hidden, attention_mask=mask, position_embeddings=ctx.position_embeddings,
                               position_ids=ctx.position_ids, cache=None, use_cache=False)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, ctx=None) -> torch.Tensor:
         """hidden (B, T, C) -> logits (B, T, V)."""
         return self.model.lm_head(self.model.model.norm(hidden))
 

@@ -68,7 +68,7 @@ class OPTAdapter(BlockAdapter):
         return self.layers[i](hidden, attention_mask=ctx.attention_mask,
                               position_ids=ctx.position_ids, cache=None, use_cache=False)
 
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, ctx=None) -> torch.Tensor:
         """Resident-out modules: hidden (B, T, C) -> logits (B, T, V)."""
         dec = self.decoder
         if dec.final_layer_norm is not None:
