@@ -1,14 +1,16 @@
 """Planner and simulator against reality here, and against the papers.
 
-    python benchmarks/planner.py [--quick] [--steps 4] [--dir runs/plan] [--json]
+    python benchmarks/planner.py [--quick] [--nspsa] [--steps 4] [--dir runs/plan] [--json]
 
 1. `distzo2 plan calibrate` measures this machine (rates and lanes) into DIR/this-machine.json.
 2. Predicted vs measured seconds per step (steady state, after the first step) for the tiny and
    OPT-125m shapes, resident / host / disk tiers, world sizes 1, 2 and 4 (real runs: ``train()``
-   for one rank, ``launch(train_worker, ...)`` for several). The disk tier runs at world 1 only
-   (the engine has no per-rank disk stores yet). One torch thread per rank: world 4 oversubscribes
-   the 2 cores (the simulator shares them out), and two-threaded resident runs are erratic under load.
-   --quick: the tiny shape only.
+   for one rank; for several, the ranks of one world size are launched once and run that size's
+   cases in turn, ``check.measure_many``, after an untimed warm-up run; several disk-tier ranks
+   share one store directory, the leader commits). One torch thread per rank: world 4
+   oversubscribes the 2 cores (the calibration measures that contention), and two-threaded
+   resident runs are erratic under load. --quick: the tiny shape only, and no multi-process
+   probes. --nspsa: also pert=4 with two n-SPSA directions (host tier).
 3. Predicted vs measured peak RSS above the process baseline for the host and disk tiers (fresh
    processes, ``bench_offload.peak_memory_subprocess``).
 4. The published checks: ZO2 peak GPU memory, DistZO2 trace shares and headline.
@@ -24,30 +26,44 @@ import os
 from distzo2_lab.config import PrecisionConfig
 from distzo2_lab.mesh import Layout
 from distzo2_lab.plan.calibrate import calibrate
-from distzo2_lab.plan.check import compare
+from distzo2_lab.plan.check import compare, measure_many
 from distzo2_lab.plan.memory import Workload, memory_plan
 from distzo2_lab.plan.paper import format_paper_checks, headline, trace_shares, zo2_memory_check
 
 SHAPES = {"tiny": (8, 32), "opt-125m": (2, 64)}  # batch per dp group, sequence length
-CASES = [  # (tier, name, layout)
+CASES = [  # (tier, name, layout): every tier at world sizes 1, 2 and 4
     ("resident", "single", Layout()), ("host", "single", Layout()), ("disk", "single", Layout()),
     ("resident", "PertP", Layout(1, 2)), ("host", "PertP", Layout(1, 2)), ("host", "DDP", Layout(2, 1)),
+    ("disk", "PertP", Layout(1, 2)),
     ("resident", "2D", Layout(2, 2)), ("host", "2D", Layout(2, 2)), ("host", "2D sliced", Layout(2, 2, True)),
+    ("disk", "2D", Layout(2, 2)),
 ]
 
 
-def timing_rows(hw, models, steps: int) -> list[dict]:
+NSPSA_CASES = [("host", "n-SPSA q=2", Layout(1, 4))]  # pert = 4: one (direction, sign) per rank (--nspsa)
+
+
+def timing_rows(hw, models, steps: int, extra: list | None = None) -> list[dict]:
+    """Every case, measured (the ranks of one world size launched once for all its cases) and simulated."""
     rows = []
+    every = CASES + (extra or [])
     for model in models:
         batch, seq = SHAPES[model]
-        for tier, name, layout in CASES:
-            w = Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(), tier=tier, prefetch=1)
-            r = compare(w, layout, hw, steps=steps, threads=1)
-            r.pop("simulation"), r.pop("measured")
-            r["layout"] = name
-            rows.append(r)
-            print(format_row(r), flush=True)
+        for world in sorted({layout.world_size for _, _, layout in every}):
+            cases = [(tier, name, layout) for tier, name, layout in every if layout.world_size == world]
+            items = [(Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(), tier=tier, prefetch=1),
+                      layout) for tier, _, layout in cases]
+            for (w, layout), (_, name, _), m in zip(items, cases, measure_many(items, steps, threads=1)):
+                r = compare(w, layout, hw, steps=steps, threads=1, measured=m)
+                r.pop("simulation"), r.pop("measured")
+                r["layout"] = name
+                rows.append(r)
+                print(format_row(r), flush=True)
     return rows
+
+
+def _per_world(d: dict, unit: str) -> str:
+    return ", ".join(f"{k}: {v:.0f} {unit}" if unit == "us" else f"{k}: {v:.2f}{unit}" for k, v in d.items()) or "-"
 
 
 def format_row(r: dict) -> str:
@@ -81,16 +97,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="steps per real run (the first is not timed)")
     p.add_argument("--dir", default=os.path.join("runs", "plan"), help="where the calibration is cached")
     p.add_argument("--json", action="store_true", help="also print every row as one JSON line")
+    p.add_argument("--nspsa", action="store_true", help="also run pert=4 with 2 n-SPSA directions (host tier)")
     a = p.parse_args()
     load0 = os.getloadavg()[0]
     print(f"load average before: {load0:.2f} on {os.cpu_count()} cores (other jobs share this machine)")
     hw = calibrate(a.dir, collectives=not a.quick)
     print(f"calibrated: {hw.rate_by_width} TFLOP/s per thread by width, noise {hw.rng_gsamples:.3f} G/s, "
           f"copies {hw.h2d_gbps:.1f} GB/s, visit hand-off {hw.visit_us:.0f} us, block pass {hw.launch_us:.0f} us")
+    print(f"  between processes (W: value): barrier {_per_world(hw.barrier_us, 'us')}, scalar all-gather "
+          f"{_per_world(hw.collective_us, 'us')}, compute contention {_per_world(hw.contention, 'x')}")
     models = ["tiny"] if a.quick else ["tiny", "opt-125m"]
     print(f"\n{'model':>9} {'tier':>8} {'layout':>10} {'world':>5} {'threads':>7} {'predicted':>10} {'measured':>10} "
           f"{'ratio':>6}  (seconds per step; ok = within 15 %)")
-    rows = timing_rows(hw, models, a.steps)
+    rows = timing_rows(hw, models, a.steps, NSPSA_CASES if a.nspsa else None)
     within = sum(abs(r["ratio"] - 1) <= 0.15 for r in rows)
     print(f"{within} of {len(rows)} within 15 %")
     mem = []

@@ -141,3 +141,19 @@ def test_calibrate_writes_this_machine_and_plan_reads_it(tmp_path, capsys):
 def test_precision_is_validated():
     with pytest.raises(ConfigError, match="precision.storage"):
         memory_plan(Workload(precision=PrecisionConfig("fp32", "fp16", "none")), Layout(), A100)
+
+
+def test_nspsa_layouts_are_planned(capsys):
+    """pert = 4 runs q = 2 directions (one per PertP pair): the plan counts the perturbed copy and one
+    hidden state per rank; pert = 4 with 3 directions is refused with the valid choice."""
+    rc = main(["plan", "--model", "opt-13b", "--gpus", "4", "--layout", "dp=1,pert=4", "--steps", "2", "--json"])
+    p = json.loads(capsys.readouterr().out)
+    assert rc == 0 and p["layout"]["pert"] == 4 and p["directions"] == 2
+    assert p["memory_per_device_gb"]["perturbed copy"] * GB == model_shape("opt-13b").block_params * 2
+    w = zo2_workload("opt-13b")
+    w = dataclasses.replace(w, implementation=THIS_ENGINE)
+    one = memory_plan(dataclasses.replace(w, directions=2), Layout(), A100).device
+    four = memory_plan(w, Layout(pert=4), A100).device
+    assert one["activations: hidden states"] == 4 * four["activations: hidden states"]  # 2 directions x 2 signs
+    assert main(["plan", "--steps", "2", "--layout", "dp=1,pert=4", "--gpus", "4", "--directions", "3"]) == 2
+    assert "choose directions as a multiple of 2" in capsys.readouterr().err

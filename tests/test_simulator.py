@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from distzo2_lab.config import PrecisionConfig
+from distzo2_lab.config import ConfigError, PrecisionConfig
 from distzo2_lab.events import chrome_trace, overlap_metrics
 from distzo2_lab.mesh import Layout
 from distzo2_lab.plan import PROFILES, simulate
@@ -135,14 +135,128 @@ def test_distzo2_about_3x_zo2_on_opt_175b():
 
 
 def test_predicted_step_time_within_2x_of_measured_here(tmp_path):
-    """A loose bound only (the benchmark prints the 15 % table): tiny model, host tier, one rank."""
+    """A loose bound only (the benchmark prints the 15 % table): tiny model, host tier, one rank and
+    two PertP ranks (gloo between processes, shared noise: the calibrated barrier and contention)."""
     from distzo2_lab.plan.calibrate import calibrate
     from distzo2_lab.plan.check import compare
 
-    hw = calibrate(str(tmp_path), collectives=False)
+    hw = calibrate(str(tmp_path), worlds=(2,))
+    assert set(map(int, hw.barrier_us)) == {2} and hw.collective_us and hw.contention
     w = Workload(model="tiny", batch=8, seq=32, precision=PrecisionConfig(), tier="host")
-    r = compare(w, Layout(), hw, steps=4, threads=1)
+    r = compare(w, Layout(), hw, steps=8, threads=1)  # the median of 7 steps: one burst does not count
     assert 0.5 < r["ratio"] < 2.0, (r["predicted_s"], r["measured_s"])
     overlay = compare_timelines({"predicted": r["simulation"].steady_spans(),
                                  "measured": [s for s in r["measured"].spans if s.step >= 1]})
     assert len(overlay.data) >= 3
+    # two processes on the 2 shared cores: identical runs moved by 2x here, so 3x; a simulator that
+    # left out the shared-noise barriers predicted a quarter of the measured step (it fails this)
+    r = compare(w, Layout(pert=2), hw, steps=8, threads=1)
+    assert 1 / 3 < r["ratio"] < 3.0, (r["predicted_s"], r["measured_s"])
+
+
+def _cpu(**changes):
+    """A CPU node described by hand (what `distzo2 plan calibrate` writes for this machine)."""
+    base = dict(name="cpu-test", description="two-core test node", kind="cpu", device_memory_gb=32.0,
+                host_memory_gb=32.0, devices_per_node=64, matmul_tflops={"fp32": 0.05}, matmul_efficiency=1.0,
+                memory_gbps=20.0, rng_gsamples=0.15, launch_us=300.0, h2d_gbps=7.0, d2h_gbps=7.0, host_gbps=10.0,
+                peer_gbps=0.5, peer_latency_us=400.0, disk_read_gbps=2.0, disk_write_gbps=5.0, cores=2,
+                call_us=15.0, embed_us=100.0, visit_us=300.0)
+    base.update(changes)
+    from distzo2_lab.plan import Hardware
+
+    return Hardware(**base)
+
+
+def _busy(sim, rank, phase):
+    return sum(s.seconds for s in sim.steady_spans() if s.rank == rank and s.phase == phase)
+
+
+def test_measured_collective_costs_are_read_per_world_size():
+    hw = _cpu(barrier_us={2: 500.0, 4: 1500.0}, collective_us={"2": 700.0})
+    assert hw.sync_s("barrier", 2) == pytest.approx(500e-6)
+    assert hw.sync_s("barrier", 3) == pytest.approx(1000e-6)  # linear between the measured worlds
+    assert hw.sync_s("barrier", 8) == pytest.approx(3500e-6)  # and beyond them
+    assert hw.sync_s("gather", 4) == pytest.approx(700e-6)  # one measured world: its value
+    assert hw.sync_s("barrier", 1) == 0.0
+    assert _cpu().sync_s("gather", 3) == pytest.approx(2 * 400e-6)  # nothing measured: (W - 1) latencies
+    # the loss exchange of a simulated 2-rank run lasts the measured all-gather
+    w = Workload(model="tiny", batch=2, seq=16, precision=PrecisionConfig(), tier="resident")
+    sim = simulate(w, Layout(dp=2, share_noise=False), hw)
+    assert min(s.seconds for s in sim.spans if s.phase == "exchange") == pytest.approx(700e-6, rel=1e-3)
+
+
+def test_ranks_beyond_the_cores_share_them_moment_by_moment():
+    """Processor sharing: four single-threaded ranks on two cores run their compute at half speed;
+    a measured contention lowers the cores the ranks get."""
+    from distzo2_lab.plan.simulator import cpu_cores
+
+    w = Workload(model="tiny", batch=8, seq=32, precision=PrecisionConfig(), tier="resident")
+    hw = _cpu(barrier_us={2: 0.0, 4: 0.0}, collective_us={2: 0.0, 4: 0.0})
+    one = simulate(w, Layout(), hw, threads=1)
+    four = simulate(w, Layout(dp=4, share_noise=False), hw, threads=1)
+    fwd1, fwd4 = _busy(one, 0, "forward"), _busy(four, 0, "forward")
+    assert fwd4 == pytest.approx(2 * fwd1, rel=0.05)
+    assert cpu_cores(hw, 1, 4) == 2.0
+    assert cpu_cores(_cpu(contention={2: 1.0, 4: 4.0}), 1, 4) == 1.0  # 4 ranks each 4x slower: one core's worth
+    assert cpu_cores(_cpu(contention={2: 1.0, 4: 4.0}), 1, 2) == 2.0
+    slow = simulate(w, Layout(dp=4, share_noise=False), _cpu(contention={4: 4.0}, barrier_us={4: 0.0},
+                                                               collective_us={4: 0.0}), threads=1)
+    assert _busy(slow, 0, "forward") == pytest.approx(4 * fwd1, rel=0.05)
+
+
+def test_shared_noise_splits_the_draws_and_adds_a_barrier_per_draw():
+    """noise_share.py: the ranks of a node split each whole-bucket draw by noise chunks, then meet at
+    a barrier; a tiny block (one chunk) is drawn by one rank, OPT-125m's 7 chunks are split."""
+    hw = _cpu(barrier_us={2: 300.0}, collective_us={2: 300.0})
+    for model, split in (("opt-125m", True), ("tiny", False)):
+        w = Workload(model=model, batch=1, seq=16, precision=PrecisionConfig(), tier="host")
+        alone = simulate(w, Layout(pert=2, share_noise=False), hw)
+        shared = simulate(w, Layout(pert=2, share_noise=True), hw)
+        rng_alone = _busy(alone, 0, "rng")
+        draws = [sum(s.seconds for s in shared.steady_spans() if s.rank == r and s.phase == "rng"
+                     and s.block >= 0) for r in (0, 1)]
+        if split:
+            assert _busy(shared, 0, "rng") < 0.8 * rng_alone
+        else:
+            assert _busy(shared, 1, "rng") < _busy(shared, 0, "rng")  # rank 1 only waits and copies
+        assert min(draws) > 0
+    # one barrier (an rng / update span that starts together on both ranks) per shared piece
+    starts = [{s.start for s in shared.spans if s.rank == r and s.phase == "rng"} for r in (0, 1)]
+    assert starts[0] & starts[1]
+
+
+def test_disk_tier_with_several_ranks_commits_on_the_leader_after_a_barrier():
+    hw = _cpu(barrier_us={2: 200.0, 4: 400.0}, collective_us={2: 200.0, 4: 400.0}, disk_write_gbps=0.05)
+    w = Workload(model="tiny", batch=2, seq=16, precision=PrecisionConfig(), tier="disk")
+    for layout in (Layout(pert=2), Layout(dp=2, pert=2, slice=True)):
+        sim = simulate(w, layout, hw, steps=3)
+        commits = [s for s in sim.spans if s.phase == "commit"]
+        assert commits and {s.rank for s in commits} == {0}  # only the leader writes the resident buckets
+        assert all(s.lane == "compute" for s in commits)
+        host = simulate(dataclasses.replace(w, tier="host"), layout, hw, steps=3)
+        assert sim.step_s > host.step_s  # the slow disk commit holds every rank (the next exchange waits)
+    # sliced: each rank reads only its shard from the disk
+    sliced = simulate(w, Layout(dp=2, pert=2, slice=True), hw, steps=2)
+    naive = simulate(w, Layout(dp=2, pert=2), hw, steps=2)
+    up = {name: max(s.bytes for s in sim.spans if s.phase == "upload") for name, sim in
+          (("sliced", sliced), ("naive", naive))}
+    assert up["sliced"] == padded_block(model_shape("tiny"), 4, True) // 4 * 4  # one shard of fp32
+    assert up["naive"] == model_shape("tiny").block_params * 4
+
+
+def test_nspsa_pert_4_runs_one_direction_and_sign_per_rank():
+    """pert = 2q: q = 2 directions over two PertP pairs, one forward per block per rank; a single
+    rank runs all 2q forwards; every rank still applies the q updates."""
+    w = dataclasses.replace(zo2_workload("opt-1.3b"), directions=2)
+    single = simulate(w, Layout(), A100)
+    four = simulate(dataclasses.replace(w, directions=None), Layout(pert=4), A100)
+    fwd = {name: sum(1 for s in sim.steady_spans() if s.phase == "forward" and s.rank == 0) / 2
+           for name, sim in (("single", single), ("four", four))}
+    n = model_shape("opt-1.3b").layers
+    assert fwd == {"single": 4 * n, "four": n}
+    updates = sum(1 for s in four.steady_spans() if s.phase == "update" and s.rank == 3 and s.block >= 0) / 2
+    assert updates == 2 * 2 * n  # q = 2 updates per block on every rank, each a draw of z and an axpy pass
+    resident = dataclasses.replace(w, tier="resident")  # the host tier is bound by the shared host link
+    assert simulate(resident, Layout(pert=4), A100).step_s < 0.5 * simulate(resident, Layout(), A100).step_s
+    with pytest.raises(ConfigError, match="m must divide directions"):
+        simulate(dataclasses.replace(w, directions=3), Layout(pert=4), A100)

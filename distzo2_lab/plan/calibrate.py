@@ -5,8 +5,10 @@ A few seconds of micro-benchmarks, each timing the package's own code path: an O
 block pass) with one thread and with every core, noise generation (``Perturber.fill``), the
 in-place perturb pass (``perturb_``), copies into reused buffers (the host tier's upload and
 offload lanes, alone and two at once for the shared memory path), pread / pwrite of a file in the
-chosen directory (the disk tier), and a gloo all-gather between two launched ranks (the exchange
-lane). The profile is cached as JSON in DIR/this-machine.json and read as hardware 'this-machine'.
+chosen directory (the disk tier), and real gloo process groups of 2 and 4 launched ranks: the
+fixed cost of a barrier and of the scalar all-gather among W processes, the slow-down of each
+rank's compute when W ranks compute at once on the cores, and the all-gather bandwidth. The
+profile is cached as JSON in DIR/this-machine.json and read as hardware 'this-machine'.
 """
 from __future__ import annotations
 
@@ -145,28 +147,62 @@ def _disk_gbps(directory: str, nbytes: int) -> tuple[float, float]:
     return nbytes / read / 1e9, nbytes / write / 1e9
 
 
-def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int) -> dict:
-    """One rank of the exchange-lane probe: median seconds of a scalar and of an nbytes all-gather."""
+def _mean_time(fn, repeats: int) -> float:
+    """Mean seconds of `fn` over one loop of `repeats` calls: unlike a median, it keeps the time
+    slices a process loses when more ranks than cores take turns."""
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int = 300) -> dict:
+    """One rank of the multi-process probe (gloo between real processes on this machine).
+
+    Returns mean seconds over a few hundred rounds (~0.5 s each: the mean over the other jobs'
+    comings and goings, not a snapshot, and the time slices a process loses when the ranks
+    outnumber the cores): `busy`, a tiny OPT block forward (one thread, the size of the tiny
+    shape's visits) while every rank runs it at once (CPU contention); a barrier and a scalar
+    all-gather back to back (a collective's fixed cost: the messages and waking W processes; the
+    simulator adds the ranks' skew itself); and the median of an all-gather of nbytes (bandwidth)."""
     import torch.distributed as dist
 
     from ..collectives import all_gather_flat
 
     torch.set_num_threads(1)
+    work, _ = _probe_block(64, 4, 256, 8, 32)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         def gather(n):
             mine, out = torch.ones(n), torch.empty(n * world)
             return lambda: all_gather_flat(out, mine)
 
-        small = median_time(gather(1), repeats=repeats * 4, warmup=2)
+        work(), dist.barrier(), gather(4)()  # warm: allocator, caches, connections
+        dist.barrier()
+        busy = _mean_time(work, rounds)  # every rank computes at once
+        dist.barrier()
+        barrier = _mean_time(dist.barrier, rounds)
+        scalar = _mean_time(gather(4), rounds)  # the loss exchange: 4 float64 per rank
         big = median_time(gather(nbytes // 4 // world), repeats=repeats)
-        return {"scalar_s": small, "big_s": big}
+        return {"busy_s": busy, "barrier_s": barrier, "scalar_s": scalar, "big_s": big}
     finally:
         dist.destroy_process_group()
 
 
-def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int | None = None) -> Hardware:
-    """Measure this machine (a few seconds) and write DIR/this-machine.json; returns the profile."""
+def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
+    """Launch `world` ranks of :func:`gloo_probe`; medians over the ranks (slowest for the bandwidth)."""
+    from ..launch import launch as start
+
+    r = start(gloo_probe, world, (nbytes, repeats), timeout=180).wait()
+    out = {k: statistics.median(v[k] for v in r.values()) for k in ("busy_s", "barrier_s", "scalar_s")}
+    out["big_s"] = max(v["big_s"] for v in r.values())
+    return out
+
+
+def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int | None = None,
+              worlds: tuple[int, ...] = (2, 4)) -> Hardware:
+    """Measure this machine (a few seconds; the multi-process probes at each of `worlds` ranks add
+    ~10 s each) and write DIR/this-machine.json; returns the profile."""
     import transformers  # noqa: F401  (the baseline RSS counts torch and transformers)
 
     baseline = _rss_bytes()
@@ -175,8 +211,8 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     small, small_flops = _probe_block(64, 4, 256, 8, 32)
     tiny, _ = _probe_block(64, 4, 256, 1, 4)
     launch = _threads(1, lambda: median_time(tiny, repeats=20, warmup=3))
-    t1 = _threads(1, lambda: median_time(big))
-    tc = _threads(cores, lambda: median_time(big))
+    t1 = _threads(1, lambda: median_time(big, repeats=7))
+    tc = _threads(cores, lambda: median_time(big, repeats=7))
     rate1 = big_flops / max(t1 - launch, 1e-6)
     rate_small = small_flops / max(_threads(1, lambda: median_time(small, repeats=10, warmup=2)) - launch, 1e-6)
     scaling = (big_flops / max(tc - launch, 1e-6)) / (rate1 * cores)
@@ -188,7 +224,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     n = 1 << 21  # two noise chunks
     z = torch.empty(n)
     p = Perturber("gaussian", 1 << 20, 1)
-    rng = n / _threads(1, lambda: median_time(lambda: p.fill(z, 1, "calibrate"), repeats=5)) / 1e9
+    rng = n / _threads(1, lambda: median_time(lambda: p.fill(z, 1, "calibrate"), repeats=15)) / 1e9
     few = torch.empty(64)
     call_us = _threads(1, lambda: median_time(lambda: (p.fill(few, 1, "calibrate"), perturb_(few, few, 1e-3)),
                                           repeats=50, warmup=5)) / 2 * 1e6
@@ -200,13 +236,17 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     shared = _copy_gbps(64 << 20, 2)
     disk_read, disk_write = _disk_gbps(directory, 64 << 20)
     latency_us, peer = 200.0, 1.0
+    barrier_us, collective_us, contention = {}, {}, {1: 1.0}
     if collectives:
-        from ..launch import launch as start
-
-        r = start(gloo_probe, 2, (16 << 20, 3), timeout=120).wait()
-        latency_us = statistics.mean(v["scalar_s"] for v in r.values()) * 1e6
-        big_s = max(v["big_s"] for v in r.values())
-        peer = (16 << 20) / 2 / max(big_s - latency_us * 1e-6, 1e-6) / 1e9
+        small_alone = _threads(1, lambda: (small(), _mean_time(small, 40))[1])
+        for world in worlds:
+            r = probe_ranks(world)
+            barrier_us[world] = r["barrier_s"] * 1e6
+            collective_us[world] = r["scalar_s"] * 1e6
+            contention[world] = max(1.0, r["busy_s"] / small_alone)
+            if world == 2:
+                latency_us = collective_us[2]
+                peer = (16 << 20) / 2 / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     hw = Hardware(
         name=THIS_MACHINE, description=f"this machine: {cores} cores, measured by distzo2 plan calibrate",
@@ -216,7 +256,8 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         switch_gbps=None, host_gbps=shared, peer_gbps=peer, peer_latency_us=latency_us,
         disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
         thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
-        call_us=call_us, embed_us=embed_us, visit_us=visit_us,
+        call_us=call_us, embed_us=embed_us, visit_us=visit_us, barrier_us=barrier_us, collective_us=collective_us,
+        contention=contention,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")
     save_profile(hw, calibration_path(directory))

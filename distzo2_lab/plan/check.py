@@ -7,6 +7,7 @@ on a hardware profile and reports predicted / measured.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -17,7 +18,7 @@ from ..config import OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, vali
 from ..events import Span, read_jsonl
 from ..mesh import Layout
 from .hardware import Hardware
-from .memory import Workload
+from .memory import Workload, directions_of
 from .simulator import Simulation, simulate
 
 
@@ -25,7 +26,7 @@ def train_config(w: Workload, layout: Layout, steps: int, threads: int, store: s
     """The TrainConfig that runs workload `w` (batch per dp group) on this machine's CPU."""
     p = w.precision if w.precision.compute == "fp32" else PrecisionConfig()
     return validate(TrainConfig(model=w.model, steps=steps, batch_size=w.batch * layout.dp, seq_len=w.seq,
-                                threads=threads, zo=ZOConfig(lr=1e-5), precision=p,
+                                threads=threads, zo=ZOConfig(lr=1e-5, directions=directions_of(w, layout)), precision=p,
                                 offload=OffloadConfig(tier=w.tier, prefetch=w.prefetch,
                                                       store=store if w.tier == "disk" else None)))
 
@@ -74,6 +75,62 @@ def measure(w: Workload, layout: Layout, steps: int = 4, threads: int | None = N
     step_s = summary["seconds"] / len(summary["steps"])
     steady = _steady(spans, steps)
     return Measured(step_s, steady if steady is not None else step_s, spans, steps)
+
+
+def cases_worker(rank: int, world: int, q, cases: list) -> list[dict]:
+    """One rank of several runs in one process group (the benchmark's cases of one world size):
+    train() for each (cfg, layout, trace dir) in turn; spawning and importing once per world size
+    instead of once per case keeps the benchmark's table within minutes on 2 cores."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from ..train import train
+
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=float(os.environ.get("DISTZO2_TIMEOUT", "1800"))))
+    try:
+        out = []
+        for cfg, layout, trace in cases:
+            s = train(cfg, progress=False, trace=trace, layout=layout, rank=rank)
+            out.append({"seconds": s["seconds"], "steps": len(s["steps"])})
+            dist.barrier()
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_many(items: list[tuple[Workload, Layout]], steps: int = 4, threads: int = 1, timeout: float = 900.0,
+                 workdir: str | None = None) -> list[Measured]:
+    """measure() for several layouts of one world size, the ranks launched once for all of them."""
+    worlds = {layout.world_size for _, layout in items}
+    if len(worlds) != 1:
+        raise ValueError(f"measure_many runs one world size at a time, got {sorted(worlds)}")
+    world = worlds.pop()
+    # an untimed warm-up run first (tiny model, 2 steps): the first run in a process pays one-time
+    # costs (thread pools, allocator growth, gloo connections) that the timed cases must not
+    first, layout0 = items[0]
+    warm = dataclasses.replace(first, model="tiny", seq=min(first.seq, 32), tier="host")
+    if world == 1:
+        measure(warm, layout0, 2, threads, timeout, workdir)
+        return [measure(w, layout, steps, threads, timeout, workdir) for w, layout in items]
+    from ..launch import launch
+
+    with tempfile.TemporaryDirectory(prefix="distzo2-plan-", dir=workdir) as tmp:
+        cases = [(train_config(w, layout, n, threads, os.path.join(tmp, f"case{i}", "store")), layout,
+                  os.path.join(tmp, f"case{i}", "trace"))
+                 for i, (w, layout, n) in enumerate([(warm, layout0, 2)] + [(w, lay, steps) for w, lay in items])]
+        result = launch(cases_worker, world, (cases,), timeout=timeout).wait()
+        out = []
+        for i, (_, _, trace) in enumerate(cases):
+            if i == 0:
+                continue
+            spans = [s for r in range(world) for s in read_jsonl(os.path.join(trace, f"rank{r}.jsonl"))]
+            summary = result[0][i]
+            step_s = summary["seconds"] / summary["steps"]
+            steady = _steady(spans, steps)
+            out.append(Measured(step_s, steady if steady is not None else step_s, spans, steps))
+    return out
 
 
 def compare(w: Workload, layout: Layout, hw: Hardware, steps: int = 4, threads: int | None = None,

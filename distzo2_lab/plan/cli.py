@@ -23,6 +23,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--master", default="fp32", choices=MASTER_DTYPES)
     p.add_argument("--tier", default="host", help="resident, host or disk")
     p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--directions", type=int, default=None,
+                   help="n-SPSA directions per step (default: pert / 2 with pert > 2, else 1)")
     p.add_argument("--implementation", default="distzo2_lab", help="distzo2_lab (this engine) or zo2 (ZO2's code)")
     p.add_argument("--steps", type=int, default=3, help="simulated steps")
     p.add_argument("--dir", default=DEFAULT_DIR, help="where 'this-machine' is calibrated")
@@ -31,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="plan_cmd")
     c = sub.add_parser("calibrate", help="measure this machine (a few seconds) into DIR/this-machine.json")
     c.add_argument("--dir", default=DEFAULT_DIR, dest="calibrate_dir")
-    c.add_argument("--no-collectives", action="store_true", help="skip the two-rank gloo all-gather probe")
+    c.add_argument("--no-collectives", action="store_true",
+                   help="skip the 2- and 4-rank gloo probes (collective costs, contention)")
     c.add_argument("--json", action="store_true", dest="calibrate_json")
     c.set_defaults(fn=cmd_calibrate)
     return p
@@ -56,6 +59,10 @@ def cmd_calibrate(a) -> int:
           f"disk read {hw.disk_read_gbps:.2f} GB/s, write {hw.disk_write_gbps:.2f} GB/s")
     print(f"  exchange (gloo all-gather) {hw.peer_gbps:.2f} GB/s, scalar latency {hw.peer_latency_us:.0f} us; "
           f"process baseline {hw.context_gb:.2f} GB")
+    if hw.barrier_us:
+        ranks = ", ".join(f"{w} ranks: barrier {hw.barrier_us[w]:.0f} us, all-gather {hw.collective_us[w]:.0f} us, "
+                          f"compute {hw.contention[w]:.2f}x slower" for w in hw.barrier_us)
+        print(f"  between processes: {ranks}")
     return 0
 
 
@@ -73,7 +80,8 @@ def cmd_plan(a) -> int:
 
     layout = dataclasses.replace(parse_layout(a.layout), slice=a.slice)
     w = Workload(model=a.model, batch=a.batch, seq=a.seq, precision=PrecisionConfig(a.precision, a.storage, a.master),
-                 tier=a.tier, prefetch=a.prefetch, implementation=IMPLEMENTATIONS[a.implementation])
+                 tier=a.tier, prefetch=a.prefetch, implementation=IMPLEMENTATIONS[a.implementation],
+                 directions=a.directions)
     p = plan_layout(w, layout, hw, gpus=a.gpus, steps=a.steps)
     p.pop("_simulation")
     print(json.dumps(p, indent=1) if a.json else format_plan(p))

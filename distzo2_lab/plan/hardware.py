@@ -68,6 +68,17 @@ class Hardware:
     """Fixed cost of the embeddings and the attention mask of one pass."""
     visit_us: float = 20.0
     """Streamer hand-off per streamed visit (acquire / release, waking the lanes)."""
+    barrier_us: dict = field(default_factory=dict)
+    """Measured fixed cost of a barrier among W processes {W: us} (back to back, mean of many rounds:
+    the messages and waking W processes; the simulator adds the ranks' skew). Empty: `peer_latency_us`
+    x (W - 1)."""
+    collective_us: dict = field(default_factory=dict)
+    """Measured fixed cost of a scalar all-gather (the loss exchange) among W processes {W: us},
+    measured like `barrier_us`. Empty: `peer_latency_us` x (W - 1)."""
+    contention: dict = field(default_factory=dict)
+    """'cpu' only: measured slow-down of one single-threaded rank's compute when W ranks compute at
+    once {W: factor >= 1} (oversubscription of the cores, shared caches and memory). Empty: the cores
+    are shared out in proportion (`compute_share`)."""
     cores: int | None = None
     """'cpu' only: cores shared by every rank's compute (ranks beyond them take turns)."""
     thread_scaling: float = 1.0
@@ -79,6 +90,29 @@ class Hardware:
         if dtype in self.matmul_tflops:
             return self.matmul_tflops[dtype]
         return self.matmul_tflops.get("fp32", min(self.matmul_tflops.values()))
+
+    def per_world(self, name: str, world: int) -> float | None:
+        """A measured {W: value} figure at `world` ranks: the value measured there, else linear in W
+        between (or beyond, from the last two of) the measured worlds; None when nothing was measured."""
+        pts = sorted((int(k), float(v)) for k, v in getattr(self, name).items())
+        if not pts:
+            return None
+        for k, v in pts:
+            if k == world:
+                return v
+        if len(pts) == 1:
+            return pts[0][1]
+        lo = [p for p in pts if p[0] < world]
+        hi = [p for p in pts if p[0] > world]
+        (w0, v0), (w1, v1) = (lo[-1], hi[0]) if lo and hi else (pts[:2] if not lo else pts[-2:])
+        return max(0.0, v0 + (v1 - v0) * (world - w0) / (w1 - w0))
+
+    def sync_s(self, kind: str, world: int) -> float:
+        """Seconds of the fixed cost of one collective ('barrier' or 'gather') among `world` ranks."""
+        if world <= 1:
+            return 0.0
+        got = self.per_world("barrier_us" if kind == "barrier" else "collective_us", world)
+        return (got if got is not None else (world - 1) * self.peer_latency_us) * 1e-6
 
     def to_dict(self) -> dict:
         return asdict(self)

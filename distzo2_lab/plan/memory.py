@@ -20,6 +20,8 @@ from .hardware import Hardware
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 TIERS = ("resident", "host", "disk")
+CHUNK = 1 << 20
+"""Noise chunk (ZOConfig.chunk_size): slicing pads shards to whole chunks, shared draws split by chunks."""
 
 
 # -- model shapes -------------------------------------------------------------------------------
@@ -121,6 +123,8 @@ class Workload:
     prefetch: int = 1
     """Upload lane runs this many visits ahead (prefetch + 2 working buffers)."""
     implementation: Implementation = THIS_ENGINE
+    directions: int | None = None
+    """n-SPSA directions per step (zo.directions); None: one per PertP pair (pert / 2), or 1."""
 
 
 def check_workload(w: Workload) -> Workload:
@@ -131,6 +135,8 @@ def check_workload(w: Workload) -> Workload:
         v = getattr(w, name)
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name}={v!r} is not valid; it must be a positive integer")
+    if w.directions is not None and (not isinstance(w.directions, int) or w.directions < 1):
+        raise ConfigError(f"directions={w.directions!r} is not valid; it must be a positive integer (or None)")
     if not isinstance(w.prefetch, int) or w.prefetch < 0:
         raise ConfigError(f"prefetch={w.prefetch!r} is not valid; it must be an integer >= 0")
     model_shape(w.model)  # raises ConfigError for an unknown preset
@@ -179,7 +185,7 @@ def transfer_bytes_per_element(w: Workload) -> int:
     return 4 if w.implementation.store_fp32 else DTYPE_BYTES[w.precision.storage]
 
 
-def padded_block(shape: ModelShape, world: int, sliced: bool, chunk: int = 1 << 20) -> int:
+def padded_block(shape: ModelShape, world: int, sliced: bool, chunk: int = CHUNK) -> int:
     """Elements of a working buffer: the block, padded to one whole-chunk shard per rank when sliced."""
     if not sliced or world == 1:
         return shape.block_params
@@ -201,13 +207,22 @@ def activation_bytes(shape: ModelShape, w: Workload, passes_alive: int) -> dict[
     return {"hidden states": passes_alive * bth, "transient": max(attention, ffn, head) + bth}
 
 
+def directions_of(w: Workload, layout: Layout) -> int:
+    """q, the n-SPSA directions per step: the workload's, else one per PertP pair (pert / 2), else 1."""
+    q = w.directions if w.directions is not None else max(1, layout.pert // 2)
+    if layout.pert > 2 and q % (layout.pert // 2):
+        raise ConfigError(f"directions={q} does not fit pert={layout.pert}: pert = 2m splits the directions over m "
+                          f"pairs, so m must divide directions; choose directions as a multiple of {layout.pert // 2}")
+    return q
+
+
 def memory_plan(w: Workload, layout: Layout, hw: Hardware) -> MemoryPlan:
     """Peak bytes per component on one working device, host memory per node, disk."""
     check_workload(w)
     shape, impl = model_shape(w.model), w.implementation
     s, c = DTYPE_BYTES[w.precision.storage], DTYPE_BYTES[w.precision.compute]
     low = s != 4  # a lower-precision working copy next to an fp32 master
-    world, sliced = layout.world_size, layout.slice and w.tier == "host"
+    world, sliced = layout.world_size, layout.slice and w.tier != "resident" and layout.world_size > 1
     moved = transfer_bytes_per_element(w)
     dev: dict[str, float] = {"runtime overhead": hw.context_gb * GB}
     if impl.resident_extras:  # fp32 master, working copy, the +eps state, one fp32 z per bucket
@@ -224,7 +239,11 @@ def memory_plan(w: Workload, layout: Layout, hw: Hardware) -> MemoryPlan:
     dev["noise"] = width * 4 if impl.noise == "block" else shape.largest_tensor * c
     if sliced:
         dev["all-gather buffers"] = width // world * moved  # this rank's shard, copied as the send buffer
-    passes = 2 if layout.pert == 1 else 1  # h+ and h- live together only when one rank runs both
+    q = directions_of(w, layout)
+    if q > 1 and impl.store_fp32:  # n-SPSA: the out-of-place perturbed copy of the visited block
+        dev["perturbed copy"] = shape.block_params * s
+    # hidden states alive together: one per (direction, sign) this rank runs (h+ and h- with pert=1)
+    passes = (2 if layout.pert == 1 else 1) * (q if layout.pert == 1 else q // (layout.pert // 2))
     for k, v in activation_bytes(shape, w, passes).items():
         dev[f"activations: {k}"] = v
     ranks_per_node = min(world, hw.devices_per_node)

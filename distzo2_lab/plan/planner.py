@@ -12,7 +12,7 @@ import dataclasses
 from ..config import ConfigError
 from ..mesh import Layout
 from .hardware import Hardware
-from .memory import GB, MemoryPlan, Workload, check_workload, memory_plan, mezo_bytes
+from .memory import GB, MemoryPlan, Workload, check_workload, directions_of, memory_plan, mezo_bytes
 from .simulator import Simulation, simulate
 
 
@@ -21,8 +21,6 @@ def check_layout(layout: Layout, gpus: int, hw: Hardware) -> None:
     if layout.dp < 1 or layout.pert < 1 or (layout.pert > 1 and layout.pert % 2):
         raise ConfigError(f"layout dp={layout.dp}, pert={layout.pert} is not valid; dp >= 1 and pert 1 or even "
                           "(+eps / -eps pairs)")
-    if layout.pert > 2:
-        raise ConfigError(f"layout pert={layout.pert} is not simulated yet (n-SPSA pairs); choose pert=1 or pert=2")
     if layout.world_size != gpus:
         options = ", ".join(f"dp={d},pert={p}" for d, p in candidate_grids(gpus))
         raise ConfigError(f"layout dp={layout.dp},pert={layout.pert} uses {layout.world_size} devices, not "
@@ -31,8 +29,10 @@ def check_layout(layout: Layout, gpus: int, hw: Hardware) -> None:
         raise ConfigError(f"gpus={gpus} is not valid; at most {64 * hw.devices_per_node} on {hw.name}")
 
 
-def candidate_grids(gpus: int) -> list[tuple[int, int]]:
-    return [(gpus // p, p) for p in (1, 2) if gpus % p == 0]
+def candidate_grids(gpus: int, perts: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+    """(dp, pert) grids of `gpus` devices: pert 1 or even (pert = 2m runs m n-SPSA pairs)."""
+    perts = perts or tuple(p for p in range(1, gpus + 1) if p == 1 or p % 2 == 0)
+    return [(gpus // p, p) for p in perts if gpus % p == 0]
 
 
 def fits(w: Workload, layout: Layout, hw: Hardware) -> MemoryPlan:
@@ -44,7 +44,7 @@ def nearest_fit(w: Workload, layout: Layout, hw: Hardware, gpus: int) -> tuple[W
     prefetch and tier changed as little as possible."""
     best = None
     for g in range(gpus, 0, -1):
-        for dp, pert in candidate_grids(g):
+        for dp, pert in candidate_grids(g, tuple(dict.fromkeys((1, 2, layout.pert)))):
             for sl in (False, True):
                 if sl and g == 1:
                     continue
@@ -77,6 +77,7 @@ def plan_layout(w: Workload, layout: Layout, hw: Hardware, gpus: int | None = No
     check_workload(w)
     gpus = layout.world_size if gpus is None else gpus
     check_layout(layout, gpus, hw)
+    directions_of(w, layout)  # pert = 2m needs m to divide the directions
     mp = memory_plan(w, layout, hw)
     if not mp.fits:
         near = nearest_fit(w, layout, hw, gpus)
@@ -88,7 +89,8 @@ def plan_layout(w: Workload, layout: Layout, hw: Hardware, gpus: int | None = No
                           f"{'; '.join(mp.problems())}. {hint}")
     sim = simulate(w, layout, hw, steps=steps)
     out = {"model": w.model, "hardware": hw.name, "gpus": gpus, "layout": {"dp": layout.dp, "pert": layout.pert,
-           "slice": layout.slice}, "tier": w.tier, "prefetch": w.prefetch, "batch_per_dp_group": w.batch, "seq": w.seq,
+           "slice": layout.slice}, "directions": directions_of(w, layout),
+           "tier": w.tier, "prefetch": w.prefetch, "batch_per_dp_group": w.batch, "seq": w.seq,
            "precision": dataclasses.asdict(w.precision), "implementation": w.implementation.name,
            "memory_per_device_gb": {k: v / GB for k, v in mp.device.items()},
            "device_total_gb": mp.device_total / GB, "device_capacity_gb": mp.device_capacity / GB,
@@ -104,7 +106,7 @@ def plan_layout(w: Workload, layout: Layout, hw: Hardware, gpus: int | None = No
 def baseline_speedups(w: Workload, hw: Hardware, sim: Simulation, steps: int = 3) -> dict:
     """tokens/s against single-device ZO2 (host tier, one rank) and plain MeZO (all resident), if they fit."""
     out = {}
-    zo2_w = dataclasses.replace(w, tier="host", prefetch=1)
+    zo2_w = dataclasses.replace(w, tier="host", prefetch=1, directions=None)  # single-device ZO2: one direction
     zo2_mem = memory_plan(zo2_w, Layout(), hw)
     if zo2_mem.fits:
         z = simulate(zo2_w, Layout(), hw, steps=steps)
@@ -116,7 +118,7 @@ def baseline_speedups(w: Workload, hw: Hardware, sim: Simulation, steps: int = 3
     need = mezo_bytes(w, hw)
     out["mezo_gb"] = need / GB
     if need <= hw.device_memory_gb * GB:
-        m = simulate(dataclasses.replace(w, tier="resident"), Layout(), hw, steps=steps)
+        m = simulate(dataclasses.replace(w, tier="resident", directions=None), Layout(), hw, steps=steps)
         out["mezo_tokens_per_s"] = m.tokens_per_s
         out["speedup_vs_mezo"] = sim.tokens_per_s / m.tokens_per_s
     else:
@@ -128,7 +130,8 @@ def baseline_speedups(w: Workload, hw: Hardware, sim: Simulation, steps: int = 3
 def format_plan(p: dict) -> str:
     lay = p["layout"]
     prec = p["precision"]
-    lines = [f"{p['model']} on {p['gpus']} x {p['hardware']}: layout dp={lay['dp']} x pert={lay['pert']}"
+    nspsa = f" ({p['directions']} n-SPSA directions)" if p.get("directions", 1) > 1 else ""
+    lines = [f"{p['model']} on {p['gpus']} x {p['hardware']}: layout dp={lay['dp']} x pert={lay['pert']}{nspsa}"
              f"{' sliced' if lay['slice'] else ''}, {p['tier']} tier, prefetch {p['prefetch']}, "
              f"batch {p['batch_per_dp_group']} x {p['seq']} per dp group, compute {prec['compute']} / storage "
              f"{prec['storage']} / master {prec['master']} ({p['implementation']})",

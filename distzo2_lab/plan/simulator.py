@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from ..events import LANES, Span, overlap_metrics
 from ..mesh import Layout
 from .hardware import Hardware
-from .memory import DTYPE_BYTES, Workload, check_workload, model_shape, padded_block, transfer_bytes_per_element
+from .memory import (
+    CHUNK,
+    DTYPE_BYTES,
+    Workload,
+    check_workload,
+    directions_of,
+    model_shape,
+    padded_block,
+    transfer_bytes_per_element,
+)
 
 
 # -- what one rank's compute costs ------------------------------------------------------------------
@@ -39,10 +48,14 @@ class Costs:
     """Fixed cost of one noise fill or elementwise pass over a bucket."""
     visit: float = 0.0
     """Streamer hand-off per streamed visit."""
+    speed: float = 1.0
+    """CPU: the share of one thread's speed this rank gets (below 1 when ranks contend for the cores)."""
 
 
 def compute_share(hw: Hardware, world: int, threads: int) -> float:
-    """CPU: how many threads' worth of speed one rank gets (ranks beyond the cores take turns)."""
+    """CPU: how many threads' worth of speed one rank gets when all `world` ranks compute at once
+    (ranks beyond the cores take turns). The simulator itself shares the cores out moment by
+    moment among the ranks computing then (`cpu_cores`); this is the static figure."""
     if hw.kind != "cpu":
         return 1.0
     cores = hw.cores or 1
@@ -54,9 +67,9 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
     shape = model_shape(w.model)
     c, s = DTYPE_BYTES[w.precision.compute], DTYPE_BYTES[w.precision.storage]
     tokens = w.batch * w.seq
-    share = compute_share(hw, layout.world_size, threads)
+    share = compute_share(hw, 1, threads)  # one rank alone; run_graph shares the cores among the ranks
     rate = matmul_rate(hw, w.precision.compute, shape.hidden) * share
-    slow = share if hw.kind == "cpu" else 1.0  # fixed costs stretch when ranks take turns on the cores
+    slow = min(1.0, share) if hw.kind == "cpu" else 1.0
     mem = hw.memory_gbps * 1e9 * slow
     launch, call = hw.launch_us * 1e-6 / slow, hw.call_us * 1e-6 / slow
 
@@ -71,7 +84,7 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
     axpy = (3 * master + (s if master != s else 0)) / mem
     rng = 1.0 / (hw.rng_gsamples * 1e9 * share)
     embed = hw.embed_us * 1e-6 / slow + tokens * shape.hidden * c * 3 / mem
-    return Costs(block, head, embed, rng, axpy, call, hw.visit_us * 1e-6 / slow)
+    return Costs(block, head, embed, rng, axpy, call, hw.visit_us * 1e-6 / slow, slow)
 
 
 def matmul_rate(hw: Hardware, dtype: str, width: int) -> float:
@@ -90,6 +103,19 @@ def matmul_rate(hw: Hardware, dtype: str, width: int) -> float:
     return pts[-1][1] * 1e12
 
 
+def cpu_cores(hw: Hardware, threads: int, world: int) -> float:
+    """CPU: the cores the ranks' compute shares (processor sharing in `run_graph`), in units of one
+    rank's own speed (`threads` threads). From the measured contention at this world size (W
+    single-threaded ranks computing at once each ran `contention[W]` times slower than one alone,
+    so the node gave them W / contention[W] cores; other world sizes interpolated), capped by the
+    cores; at least one rank's worth (one rank alone runs at its calibrated speed)."""
+    cores = float(hw.cores or 1)
+    factor = hw.per_world("contention", world) if world > 1 else None
+    if factor is not None:
+        cores = min(cores, world / max(1.0, factor))
+    return max(1.0, cores / threads)
+
+
 # -- the task graph -------------------------------------------------------------------------------
 @dataclass
 class Task:
@@ -105,6 +131,7 @@ class Task:
     latency: float = 0.0
     deps: list = field(default_factory=list)
     group: int | None = None  # a collective: every task of the group starts together
+    cpu: tuple = ()  # CPU: fixed work shared out as a flow of nanoseconds over (node cores, the rank's thread)
     start: float | None = None
     end: float | None = None
     remaining: float = 0.0
@@ -113,6 +140,10 @@ class Task:
     @property
     def transfer(self) -> bool:
         return bool(self.path)
+
+    @property
+    def flow(self) -> tuple:
+        return self.path or self.cpu
 
 
 class Graph:
@@ -154,106 +185,242 @@ def _capacity(hw: Hardware, link: tuple) -> float:
     return float("inf") if gbps is None else gbps * 1e9
 
 
+def noise_groups(layout: Layout, hw: Hardware, q: int) -> dict[int, tuple[int, ...]]:
+    """CPU ranks that split every whole-bucket draw of z (noise_share.py): the ranks of a node that
+    run the same directions; empty when the layout does not share noise or a rank draws alone."""
+    world = layout.world_size
+    if hw.kind != "cpu" or world == 1 or not getattr(layout, "share_noise", False):
+        return {}
+    keys = {r: (r // hw.devices_per_node, tuple(layout.directions(r, q))) for r in range(world)}
+    out = {}
+    for r, k in keys.items():
+        members = tuple(m for m in range(world) if keys[m] == k)
+        if len(members) > 1:
+            out[r] = members
+    return out
+
+
+class _Program:
+    """One rank's compute-lane program: fixed work is gathered into segments, and a collective (a
+    barrier of the noise-sharing ranks, a commit barrier) cuts it into tasks around a group task."""
+
+    def __init__(self, g: Graph, rank: int, step: int):
+        self.g, self.rank, self.step = g, rank, step
+        self.segs: list = []
+        self.last: int | None = None
+        self.deps: list = []
+
+    def after(self, *deps) -> None:
+        self.deps += [d for d in deps if d is not None]
+
+    def work(self, phase, seconds: float) -> None:
+        self.segs.append((phase, seconds))
+
+    def close(self, phase: str, block: int) -> int:
+        """End the current task (empty work still makes a task: the lane's order point)."""
+        self.last = self.g.add(self.rank, "compute", phase, self.step, block, [self.last, *self.deps], self.segs)
+        self.segs, self.deps = [], []
+        return self.last
+
+    def sync(self, phase: str, block: int, key, latency: float, lane: str = "compute", seg=None) -> int:
+        if self.segs or self.deps:
+            self.close(phase, block)
+        self.last = self.g.add(self.rank, lane, phase, self.step, block, [self.last], [(seg, 0.0)], latency=latency,
+                               group=key)
+        return self.last
+
+
 def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: int) -> Graph:
     """Every rank's tasks for `steps` steps, in each lane's program order, with their dependencies."""
     shape = model_shape(w.model)
     cost = costs(w, layout, hw, threads)
     world, n = layout.world_size, shape.layers
+    q = directions_of(w, layout)
     streamed = w.tier != "resident"
-    sliced = layout.slice and w.tier == "host" and world > 1
+    sliced = layout.slice and streamed and world > 1
     depth = min(w.prefetch, n - 1)
     moved = transfer_bytes_per_element(w)
     width = padded_block(shape, world, sliced)
     lane_bytes = (width // world if sliced else shape.block_params) * moved
     gather_bytes = (world - 1) / world * width * moved
+    shared = noise_groups(layout, hw, q)
+    chunk = CHUNK
+    slot = -(-shape.block_params // chunk) * chunk  # noise_share's slot: the widest block, whole chunks
+    per_node = min(world, hw.devices_per_node)
     g = Graph()
-    marker, upload, offload, main = {}, {}, {}, {}
-    last_exchange: dict[int, int | None] = {r: None for r in range(world)}
-    res = shape.resident
+    marker, upload, offload = {}, {}, {}
+    step_done: dict[int, int | None] = {r: None for r in range(world)}
+    draws = {r: 0 for r in range(world)}
+    axpy, rng, call = cost.axpy_per_element, cost.rng_per_element, cost.call
+    copy_per_element = 8 / (hw.memory_gbps * 1e9 * cost.speed)  # read + write one fp32
+
+    def draw(prog: _Program, r: int, elements: int, phase: str, block: int) -> None:
+        """z of a whole bucket: drawn alone, or split with the ranks of `shared` (a barrier per piece)."""
+        members = shared.get(r)
+        if not members:
+            prog.work(phase, elements * rng + call)
+            return
+        size, index = len(members), members.index(r)
+        for p0 in range(0, elements, slot):
+            piece = min(slot, elements - p0)
+            lo, hi = _split_run(-(-piece // chunk), index, size)
+            mine = max(0, min(piece, hi * chunk) - lo * chunk)
+            if mine:
+                prog.work(phase, mine * rng + call)
+            draws[r] += 1
+            prog.sync(phase, block, ("noise", members, draws[r]), hw.sync_s("barrier", size), seg=phase)
+            prog.work(phase, piece * copy_per_element)
+
+    def update(prog, r, elements, block, local=False) -> None:
+        """The deferred update of a bucket: q draws of z and q axpy passes."""
+        for _ in range(q):
+            if local:  # a sliced shard: this rank draws its own chunks
+                prog.work("update", elements * rng + call)
+            else:
+                draw(prog, r, elements, "update", block)
+            prog.work("update", elements * axpy + call)
+
+    res_buckets = (shape.resident_in, shape.resident_out)
     for t in range(steps):
         pending = t > 0
         for r in range(world):
             plus, minus = layout.signs(r)
-            passes = int(plus) + int(minus)
+            signs = int(plus) + int(minus)
+            mine = layout.directions(r, q)
+            runs = len(mine) * signs  # forward passes per block
             links = _links(hw, r)
-            rc = 2 * cost.call  # two resident buckets (in, out): one call each per pass
-            segs = ([("update", res * (cost.rng_per_element + cost.axpy_per_element) + 2 * rc)] if pending else []) + [
-                ("rng", res * cost.rng_per_element + rc),
-                ("embed", passes * cost.embed_pass + 2 * (res * cost.axpy_per_element + rc))]
-            prev = g.add(r, "compute", "embed", t, -1, [last_exchange[r]], segs)
+            prog = _Program(g, r, t)
+            prog.after(step_done[r])
+            # resident begin: the deferred update, then +eps (q = 1, in place) or perturbed copies
+            for elem in res_buckets:
+                if pending:
+                    update(prog, r, elem, -1)
+                if q == 1:
+                    draw(prog, r, elem, "rng", -1)
+                    prog.work("embed", 2 * (elem * axpy + call) + elem * copy_per_element)  # +eps, keep
+            if q == 1:
+                prog.work("embed", signs * cost.embed_pass)
+            else:
+                for _ in range(runs):
+                    for elem in res_buckets:
+                        draw(prog, r, elem, "rng", -1)
+                        prog.work("embed", elem * axpy + call)  # the perturbed copy
+                    prog.work("embed", cost.embed_pass)
+            prev = prog.close("embed", -1)
             for i in range(n):
                 v = t * n + i
-                deps = [prev]
+                elem = shape.block_params
                 if streamed:
-                    marker[r, v] = g.add(r, "compute", "request", t, i, deps, [(None, cost.visit)])
+                    marker[r, v] = g.add(r, "compute", "request", t, i, [prev], [(None, cost.visit)])
                     up_path = links["upload"] + ((links["disk_read"],) if w.tier == "disk" else ())
                     upload[r, v] = g.add(r, "upload", "upload", t, i, [
                         marker.get((r, v - depth)) if v - depth >= 0 else None,
                         offload.get((r, v - depth - 2)), offload.get((r, v - n))],
                         nbytes=lane_bytes, path=up_path, latency=hw.link_latency_us * 1e-6)
-                    deps = [marker[r, v], upload[r, v]]
-                elem = shape.block_params
-                upd = [("update", elem * (cost.rng_per_element + cost.axpy_per_element) + 2 * cost.call)] \
-                    if pending else []
+                    prog.last = marker[r, v]
+                    prog.after(upload[r, v])
                 if sliced:
-                    shard = width // world
-                    pre = g.add(r, "compute", "update", t, i, deps,
-                                [("update", shard * (cost.rng_per_element + cost.axpy_per_element) + 2 * cost.call)]
-                                if pending
-                                else [])
-                    gather_path = (links["peer"],) if hw.peer_gbps is not None else links["upload"] + links["offload"]
-                    gather = g.add(r, "exchange", "allgather", t, i, [pre], nbytes=gather_bytes, path=gather_path,
-                                   latency=(world - 1) * hw.peer_latency_us * 1e-6, group=("gather", v))
-                    deps, upd = [pre, gather], []
-                perturb = ("perturb", elem * cost.axpy_per_element + cost.call)
-                segs = upd + [("rng", elem * cost.rng_per_element + cost.call), perturb]
-                if plus:
-                    segs.append(("forward", cost.block_pass))
-                segs.append(perturb)
-                if minus:
-                    segs.append(("forward", cost.block_pass))
-                segs.append(perturb)
-                main[r, v] = prev = g.add(r, "compute", "visit", t, i, deps, segs)
+                    if pending:
+                        update(prog, r, width // world, i, local=True)
+                    prog.close("update", i)
+                    prog.after(g.add(r, "exchange", "allgather", t, i, [prog.last], nbytes=gather_bytes,
+                                     path=(links["peer"],) if hw.peer_gbps is not None else
+                                     links["upload"] + links["offload"],
+                                     latency=hw.sync_s("gather", world), group=("gather", v)))
+                elif pending:
+                    update(prog, r, elem, i)
+                if q == 1:
+                    draw(prog, r, elem, "rng", i)
+                    perturb = ("perturb", elem * axpy + call)
+                    prog.work(*perturb)
+                    if plus:
+                        prog.work("forward", cost.block_pass)
+                    prog.work(*perturb)
+                    if minus:
+                        prog.work("forward", cost.block_pass)
+                    prog.work(*perturb)
+                else:
+                    for _ in mine:
+                        draw(prog, r, elem, "rng", i)
+                        for _ in range(signs):
+                            prog.work("perturb", elem * axpy + call)  # the perturbed copy
+                            prog.work("forward", cost.block_pass)
+                prev = prog.close("visit", i)
                 if streamed:
                     down = links["offload"] + ((links["disk_write"],) if w.tier == "disk" else ())
-                    offload[r, v] = g.add(r, "offload", "offload", t, i, [main[r, v]], nbytes=lane_bytes, path=down,
+                    offload[r, v] = g.add(r, "offload", "offload", t, i, [prev], nbytes=lane_bytes, path=down,
                                           latency=hw.link_latency_us * 1e-6)
-            head = g.add(r, "compute", "head", t, -1, [prev],
-                         [("head", passes * cost.head_pass + res * cost.axpy_per_element + 2 * cost.call)])
-            if w.tier == "disk":  # commit: the resident buckets go to the store after the step's writes
-                g.add(r, "offload", "commit", t, -1, [head, offload.get((r, t * n + n - 1))], nbytes=res * 4,
-                      path=links["offload"] + (links["disk_write"],), latency=hw.link_latency_us * 1e-6)
-            last_exchange[r] = g.add(r, "exchange", "exchange", t, -1, [head], [("exchange", 0.0)],
-                                     latency=(world - 1) * hw.peer_latency_us * 1e-6,
-                                     group=("exchange", t) if world > 1 else None)
+            # the head: both passes on the kept +eps state (q = 1), or a perturbed copy per pass
+            if q == 1:
+                prog.work("head", signs * cost.head_pass + sum(res_buckets) * axpy + 2 * call)
+            else:
+                for _ in range(runs):
+                    for elem in res_buckets:
+                        draw(prog, r, elem, "rng", -1)
+                        prog.work("head", elem * axpy + call)
+                    prog.work("head", cost.head_pass)
+            head = prog.close("head", -1)
+            if w.tier == "disk" and world == 1:  # commit on the offload lane after the step's writes
+                g.add(r, "offload", "commit", t, -1, [head, offload.get((r, t * n + n - 1))], nbytes=sum(res_buckets)
+                      * 4, path=links["offload"] + (links["disk_write"],), latency=hw.link_latency_us * 1e-6)
+            done = g.add(r, "exchange", "exchange", t, -1, [head], [("exchange", 0.0)],
+                         latency=hw.sync_s("gather", world), group=("exchange", t) if world > 1 else None)
+            if w.tier == "disk" and world > 1:
+                # several ranks on one store: drain the lanes, a barrier, then the leader writes the
+                # resident buckets and the manifest on its compute thread
+                node_ranks = per_node
+                prog.last = done
+                prog.after(offload.get((r, t * n + n - 1)))
+                done = prog.sync("commit", -1, ("commit", r // hw.devices_per_node, t),
+                                 hw.sync_s("barrier", node_ranks), seg=None)
+                if r % hw.devices_per_node == 0:
+                    done = g.add(r, "compute", "commit", t, -1, [done], nbytes=sum(res_buckets) * 4,
+                                 path=(links["disk_write"],), latency=hw.link_latency_us * 1e-6)
+            step_done[r] = done
     return g
 
 
+def _split_run(chunks: int, index: int, size: int) -> tuple[int, int]:
+    """[lo, hi) of `chunks` noise chunks that member `index` of `size` draws (noise_share.split_run)."""
+    base, extra = divmod(chunks, size)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (index < extra)
+
+
 # -- the event loop -------------------------------------------------------------------------------
-def _fair_rates(flows: list[Task], hw: Hardware) -> dict[int, float]:
-    """Max-min fair rates (bytes/s) of the flows over their links (progressive filling)."""
+def _fair_rates(flows: list[Task], hw: Hardware, cores: float = 1.0) -> dict[int, float]:
+    """Max-min fair rates of the flows over their links (progressive filling): bytes/s of the
+    transfers; nanoseconds of work per second of the CPU work (`cores` per node, one per rank)."""
     rates: dict[int, float] = {}
     cap: dict[tuple, float] = {}
     for f in flows:
-        for link in f.path:
-            cap.setdefault(link, _capacity(hw, link))
+        for link in f.flow:
+            if link[0] == "cpu":
+                cap.setdefault(link, cores * 1e9)
+            elif link[0] == "thread":
+                cap.setdefault(link, 1e9)
+            else:
+                cap.setdefault(link, _capacity(hw, link))
     active = {f.id: f for f in flows}
     while active:
         users: dict[tuple, list[int]] = {}
         for fid, f in active.items():
-            for link in f.path:
+            for link in f.flow:
                 users.setdefault(link, []).append(fid)
         link, share = min(((lk, cap[lk] / len(u)) for lk, u in users.items()), key=lambda x: x[1])
         for fid in users[link]:
             rates[fid] = share
-            for lk in active[fid].path:
+            for lk in active[fid].flow:
                 cap[lk] -= share
             del active[fid]
     return rates
 
 
-def run_graph(g: Graph, hw: Hardware) -> None:
-    """Start every task as soon as its lane, its dependencies and its group allow; fill start / end."""
+def run_graph(g: Graph, hw: Hardware, cores: float | None = None) -> None:
+    """Start every task as soon as its lane, its dependencies and its group allow; fill start / end.
+
+    `cores` (CPU profiles with several ranks): the compute lanes' fixed work is processor-shared,
+    the ranks computing at one moment split `cores` (each at most its own speed)."""
     tasks = g.tasks
     head = {lane: 0 for lane in g.lanes}
     now, left = 0.0, len(tasks)
@@ -266,7 +433,11 @@ def run_graph(g: Graph, hw: Hardware) -> None:
 
     def begin(t: Task) -> None:
         t.start = now
-        if t.transfer:
+        work = sum(d for _, d in t.segments)
+        if cores is not None and not t.transfer and t.lane == "compute" and t.group is None and work > 0:
+            node = t.rank // hw.devices_per_node
+            t.cpu, t.nbytes = (("cpu", node), ("thread", t.rank)), work * 1e9
+        if t.flow:
             t.remaining, t.flowing_at = t.nbytes, now + t.latency
             flows[t.id] = t
         else:
@@ -300,7 +471,7 @@ def run_graph(g: Graph, hw: Hardware) -> None:
             raise RuntimeError(f"simulation deadlocked at {now:.6f} s; lane heads: "
                                f"{[(t.rank, t.lane, t.phase, t.step, t.block) for t in stuck[:6]]}")
         moving = [f for f in flows.values() if f.flowing_at <= now + 1e-15]
-        rates = _fair_rates(moving, hw) if moving else {}
+        rates = _fair_rates(moving, hw, cores or 1.0) if moving else {}
         candidates = [fixed[0][0]] if fixed else []
         for f in flows.values():
             if f.flowing_at > now + 1e-15:
@@ -334,10 +505,18 @@ def spans_of(g: Graph) -> list[Span]:
                             int(t.nbytes)))
             continue
         at = t.start + t.latency
+        total = sum(d for _, d in t.segments)
+        stretch = (t.end - at) / total if t.cpu and total > 0 else 1.0  # processor-shared work ran slower
         if t.phase == "exchange" and t.group is not None:
             out.append(Span(t.rank, "exchange", "exchange", t.step, -1, int(t.start * 1e9), int(t.end * 1e9), 32))
             continue
+        if t.group is not None:  # a barrier inside a phase (shared noise): real runs count it in that span
+            if t.segments and t.segments[0][0] is not None and t.end > t.start:
+                out.append(Span(t.rank, t.lane, t.segments[0][0], t.step, t.block, int(t.start * 1e9),
+                                int(t.end * 1e9)))
+            continue
         for phase, d in t.segments:
+            d *= stretch
             if d > 0 and phase is not None:  # None: work that real runs do not record as a span
                 out.append(Span(t.rank, t.lane, phase, t.step, t.block, int(at * 1e9), int((at + d) * 1e9)))
             at += d
@@ -408,6 +587,6 @@ def simulate(w: Workload, layout: Layout, hw: Hardware, steps: int = 3, threads:
     if threads is None:
         threads = max(1, (hw.cores or 1) // layout.world_size) if hw.kind == "cpu" else 1
     g = build_graph(w, layout, hw, steps, threads)
-    run_graph(g, hw)
+    run_graph(g, hw, cpu_cores(hw, threads, layout.world_size) if hw.kind == "cpu" and layout.world_size > 1 else None)
     ends = sorted((t.step, t.end) for t in g.tasks if t.phase == "exchange" and t.rank == 0)
     return Simulation(w, layout, hw.name, threads, spans_of(g), [e for _, e in ends])

@@ -52,7 +52,7 @@ class LayoutTuner:
         self.hardware = W.Dropdown(options=list(names()), value="a100-80g-sxm", description="hardware")
         self.gpus = W.IntSlider(2, 1, 16, description="GPUs")
         self.dp = W.IntSlider(1, 1, 16, description="dp")
-        self.pert = W.Dropdown(options=[1, 2], value=2, description="pert")
+        self.pert = W.Dropdown(options=[1, 2, 4], value=2, description="pert")
         self.slice = W.Checkbox(False, description="slicing")
         self.precision = W.Dropdown(options=["fp16", "bf16", "fp32"], value="fp16", description="precision")
         self.batch = W.IntSlider(1, 1, 32, description="batch")
@@ -144,10 +144,8 @@ class LayoutTuner:
             return f"choose hardware '{THIS_MACHINE}' to compare with a run on this machine"
         if self.gpus.value > 4:
             return "at most 4 ranks on this machine"
-        if self.tier.value == "disk" and self.gpus.value > 1:
-            return "the disk tier runs one rank (no per-rank disk stores yet)"
-        if self.slice.value and self.tier.value != "host":
-            return "slicing moves shards of the host tier"
+        if self.slice.value and self.tier.value == "resident":
+            return "slicing moves shards of offloaded blocks: choose the host or disk tier"
         if self.precision.value != "fp32":
             return "this machine computes in fp32 here"
         return None if self.last.get("fits") else "the layout does not fit"
