@@ -1,7 +1,7 @@
 """Tokens/s of real multi-process runs at world sizes 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads.
 
     python benchmarks/scaling.py [--model opt-125m --batch 8 --seq 128 --steps 3 --threads 2 --repeats 2]
-                                 [--no-share-noise] [--json]
+                                 [--no-share-noise] [--perturb auto|in-place|copy] [--json]
 
 Each (layout, world) runs in fresh gloo worker processes; only the steps after a warm-up step and a
 barrier are timed (the slowest rank counts). The ideal is world-1 tokens/s scaled by the measured
@@ -24,10 +24,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="total CPU threads shared by the ranks")
     p.add_argument("--repeats", type=int, default=2, help="round-robin rounds; each layout keeps its best")
     p.add_argument("--no-share-noise", action="store_true", help="every rank draws all of z (for comparison)")
+    p.add_argument("--perturb", default="auto", help="zo.perturb of every world: auto, in-place or copy")
     p.add_argument("--json", action="store_true", help="print only the JSON")
     a = p.parse_args()
     r = scaling(a.model, a.batch, a.seq, a.steps, a.threads, repeats=a.repeats, share_noise=not a.no_share_noise,
-                progress=None if a.json else print)
+                perturb=a.perturb, progress=None if a.json else print)
     if not a.json:
         print(format_scaling(r))
     print(to_json(r))

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from .bench import median_time
-from .config import ConfigError, TrainConfig, validate
+from .config import ConfigError, TrainConfig, ZOConfig, validate
 from .launch import launch
 from .mesh import Layout, build_mesh, validate_layout
 
@@ -146,13 +146,14 @@ def threads_per_rank(world: int, total_threads: int) -> int:
 
 def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int = 3, total_threads: int = 2,
             forward_repeats: int = 2, timeout: float = 900.0, seed: int = 0, repeats: int = 2,
-            share_noise: bool = True, progress=None) -> dict:
+            share_noise: bool = True, perturb: str = "auto", progress=None) -> dict:
     """Tokens/s per (layout, world) at equal total threads, with the forward-limited ideal.
 
     Every configuration runs `repeats` times, round-robin (a slow spell of a shared machine then
     hits every configuration alike); each row keeps its best run, and the ideal is built from the
     best (shortest) forward times of the same rounds. `share_noise=False` makes every rank draw all
-    of z itself (Layout.share_noise). `progress(text)` is called before every launch."""
+    of z itself (Layout.share_noise). `perturb` is zo.perturb for every world ('copy': a PertP rank
+    makes only its own sign's copy of each block). `progress(text)` is called before every launch."""
     if steps < 1 or total_threads < 1 or repeats < 1:
         raise ConfigError(f"steps={steps}, total_threads={total_threads}, repeats={repeats} are not valid; "
                           "each must be >= 1")
@@ -161,7 +162,8 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
     t1_world = None  # the first world with total_threads single-threaded ranks measures T1c
     for world in WORLDS:
         tpr = threads_per_rank(world, total_threads)
-        cfg = TrainConfig(model=model, steps=steps + 1, seed=seed, batch_size=batch, seq_len=seq, threads=tpr)
+        cfg = validate(TrainConfig(model=model, steps=steps + 1, seed=seed, batch_size=batch, seq_len=seq,
+                                   threads=tpr, zo=ZOConfig(perturb=perturb)))
         for name, layout in layouts_for(world, batch):
             try:
                 validate_layout(layout, world, batch)
@@ -210,7 +212,7 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
     return {
         "model": model, "batch": batch, "seq": seq, "steps": steps, "total_threads": total_threads,
         "cpu_count": os.cpu_count(), "forward_repeats": forward_repeats, "repeats": repeats,
-        "share_noise": share_noise,
+        "share_noise": share_noise, "perturb": perturb,
         "forward_s_total_threads": t2, "forward_s_single_thread_concurrent": t1c,
         "forward_s_total_threads_runs": t2s, "forward_s_single_thread_concurrent_runs": t1s,
         "concurrency_gain": total_threads * t2 / t1c,
@@ -224,7 +226,7 @@ def format_scaling(r: dict) -> str:
     noise = ("z split by the ranks of the node" if r["share_noise"] else "every rank draws all of z")
     lines = [f"{r['model']} global batch {r['batch']}x{r['seq']}, {r['steps']} timed steps, "
              f"{r['total_threads']} total threads (cpu_count {r['cpu_count']}), best of {r['repeats']} "
-             f"round-robin rounds; noise: {noise}",
+             f"round-robin rounds; noise: {noise}; perturbation: {r.get('perturb', 'auto')}",
              f"forward: {r['forward_s_total_threads']:.3f} s with {r['total_threads']} threads; "
              f"{r['forward_s_single_thread_concurrent']:.3f} s each on {r['total_threads']} concurrent "
              f"single-threaded ranks -> concurrency gain {r['concurrency_gain']:.2f}x",

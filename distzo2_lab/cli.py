@@ -12,6 +12,7 @@ from .config import (
     MASTER_DTYPES,
     NOISE_KINDS,
     OFFLOAD_TIERS,
+    PERTURB_MODES,
     STORAGE_DTYPES,
     TASKS,
     ConfigError,
@@ -36,6 +37,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=z.chunk_size)
     p.add_argument("--directions", type=int, default=None,
                    help="n-SPSA: perturbation directions per step (default 1, or pert/2 with --layout)")
+    p.add_argument("--perturb", default=z.perturb,
+                   help=f"one of {', '.join(PERTURB_MODES)}: MeZO's in-place round trip or out-of-place copies")
     p.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="gradient accumulation: micro-batches per step inside every block visit")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -85,7 +88,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         micro_batches=a.micro_batches,
         engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=a.threads, device=a.device,
         zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size,
-                    directions=a.directions or _default_directions(a.layout)),
+                    directions=a.directions or _default_directions(a.layout), perturb=a.perturb),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
         offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps,
                               lean=a.lean),
@@ -234,7 +237,7 @@ def cmd_bench_scaling(a) -> int:
     from .bench_scaling import format_scaling, scaling
 
     r = scaling(a.model, a.batch, a.seq, a.steps, repeats=a.repeats, share_noise=not a.no_share_noise,
-                progress=lambda text: print(text, file=sys.stderr, flush=True))
+                perturb=a.perturb, progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(json.dumps(r, indent=1) if a.json else format_scaling(r))
     return 0
 
@@ -309,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--steps", type=int, default=3)
     sc.add_argument("--repeats", type=int, default=2, help="round-robin rounds; each layout keeps its best")
     sc.add_argument("--no-share-noise", action="store_true", help="every rank draws all of z (for comparison)")
+    sc.add_argument("--perturb", default="auto", help=f"zo.perturb of every world, one of {', '.join(PERTURB_MODES)}")
     plan_cli.add_parser(sub)
     r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
     r.add_argument("seedlog")

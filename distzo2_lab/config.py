@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 NOISE_KINDS = ("gaussian", "rademacher")
+PERTURB_MODES = ("auto", "in-place", "copy")
 COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
 MASTER_DTYPES = ("fp32", "none")
@@ -43,6 +44,12 @@ class ZOConfig:
     """q independent perturbation directions per step, updates averaged (n-SPSA, MeZO's variant).
     q = 1 is MeZO's in-place step; q > 1 perturbs out of place (theta + eps z_j into a scratch
     copy), and a layout with pert = 2q runs one (direction, sign) per rank."""
+    perturb: str = "auto"
+    """How the passes see theta +- eps z: 'in-place' is MeZO's round trip on the weights
+    (+eps, -2 eps, +eps restore: no copy, a rounding drift of about one ulp per step); 'copy'
+    writes theta +- eps z into a block-sized scratch and leaves the master untouched (one memory
+    pass fewer per block, no drift, and a PertP rank makes only its own sign's copy); 'auto' is
+    in-place for one direction and copy for n-SPSA (q > 1, which needs copies)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,16 @@ def validate_zo(zo: ZOConfig) -> ZOConfig:
     _choice("zo.noise", zo.noise, NOISE_KINDS)
     _positive("zo.chunk_size", zo.chunk_size, integer=True)
     _positive("zo.directions", zo.directions, integer=True)
+    _choice("zo.perturb", zo.perturb, PERTURB_MODES)
+    if zo.perturb == "in-place" and zo.directions > 1:
+        raise ConfigError(f"zo.perturb='in-place' with zo.directions={zo.directions}: n-SPSA perturbs out of place; "
+                          "choose zo.perturb='copy' or 'auto', or zo.directions=1")
     return zo
+
+
+def copies_perturbation(zo: ZOConfig) -> bool:
+    """True when the passes read out-of-place copies theta +- eps z (zo.perturb, see ZOConfig)."""
+    return zo.perturb == "copy" or (zo.perturb == "auto" and zo.directions > 1)
 
 
 def validate_precision(p: PrecisionConfig) -> PrecisionConfig:
@@ -219,6 +235,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.offload.lean and cfg.zo.directions > 1:
         raise ConfigError(f"offload.lean=True runs MeZO's in-place step; zo.directions={cfg.zo.directions} (n-SPSA) "
                           "perturbs out of place. Choose offload.lean=False or zo.directions=1")
+    if cfg.offload.lean and cfg.zo.perturb == "copy":
+        raise ConfigError("offload.lean=True runs MeZO's in-place step; zo.perturb='copy' perturbs out of place. "
+                          "Choose offload.lean=False or zo.perturb='in-place'")
     if cfg.offload.tier != "resident" and cfg.engine == "eager":
         raise ConfigError("engine='eager' is the resident reference; offload.tier='host' or 'disk' needs engine='zo2'")
     return cfg

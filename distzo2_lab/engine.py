@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from .config import PrecisionConfig, ZOConfig
+from .config import PrecisionConfig, ZOConfig, copies_perturbation
 from .events import Recorder
 from .models.base import BlockAdapter
 from .models.buckets import DTYPES, ParamBucket
@@ -92,12 +92,16 @@ class ResidentSet:
             perturb_(b.master, z, self.engine.zo.eps)
             b.sync()
 
-    def bind_copy(self, seed: int, scale: float) -> None:
-        """n-SPSA: bind theta + scale z(seed) (a copy; the masters stay as they are)."""
+    def draw(self, seed: int) -> None:
+        """z(seed) of every resident bucket into its scratch (kept until the next draw)."""
         e = self.engine
-        for (b, z), out in zip(self.pairs, self._plus):
+        for b, z in self.pairs:
             with e._span("rng"):
                 e.draw(z, seed, b.key)
+
+    def bind_copy(self, scale: float) -> None:
+        """Out-of-place passes: bind theta + scale z of the last draw (a copy; the masters stay)."""
+        for (b, z), out in zip(self.pairs, self._plus):
             b.bind(perturbed_copy(out, b.master, z, scale))
 
     def unbind_copies(self) -> None:
@@ -132,27 +136,32 @@ class ResidentSet:
         return loss_plus, loss_minus
 
     def begin_directions(self, seeds: list[int], micro: list) -> dict:
-        """n-SPSA: apply the deferred update, then embed each micro-batch under every (direction,
-        sign) this rank runs; returns {(j, sign): [(h, ctx)]}."""
+        """Out-of-place passes (zo.perturb copy, n-SPSA): apply the deferred update, then embed each
+        micro-batch under every (direction, sign) this rank runs; returns {(j, sign): [(h, ctx)]}.
+        z of each direction is drawn once for both signs."""
         e, a = self.engine, self.adapter
         self.flush()
         out = {}
-        with e._span("embed"):
-            for j, seed in seeds:
+        for j, seed in seeds:
+            self.draw(seed)
+            with e._span("embed"):
                 for sign, scale in self._signed(e.zo.eps):
-                    self.bind_copy(seed, scale)
+                    self.bind_copy(scale)
                     out[j, sign] = [list(a.embed(ids, mask)) for ids, mask in micro]
         self.unbind_copies()
         return out
 
     def end_directions(self, seeds: list[int], hs: dict, labels: list, counts: list[int]) -> dict:
-        """n-SPSA: head under every (direction, sign); returns {(j, sign): loss}."""
+        """Out-of-place passes: head under every (direction, sign); returns {(j, sign): loss}. A rank
+        that runs one direction still holds its z from begin_directions; several are drawn again."""
         e = self.engine
         out = {}
-        with e._span("head"):
-            for j, seed in seeds:
+        for j, seed in seeds:
+            if len(seeds) > 1:
+                self.draw(seed)
+            with e._span("head"):
                 for sign, scale in self._signed(e.zo.eps):
-                    self.bind_copy(seed, scale)
+                    self.bind_copy(scale)
                     rows = hs[j, sign]
                     out[j, sign] = self._losses([h for h, _ in rows], labels, counts, [c for _, c in rows])
         self.unbind_copies()
@@ -201,8 +210,9 @@ class ZO2Engine:
         self.step_count = 0
         self._visit = 0  # streamed visits served so far (the streamer's sweep order)
         self.trim_buffers = False  # free idle working buffers after each sweep (lean runs)
-        # PertP: which perturbed passes this rank runs (the arithmetic on the weights is always
-        # the whole +eps / -2 eps / +eps round trip, so every rank keeps identical weights), and
+        # PertP: which perturbed passes this rank runs (in place, the arithmetic on the weights is
+        # always the whole +eps / -2 eps / +eps round trip, so every rank keeps identical weights;
+        # with copies a rank only makes the copies of its own signs), and
         # exchange([(l+, l-) per direction], tokens, step) -> the same list combined over all ranks.
         if not any(signs):
             raise ValueError("signs=(False, False): a rank must run at least one perturbed pass")
@@ -212,6 +222,7 @@ class ZO2Engine:
         if exchange is None and (self.directions != list(range(zo.directions)) or not all(signs)):
             raise ValueError("a rank that runs only some signs or directions needs exchange= to combine the losses")
         self.micro_batches = micro_batches
+        self.copies = copies_perturbation(zo)  # passes read theta +- eps z copies (zo.perturb)
         self._oop = None  # n-SPSA: the perturbed copy of the visited block (working dtype)
         self.exchange = exchange
         self.slicer = slicer  # streamed blocks arrive as this rank's shard; see _assemble
@@ -311,7 +322,7 @@ class ZO2Engine:
         lr = self.zo.lr if lr is None else lr
         q = self.zo.directions
         with compute_context(self.precision.compute, self.device):
-            if q == 1:
+            if not self.copies:
                 losses = [self._in_place(seed, micro, labels, counts)]
             else:
                 losses = self._out_of_place(seed, micro, labels, counts)
@@ -353,8 +364,9 @@ class ZO2Engine:
         return self.resident.end(hs, labels, counts)
 
     def _out_of_place(self, seed: int, micro, labels, counts) -> list[tuple[float | None, float | None]]:
-        """n-SPSA: per block update, then for each direction this rank runs, the block's perturbed
-        copies theta +- eps z_j carry the forwards; the master is never perturbed."""
+        """Out-of-place passes (zo.perturb copy, n-SPSA): per block update, then for each direction
+        this rank runs, the block's perturbed copies theta +- eps z_j carry the forwards (only the
+        signs this rank runs are copied); the master is never perturbed."""
         a, eps = self.adapter, self.zo.eps
         seeds = [(j, direction_seed(seed, j)) for j in self.directions]
         hs = self.resident.begin_directions(seeds, [(ids, mask) for ids, _, mask in micro])

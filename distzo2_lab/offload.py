@@ -298,9 +298,9 @@ class LeanResident:
     def __init__(self, engine, store: DiskStore, slab_chunks: int = 8):
 
         self.engine, self.store, self.adapter = engine, store, engine.adapter
-        if engine.zo.directions > 1:
-            raise ConfigError("offload.lean=True runs MeZO's in-place step; zo.directions > 1 (n-SPSA) needs "
-                              "offload.lean=False")
+        if engine.copies:
+            raise ConfigError("offload.lean=True runs MeZO's in-place step; zo.directions > 1 (n-SPSA) and "
+                              "zo.perturb='copy' need offload.lean=False")
         self.bin = self.adapter.bucket_in
         self.out = ResidentSet(engine, [self.adapter.bucket_out])  # the small out bucket stays in memory
         self.slab = engine.zo.chunk_size * slab_chunks

@@ -7,13 +7,14 @@ passes (never stored). It is deliberately simple and slow (ratio ~1.6 of two for
 
 Two options every engine variant is checked against: micro-batches (gradient accumulation: the
 losses of equal row slices, token-weighted) and q > 1 directions (n-SPSA: for each direction j
-the passes see theta +- eps z_j computed out of place, and the update averages g_j z_j).
+the passes see theta +- eps z_j computed out of place, and the update averages g_j z_j). With
+zo.perturb='copy' one direction is perturbed out of place too.
 """
 from __future__ import annotations
 
 import torch
 
-from .config import PrecisionConfig, ZOConfig
+from .config import PrecisionConfig, ZOConfig, copies_perturbation
 from .models.base import BlockAdapter
 from .perturb import Perturber
 from .zo import (
@@ -73,7 +74,7 @@ class EagerMeZO:
             self.adapter.check_batch(ids)
         lr = self.zo.lr if lr is None else lr
         eps, q = self.zo.eps, self.zo.directions
-        if q == 1:
+        if not copies_perturbation(self.zo):
             self._perturb_all(seed, eps)
             loss_plus = self._batch_loss(micro)
             self._perturb_all(seed, -2 * eps)
@@ -81,7 +82,7 @@ class EagerMeZO:
             self._perturb_all(seed, eps)
             grad = projected_grad(loss_plus, loss_minus, eps)
             update = PendingUpdate(self.step_count, seed, grad, lr)
-        else:  # n-SPSA: out-of-place perturbed copies, the masters only receive the update
+        else:  # zo.perturb copy / n-SPSA: out-of-place perturbed copies, the masters only receive the update
             copies = [torch.empty_like(b.working) for b in self.adapter.buckets]
             terms, pluses, minuses = [], [], []
             for j in range(q):
@@ -94,7 +95,7 @@ class EagerMeZO:
             for b in self.adapter.buckets:
                 b.bind(b.working)
             loss_plus, loss_minus, grad = sum(pluses) / q, sum(minuses) / q, sum(g for _, g in terms) / q
-            update = PendingUpdate(self.step_count, seed, grad, lr, tuple(terms))
+            update = PendingUpdate(self.step_count, seed, grad, lr, tuple(terms) if q > 1 else ())
         for b in self.adapter.buckets:
             for s, g, lr_j, wd in update.updates(self.zo.weight_decay):
                 apply_update_(b.master, self._z_for(b, s), g, lr_j, wd, b.decay_spans)

@@ -17,7 +17,7 @@ def test_layouts_and_threads():
 def test_scaling_runs_every_valid_layout():
     seen = []
     r = scaling("tiny", batch=4, seq=12, steps=1, total_threads=2, forward_repeats=1, timeout=300, repeats=2,
-                progress=seen.append)
+                perturb="copy", progress=seen.append)
     assert len(seen) == 2 * 5 and seen[0] == "round 1/2: single world 1"  # 5 layouts, round-robin, 2 rounds
     for key in ("model", "batch", "seq", "steps", "total_threads", "forward_s_total_threads",
                 "forward_s_single_thread_concurrent", "concurrency_gain", "rows", "skipped", "notes"):
@@ -38,6 +38,7 @@ def test_scaling_runs_every_valid_layout():
     assert r["forward_s_total_threads"] == min(r["forward_s_total_threads_runs"])
     text = format_scaling(r)
     assert "2D" in text and "oversubscribed" in text and "split by the ranks" in text
+    assert r["perturb"] == "copy" and "perturbation: copy" in text
 
 
 def test_scaling_without_shared_noise_and_bad_input():
@@ -50,6 +51,8 @@ def test_scaling_without_shared_noise_and_bad_input():
 
     with pytest.raises(ConfigError, match="repeats=0 are not valid"):
         scaling("tiny", repeats=0)
+    with pytest.raises(ConfigError, match="zo.perturb='inplace' is not valid; choose one of auto, in-place, copy"):
+        scaling("tiny", perturb="inplace")
     cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1)
     alone = launch(bench_worker, 2, (cfg, Layout(2, 1, share_noise=False), 1), 300).wait()
     assert [v["noise_drawn_fraction"] for v in alone.values()] == [1.0, 1.0]

@@ -34,12 +34,23 @@ def test_train_writes_the_summary_with_per_step_records_and_digest(tmp_path, cap
     (["--seq-len", "4096"], "seq_len=4096 is longer than the model's max_position_embeddings=256"),
     (["--precision", "fp64"], "precision.compute='fp64' is not valid"),
     (["--task", "text"], "task='text' needs data"),
+    (["--perturb", "both"], "zo.perturb='both' is not valid; choose one of auto, in-place, copy"),
+    (["--perturb", "in-place", "--directions", "2"], "zo.perturb='in-place' with zo.directions=2"),
 ])
 def test_bad_input_fails_with_one_clear_message(args, message, capsys, tmp_path):
     rc = main(["train", "--steps", "1", "--no-progress", "--out", str(tmp_path), *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert err.count("\n") == 0 and err.startswith("distzo2: error:") and message in err
+
+
+def test_perturb_flag_reaches_the_config(tmp_path):
+    common = ["train", "--steps", "2", "--batch-size", "2", "--seq-len", "12", "--threads", "1", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--perturb", "copy", "--out", str(tmp_path / "b")]) == 0
+    a, b = (json.load(open(tmp_path / d / "summary.json")) for d in "ab")
+    assert a["config"]["zo"]["perturb"] == "auto" and b["config"]["zo"]["perturb"] == "copy"
+    assert a["steps"][0] == b["steps"][0] and a["digest"] != b["digest"]  # same passes, no round trip
 
 
 def test_empty_data_file_fails_with_its_name(tmp_path, capsys):

@@ -36,6 +36,7 @@ BAD = {
     "zo.noise": ("uniform", "zo.noise='uniform' is not valid; choose one of gaussian, rademacher"),
     "zo.chunk_size": (0, "zo.chunk_size=0"),
     "zo.directions": (0, "zo.directions=0 is not valid; it must be a positive integer"),
+    "zo.perturb": ("inplace", "zo.perturb='inplace' is not valid; choose one of auto, in-place, copy"),
     "precision.compute": ("fp8", "precision.compute='fp8'"),
     "precision.storage": ("int4", "precision.storage='int4' is not valid; choose one of fp32, bf16, fp16"),
     "precision.master": ("fp64", "precision.master='fp64' is not valid; choose one of fp32, none"),
@@ -99,6 +100,8 @@ EFFECT = {
     "zo.chunk_size": (1000, lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "zo.directions": (2, lambda a, b: a["steps"][0]["seed"] == b["steps"][0]["seed"]
                       and a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
+    # copies: the same losses (the passes see the same theta +- eps z), but no round-trip rounding
+    "zo.perturb": ("copy", lambda a, b: a["steps"][0] == b["steps"][0] and a["digest"] != b["digest"]),
     "precision.compute": ("bf16", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "precision.storage": ("bf16", None),  # needs compute=bf16: test_precision.py
     "precision.master": ("none", None),  # refusal and fp32 master: test_precision.py

@@ -186,6 +186,24 @@ def test_nspsa_layouts_equal_the_single_rank_engine():
     assert {r["digest"] for r in sliced.values()} == {single["digest"]} and sliced[0]["steps"] == single["steps"]
 
 
+def test_copy_perturbation_layouts_equal_the_single_rank_engine():
+    """zo.perturb='copy': a PertP rank copies theta + eps z or theta - eps z only (never the round
+    trip). PertP(2) equals the single rank bit for bit; 2D(2x2) sliced over the host store equals
+    DDP(2) bit for bit, and both the single rank within float order (as in place)."""
+    cfg = dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, perturb="copy"))
+    single = train(cfg, progress=False)
+    assert single["config"]["zo"]["perturb"] == "copy" and single["digest"] != train(CFG, progress=False)["digest"]
+    pertp = run_layout(Layout(dp=1, pert=2), cfg)
+    assert {r["digest"] for r in pertp.values()} == {single["digest"]} and pertp[0]["steps"] == single["steps"]
+    ddp = run_layout(Layout(dp=2, pert=1), cfg)
+    two_d = run_layout(Layout(dp=2, pert=2, slice=True), dataclasses.replace(cfg, offload=OffloadConfig(tier="host")))
+    assert {r["digest"] for r in two_d.values()} == {ddp[0]["digest"]} == {r["digest"] for r in ddp.values()}
+    assert two_d[0]["steps"] == ddp[0]["steps"]
+    for mine, ref in zip(ddp[0]["steps"], single["steps"]):
+        assert mine["loss_plus"] == pytest.approx(ref["loss_plus"], rel=1e-5)
+        assert mine["projected_grad"] == pytest.approx(ref["projected_grad"], abs=5e-3)
+
+
 def test_stores_shared_by_the_ranks_of_a_node(single, tmp_path):
     """Host tier: one /dev/shm copy per node (unlinked once mapped); disk tier: one store directory
     for every rank, the leader commits. Both give the single-rank numbers."""

@@ -1,8 +1,10 @@
-"""n-SPSA (q directions, out-of-place) and gradient accumulation (micro-batches), single rank.
+"""n-SPSA (q directions, out-of-place), out-of-place copies for one direction (zo.perturb) and
+gradient accumulation (micro-batches), single rank.
 
 The eager reference implements both rules plainly; the block engine (resident and streamed) must
 equal it bit for bit. Accumulation equals the whole-batch step up to the order of the float sums.
 """
+import dataclasses
 import math
 
 import pytest
@@ -38,6 +40,34 @@ def test_engine_equals_eager_reference(q, micro):
         assert math.isclose(got[0].grad, sum(g for _, g in got[0].terms) / q)
 
 
+@pytest.mark.parametrize("micro", [1, 2])
+def test_copies_equal_the_eager_reference(micro):
+    """zo.perturb='copy' with one direction: theta +- eps z out of place, bit-exact with the reference
+    running the same rule; the losses of the first step equal the in-place ones (same theta), the
+    weights differ only by the in-place round trip's rounding."""
+    zo = ZOConfig(chunk_size=4096, weight_decay=0.1, perturb="copy")
+    eager, engine = pair(zo, micro)
+    bs = batches(4, batch=6)
+    ref, got = run(eager, bs), run(engine, bs)
+    engine.flush()
+    assert [r.to_dict() for r in ref] == [r.to_dict() for r in got] and got[0].terms == ()
+    assert masters_equal(eager.adapter, engine.adapter)
+    in_place = run(pair(ZOConfig(chunk_size=4096, weight_decay=0.1), micro)[0], bs)
+    assert in_place[0].to_dict() == got[0].to_dict()
+    assert max(abs(a.loss_plus - b.loss_plus) for a, b in zip(in_place, got)) < 1e-5
+
+
+def test_copies_stream_through_the_host_tier():
+    from distzo2_lab.train import train
+
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, perturb="copy"))
+    resident = train(cfg, progress=False)
+    host = train(validate(dataclasses.replace(cfg, offload=OffloadConfig(tier="host"))), progress=False)
+    eager = train(dataclasses.replace(cfg, engine="eager"), progress=False)
+    assert resident["steps"] == host["steps"] == eager["steps"]
+    assert resident["digest"] == host["digest"] == eager["digest"]
+
+
 def test_nspsa_update_is_the_mean_of_the_directions():
     """theta_1 = theta_0 - lr/q sum_j g_j z_j - lr wd theta_0, computed here by hand."""
     q, zo = 2, ZOConfig(chunk_size=4096, weight_decay=0.1, directions=2)
@@ -59,13 +89,13 @@ def test_nspsa_never_perturbs_the_master():
     """Out of place: with a negligible lr the masters move by ~lr only; MeZO's in-place round
     trip (+eps, -2 eps, +eps) leaves rounding errors many orders larger."""
     drift = {}
-    for q in (1, 2):
-        _, engine = pair(ZOConfig(chunk_size=4096, lr=1e-30, directions=q))
+    for q, mode in ((1, "auto"), (2, "auto"), ("copy", "copy")):
+        _, engine = pair(ZOConfig(chunk_size=4096, lr=1e-30, directions=1 if q == "copy" else q, perturb=mode))
         start = [b.master.clone() for b in engine.adapter.buckets]
         engine.step(batches(1)[0], 5)
         engine.flush()
         drift[q] = max(float((b.master - s).abs().max()) for b, s in zip(engine.adapter.buckets, start))
-    assert drift[2] < 1e-20 < 1e-12 < drift[1], drift
+    assert max(drift[2], drift["copy"]) < 1e-20 < 1e-12 < drift[1], drift
 
 
 def test_one_direction_is_not_out_of_place():
@@ -106,6 +136,11 @@ def test_bad_values_are_refused():
         validate(TrainConfig(zo=ZOConfig(directions=0)))
     with pytest.raises(ConfigError, match="offload.lean=True runs MeZO's in-place step"):
         validate(TrainConfig(zo=ZOConfig(directions=2), offload=OffloadConfig(tier="disk", store="/tmp/x", lean=True)))
+    with pytest.raises(ConfigError, match="zo.perturb='copy' perturbs out of place"):
+        lean = OffloadConfig(tier="disk", store="/tmp/x", lean=True)
+        validate(TrainConfig(zo=ZOConfig(perturb="copy"), offload=lean))
+    with pytest.raises(ConfigError, match="zo.perturb='in-place' with zo.directions=2: n-SPSA perturbs out of place"):
+        validate(TrainConfig(zo=ZOConfig(directions=2, perturb="in-place")))
 
 
 def test_nspsa_seed_log_rebuilds_the_weights(tmp_path):
