@@ -157,3 +157,17 @@ def test_nspsa_layouts_are_planned(capsys):
     assert one["activations: hidden states"] == 4 * four["activations: hidden states"]  # 2 directions x 2 signs
     assert main(["plan", "--steps", "2", "--layout", "dp=1,pert=4", "--gpus", "4", "--directions", "3"]) == 2
     assert "choose directions as a multiple of 2" in capsys.readouterr().err
+
+
+def test_perturb_flag_plans_the_copy(capsys):
+    args = ["plan", "--model", "opt-13b", "--gpus", "2", "--layout", "dp=1,pert=2", "--steps", "2"]
+    assert main([*args, "--json"]) == 0
+    in_place = json.loads(capsys.readouterr().out)
+    assert main([*args, "--json", "--perturb", "copy"]) == 0
+    copy = json.loads(capsys.readouterr().out)
+    assert (in_place["perturb"], copy["perturb"]) == ("in-place", "copy")
+    assert "perturbed copy" in copy["memory_per_device_gb"] and "perturbed copy" not in in_place["memory_per_device_gb"]
+    assert copy["step_s"] < in_place["step_s"]  # one pass per block instead of the round trip's three
+    assert main([*args, "--perturb", "copy"]) == 0 and "(perturbed copies)" in capsys.readouterr().out
+    assert main([*args, "--perturb", "twice"]) == 2
+    assert "perturb='twice' is not valid; choose one of auto, in-place, copy" in capsys.readouterr().err

@@ -260,3 +260,24 @@ def test_nspsa_pert_4_runs_one_direction_and_sign_per_rank():
     assert simulate(resident, Layout(pert=4), A100).step_s < 0.5 * simulate(resident, Layout(), A100).step_s
     with pytest.raises(ConfigError, match="m must divide directions"):
         simulate(dataclasses.replace(w, directions=3), Layout(pert=4), A100)
+
+
+def test_copy_perturbation_spares_a_pertp_rank_the_round_trip():
+    """perturb='copy': a PertP rank makes one perturbed copy per block (its own sign) where in place it
+    runs the whole +eps / -2 eps / +eps round trip; the plan counts the copy's buffer."""
+    from distzo2_lab.plan.memory import THIS_ENGINE, memory_plan
+
+    w = dataclasses.replace(zo2_workload("opt-1.3b"), tier="resident", implementation=THIS_ENGINE)
+    sims = {mode: simulate(dataclasses.replace(w, perturb=mode), Layout(pert=2), A100) for mode in ("in-place", "copy")}
+    perturb = {mode: [s.end - s.start for s in sim.steady_spans() if s.phase == "perturb" and s.rank == 0]
+               for mode, sim in sims.items()}
+    n = model_shape("opt-1.3b").layers
+    assert len(perturb["in-place"]) == 3 * len(perturb["copy"]) == 3 * 2 * n  # 2 steady steps
+    assert sims["copy"].step_s < sims["in-place"].step_s
+    plans = {mode: memory_plan(dataclasses.replace(w, perturb=mode), Layout(pert=2), A100).device
+             for mode in ("in-place", "copy")}
+    assert "perturbed copy" in plans["copy"] and "perturbed copy" not in plans["in-place"]
+    with pytest.raises(ConfigError, match="perturb='both' is not valid; choose one of auto, in-place, copy"):
+        simulate(dataclasses.replace(w, perturb="both"), Layout(), A100)
+    with pytest.raises(ConfigError, match="perturb='in-place' with 2 directions"):
+        simulate(dataclasses.replace(w, perturb="in-place", directions=2), Layout(), A100)

@@ -26,7 +26,8 @@ def train_config(w: Workload, layout: Layout, steps: int, threads: int, store: s
     """The TrainConfig that runs workload `w` (batch per dp group) on this machine's CPU."""
     p = w.precision if w.precision.compute == "fp32" else PrecisionConfig()
     return validate(TrainConfig(model=w.model, steps=steps, batch_size=w.batch * layout.dp, seq_len=w.seq,
-                                threads=threads, zo=ZOConfig(lr=1e-5, directions=directions_of(w, layout)), precision=p,
+                                threads=threads, zo=ZOConfig(lr=1e-5, directions=directions_of(w, layout),
+                                                                       perturb=w.perturb), precision=p,
                                 offload=OffloadConfig(tier=w.tier, prefetch=w.prefetch,
                                                       store=store if w.tier == "disk" else None)))
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from ..config import ConfigError, PrecisionConfig, validate_precision
+from ..config import PERTURB_MODES, ConfigError, PrecisionConfig, validate_precision
 from ..mesh import Layout
 from .hardware import Hardware
 
@@ -125,6 +125,9 @@ class Workload:
     implementation: Implementation = THIS_ENGINE
     directions: int | None = None
     """n-SPSA directions per step (zo.directions); None: one per PertP pair (pert / 2), or 1."""
+    perturb: str = "auto"
+    """zo.perturb: 'in-place' round trip, or 'copy' (theta +- eps z into a block-sized scratch);
+    'auto' is in-place for one direction and copy for n-SPSA."""
 
 
 def check_workload(w: Workload) -> Workload:
@@ -139,6 +142,8 @@ def check_workload(w: Workload) -> Workload:
         raise ConfigError(f"directions={w.directions!r} is not valid; it must be a positive integer (or None)")
     if not isinstance(w.prefetch, int) or w.prefetch < 0:
         raise ConfigError(f"prefetch={w.prefetch!r} is not valid; it must be an integer >= 0")
+    if w.perturb not in PERTURB_MODES:
+        raise ConfigError(f"perturb={w.perturb!r} is not valid; choose one of {', '.join(PERTURB_MODES)}")
     model_shape(w.model)  # raises ConfigError for an unknown preset
     return w
 
@@ -207,6 +212,15 @@ def activation_bytes(shape: ModelShape, w: Workload, passes_alive: int) -> dict[
     return {"hidden states": passes_alive * bth, "transient": max(attention, ffn, head) + bth}
 
 
+def copies_of(w: Workload, layout: Layout) -> bool:
+    """True when the passes read out-of-place copies theta +- eps z (zo.perturb copy, or n-SPSA)."""
+    q = directions_of(w, layout)
+    if w.perturb == "in-place" and q > 1:
+        raise ConfigError(f"perturb='in-place' with {q} directions: n-SPSA perturbs out of place; choose perturb="
+                          "'copy' or 'auto'")
+    return w.perturb == "copy" or q > 1
+
+
 def directions_of(w: Workload, layout: Layout) -> int:
     """q, the n-SPSA directions per step: the workload's, else one per PertP pair (pert / 2), else 1."""
     q = w.directions if w.directions is not None else max(1, layout.pert // 2)
@@ -240,7 +254,7 @@ def memory_plan(w: Workload, layout: Layout, hw: Hardware) -> MemoryPlan:
     if sliced:
         dev["all-gather buffers"] = width // world * moved  # this rank's shard, copied as the send buffer
     q = directions_of(w, layout)
-    if q > 1 and impl.store_fp32:  # n-SPSA: the out-of-place perturbed copy of the visited block
+    if copies_of(w, layout) and impl.store_fp32:  # the out-of-place perturbed copy of the visited block
         dev["perturbed copy"] = shape.block_params * s
     # hidden states alive together: one per (direction, sign) this rank runs (h+ and h- with pert=1)
     passes = (2 if layout.pert == 1 else 1) * (q if layout.pert == 1 else q // (layout.pert // 2))

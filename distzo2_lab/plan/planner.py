@@ -12,7 +12,7 @@ import dataclasses
 from ..config import ConfigError
 from ..mesh import Layout
 from .hardware import Hardware
-from .memory import GB, MemoryPlan, Workload, check_workload, directions_of, memory_plan, mezo_bytes
+from .memory import GB, MemoryPlan, Workload, check_workload, copies_of, directions_of, memory_plan, mezo_bytes
 from .simulator import Simulation, simulate
 
 
@@ -77,7 +77,7 @@ def plan_layout(w: Workload, layout: Layout, hw: Hardware, gpus: int | None = No
     check_workload(w)
     gpus = layout.world_size if gpus is None else gpus
     check_layout(layout, gpus, hw)
-    directions_of(w, layout)  # pert = 2m needs m to divide the directions
+    copies_of(w, layout)  # pert = 2m needs m to divide the directions; in-place cannot run n-SPSA
     mp = memory_plan(w, layout, hw)
     if not mp.fits:
         near = nearest_fit(w, layout, hw, gpus)
@@ -90,6 +90,7 @@ def plan_layout(w: Workload, layout: Layout, hw: Hardware, gpus: int | None = No
     sim = simulate(w, layout, hw, steps=steps)
     out = {"model": w.model, "hardware": hw.name, "gpus": gpus, "layout": {"dp": layout.dp, "pert": layout.pert,
            "slice": layout.slice}, "directions": directions_of(w, layout),
+           "perturb": "copy" if copies_of(w, layout) else "in-place",
            "tier": w.tier, "prefetch": w.prefetch, "batch_per_dp_group": w.batch, "seq": w.seq,
            "precision": dataclasses.asdict(w.precision), "implementation": w.implementation.name,
            "memory_per_device_gb": {k: v / GB for k, v in mp.device.items()},
@@ -106,7 +107,7 @@ def plan_layout(w: Workload, layout: Layout, hw: Hardware, gpus: int | None = No
 def baseline_speedups(w: Workload, hw: Hardware, sim: Simulation, steps: int = 3) -> dict:
     """tokens/s against single-device ZO2 (host tier, one rank) and plain MeZO (all resident), if they fit."""
     out = {}
-    zo2_w = dataclasses.replace(w, tier="host", prefetch=1, directions=None)  # single-device ZO2: one direction
+    zo2_w = dataclasses.replace(w, tier="host", prefetch=1, directions=None, perturb="auto")  # single-device ZO2
     zo2_mem = memory_plan(zo2_w, Layout(), hw)
     if zo2_mem.fits:
         z = simulate(zo2_w, Layout(), hw, steps=steps)
@@ -118,7 +119,8 @@ def baseline_speedups(w: Workload, hw: Hardware, sim: Simulation, steps: int = 3
     need = mezo_bytes(w, hw)
     out["mezo_gb"] = need / GB
     if need <= hw.device_memory_gb * GB:
-        m = simulate(dataclasses.replace(w, tier="resident", directions=None), Layout(), hw, steps=steps)
+        mezo_w = dataclasses.replace(w, tier="resident", directions=None, perturb="auto")
+        m = simulate(mezo_w, Layout(), hw, steps=steps)
         out["mezo_tokens_per_s"] = m.tokens_per_s
         out["speedup_vs_mezo"] = sim.tokens_per_s / m.tokens_per_s
     else:
@@ -131,6 +133,7 @@ def format_plan(p: dict) -> str:
     lay = p["layout"]
     prec = p["precision"]
     nspsa = f" ({p['directions']} n-SPSA directions)" if p.get("directions", 1) > 1 else ""
+    nspsa += " (perturbed copies)" if p.get("perturb") == "copy" and p.get("directions", 1) == 1 else ""
     lines = [f"{p['model']} on {p['gpus']} x {p['hardware']}: layout dp={lay['dp']} x pert={lay['pert']}{nspsa}"
              f"{' sliced' if lay['slice'] else ''}, {p['tier']} tier, prefetch {p['prefetch']}, "
              f"batch {p['batch_per_dp_group']} x {p['seq']} per dp group, compute {prec['compute']} / storage "

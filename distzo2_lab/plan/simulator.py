@@ -24,6 +24,7 @@ from .memory import (
     DTYPE_BYTES,
     Workload,
     check_workload,
+    copies_of,
     directions_of,
     model_shape,
     padded_block,
@@ -236,6 +237,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
     cost = costs(w, layout, hw, threads)
     world, n = layout.world_size, shape.layers
     q = directions_of(w, layout)
+    copies = copies_of(w, layout)  # out-of-place passes (zo.perturb copy, n-SPSA)
     streamed = w.tier != "resident"
     sliced = layout.slice and streamed and world > 1
     depth = min(w.prefetch, n - 1)
@@ -287,25 +289,25 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             plus, minus = layout.signs(r)
             signs = int(plus) + int(minus)
             mine = layout.directions(r, q)
-            runs = len(mine) * signs  # forward passes per block
             links = _links(hw, r)
             prog = _Program(g, r, t)
             prog.after(step_done[r])
-            # resident begin: the deferred update, then +eps (q = 1, in place) or perturbed copies
+            # resident begin: the deferred update, then +eps (in place) or perturbed copies
             for elem in res_buckets:
                 if pending:
                     update(prog, r, elem, -1)
-                if q == 1:
+                if not copies:
                     draw(prog, r, elem, "rng", -1)
                     prog.work("embed", 2 * (elem * axpy + call) + elem * copy_per_element)  # +eps, keep
-            if q == 1:
+            if not copies:
                 prog.work("embed", signs * cost.embed_pass)
             else:
-                for _ in range(runs):
+                for _ in mine:  # z of a direction drawn once for both signs
                     for elem in res_buckets:
                         draw(prog, r, elem, "rng", -1)
-                        prog.work("embed", elem * axpy + call)  # the perturbed copy
-                    prog.work("embed", cost.embed_pass)
+                    for _ in range(signs):
+                        prog.work("embed", sum(elem * axpy + call for elem in res_buckets))  # the perturbed copy
+                        prog.work("embed", cost.embed_pass)
             prev = prog.close("embed", -1)
             for i in range(n):
                 v = t * n + i
@@ -329,7 +331,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                                      latency=hw.sync_s("gather", world), group=("gather", v)))
                 elif pending:
                     update(prog, r, elem, i)
-                if q == 1:
+                if not copies:
                     draw(prog, r, elem, "rng", i)
                     perturb = ("perturb", elem * axpy + call)
                     prog.work(*perturb)
@@ -350,15 +352,18 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                     down = links["offload"] + ((links["disk_write"],) if w.tier == "disk" else ())
                     offload[r, v] = g.add(r, "offload", "offload", t, i, [prev], nbytes=lane_bytes, path=down,
                                           latency=hw.link_latency_us * 1e-6)
-            # the head: both passes on the kept +eps state (q = 1), or a perturbed copy per pass
-            if q == 1:
+            # the head: both passes on the kept +eps state (in place), or a perturbed copy per pass
+            # (z still held when this rank runs one direction, drawn again for several)
+            if not copies:
                 prog.work("head", signs * cost.head_pass + sum(res_buckets) * axpy + 2 * call)
             else:
-                for _ in range(runs):
-                    for elem in res_buckets:
-                        draw(prog, r, elem, "rng", -1)
-                        prog.work("head", elem * axpy + call)
-                    prog.work("head", cost.head_pass)
+                for _ in mine:
+                    if len(mine) > 1:
+                        for elem in res_buckets:
+                            draw(prog, r, elem, "rng", -1)
+                    for _ in range(signs):
+                        prog.work("head", sum(elem * axpy + call for elem in res_buckets))
+                        prog.work("head", cost.head_pass)
             head = prog.close("head", -1)
             if w.tier == "disk" and world == 1:  # commit on the offload lane after the step's writes
                 g.add(r, "offload", "commit", t, -1, [head, offload.get((r, t * n + n - 1))], nbytes=sum(res_buckets)
