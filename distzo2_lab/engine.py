@@ -279,11 +279,14 @@ class ZO2Engine:
         self.slicer.assemble(buf, b.numel, self.step_count, i)
         self._skip_pending = True
 
-    def draw(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
+    def draw(self, out: torch.Tensor, seed: int, key: str, keep: bool = True) -> torch.Tensor:
         """z(seed, key) of a whole bucket into `out`: drawn here, or split with the node's ranks
-        (every rank makes the same whole-bucket draws in the same order; shard draws stay local)."""
+        (every rank makes the same whole-bucket draws in the same order; shard draws stay local).
+        keep=False: z is used up before this rank's next draw, so a shared draw may be returned in
+        its shared-memory slot instead of copied into `out` (NoiseShare.view)."""
         if self.noise_share is not None:
-            return self.noise_share.fill(out, seed, key)
+            share = self.noise_share
+            return share.fill(out, seed, key) if keep else share.view(out, seed, key)
         return self.perturber.fill(out, seed, key)
 
     # -- the deferred update -------------------------------------------------------------
@@ -293,7 +296,7 @@ class ZO2Engine:
             return
         with self._span("update", block):
             for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
-                z = self.draw(scratch[: bucket.numel], seed, bucket.key)
+                z = self.draw(scratch[: bucket.numel], seed, bucket.key, keep=False)
                 apply_update_(bucket.master, z, grad, lr, wd, bucket.decay_spans)
 
     @torch.no_grad()
@@ -349,7 +352,7 @@ class ZO2Engine:
         def visit(i: int, b: ParamBucket) -> None:
             self._apply_pending(b, self._z_block, i)
             with self._span("rng", i):
-                zb = self.draw(self._z_block[: b.numel], seed, b.key)
+                zb = self.draw(self._z_block[: b.numel], seed, b.key, keep=False)  # used up in this visit
             for k, scale in ((0, eps), (1, -2 * eps)):
                 perturb_(b.master, zb, scale)
                 b.sync()
@@ -379,7 +382,7 @@ class ZO2Engine:
             b.sync()
             for j, s in seeds:
                 with self._span("rng", i):
-                    zb = self.draw(self._z_block[: b.numel], s, b.key)
+                    zb = self.draw(self._z_block[: b.numel], s, b.key, keep=False)  # used up before the next
                 for sign, scale in signed:
                     b.bind(perturbed_copy(self._oop[: b.numel], b.master, zb, scale))
                     with self._span("forward", i):

@@ -6,7 +6,8 @@ costs ~6 ns per element per thread (``normal_``), as much as a large share of th
 ranks of one node would each pay it in full. Here the G ranks of a node that make the same draws
 (same directions, n-SPSA) cut every draw into pieces of at most one slot; each rank fills its
 contiguous run of the piece's noise chunks (the runs rotate from piece to piece) into a
-shared-memory slot, the G ranks meet at a barrier, and every rank copies the whole piece out.
+shared-memory slot, the G ranks meet at a barrier, and every rank copies the whole piece out
+(or, for a draw used up before the rank's next one, reads it in the slot: :meth:`NoiseShare.view`).
 The values are the perturber's own (chunk c of bucket k at seed s is a pure function of the
 three), so a run is bit-identical with or without sharing; only the work moves.
 
@@ -53,26 +54,44 @@ class NoiseShare:
         self._pieces = 0
         self.drawn = 0  # elements this rank generated (the work it did)
         self.served = 0  # elements of z it received (what it would have drawn alone)
+        self.copied = 0  # elements copied out of the slots (views of a slot copy nothing)
+
+    def _piece(self, p0: int, p1: int, n: int, seed: int, key: str) -> torch.Tensor:
+        """Elements [p0, p1) of z(seed, key) of an n-element bucket, in the next slot (after the barrier)."""
+        chunk = self.perturber.chunk_size
+        slot = self.flat[(self._pieces % 2) * self.slot_elems :][: p1 - p0]
+        # the runs rotate with the piece count, so one-chunk buckets are drawn by every member in turn
+        lo, hi = split_run(-(-(p1 - p0) // chunk), (self.index + self._pieces) % self.size, self.size)
+        self._pieces += 1
+        s0, s1 = p0 + lo * chunk, min(p1, p0 + hi * chunk)
+        if s1 > s0:
+            self.perturber.fill(slot[s0 - p0 : s1 - p0], seed, key, start=s0, total=n)
+            self.drawn += s1 - s0
+        self.barrier()  # every member's run of this piece is in the slot
+        return slot
 
     def fill(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
         """Write the whole z(seed, key) of a bucket of out.numel() elements into the flat `out`."""
         if out.dim() != 1 or not out.is_contiguous():
             raise ValueError("NoiseShare.fill needs a flat contiguous buffer")
-        n, chunk = out.numel(), self.perturber.chunk_size
+        n = out.numel()
         for p0 in range(0, n, self.slot_elems):
             p1 = min(n, p0 + self.slot_elems)
-            slot = self.flat[(self._pieces % 2) * self.slot_elems :][: p1 - p0]
-            # the runs rotate with the piece count, so one-chunk buckets are drawn by every member in turn
-            lo, hi = split_run(-(-(p1 - p0) // chunk), (self.index + self._pieces) % self.size, self.size)
-            self._pieces += 1
-            s0, s1 = p0 + lo * chunk, min(p1, p0 + hi * chunk)
-            if s1 > s0:
-                self.perturber.fill(slot[s0 - p0 : s1 - p0], seed, key, start=s0, total=n)
-                self.drawn += s1 - s0
-            self.barrier()  # every member's run of this piece is in the slot
-            out[p0:p1].copy_(slot)
+            out[p0:p1].copy_(self._piece(p0, p1, n, seed, key))
         self.served += n
+        self.copied += n
         return out
+
+    def view(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
+        """z(seed, key) of a bucket of out.numel() elements without the copy out when it fits one slot:
+        the returned tensor is the slot itself, valid until this rank's next draw (the other members
+        rewrite the slot two pieces later, after a barrier this rank reaches only by drawing again).
+        A bucket larger than a slot is written into `out` as by :meth:`fill`."""
+        n = out.numel()
+        if n > self.slot_elems:
+            return self.fill(out, seed, key)
+        self.served += n
+        return self._piece(0, n, n, seed, key)
 
 
 def open_node_noise(perturber: Perturber, rank: int, directions: list[int], slot_elems: int) -> NoiseShare | None:

@@ -319,7 +319,7 @@ def _noise_report(share) -> dict:
     if share is None:
         return {"ranks": 1}
     return {"ranks": share.size, "drawn_elements": share.drawn, "served_elements": share.served,
-            "drawn_fraction": share.drawn / max(1, share.served)}
+            "copied_elements": share.copied, "drawn_fraction": share.drawn / max(1, share.served)}
 
 
 def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -> None:

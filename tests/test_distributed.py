@@ -277,6 +277,9 @@ def test_the_ranks_of_a_node_split_the_noise_draws():
     assert {r["noise_share"]["ranks"] for r in alone.values()} == {1}
     fractions = [shared[r]["noise_share"]["drawn_fraction"] for r in sorted(shared)]
     assert sum(fractions) == pytest.approx(1.0) and max(fractions) < 0.4  # measured: [0.26, 0.25, 0.25, 0.24]
+    # block draws are read in their slot (no copy); the resident buckets' kept z is copied out
+    report = shared[0]["noise_share"]
+    assert 0 < report["copied_elements"] < report["served_elements"]
     nspsa = run_layout(Layout(dp=1, pert=4), dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, directions=2)))
     assert {r["noise_share"]["ranks"] for r in nspsa.values()} == {2}
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("distzo2-")]  # slots unlinked
