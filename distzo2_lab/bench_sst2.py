@@ -201,7 +201,8 @@ def _phase(kind: str, cfg: TrainConfig, s: Settings, test: list) -> dict:
     task = task_for(cfg, adapter)
     if kind == "fo":
         fo = finetune_first_order(adapter, task, s.fo_steps, lr=s.fo_lr)
-        fo["accuracy"] = accuracy(adapter, task, test)["accuracy"]
+        got = accuracy(adapter, task, test, per_example=True)
+        fo["accuracy"], fo["hits"] = got["accuracy"], got["hits"]
         fo.pop("losses")
         return fo
     with PeakMemory("cpu") as mem:
@@ -224,7 +225,7 @@ def _in_fresh_process(kind: str, cfg: TrainConfig, s: Settings, test: list) -> d
 def run(s: Settings, work: str, on_point=None) -> dict:
     """The whole comparison; `work` receives the base checkpoint and the ZO checkpoints."""
     from .models import adapter_for, build_model
-    from .sst2 import task_for
+    from .sst2 import accuracy, paired_comparison, task_for
 
     if s.start not in STARTS:
         raise ConfigError(f"start={s.start!r} is not valid; choose one of {', '.join(STARTS)}")
@@ -249,7 +250,8 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     if s.start == "zero-shot":
         out["zero_shot"] = zero_shot_head(adapter, task, scale=s.scale)
         out["probe"]["accuracy"] = probe_accuracy(adapter, task, test, {"weight": w, "bias": b})
-    out["start_accuracy"] = _accuracy_on(adapter, task, test)
+    start = accuracy(adapter, task, test, per_example=True)
+    out["start_accuracy"] = start["accuracy"]
     if s.start == "probe":
         out["probe"]["accuracy"] = out["start_accuracy"]
     base = write_base(adapter, task.tokenizer, os.path.join(work, "base"))
@@ -257,15 +259,24 @@ def run(s: Settings, work: str, on_point=None) -> dict:
 
     zo_cfg = dataclasses.replace(cfg, model=base)
     summary, curve, zo_adapter, zo_task = zo_curve(zo_cfg, work, s.eval_every, on_point)
+    zo = accuracy(zo_adapter, zo_task, test, per_example=True)
     out["zo"] = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "directions": s.directions,
                  "batch_size": s.batch_size, "seconds": summary["zo_seconds_total"],
-                 "accuracy": _accuracy_on(zo_adapter, zo_task, test), "curve": curve,
+                 "accuracy": zo["accuracy"], "curve": curve,
                  "memory": _in_fresh_process("zo-memory", zo_cfg, s, test)["memory"]}
     del zo_adapter
     out["first_order"] = _in_fresh_process("fo", zo_cfg, s, test)
     out["zo_gain"] = out["zo"]["accuracy"] - out["start_accuracy"]
     out["fo_gain"] = out["first_order"]["accuracy"] - out["start_accuracy"]
+    # paired on the same dev examples: is the gain more than sampling noise of these examples?
+    out["zo_vs_start"] = paired_comparison(start["hits"], zo["hits"])
+    out["fo_vs_start"] = paired_comparison(start["hits"], out["first_order"].pop("hits"))
     return out
+
+
+def _p(r: dict, key: str) -> str:
+    c = r.get(key)
+    return "" if c is None else f" (+{c['gained']}/-{c['lost']} examples, McNemar p = {c['p_value']:.2g})"
 
 
 def format_result(r: dict) -> str:
@@ -285,10 +296,12 @@ def format_result(r: dict) -> str:
            f"{' / '.join(r['zero_shot']['prompts'])}, scale {r['zero_shot']['scale']:g})"] if zs else []),
         probe,
         f"  {zo_label:<39}{zo['accuracy']:.3f}   "
-        f"({zo['seconds']:.0f} s, gain {r['zo_gain']:+.3f}; peak RSS {zo['memory']['peak_mb']:.0f} MiB, "
+        f"({zo['seconds']:.0f} s, gain {r['zo_gain']:+.3f}{_p(r, 'zo_vs_start')}; "
+        f"peak RSS {zo['memory']['peak_mb']:.0f} MiB, "
         f"+{zo['memory']['added_mb']:.0f})",
         f"  {fo_label:<39}{fo['accuracy']:.3f}   ({fo['seconds']:.0f} s, "
-        f"gain {r['fo_gain']:+.3f}; peak RSS {fo['memory']['peak_mb']:.0f} MiB, +{fo['memory']['added_mb']:.0f})",
+        f"gain {r['fo_gain']:+.3f}{_p(r, 'fo_vs_start')}; "
+        f"peak RSS {fo['memory']['peak_mb']:.0f} MiB, +{fo['memory']['added_mb']:.0f})",
     ]
     return "\n".join(lines)
 

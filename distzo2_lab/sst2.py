@@ -241,23 +241,44 @@ def predict(model, batch: dict, choices: torch.Tensor | None) -> torch.Tensor:
     return class_scores(logits, batch, choices).argmax(dim=1)
 
 
-def accuracy(model, task: SST2Task, examples: list[Example], batch_size: int = 64) -> dict:
+def accuracy(model, task: SST2Task, examples: list[Example], batch_size: int = 64, per_example: bool = False) -> dict:
     """Accuracy over `examples` (argmax over the label words or the classifier's classes) of an
-    adapter or an engine (then in its compute precision, on its device)."""
+    adapter or an engine (then in its compute precision, on its device). per_example=True adds
+    "hits": 1 / 0 for every example, in order (for paired comparisons of two models)."""
     from .zo import compute_context
 
     adapter = model.adapter if hasattr(model, "flush") else model
     device = torch.device(getattr(model, "device", None) or adapter.bucket_in.master.device)
     compute = model.precision.compute if hasattr(model, "precision") else "fp32"
     choices = None if task.choices is None else torch.tensor(task.choices, device=device)
-    correct = 0
+    hits: list[int] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         batch = {k: v.to(device) for k, v in task.encode(chunk).items()}
         with compute_context(compute, device):
             pred = predict(model, batch, choices)
-        correct += int((pred.cpu() == torch.tensor([ex.label for ex in chunk])).sum())
-    return {"accuracy": correct / len(examples), "correct": correct, "examples": len(examples)}
+        hits += (pred.cpu() == torch.tensor([ex.label for ex in chunk])).int().tolist()
+    correct = sum(hits)
+    out = {"accuracy": correct / len(examples), "correct": correct, "examples": len(examples)}
+    if per_example:
+        out["hits"] = hits
+    return out
+
+
+def paired_comparison(before: list[int], after: list[int]) -> dict:
+    """Two classifiers on the same examples (per-example hits): the accuracy gain and McNemar's
+    exact test, the two-sided binomial p-value of the discordant pairs (examples only one of the
+    two gets right) under "neither is better". A small p says the gain is not sampling noise of
+    these examples."""
+    import math
+
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired comparison needs two equal, non-empty hit lists; got {len(before)} and {len(after)}")
+    gained = sum(1 for a, b in zip(before, after) if b and not a)
+    lost = sum(1 for a, b in zip(before, after) if a and not b)
+    n, k = gained + lost, min(gained, lost)
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    return {"gain": (sum(after) - sum(before)) / len(before), "gained": gained, "lost": lost, "p_value": p}
 
 # -- wiring: tokenizer and task for a run --------------------------------------------------------
 LOCAL_VOCAB_MAX = 8192  # a local BPE for a random-init model needs no more than this on SST-2

@@ -176,7 +176,25 @@ def test_accuracy_counts_argmax_over_the_classes(small_dir):
         a.model.classifier.weight.zero_()
         a.model.classifier.bias.copy_(torch.tensor([0.0, 1.0]))  # always "positive"
     r = accuracy(a, t, exs, batch_size=7)
-    assert r["examples"] == len(exs) and r["correct"] == sum(ex.label for ex in exs)
+    assert r["examples"] == len(exs) and r["correct"] == sum(ex.label for ex in exs) and "hits" not in r
+    hits = accuracy(a, t, exs, batch_size=7, per_example=True)["hits"]
+    assert hits == [ex.label for ex in exs]  # "positive" is right exactly on the positive examples
+
+
+def test_paired_comparison_is_mcnemars_exact_test():
+    from distzo2_lab.sst2 import paired_comparison
+
+    same = paired_comparison([1, 0, 1, 0], [1, 0, 1, 0])
+    assert same == {"gain": 0.0, "gained": 0, "lost": 0, "p_value": 1.0}
+    # 10 discordant pairs, all gained: p = 2 / 2**10
+    r = paired_comparison([0] * 10 + [1] * 5, [1] * 15)
+    assert r["gained"] == 10 and r["lost"] == 0 and r["p_value"] == pytest.approx(2 / 1024)
+    assert r["gain"] == pytest.approx(10 / 15)
+    # 6 gained, 2 lost: two-sided p = 2 * P(X <= 2 | n = 8) = 2 * 37 / 256
+    r = paired_comparison([0] * 6 + [1] * 2, [1] * 6 + [0] * 2)
+    assert r["p_value"] == pytest.approx(74 / 256)
+    with pytest.raises(ValueError, match="equal, non-empty hit lists; got 2 and 3"):
+        paired_comparison([1, 0], [1, 0, 1])
 
 
 def test_config_refuses_sst2_without_a_directory_and_shots_elsewhere():
