@@ -129,6 +129,7 @@ class Settings:
     lr: float = 5e-5  # 2e-4 lost 6 points in 100 steps; 1e-4 and 5e-5 stay within noise of the start
     eps: float = 1e-3
     directions: int = 1  # n-SPSA: perturbation directions per step
+    freeze: str = ""  # comma-separated glob patterns of parameters ZO holds fixed (zo.freeze)
     batch_size: int = 16
     seq_len: int = 64
     fo_steps: int = 32  # half an epoch of the 1000 training examples at batch 16
@@ -233,7 +234,8 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     src = s.model or minilm_dir()
     cfg = TrainConfig(model=src, task="sst2", data=s.data, shots=s.shots, seed=s.seed, steps=s.steps,
                       batch_size=s.batch_size, seq_len=s.seq_len, threads=s.threads,
-                      zo=ZOConfig(lr=s.lr, eps=s.eps, directions=s.directions))
+                      zo=ZOConfig(lr=s.lr, eps=s.eps, directions=s.directions,
+                                  freeze=tuple(p.strip() for p in s.freeze.split(",") if p.strip())))
     adapter = adapter_for(build_model(src, seed=s.seed))
     if adapter.causal:
         raise ConfigError(f"model={src!r} is a causal LM; this benchmark fits a classifier head (BERT family)")
@@ -260,7 +262,7 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     zo_cfg = dataclasses.replace(cfg, model=base)
     summary, curve, zo_adapter, zo_task = zo_curve(zo_cfg, work, s.eval_every, on_point)
     zo = accuracy(zo_adapter, zo_task, test, per_example=True)
-    out["zo"] = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "directions": s.directions,
+    out["zo"] = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "directions": s.directions, "freeze": s.freeze,
                  "batch_size": s.batch_size, "seconds": summary["zo_seconds_total"],
                  "accuracy": zo["accuracy"], "curve": curve,
                  "memory": _in_fresh_process("zo-memory", zo_cfg, s, test)["memory"]}
@@ -283,6 +285,7 @@ def format_result(r: dict) -> str:
     zo, fo, pr = r["zo"], r["first_order"], r["probe"]
     zs = r["settings"]["start"] == "zero-shot"
     q = f" q {zo['directions']}" if zo["directions"] > 1 else ""
+    q += " frozen " + zo["freeze"] if zo.get("freeze") else ""
     zo_label = f"ZO {zo['steps']:>5} steps lr {zo['lr']:g} batch {zo['batch_size']}{q}"
     fo_label = f"FO {fo['steps']:>5} steps AdamW lr {fo['lr']:g}"
     label = f"linear probe ({'reference' if zs else 'the start'}, body frozen)"

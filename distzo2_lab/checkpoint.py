@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, ZOConfig
+from .config import ConfigError, ZOConfig, copies_perturbation
 from .models.base import BlockAdapter
 from .perturb import Perturber
 from .zo import PendingUpdate, apply_update_, perturb_
@@ -96,18 +96,19 @@ class SeedLog:
 def replay(adapter: BlockAdapter, log: SeedLog, threads: int = 1) -> None:
     """Apply every logged step to the adapter's weights (which must be the log's base)."""
     zo = log.zo
-    perturber = Perturber(zo.noise, zo.chunk_size, threads)
+    perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
+    round_trip = not copies_perturbation(zo)  # in place, the weights carry the round trip's rounding
     for b in adapter.buckets:
         z = torch.empty(b.numel, device=b.master.device)
         for r in log.records:
             p = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"], tuple(map(tuple, r.get("terms", ()))))
-            if not p.terms:
+            if round_trip:
                 perturber.fill(z, r["seed"], b.key)
                 for scale in (zo.eps, -2 * zo.eps, zo.eps):  # the perturbation round trip of training
                     perturb_(b.master, z, scale)
-            # n-SPSA perturbs out of place: the master only ever receives the updates
+            # copies (zo.perturb, n-SPSA) perturb out of place: the master only ever receives the updates
             for seed, grad, lr, wd in p.updates(zo.weight_decay):
-                apply_update_(b.master, perturber.fill(z, seed, b.key), grad, lr, wd, b.decay_spans)
+                apply_update_(b.master, perturber.fill(z, seed, b.key), grad, lr, wd, perturber.decay_spans(b))
         b.sync()
     perturber.close()
 

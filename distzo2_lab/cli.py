@@ -39,6 +39,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="n-SPSA: perturbation directions per step (default 1, or pert/2 with --layout)")
     p.add_argument("--perturb", default=z.perturb,
                    help=f"one of {', '.join(PERTURB_MODES)}: MeZO's in-place round trip or out-of-place copies")
+    p.add_argument("--freeze", action="append", default=[], metavar="PATTERN",
+                   help="hold the parameters matching this glob fixed (repeatable), e.g. '*word_embeddings*'")
     p.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="gradient accumulation: micro-batches per step inside every block visit")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -88,7 +90,8 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         micro_batches=a.micro_batches,
         engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=a.threads, device=a.device,
         zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size,
-                    directions=a.directions or _default_directions(a.layout), perturb=a.perturb),
+                    directions=a.directions or _default_directions(a.layout), perturb=a.perturb,
+                    freeze=tuple(a.freeze)),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
         offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps,
                               lean=a.lean),

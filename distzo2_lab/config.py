@@ -50,6 +50,14 @@ class ZOConfig:
     writes theta +- eps z into a block-sized scratch and leaves the master untouched (one memory
     pass fewer per block, no drift, and a PertP rank makes only its own sign's copy); 'auto' is
     in-place for one direction and copy for n-SPSA (q > 1, which needs copies)."""
+    freeze: tuple[str, ...] = ()
+    """Glob patterns of parameter names held fixed (e.g. '*word_embeddings*'): their z is 0, so
+    they are never perturbed nor updated, and the gradient estimate spans only the rest. Each
+    pattern must match at least one parameter of the model."""
+
+    def __post_init__(self):
+        if isinstance(self.freeze, list):  # from JSON (summary, seed log, checkpoint state)
+            object.__setattr__(self, "freeze", tuple(self.freeze))
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,9 @@ def validate_zo(zo: ZOConfig) -> ZOConfig:
     _positive("zo.chunk_size", zo.chunk_size, integer=True)
     _positive("zo.directions", zo.directions, integer=True)
     _choice("zo.perturb", zo.perturb, PERTURB_MODES)
+    if not isinstance(zo.freeze, tuple) or not all(isinstance(p, str) and p.strip() for p in zo.freeze):
+        raise ConfigError(f"zo.freeze={zo.freeze!r} is not valid; it must be a tuple of non-empty glob patterns "
+                          "of parameter names, e.g. ('*word_embeddings*',)")
     if zo.perturb == "in-place" and zo.directions > 1:
         raise ConfigError(f"zo.perturb='in-place' with zo.directions={zo.directions}: n-SPSA perturbs out of place; "
                           "choose zo.perturb='copy' or 'auto', or zo.directions=1")

@@ -198,7 +198,7 @@ class ZO2Engine:
         self.adapter, self.zo, self.precision = adapter, zo, precision
         self.streamer = streamer
         self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
-        self.perturber = Perturber(zo.noise, zo.chunk_size, threads)
+        self.perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
         self.noise_share = None  # noise_share.NoiseShare: the node's ranks split every whole-bucket draw
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
@@ -275,7 +275,7 @@ class ZO2Engine:
             with self._span("update", i):
                 for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
                     z = self.perturber.fill(self._z_block[: stop - start], seed, b.key, start=start, total=b.numel)
-                    apply_update_(buf[start:stop], z, grad, lr, wd, b.decay_spans, offset=start)
+                    apply_update_(buf[start:stop], z, grad, lr, wd, self.perturber.decay_spans(b), offset=start)
         self.slicer.assemble(buf, b.numel, self.step_count, i)
         self._skip_pending = True
 
@@ -297,7 +297,7 @@ class ZO2Engine:
         with self._span("update", block):
             for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
                 z = self.draw(scratch[: bucket.numel], seed, bucket.key, keep=False)
-                apply_update_(bucket.master, z, grad, lr, wd, bucket.decay_spans)
+                apply_update_(bucket.master, z, grad, lr, wd, self.perturber.decay_spans(bucket))
 
     @torch.no_grad()
     def flush(self) -> None:

@@ -340,7 +340,7 @@ class LeanResident:
         with e._span("update"):
             if e.zo.weight_decay:
                 keep = 1.0 - p.lr * e.zo.weight_decay
-                for a, b in self.bin.decay_spans:
+                for a, b in self.engine.perturber.decay_spans(self.bin):
                     self.bin.master[a:b].mul_(keep)
             self._noise(p.seed, lambda m, z: m.add_(z, alpha=-p.lr * p.grad))
 

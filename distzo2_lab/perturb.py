@@ -23,6 +23,53 @@ def chunk_seed(step_seed: int, key: str, chunk: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def frozen_spans(buckets, patterns) -> dict[str, list[tuple[int, int]]]:
+    """{bucket key: merged [start, stop) spans} of the parameters whose names match a glob pattern."""
+    import fnmatch
+
+    out: dict[str, list[tuple[int, int]]] = {}
+    used = set()
+    for b in buckets:
+        spans = []
+        for s in b.slots:
+            hit = [p for p in patterns if fnmatch.fnmatchcase(s.name, p)]
+            used.update(hit)
+            if hit:
+                spans.append((s.start, s.stop))
+        if spans:
+            out[b.key] = _merge(spans)
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        names = [s.name for b in buckets for s in b.slots]
+        raise ConfigError(f"zo.freeze pattern {unused[0]!r} matches no parameter; names look like "
+                          f"{', '.join(names[:3])}, ... (glob patterns, e.g. '*word_embeddings*')")
+    return out
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _subtract(span: tuple[int, int], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    a, b = span
+    out = []
+    for h0, h1 in holes:
+        if h1 <= a or h0 >= b:
+            continue
+        if h0 > a:
+            out.append((a, h0))
+        a = max(a, h1)
+    if a < b:
+        out.append((a, b))
+    return out
+
+
 def step_seed(run_seed: int, step: int) -> int:
     """The seed of step `step` of a run: a pure function, so a resumed run draws the same."""
     return chunk_seed(run_seed, "step", step)
@@ -40,6 +87,21 @@ class Perturber:
         self.chunk_size = int(chunk_size)
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads, "zo-noise") if self.threads > 1 else None
+        self.frozen: dict[str, list[tuple[int, int]]] = {}  # bucket key -> spans where z is 0 (zo.freeze)
+
+    def freeze(self, buckets, patterns) -> Perturber:
+        """Hold the parameters whose names match any of the glob `patterns` fixed (zo.freeze): their
+        z is 0 wherever it is drawn, so no pass perturbs them and no update (or its replay) moves
+        them. Refuses a pattern that matches no parameter."""
+        self.frozen = frozen_spans(buckets, patterns)
+        return self
+
+    def decay_spans(self, bucket) -> list[tuple[int, int]]:
+        """The bucket's weight-decay spans without its frozen ones."""
+        frozen = self.frozen.get(bucket.key)
+        if not frozen:
+            return bucket.decay_spans
+        return [piece for a, b in bucket.decay_spans for piece in _subtract((a, b), frozen)]
 
     def _fill_chunk(self, out: torch.Tensor, seed: int) -> None:
         gen = torch.Generator(device=out.device)
@@ -76,6 +138,9 @@ class Perturber:
         else:
             for f in [self._pool.submit(self._fill_chunk, buf, s) for buf, s in jobs]:
                 f.result()
+        for a, b in self.frozen.get(key, ()):
+            if a < stop and b > start:
+                out[max(a, start) - start : min(b, stop) - start].zero_()
         return out
 
     def noise_for(self, seed: int, key: str, numel: int, start: int = 0, device="cpu",

@@ -42,7 +42,7 @@ class EagerMeZO:
         check_engine_setup(adapter, zo, precision)
         self.adapter, self.zo, self.precision = adapter, zo, precision
         self.micro_batches = micro_batches
-        self.perturber = Perturber(zo.noise, zo.chunk_size, threads)
+        self.perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
         self.device = adapter.bucket_in.master.device
         self._z = torch.empty(max(b.numel for b in adapter.buckets), device=self.device)
         self.step_count = 0
@@ -98,7 +98,7 @@ class EagerMeZO:
             update = PendingUpdate(self.step_count, seed, grad, lr, tuple(terms) if q > 1 else ())
         for b in self.adapter.buckets:
             for s, g, lr_j, wd in update.updates(self.zo.weight_decay):
-                apply_update_(b.master, self._z_for(b, s), g, lr_j, wd, b.decay_spans)
+                apply_update_(b.master, self._z_for(b, s), g, lr_j, wd, self.perturber.decay_spans(b))
             b.sync()
         self.step_count += 1
         return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr,

@@ -44,13 +44,18 @@ def test_bad_input_fails_with_one_clear_message(args, message, capsys, tmp_path)
     assert err.count("\n") == 0 and err.startswith("distzo2: error:") and message in err
 
 
-def test_perturb_flag_reaches_the_config(tmp_path):
+def test_perturb_and_freeze_flags_reach_the_config(tmp_path):
     common = ["train", "--steps", "2", "--batch-size", "2", "--seq-len", "12", "--threads", "1", "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "a")]) == 0
     assert main([*common, "--perturb", "copy", "--out", str(tmp_path / "b")]) == 0
     a, b = (json.load(open(tmp_path / d / "summary.json")) for d in "ab")
     assert a["config"]["zo"]["perturb"] == "auto" and b["config"]["zo"]["perturb"] == "copy"
     assert a["steps"][0] == b["steps"][0] and a["digest"] != b["digest"]  # same passes, no round trip
+    frozen = ["--freeze", "*embed_tokens*", "--freeze", "*embed_positions*"]
+    assert main([*common, *frozen, "--out", str(tmp_path / "c")]) == 0
+    c = json.load(open(tmp_path / "c" / "summary.json"))
+    assert c["config"]["zo"]["freeze"] == ["*embed_tokens*", "*embed_positions*"]
+    assert main([*common, "--freeze", "nothing", "--out", str(tmp_path / "d")]) == 2
 
 
 def test_empty_data_file_fails_with_its_name(tmp_path, capsys):

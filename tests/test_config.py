@@ -37,6 +37,7 @@ BAD = {
     "zo.chunk_size": (0, "zo.chunk_size=0"),
     "zo.directions": (0, "zo.directions=0 is not valid; it must be a positive integer"),
     "zo.perturb": ("inplace", "zo.perturb='inplace' is not valid; choose one of auto, in-place, copy"),
+    "zo.freeze": (("",), "zo.freeze=('',) is not valid; it must be a tuple of non-empty glob patterns"),
     "precision.compute": ("fp8", "precision.compute='fp8'"),
     "precision.storage": ("int4", "precision.storage='int4' is not valid; choose one of fp32, bf16, fp16"),
     "precision.master": ("fp64", "precision.master='fp64' is not valid; choose one of fp32, none"),
@@ -102,6 +103,8 @@ EFFECT = {
                       and a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     # copies: the same losses (the passes see the same theta +- eps z), but no round-trip rounding
     "zo.perturb": ("copy", lambda a, b: a["steps"][0] == b["steps"][0] and a["digest"] != b["digest"]),
+    "zo.freeze": (("*embed_tokens*",), lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]
+                  and list(b["config"]["zo"]["freeze"]) == ["*embed_tokens*"]),
     "precision.compute": ("bf16", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
     "precision.storage": ("bf16", None),  # needs compute=bf16: test_precision.py
     "precision.master": ("none", None),  # refusal and fp32 master: test_precision.py
