@@ -27,6 +27,7 @@ import torch
 from .config import ConfigError, TrainConfig, ZOConfig
 
 STARTS = ("zero-shot", "probe")
+SELECTS = ("best", "last")
 PROMPTS = ("It was terrible.", "It was great.")  # the zero-shot head's label prompts, in label order
 
 
@@ -139,6 +140,7 @@ class Settings:
     seed: int = 0
     threads: int = 2
     eval_every: int = 100  # ZO accuracy curve on the validation sample every this many steps (0: none)
+    select: str = "best"  # the ZO checkpoint scored on dev: "best" on validation (MeZO's protocol) or "last"
 
     @classmethod
     def quick(cls, data: str, **kw) -> Settings:
@@ -151,10 +153,12 @@ def _accuracy_on(adapter, task, examples) -> float:
     return accuracy(adapter, task, examples)["accuracy"]
 
 
-def zo_curve(cfg: TrainConfig, work: str, every: int, on_point=None):
+def zo_curve(cfg: TrainConfig, work: str, every: int, on_point=None, select: str = "last"):
     """ZO through ``train()`` in segments of `every` steps (each resumes the last one's checkpoint);
-    after each, the validation accuracy of the checkpoint. Returns (last summary, curve, the last
-    checkpoint's adapter and task)."""
+    after each, the validation accuracy of the checkpoint. Returns (last summary, curve, the
+    selected checkpoint's adapter and task, its step): select='last' is the last checkpoint,
+    'best' the one with the highest validation accuracy (the earliest of equals; MeZO's protocol
+    keeps the best checkpoint on its 500 validation examples). The start (step 0) is a candidate."""
     from .evaluate import load_checkpoint
     from .models import adapter_for, build_model
     from .sst2 import task_for
@@ -168,6 +172,7 @@ def zo_curve(cfg: TrainConfig, work: str, every: int, on_point=None):
         on_point(curve[0])
     del base
     prev, summary, seconds = None, None, 0.0
+    best = (curve[0]["validation_accuracy"], 0, cfg.model)  # (accuracy, step, checkpoint directory)
     marks = list(range(every, cfg.steps, every)) + [cfg.steps] if every else [cfg.steps]
     for n in marks:
         ck = os.path.join(work, f"zo-{n}")
@@ -180,11 +185,21 @@ def zo_curve(cfg: TrainConfig, work: str, every: int, on_point=None):
         curve.append(point)
         if on_point is not None:
             on_point(point)
-        if prev is not None:
+        if point["validation_accuracy"] > best[0]:
+            if best[1] and best[2] != prev:
+                shutil.rmtree(best[2], ignore_errors=True)
+            best = (point["validation_accuracy"], n, ck)
+        if prev is not None and prev != best[2]:
             shutil.rmtree(prev, ignore_errors=True)
         prev = ck
     summary["zo_seconds_total"] = seconds
-    return summary, curve, adapter, task
+    if select == "best" and best[1] != cfg.steps:
+        if best[1] == 0:
+            adapter = adapter_for(build_model(cfg.model, seed=cfg.seed))
+        else:
+            adapter, _ = load_checkpoint(best[2])
+        task = task_for(cfg, adapter)
+    return summary, curve, adapter, task, best[1] if select == "best" else cfg.steps
 
 
 def _phase(kind: str, cfg: TrainConfig, s: Settings, test: list) -> dict:
@@ -230,6 +245,8 @@ def run(s: Settings, work: str, on_point=None) -> dict:
 
     if s.start not in STARTS:
         raise ConfigError(f"start={s.start!r} is not valid; choose one of {', '.join(STARTS)}")
+    if s.select not in SELECTS:
+        raise ConfigError(f"select={s.select!r} is not valid; choose one of {', '.join(SELECTS)}")
     torch.set_num_threads(s.threads)
     src = s.model or minilm_dir()
     cfg = TrainConfig(model=src, task="sst2", data=s.data, shots=s.shots, seed=s.seed, steps=s.steps,
@@ -260,11 +277,11 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     del adapter
 
     zo_cfg = dataclasses.replace(cfg, model=base)
-    summary, curve, zo_adapter, zo_task = zo_curve(zo_cfg, work, s.eval_every, on_point)
+    summary, curve, zo_adapter, zo_task, chosen = zo_curve(zo_cfg, work, s.eval_every, on_point, s.select)
     zo = accuracy(zo_adapter, zo_task, test, per_example=True)
     out["zo"] = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "directions": s.directions, "freeze": s.freeze,
-                 "batch_size": s.batch_size, "seconds": summary["zo_seconds_total"],
-                 "accuracy": zo["accuracy"], "curve": curve,
+                 "batch_size": s.batch_size, "seconds": summary["zo_seconds_total"], "select": s.select,
+                 "selected_step": chosen, "accuracy": zo["accuracy"], "curve": curve,
                  "memory": _in_fresh_process("zo-memory", zo_cfg, s, test)["memory"]}
     del zo_adapter
     out["first_order"] = _in_fresh_process("fo", zo_cfg, s, test)
@@ -286,7 +303,9 @@ def format_result(r: dict) -> str:
     zs = r["settings"]["start"] == "zero-shot"
     q = f" q {zo['directions']}" if zo["directions"] > 1 else ""
     q += " frozen " + zo["freeze"] if zo.get("freeze") else ""
-    zo_label = f"ZO {zo['steps']:>5} steps lr {zo['lr']:g} batch {zo['batch_size']}{q}"
+    steps = zo["steps"] if zo.get("selected_step", zo["steps"]) == zo["steps"] else \
+        f"{zo['selected_step']}/{zo['steps']}"
+    zo_label = f"ZO {steps:>5} steps lr {zo['lr']:g} batch {zo['batch_size']}{q}"
     fo_label = f"FO {fo['steps']:>5} steps AdamW lr {fo['lr']:g}"
     label = f"linear probe ({'reference' if zs else 'the start'}, body frozen)"
     probe = (f"  {label:<39}{pr['accuracy']:.3f}   "

@@ -284,3 +284,22 @@ def test_zero_shot_head_is_a_scaled_cosine_classifier_of_the_label_prompts(small
         zero_shot_head(a, task, scale=0)
     with pytest.raises(ConfigError, match="start='best' is not valid; choose one of zero-shot, probe"):
         run(Settings(data=small_dir, start="best"), "unused")
+
+
+def test_zo_curve_keeps_the_best_validation_checkpoint(small_dir, tmp_path):
+    """select='best' scores the checkpoint with the highest validation accuracy (the earliest of
+    equals, the start included), 'last' the last one; only the kept and the last checkpoints stay."""
+    from distzo2_lab.bench_sst2 import Settings, run, zo_curve
+
+    cfg = TrainConfig(model="tiny-bert", task="sst2", data=small_dir, shots=10, steps=6, batch_size=4, seq_len=32,
+                      threads=1, zo=ZOConfig(lr=3e-2))
+    _, curve, adapter, _, step = zo_curve(cfg, str(tmp_path / "best"), 2, select="best")
+    accs = [p["validation_accuracy"] for p in curve]
+    assert [p["step"] for p in curve] == [0, 2, 4, 6]
+    assert step == [0, 2, 4, 6][accs.index(max(accs))]
+    kept = sorted(os.listdir(tmp_path / "best"))
+    assert kept == sorted({f"zo-{step}", "zo-6"} - {"zo-0"})
+    *_, last = zo_curve(cfg, str(tmp_path / "last"), 2, select="last")
+    assert last == 6
+    with pytest.raises(ConfigError, match="select='first' is not valid; choose one of best, last"):
+        run(Settings(data=small_dir, select="first"), "unused")
