@@ -134,9 +134,12 @@ def test_distzo2_about_3x_zo2_on_opt_175b():
     assert 2.2 < h["speedup"] < 4.0, h["speedup"]
 
 
-def test_predicted_step_time_within_2x_of_measured_here(tmp_path):
+def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     """A loose bound only (the benchmark prints the 15 % table): tiny model, host tier, one rank and
-    two PertP ranks (gloo between processes, shared noise: the calibrated barrier and contention)."""
+    two PertP ranks (gloo between processes, shared noise: the calibrated barrier and contention).
+    Identical runs of these 10-20 ms steps moved by 2x on this shared machine (9.4 vs 23.9 ms), and
+    a run beside another job measured the one-rank case at twice its prediction (9.0 vs 18.5 ms), so
+    the bound is 3x both ways."""
     from distzo2_lab.plan.calibrate import calibrate
     from distzo2_lab.plan.check import compare
 
@@ -144,12 +147,12 @@ def test_predicted_step_time_within_2x_of_measured_here(tmp_path):
     assert set(map(int, hw.barrier_us)) == {2} and hw.collective_us and hw.contention
     w = Workload(model="tiny", batch=8, seq=32, precision=PrecisionConfig(), tier="host")
     r = compare(w, Layout(), hw, steps=8, threads=1)  # the median of 7 steps: one burst does not count
-    assert 0.5 < r["ratio"] < 2.0, (r["predicted_s"], r["measured_s"])
+    assert 1 / 3 < r["ratio"] < 3.0, (r["predicted_s"], r["measured_s"])
     overlay = compare_timelines({"predicted": r["simulation"].steady_spans(),
                                  "measured": [s for s in r["measured"].spans if s.step >= 1]})
     assert len(overlay.data) >= 3
-    # two processes on the 2 shared cores: identical runs moved by 2x here, so 3x; a simulator that
-    # left out the shared-noise barriers predicted a quarter of the measured step (it fails this)
+    # two processes on the 2 shared cores; a simulator that left out the shared-noise barriers
+    # predicted a quarter of the measured step (it fails this)
     r = compare(w, Layout(pert=2), hw, steps=8, threads=1)
     assert 1 / 3 < r["ratio"] < 3.0, (r["predicted_s"], r["measured_s"])
 
