@@ -1,8 +1,9 @@
 """SST-2 with the pretrained all-MiniLM-L6-v2: zero-shot start, ZO fine-tuning, first-order reference.
 
     python benchmarks/sst2_minilm.py [--data ../shared/data/sst2] [--quick] [--start zero-shot|probe]
-                                     [--scale 20] [--steps 400 --lr 5e-5 --eps 1e-3 --directions 1]
-                                     [--fo-steps 32 --fo-lr 5e-5] [--eval-examples 1000] [--eval-every 100]
+                                     [--scale 20] [--steps 2000 --lr 5e-5 --eps 1e-3 --directions 1]
+                                     [--freeze '*word_embeddings*'] [--select best|last]
+                                     [--fo-steps 32 --fo-lr 5e-5] [--eval-examples 1000] [--eval-every 500]
                                      [--shots K] [--json result.json]
 
 One process, one machine, side by side. The classifier reads the unit-length mean of the last
@@ -10,9 +11,12 @@ hidden states, as the model was trained (its sentence-transformers files say so;
 ``classifier_pooling``). The start is a zero-shot head: its rows are the model's own embeddings of
 "It was terrible." / "It was great." times ``--scale`` (no training example used); a linear probe
 fitted on the 1000-example training sample (body frozen) is reported beside it
-(``--start probe`` starts from the probe instead). The whole model is then fine-tuned from the
-start by ZO through the real engine and ``train()`` and, as the upper reference, by backprop +
-AdamW. Accuracy is measured on the same seeded sample of dev.tsv; peak memory of each training
+(``--start probe`` starts from the probe instead). The model is then fine-tuned from the start
+by ZO through the real engine and ``train()`` (the word-embedding table held fixed by default,
+``--freeze ''`` trains all of it) and, as the upper reference, by backprop + AdamW (all of it).
+ZO's checkpoint with the best accuracy on the 500 validation examples is scored (MeZO's protocol;
+``--select last`` scores the last). Accuracy is measured on the same seeded sample of dev.tsv,
+each gain with McNemar's exact paired test against the start; peak memory of each training
 phase is the process's resident-set high-water mark, reset before the phase. ``--quick`` is a
 seconds-sized smoke run (k = 16, a handful of steps): its accuracies mean nothing.
 """
