@@ -27,6 +27,8 @@ def frozen_spans(buckets, patterns) -> dict[str, list[tuple[int, int]]]:
     """{bucket key: merged [start, stop) spans} of the parameters whose names match a glob pattern."""
     import fnmatch
 
+    from .models.buckets import _merge  # slots are in order and contiguous: touching spans join
+
     out: dict[str, list[tuple[int, int]]] = {}
     used = set()
     for b in buckets:
@@ -43,16 +45,6 @@ def frozen_spans(buckets, patterns) -> dict[str, list[tuple[int, int]]]:
         names = [s.name for b in buckets for s in b.slots]
         raise ConfigError(f"zo.freeze pattern {unused[0]!r} matches no parameter; names look like "
                           f"{', '.join(names[:3])}, ... (glob patterns, e.g. '*word_embeddings*')")
-    return out
-
-
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
     return out
 
 
@@ -88,20 +80,20 @@ class Perturber:
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads, "zo-noise") if self.threads > 1 else None
         self.frozen: dict[str, list[tuple[int, int]]] = {}  # bucket key -> spans where z is 0 (zo.freeze)
+        self._decay: dict[str, list[tuple[int, int]]] = {}  # frozen buckets' decay spans without the frozen
 
     def freeze(self, buckets, patterns) -> Perturber:
         """Hold the parameters whose names match any of the glob `patterns` fixed (zo.freeze): their
         z is 0 wherever it is drawn, so no pass perturbs them and no update (or its replay) moves
         them. Refuses a pattern that matches no parameter."""
         self.frozen = frozen_spans(buckets, patterns)
+        self._decay = {b.key: [piece for a, e in b.decay_spans for piece in _subtract((a, e), self.frozen[b.key])]
+                       for b in buckets if b.key in self.frozen}
         return self
 
     def decay_spans(self, bucket) -> list[tuple[int, int]]:
-        """The bucket's weight-decay spans without its frozen ones."""
-        frozen = self.frozen.get(bucket.key)
-        if not frozen:
-            return bucket.decay_spans
-        return [piece for a, b in bucket.decay_spans for piece in _subtract((a, b), frozen)]
+        """The bucket's weight-decay spans without its frozen ones (computed once by :meth:`freeze`)."""
+        return self._decay.get(bucket.key, bucket.decay_spans)
 
     def _fill_chunk(self, out: torch.Tensor, seed: int) -> None:
         gen = torch.Generator(device=out.device)
