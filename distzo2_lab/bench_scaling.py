@@ -11,26 +11,30 @@ Threads: `total_threads` are shared out equally, at least one per rank (world 1:
 threads; world W >= total_threads: 1 thread per rank). World sizes above `total_threads`
 oversubscribe the CPU (4 single-threaded ranks on 2 threads) and are flagged in the output.
 
-Ideal (what the forward passes alone allow). Two forward measurements, also in worker processes
+Ideal (what the forward passes alone allow). Forward measurements, also in worker processes
 (taken after the step timing inside the benchmarked runs, so no extra start-up is paid):
 T2 = one no-grad forward of the global batch by one rank with `total_threads` threads (the world-1
-run); T1c = the same forward by each of `total_threads` single-threaded ranks running at once, so
-they contend for the cores and memory bandwidth like real ranks (the first run with that many
-1-thread ranks, PertP at world 2 by default; mean over ranks). A ZO step is two forwards of
-the global batch: one rank does both, W ranks share them, so with the engine's own overhead ratio
-unchanged
+run); T1c(W) = the same forward by each of W single-threaded ranks running at once, so they
+contend for the cores and memory bandwidth like real ranks (the first run of each world size with
+W >= total_threads one-thread ranks, PertP at world 2 and DDP at world 4 by default; mean over
+ranks). A ZO step is two forwards of the global batch: one rank does both, W ranks share them, so
+with the engine's own overhead ratio unchanged
 
-    ideal(W) = tokens/s(world 1) x min(W, total_threads) x T2 / T1c       (W > 1)
+    ideal(W) = tokens/s(world 1) x W x T2 / T1c(W)       (W > 1)
 
-and ideal(1) = tokens/s(world 1). min(W, total_threads): ranks beyond the CPU threads only take
-turns, so 4 ranks on 2 threads can do no better than 2. FACTS.md's 8 x 128 numbers
-(T2 = 1.48 s, T1c = 2.80 s) give ideal(2) ~ 1.06 x world 1. "% of ideal" = measured / ideal.
+and ideal(1) = tokens/s(world 1). FACTS.md's 8 x 128 numbers (T2 = 1.48 s, T1c(2) = 2.80 s) give
+ideal(2) ~ 1.06 x world 1. "% of ideal" = measured / ideal. With more ranks than threads (4 ranks
+on 2 threads) the ranks take turns on the cores, and T1c(4) measures what that costs the forwards
+themselves (time slices, caches refilled after each switch). The rows also give the ideal as if
+turn-taking were free, `ideal_two_rank` = tokens/s(world 1) x min(W, total_threads) x T2 /
+T1c(total_threads) (the same as ideal(W) for W <= total_threads), and the share of it reached.
 
 The ideal counts forwards only, and a ZO step also draws z for every parameter (twice: the
 deferred update and this step's perturbation; ~6 ns per element per thread with CPU ``normal_``).
 One rank spreads that over all threads; W ranks that each drew all of z would do W times the work.
-By default the ranks of a node split every draw (noise_share.py), so the node draws z once, as the
-single rank does; `share_noise=False` shows the cost of not doing so.
+By default the ranks of a node share every draw (noise_share.py: each chunk is drawn once, by
+whichever rank claims it first), so the node draws z once, as the single rank does;
+`share_noise=False` shows the cost of not doing so.
 
 Shared VMs are noisy: every configuration runs `repeats` times round-robin and keeps its best run;
 the forward times of the ideal are the best of the same rounds.
@@ -159,7 +163,7 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
                           "each must be >= 1")
     tokens = batch * seq * steps
     plan, skipped = [], []
-    t1_world = None  # the first world with total_threads single-threaded ranks measures T1c
+    t1_worlds = set()  # the first run of each world of >= total_threads one-thread ranks measures T1c(W)
     for world in WORLDS:
         tpr = threads_per_rank(world, total_threads)
         cfg = validate(TrainConfig(model=model, steps=steps + 1, seed=seed, batch_size=batch, seq_len=seq,
@@ -171,13 +175,13 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
                 skipped.append({"layout": name, "world": world, "reason": str(e)})
                 continue
             want_t2 = world == 1
-            want_t1 = world == total_threads and tpr == 1 and t1_world in (None, (name, world))
+            want_t1 = world >= total_threads and tpr == 1 and world not in t1_worlds
             if want_t1:
-                t1_world = (name, world)
+                t1_worlds.add(world)
             layout = Layout(layout.dp, layout.pert, share_noise=share_noise)
             plan.append((name, world, tpr, cfg, layout, forward_repeats if want_t2 or want_t1 else 0, want_t2, want_t1))
     runs: dict = {}
-    t2s, t1s = [], []
+    t2s, t1s = [], {}  # t1s: world -> T1c(W) of each round
     for rep in range(repeats):
         for name, world, _, cfg, layout, reps, want_t2, want_t1 in plan:
             if progress is not None:
@@ -186,15 +190,16 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
             if want_t2:
                 t2s.append(per_rank[0]["forward_s"])
             if want_t1:
-                t1s.append(statistics.mean(v["forward_s"] for v in per_rank.values()))
+                t1s.setdefault(world, []).append(statistics.mean(v["forward_s"] for v in per_rank.values()))
             secs = {r: v["seconds"] for r, v in per_rank.items()}
             runs.setdefault((name, world), []).append((max(secs.values()), [secs[r] for r in sorted(secs)],
                                                        per_rank[0].get("noise_drawn_fraction")))
-    if not t1s:  # total_threads is not one of WORLDS: measure the concurrent single-threaded forward apart
+    if total_threads not in t1s:  # total_threads is not one of WORLDS: measure its concurrent forward apart
         for _ in range(repeats):
             t1 = launch(forward_worker, total_threads, (model, batch, seq, 1, forward_repeats, seed), timeout).wait()
-            t1s.append(statistics.mean(t1.values()))
-    t2, t1c = min(t2s), min(t1s)
+            t1s.setdefault(total_threads, []).append(statistics.mean(t1.values()))
+    t2, t1c = min(t2s), min(t1s[total_threads])
+    t1w = {w: min(v) for w, v in t1s.items()}
     rows = []
     for name, world, tpr, _, layout, *_ in plan:
         got = runs[(name, world)]
@@ -206,15 +211,19 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
     base = next(r["tokens_per_s"] for r in rows if r["world"] == 1)
     for r in rows:
         r["vs_world1"] = r["tokens_per_s"] / base
-        r["ideal_tokens_per_s"] = base if r["world"] == 1 else base * min(r["world"], total_threads) * t2 / t1c
+        w = r["world"]
+        r["ideal_two_rank_tokens_per_s"] = base if w == 1 else base * min(w, total_threads) * t2 / t1c
+        r["ideal_tokens_per_s"] = base * w * t2 / t1w[w] if w in t1w else r["ideal_two_rank_tokens_per_s"]
         r["of_ideal"] = r["tokens_per_s"] / r["ideal_tokens_per_s"]
+        r["of_ideal_two_rank"] = r["tokens_per_s"] / r["ideal_two_rank_tokens_per_s"]
     over = sorted({r["world"] for r in rows if r["oversubscribed"]})
     return {
         "model": model, "batch": batch, "seq": seq, "steps": steps, "total_threads": total_threads,
         "cpu_count": os.cpu_count(), "forward_repeats": forward_repeats, "repeats": repeats,
         "share_noise": share_noise, "perturb": perturb,
         "forward_s_total_threads": t2, "forward_s_single_thread_concurrent": t1c,
-        "forward_s_total_threads_runs": t2s, "forward_s_single_thread_concurrent_runs": t1s,
+        "forward_s_total_threads_runs": t2s, "forward_s_single_thread_concurrent_runs": t1s[total_threads],
+        "forward_s_concurrent_by_world": t1w, "forward_s_concurrent_by_world_runs": t1s,
         "concurrency_gain": total_threads * t2 / t1c,
         "rows": rows, "skipped": skipped,
         "notes": [f"world {w}: {w} ranks x {threads_per_rank(w, total_threads)} thread(s) oversubscribe "
@@ -229,20 +238,27 @@ def format_scaling(r: dict) -> str:
              f"round-robin rounds; noise: {noise}; perturbation: {r.get('perturb', 'auto')}",
              f"forward: {r['forward_s_total_threads']:.3f} s with {r['total_threads']} threads; "
              f"{r['forward_s_single_thread_concurrent']:.3f} s each on {r['total_threads']} concurrent "
-             f"single-threaded ranks -> concurrency gain {r['concurrency_gain']:.2f}x",
-             f"{'layout':>7} {'world':>5} {'thr/rank':>8} {'tokens/s':>10} {'vs world-1':>10} {'ideal':>10} "
-             f"{'% ideal':>8} {'z drawn':>8}  runs (tokens/s)"]
+             f"single-threaded ranks -> concurrency gain {r['concurrency_gain']:.2f}x"]
+    for w, t in sorted((int(k), v) for k, v in r.get("forward_s_concurrent_by_world", {}).items()):
+        if w != r["total_threads"]:
+            lines.append(f"forward: {t:.3f} s each on {w} concurrent single-threaded ranks (taking turns on "
+                         f"{r['total_threads']} threads) -> ideal gain {w * r['forward_s_total_threads'] / t:.2f}x")
+    lines.append(f"{'layout':>7} {'world':>5} {'thr/rank':>8} {'tokens/s':>10} {'vs world-1':>10} {'ideal':>10} "
+                 f"{'% ideal':>8} {'% 2-rank':>8} {'z drawn':>8}  runs (tokens/s)")
     for row in r["rows"]:
         flag = "  (oversubscribed)" if row["oversubscribed"] else ""
         drawn = row.get("noise_drawn_fraction")
         runs = " ".join(f"{v:.0f}" for v in row.get("tokens_per_s_runs", []))
+        two = row.get("of_ideal_two_rank", row["of_ideal"])
         lines.append(f"{row['layout']:>7} {row['world']:>5} {row['threads_per_rank']:>8} {row['tokens_per_s']:>10.1f} "
                      f"{row['vs_world1']:>9.2f}x {row['ideal_tokens_per_s']:>10.1f} {100 * row['of_ideal']:>7.0f}% "
-                     f"{'-' if drawn is None else f'{100 * drawn:.0f}%':>8}  {runs}{flag}")
+                     f"{100 * two:>7.0f}% {'-' if drawn is None else f'{100 * drawn:.0f}%':>8}  {runs}{flag}")
     for s in r["skipped"]:
         lines.append(f"skipped {s['layout']} at world {s['world']}: {s['reason']}")
+    lines.append("% ideal: of the ideal from this world's own concurrent forwards; % 2-rank: of the ideal "
+                 "if taking turns on the cores cost nothing (total_threads ranks' forwards, times min(W, threads))")
     lines.append("z drawn: the share of every rank's noise that rank 0 generated itself (the rest came from "
-                 "its node's ranks through shared memory)")
+                 "its node's ranks through shared memory; whoever is there first draws)")
     lines.extend(f"note: {n}" for n in r["notes"])
     return "\n".join(lines)
 

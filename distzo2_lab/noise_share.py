@@ -1,29 +1,43 @@
-"""z drawn once per node: the ranks of a node that draw the same noise split the drawing.
+"""z drawn once per node: the ranks of a node that draw the same noise share the drawing.
 
 Every rank of a PertP, DDP or 2D layout draws the same z for every bucket at every step (a PertP
 rank runs the whole +eps / -2 eps / +eps round trip, DDP ranks share the seed). On a CPU the draw
-costs ~6 ns per element per thread (``normal_``), as much as a large share of the forward, and W
+costs ~4-6 ns per element per thread (``normal_``), as much as a large share of the forward, and W
 ranks of one node would each pay it in full. Here the G ranks of a node that make the same draws
-(same directions, n-SPSA) cut every draw into pieces of at most one slot; each rank fills its
-contiguous run of the piece's noise chunks (the runs rotate from piece to piece) into a
-shared-memory slot, the G ranks meet at a barrier, and every rank copies the whole piece out
-(or, for a draw used up before the rank's next one, reads it in the slot: :meth:`NoiseShare.view`).
-The values are the perturber's own (chunk c of bucket k at seed s is a pure function of the
-three), so a run is bit-identical with or without sharing; only the work moves.
+(same directions, n-SPSA) cut every draw into pieces of at most one slot, and the noise chunks of
+a piece go to whichever members are there to draw them: a member claims the next unclaimed chunk
+(starting at its own run of the piece, so members that arrive together split it evenly), draws
+it into the shared-memory slot, marks it done, and when no chunk is left waits only for the chunks
+still being drawn; then it copies the piece out (or, for a draw used up before the member's next
+one, reads it in the slot: :meth:`NoiseShare.view`). A member that arrives late finds its z ready
+and draws nothing, so no rank ever waits for another to *start* drawing: with more ranks than
+cores (4 one-thread ranks on 2 cores) the ranks that hold a core do the drawing while the others
+wait for theirs. No collective is called; the claims live in a small shared control file guarded by
+``flock`` (its system calls also order the memory between processes).
 
-Two slots, alternating: a rank writes slot n % 2 for piece n only after the barrier of piece n - 1,
-which every rank reaches after copying piece n - 2 out of that slot. Every rank must make the same
-sequence of shared draws (the engine draws whole buckets in a fixed order; sliced updates draw
-only the rank's own shard and stay local). The file is unlinked once every rank has mapped it.
+The values are the perturber's own (chunk c of bucket k at seed s is a pure function of the
+three), so a run is bit-identical with or without sharing and whoever draws a chunk; only the
+work moves, and each chunk is drawn exactly once.
+
+`slots` pieces are in flight at once (a ring): piece n lives in slot n % slots, and a member may
+start piece n only when every member has moved past the piece the slot held (a member "moves past"
+piece m when it asks for piece m + 1: until then it may still be reading m in its slot), so a
+rank may run up to slots - 1 pieces ahead of the slowest. Every member must make the same sequence
+of shared draws (the engine draws whole buckets in a fixed order; sliced updates draw only the
+rank's own shard and stay local). The files are unlinked once every member has opened them.
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 from typing import Callable
 
 import torch
 
 from .perturb import Perturber
+
+FREE, CLAIMED, DONE = 0, 1, 2
 
 
 def split_run(chunks: int, index: int, size: int) -> tuple[int, int]:
@@ -34,40 +48,124 @@ def split_run(chunks: int, index: int, size: int) -> tuple[int, int]:
 
 
 class NoiseShare:
-    """Shared draws for the `size` ranks of one node that draw the same z; this rank is `index`."""
+    """Shared draws for the `size` ranks of one node that draw the same z; this rank is `index`.
+
+    `barrier()` is used only while the members open the shared files; `timeout` (seconds) bounds
+    every wait for another member (a member that died or hangs raises instead of blocking)."""
 
     def __init__(self, perturber: Perturber, index: int, size: int, barrier: Callable[[], None], path: str,
-                 create: bool, slot_elems: int):
+                 create: bool, slot_elems: int, slots: int = 3, timeout: float = 600.0):
         if not 0 <= index < size:
             raise ValueError(f"index={index} is not in [0, {size})")
+        if slots < 2:
+            raise ValueError(f"slots={slots} is not valid: a member reads one slot while the next is drawn (>= 2)")
         chunk = perturber.chunk_size
-        self.perturber, self.index, self.size, self.barrier = perturber, index, size, barrier
-        self.slot_elems = max(1, -(-slot_elems // chunk)) * chunk  # whole chunks
+        self.perturber, self.index, self.size, self.slots = perturber, index, size, slots
+        self.timeout = timeout
+        self.slot_chunks = max(1, -(-slot_elems // chunk))
+        self.slot_elems = self.slot_chunks * chunk  # whole chunks
+        ctl_len = size + slots + slots * self.slot_chunks  # progress | slot piece | chunk states
+        ctl_path = path + ".ctl"
         if create:
             with open(path, "wb") as f:
-                f.truncate(2 * self.slot_elems * 4)
-        barrier()  # the file exists
-        self.flat = torch.from_file(path, shared=True, size=2 * self.slot_elems, dtype=torch.float32)
-        barrier()  # every member has mapped it: its name can go
-        if create and os.path.exists(path):
-            os.unlink(path)
+                f.truncate(slots * self.slot_elems * 4)
+            with open(ctl_path, "wb") as f:
+                f.truncate(ctl_len * 8)
+        barrier()  # the files exist
+        self.flat = torch.from_file(path, shared=True, size=slots * self.slot_elems, dtype=torch.float32)
+        ctl = torch.from_file(ctl_path, shared=True, size=ctl_len, dtype=torch.int64)
+        self._fd = os.open(ctl_path, os.O_RDWR)
+        barrier()  # every member has mapped and opened them: their names can go
+        if create:
+            for p in (path, ctl_path):
+                if os.path.exists(p):
+                    os.unlink(p)
+        # progress[m]: the piece member m last asked for (it may still read it); -1 before any
+        self.progress = ctl[:size]
+        self.slot_piece = ctl[size : size + slots]  # the piece each slot holds; -1 when never used
+        self.state = ctl[size + slots :].view(slots, self.slot_chunks)  # FREE / CLAIMED / DONE per chunk
+        if create:
+            with self._locked():
+                self.progress.fill_(-1)
+                self.slot_piece.fill_(-1)
+        barrier()  # initialised before anyone draws
         self._pieces = 0
         self.drawn = 0  # elements this rank generated (the work it did)
         self.served = 0  # elements of z it received (what it would have drawn alone)
         self.copied = 0  # elements copied out of the slots (views of a slot copy nothing)
+        self.waited_s = 0.0  # seconds spent waiting for other members (a slot to free, chunks being drawn)
 
+    # -- the control file ---------------------------------------------------------------
+    class _Lock:
+        def __init__(self, fd: int):
+            self.fd = fd
+
+        def __enter__(self):
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+        def __exit__(self, *exc):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _locked(self) -> NoiseShare._Lock:
+        return NoiseShare._Lock(self._fd)
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Poll `ready()` (called under the lock) until true; yield the core in between."""
+        t0 = time.perf_counter()
+        polls = 0
+        while True:
+            with self._locked():
+                if ready():
+                    break
+            polls += 1
+            if polls < 64:
+                os.sched_yield()
+            else:
+                time.sleep(1e-4)
+            if time.perf_counter() - t0 > self.timeout:
+                raise RuntimeError(f"noise share: member {self.index} of {self.size} waited {self.timeout:.0f} s "
+                                   f"for {what} (piece {self._pieces - 1}): another rank died or hangs")
+        self.waited_s += time.perf_counter() - t0
+
+    # -- one piece ----------------------------------------------------------------------
     def _piece(self, p0: int, p1: int, n: int, seed: int, key: str) -> torch.Tensor:
-        """Elements [p0, p1) of z(seed, key) of an n-element bucket, in the next slot (after the barrier)."""
+        """Elements [p0, p1) of z(seed, key) of an n-element bucket, complete in its slot."""
         chunk = self.perturber.chunk_size
-        slot = self.flat[(self._pieces % 2) * self.slot_elems :][: p1 - p0]
-        # the runs rotate with the piece count, so one-chunk buckets are drawn by every member in turn
-        lo, hi = split_run(-(-(p1 - p0) // chunk), (self.index + self._pieces) % self.size, self.size)
+        piece, s = self._pieces, self._pieces % self.slots
         self._pieces += 1
-        s0, s1 = p0 + lo * chunk, min(p1, p0 + hi * chunk)
-        if s1 > s0:
-            self.perturber.fill(slot[s0 - p0 : s1 - p0], seed, key, start=s0, total=n)
-            self.drawn += s1 - s0
-        self.barrier()  # every member's run of this piece is in the slot
+        chunks = -(-(p1 - p0) // chunk)
+        state = self.state[s, :chunks]
+        with self._locked():
+            self.progress[self.index] = piece  # done with every earlier piece
+
+        def slot_ready() -> bool:
+            held = int(self.slot_piece[s])
+            if held == piece:
+                return True
+            if held < 0 or int(self.progress.min()) > held:  # every member moved past the slot's piece
+                self.slot_piece[s] = piece
+                state.fill_(FREE)
+                return True
+            return False
+
+        if int(self.slot_piece[s]) != piece:
+            self._wait(slot_ready, "a free noise slot")
+        slot = self.flat[s * self.slot_elems :][: p1 - p0]
+        # claim chunks starting at this member's own run (rotating with the piece count, so
+        # one-chunk buckets are drawn by every member in turn), then wrap around
+        lo, _ = split_run(chunks, (self.index + piece) % self.size, self.size)
+        for c in [(lo + i) % chunks for i in range(chunks)]:
+            with self._locked():
+                if int(state[c]) != FREE:
+                    continue
+                state[c] = CLAIMED
+            a, b = c * chunk, min(p1 - p0, (c + 1) * chunk)
+            self.perturber.fill(slot[a:b], seed, key, start=p0 + a, total=n)
+            with self._locked():
+                state[c] = DONE
+            self.drawn += b - a
+        if bool((state != DONE).any()):
+            self._wait(lambda: bool((state == DONE).all()), "noise chunks other ranks are drawing")
         return slot
 
     def fill(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
@@ -84,14 +182,19 @@ class NoiseShare:
 
     def view(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
         """z(seed, key) of a bucket of out.numel() elements without the copy out when it fits one slot:
-        the returned tensor is the slot itself, valid until this rank's next draw (the other members
-        rewrite the slot two pieces later, after a barrier this rank reaches only by drawing again).
-        A bucket larger than a slot is written into `out` as by :meth:`fill`."""
+        the returned tensor is the slot itself, valid until this rank's next draw (no member rewrites
+        the slot before this rank has asked for a later piece). A bucket larger than a slot is
+        written into `out` as by :meth:`fill`."""
         n = out.numel()
         if n > self.slot_elems:
             return self.fill(out, seed, key)
         self.served += n
         return self._piece(0, n, n, seed, key)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def open_node_noise(perturber: Perturber, rank: int, directions: list[int], slot_elems: int) -> NoiseShare | None:

@@ -229,6 +229,8 @@ class Run:
 
     def close(self) -> None:
         self.engine.perturber.close()
+        if self.engine.noise_share is not None:
+            self.engine.noise_share.close()
         if self.offload is not None:
             self.offload.close()
         self.log.close()
@@ -319,7 +321,8 @@ def _noise_report(share) -> dict:
     if share is None:
         return {"ranks": 1}
     return {"ranks": share.size, "drawn_elements": share.drawn, "served_elements": share.served,
-            "copied_elements": share.copied, "drawn_fraction": share.drawn / max(1, share.served)}
+            "copied_elements": share.copied, "drawn_fraction": share.drawn / max(1, share.served),
+            "waited_s": share.waited_s}
 
 
 def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -> None:

@@ -207,25 +207,18 @@ def test_ranks_beyond_the_cores_share_them_moment_by_moment():
     assert _busy(slow, 0, "forward") == pytest.approx(4 * fwd1, rel=0.05)
 
 
-def test_shared_noise_splits_the_draws_and_adds_a_barrier_per_draw():
-    """noise_share.py: the ranks of a node split each whole-bucket draw by noise chunks, then meet at
-    a barrier; a tiny block (one chunk) is drawn by one rank, OPT-125m's 7 chunks are split."""
+def test_shared_noise_splits_the_draws_without_a_barrier():
+    """noise_share.py: the ranks of a node share each whole-bucket draw chunk by chunk (whoever
+    claims a chunk first draws it), so each draws about 1 / G of z on average, and no barrier ties
+    the ranks together: a shared draw starts whenever the rank gets there."""
     hw = _cpu(barrier_us={2: 300.0}, collective_us={2: 300.0})
-    for model, split in (("opt-125m", True), ("tiny", False)):
+    for model in ("opt-125m", "tiny"):
         w = Workload(model=model, batch=1, seq=16, precision=PrecisionConfig(), tier="host")
         alone = simulate(w, Layout(pert=2, share_noise=False), hw)
         shared = simulate(w, Layout(pert=2, share_noise=True), hw)
-        rng_alone = _busy(alone, 0, "rng")
-        draws = [sum(s.seconds for s in shared.steady_spans() if s.rank == r and s.phase == "rng"
-                     and s.block >= 0) for r in (0, 1)]
-        if split:
-            assert _busy(shared, 0, "rng") < 0.8 * rng_alone
-        else:
-            assert _busy(shared, 1, "rng") < _busy(shared, 0, "rng")  # rank 1 only waits and copies
-        assert min(draws) > 0
-    # one barrier (an rng / update span that starts together on both ranks) per shared piece
-    starts = [{s.start for s in shared.spans if s.rank == r and s.phase == "rng"} for r in (0, 1)]
-    assert starts[0] & starts[1]
+        for r in (0, 1):
+            assert _busy(shared, r, "rng") < 0.8 * _busy(alone, r, "rng")
+        assert _busy(shared, 0, "rng") == pytest.approx(_busy(shared, 1, "rng"), rel=0.05)
 
 
 def test_disk_tier_with_several_ranks_commits_on_the_leader_after_a_barrier():

@@ -252,26 +252,22 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
     g = Graph()
     marker, upload, offload = {}, {}, {}
     step_done: dict[int, int | None] = {r: None for r in range(world)}
-    draws = {r: 0 for r in range(world)}
     axpy, rng, call = cost.axpy_per_element, cost.rng_per_element, cost.call
     copy_per_element = 8 / (hw.memory_gbps * 1e9 * cost.speed)  # read + write one fp32
 
     def draw(prog: _Program, r: int, elements: int, phase: str, block: int) -> None:
-        """z of a whole bucket: drawn alone, or split with the ranks of `shared` (a barrier per piece)."""
+        """z of a whole bucket: drawn alone, or shared with the ranks of `shared`: each piece's chunks
+        go to whichever member claims them first, so a member that arrives early draws more and a
+        late one less; on average each draws 1 / size of every piece (no barrier: the claims live in
+        shared memory), and pays one lock round trip per chunk and the copy out of the slot."""
         members = shared.get(r)
         if not members:
             prog.work(phase, elements * rng + call)
             return
-        size, index = len(members), members.index(r)
+        size = len(members)
         for p0 in range(0, elements, slot):
             piece = min(slot, elements - p0)
-            lo, hi = _split_run(-(-piece // chunk), index, size)
-            mine = max(0, min(piece, hi * chunk) - lo * chunk)
-            if mine:
-                prog.work(phase, mine * rng + call)
-            draws[r] += 1
-            prog.sync(phase, block, ("noise", members, draws[r]), hw.sync_s("barrier", size), seg=phase)
-            prog.work(phase, piece * copy_per_element)
+            prog.work(phase, piece * rng / size + -(-piece // chunk) * call + piece * copy_per_element)
 
     def update(prog, r, elements, block, local=False) -> None:
         """The deferred update of a bucket: q draws of z and q axpy passes."""
@@ -383,13 +379,6 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                                  path=(links["disk_write"],), latency=hw.link_latency_us * 1e-6)
             step_done[r] = done
     return g
-
-
-def _split_run(chunks: int, index: int, size: int) -> tuple[int, int]:
-    """[lo, hi) of `chunks` noise chunks that member `index` of `size` draws (noise_share.split_run)."""
-    base, extra = divmod(chunks, size)
-    lo = index * base + min(index, extra)
-    return lo, lo + base + (index < extra)
 
 
 # -- the event loop -------------------------------------------------------------------------------
