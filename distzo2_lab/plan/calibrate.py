@@ -200,9 +200,10 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
 
 
 def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int | None = None,
-              worlds: tuple[int, ...] = (2, 4)) -> Hardware:
+              worlds: tuple[int, ...] = (2, 4), save: bool = True) -> Hardware:
     """Measure this machine (a few seconds; the multi-process probes at each of `worlds` ranks add
-    ~10 s each) and write DIR/this-machine.json; returns the profile."""
+    ~10 s each) and write DIR/this-machine.json (save=False: only return it, e.g. a calibration taken
+    beside one measurement); returns the profile."""
     import transformers  # noqa: F401  (the baseline RSS counts torch and transformers)
 
     baseline = _rss_bytes()
@@ -260,5 +261,6 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         contention=contention,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")
-    save_profile(hw, calibration_path(directory))
+    if save:
+        save_profile(hw, calibration_path(directory))
     return hw
