@@ -153,15 +153,22 @@ class ResidentSet:
 
     def end_directions(self, seeds: list[int], hs: dict, labels: list, counts: list[int]) -> dict:
         """Out-of-place passes: head under every (direction, sign); returns {(j, sign): loss}. A rank
-        that runs one direction still holds its z from begin_directions; several are drawn again."""
+        that runs one direction still holds its z from begin_directions, and its buffers still hold
+        the copy of the last sign embedded there: the head runs the signs in reverse order and makes
+        only the other copy again. Several directions are drawn and copied again."""
         e = self.engine
         out = {}
         for j, seed in seeds:
-            if len(seeds) > 1:
+            one = len(seeds) == 1
+            if not one:
                 self.draw(seed)
             with e._span("head"):
-                for sign, scale in self._signed(e.zo.eps):
-                    self.bind_copy(scale)
+                signed = self._signed(e.zo.eps)
+                for k, (sign, scale) in enumerate(reversed(signed) if one else signed):
+                    if one and k == 0:
+                        self.bind_plus()  # the copy begin_directions made last
+                    else:
+                        self.bind_copy(scale)
                     rows = hs[j, sign]
                     out[j, sign] = self._losses([h for h, _ in rows], labels, counts, [c for _, c in rows])
         self.unbind_copies()
@@ -200,6 +207,7 @@ class ZO2Engine:
         self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
         self.perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
         self.noise_share = None  # noise_share.NoiseShare: the node's ranks split every whole-bucket draw
+        self.copy_share = None  # noise_share.CopyShare: the node's ranks of the same signs make each block copy once
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
         self._z_block = torch.empty(width, device=self.device)
@@ -384,7 +392,7 @@ class ZO2Engine:
                 with self._span("rng", i):
                     zb = self.draw(self._z_block[: b.numel], s, b.key, keep=False)  # used up before the next
                 for sign, scale in signed:
-                    b.bind(perturbed_copy(self._oop[: b.numel], b.master, zb, scale))
+                    b.bind(self._copy(b, zb, scale))
                     with self._span("forward", i):
                         for h in hs[j, sign]:
                             h[0] = a.run_block(i, h[0], h[1])
@@ -393,6 +401,13 @@ class ZO2Engine:
         self._sweep(visit)
         got = self.resident.end_directions(seeds, hs, labels, counts)
         return [(got.get((j, 0)), got.get((j, 1))) for j in range(self.zo.directions)]
+
+    def _copy(self, b: ParamBucket, z: torch.Tensor, scale: float) -> torch.Tensor:
+        """theta + scale z of a visited block: this rank's scratch, or the node's shared slot (the
+        ranks running the same signs share the work; valid until this rank's next copy)."""
+        if self.copy_share is not None:
+            return self.copy_share.copy(b.master, z, scale)
+        return perturbed_copy(self._oop[: b.numel], b.master, z, scale)
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> float:

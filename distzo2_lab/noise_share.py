@@ -47,32 +47,35 @@ def split_run(chunks: int, index: int, size: int) -> tuple[int, int]:
     return lo, lo + base + (index < extra)
 
 
-class NoiseShare:
-    """Shared draws for the `size` ranks of one node that draw the same z; this rank is `index`.
+class SharedPieces:
+    """The ring of shared slots and the chunk claims behind :class:`NoiseShare` and :class:`CopyShare`.
 
-    `barrier()` is used only while the members open the shared files; `timeout` (seconds) bounds
-    every wait for another member (a member that died or hangs raises instead of blocking)."""
+    The `size` members (this one is `index`) ask for the same sequence of pieces; a piece of at
+    most `slot_elems` elements is cut into chunks of `chunk` elements, and :meth:`piece` has this
+    member compute (with `compute(slot, a, b)`, elements [a, b) of the piece) every chunk it can
+    claim, then wait for the rest. `barrier()` is used only while the members open the shared
+    files; `timeout` (seconds) bounds every wait for another member (a member that died or hangs
+    raises instead of blocking)."""
 
-    def __init__(self, perturber: Perturber, index: int, size: int, barrier: Callable[[], None], path: str,
-                 create: bool, slot_elems: int, slots: int = 3, timeout: float = 600.0):
+    def __init__(self, index: int, size: int, barrier: Callable[[], None], path: str, create: bool,
+                 slot_elems: int, chunk: int, dtype: torch.dtype = torch.float32, slots: int = 3,
+                 timeout: float = 600.0):
         if not 0 <= index < size:
             raise ValueError(f"index={index} is not in [0, {size})")
         if slots < 2:
             raise ValueError(f"slots={slots} is not valid: a member reads one slot while the next is drawn (>= 2)")
-        chunk = perturber.chunk_size
-        self.perturber, self.index, self.size, self.slots = perturber, index, size, slots
-        self.timeout = timeout
+        self.index, self.size, self.slots, self.chunk, self.timeout = index, size, slots, chunk, timeout
         self.slot_chunks = max(1, -(-slot_elems // chunk))
         self.slot_elems = self.slot_chunks * chunk  # whole chunks
         ctl_len = size + slots + slots * self.slot_chunks  # progress | slot piece | chunk states
         ctl_path = path + ".ctl"
         if create:
             with open(path, "wb") as f:
-                f.truncate(slots * self.slot_elems * 4)
+                f.truncate(slots * self.slot_elems * torch.empty(0, dtype=dtype).element_size())
             with open(ctl_path, "wb") as f:
                 f.truncate(ctl_len * 8)
         barrier()  # the files exist
-        self.flat = torch.from_file(path, shared=True, size=slots * self.slot_elems, dtype=torch.float32)
+        self.flat = torch.from_file(path, shared=True, size=slots * self.slot_elems, dtype=dtype)
         ctl = torch.from_file(ctl_path, shared=True, size=ctl_len, dtype=torch.int64)
         self._fd = os.open(ctl_path, os.O_RDWR)
         barrier()  # every member has mapped and opened them: their names can go
@@ -88,14 +91,11 @@ class NoiseShare:
             with self._locked():
                 self.progress.fill_(-1)
                 self.slot_piece.fill_(-1)
-        barrier()  # initialised before anyone draws
-        self._pieces = 0
-        self.drawn = 0  # elements this rank generated (the work it did)
-        self.served = 0  # elements of z it received (what it would have drawn alone)
-        self.copied = 0  # elements copied out of the slots (views of a slot copy nothing)
-        self.waited_s = 0.0  # seconds spent waiting for other members (a slot to free, chunks being drawn)
+        barrier()  # initialised before anyone computes
+        self.pieces = 0
+        self.computed = 0  # elements this member computed (the work it did)
+        self.waited_s = 0.0  # seconds spent waiting for other members (a slot to free, chunks in progress)
 
-    # -- the control file ---------------------------------------------------------------
     class _Lock:
         def __init__(self, fd: int):
             self.fd = fd
@@ -106,8 +106,8 @@ class NoiseShare:
         def __exit__(self, *exc):
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
-    def _locked(self) -> NoiseShare._Lock:
-        return NoiseShare._Lock(self._fd)
+    def _locked(self) -> SharedPieces._Lock:
+        return SharedPieces._Lock(self._fd)
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         """Poll `ready()` (called under the lock) until true; yield the core in between."""
@@ -123,17 +123,19 @@ class NoiseShare:
             else:
                 time.sleep(1e-4)
             if time.perf_counter() - t0 > self.timeout:
-                raise RuntimeError(f"noise share: member {self.index} of {self.size} waited {self.timeout:.0f} s "
-                                   f"for {what} (piece {self._pieces - 1}): another rank died or hangs")
+                raise RuntimeError(f"node share: member {self.index} of {self.size} waited {self.timeout:.0f} s "
+                                   f"for {what} (piece {self.pieces - 1}): another rank died or hangs")
         self.waited_s += time.perf_counter() - t0
 
-    # -- one piece ----------------------------------------------------------------------
-    def _piece(self, p0: int, p1: int, n: int, seed: int, key: str) -> torch.Tensor:
-        """Elements [p0, p1) of z(seed, key) of an n-element bucket, complete in its slot."""
-        chunk = self.perturber.chunk_size
-        piece, s = self._pieces, self._pieces % self.slots
-        self._pieces += 1
-        chunks = -(-(p1 - p0) // chunk)
+    def piece(self, length: int, compute: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
+        """The next piece (`length` <= slot_elems elements), complete in its slot; valid until this
+        member asks for its next piece."""
+        if length > self.slot_elems:
+            raise ValueError(f"a piece of {length} elements does not fit a slot of {self.slot_elems}")
+        chunk = self.chunk
+        piece, s = self.pieces, self.pieces % self.slots
+        self.pieces += 1
+        chunks = -(-length // chunk)
         state = self.state[s, :chunks]
         with self._locked():
             self.progress[self.index] = piece  # done with every earlier piece
@@ -149,24 +151,59 @@ class NoiseShare:
             return False
 
         if int(self.slot_piece[s]) != piece:
-            self._wait(slot_ready, "a free noise slot")
-        slot = self.flat[s * self.slot_elems :][: p1 - p0]
+            self._wait(slot_ready, "a free shared slot")
+        slot = self.flat[s * self.slot_elems :][:length]
         # claim chunks starting at this member's own run (rotating with the piece count, so
-        # one-chunk buckets are drawn by every member in turn), then wrap around
+        # one-chunk pieces go to every member in turn), then wrap around
         lo, _ = split_run(chunks, (self.index + piece) % self.size, self.size)
         for c in [(lo + i) % chunks for i in range(chunks)]:
             with self._locked():
                 if int(state[c]) != FREE:
                     continue
                 state[c] = CLAIMED
-            a, b = c * chunk, min(p1 - p0, (c + 1) * chunk)
-            self.perturber.fill(slot[a:b], seed, key, start=p0 + a, total=n)
+            a, b = c * chunk, min(length, (c + 1) * chunk)
+            compute(slot, a, b)
             with self._locked():
                 state[c] = DONE
-            self.drawn += b - a
+            self.computed += b - a
         if bool((state != DONE).any()):
-            self._wait(lambda: bool((state == DONE).all()), "noise chunks other ranks are drawing")
+            self._wait(lambda: bool((state == DONE).all()), "chunks other ranks are computing")
         return slot
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class NoiseShare:
+    """Shared draws for the `size` ranks of one node that draw the same z; this rank is `index`
+    (:class:`SharedPieces` with the perturber's chunks)."""
+
+    def __init__(self, perturber: Perturber, index: int, size: int, barrier: Callable[[], None], path: str,
+                 create: bool, slot_elems: int, slots: int = 3, timeout: float = 600.0):
+        self.perturber, self.index, self.size = perturber, index, size
+        self.ring = SharedPieces(index, size, barrier, path, create, slot_elems, perturber.chunk_size,
+                                 slots=slots, timeout=timeout)
+        self.slot_elems = self.ring.slot_elems
+        self.served = 0  # elements of z it received (what it would have drawn alone)
+        self.copied = 0  # elements copied out of the slots (views of a slot copy nothing)
+
+    @property
+    def drawn(self) -> int:
+        """Elements this rank generated (the work it did)."""
+        return self.ring.computed
+
+    @property
+    def waited_s(self) -> float:
+        return self.ring.waited_s
+
+    def _piece(self, p0: int, p1: int, n: int, seed: int, key: str) -> torch.Tensor:
+        """Elements [p0, p1) of z(seed, key) of an n-element bucket, complete in its slot."""
+        def draw(slot, a, b):
+            self.perturber.fill(slot[a:b], seed, key, start=p0 + a, total=n)
+
+        return self.ring.piece(p1 - p0, draw)
 
     def fill(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
         """Write the whole z(seed, key) of a bucket of out.numel() elements into the flat `out`."""
@@ -192,32 +229,81 @@ class NoiseShare:
         return self._piece(0, n, n, seed, key)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.ring.close()
 
 
-def open_node_noise(perturber: Perturber, rank: int, directions: list[int], slot_elems: int) -> NoiseShare | None:
-    """Join the ranks of this node that draw the same directions (a collective: every rank of the
-    default group calls it). Returns None when this rank draws alone."""
+class CopyShare:
+    """Perturbed copies theta + scale z of the visited block made once per node (zo.perturb copy):
+    ranks that run the same signs and directions on identical weights (DDP ranks; the ranks of one
+    sign in 2D) make the same copies in the same order, so each copy is a shared piece whose chunks
+    go to whichever member claims them (:class:`SharedPieces`), and every member's forward reads
+    the shared slot. Bit-identical to each rank making its own copy: an elementwise add per chunk."""
+
+    def __init__(self, index: int, size: int, barrier: Callable[[], None], path: str, create: bool,
+                 slot_elems: int, chunk: int, dtype: torch.dtype = torch.float32, slots: int = 3,
+                 timeout: float = 600.0):
+        self.index, self.size = index, size
+        self.ring = SharedPieces(index, size, barrier, path, create, slot_elems, chunk, dtype, slots, timeout)
+        self.served = 0  # elements of copies it received (what it would have computed alone)
+
+    @property
+    def computed(self) -> int:
+        return self.ring.computed
+
+    def copy(self, master: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+        """theta + scale z of one block (flat, at most one slot), in the shared slot; valid until
+        this rank's next copy."""
+        n = master.numel()
+
+        def add(slot, a, b):
+            torch.add(master[a:b], z[a:b], alpha=scale, out=slot[a:b])
+
+        self.served += n
+        return self.ring.piece(n, add)
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+def _node_groups(rank: int, key, make: Callable) -> object | None:
+    """A collective of the default group: the ranks of this node with the same `key` form a group
+    (gloo subgroup, used while the files open); make(index, size, barrier, path, create) builds
+    this rank's member. None when this rank is alone with its key."""
     import torch.distributed as dist
 
     from .offload import SHM_DIR
 
     world = dist.get_world_size()
-    mine = (os.uname().nodename, tuple(directions))
+    mine = (os.uname().nodename, key)
     keys: list = [None] * world
     dist.all_gather_object(keys, mine)
     name = [os.urandom(8).hex() if rank == 0 else None]
     dist.broadcast_object_list(name, src=0)
-    share = None
-    for gi, key in enumerate(sorted(set(keys))):  # every rank creates every group, in one order
-        members = [r for r, k in enumerate(keys) if k == key]
+    out = None
+    for gi, k in enumerate(sorted(set(keys))):  # every rank creates every group, in one order
+        members = [r for r, kk in enumerate(keys) if kk == k]
         if len(members) < 2:
             continue
         group = dist.new_group(members)
-        if key == mine:
-            path = os.path.join(SHM_DIR, f"distzo2-noise-{name[0]}-{gi}.bin")
-            share = NoiseShare(perturber, members.index(rank), len(members), lambda g=group: dist.barrier(group=g),
-                               path, create=members[0] == rank, slot_elems=slot_elems)
-    return share
+        if k == mine:
+            path = os.path.join(SHM_DIR, f"distzo2-share-{name[0]}-{gi}.bin")
+            out = make(members.index(rank), len(members), lambda g=group: dist.barrier(group=g), path,
+                       members[0] == rank)
+    return out
+
+
+def open_node_noise(perturber: Perturber, rank: int, directions: list[int], slot_elems: int) -> NoiseShare | None:
+    """Join the ranks of this node that draw the same directions (a collective: every rank of the
+    default group calls it). Returns None when this rank draws alone."""
+    return _node_groups(rank, ("noise", tuple(directions)),
+                        lambda i, n, barrier, path, create: NoiseShare(perturber, i, n, barrier, path, create,
+                                                                       slot_elems))
+
+
+def open_node_copies(rank: int, directions: list[int], signs: tuple[bool, bool], slot_elems: int, chunk: int,
+                     dtype: torch.dtype) -> CopyShare | None:
+    """Join the ranks of this node that make the same perturbed copies: same directions and signs
+    (a collective). Returns None when this rank makes its copies alone (PertP: one sign per rank)."""
+    return _node_groups(rank, ("copies", tuple(directions), tuple(signs)),
+                        lambda i, n, barrier, path, create: CopyShare(i, n, barrier, path, create, slot_elems,
+                                                                      chunk, dtype))

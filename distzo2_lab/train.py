@@ -179,11 +179,15 @@ class Run:
             if cfg.offload.tier == "disk":
                 self._open_disk_log()
         if distributed and layout.share_noise and cfg.device == "cpu":
-            from .noise_share import open_node_noise
+            from .models.buckets import DTYPES
+            from .noise_share import open_node_copies, open_node_noise
 
             e = self.engine
-            e.noise_share = open_node_noise(e.perturber, rank, layout.directions(rank, cfg.zo.directions),
-                                            max(b.numel for b in self.adapter.blocks))
+            width = max(b.numel for b in self.adapter.blocks)
+            e.noise_share = open_node_noise(e.perturber, rank, layout.directions(rank, cfg.zo.directions), width)
+            if e.copies:  # the perturbed copies of the blocks, made once by the ranks of the same signs
+                e.copy_share = open_node_copies(rank, layout.directions(rank, cfg.zo.directions), layout.signs(rank),
+                                                width, e.perturber.chunk_size, DTYPES[cfg.precision.storage])
         if resume is not None:
             self._resume(resume)
         if self.start >= cfg.steps:
@@ -229,8 +233,9 @@ class Run:
 
     def close(self) -> None:
         self.engine.perturber.close()
-        if self.engine.noise_share is not None:
-            self.engine.noise_share.close()
+        for share in (getattr(self.engine, "noise_share", None), getattr(self.engine, "copy_share", None)):
+            if share is not None:
+                share.close()
         if self.offload is not None:
             self.offload.close()
         self.log.close()
@@ -311,9 +316,18 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
         "memory": memory_report(run),
         **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
             "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records)),
-            "sliced": run.slicer is not None, "noise_share": _noise_report(engine.noise_share)}
+            "sliced": run.slicer is not None, "noise_share": _noise_report(engine.noise_share),
+            "copy_share": _copy_report(engine.copy_share)}
            if run.exchange is not None else {}),
     }
+
+
+def _copy_report(share) -> dict:
+    """How this rank's perturbed block copies were made: alone (ranks 1), or with `ranks` ranks."""
+    if share is None:
+        return {"ranks": 1}
+    return {"ranks": share.size, "computed_elements": share.computed, "served_elements": share.served,
+            "computed_fraction": share.computed / max(1, share.served)}
 
 
 def _noise_report(share) -> dict:

@@ -189,7 +189,9 @@ def test_nspsa_layouts_equal_the_single_rank_engine():
 def test_copy_perturbation_layouts_equal_the_single_rank_engine():
     """zo.perturb='copy': a PertP rank copies theta + eps z or theta - eps z only (never the round
     trip). PertP(2) equals the single rank bit for bit; 2D(2x2) sliced over the host store equals
-    DDP(2) bit for bit, and both the single rank within float order (as in place)."""
+    DDP(2) bit for bit, and both the single rank within float order (as in place). The ranks of
+    the same signs make each block's copy once between them (noise_share.CopyShare), bit for bit
+    what each rank makes alone."""
     cfg = dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, perturb="copy"))
     single = train(cfg, progress=False)
     assert single["config"]["zo"]["perturb"] == "copy" and single["digest"] != train(CFG, progress=False)["digest"]
@@ -199,6 +201,13 @@ def test_copy_perturbation_layouts_equal_the_single_rank_engine():
     two_d = run_layout(Layout(dp=2, pert=2, slice=True), dataclasses.replace(cfg, offload=OffloadConfig(tier="host")))
     assert {r["digest"] for r in two_d.values()} == {ddp[0]["digest"]} == {r["digest"] for r in ddp.values()}
     assert two_d[0]["steps"] == ddp[0]["steps"]
+    alone = run_layout(Layout(dp=2, pert=1, share_noise=False), cfg)  # every rank draws and copies alone
+    assert {r["digest"] for r in alone.values()} == {ddp[0]["digest"]} and alone[0]["steps"] == ddp[0]["steps"]
+    assert {r["copy_share"]["ranks"] for r in [*alone.values(), *pertp.values()]} == {1}
+    for shared, group in ((ddp, 2), (two_d, 2)):  # DDP: both ranks; 2D: the two ranks of each sign
+        reports = [r["copy_share"] for r in shared.values()]
+        assert {c["ranks"] for c in reports} == {group}
+        assert sum(c["computed_elements"] for c in reports) == sum(c["served_elements"] for c in reports) / group
     for mine, ref in zip(ddp[0]["steps"], single["steps"]):
         assert mine["loss_plus"] == pytest.approx(ref["loss_plus"], rel=1e-5)
         assert mine["projected_grad"] == pytest.approx(ref["projected_grad"], abs=5e-3)

@@ -94,7 +94,7 @@ def test_a_member_that_never_comes_raises_after_the_timeout(tmp_path):
     _, (a, _b) = members(tmp_path, slots=2, timeout=0.5)
     a.view(torch.empty(CHUNK), 0, "b")
     a.view(torch.empty(CHUNK), 1, "b")
-    with pytest.raises(RuntimeError, match="member 0 of 2 waited 0 s for a free noise slot.*died or hangs"):
+    with pytest.raises(RuntimeError, match="member 0 of 2 waited 0 s for a free shared slot.*died or hangs"):
         a.view(torch.empty(CHUNK), 2, "b")
 
 

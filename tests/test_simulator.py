@@ -209,16 +209,21 @@ def test_ranks_beyond_the_cores_share_them_moment_by_moment():
 
 def test_shared_noise_splits_the_draws_without_a_barrier():
     """noise_share.py: the ranks of a node share each whole-bucket draw chunk by chunk (whoever
-    claims a chunk first draws it), so each draws about 1 / G of z on average, and no barrier ties
-    the ranks together: a shared draw starts whenever the rank gets there."""
+    claims a chunk first draws it). Ranks arriving together split a piece by whole chunks, so each
+    waits for ceil(chunks / size) of them: OPT-125m's 7-chunk blocks cost 4 chunks instead of 7,
+    a tiny block (one chunk) costs every rank the whole draw; each shared piece adds the measured
+    `share_us`, and no barrier ties the ranks together."""
     hw = _cpu(barrier_us={2: 300.0}, collective_us={2: 300.0})
-    for model in ("opt-125m", "tiny"):
+    for model, ratio in (("opt-125m", 4 / 7), ("tiny", 1.0)):
         w = Workload(model=model, batch=1, seq=16, precision=PrecisionConfig(), tier="host")
         alone = simulate(w, Layout(pert=2, share_noise=False), hw)
         shared = simulate(w, Layout(pert=2, share_noise=True), hw)
-        for r in (0, 1):
-            assert _busy(shared, r, "rng") < 0.8 * _busy(alone, r, "rng")
+        draws = [sum(s.seconds for s in sim.steady_spans() if s.rank == 0 and s.phase == "rng" and s.block >= 0)
+                 for sim in (alone, shared)]
+        assert draws[1] == pytest.approx(ratio * draws[0], rel=0.15)
         assert _busy(shared, 0, "rng") == pytest.approx(_busy(shared, 1, "rng"), rel=0.05)
+    costly = simulate(w, Layout(pert=2, share_noise=True), dataclasses.replace(hw, share_us={2: 500.0}))
+    assert _busy(costly, 0, "rng") > _busy(shared, 0, "rng") + 0.5e-3  # the tiny model's pieces pay 500 us each
 
 
 def test_disk_tier_with_several_ranks_commits_on_the_leader_after_a_barrier():

@@ -184,9 +184,37 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         barrier = _mean_time(dist.barrier, rounds)
         scalar = _mean_time(gather(4), rounds)  # the loss exchange: 4 float64 per rank
         big = median_time(gather(nbytes // 4 // world), repeats=repeats)
-        return {"busy_s": busy, "barrier_s": barrier, "scalar_s": scalar, "big_s": big}
+        dist.barrier()
+        share = _share_probe(rank, world, rounds)
+        return {"busy_s": busy, "barrier_s": barrier, "scalar_s": scalar, "big_s": big, "share_s": share}
     finally:
         dist.destroy_process_group()
+
+
+def _share_probe(rank: int, world: int, rounds: int, chunk: int = 4096) -> float:
+    """Mean seconds per shared noise piece of one chunk (noise_share.NoiseShare among the probe's
+    ranks, all drawing the same pieces) beyond drawing the chunk alone: claims, locks, waiting for
+    the member that drew it, polling."""
+    import torch.distributed as dist
+
+    from ..noise_share import NoiseShare
+    from ..offload import SHM_DIR
+    from ..perturb import Perturber
+
+    p = Perturber("gaussian", chunk, 1)
+    buf = torch.empty(chunk)
+    alone = median_time(lambda: p.fill(buf, 1, "probe"), repeats=20, warmup=2)
+    name = [os.urandom(8).hex() if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    share = NoiseShare(p, rank, world, dist.barrier, os.path.join(SHM_DIR, f"distzo2-probe-{name[0]}.bin"),
+                       create=rank == 0, slot_elems=chunk)
+    try:
+        k = iter(range(10**9))
+        share.view(buf, 0, "probe")
+        dist.barrier()
+        return max(0.0, _mean_time(lambda: share.view(buf, next(k), "probe"), rounds) - alone)
+    finally:
+        share.close()
 
 
 def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
@@ -194,7 +222,7 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
     from ..launch import launch as start
 
     r = start(gloo_probe, world, (nbytes, repeats), timeout=180).wait()
-    out = {k: statistics.median(v[k] for v in r.values()) for k in ("busy_s", "barrier_s", "scalar_s")}
+    out = {k: statistics.median(v[k] for v in r.values()) for k in ("busy_s", "barrier_s", "scalar_s", "share_s")}
     out["big_s"] = max(v["big_s"] for v in r.values())
     return out
 
@@ -237,13 +265,14 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     shared = _copy_gbps(64 << 20, 2)
     disk_read, disk_write = _disk_gbps(directory, 64 << 20)
     latency_us, peer = 200.0, 1.0
-    barrier_us, collective_us, contention = {}, {}, {1: 1.0}
+    barrier_us, collective_us, share_us, contention = {}, {}, {}, {1: 1.0}
     if collectives:
         small_alone = _threads(1, lambda: (small(), _mean_time(small, 40))[1])
         for world in worlds:
             r = probe_ranks(world)
             barrier_us[world] = r["barrier_s"] * 1e6
             collective_us[world] = r["scalar_s"] * 1e6
+            share_us[world] = r["share_s"] * 1e6
             contention[world] = max(1.0, r["busy_s"] / small_alone)
             if world == 2:
                 latency_us = collective_us[2]
@@ -258,6 +287,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
         thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
         call_us=call_us, embed_us=embed_us, visit_us=visit_us, barrier_us=barrier_us, collective_us=collective_us,
+        share_us=share_us,
         contention=contention,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")

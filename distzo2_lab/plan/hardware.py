@@ -75,6 +75,10 @@ class Hardware:
     collective_us: dict = field(default_factory=dict)
     """Measured fixed cost of a scalar all-gather (the loss exchange) among W processes {W: us},
     measured like `barrier_us`. Empty: `peer_latency_us` x (W - 1)."""
+    share_us: dict = field(default_factory=dict)
+    """'cpu' only: measured fixed cost of one shared noise piece among W ranks {W: us}, beyond drawing
+    it: the claims under the node's lock, waiting for the member drawing a chunk, polling
+    (noise_share.py). Empty: `call_us`."""
     contention: dict = field(default_factory=dict)
     """'cpu' only: measured slow-down of one single-threaded rank's compute when W ranks compute at
     once {W: factor >= 1} (oversubscription of the cores, shared caches and memory). Empty: the cores

@@ -257,17 +257,23 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
 
     def draw(prog: _Program, r: int, elements: int, phase: str, block: int) -> None:
         """z of a whole bucket: drawn alone, or shared with the ranks of `shared`: each piece's chunks
-        go to whichever member claims them first, so a member that arrives early draws more and a
-        late one less; on average each draws 1 / size of every piece (no barrier: the claims live in
-        shared memory), and pays one lock round trip per chunk and the copy out of the slot."""
+        go to whichever member claims them first. Members that arrive together split a piece by
+        whole chunks, so each waits for the longest run, ceil(chunks / size) chunks (a one-chunk
+        piece costs every member the whole draw); plus the measured fixed cost of a shared piece
+        at the group's size (`share_us`: claims, locks, polling) and the copy out of the slot.
+        No barrier ties the ranks together: a late member finds its z drawn."""
         members = shared.get(r)
         if not members:
             prog.work(phase, elements * rng + call)
             return
         size = len(members)
+        fixed = hw.per_world("share_us", size)
+        fixed = call if fixed is None else fixed * 1e-6
         for p0 in range(0, elements, slot):
             piece = min(slot, elements - p0)
-            prog.work(phase, piece * rng / size + -(-piece // chunk) * call + piece * copy_per_element)
+            chunks = -(-piece // chunk)
+            longest = min(piece, -(-chunks // size) * chunk)
+            prog.work(phase, longest * rng + fixed + piece * copy_per_element)
 
     def update(prog, r, elements, block, local=False) -> None:
         """The deferred update of a bucket: q draws of z and q axpy passes."""
