@@ -282,3 +282,22 @@ def test_copy_perturbation_spares_a_pertp_rank_the_round_trip():
         simulate(dataclasses.replace(w, perturb="both"), Layout(), A100)
     with pytest.raises(ConfigError, match="perturb='in-place' with 2 directions"):
         simulate(dataclasses.replace(w, perturb="in-place", directions=2), Layout(), A100)
+
+
+def test_copy_share_splits_the_block_copies_of_ranks_with_the_same_signs():
+    """zo.perturb copy (noise_share.CopyShare): DDP ranks make each block's perturbed copy once
+    between them (OPT-125m: the longest run is 4 of 7 chunks); PertP ranks run different signs and
+    copy alone; in 2D the two ranks of each sign share."""
+    from distzo2_lab.plan.simulator import copy_groups_of
+
+    hw = _cpu(barrier_us={2: 300.0, 4: 300.0}, collective_us={2: 300.0, 4: 300.0})
+    assert copy_groups_of(Layout(dp=2), hw, 1) == {0: (0, 1), 1: (0, 1)}
+    assert copy_groups_of(Layout(pert=2), hw, 1) == {}
+    assert copy_groups_of(Layout(dp=2, share_noise=False), hw, 1) == {}
+    two_d = Layout(dp=2, pert=2)
+    groups = copy_groups_of(two_d, hw, 1)
+    assert len(groups) == 4 and all(len(m) == 2 and len({two_d.signs(x) for x in m}) == 1 for m in groups.values())
+    w = Workload(model="opt-125m", batch=1, seq=16, precision=PrecisionConfig(), tier="resident", perturb="copy")
+    shared = simulate(w, Layout(dp=2), hw)
+    alone = simulate(w, Layout(dp=2, share_noise=False), hw)
+    assert _busy(shared, 0, "perturb") == pytest.approx(4 / 7 * _busy(alone, 0, "perturb"), rel=0.1)

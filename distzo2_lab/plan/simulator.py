@@ -201,6 +201,13 @@ def noise_groups(layout: Layout, hw: Hardware, q: int) -> dict[int, tuple[int, .
     return out
 
 
+def copy_groups_of(layout: Layout, hw: Hardware, q: int) -> dict[int, tuple[int, ...]]:
+    """CPU ranks that share the perturbed block copies (zo.perturb copy, noise_share.CopyShare): the
+    ranks of a node sharing the noise that also run the same signs."""
+    noise = noise_groups(layout, hw, q)
+    return {r: m for r in noise if len(m := tuple(x for x in noise[r] if layout.signs(x) == layout.signs(r))) > 1}
+
+
 class _Program:
     """One rank's compute-lane program: fixed work is gathered into segments, and a collective (a
     barrier of the noise-sharing ranks, a commit barrier) cuts it into tasks around a group task."""
@@ -275,6 +282,19 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             longest = min(piece, -(-chunks // size) * chunk)
             prog.work(phase, longest * rng + fixed + piece * copy_per_element)
 
+    copy_groups = copy_groups_of(layout, hw, q) if copies else {}
+
+    def copy_cost(r: int, elements: int) -> float:
+        """One perturbed copy of a block: alone, or shared by the ranks of the same signs
+        (noise_share.CopyShare: chunks claimed like the noise, ceil(chunks / size) on the longest run)."""
+        members = copy_groups.get(r)
+        if not members:
+            return elements * axpy + call
+        size = len(members)
+        fixed = hw.per_world("share_us", size)
+        chunks = -(-elements // chunk)
+        return min(elements, -(-chunks // size) * chunk) * axpy + (call if fixed is None else fixed * 1e-6)
+
     def update(prog, r, elements, block, local=False) -> None:
         """The deferred update of a bucket: q draws of z and q axpy passes."""
         for _ in range(q):
@@ -347,7 +367,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                     for _ in mine:
                         draw(prog, r, elem, "rng", i)
                         for _ in range(signs):
-                            prog.work("perturb", elem * axpy + call)  # the perturbed copy
+                            prog.work("perturb", copy_cost(r, elem))  # the perturbed copy
                             prog.work("forward", cost.block_pass)
                 prev = prog.close("visit", i)
                 if streamed:
@@ -363,8 +383,9 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                     if len(mine) > 1:
                         for elem in res_buckets:
                             draw(prog, r, elem, "rng", -1)
-                    for _ in range(signs):
-                        prog.work("head", sum(elem * axpy + call for elem in res_buckets))
+                    for k in range(signs):
+                        if len(mine) > 1 or k > 0:  # one direction: the last embedding copy is reused first
+                            prog.work("head", sum(elem * axpy + call for elem in res_buckets))
                         prog.work("head", cost.head_pass)
             head = prog.close("head", -1)
             if w.tier == "disk" and world == 1:  # commit on the offload lane after the step's writes
