@@ -82,6 +82,10 @@ def _rates(hw) -> str:
             f"copies {hw.h2d_gbps:.1f} GB/s")
     if hw.contention:
         text += ", contention " + _per_world({k: v for k, v in hw.contention.items() if int(k) > 1}, "x")
+    if hw.share_us:
+        text += ", shared noise piece " + _per_world(hw.share_us, "us")
+    if hw.peer_gbps_by_world:
+        text += ", all-gather " + ", ".join(f"{k}: {v:.2f} GB/s" for k, v in hw.peer_gbps_by_world.items())
     return text
 
 
@@ -132,7 +136,9 @@ def main() -> None:
     print(f"calibrated: {hw.rate_by_width} TFLOP/s per thread by width, noise {hw.rng_gsamples:.3f} G/s, "
           f"copies {hw.h2d_gbps:.1f} GB/s, visit hand-off {hw.visit_us:.0f} us, block pass {hw.launch_us:.0f} us")
     print(f"  between processes (W: value): barrier {_per_world(hw.barrier_us, 'us')}, scalar all-gather "
-          f"{_per_world(hw.collective_us, 'us')}, compute contention {_per_world(hw.contention, 'x')}")
+          f"{_per_world(hw.collective_us, 'us')}, compute contention {_per_world(hw.contention, 'x')}, "
+          f"shared noise piece {_per_world(hw.share_us, 'us')}, all-gather "
+          + ", ".join(f"{k}: {v:.2f} GB/s" for k, v in hw.peer_gbps_by_world.items()))
     models = ["tiny"] if a.quick else ["tiny", "opt-125m"]
     beside = not a.one_calibration
     print(f"\n{'model':>9} {'tier':>8} {'layout':>10} {'world':>5} {'threads':>7} {'predicted':>10} {'measured':>10} "

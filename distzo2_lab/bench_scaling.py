@@ -29,6 +29,16 @@ themselves (time slices, caches refilled after each switch). The rows also give 
 turn-taking were free, `ideal_two_rank` = tokens/s(world 1) x min(W, total_threads) x T2 /
 T1c(total_threads) (the same as ideal(W) for W <= total_threads), and the share of it reached.
 
+The ideals above time forwards of the whole global batch, but a DDP rank runs both signs on its
+1 / dp share of it, and smaller matrices run slower per FLOP (the head's logits too). Every run
+therefore also times, after its steps and with all its ranks at once, each rank's own forwards of
+one step (one per sign it runs, over its micro-batch; world 1: two of the global batch), and
+`ideal_layout` = tokens/s(world 1) x F(world 1) / F(layout), F = the slowest rank's forwards:
+what the layout's ranks could reach if a ZO step were its forwards and nothing else, so
+"% layout" = measured / ideal_layout is the share the engine's own work (noise, updates, copies,
+exchange, waits) leaves. For PertP it equals the world ideal (a rank's forward is one pass of the
+global batch).
+
 The ideal counts forwards only, and a ZO step also draws z for every parameter (twice: the
 deferred update and this step's perturbation; ~6 ns per element per thread with CPU ``normal_``).
 One rank spreads that over all threads; W ranks that each drew all of z would do W times the work.
@@ -93,8 +103,12 @@ def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout
             forward_s = None
             if forward_repeats > 0:
                 forward_s = _time_forward(run.adapter, task.batch(1)["input_ids"], forward_repeats)
+            # this rank's own forwards of one step: one per sign it runs, over its micro-batch
+            passes = sum(layout.signs(rank)) if world_size > 1 else 2
+            step_forward_s = _time_forward(run.adapter, run.micro_batch(task.batch(1))["input_ids"],
+                                           max(1, forward_repeats), passes)
             share = engine.noise_share
-            return {"seconds": seconds, "forward_s": forward_s,
+            return {"seconds": seconds, "forward_s": forward_s, "step_forward_s": step_forward_s,
                     "noise_drawn_fraction": share.drawn / share.served if share is not None else 1.0}
         finally:
             run.close()
@@ -102,13 +116,14 @@ def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout
         dist.destroy_process_group()
 
 
-def _time_forward(adapter, ids: torch.Tensor, repeats: int) -> float:
-    """Median no-grad forward seconds; one warm-up, then every rank of the group starts together."""
+def _time_forward(adapter, ids: torch.Tensor, repeats: int, passes: int = 1) -> float:
+    """Median seconds of `passes` no-grad forwards; one warm-up, then every rank of the group starts together."""
     from .zo import compute_context
 
     def forward():
         with torch.no_grad(), compute_context("fp32", ids.device):
-            adapter.loss(adapter.forward(ids), ids)
+            for _ in range(passes):
+                adapter.loss(adapter.forward(ids), ids)
 
     forward()
     dist.barrier()
@@ -181,6 +196,7 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
             layout = Layout(layout.dp, layout.pert, share_noise=share_noise)
             plan.append((name, world, tpr, cfg, layout, forward_repeats if want_t2 or want_t1 else 0, want_t2, want_t1))
     runs: dict = {}
+    step_fwd: dict = {}  # (layout, world) -> the slowest rank's own forwards of one step, each round
     t2s, t1s = [], {}  # t1s: world -> T1c(W) of each round
     for rep in range(repeats):
         for name, world, _, cfg, layout, reps, want_t2, want_t1 in plan:
@@ -192,6 +208,7 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
             if want_t1:
                 t1s.setdefault(world, []).append(statistics.mean(v["forward_s"] for v in per_rank.values()))
             secs = {r: v["seconds"] for r, v in per_rank.items()}
+            step_fwd.setdefault((name, world), []).append(max(v["step_forward_s"] for v in per_rank.values()))
             runs.setdefault((name, world), []).append((max(secs.values()), [secs[r] for r in sorted(secs)],
                                                        per_rank[0].get("noise_drawn_fraction")))
     if total_threads not in t1s:  # total_threads is not one of WORLDS: measure its concurrent forward apart
@@ -209,7 +226,12 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
                      "seconds": seconds, "rank_seconds": rank_seconds, "tokens_per_s": tokens / seconds,
                      "tokens_per_s_runs": [tokens / g[0] for g in got], "noise_drawn_fraction": drawn})
     base = next(r["tokens_per_s"] for r in rows if r["world"] == 1)
+    base_fwd = min(step_fwd[next((r["layout"], 1) for r in rows if r["world"] == 1)])
     for r in rows:
+        f = min(step_fwd[(r["layout"], r["world"])])
+        r["step_forward_s"] = f
+        r["ideal_layout_tokens_per_s"] = base * base_fwd / f
+        r["of_ideal_layout"] = r["tokens_per_s"] / r["ideal_layout_tokens_per_s"]
         r["vs_world1"] = r["tokens_per_s"] / base
         w = r["world"]
         r["ideal_two_rank_tokens_per_s"] = base if w == 1 else base * min(w, total_threads) * t2 / t1c
@@ -244,7 +266,7 @@ def format_scaling(r: dict) -> str:
             lines.append(f"forward: {t:.3f} s each on {w} concurrent single-threaded ranks (taking turns on "
                          f"{r['total_threads']} threads) -> ideal gain {w * r['forward_s_total_threads'] / t:.2f}x")
     lines.append(f"{'layout':>7} {'world':>5} {'thr/rank':>8} {'tokens/s':>10} {'vs world-1':>10} {'ideal':>10} "
-                 f"{'% ideal':>8} {'% 2-rank':>8} {'z drawn':>8}  runs (tokens/s)")
+                 f"{'% ideal':>8} {'% 2-rank':>8} {'% layout':>8} {'z drawn':>8}  runs (tokens/s)")
     for row in r["rows"]:
         flag = "  (oversubscribed)" if row["oversubscribed"] else ""
         drawn = row.get("noise_drawn_fraction")
@@ -252,15 +274,21 @@ def format_scaling(r: dict) -> str:
         two = row.get("of_ideal_two_rank", row["of_ideal"])
         lines.append(f"{row['layout']:>7} {row['world']:>5} {row['threads_per_rank']:>8} {row['tokens_per_s']:>10.1f} "
                      f"{row['vs_world1']:>9.2f}x {row['ideal_tokens_per_s']:>10.1f} {100 * row['of_ideal']:>7.0f}% "
-                     f"{100 * two:>7.0f}% {'-' if drawn is None else f'{100 * drawn:.0f}%':>8}  {runs}{flag}")
+                     f"{100 * two:>7.0f}% {_pct(row.get('of_ideal_layout')):>8} "
+                     f"{'-' if drawn is None else f'{100 * drawn:.0f}%':>8}  {runs}{flag}")
     for s in r["skipped"]:
         lines.append(f"skipped {s['layout']} at world {s['world']}: {s['reason']}")
     lines.append("% ideal: of the ideal from this world's own concurrent forwards; % 2-rank: of the ideal "
-                 "if taking turns on the cores cost nothing (total_threads ranks' forwards, times min(W, threads))")
+                 "if taking turns on the cores cost nothing (total_threads ranks' forwards, times min(W, threads)); "
+                 "% layout: of the ideal from each rank's own forwards of a step (its signs, its micro-batch)")
     lines.append("z drawn: the share of every rank's noise that rank 0 generated itself (the rest came from "
                  "its node's ranks through shared memory; whoever is there first draws)")
     lines.extend(f"note: {n}" for n in r["notes"])
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def to_json(r: dict) -> str:

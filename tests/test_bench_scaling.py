@@ -27,7 +27,8 @@ def test_scaling_runs_every_valid_layout():
     assert [(s["layout"], s["world"]) for s in r["skipped"]] == [("PertP", 4)]  # pert must be 1 or 2
     for row in r["rows"]:
         for key in ("seconds", "tokens_per_s", "vs_world1", "ideal_tokens_per_s", "of_ideal",
-                    "ideal_two_rank_tokens_per_s", "of_ideal_two_rank"):
+                    "ideal_two_rank_tokens_per_s", "of_ideal_two_rank", "step_forward_s", "ideal_layout_tokens_per_s",
+                    "of_ideal_layout"):
             assert _positive(row[key]), (row["layout"], row["world"], key, row[key])
         assert len(row["rank_seconds"]) == row["world"] and len(row["tokens_per_s_runs"]) == 2
         assert row["tokens_per_s"] == max(row["tokens_per_s_runs"])  # best of the rounds
@@ -46,6 +47,12 @@ def test_scaling_runs_every_valid_layout():
         assert math.isclose(row["ideal_two_rank_tokens_per_s"],
                             base if w == 1 else base * 2 * r["forward_s_total_threads"] / t1[2])
     assert "concurrent single-threaded ranks (taking turns" in format_scaling(r)
+    # each layout's own forwards: world 1's ideal is itself; the others scale by F(world 1) / F(layout)
+    one = next(row for row in r["rows"] if row["world"] == 1)
+    assert math.isclose(one["ideal_layout_tokens_per_s"], one["tokens_per_s"])
+    for row in r["rows"]:
+        assert math.isclose(row["ideal_layout_tokens_per_s"], base * one["step_forward_s"] / row["step_forward_s"])
+    assert "% layout" in format_scaling(r)
     assert any("oversubscribe" in n for n in r["notes"])
     assert r["forward_s_total_threads"] == min(r["forward_s_total_threads_runs"])
     text = format_scaling(r)

@@ -265,7 +265,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     shared = _copy_gbps(64 << 20, 2)
     disk_read, disk_write = _disk_gbps(directory, 64 << 20)
     latency_us, peer = 200.0, 1.0
-    barrier_us, collective_us, share_us, contention = {}, {}, {}, {1: 1.0}
+    barrier_us, collective_us, share_us, contention, peer_by_world = {}, {}, {}, {1: 1.0}, {}
     if collectives:
         small_alone = _threads(1, lambda: (small(), _mean_time(small, 40))[1])
         for world in worlds:
@@ -273,6 +273,8 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
             barrier_us[world] = r["barrier_s"] * 1e6
             collective_us[world] = r["scalar_s"] * 1e6
             share_us[world] = r["share_s"] * 1e6
+            # each rank receives (W - 1) / W of the 16 MB gathered
+            peer_by_world[world] = (world - 1) / world * (16 << 20) / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
             contention[world] = max(1.0, r["busy_s"] / small_alone)
             if world == 2:
                 latency_us = collective_us[2]
@@ -287,7 +289,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
         thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
         call_us=call_us, embed_us=embed_us, visit_us=visit_us, barrier_us=barrier_us, collective_us=collective_us,
-        share_us=share_us,
+        share_us=share_us, peer_gbps_by_world=peer_by_world,
         contention=contention,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")

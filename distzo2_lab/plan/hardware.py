@@ -75,6 +75,9 @@ class Hardware:
     collective_us: dict = field(default_factory=dict)
     """Measured fixed cost of a scalar all-gather (the loss exchange) among W processes {W: us},
     measured like `barrier_us`. Empty: `peer_latency_us` x (W - 1)."""
+    peer_gbps_by_world: dict = field(default_factory=dict)
+    """'cpu' only: all-gather bandwidth measured among W processes {W: GB/s} (bytes each rank receives
+    per second); replaces `peer_gbps` at that world size. Empty: `peer_gbps`."""
     share_us: dict = field(default_factory=dict)
     """'cpu' only: measured fixed cost of one shared noise piece among W ranks {W: us}, beyond drawing
     it: the claims under the node's lock, waiting for the member drawing a chunk, polling

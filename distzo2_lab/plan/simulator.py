@@ -13,6 +13,7 @@ works on simulated ones.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from dataclasses import dataclass, field
 
@@ -607,6 +608,9 @@ def simulate(w: Workload, layout: Layout, hw: Hardware, steps: int = 3, threads:
         raise ValueError(f"steps={steps} is not valid; the steady state needs steps >= 2")
     if threads is None:
         threads = max(1, (hw.cores or 1) // layout.world_size) if hw.kind == "cpu" else 1
+    peer = hw.per_world("peer_gbps_by_world", layout.world_size) if layout.world_size > 1 else None
+    if peer is not None:  # the all-gather bandwidth measured among this many ranks
+        hw = dataclasses.replace(hw, peer_gbps=peer)
     g = build_graph(w, layout, hw, steps, threads)
     run_graph(g, hw, cpu_cores(hw, threads, layout.world_size) if hw.kind == "cpu" and layout.world_size > 1 else None)
     ends = sorted((t.step, t.end) for t in g.tasks if t.phase == "exchange" and t.rank == 0)
