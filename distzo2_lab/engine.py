@@ -231,7 +231,7 @@ class ZO2Engine:
             raise ValueError("a rank that runs only some signs or directions needs exchange= to combine the losses")
         self.micro_batches = micro_batches
         self.copies = copies_perturbation(zo)  # passes read theta +- eps z copies (zo.perturb)
-        self._oop = None  # n-SPSA: the perturbed copy of the visited block (working dtype)
+        self._oop = None  # copies / n-SPSA: this rank's perturbed copy of the visited block (working dtype)
         self.exchange = exchange
         self.slicer = slicer  # streamed blocks arrive as this rank's shard; see _assemble
         self._skip_pending = False
@@ -382,8 +382,6 @@ class ZO2Engine:
         seeds = [(j, direction_seed(seed, j)) for j in self.directions]
         hs = self.resident.begin_directions(seeds, [(ids, mask) for ids, _, mask in micro])
         signed = self.resident._signed(eps)
-        if self._oop is None:
-            self._oop = torch.empty(self._width, dtype=DTYPES[self.precision.storage], device=self.device)
 
         def visit(i: int, b: ParamBucket) -> None:
             self._apply_pending(b, self._z_block, i)
@@ -407,6 +405,8 @@ class ZO2Engine:
         ranks running the same signs share the work; valid until this rank's next copy)."""
         if self.copy_share is not None:
             return self.copy_share.copy(b.master, z, scale)
+        if self._oop is None:  # allocated on first use: ranks that share their copies hold none
+            self._oop = torch.empty(self._width, dtype=DTYPES[self.precision.storage], device=self.device)
         return perturbed_copy(self._oop[: b.numel], b.master, z, scale)
 
     @torch.no_grad()
