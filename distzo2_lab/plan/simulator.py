@@ -263,6 +263,15 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
     axpy, rng, call = cost.axpy_per_element, cost.rng_per_element, cost.call
     copy_per_element = 8 / (hw.memory_gbps * 1e9 * cost.speed)  # read + write one fp32
 
+    def shared_piece(elements: int, size: int, per_element: float) -> float:
+        """A piece computed by `size` ranks claiming its chunks (noise_share.SharedPieces): ranks
+        arriving together wait for the longest run, ceil(chunks / size) chunks, plus the measured
+        fixed cost of a shared piece at that size (`share_us`; `call` when not calibrated)."""
+        fixed = hw.per_world("share_us", size)
+        chunks = -(-elements // chunk)
+        longest = min(elements, -(-chunks // size) * chunk)
+        return longest * per_element + (call if fixed is None else fixed * 1e-6)
+
     def draw(prog: _Program, r: int, elements: int, phase: str, block: int) -> None:
         """z of a whole bucket: drawn alone, or shared with the ranks of `shared`: each piece's chunks
         go to whichever member claims them first. Members that arrive together split a piece by
@@ -274,14 +283,9 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         if not members:
             prog.work(phase, elements * rng + call)
             return
-        size = len(members)
-        fixed = hw.per_world("share_us", size)
-        fixed = call if fixed is None else fixed * 1e-6
         for p0 in range(0, elements, slot):
             piece = min(slot, elements - p0)
-            chunks = -(-piece // chunk)
-            longest = min(piece, -(-chunks // size) * chunk)
-            prog.work(phase, longest * rng + fixed + piece * copy_per_element)
+            prog.work(phase, shared_piece(piece, len(members), rng) + piece * copy_per_element)
 
     copy_groups = copy_groups_of(layout, hw, q) if copies else {}
 
@@ -289,12 +293,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         """One perturbed copy of a block: alone, or shared by the ranks of the same signs
         (noise_share.CopyShare: chunks claimed like the noise, ceil(chunks / size) on the longest run)."""
         members = copy_groups.get(r)
-        if not members:
-            return elements * axpy + call
-        size = len(members)
-        fixed = hw.per_world("share_us", size)
-        chunks = -(-elements // chunk)
-        return min(elements, -(-chunks // size) * chunk) * axpy + (call if fixed is None else fixed * 1e-6)
+        return shared_piece(elements, len(members), axpy) if members else elements * axpy + call
 
     def update(prog, r, elements, block, local=False) -> None:
         """The deferred update of a bucket: q draws of z and q axpy passes."""
