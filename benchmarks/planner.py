@@ -4,15 +4,16 @@
 
 1. `distzo2 plan calibrate` measures this machine (rates and lanes) into DIR/this-machine.json.
 2. Predicted vs measured seconds per step (steady state, after the first step) for the tiny and
-   OPT-125m shapes, resident / host / disk tiers, world sizes 1, 2 and 4 (real runs: ``train()``
-   for one rank; for several, the ranks of one world size are launched once and run that size's
-   cases in turn, ``check.measure_many``, after an untimed warm-up run; several disk-tier ranks
-   share one store directory, the leader commits). One torch thread per rank: world 4
-   oversubscribes the 2 cores (the calibration measures that contention), and two-threaded
-   resident runs are erratic under load. --quick: the tiny shape only, and no multi-process
-   probes. --nspsa: also pert=4 with two n-SPSA directions (host tier). Each (model, world size)
-   group is predicted from a calibration taken right before its runs (the machine's speed moves
-   between minutes); the start's calibration predicts it too (--one-calibration: only that).
+   OPT-125m shapes, resident / host / disk tiers, world sizes 1, 2 and 4 (real runs: ``train()`` for
+   one rank; for several, the ranks of one world size are launched once and run that size's cases in
+   turn, ``check.measure_many``, after an untimed warm-up run; several disk-tier ranks share one
+   store directory, the leader commits). One torch thread per rank: world 4 oversubscribes the 2
+   cores (the calibration measures that contention), and two-threaded resident runs are erratic
+   under load. The tiny shape runs at least 30 steps (MIN_STEPS). --quick: the tiny shape only, and
+   no multi-process probes. --nspsa: also pert=4 with two n-SPSA directions (host tier). Each
+   (model, world size) group is predicted from a calibration taken right before its runs (the
+   machine's speed moves between minutes); the start's calibration predicts it too
+   (--one-calibration: only that).
 3. Predicted vs measured peak RSS above the process baseline for the host and disk tiers (fresh
    processes, ``bench_offload.peak_memory_subprocess``).
 4. The published checks: ZO2 peak GPU memory, DistZO2 trace shares and headline.
@@ -33,6 +34,9 @@ from distzo2_lab.plan.memory import Workload, memory_plan
 from distzo2_lab.plan.paper import format_paper_checks, headline, trace_shares, zo2_memory_check
 
 SHAPES = {"tiny": (8, 32), "opt-125m": (2, 64)}  # batch per dp group, sequence length
+# the tiny shape's steps take 5-60 ms: 30 of them, so that the median step is not one hiccup of the
+# OS scheduler or of the other jobs on this machine (OPT-125m's take seconds: --steps)
+MIN_STEPS = {"tiny": 30}
 CASES = [  # (tier, name, layout): every tier at world sizes 1, 2 and 4
     ("resident", "single", Layout()), ("host", "single", Layout()), ("disk", "single", Layout()),
     ("resident", "PertP", Layout(1, 2)), ("host", "PertP", Layout(1, 2)), ("host", "DDP", Layout(2, 1)),
@@ -66,10 +70,11 @@ def timing_rows(hw, models, steps: int, extra: list | None = None, directory: st
             if beside:
                 now = calibrate(directory, collectives=collectives and world > 1, worlds=(world,), save=False)
                 print(f"  calibration beside {model} world {world}: {_rates(now)}", flush=True)
-            for (w, layout), (_, name, _), m in zip(items, cases, measure_many(items, steps, threads=1)):
-                r = compare(w, layout, now, steps=steps, threads=1, measured=m)
+            n = max(steps, MIN_STEPS.get(model, 0))
+            for (w, layout), (_, name, _), m in zip(items, cases, measure_many(items, n, threads=1)):
+                r = compare(w, layout, now, steps=n, threads=1, measured=m)
                 r.pop("simulation"), r.pop("measured")
-                start = compare(w, layout, hw, steps=steps, threads=1, measured=m)
+                start = compare(w, layout, hw, steps=n, threads=1, measured=m)
                 r["predicted_start_s"], r["ratio_start"] = start["predicted_s"], start["ratio"]
                 r["layout"] = name
                 rows.append(r)
@@ -134,7 +139,8 @@ def main() -> None:
     print(f"load average before: {load0:.2f} on {os.cpu_count()} cores (other jobs share this machine)")
     hw = calibrate(a.dir, collectives=not a.quick)
     print(f"calibrated: {hw.rate_by_width} TFLOP/s per thread by width, noise {hw.rng_gsamples:.3f} G/s, "
-          f"copies {hw.h2d_gbps:.1f} GB/s, visit hand-off {hw.visit_us:.0f} us, block pass {hw.launch_us:.0f} us")
+          f"copies {hw.h2d_gbps:.1f} GB/s, block pass {hw.launch_us:.0f} us; outside any span: step "
+          f"{hw.step_us:.0f} us, block visit {hw.block_us:.0f} us, streamed visit +{hw.visit_us:.0f} us")
     print(f"  between processes (W: value): barrier {_per_world(hw.barrier_us, 'us')}, scalar all-gather "
           f"{_per_world(hw.collective_us, 'us')}, compute contention {_per_world(hw.contention, 'x')}, "
           f"shared noise piece {_per_world(hw.share_us, 'us')}, all-gather "

@@ -10,7 +10,7 @@ from distzo2_lab.config import ConfigError, PrecisionConfig
 from distzo2_lab.events import chrome_trace, overlap_metrics
 from distzo2_lab.mesh import Layout
 from distzo2_lab.plan import PROFILES, simulate
-from distzo2_lab.plan.memory import Workload, model_shape, padded_block
+from distzo2_lab.plan.memory import CHUNK, Workload, model_shape, padded_block
 from distzo2_lab.plan.paper import headline, trace_shares, zo2_workload
 from distzo2_lab.viz import compare_timelines, timeline_figure
 
@@ -147,6 +147,7 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     assert set(map(int, hw.barrier_us)) == {2} and hw.collective_us and hw.contention
     assert set(map(int, hw.share_us)) == {2} and hw.share_us[2] >= 0  # one shared noise piece, beyond its draw
     assert set(map(int, hw.peer_gbps_by_world)) == {2} and hw.peer_gbps_by_world[2] > 0
+    assert hw.contention[2] >= 1.0 and hw.step_us > 0 and hw.block_us >= 0 and hw.visit_us >= 0
     w = Workload(model="tiny", batch=8, seq=32, precision=PrecisionConfig(), tier="host")
     r = compare(w, Layout(), hw, steps=8, threads=1)  # the median of 7 steps: one burst does not count
     assert 1 / 3 < r["ratio"] < 3.0, (r["predicted_s"], r["measured_s"])
@@ -173,6 +174,38 @@ def _cpu(**changes):
 
 def _busy(sim, rank, phase):
     return sum(s.seconds for s in sim.steady_spans() if s.rank == rank and s.phase == phase)
+
+
+def test_fixed_costs_outside_the_spans_add_to_every_step_and_visit():
+    """step_us once per step, block_us once per block visit, visit_us once per streamed visit: time
+    the real runs spend outside any span, so the simulator's spans do not show them either."""
+    hw = _cpu(step_us=0.0, block_us=0.0, visit_us=0.0)
+    n = model_shape("tiny").layers
+    for tier, visit in (("resident", 0.0), ("host", 400.0)):
+        w = Workload(model="tiny", batch=1, seq=8, precision=PrecisionConfig(), tier=tier)
+        base = simulate(w, Layout(), dataclasses.replace(hw, visit_us=visit))
+        more = simulate(w, Layout(), dataclasses.replace(hw, step_us=700.0, block_us=300.0, visit_us=visit))
+        assert more.step_s - base.step_s == pytest.approx((700 + n * 300) * 1e-6, rel=0.02)
+        busy = [sum(s.seconds for s in sim.steady_spans() if s.lane == "compute") for sim in (base, more)]
+        assert busy[1] == pytest.approx(busy[0], rel=1e-6)
+    host = simulate(Workload(model="tiny", batch=1, seq=8, precision=PrecisionConfig(), tier="host"), Layout(), hw)
+    later = simulate(Workload(model="tiny", batch=1, seq=8, precision=PrecisionConfig(), tier="host"), Layout(),
+                     dataclasses.replace(hw, visit_us=900.0))
+    assert later.step_s - host.step_s == pytest.approx(n * 900e-6, rel=0.02)
+
+
+def test_engine_overheads_are_measured_from_real_runs():
+    """calibrate.engine_overheads: short real train() runs of tiny (2 blocks) and tiny-deep (8)."""
+    from distzo2_lab.events import Span
+    from distzo2_lab.plan.calibrate import _unspanned, engine_overheads
+
+    # the gap of a step: its interval less its compute spans (rank 0); the median over steps
+    spans = [Span(0, "compute", "forward", t, 0, t * 10_000, t * 10_000 + 6_000) for t in range(6)]
+    spans += [Span(0, "upload", "upload", t, 0, t * 10_000, t * 10_000 + 9_000) for t in range(6)]  # other lanes
+    assert _unspanned(spans, 6) == pytest.approx(4e-6)
+    got = engine_overheads()
+    assert set(got) == {"step_us", "block_us", "visit_us"}
+    assert got["step_us"] > 0 and all(v >= 0 for v in got.values())
 
 
 def test_measured_collective_costs_are_read_per_world_size():
@@ -237,13 +270,24 @@ def test_disk_tier_with_several_ranks_commits_on_the_leader_after_a_barrier():
         assert all(s.lane == "compute" for s in commits)
         host = simulate(dataclasses.replace(w, tier="host"), layout, hw, steps=3)
         assert sim.step_s > host.step_s  # the slow disk commit holds every rank (the next exchange waits)
-    # sliced: each rank reads only its shard from the disk
+    # sliced: each rank reads only its shard of the real block from the disk (shards are whole noise
+    # chunks: OPT-125m's 7.1M-element block is 4 shards of 2 chunks, the last one short)
+    w = dataclasses.replace(w, model="opt-125m", batch=1, seq=8)
     sliced = simulate(w, Layout(dp=2, pert=2, slice=True), hw, steps=2)
     naive = simulate(w, Layout(dp=2, pert=2), hw, steps=2)
-    up = {name: max(s.bytes for s in sim.spans if s.phase == "upload") for name, sim in
-          (("sliced", sliced), ("naive", naive))}
-    assert up["sliced"] == padded_block(model_shape("tiny"), 4, True) // 4 * 4  # one shard of fp32
-    assert up["naive"] == model_shape("tiny").block_params * 4
+    block = model_shape("opt-125m").block_params
+    shard = padded_block(model_shape("opt-125m"), 4, True) // 4
+    assert shard == 2 * CHUNK
+    up = {r: max(s.bytes for s in sliced.spans if s.phase == "upload" and s.rank == r) for r in range(4)}
+    assert up == {0: shard * 4, 1: shard * 4, 2: shard * 4, 3: (block - 3 * shard) * 4}
+    assert {s.bytes for s in naive.spans if s.phase == "upload"} == {block * 4}
+    # a tiny block is less than one chunk: rank 0's shard holds all of it, and only rank 0 draws z
+    # for the update (the others' shards are padding: nothing to upload, update or write back)
+    tiny = simulate(dataclasses.replace(w, model="tiny"), Layout(dp=2, pert=2, slice=True), hw, steps=3)
+    updates = [sum(s.seconds for s in tiny.steady_spans() if s.rank == r and s.phase == "update" and s.block >= 0)
+               for r in range(4)]
+    assert updates[0] > 0 and all(u < 0.05 * updates[0] for u in updates[1:])
+    assert {s.rank for s in tiny.spans if s.phase == "upload" and s.bytes > 0} == {0}
 
 
 def test_nspsa_pert_4_runs_one_direction_and_sign_per_rank():

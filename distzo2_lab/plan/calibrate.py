@@ -77,32 +77,46 @@ def _probe_embed():
     return run
 
 
-def _visit_overhead(work, blocks: int = 8, sweeps: int = 4) -> float:
-    """Seconds per visit that a streamer sweep adds to the visits' own work (tiny blocks in a host
-    store; each visit runs `work`, a tiny block forward): the hand-offs between the busy compute
-    thread and the upload / offload lanes (thread wake-ups, the GIL)."""
-    alone = median_time(work, repeats=10, warmup=2)
-    from ..store import HostStore
-    from ..stream import Streamer
+def _unspanned(spans, steps: int) -> float:
+    """Median seconds per step that rank 0's compute lane spends outside any span (the step's
+    interval, from one step's end to the next, less the spans it recorded)."""
+    ends, busy = {}, {}
+    for s in spans:
+        if s.rank == 0 and s.step >= 0 and s.lane == "compute":
+            ends[s.step] = max(ends.get(s.step, 0), s.end)
+            busy[s.step] = busy.get(s.step, 0) + s.end - s.start
+    gaps = [ends[t] - ends[t - 1] - busy[t] for t in range(2, steps) if t in ends and t - 1 in ends]
+    return max(0.0, statistics.median(gaps) / 1e9) if gaps else 0.0
 
-    store = HostStore([f"block.{i}" for i in range(blocks)], [256] * blocks)
-    s = Streamer(store, depth=1)
-    try:
-        v = 0
-        t0 = 0.0
-        for sweep in range(sweeps + 1):
-            if sweep == 1:
-                t0 = time.perf_counter()
-            s.begin_sweep(v, sweep)
-            for _ in range(blocks):
-                buf = s.acquire(v)
-                work()
-                s.release(v, buf)
-                v += 1
-        s.drain()
-        return max(0.0, (time.perf_counter() - t0) / (sweeps * blocks) - alone)
-    finally:
-        s.close()
+
+def _engine_gaps(model: str, tier: str, steps: int = 30) -> float:
+    """Unspanned seconds per step of a real run (train(), one thread, batch 1 x 8, spans recorded)."""
+    from ..config import OffloadConfig, TrainConfig, ZOConfig, validate
+    from ..events import Recorder
+    from ..train import train
+
+    rec = Recorder()
+    cfg = validate(TrainConfig(model=model, steps=steps, batch_size=1, seq_len=8, threads=1,
+                               zo=ZOConfig(lr=1e-5), offload=OffloadConfig(tier=tier)))
+    train(cfg, progress=False, recorder=rec)
+    return _unspanned(rec.spans, steps)
+
+
+def engine_overheads() -> dict:
+    """The fixed costs of a real step that no span records (microseconds), from short real runs of
+    the tiny preset (2 blocks) and tiny-deep (8 blocks) at batch 1 x 8, where they dominate:
+
+    - `step_us`: once per step, the training loop's own work (the batch, the step's seed and
+      record, the seed log) and the engine's between its phases;
+    - `block_us`: once per block visit, the Python between a visit's spans (any tier);
+    - `visit_us`: once per streamed visit on top, the streamer's hand-off (request, waiting on the
+      lanes' threads, binding the buffer to the block's parameters, the release).
+    """
+    short, deep = _engine_gaps("tiny", "resident"), _engine_gaps("tiny-deep", "resident")
+    streamed = _engine_gaps("tiny-deep", "host")
+    block = max(0.0, (deep - short) / 6)
+    return {"step_us": max(0.0, short - 2 * block) * 1e6, "block_us": block * 1e6,
+            "visit_us": max(0.0, (streamed - deep) / 8) * 1e6}
 
 
 def _threads(n: int, fn):
@@ -156,13 +170,27 @@ def _mean_time(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
+def _window_time(fn, seconds: float) -> float:
+    """Mean seconds of `fn` over the calls that fit in a fixed window of wall-clock time. Ranks
+    timing a fixed number of calls finish apart, and the last ones then run with fewer rivals for
+    the cores; with one window every rank competes from start to end."""
+    t0 = time.perf_counter()
+    n, now = 0, t0
+    while now - t0 < seconds:
+        fn()
+        n += 1
+        now = time.perf_counter()
+    return (now - t0) / n
+
+
 def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int = 300) -> dict:
     """One rank of the multi-process probe (gloo between real processes on this machine).
 
     Returns mean seconds over a few hundred rounds (~0.5 s each: the mean over the other jobs'
     comings and goings, not a snapshot, and the time slices a process loses when the ranks
     outnumber the cores): `busy`, a tiny OPT block forward (one thread, the size of the tiny
-    shape's visits) while every rank runs it at once (CPU contention); a barrier and a scalar
+    shape's visits) while every rank runs it at once, over rank 0 running it alone (CPU contention:
+    the median of 0.25 s windows); a barrier and a scalar
     all-gather back to back (a collective's fixed cost: the messages and waking W processes; the
     simulator adds the ranks' skew itself); and the median of an all-gather of nbytes (bandwidth)."""
     import torch.distributed as dist
@@ -179,14 +207,20 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
 
         work(), dist.barrier(), gather(4)()  # warm: allocator, caches, connections
         dist.barrier()
-        busy = _mean_time(work, rounds)  # every rank computes at once
+        # rank 0 alone (the others wait in a barrier), then every rank at once, all through each
+        # window; the median window, like the median step of the runs it predicts: a burst of
+        # another job's work spoils one window
+        alone = statistics.median(_window_time(work, 0.25) for _ in range(5)) if rank == 0 else 0.0
+        dist.barrier()
+        busy = statistics.median(_window_time(work, 0.25) for _ in range(7))
         dist.barrier()
         barrier = _mean_time(dist.barrier, rounds)
         scalar = _mean_time(gather(4), rounds)  # the loss exchange: 4 float64 per rank
         big = median_time(gather(nbytes // 4 // world), repeats=repeats)
         dist.barrier()
         share = _share_probe(rank, world, rounds)
-        return {"busy_s": busy, "barrier_s": barrier, "scalar_s": scalar, "big_s": big, "share_s": share}
+        return {"alone_s": alone, "busy_s": busy, "barrier_s": barrier, "scalar_s": scalar, "big_s": big,
+                "share_s": share}
     finally:
         dist.destroy_process_group()
 
@@ -223,6 +257,7 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
 
     r = start(gloo_probe, world, (nbytes, repeats), timeout=180).wait()
     out = {k: statistics.median(v[k] for v in r.values()) for k in ("busy_s", "barrier_s", "scalar_s", "share_s")}
+    out["alone_s"] = r[0]["alone_s"]
     out["big_s"] = max(v["big_s"] for v in r.values())
     return out
 
@@ -246,7 +281,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     rate_small = small_flops / max(_threads(1, lambda: median_time(small, repeats=10, warmup=2)) - launch, 1e-6)
     scaling = (big_flops / max(tc - launch, 1e-6)) / (rate1 * cores)
     embed_us = _threads(1, lambda: median_time(_probe_embed(), repeats=20, warmup=3)) * 1e6
-    visit_us = _threads(1, lambda: _visit_overhead(small)) * 1e6
+    overheads = _threads(1, engine_overheads)
     from ..perturb import Perturber
     from ..zo import perturb_
 
@@ -267,7 +302,6 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     latency_us, peer = 200.0, 1.0
     barrier_us, collective_us, share_us, contention, peer_by_world = {}, {}, {}, {1: 1.0}, {}
     if collectives:
-        small_alone = _threads(1, lambda: (small(), _mean_time(small, 40))[1])
         for world in worlds:
             r = probe_ranks(world)
             barrier_us[world] = r["barrier_s"] * 1e6
@@ -275,7 +309,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
             share_us[world] = r["share_s"] * 1e6
             # each rank receives (W - 1) / W of the 16 MB gathered
             peer_by_world[world] = (world - 1) / world * (16 << 20) / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
-            contention[world] = max(1.0, r["busy_s"] / small_alone)
+            contention[world] = max(1.0, r["busy_s"] / r["alone_s"])
             if world == 2:
                 latency_us = collective_us[2]
                 peer = (16 << 20) / 2 / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
@@ -288,7 +322,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         switch_gbps=None, host_gbps=shared, peer_gbps=peer, peer_latency_us=latency_us,
         disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
         thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
-        call_us=call_us, embed_us=embed_us, visit_us=visit_us, barrier_us=barrier_us, collective_us=collective_us,
+        call_us=call_us, embed_us=embed_us, **overheads, barrier_us=barrier_us, collective_us=collective_us,
         share_us=share_us, peer_gbps_by_world=peer_by_world,
         contention=contention,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "

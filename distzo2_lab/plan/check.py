@@ -140,7 +140,7 @@ def compare(w: Workload, layout: Layout, hw: Hardware, steps: int = 4, threads: 
     world = layout.world_size
     threads = threads or max(1, (hw.cores or 1) // world)
     m = measured or measure(w, layout, steps, threads)
-    sim: Simulation = simulate(w, layout, hw, steps=max(3, steps), threads=threads)
+    sim: Simulation = simulate(w, layout, hw, steps=min(max(3, steps), 8), threads=threads)  # steady by then
     return {"model": w.model, "tier": w.tier, "dp": layout.dp, "pert": layout.pert, "slice": layout.slice,
             "world": world, "threads": threads, "predicted_s": sim.step_s, "measured_s": m.steady_step_s,
             "measured_loop_s": m.step_s, "ratio": sim.step_s / m.steady_step_s, "simulation": sim, "measured": m}

@@ -67,7 +67,13 @@ class Hardware:
     embed_us: float = 100.0
     """Fixed cost of the embeddings and the attention mask of one pass."""
     visit_us: float = 20.0
-    """Streamer hand-off per streamed visit (acquire / release, waking the lanes)."""
+    """Streamer hand-off per streamed visit (request, waiting on the lanes' threads, binding the
+    buffer to the block, release), on top of `block_us`."""
+    step_us: float = 0.0
+    """Fixed cost of one step that no span records: the training loop's own work (the batch, the
+    seed and record of the step, the seed log) and the engine's between its phases."""
+    block_us: float = 0.0
+    """Fixed cost of one block visit that no span records (the Python between a visit's phases)."""
     barrier_us: dict = field(default_factory=dict)
     """Measured fixed cost of a barrier among W processes {W: us} (back to back, mean of many rounds:
     the messages and waking W processes; the simulator adds the ranks' skew). Empty: `peer_latency_us`

@@ -50,6 +50,10 @@ class Costs:
     """Fixed cost of one noise fill or elementwise pass over a bucket."""
     visit: float = 0.0
     """Streamer hand-off per streamed visit."""
+    step: float = 0.0
+    """Fixed cost of a step outside any span (the training loop, the engine between phases)."""
+    block: float = 0.0
+    """Fixed cost of a block visit outside any span."""
     speed: float = 1.0
     """CPU: the share of one thread's speed this rank gets (below 1 when ranks contend for the cores)."""
 
@@ -86,7 +90,8 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
     axpy = (3 * master + (s if master != s else 0)) / mem
     rng = 1.0 / (hw.rng_gsamples * 1e9 * share)
     embed = hw.embed_us * 1e-6 / slow + tokens * shape.hidden * c * 3 / mem
-    return Costs(block, head, embed, rng, axpy, call, hw.visit_us * 1e-6 / slow, slow)
+    return Costs(block, head, embed, rng, axpy, call, hw.visit_us * 1e-6 / slow, hw.step_us * 1e-6 / slow,
+                 hw.block_us * 1e-6 / slow, slow)
 
 
 def matmul_rate(hw: Hardware, dtype: str, width: int) -> float:
@@ -231,6 +236,13 @@ class _Program:
         self.segs, self.deps = [], []
         return self.last
 
+    def wait(self, phase: str, block: int, seconds: float) -> None:
+        """A wait of fixed wall-clock length on this lane (not work the cores share out)."""
+        if self.segs or self.deps:
+            self.close(phase, block)
+        self.last = self.g.add(self.rank, "compute", phase, self.step, block, [self.last], [(phase, 0.0)],
+                               latency=seconds)
+
     def sync(self, phase: str, block: int, key, latency: float, lane: str = "compute", seg=None) -> int:
         if self.segs or self.deps:
             self.close(phase, block)
@@ -251,7 +263,13 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
     depth = min(w.prefetch, n - 1)
     moved = transfer_bytes_per_element(w)
     width = padded_block(shape, world, sliced)
-    lane_bytes = (width // world if sliced else shape.block_params) * moved
+    shard = width // world if sliced else shape.block_params
+
+    def own(r: int) -> int:
+        """Elements of rank r's shard inside the real block (the last shards may be short or empty:
+        shards are whole noise chunks); the whole block when not sliced."""
+        return max(0, min(shard, shape.block_params - r * shard)) if sliced else shape.block_params
+
     gather_bytes = (world - 1) / world * width * moved
     shared = noise_groups(layout, hw, q)
     chunk = CHUNK
@@ -263,14 +281,19 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
     axpy, rng, call = cost.axpy_per_element, cost.rng_per_element, cost.call
     copy_per_element = 8 / (hw.memory_gbps * 1e9 * cost.speed)  # read + write one fp32
 
-    def shared_piece(elements: int, size: int, per_element: float) -> float:
+    def shared_piece(prog: _Program, phase: str, block: int, elements: int, size: int, per_element: float) -> None:
         """A piece computed by `size` ranks claiming its chunks (noise_share.SharedPieces): ranks
-        arriving together wait for the longest run, ceil(chunks / size) chunks, plus the measured
-        fixed cost of a shared piece at that size (`share_us`; `call` when not calibrated)."""
+        arriving together wait for the longest run, ceil(chunks / size) chunks (work on this rank's
+        core), plus the measured fixed cost of a shared piece at that size (`share_us`: claims under
+        the node's lock, waiting for the member drawing a chunk, polling). That cost was measured as
+        wall-clock time with the W ranks running at once, so it is a wait, not work the cores share
+        out again; `call` (work) when not calibrated."""
         fixed = hw.per_world("share_us", size)
         chunks = -(-elements // chunk)
         longest = min(elements, -(-chunks // size) * chunk)
-        return longest * per_element + (call if fixed is None else fixed * 1e-6)
+        prog.work(phase, longest * per_element + (call if fixed is None else 0.0))
+        if fixed is not None:
+            prog.wait(phase, block, fixed * 1e-6)
 
     def draw(prog: _Program, r: int, elements: int, phase: str, block: int) -> None:
         """z of a whole bucket: drawn alone, or shared with the ranks of `shared`: each piece's chunks
@@ -285,15 +308,19 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             return
         for p0 in range(0, elements, slot):
             piece = min(slot, elements - p0)
-            prog.work(phase, shared_piece(piece, len(members), rng) + piece * copy_per_element)
+            shared_piece(prog, phase, block, piece, len(members), rng)
+            prog.work(phase, piece * copy_per_element)
 
     copy_groups = copy_groups_of(layout, hw, q) if copies else {}
 
-    def copy_cost(r: int, elements: int) -> float:
+    def perturbed_copy(prog: _Program, r: int, elements: int, block: int) -> None:
         """One perturbed copy of a block: alone, or shared by the ranks of the same signs
         (noise_share.CopyShare: chunks claimed like the noise, ceil(chunks / size) on the longest run)."""
         members = copy_groups.get(r)
-        return shared_piece(elements, len(members), axpy) if members else elements * axpy + call
+        if members:
+            shared_piece(prog, "perturb", block, elements, len(members), axpy)
+        else:
+            prog.work("perturb", elements * axpy + call)
 
     def update(prog, r, elements, block, local=False) -> None:
         """The deferred update of a bucket: q draws of z and q axpy passes."""
@@ -314,6 +341,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             links = _links(hw, r)
             prog = _Program(g, r, t)
             prog.after(step_done[r])
+            prog.work(None, cost.step)  # the loop's own work: no span in real runs
             # resident begin: the deferred update, then +eps (in place) or perturbed copies
             for elem in res_buckets:
                 if pending:
@@ -334,18 +362,19 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             for i in range(n):
                 v = t * n + i
                 elem = shape.block_params
+                prog.work(None, cost.block)
                 if streamed:
                     marker[r, v] = g.add(r, "compute", "request", t, i, [prev], [(None, cost.visit)])
                     up_path = links["upload"] + ((links["disk_read"],) if w.tier == "disk" else ())
                     upload[r, v] = g.add(r, "upload", "upload", t, i, [
                         marker.get((r, v - depth)) if v - depth >= 0 else None,
                         offload.get((r, v - depth - 2)), offload.get((r, v - n))],
-                        nbytes=lane_bytes, path=up_path, latency=hw.link_latency_us * 1e-6)
+                        nbytes=own(r) * moved, path=up_path, latency=hw.link_latency_us * 1e-6)
                     prog.last = marker[r, v]
                     prog.after(upload[r, v])
                 if sliced:
-                    if pending:
-                        update(prog, r, width // world, i, local=True)
+                    if pending and own(r):  # an empty shard (padding only) has nothing to update
+                        update(prog, r, own(r), i, local=True)
                     prog.close("update", i)
                     prog.after(g.add(r, "exchange", "allgather", t, i, [prog.last], nbytes=gather_bytes,
                                      path=(links["peer"],) if hw.peer_gbps is not None else
@@ -367,12 +396,12 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                     for _ in mine:
                         draw(prog, r, elem, "rng", i)
                         for _ in range(signs):
-                            prog.work("perturb", copy_cost(r, elem))  # the perturbed copy
+                            perturbed_copy(prog, r, elem, i)
                             prog.work("forward", cost.block_pass)
                 prev = prog.close("visit", i)
                 if streamed:
                     down = links["offload"] + ((links["disk_write"],) if w.tier == "disk" else ())
-                    offload[r, v] = g.add(r, "offload", "offload", t, i, [prev], nbytes=lane_bytes, path=down,
+                    offload[r, v] = g.add(r, "offload", "offload", t, i, [prev], nbytes=own(r) * moved, path=down,
                                           latency=hw.link_latency_us * 1e-6)
             # the head: both passes on the kept +eps state (in place), or a perturbed copy per pass
             # (z still held when this rank runs one direction, drawn again for several)
@@ -536,6 +565,9 @@ def spans_of(g: Graph) -> list[Span]:
                 out.append(Span(t.rank, t.lane, t.segments[0][0], t.step, t.block, int(t.start * 1e9),
                                 int(t.end * 1e9)))
             continue
+        if t.latency > 0 and t.lane == "compute" and t.segments and t.segments[0][0] is not None and total == 0:
+            out.append(Span(t.rank, t.lane, t.segments[0][0], t.step, t.block, int(t.start * 1e9), int(t.end * 1e9)))
+            continue  # a wait (_Program.wait): real runs count it in the phase's span
         for phase, d in t.segments:
             d *= stretch
             if d > 0 and phase is not None:  # None: work that real runs do not record as a span
