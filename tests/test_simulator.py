@@ -147,6 +147,8 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     assert set(map(int, hw.barrier_us)) == {2} and hw.collective_us and hw.contention
     assert set(map(int, hw.share_us)) == {2} and hw.share_us[2] >= 0  # one shared noise piece, beyond its draw
     assert set(map(int, hw.peer_gbps_by_world)) == {2} and hw.peer_gbps_by_world[2] > 0
+    assert [b for b, _ in hw.gather_curve[2]] == [1 << 20, 4 << 20, 16 << 20, 32 << 20]
+    assert all(t > 0 for _, t in hw.gather_curve[2])
     assert hw.contention[2] >= 1.0 and hw.step_us > 0 and hw.block_us >= 0 and hw.visit_us >= 0
     w = Workload(model="tiny", batch=8, seq=32, precision=PrecisionConfig(), tier="host")
     r = compare(w, Layout(), hw, steps=8, threads=1)  # the median of 7 steps: one burst does not count
@@ -192,6 +194,13 @@ def test_fixed_costs_outside_the_spans_add_to_every_step_and_visit():
     later = simulate(Workload(model="tiny", batch=1, seq=8, precision=PrecisionConfig(), tier="host"), Layout(),
                      dataclasses.replace(hw, visit_us=900.0))
     assert later.step_s - host.step_s == pytest.approx(n * 900e-6, rel=0.02)
+    # the disk tier's own: per step (one rank's commit) and per visit (the lanes' file I/O)
+    disk = Workload(model="tiny", batch=1, seq=8, precision=PrecisionConfig(), tier="disk")
+    plain = simulate(disk, Layout(), hw)
+    more = simulate(disk, Layout(), dataclasses.replace(hw, disk_step_us=800.0, disk_visit_us=200.0))
+    assert more.step_s - plain.step_s == pytest.approx((800 + n * 200) * 1e-6, rel=0.02)
+    assert simulate(dataclasses.replace(disk, tier="host"), Layout(), dataclasses.replace(
+        hw, disk_step_us=800.0, disk_visit_us=200.0)).step_s == pytest.approx(host.step_s)
 
 
 def test_engine_overheads_are_measured_from_real_runs():
@@ -204,8 +213,28 @@ def test_engine_overheads_are_measured_from_real_runs():
     spans += [Span(0, "upload", "upload", t, 0, t * 10_000, t * 10_000 + 9_000) for t in range(6)]  # other lanes
     assert _unspanned(spans, 6) == pytest.approx(4e-6)
     got = engine_overheads()
-    assert set(got) == {"step_us", "block_us", "visit_us"}
+    assert set(got) == {"step_us", "block_us", "visit_us", "disk_step_us", "disk_visit_us"}
     assert got["step_us"] > 0 and all(v >= 0 for v in got.values())
+
+
+def test_a_measured_gather_curve_times_the_sliced_all_gathers():
+    """CPU: gloo's all-gather time is not linear in its size here (the buffers outgrow the caches),
+    so a measured {W: [[bytes, seconds]]} curve times each sliced all-gather, interpolated."""
+    curve = {4: [[1 << 20, 0.006], [16 << 20, 0.020], [32 << 20, 0.078]]}
+    hw = _cpu(collective_us={4: 3000.0}, barrier_us={4: 2000.0}, gather_curve=curve)
+    assert hw.gather_s(4, 16 << 20) == pytest.approx(0.020)
+    assert hw.gather_s(4, 24 << 20) == pytest.approx(0.049)
+    assert hw.gather_s(4, 48 << 20) == pytest.approx(0.078 + 0.058)  # beyond: the last two's slope
+    assert hw.gather_s(4, 0) == pytest.approx(0.003)  # the collective's fixed cost
+    assert hw.gather_s(2, 1 << 20) is None
+    for model in ("tiny", "opt-125m"):
+        w = Workload(model=model, batch=1, seq=8, precision=PrecisionConfig(), tier="host")
+        sim = simulate(w, Layout(dp=2, pert=2, slice=True), hw, steps=2)
+        total = padded_block(model_shape(model), 4, True) * 4
+        gathers = {round(s.seconds, 6) for s in sim.spans if s.phase == "allgather"}
+        assert gathers == {round(hw.gather_s(4, total), 6)}
+    assert simulate(w, Layout(dp=2, pert=2, slice=True), _cpu(collective_us={4: 3000.0}), steps=2).step_s \
+        != sim.step_s  # without the curve: the bandwidth model
 
 
 def test_measured_collective_costs_are_read_per_world_size():

@@ -89,7 +89,7 @@ def _unspanned(spans, steps: int) -> float:
     return max(0.0, statistics.median(gaps) / 1e9) if gaps else 0.0
 
 
-def _engine_gaps(model: str, tier: str, steps: int = 30) -> float:
+def _engine_gaps(model: str, tier: str, steps: int = 30, store: str | None = None) -> float:
     """Unspanned seconds per step of a real run (train(), one thread, batch 1 x 8, spans recorded)."""
     from ..config import OffloadConfig, TrainConfig, ZOConfig, validate
     from ..events import Recorder
@@ -97,12 +97,12 @@ def _engine_gaps(model: str, tier: str, steps: int = 30) -> float:
 
     rec = Recorder()
     cfg = validate(TrainConfig(model=model, steps=steps, batch_size=1, seq_len=8, threads=1,
-                               zo=ZOConfig(lr=1e-5), offload=OffloadConfig(tier=tier)))
+                               zo=ZOConfig(lr=1e-5), offload=OffloadConfig(tier=tier, store=store)))
     train(cfg, progress=False, recorder=rec)
     return _unspanned(rec.spans, steps)
 
 
-def engine_overheads() -> dict:
+def engine_overheads(directory: str | None = None) -> dict:
     """The fixed costs of a real step that no span records (microseconds), from short real runs of
     the tiny preset (2 blocks) and tiny-deep (8 blocks) at batch 1 x 8, where they dominate:
 
@@ -110,13 +110,22 @@ def engine_overheads() -> dict:
       record, the seed log) and the engine's between its phases;
     - `block_us`: once per block visit, the Python between a visit's spans (any tier);
     - `visit_us`: once per streamed visit on top, the streamer's hand-off (request, waiting on the
-      lanes' threads, binding the buffer to the block's parameters, the release).
+      lanes' threads, binding the buffer to the block's parameters, the release);
+    - `disk_step_us` / `disk_visit_us`: the disk tier's on top of the host tier's, per step (the
+      commit: the snapshot of the resident buckets, waiting for the previous commit) and per
+      visit (the lanes' file reads and writes), with the store in `directory`.
     """
     short, deep = _engine_gaps("tiny", "resident"), _engine_gaps("tiny-deep", "resident")
     streamed = _engine_gaps("tiny-deep", "host")
+    with tempfile.TemporaryDirectory(prefix="calibrate-disk-", dir=directory) as tmp:
+        disk_short = _engine_gaps("tiny", "disk", store=os.path.join(tmp, "a"))
+        disk_deep = _engine_gaps("tiny-deep", "disk", store=os.path.join(tmp, "b"))
     block = max(0.0, (deep - short) / 6)
-    return {"step_us": max(0.0, short - 2 * block) * 1e6, "block_us": block * 1e6,
-            "visit_us": max(0.0, (streamed - deep) / 8) * 1e6}
+    visit = max(0.0, (streamed - deep) / 8)
+    extra_short, extra_deep = disk_short - short - 2 * visit, disk_deep - deep - 8 * visit  # beyond the host tier
+    disk_visit = max(0.0, (extra_deep - extra_short) / 6)
+    return {"step_us": max(0.0, short - 2 * block) * 1e6, "block_us": block * 1e6, "visit_us": visit * 1e6,
+            "disk_step_us": max(0.0, extra_short - 2 * disk_visit) * 1e6, "disk_visit_us": disk_visit * 1e6}
 
 
 def _threads(n: int, fn):
@@ -183,6 +192,12 @@ def _window_time(fn, seconds: float) -> float:
     return (now - t0) / n
 
 
+GATHER_BYTES = (1 << 20, 4 << 20, 16 << 20, 32 << 20)
+"""Sizes (bytes gathered in all) of the probe's all-gathers: gloo between processes here is not one
+bandwidth (4 ranks: 0.44 GB/s at 4 MB, 0.61 at 16 MB, 0.32 at 32 MB, where the buffers outgrow the
+caches), so the simulator interpolates the measured times."""
+
+
 def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int = 300) -> dict:
     """One rank of the multi-process probe (gloo between real processes on this machine).
 
@@ -217,10 +232,11 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         barrier = _mean_time(dist.barrier, rounds)
         scalar = _mean_time(gather(4), rounds)  # the loss exchange: 4 float64 per rank
         big = median_time(gather(nbytes // 4 // world), repeats=repeats)
+        curve = [[total, median_time(gather(total // 4 // world), repeats=repeats)] for total in GATHER_BYTES]
         dist.barrier()
         share = _share_probe(rank, world, rounds)
         return {"alone_s": alone, "busy_s": busy, "barrier_s": barrier, "scalar_s": scalar, "big_s": big,
-                "share_s": share}
+                "share_s": share, "curve": curve}
     finally:
         dist.destroy_process_group()
 
@@ -259,6 +275,7 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
     out = {k: statistics.median(v[k] for v in r.values()) for k in ("busy_s", "barrier_s", "scalar_s", "share_s")}
     out["alone_s"] = r[0]["alone_s"]
     out["big_s"] = max(v["big_s"] for v in r.values())
+    out["curve"] = [[total, max(v["curve"][i][1] for v in r.values())] for i, (total, _) in enumerate(r[0]["curve"])]
     return out
 
 
@@ -281,7 +298,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     rate_small = small_flops / max(_threads(1, lambda: median_time(small, repeats=10, warmup=2)) - launch, 1e-6)
     scaling = (big_flops / max(tc - launch, 1e-6)) / (rate1 * cores)
     embed_us = _threads(1, lambda: median_time(_probe_embed(), repeats=20, warmup=3)) * 1e6
-    overheads = _threads(1, engine_overheads)
+    overheads = _threads(1, lambda: engine_overheads(directory))
     from ..perturb import Perturber
     from ..zo import perturb_
 
@@ -300,7 +317,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     shared = _copy_gbps(64 << 20, 2)
     disk_read, disk_write = _disk_gbps(directory, 64 << 20)
     latency_us, peer = 200.0, 1.0
-    barrier_us, collective_us, share_us, contention, peer_by_world = {}, {}, {}, {1: 1.0}, {}
+    barrier_us, collective_us, share_us, contention, peer_by_world, gather_curve = {}, {}, {}, {1: 1.0}, {}, {}
     if collectives:
         for world in worlds:
             r = probe_ranks(world)
@@ -309,6 +326,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
             share_us[world] = r["share_s"] * 1e6
             # each rank receives (W - 1) / W of the 16 MB gathered
             peer_by_world[world] = (world - 1) / world * (16 << 20) / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
+            gather_curve[world] = r["curve"]
             contention[world] = max(1.0, r["busy_s"] / r["alone_s"])
             if world == 2:
                 latency_us = collective_us[2]
@@ -323,7 +341,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
         thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
         call_us=call_us, embed_us=embed_us, **overheads, barrier_us=barrier_us, collective_us=collective_us,
-        share_us=share_us, peer_gbps_by_world=peer_by_world,
+        share_us=share_us, peer_gbps_by_world=peer_by_world, gather_curve=gather_curve,
         contention=contention,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")

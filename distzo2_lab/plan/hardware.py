@@ -74,6 +74,11 @@ class Hardware:
     seed and record of the step, the seed log) and the engine's between its phases."""
     block_us: float = 0.0
     """Fixed cost of one block visit that no span records (the Python between a visit's phases)."""
+    disk_step_us: float = 0.0
+    """Disk tier, beyond the host tier's: per step, outside any span (the commit's snapshot of the
+    resident buckets, waiting for the previous commit)."""
+    disk_visit_us: float = 0.0
+    """Disk tier, beyond the host tier's: per visit, outside any span (the lanes' file reads and writes)."""
     barrier_us: dict = field(default_factory=dict)
     """Measured fixed cost of a barrier among W processes {W: us} (back to back, mean of many rounds:
     the messages and waking W processes; the simulator adds the ranks' skew). Empty: `peer_latency_us`
@@ -84,6 +89,10 @@ class Hardware:
     peer_gbps_by_world: dict = field(default_factory=dict)
     """'cpu' only: all-gather bandwidth measured among W processes {W: GB/s} (bytes each rank receives
     per second); replaces `peer_gbps` at that world size. Empty: `peer_gbps`."""
+    gather_curve: dict = field(default_factory=dict)
+    """'cpu' only: measured seconds of an all-gather among W processes by the bytes gathered in all
+    {W: [[bytes, seconds], ...]}; the simulator interpolates it (linear between the sizes, the last
+    two beyond them) instead of one bandwidth. Empty at a world size: `peer_gbps_by_world`."""
     share_us: dict = field(default_factory=dict)
     """'cpu' only: measured fixed cost of one shared noise piece among W ranks {W: us}, beyond drawing
     it: the claims under the node's lock, waiting for the member drawing a chunk, polling
@@ -119,6 +128,20 @@ class Hardware:
         hi = [p for p in pts if p[0] > world]
         (w0, v0), (w1, v1) = (lo[-1], hi[0]) if lo and hi else (pts[:2] if not lo else pts[-2:])
         return max(0.0, v0 + (v1 - v0) * (world - w0) / (w1 - w0))
+
+    def gather_s(self, world: int, nbytes: float) -> float | None:
+        """Seconds of an all-gather of `nbytes` in all among `world` ranks from `gather_curve` (None
+        when it was not measured at that world size)."""
+        pts = sorted((float(b), float(t)) for b, t in self.gather_curve.get(world, self.gather_curve.get(str(world),
+                                                                                                       [])))
+        if not pts:
+            return None
+        pts = [(0.0, self.sync_s("gather", world))] + pts
+        for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+            if nbytes <= b1:
+                return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)
+        (b0, t0), (b1, t1) = pts[-2:]
+        return t1 + (t1 - t0) * (nbytes - b1) / (b1 - b0)
 
     def sync_s(self, kind: str, world: int) -> float:
         """Seconds of the fixed cost of one collective ('barrier' or 'gather') among `world` ranks."""

@@ -90,8 +90,11 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
     axpy = (3 * master + (s if master != s else 0)) / mem
     rng = 1.0 / (hw.rng_gsamples * 1e9 * share)
     embed = hw.embed_us * 1e-6 / slow + tokens * shape.hidden * c * 3 / mem
-    return Costs(block, head, embed, rng, axpy, call, hw.visit_us * 1e-6 / slow, hw.step_us * 1e-6 / slow,
-                 hw.block_us * 1e-6 / slow, slow)
+    disk = w.tier == "disk"
+    # the one-rank commit's snapshot and wait (several ranks: the barrier and the leader's writes, modelled)
+    commit = hw.disk_step_us if disk and layout.world_size == 1 else 0.0
+    return Costs(block, head, embed, rng, axpy, call, (hw.visit_us + disk * hw.disk_visit_us) * 1e-6 / slow,
+                 (hw.step_us + commit) * 1e-6 / slow, hw.block_us * 1e-6 / slow, slow)
 
 
 def matmul_rate(hw: Hardware, dtype: str, width: int) -> float:
@@ -271,6 +274,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         return max(0, min(shard, shape.block_params - r * shard)) if sliced else shape.block_params
 
     gather_bytes = (world - 1) / world * width * moved
+    measured_gather = hw.gather_s(world, width * moved) if sliced and hw.kind == "cpu" else None
     shared = noise_groups(layout, hw, q)
     chunk = CHUNK
     slot = -(-shape.block_params // chunk) * chunk  # noise_share's slot: the widest block, whole chunks
@@ -376,10 +380,14 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                     if pending and own(r):  # an empty shard (padding only) has nothing to update
                         update(prog, r, own(r), i, local=True)
                     prog.close("update", i)
-                    prog.after(g.add(r, "exchange", "allgather", t, i, [prog.last], nbytes=gather_bytes,
-                                     path=(links["peer"],) if hw.peer_gbps is not None else
-                                     links["upload"] + links["offload"],
-                                     latency=hw.sync_s("gather", world), group=("gather", v)))
+                    if measured_gather is not None:  # CPU: the all-gather's measured time at this size
+                        prog.after(g.add(r, "exchange", "allgather", t, i, [prog.last], [("allgather", 0.0)],
+                                         latency=measured_gather, group=("gather", v)))
+                    else:
+                        prog.after(g.add(r, "exchange", "allgather", t, i, [prog.last], nbytes=gather_bytes,
+                                         path=(links["peer"],) if hw.peer_gbps is not None else
+                                         links["upload"] + links["offload"],
+                                         latency=hw.sync_s("gather", world), group=("gather", v)))
                 elif pending:
                     update(prog, r, elem, i)
                 if not copies:
