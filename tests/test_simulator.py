@@ -143,7 +143,7 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     from distzo2_lab.plan.calibrate import calibrate
     from distzo2_lab.plan.check import compare
 
-    hw = calibrate(str(tmp_path), worlds=(2,))
+    hw = calibrate(str(tmp_path / "plan"), worlds=(2,))  # a directory that does not exist yet
     assert set(map(int, hw.barrier_us)) == {2} and hw.collective_us and hw.contention
     assert set(map(int, hw.share_us)) == {2} and hw.share_us[2] >= 0  # one shared noise piece, beyond its draw
     assert set(map(int, hw.peer_gbps_by_world)) == {2} and hw.peer_gbps_by_world[2] > 0

@@ -117,6 +117,8 @@ def engine_overheads(directory: str | None = None) -> dict:
     """
     short, deep = _engine_gaps("tiny", "resident"), _engine_gaps("tiny-deep", "resident")
     streamed = _engine_gaps("tiny-deep", "host")
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="calibrate-disk-", dir=directory) as tmp:
         disk_short = _engine_gaps("tiny", "disk", store=os.path.join(tmp, "a"))
         disk_deep = _engine_gaps("tiny-deep", "disk", store=os.path.join(tmp, "b"))
