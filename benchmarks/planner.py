@@ -91,6 +91,8 @@ def _rates(hw) -> str:
         text += ", shared noise piece " + _per_world(hw.share_us, "us")
     if hw.peer_gbps_by_world:
         text += ", all-gather " + ", ".join(f"{k}: {v:.2f} GB/s" for k, v in hw.peer_gbps_by_world.items())
+    for world, curve in hw.gather_curve.items():
+        text += f" ({world}: " + ", ".join(f"{b / 2**20:.0f} MB {t * 1e3:.1f} ms" for b, t in curve) + ")"
     return text
 
 

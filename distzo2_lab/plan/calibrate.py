@@ -207,9 +207,9 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
     comings and goings, not a snapshot, and the time slices a process loses when the ranks
     outnumber the cores): `busy`, a tiny OPT block forward (one thread, the size of the tiny
     shape's visits) while every rank runs it at once, over rank 0 running it alone (CPU contention:
-    the median of 0.25 s windows); a barrier and a scalar
-    all-gather back to back (a collective's fixed cost: the messages and waking W processes; the
-    simulator adds the ranks' skew itself); and the median of an all-gather of nbytes (bandwidth)."""
+    the median of 0.25 s windows); a barrier and a scalar all-gather back to back (a collective's
+    fixed cost: the messages and waking W processes; the simulator adds the ranks' skew itself);
+    the median of an all-gather of nbytes (bandwidth) and of one of each size in GATHER_BYTES."""
     import torch.distributed as dist
 
     from ..collectives import all_gather_flat

@@ -132,8 +132,8 @@ class Hardware:
     def gather_s(self, world: int, nbytes: float) -> float | None:
         """Seconds of an all-gather of `nbytes` in all among `world` ranks from `gather_curve` (None
         when it was not measured at that world size)."""
-        pts = sorted((float(b), float(t)) for b, t in self.gather_curve.get(world, self.gather_curve.get(str(world),
-                                                                                                       [])))
+        measured = self.gather_curve.get(world) or self.gather_curve.get(str(world)) or []  # str: read from JSON
+        pts = sorted((float(b), float(t)) for b, t in measured)
         if not pts:
             return None
         pts = [(0.0, self.sync_s("gather", world))] + pts
