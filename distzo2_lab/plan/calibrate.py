@@ -233,8 +233,9 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         dist.barrier()
         barrier = _mean_time(dist.barrier, rounds)
         scalar = _mean_time(gather(4), rounds)  # the loss exchange: 4 float64 per rank
-        big = median_time(gather(nbytes // 4 // world), repeats=repeats)
-        curve = [[total, median_time(gather(total // 4 // world), repeats=repeats)] for total in GATHER_BYTES]
+        curve = [[total, median_time(gather(total // 4 // world), repeats=repeats)]
+                 for total in sorted(set(GATHER_BYTES) | {nbytes})]
+        big = next(t for total, t in curve if total == nbytes)
         dist.barrier()
         share = _share_probe(rank, world, rounds)
         return {"alone_s": alone, "busy_s": busy, "barrier_s": barrier, "scalar_s": scalar, "big_s": big,

@@ -343,6 +343,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             signs = int(plus) + int(minus)
             mine = layout.directions(r, q)
             links = _links(hw, r)
+            lane_bytes = own(r) * moved  # what this rank uploads and writes back per visit
             prog = _Program(g, r, t)
             prog.after(step_done[r])
             prog.work(None, cost.step)  # the loop's own work: no span in real runs
@@ -373,7 +374,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                     upload[r, v] = g.add(r, "upload", "upload", t, i, [
                         marker.get((r, v - depth)) if v - depth >= 0 else None,
                         offload.get((r, v - depth - 2)), offload.get((r, v - n))],
-                        nbytes=own(r) * moved, path=up_path, latency=hw.link_latency_us * 1e-6)
+                        nbytes=lane_bytes, path=up_path, latency=hw.link_latency_us * 1e-6)
                     prog.last = marker[r, v]
                     prog.after(upload[r, v])
                 if sliced:
@@ -409,7 +410,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                 prev = prog.close("visit", i)
                 if streamed:
                     down = links["offload"] + ((links["disk_write"],) if w.tier == "disk" else ())
-                    offload[r, v] = g.add(r, "offload", "offload", t, i, [prev], nbytes=own(r) * moved, path=down,
+                    offload[r, v] = g.add(r, "offload", "offload", t, i, [prev], nbytes=lane_bytes, path=down,
                                           latency=hw.link_latency_us * 1e-6)
             # the head: both passes on the kept +eps state (in place), or a perturbed copy per pass
             # (z still held when this rank runs one direction, drawn again for several)
@@ -568,14 +569,13 @@ def spans_of(g: Graph) -> list[Span]:
         if t.phase == "exchange" and t.group is not None:
             out.append(Span(t.rank, "exchange", "exchange", t.step, -1, int(t.start * 1e9), int(t.end * 1e9), 32))
             continue
-        if t.group is not None:  # a barrier inside a phase (shared noise): real runs count it in that span
+        if t.group is not None or (t.latency > 0 and total == 0):
+            # a collective inside a phase (an all-gather, a barrier) or a wait (_Program.wait, a shared
+            # noise piece's fixed cost): real runs count it in that phase's span
             if t.segments and t.segments[0][0] is not None and t.end > t.start:
                 out.append(Span(t.rank, t.lane, t.segments[0][0], t.step, t.block, int(t.start * 1e9),
                                 int(t.end * 1e9)))
             continue
-        if t.latency > 0 and t.lane == "compute" and t.segments and t.segments[0][0] is not None and total == 0:
-            out.append(Span(t.rank, t.lane, t.segments[0][0], t.step, t.block, int(t.start * 1e9), int(t.end * 1e9)))
-            continue  # a wait (_Program.wait): real runs count it in the phase's span
         for phase, d in t.segments:
             d *= stretch
             if d > 0 and phase is not None:  # None: work that real runs do not record as a span
