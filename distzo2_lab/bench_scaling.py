@@ -42,9 +42,11 @@ global batch).
 The ideal counts forwards only, and a ZO step also draws z for every parameter (twice: the
 deferred update and this step's perturbation; ~6 ns per element per thread with CPU ``normal_``).
 One rank spreads that over all threads; W ranks that each drew all of z would do W times the work.
-By default the ranks of a node share every draw (noise_share.py: each chunk is drawn once, by
-whichever rank claims it first), so the node draws z once, as the single rank does;
-`share_noise=False` shows the cost of not doing so.
+By default the ranks of a node share every draw of more than one chunk (noise_share.py: each
+chunk is drawn once, by whichever rank claims it first), so the node draws z once, as the single
+rank does; `share_noise=False` shows the cost of not doing so. (A one-chunk draw has nothing to
+split: on a model whose blocks fit one chunk, such as tiny at the default chunk size, every rank
+draws alone either way.)
 
 Shared VMs are noisy: every configuration runs `repeats` times round-robin and keeps its best run;
 the forward times of the ideal are the best of the same rounds.
@@ -281,8 +283,8 @@ def format_scaling(r: dict) -> str:
     lines.append("% ideal: of the ideal from this world's own concurrent forwards; % 2-rank: of the ideal "
                  "if taking turns on the cores cost nothing (total_threads ranks' forwards, times min(W, threads)); "
                  "% layout: of the ideal from each rank's own forwards of a step (its signs, its micro-batch)")
-    lines.append("z drawn: the share of every rank's noise that rank 0 generated itself (the rest came from "
-                 "its node's ranks through shared memory; whoever is there first draws)")
+    lines.append("z drawn: the share of the shared noise that rank 0 generated itself (the rest came from "
+                 "its node's ranks through shared memory; whoever is there first draws; 100%: nothing shared)")
     lines.extend(f"note: {n}" for n in r["notes"])
     return "\n".join(lines)
 

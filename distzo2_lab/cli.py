@@ -111,8 +111,24 @@ def _print_summary(s: dict, a) -> None:
           f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MiB; summary in {a.out}/summary.json")
 
 
-def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int = 1, device: str = "cpu") -> str:
-    """What each rank of a layout does, without starting anything."""
+def _block_elems(model: str | None) -> int | None:
+    """Elements of one block of an OPT preset (None for other names: the plan then says less)."""
+    if model is None:
+        return None
+    from .models.presets import opt_config
+    from .plan.memory import model_shape
+
+    try:
+        opt_config(model)
+    except ConfigError:
+        return None
+    return model_shape(model).block_params
+
+
+def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int = 1, device: str = "cpu",
+              model: str | None = None, chunk: int = 1 << 20) -> str:
+    """What each rank of a layout does, without starting anything (`model` and `chunk`, the noise
+    chunk, say whether the node's ranks have any draw to split)."""
     import torch
 
     from .mesh import choose_backend
@@ -132,10 +148,14 @@ def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int =
     if layout.slice:
         lines.append(f"  sliced: each rank uploads and writes back 1/{layout.world_size} of every block; "
                      "the ranks all-gather the shards")
-    if layout.share_noise and device == "cpu" and layout.world_size > 1:
+    block = _block_elems(model)
+    if layout.share_noise and device == "cpu" and layout.world_size > 1 and block is not None and block <= chunk:
+        lines.append(f"  noise: every rank draws all of z: a block ({block:,} elements) fits one noise chunk "
+                     f"({chunk:,}), so there is no draw to split")
+    elif layout.share_noise and device == "cpu" and layout.world_size > 1:
         groups = layout.world_size // min(layout.world_size, max(1, layout.pert // 2))
         lines.append(f"  noise: the ranks of a node that draw the same z (groups of up to {groups}) split every draw "
-                     "through shared memory")
+                     "of more than one chunk through shared memory")
     elif layout.world_size > 1:
         lines.append("  noise: every rank draws all of z" + (" (on its GPU)" if device == "cuda" else ""))
     lines.append(f"  per step every rank all-gathers {4 * directions} float64 scalars (l+, l-, tokens per direction) "
@@ -168,7 +188,8 @@ def cmd_train(a) -> int:
     if a.save or a.resume:
         raise ConfigError("--save / --resume are single-rank for now; a distributed run writes --out")
     if a.dry_run:
-        print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device))
+        print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
+                        cfg.zo.chunk_size))
         return 0
     if distributed_env:  # started by torchrun: this process is one rank
         from .entrypoints import train_worker

@@ -117,7 +117,7 @@ def run_demo(out: str = "runs/demo", steps: int = 300, layout: Layout | None = N
                f"{s['eval_loss_end']:.4f}", "tokens/s (rank 0)": f"{s['tokens_per_s']:.0f}",
                "transfer hidden under compute": hidden, "digest": s["digest"][:16]}
     html = write_report(os.path.join(out, "report.html"), f"distzo2 demo: {layout.describe()}", summary,
-                        plan_text(layout, cfg.batch_size), report_figures(view, s["steps"], "demo"),
+                        plan_text(layout, cfg.batch_size, model=cfg.model), report_figures(view, s["steps"], "demo"),
                         checks={"ZO2 engine == eager MeZO (5 steps, bit for bit)": same,
                                 "identical weights on every rank": len(digests) == 1,
                                 "base + seed log rebuilds the trained weights": rebuilt == s["digest"]})

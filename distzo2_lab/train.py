@@ -178,12 +178,14 @@ class Run:
                                        resident=self.offload.resident_keeper(), **extra)
             if cfg.offload.tier == "disk":
                 self._open_disk_log()
-        if distributed and layout.share_noise and cfg.device == "cpu":
+        width = max(b.numel for b in self.adapter.blocks)
+        # pieces are at most one block wide; a piece of one noise chunk has nothing to split
+        # (noise_share.py), so a model whose blocks fit one chunk draws everything alone
+        if distributed and layout.share_noise and cfg.device == "cpu" and width > cfg.zo.chunk_size:
             from .models.buckets import DTYPES
             from .noise_share import open_node_copies, open_node_noise
 
             e = self.engine
-            width = max(b.numel for b in self.adapter.blocks)
             e.noise_share = open_node_noise(e.perturber, rank, layout.directions(rank, cfg.zo.directions), width)
             if e.copies:  # the perturbed copies of the blocks, made once by the ranks of the same signs
                 e.copy_share = open_node_copies(rank, layout.directions(rank, cfg.zo.directions), layout.signs(rank),
@@ -327,7 +329,7 @@ def _copy_report(share) -> dict:
     if share is None:
         return {"ranks": 1}
     return {"ranks": share.size, "computed_elements": share.computed, "served_elements": share.served,
-            "computed_fraction": share.computed / max(1, share.served)}
+            "computed_fraction": share.computed / max(1, share.served), "alone_elements": share.alone}
 
 
 def _noise_report(share) -> dict:
@@ -336,7 +338,7 @@ def _noise_report(share) -> dict:
         return {"ranks": 1}
     return {"ranks": share.size, "drawn_elements": share.drawn, "served_elements": share.served,
             "copied_elements": share.copied, "drawn_fraction": share.drawn / max(1, share.served),
-            "waited_s": share.waited_s}
+            "alone_elements": share.alone, "waited_s": share.waited_s}
 
 
 def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -> None:

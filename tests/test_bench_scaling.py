@@ -64,7 +64,7 @@ def test_scaling_without_shared_noise_and_bad_input():
     import pytest
 
     from distzo2_lab.bench_scaling import bench_worker
-    from distzo2_lab.config import ConfigError, TrainConfig
+    from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig
     from distzo2_lab.launch import launch
     from distzo2_lab.mesh import Layout
 
@@ -72,7 +72,9 @@ def test_scaling_without_shared_noise_and_bad_input():
         scaling("tiny", repeats=0)
     with pytest.raises(ConfigError, match="zo.perturb='inplace' is not valid; choose one of auto, in-place, copy"):
         scaling("tiny", perturb="inplace")
-    cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1)
+    # 4096-element chunks: a tiny block (49,984 elements) is 13 chunks to split (with the default
+    # 1M-element chunks it fits one, and the ranks draw alone: tests/test_noise_share.py)
+    cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096))
     alone = launch(bench_worker, 2, (cfg, Layout(2, 1, share_noise=False), 1), 300).wait()
     assert [v["noise_drawn_fraction"] for v in alone.values()] == [1.0, 1.0]
     shared = launch(bench_worker, 2, (cfg, Layout(2, 1), 1), 300).wait()

@@ -294,14 +294,22 @@ def test_the_ranks_of_a_node_split_the_noise_draws():
     assert 0 < report["copied_elements"] < report["served_elements"]
     nspsa = run_layout(Layout(dp=1, pert=4), dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, directions=2)))
     assert {r["noise_share"]["ranks"] for r in nspsa.values()} == {2}
+    # the resident buckets' short draws (layer norms, < one chunk) are drawn by each rank alone
+    assert all(r["noise_share"]["alone_elements"] > 0 for r in shared.values())
+    # 1M-element chunks: every tiny block fits one, there is nothing to split and no share opens
+    one_chunk = run_layout(Layout(dp=2, pert=1), dataclasses.replace(CFG, zo=ZOConfig()))
+    assert {r["noise_share"]["ranks"] for r in one_chunk.values()} == {1}
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("distzo2-")]  # slots unlinked
 
 
 def test_cli_no_share_noise_reaches_the_layout(capsys):
     from distzo2_lab.cli import main
 
+    assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run", "--chunk-size", "4096"]) == 0
+    assert "split every draw of more than one chunk through shared memory" in capsys.readouterr().out
+    # the default 1M-element chunks: a tiny block (49,984) is one chunk, nothing to split
     assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run"]) == 0
-    assert "split every draw through shared memory" in capsys.readouterr().out
+    assert "a block (49,984 elements) fits one noise chunk (1,048,576)" in capsys.readouterr().out
     assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run", "--no-share-noise"]) == 0
     out = capsys.readouterr().out
     assert "noise drawn by every rank" in out and "noise: every rank draws all of z" in out

@@ -41,7 +41,7 @@ def test_a_late_member_finds_its_z_ready_and_draws_nothing(tmp_path):
     zb = b.view(torch.empty(n), 7, "block.0")
     assert torch.equal(zb, want) and b.drawn == 0
     # a bucket larger than a slot is filled piece by piece, the same values
-    big = 9 * CHUNK
+    big = 10 * CHUNK  # pieces of 4, 4 and 2 chunks
     fa, fb = torch.empty(big), torch.empty(big)
     a.fill(fa, 3, "embed")
     b.fill(fb, 3, "embed")
@@ -70,9 +70,30 @@ def test_members_arriving_together_split_each_piece(tmp_path):
     assert share[0].drawn + share[1].drawn == 6 * n
 
 
+def test_a_one_chunk_piece_is_drawn_by_every_member_alone(tmp_path):
+    """One chunk has nothing to split (one member would draw while the others wait): each member
+    draws it itself, the ring is never entered, the values are the same; a bucket's short last
+    piece is drawn alone too."""
+    perturber, (a, b) = members(tmp_path, slot_elems=2 * CHUNK)
+    n = CHUNK - 10
+    za, zb = a.view(torch.empty(n), 5, "ln"), b.view(torch.empty(n), 5, "ln")  # b alone: no wait for a
+    assert torch.equal(za, perturber.noise_for(5, "ln", n)) and torch.equal(za, zb)
+    assert a.alone == b.alone == n and a.drawn == b.drawn == a.served == 0 and a.ring.pieces == 0
+    big = 2 * CHUNK + 100  # one shared piece of two chunks, then a 100-element piece alone
+    fa, fb = torch.empty(big), torch.empty(big)
+    t = threading.Thread(target=lambda: b.fill(fb, 3, "embed"))
+    t.start()
+    a.fill(fa, 3, "embed")
+    t.join()
+    assert torch.equal(fa, perturber.noise_for(3, "embed", big)) and torch.equal(fa, fb)
+    assert a.drawn + b.drawn == a.served == b.served == 2 * CHUNK and a.alone == n + 100
+    assert a.ring.pieces == b.ring.pieces == 1
+    a.close(), b.close()
+
+
 def test_the_slot_ring_holds_a_member_at_most_slots_minus_one_pieces_ahead(tmp_path):
     perturber, (a, b) = members(tmp_path, slots=3)
-    n = CHUNK
+    n = 2 * CHUNK
     views = [a.view(torch.empty(n), k, "b") for k in range(3)]  # pieces 0, 1, 2 fill the 3 slots
     done = threading.Event()
 
@@ -92,10 +113,10 @@ def test_the_slot_ring_holds_a_member_at_most_slots_minus_one_pieces_ahead(tmp_p
 
 def test_a_member_that_never_comes_raises_after_the_timeout(tmp_path):
     _, (a, _b) = members(tmp_path, slots=2, timeout=0.5)
-    a.view(torch.empty(CHUNK), 0, "b")
-    a.view(torch.empty(CHUNK), 1, "b")
+    a.view(torch.empty(2 * CHUNK), 0, "b")
+    a.view(torch.empty(2 * CHUNK), 1, "b")
     with pytest.raises(RuntimeError, match="member 0 of 2 waited 0 s for a free shared slot.*died or hangs"):
-        a.view(torch.empty(CHUNK), 2, "b")
+        a.view(torch.empty(2 * CHUNK), 2, "b")
 
 
 def test_invalid_arguments(tmp_path):

@@ -199,7 +199,7 @@ from distzo2_lab.cli import plan_text
 
 cfg_q = dataclasses.replace(cfg, steps=NSPSA_STEPS, zo=ZOConfig(chunk_size=4096, directions=2))
 layout_q = validate_layout(Layout(dp=1, pert=4), 4, cfg_q.batch_size, directions=2)
-print(plan_text(layout_q, cfg_q.batch_size, directions=2))
+print(plan_text(layout_q, cfg_q.batch_size, directions=2, model="tiny"))
 
 # %% [markdown]
 # A real 4-rank launch, and the same config on one rank, which runs both directions and both

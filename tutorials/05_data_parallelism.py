@@ -64,7 +64,7 @@ from distzo2_lab.cli import plan_text
 from distzo2_lab.mesh import Layout, validate_layout
 
 layout = validate_layout(Layout(dp=2, pert=1), 2, BATCH)  # batch_size must divide by dp
-print(plan_text(layout, BATCH))
+print(plan_text(layout, BATCH, model="tiny"))
 
 # %% [markdown]
 # ## 2. DDP(2) from the notebook
@@ -171,7 +171,7 @@ import dataclasses
 
 acc = dataclasses.replace(cfg, micro_batches=2)
 layout_acc = validate_layout(layout, 2, BATCH, micro_batches=acc.micro_batches)  # each rank's rows split
-print(plan_text(layout_acc, BATCH, micro_batches=acc.micro_batches))
+print(plan_text(layout_acc, BATCH, micro_batches=acc.micro_batches, model="tiny"))
 handle = launch(train_worker, 2, args=(acc, layout_acc), timeout=TIMEOUT)
 ddp_acc = handle.wait()
 one_rank = train(dataclasses.replace(cfg, micro_batches=4), progress=False)  # the same 4 micro-batches

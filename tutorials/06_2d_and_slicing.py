@@ -68,7 +68,7 @@ from distzo2_lab.mesh import Layout, validate_layout
 
 LAYOUTS = {"naive": Layout(dp=2, pert=2), "sliced": Layout(dp=2, pert=2, slice=True)}
 for layout in LAYOUTS.values():
-    print(plan_text(validate_layout(layout, 4, BATCH), BATCH), end="\n\n")
+    print(plan_text(validate_layout(layout, 4, BATCH), BATCH, model="tiny"), end="\n\n")
 
 # %% [markdown]
 # ## 2. Naive vs sliced

@@ -245,9 +245,10 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
 
 
 def _share_probe(rank: int, world: int, rounds: int, chunk: int = 4096) -> float:
-    """Mean seconds per shared noise piece of one chunk (noise_share.NoiseShare among the probe's
-    ranks, all drawing the same pieces) beyond drawing the chunk alone: claims, locks, waiting for
-    the member that drew it, polling."""
+    """Mean seconds per shared noise piece of `world` chunks (noise_share.NoiseShare among the
+    probe's ranks, all drawing the same pieces: arriving together, each draws one chunk) beyond
+    drawing one chunk alone: claims, locks, waiting for the members drawing the others, polling.
+    (A one-chunk piece is never shared: every member draws it alone.)"""
     import torch.distributed as dist
 
     from ..noise_share import NoiseShare
@@ -255,12 +256,12 @@ def _share_probe(rank: int, world: int, rounds: int, chunk: int = 4096) -> float
     from ..perturb import Perturber
 
     p = Perturber("gaussian", chunk, 1)
-    buf = torch.empty(chunk)
-    alone = median_time(lambda: p.fill(buf, 1, "probe"), repeats=20, warmup=2)
+    one, buf = torch.empty(chunk), torch.empty(world * chunk)
+    alone = median_time(lambda: p.fill(one, 1, "probe"), repeats=20, warmup=2)
     name = [os.urandom(8).hex() if rank == 0 else None]
     dist.broadcast_object_list(name, src=0)
     share = NoiseShare(p, rank, world, dist.barrier, os.path.join(SHM_DIR, f"distzo2-probe-{name[0]}.bin"),
-                       create=rank == 0, slot_elems=chunk)
+                       create=rank == 0, slot_elems=world * chunk)
     try:
         k = iter(range(10**9))
         share.view(buf, 0, "probe")

@@ -195,11 +195,12 @@ def _capacity(hw: Hardware, link: tuple) -> float:
     return float("inf") if gbps is None else gbps * 1e9
 
 
-def noise_groups(layout: Layout, hw: Hardware, q: int) -> dict[int, tuple[int, ...]]:
+def noise_groups(layout: Layout, hw: Hardware, q: int, block_params: int) -> dict[int, tuple[int, ...]]:
     """CPU ranks that split every whole-bucket draw of z (noise_share.py): the ranks of a node that
-    run the same directions; empty when the layout does not share noise or a rank draws alone."""
+    run the same directions; empty when the layout does not share noise, a rank draws alone, or a
+    block fits one noise chunk (train.py opens no share: a one-chunk piece has nothing to split)."""
     world = layout.world_size
-    if hw.kind != "cpu" or world == 1 or not getattr(layout, "share_noise", False):
+    if hw.kind != "cpu" or world == 1 or not getattr(layout, "share_noise", False) or block_params <= CHUNK:
         return {}
     keys = {r: (r // hw.devices_per_node, tuple(layout.directions(r, q))) for r in range(world)}
     out = {}
@@ -210,10 +211,10 @@ def noise_groups(layout: Layout, hw: Hardware, q: int) -> dict[int, tuple[int, .
     return out
 
 
-def copy_groups_of(layout: Layout, hw: Hardware, q: int) -> dict[int, tuple[int, ...]]:
+def copy_groups_of(layout: Layout, hw: Hardware, q: int, block_params: int) -> dict[int, tuple[int, ...]]:
     """CPU ranks that share the perturbed block copies (zo.perturb copy, noise_share.CopyShare): the
     ranks of a node sharing the noise that also run the same signs."""
-    noise = noise_groups(layout, hw, q)
+    noise = noise_groups(layout, hw, q, block_params)
     return {r: m for r in noise if len(m := tuple(x for x in noise[r] if layout.signs(x) == layout.signs(r))) > 1}
 
 
@@ -275,7 +276,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
 
     gather_bytes = (world - 1) / world * width * moved
     measured_gather = hw.gather_s(world, width * moved) if sliced and hw.kind == "cpu" else None
-    shared = noise_groups(layout, hw, q)
+    shared = noise_groups(layout, hw, q, shape.block_params)
     chunk = CHUNK
     slot = -(-shape.block_params // chunk) * chunk  # noise_share's slot: the widest block, whole chunks
     per_node = min(world, hw.devices_per_node)
@@ -292,8 +293,11 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         the node's lock, waiting for the member drawing a chunk, polling). That cost was measured as
         wall-clock time with the W ranks running at once, so it is a wait, not work the cores share
         out again; `call` (work) when not calibrated."""
-        fixed = hw.per_world("share_us", size)
         chunks = -(-elements // chunk)
+        if chunks == 1:  # nothing to split: every member computes it alone (noise_share.py)
+            prog.work(phase, elements * per_element + call)
+            return
+        fixed = hw.per_world("share_us", size)
         longest = min(elements, -(-chunks // size) * chunk)
         prog.work(phase, longest * per_element + (call if fixed is None else 0.0))
         if fixed is not None:
@@ -303,7 +307,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         """z of a whole bucket: drawn alone, or shared with the ranks of `shared`: each piece's chunks
         go to whichever member claims them first. Members that arrive together split a piece by
         whole chunks, so each waits for the longest run, ceil(chunks / size) chunks (a one-chunk
-        piece costs every member the whole draw); plus the measured fixed cost of a shared piece
+        piece is drawn by every member alone); plus the measured fixed cost of a shared piece
         at the group's size (`share_us`: claims, locks, polling) and the copy out of the slot.
         No barrier ties the ranks together: a late member finds its z drawn."""
         members = shared.get(r)
@@ -313,9 +317,10 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         for p0 in range(0, elements, slot):
             piece = min(slot, elements - p0)
             shared_piece(prog, phase, block, piece, len(members), rng)
-            prog.work(phase, piece * copy_per_element)
+            if piece > chunk:  # a shared piece is copied out of its slot
+                prog.work(phase, piece * copy_per_element)
 
-    copy_groups = copy_groups_of(layout, hw, q) if copies else {}
+    copy_groups = copy_groups_of(layout, hw, q, shape.block_params) if copies else {}
 
     def perturbed_copy(prog: _Program, r: int, elements: int, block: int) -> None:
         """One perturbed copy of a block: alone, or shared by the ranks of the same signs
