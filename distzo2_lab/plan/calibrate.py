@@ -194,6 +194,12 @@ def _window_time(fn, seconds: float) -> float:
     return (now - t0) / n
 
 
+EXCHANGE_WORK = 4
+"""Tiny forwards each rank runs before every timed loss exchange of the probe (~3 ms at 2 ranks
+here): an exchange at the end of a step costs more than back to back (0.6 ms at 2 ranks; 1.0-1.6 ms
+after work, 4.5-7 ms at 4 ranks on 2 cores against 4): ranks that went idle waiting must be woken,
+and the ranks reach it apart."""
+
 GATHER_BYTES = (1 << 20, 4 << 20, 16 << 20, 32 << 20)
 """Sizes (bytes gathered in all) of the probe's all-gathers: gloo between processes here is not one
 bandwidth (4 ranks: 0.44 GB/s at 4 MB, 0.61 at 16 MB, 0.32 at 32 MB, where the buffers outgrow the
@@ -208,8 +214,11 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
     outnumber the cores): `busy`, a tiny OPT block forward (one thread, the size of the tiny
     shape's visits) while every rank runs it at once, over rank 0 running it alone (CPU contention:
     the median of 0.25 s windows); a barrier and a scalar all-gather back to back (a collective's
-    fixed cost: the messages and waking W processes; the simulator adds the ranks' skew itself);
-    the median of an all-gather of nbytes (bandwidth) and of one of each size in GATHER_BYTES."""
+    fixed cost: the messages and waking W processes); `exchange`, the scalar all-gather at the end
+    of EXCHANGE_WORK forwards in every rank, less their time under contention (what the loss
+    exchange costs a step: waking ranks that went idle, the ranks' spread; never below back to
+    back); the median of an all-gather of nbytes (bandwidth) and of one of each size in
+    GATHER_BYTES."""
     import torch.distributed as dist
 
     from ..collectives import all_gather_flat
@@ -232,14 +241,24 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         busy = statistics.median(_window_time(work, 0.25) for _ in range(7))
         dist.barrier()
         barrier = _mean_time(dist.barrier, rounds)
-        scalar = _mean_time(gather(4), rounds)  # the loss exchange: 4 float64 per rank
+        exchange = gather(4)  # the loss exchange: 4 float64 per rank
+        scalar = _mean_time(exchange, rounds)
+
+        def after_work():  # as at the end of a step: every rank computes, then they exchange
+            for _ in range(EXCHANGE_WORK):
+                work()
+            exchange()
+
+        dist.barrier()
+        # a fixed count of rounds (each ends in a collective, so every rank runs the same number)
+        ended = statistics.median(_mean_time(after_work, 10) for _ in range(5)) - EXCHANGE_WORK * busy
         curve = [[total, median_time(gather(total // 4 // world), repeats=repeats)]
                  for total in sorted(set(GATHER_BYTES) | {nbytes})]
         big = next(t for total, t in curve if total == nbytes)
         dist.barrier()
         share = _share_probe(rank, world, rounds)
-        return {"alone_s": alone, "busy_s": busy, "barrier_s": barrier, "scalar_s": scalar, "big_s": big,
-                "share_s": share, "curve": curve}
+        return {"alone_s": alone, "busy_s": busy, "barrier_s": barrier, "scalar_s": scalar,
+                "exchange_s": max(scalar, ended), "big_s": big, "share_s": share, "curve": curve}
     finally:
         dist.destroy_process_group()
 
@@ -276,10 +295,12 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
     from ..launch import launch as start
 
     r = start(gloo_probe, world, (nbytes, repeats), timeout=180).wait()
-    out = {k: statistics.median(v[k] for v in r.values()) for k in ("busy_s", "barrier_s", "scalar_s", "share_s")}
+    out = {k: statistics.median(v[k] for v in r.values())
+           for k in ("busy_s", "barrier_s", "scalar_s", "exchange_s", "share_s")}
     out["alone_s"] = r[0]["alone_s"]
     out["big_s"] = max(v["big_s"] for v in r.values())
-    out["curve"] = [[total, max(v["curve"][i][1] for v in r.values())] for i, (total, _) in enumerate(r[0]["curve"])]
+    out["curve"] = [[total, statistics.median(v["curve"][i][1] for v in r.values())]
+                    for i, (total, _) in enumerate(r[0]["curve"])]
     return out
 
 
@@ -326,14 +347,14 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         for world in worlds:
             r = probe_ranks(world)
             barrier_us[world] = r["barrier_s"] * 1e6
-            collective_us[world] = r["scalar_s"] * 1e6
+            collective_us[world] = r["exchange_s"] * 1e6
             share_us[world] = r["share_s"] * 1e6
             # each rank receives (W - 1) / W of the 16 MB gathered
             peer_by_world[world] = (world - 1) / world * (16 << 20) / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
             gather_curve[world] = r["curve"]
             contention[world] = max(1.0, r["busy_s"] / r["alone_s"])
             if world == 2:
-                latency_us = collective_us[2]
+                latency_us = r["scalar_s"] * 1e6
                 peer = (16 << 20) / 2 / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     hw = Hardware(

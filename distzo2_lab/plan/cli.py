@@ -61,8 +61,9 @@ def cmd_calibrate(a) -> int:
     print(f"  exchange (gloo all-gather) {hw.peer_gbps:.2f} GB/s, scalar latency {hw.peer_latency_us:.0f} us; "
           f"process baseline {hw.context_gb:.2f} GB")
     if hw.barrier_us:
-        ranks = ", ".join(f"{w} ranks: barrier {hw.barrier_us[w]:.0f} us, all-gather {hw.collective_us[w]:.0f} us, "
-                          f"compute {hw.contention[w]:.2f}x slower" for w in hw.barrier_us)
+        ranks = ", ".join(f"{w} ranks: barrier {hw.barrier_us[w]:.0f} us, loss exchange after work "
+                          f"{hw.collective_us[w]:.0f} us, compute {hw.contention[w]:.2f}x slower"
+                          for w in hw.barrier_us)
         print(f"  between processes: {ranks}")
     return 0
 

@@ -84,8 +84,9 @@ class Hardware:
     the messages and waking W processes; the simulator adds the ranks' skew). Empty: `peer_latency_us`
     x (W - 1)."""
     collective_us: dict = field(default_factory=dict)
-    """Measured fixed cost of a scalar all-gather (the loss exchange) among W processes {W: us},
-    measured like `barrier_us`. Empty: `peer_latency_us` x (W - 1)."""
+    """Measured fixed cost of the loss exchange (a scalar all-gather) among W processes {W: us} at
+    the end of a step: after every rank has computed, less that compute (calibrate.gloo_probe).
+    Empty: `peer_latency_us` x (W - 1)."""
     peer_gbps_by_world: dict = field(default_factory=dict)
     """'cpu' only: all-gather bandwidth measured among W processes {W: GB/s} (bytes each rank receives
     per second); replaces `peer_gbps` at that world size. Empty: `peer_gbps`."""
