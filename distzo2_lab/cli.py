@@ -115,14 +115,12 @@ def _block_elems(model: str | None) -> int | None:
     """Elements of one block of an OPT preset (None for other names: the plan then says less)."""
     if model is None:
         return None
-    from .models.presets import opt_config
     from .plan.memory import model_shape
 
     try:
-        opt_config(model)
+        return model_shape(model).block_params
     except ConfigError:
         return None
-    return model_shape(model).block_params
 
 
 def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int = 1, device: str = "cpu",

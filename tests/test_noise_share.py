@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from distzo2_lab.noise_share import NoiseShare
+from distzo2_lab.noise_share import CopyShare, NoiseShare
 from distzo2_lab.perturb import Perturber
 
 CHUNK = 1024
@@ -88,6 +88,36 @@ def test_a_one_chunk_piece_is_drawn_by_every_member_alone(tmp_path):
     assert torch.equal(fa, perturber.noise_for(3, "embed", big)) and torch.equal(fa, fb)
     assert a.drawn + b.drawn == a.served == b.served == 2 * CHUNK and a.alone == n + 100
     assert a.ring.pieces == b.ring.pieces == 1
+    a.close(), b.close()
+
+
+def test_a_one_chunk_copy_is_made_by_every_member_alone(tmp_path):
+    """CopyShare: a block copy of one chunk is made by each member in its own buffer (nothing to
+    split); a copy of two chunks goes through the shared slot. Both are theta + scale z exactly."""
+    size, barrier, path = 2, threading.Barrier(2), str(tmp_path / "copies.bin")
+    out = [None, None]
+
+    def join(i):
+        out[i] = CopyShare(i, size, barrier.wait, path, create=i == 0, slot_elems=2 * CHUNK, chunk=CHUNK)
+
+    ts = [threading.Thread(target=join, args=(i,)) for i in range(size)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    a, b = out
+    master, z = torch.randn(2 * CHUNK), torch.randn(2 * CHUNK)
+    small = master[: CHUNK - 3]
+    ca, cb = a.copy(small, z, 1e-3), b.copy(small, z, 1e-3)  # b does not wait for a
+    want = torch.add(small, z[: CHUNK - 3], alpha=1e-3)  # zo.perturbed_copy, each element one add
+    assert torch.equal(ca, want) and torch.equal(cb, want) and ca.data_ptr() != cb.data_ptr()
+    assert a.alone == b.alone == CHUNK - 3 and a.computed == b.served == 0 and a.ring.pieces == 0
+    t = threading.Thread(target=lambda: out.append(b.copy(master, z, -1e-3).clone()))
+    t.start()
+    shared = a.copy(master, z, -1e-3).clone()
+    t.join()
+    assert torch.equal(shared, torch.add(master, z, alpha=-1e-3)) and torch.equal(out[-1], shared)
+    assert a.computed + b.computed == 2 * CHUNK and a.ring.pieces == b.ring.pieces == 1
     a.close(), b.close()
 
 
