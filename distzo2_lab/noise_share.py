@@ -135,6 +135,12 @@ class SharedPieces:
                                    f"for {what} (piece {self.pieces - 1}): another rank died or hangs")
         self.waited_s += time.perf_counter() - t0
 
+    def shares(self, length: int) -> bool:
+        """Whether a piece of `length` elements goes through the ring: only when it has more than
+        one chunk (one chunk has nothing to split; every member computes it alone). The same
+        answer on every member, so their sequences of ring pieces stay equal."""
+        return length > self.chunk
+
     def piece(self, length: int, compute: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
         """The next piece (`length` <= slot_elems elements), complete in its slot; valid until this
         member asks for its next piece."""
@@ -221,7 +227,7 @@ class NoiseShare:
         n = out.numel()
         for p0 in range(0, n, self.slot_elems):
             p1 = min(n, p0 + self.slot_elems)
-            if p1 - p0 <= self.perturber.chunk_size:  # one chunk: drawn alone, never shared
+            if not self.ring.shares(p1 - p0):  # one chunk: drawn alone
                 self.perturber.fill(out[p0:p1], seed, key, start=p0, total=n)
                 self.alone += p1 - p0
                 continue
@@ -236,7 +242,7 @@ class NoiseShare:
         the slot before this rank has asked for a later piece). A bucket larger than a slot is
         written into `out` as by :meth:`fill`."""
         n = out.numel()
-        if n > self.slot_elems or n <= self.perturber.chunk_size:
+        if n > self.slot_elems or not self.ring.shares(n):
             return self.fill(out, seed, key)
         self.served += n
         return self._piece(0, n, n, seed, key)
@@ -269,7 +275,7 @@ class CopyShare:
         """theta + scale z of one block (flat, at most one slot), in the shared slot; valid until
         this rank's next copy."""
         n = master.numel()
-        if n <= self.ring.chunk:  # one chunk: made alone, never shared
+        if not self.ring.shares(n):  # one chunk: made alone
             if self._own is None:
                 self._own = torch.empty(self.ring.chunk, dtype=self.ring.flat.dtype)
             self.alone += n
