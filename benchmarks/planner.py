@@ -10,11 +10,12 @@
    store directory, the leader commits). One torch thread per rank: world 4 oversubscribes the 2
    cores (the calibration measures that contention), and two-threaded resident runs are erratic
    under load. The tiny shape runs at least 30 steps (MIN_STEPS); every case runs three times
-   (REPEATS: the median run, the spread printed). --quick: the tiny shape only, and
-   no multi-process probes. --nspsa: also pert=4 with two n-SPSA directions (host tier). Each
-   (model, world size) group is predicted from a calibration taken right before its runs (the
-   machine's speed moves between minutes); the start's calibration predicts it too
-   (--one-calibration: only that).
+   (REPEATS), in three rounds of the group's cases. --quick: the tiny shape only, and
+   no multi-process probes. --nspsa: also pert=4 with two n-SPSA directions (host tier). The
+   machine is calibrated before each (model, world size) group and after each of its rounds (the
+   machine's speed moves between minutes); the row compares the median of these calibrations'
+   predictions with the median run (both ranges printed). The start's calibration predicts every
+   row too (--one-calibration: only that).
 3. Predicted vs measured peak RSS above the process baseline for the host and disk tiers (fresh
    processes, ``bench_offload.peak_memory_subprocess``).
 4. The published checks: ZO2 peak GPU memory, DistZO2 trace shares and headline.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 
 from distzo2_lab.config import PrecisionConfig
 from distzo2_lab.mesh import Layout
@@ -41,8 +43,8 @@ MIN_STEPS = {"tiny": 30}
 REPEATS = {"tiny": 3, "opt-125m": 3}
 """Runs per case: steps move by 10-20 % from one run to the next on these 2 shared cores (tiny
 resident PertP, one process group, a minute apart: 5.3 and 6.4 ms; OPT-125m host PertP 1.38-1.49 s
-in three benchmarks), so each case runs three times, round-robin in the same ranks, and the table
-takes the median run (the spread is printed beside it)."""
+in three benchmarks), so each case runs three times, in three rounds of its group with a
+calibration between them, and the table takes the median round (the spread is printed beside it)."""
 CASES = [  # (tier, name, layout): every tier at world sizes 1, 2 and 4
     ("resident", "single", Layout()), ("host", "single", Layout()), ("disk", "single", Layout()),
     ("resident", "PertP", Layout(1, 2)), ("host", "PertP", Layout(1, 2)), ("host", "DDP", Layout(2, 1)),
@@ -57,13 +59,19 @@ NSPSA_CASES = [("host", "n-SPSA q=2", Layout(1, 4))]  # pert = 4: one (direction
 
 def timing_rows(hw, models, steps: int, extra: list | None = None, directory: str | None = None,
                 beside: bool = True, collectives: bool = True) -> list[dict]:
-    """Every case, measured (the ranks of one world size launched once for all its cases) and simulated.
+    """Every case, measured (the ranks of one world size launched once per round for all its cases)
+    and simulated.
 
-    beside=True: right before each (model, world size) group is measured, the machine is calibrated
-    again (the single-process rates, and the multi-process probes at that world size), and the
-    group is predicted from that calibration ('ratio'); `hw`, the calibration taken at the start,
-    predicts it too ('ratio_start'). A shared VM's speed moves by tens of percent from minute to
-    minute, and a calibration only describes the minute it was taken in."""
+    Every (model, world size) group runs REPEATS rounds (each case once per round); a row's measured
+    step is its median run. beside=True: the machine is calibrated before the first round and after
+    every round (the single-process rates, and the multi-process probes at that world size), and
+    the row's prediction is the median of the predictions from these REPEATS + 1 calibrations
+    ('ratio'). A shared VM's speed moves by tens of percent from minute to minute, a calibration is a
+    few seconds of that (one snapshot caught the noise rate at 0.16 G/s between two at 0.25), and a
+    group of OPT-125m cases runs for minutes: the median calibration of the group, like the median
+    run, is what the group's minutes were like, not one moment. `hw`, the calibration taken at the
+    start, predicts every row too ('ratio_start'). beside=False: only `hw`, and the rounds
+    round-robin in one process group."""
     rows = []
     every = CASES + (extra or [])
     for model in models:
@@ -72,23 +80,37 @@ def timing_rows(hw, models, steps: int, extra: list | None = None, directory: st
             cases = [(tier, name, layout) for tier, name, layout in every if layout.world_size == world]
             items = [(Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(), tier=tier, prefetch=1),
                       layout) for tier, _, layout in cases]
-            now = hw
-            if beside:
-                now = calibrate(directory, collectives=collectives and world > 1, worlds=(world,), save=False)
-                print(f"  calibration beside {model} world {world}: {_rates(now)}", flush=True)
             n, reps = max(steps, MIN_STEPS.get(model, 0)), REPEATS.get(model, 1)
-            runs = measure_many(items * reps, n, threads=1)  # round-robin: case 0, 1, ..., then again
+            if beside:
+                cals, rounds = [_calibration(directory, collectives, model, world, "before")], []
+                for r in range(reps):
+                    rounds.append(measure_many(items, n, threads=1))
+                    cals.append(_calibration(directory, collectives, model, world, f"after round {r + 1} of"))
+            else:
+                everything = measure_many(items * reps, n, threads=1)  # round-robin
+                rounds = [everything[r * len(items):(r + 1) * len(items)] for r in range(reps)]
             for i, ((w, layout), (_, name, _)) in enumerate(zip(items, cases)):
-                mine = sorted(runs[i :: len(items)], key=lambda m: m.steady_step_s)
-                m = mine[len(mine) // 2]  # the median run
-                r = compare(w, layout, now, steps=n, threads=1, measured=m)
+                runs = [rounds[r][i] for r in range(reps)]
+                m = sorted(runs, key=lambda x: x.steady_step_s)[len(runs) // 2]  # the median run
+                r = compare(w, layout, hw, steps=n, threads=1, measured=m)
                 r.pop("simulation"), r.pop("measured")
-                start = compare(w, layout, hw, steps=n, threads=1, measured=m)
-                r["predicted_start_s"], r["ratio_start"] = start["predicted_s"], start["ratio"]
-                r["layout"], r["measured_runs_s"] = name, [x.steady_step_s for x in runs[i :: len(items)]]
+                r["predicted_start_s"], r["ratio_start"] = r["predicted_s"], r["ratio"]
+                if beside:  # the median of the group's calibrations' predictions
+                    r["predicted_by_calibration_s"] = [compare(w, layout, c, steps=n, threads=1, measured=m)
+                                                       ["predicted_s"] for c in cals]
+                    r["predicted_s"] = statistics.median(r["predicted_by_calibration_s"])
+                    r["ratio"] = r["predicted_s"] / r["measured_s"]
+                r["layout"], r["measured_runs_s"] = name, [x.steady_step_s for x in runs]
                 rows.append(r)
                 print(format_row(r), flush=True)
     return rows
+
+
+def _calibration(directory: str | None, collectives: bool, model: str, world: int, when: str):
+    """A calibration beside a group's runs: the single-process rates, and the W-rank probes."""
+    now = calibrate(directory, collectives=collectives and world > 1, worlds=(world,), save=False)
+    print(f"  calibration {when} {model} world {world}: {_rates(now)}", flush=True)
+    return now
 
 
 def _rates(hw) -> str:
@@ -96,6 +118,8 @@ def _rates(hw) -> str:
             f"copies {hw.h2d_gbps:.1f} GB/s")
     if hw.contention:
         text += ", contention " + _per_world({k: v for k, v in hw.contention.items() if int(k) > 1}, "x")
+    if hw.collective_us:
+        text += ", loss exchange after work " + _per_world(hw.collective_us, "us")
     if hw.share_us:
         text += ", shared noise piece " + _per_world(hw.share_us, "us")
     if hw.peer_gbps_by_world:
@@ -113,6 +137,8 @@ def format_row(r: dict) -> str:
     ok = "ok" if abs(r["ratio"] - 1) <= 0.15 else "OFF"
     runs = r.get("measured_runs_s", [])
     spread = f"  runs {min(runs):.4f}-{max(runs):.4f}" if len(runs) > 1 else ""
+    preds = r.get("predicted_by_calibration_s", [])
+    spread += f"  predicted {min(preds):.4f}-{max(preds):.4f}" if len(preds) > 1 else ""
     return (f"{r['model']:>9} {r['tier']:>8} {r['layout']:>10} {r['world']:>5} {r['threads']:>7} "
             f"{r['predicted_s']:>10.4f} {r['measured_s']:>10.4f} {r['ratio']:>6.2f}  {ok:>3} "
             f"{r.get('ratio_start', r['ratio']):>12.2f}{spread}")
@@ -162,9 +188,10 @@ def main() -> None:
     beside = not a.one_calibration
     print(f"\n{'model':>9} {'tier':>8} {'layout':>10} {'world':>5} {'threads':>7} {'predicted':>10} {'measured':>10} "
           f"{'ratio':>6}  {'':>3} {'ratio start':>12}")
-    print("(seconds per step; ok = within 15 %; measured: the median of REPEATS runs where several ran, "
-          "their range after 'runs'; " + ("predicted from the calibration taken beside each world size's "
-          "runs; 'ratio start': from the one taken at the start)" if beside else "one calibration, at the start)"))
+    print("(seconds per step; ok = within 15 %; measured: the median of REPEATS runs, their range after 'runs'; "
+          + ("predicted: the median over the calibrations before and after each round of the group, their "
+             "range after 'predicted'; 'ratio start': from the calibration at the start)" if beside else
+             "one calibration, at the start)"))
     rows = timing_rows(hw, models, a.steps, NSPSA_CASES if a.nspsa else None, a.dir, beside, not a.quick)
     within = sum(abs(r["ratio"] - 1) <= 0.15 for r in rows)
     within_start = sum(abs(r["ratio_start"] - 1) <= 0.15 for r in rows)
