@@ -73,9 +73,10 @@ class ResidentSet:
             e._apply_pending(b, z)
             with e._span("rng"):
                 e.draw(z, seed, b.key)
-            perturb_(b.master, z, e.zo.eps)
-            b.sync()
-            state.copy_(b.working)
+            with e._span("embed"):
+                perturb_(b.master, z, e.zo.eps)
+                b.sync()
+                state.copy_(b.working)
 
     def to_minus(self) -> None:
         for b, z in self.pairs:
@@ -132,7 +133,7 @@ class ResidentSet:
             loss_minus = self._losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
             self.bind_plus()
             loss_plus = self._losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
-        self.restore()
+            self.restore()
         return loss_plus, loss_minus
 
     def begin_directions(self, seeds: list[int], micro: list) -> dict:
@@ -362,14 +363,16 @@ class ZO2Engine:
             with self._span("rng", i):
                 zb = self.draw(self._z_block[: b.numel], seed, b.key, keep=False)  # used up in this visit
             for k, scale in ((0, eps), (1, -2 * eps)):
-                perturb_(b.master, zb, scale)
-                b.sync()
+                with self._span("perturb", i):
+                    perturb_(b.master, zb, scale)
+                    b.sync()
                 if self.signs[k]:  # PertP: only the passes this rank runs
                     with self._span("forward", i):
                         for h in hs:
                             h[k] = a.run_block(i, h[k], h[2])
-            perturb_(b.master, zb, eps)
-            b.sync()
+            with self._span("perturb", i):
+                perturb_(b.master, zb, eps)
+                b.sync()
 
         self._sweep(visit)
         return self.resident.end(hs, labels, counts)
@@ -390,7 +393,8 @@ class ZO2Engine:
                 with self._span("rng", i):
                     zb = self.draw(self._z_block[: b.numel], s, b.key, keep=False)  # used up before the next
                 for sign, scale in signed:
-                    b.bind(self._copy(b, zb, scale))
+                    with self._span("perturb", i):
+                        b.bind(self._copy(b, zb, scale))
                     with self._span("forward", i):
                         for h in hs[j, sign]:
                             h[0] = a.run_block(i, h[0], h[1])

@@ -17,7 +17,8 @@ from .metrics import bubbles, metrics_rows
 
 # Transfers in blues, compute phases in warm colours, so the lanes read at a glance.
 PHASE_COLOURS = {"upload": "#1f77b4", "offload": "#17becf", "exchange": "#7f7f7f", "forward": "#d62728",
-                 "update": "#2ca02c", "rng": "#ff7f0e", "embed": "#9467bd", "head": "#8c564b"}
+                 "update": "#2ca02c", "rng": "#ff7f0e", "perturb": "#ff9896", "embed": "#9467bd",
+                 "head": "#8c564b"}
 _FALLBACK = ("#e377c2", "#bcbd22", "#aec7e8", "#ffbb78")
 
 

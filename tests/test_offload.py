@@ -167,7 +167,7 @@ def test_trace_files_hold_every_lane_and_parse(tmp_path):
     got = train(offloaded(BASE, "disk", tmp_path), progress=False, trace=str(tmp_path / "t"))
     spans = read_jsonl(got["trace"]["jsonl"])
     assert {s.lane for s in spans} == {"upload", "compute", "offload"}
-    assert {"update", "rng", "forward", "embed", "head"} <= {s.phase for s in spans if s.lane == "compute"}
+    assert {"update", "rng", "perturb", "forward", "embed", "head"} <= {s.phase for s in spans if s.lane == "compute"}
     assert all(s.end >= s.start >= 0 for s in spans)
     trace = json.load(open(got["trace"]["chrome"]))
     xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]

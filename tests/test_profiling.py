@@ -14,7 +14,7 @@ from distzo2_lab.events import Recorder, Span, overlap_metrics
 from distzo2_lab.profiling import ProfileOptions, as_options, phase_spans, tensorboard_runs
 from distzo2_lab.train import train
 
-PHASES = {"compute::forward", "compute::rng", "compute::update", "compute::embed", "compute::head",
+PHASES = {"compute::forward", "compute::perturb", "compute::rng", "compute::update", "compute::embed", "compute::head",
           "upload::upload", "offload::offload"}
 
 

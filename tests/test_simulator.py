@@ -206,6 +206,35 @@ def test_fixed_costs_outside_the_spans_add_to_every_step_and_visit():
         hw, disk_step_us=800.0, disk_visit_us=200.0)).step_s == pytest.approx(host.step_s)
 
 
+def test_the_head_pass_has_its_own_fixed_cost():
+    """A head pass (final norm, lm_head, loss) is a few operations where a block pass runs a dozen:
+    its fixed cost is `head_us` (calibrated), `launch_us` only where a profile has none."""
+    w = Workload(model="tiny", batch=1, seq=8, precision=PrecisionConfig(), tier="resident")
+    head = {us: sum(s.seconds for s in simulate(w, Layout(), _cpu(head_us=us)).steady_spans() if s.phase == "head")
+            for us in (None, 300.0, 80.0)}
+    assert head[None] == pytest.approx(head[300.0])  # launch_us=300: the fallback
+    per_step = 2 * (300 - 80) * 1e-6  # two head passes a step
+    steps = len({s.step for s in simulate(w, Layout(), _cpu()).steady_spans()})
+    assert head[300.0] - head[80.0] == pytest.approx(steps * per_step, rel=0.02)
+
+
+@pytest.mark.parametrize("perturb", ["in-place", "copy"])
+def test_real_and_simulated_steps_record_the_same_compute_phases(perturb):
+    """Every piece of a step the simulator charges has a span in a real run, and the other way round
+    (the block perturb passes or perturbed copies: 'perturb'), so the calibrated time outside any
+    span (`block_us`, `step_us`) does not hold what the simulator charges again."""
+    from distzo2_lab.plan.check import measure
+
+    w = Workload(model="tiny", batch=2, seq=8, precision=PrecisionConfig(), tier="host", perturb=perturb)
+    real = measure(w, Layout(), steps=3, threads=1)
+    sim = simulate(w, Layout(), _cpu(), steps=3)
+
+    def phases(spans):
+        return {s.phase for s in spans if s.lane == "compute" and s.step >= 1}
+
+    assert phases(real.spans) == phases(sim.spans) >= {"perturb", "forward", "rng", "update", "embed", "head"}
+
+
 def test_engine_overheads_are_measured_from_real_runs():
     """calibrate.engine_overheads: short real train() runs of tiny (2 blocks) and tiny-deep (8)."""
     from distzo2_lab.events import Span

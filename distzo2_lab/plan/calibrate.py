@@ -2,11 +2,13 @@
 
 A few seconds of micro-benchmarks, each timing the package's own code path: an OPT block forward
 (``OPTAdapter.run_block``) at a large and a tiny shape (matmul rate and the fixed cost of one
-block pass) with one thread and with every core, noise generation (``Perturber.fill``), the
+block pass) with one thread and with every core, the fixed costs of the embeddings and of the head
+(``adapter.embed``; ``adapter.head`` and ``adapter.loss``), noise generation (``Perturber.fill``), the
 in-place perturb pass (``perturb_``), copies into reused buffers (the host tier's upload and
 offload lanes, alone and two at once for the shared memory path), pread / pwrite of a file in the
 chosen directory (the disk tier), and real gloo process groups of 2 and 4 launched ranks: the
-fixed cost of a barrier and of the scalar all-gather among W processes, the slow-down of each
+fixed cost of a barrier and of the scalar all-gather among W processes (back to back, and at
+the end of some work in every rank, as a step meets it), the slow-down of each
 rank's compute when W ranks compute at once on the cores, and the all-gather bandwidth. The
 profile is cached as JSON in DIR/this-machine.json and read as hardware 'this-machine'.
 """
@@ -73,6 +75,22 @@ def _probe_embed():
     def run():
         with torch.no_grad():
             a.embed(ids)
+
+    return run
+
+
+def _probe_head():
+    """One head pass (final norm, lm_head, loss) of the tiny preset at batch 1 x 4: its fixed cost."""
+    from ..models import OPTAdapter, build_model
+
+    a = OPTAdapter(build_model("tiny"))
+    ids = torch.randint(4, 512, (1, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h, ctx = a.embed(ids)
+
+    def run():
+        with torch.no_grad():
+            a.loss(a.head(h, ctx), ids)
 
     return run
 
@@ -194,11 +212,14 @@ def _window_time(fn, seconds: float) -> float:
     return (now - t0) / n
 
 
-EXCHANGE_WORK = 4
+EXCHANGE_WORK, EXCHANGE_ROUNDS = 4, 60
 """Tiny forwards each rank runs before every timed loss exchange of the probe (~3 ms at 2 ranks
-here): an exchange at the end of a step costs more than back to back (0.6 ms at 2 ranks; 1.0-1.8 ms
-after work, 4.5-7 ms at 4 ranks on 2 cores against 4): ranks that went idle waiting must be woken,
-and the ranks reach it apart."""
+here), and the rounds timed: an exchange at the end of a step costs more than back to back (0.6 ms
+at 2 ranks; ~1 ms after work, and 4 ranks on 2 cores wait for the ranks that had no core): ranks
+that went idle waiting must be woken, and the ranks reach it apart. Each round times the call
+itself, as the engine's exchange span does (subtracting the forwards' time, measured apart, from
+the round's read 1.0-4.1 ms at 2 ranks: the difference of two noisy times)."""
+
 
 GATHER_BYTES = (1 << 20, 4 << 20, 16 << 20, 32 << 20)
 """Sizes (bytes gathered in all) of the probe's all-gathers: gloo between processes here is not one
@@ -214,11 +235,10 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
     outnumber the cores): `busy`, a tiny OPT block forward (one thread, the size of the tiny
     shape's visits) while every rank runs it at once, over rank 0 running it alone (CPU contention:
     the median of 0.25 s windows); a barrier and a scalar all-gather back to back (a collective's
-    fixed cost: the messages and waking W processes); `exchange`, the scalar all-gather at the end
-    of EXCHANGE_WORK forwards in every rank, less their time under contention (what the loss
-    exchange costs a step: waking ranks that went idle, the ranks' spread; never below back to
-    back); the median of an all-gather of nbytes (bandwidth) and of one of each size in
-    GATHER_BYTES."""
+    fixed cost: the messages and waking W processes); `exchange`, the mean time of the scalar
+    all-gather call at the end of EXCHANGE_WORK forwards in every rank (what the loss exchange
+    costs a step: waking ranks that went idle, waiting for the ranks that arrive later); the
+    median of an all-gather of nbytes (bandwidth) and of one of each size in GATHER_BYTES."""
     import torch.distributed as dist
 
     from ..collectives import all_gather_flat
@@ -244,21 +264,26 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         exchange = gather(4)  # the loss exchange: 4 float64 per rank
         scalar = _mean_time(exchange, rounds)
 
-        def after_work():  # as at the end of a step: every rank computes, then they exchange
+        def after_work() -> float:  # as at the end of a step: every rank computes, then they exchange
             for _ in range(EXCHANGE_WORK):
                 work()
+            t0 = time.perf_counter()
             exchange()
+            return time.perf_counter() - t0
 
         dist.barrier()
-        # a fixed count of rounds (each ends in a collective, so every rank runs the same number)
-        ended = statistics.median(_mean_time(after_work, 10) for _ in range(5)) - EXCHANGE_WORK * busy
+        # a fixed count of rounds (each ends in a collective, so every rank runs the same number),
+        # each timed like the engine's exchange span: from this rank's call to its return. The mean,
+        # not the median: at 2 ranks most calls return in 0.4-0.6 ms and a few wait milliseconds for
+        # a rank that lost its core (mean 1.2-1.5 ms), and a step pays those waits too
+        ended = statistics.mean(after_work() for _ in range(EXCHANGE_ROUNDS))
         curve = [[total, median_time(gather(total // 4 // world), repeats=repeats)]
                  for total in sorted(set(GATHER_BYTES) | {nbytes})]
         big = next(t for total, t in curve if total == nbytes)
         dist.barrier()
         share = _share_probe(rank, world, rounds)
         return {"alone_s": alone, "busy_s": busy, "barrier_s": barrier, "scalar_s": scalar,
-                "exchange_s": max(scalar, ended), "big_s": big, "share_s": share, "curve": curve}
+                "exchange_s": ended, "big_s": big, "share_s": share, "curve": curve}
     finally:
         dist.destroy_process_group()
 
@@ -323,6 +348,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     rate_small = small_flops / max(_threads(1, lambda: median_time(small, repeats=10, warmup=2)) - launch, 1e-6)
     scaling = (big_flops / max(tc - launch, 1e-6)) / (rate1 * cores)
     embed_us = _threads(1, lambda: median_time(_probe_embed(), repeats=20, warmup=3)) * 1e6
+    head_us = _threads(1, lambda: median_time(_probe_head(), repeats=20, warmup=3)) * 1e6
     overheads = _threads(1, lambda: engine_overheads(directory))
     from ..perturb import Perturber
     from ..zo import perturb_
@@ -365,8 +391,8 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         switch_gbps=None, host_gbps=shared, peer_gbps=peer, peer_latency_us=latency_us,
         disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
         thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
-        call_us=call_us, embed_us=embed_us, **overheads, barrier_us=barrier_us, collective_us=collective_us,
-        share_us=share_us, peer_gbps_by_world=peer_by_world, gather_curve=gather_curve,
+        call_us=call_us, embed_us=embed_us, head_us=head_us, **overheads, barrier_us=barrier_us,
+        collective_us=collective_us, share_us=share_us, peer_gbps_by_world=peer_by_world, gather_curve=gather_curve,
         contention=contention,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")

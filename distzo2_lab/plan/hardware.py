@@ -66,6 +66,9 @@ class Hardware:
     """Fixed cost of one noise fill or one elementwise pass over a bucket (kernel launch / Python)."""
     embed_us: float = 100.0
     """Fixed cost of the embeddings and the attention mask of one pass."""
+    head_us: float | None = None
+    """Fixed cost of one head pass (final norm, lm_head, log-softmax and loss): a few operations
+    where a block pass runs a dozen (here 77 us against a block's 290). None: `launch_us`."""
     visit_us: float = 20.0
     """Streamer hand-off per streamed visit (request, waiting on the lanes' threads, binding the
     buffer to the block, release), on top of `block_us`."""
