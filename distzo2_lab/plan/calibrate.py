@@ -107,7 +107,7 @@ def _unspanned(spans, steps: int) -> float:
     return max(0.0, statistics.median(gaps) / 1e9) if gaps else 0.0
 
 
-def _engine_gaps(model: str, tier: str, steps: int = 30, store: str | None = None) -> float:
+def _engine_gaps(model: str, tier: str, steps: int = 60, store: str | None = None) -> float:
     """Unspanned seconds per step of a real run (train(), one thread, batch 1 x 8, spans recorded)."""
     from ..config import OffloadConfig, TrainConfig, ZOConfig, validate
     from ..events import Recorder
@@ -329,6 +329,23 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
     return out
 
 
+def _in_turns(fns: dict, rounds: int = 6, repeats: int = 8, warmup: int = 5) -> dict:
+    """Median seconds of each of `fns`, timed in turns: `rounds` rounds of `repeats` calls of each,
+    the median over the rounds of each round's median. A fixed cost of a few hundred microseconds
+    timed in one go is a snapshot of ~10 ms: the first calibration in a fresh process read a block
+    pass's fixed cost at 350-680 us where later ones read 290, and the head's at 145 against 75.
+    Timed in turns over ~0.1 s, the fixed costs and the small block whose rate is taken against
+    `launch` also see the same moments."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(median_time(fn, repeats=repeats, warmup=0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int | None = None,
               worlds: tuple[int, ...] = (2, 4), save: bool = True) -> Hardware:
     """Measure this machine (a few seconds; the multi-process probes at each of `worlds` ranks add
@@ -341,14 +358,15 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     big, big_flops = _probe_block(768, 12, 3072, 2, 64)
     small, small_flops = _probe_block(64, 4, 256, 8, 32)
     tiny, _ = _probe_block(64, 4, 256, 1, 4)
-    launch = _threads(1, lambda: median_time(tiny, repeats=20, warmup=3))
+    fixed = _threads(1, lambda: _in_turns({"launch": tiny, "small": small, "embed": _probe_embed(),
+                                           "head": _probe_head()}))
+    launch = fixed["launch"]
     t1 = _threads(1, lambda: median_time(big, repeats=7))
     tc = _threads(cores, lambda: median_time(big, repeats=7))
     rate1 = big_flops / max(t1 - launch, 1e-6)
-    rate_small = small_flops / max(_threads(1, lambda: median_time(small, repeats=10, warmup=2)) - launch, 1e-6)
+    rate_small = small_flops / max(fixed["small"] - launch, 1e-6)
     scaling = (big_flops / max(tc - launch, 1e-6)) / (rate1 * cores)
-    embed_us = _threads(1, lambda: median_time(_probe_embed(), repeats=20, warmup=3)) * 1e6
-    head_us = _threads(1, lambda: median_time(_probe_head(), repeats=20, warmup=3)) * 1e6
+    embed_us, head_us = fixed["embed"] * 1e6, fixed["head"] * 1e6
     overheads = _threads(1, lambda: engine_overheads(directory))
     from ..perturb import Perturber
     from ..zo import perturb_
@@ -356,10 +374,11 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     n = 1 << 21  # two noise chunks
     z = torch.empty(n)
     p = Perturber("gaussian", 1 << 20, 1)
-    rng = n / _threads(1, lambda: median_time(lambda: p.fill(z, 1, "calibrate"), repeats=15)) / 1e9
     few = torch.empty(64)
-    call_us = _threads(1, lambda: median_time(lambda: (p.fill(few, 1, "calibrate"), perturb_(few, few, 1e-3)),
-                                          repeats=50, warmup=5)) / 2 * 1e6
+    noise = _threads(1, lambda: _in_turns({"rng": lambda: p.fill(z, 1, "calibrate"),
+                                           "call": lambda: (p.fill(few, 1, "calibrate"), perturb_(few, few, 1e-3))},
+                                          repeats=4))
+    rng, call_us = n / noise["rng"] / 1e9, noise["call"] / 2 * 1e6
     p.close()
     n = 1 << 24  # 64 MB per operand: beyond the caches, like a block's master and z
     z, master = torch.ones(n), torch.zeros(n)
