@@ -114,8 +114,9 @@ def _calibration(directory: str | None, collectives: bool, model: str, world: in
 
 
 def _rates(hw) -> str:
-    text = (f"block forward {hw.rate_by_width[768] * 1e3:.0f} GFLOP/s per thread, noise {hw.rng_gsamples:.3f} G/s, "
-            f"copies {hw.h2d_gbps:.1f} GB/s")
+    text = (f"block forward {hw.rate_by_width[768] * 1e3:.0f} GFLOP/s per thread ({hw.rate_by_width[64] * 1e3:.0f} at "
+            f"width 64, {hw.launch_us:.0f} us a pass), noise {hw.rng_gsamples:.3f} G/s, copies {hw.h2d_gbps:.1f} GB/s, "
+            f"outside spans: step {hw.step_us:.0f} us, block {hw.block_us:.0f} us, visit +{hw.visit_us:.0f} us")
     if hw.contention:
         text += ", contention " + _per_world({k: v for k, v in hw.contention.items() if int(k) > 1}, "x")
     if hw.collective_us:
