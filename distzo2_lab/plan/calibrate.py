@@ -65,34 +65,26 @@ def _probe_block(hidden: int, heads: int, ffn: int, batch: int, seq: int):
     return run, flops
 
 
-def _probe_embed():
-    """One pass of the resident-in modules (embeddings, positions, attention mask) of the tiny preset."""
+def _probe_ends() -> dict:
+    """One pass of the resident-in modules (embeddings, positions, attention mask) of the tiny preset
+    at the tiny shape, and one head pass (final norm, lm_head, loss) at batch 1 x 4: its fixed cost."""
     from ..models import OPTAdapter, build_model
 
     a = OPTAdapter(build_model("tiny"))
     ids = torch.randint(4, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    few = ids[:1, :4]
+    with torch.no_grad():
+        h, ctx = a.embed(few)
 
-    def run():
+    def embed():
         with torch.no_grad():
             a.embed(ids)
 
-    return run
-
-
-def _probe_head():
-    """One head pass (final norm, lm_head, loss) of the tiny preset at batch 1 x 4: its fixed cost."""
-    from ..models import OPTAdapter, build_model
-
-    a = OPTAdapter(build_model("tiny"))
-    ids = torch.randint(4, 512, (1, 4), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        h, ctx = a.embed(ids)
-
-    def run():
+    def head():
         with torch.no_grad():
-            a.loss(a.head(h, ctx), ids)
+            a.loss(a.head(h, ctx), few)
 
-    return run
+    return {"embed": embed, "head": head}
 
 
 def _unspanned(spans, steps: int) -> float:
@@ -358,8 +350,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     big, big_flops = _probe_block(768, 12, 3072, 2, 64)
     small, small_flops = _probe_block(64, 4, 256, 8, 32)
     tiny, _ = _probe_block(64, 4, 256, 1, 4)
-    fixed = _threads(1, lambda: _in_turns({"launch": tiny, "small": small, "embed": _probe_embed(),
-                                           "head": _probe_head()}))
+    fixed = _threads(1, lambda: _in_turns({"launch": tiny, "small": small, **_probe_ends()}))
     launch = fixed["launch"]
     t1 = _threads(1, lambda: median_time(big, repeats=7))
     tc = _threads(cores, lambda: median_time(big, repeats=7))
