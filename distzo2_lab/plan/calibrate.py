@@ -230,7 +230,7 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
     fixed cost: the messages and waking W processes); `exchange`, the mean time of the scalar
     all-gather call at the end of EXCHANGE_WORK forwards in every rank (what the loss exchange
     costs a step: waking ranks that went idle, waiting for the ranks that arrive later); the
-    median of an all-gather of nbytes (bandwidth) and of one of each size in GATHER_BYTES."""
+    median of an all-gather of each size in GATHER_BYTES and of nbytes (`curve`; the bandwidth is read at nbytes)."""
     import torch.distributed as dist
 
     from ..collectives import all_gather_flat
@@ -271,11 +271,10 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         ended = statistics.mean(after_work() for _ in range(EXCHANGE_ROUNDS))
         curve = [[total, median_time(gather(total // 4 // world), repeats=repeats)]
                  for total in sorted(set(GATHER_BYTES) | {nbytes})]
-        big = next(t for total, t in curve if total == nbytes)
         dist.barrier()
         share = _share_probe(rank, world, rounds)
         return {"alone_s": alone, "busy_s": busy, "barrier_s": barrier, "scalar_s": scalar,
-                "exchange_s": ended, "big_s": big, "share_s": share, "curve": curve}
+                "exchange_s": ended, "share_s": share, "curve": curve}
     finally:
         dist.destroy_process_group()
 
@@ -315,9 +314,9 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
     out = {k: statistics.median(v[k] for v in r.values())
            for k in ("busy_s", "barrier_s", "scalar_s", "exchange_s", "share_s")}
     out["alone_s"] = r[0]["alone_s"]
-    out["big_s"] = statistics.median(v["big_s"] for v in r.values())
     out["curve"] = [[total, statistics.median(v["curve"][i][1] for v in r.values())]
                     for i, (total, _) in enumerate(r[0]["curve"])]
+    out["big_s"] = next(t for total, t in out["curve"] if total == nbytes)  # the bandwidth probe's size
     return out
 
 
@@ -391,7 +390,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
             contention[world] = max(1.0, r["busy_s"] / r["alone_s"])
             if world == 2:
                 latency_us = r["scalar_s"] * 1e6
-                peer = (16 << 20) / 2 / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
+                peer = peer_by_world[world]  # each of 2 ranks receives half
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     hw = Hardware(
         name=THIS_MACHINE, description=f"this machine: {cores} cores, measured by distzo2 plan calibrate",
