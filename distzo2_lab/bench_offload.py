@@ -147,6 +147,7 @@ class _Tier:
 
     def finish(self) -> dict:
         read1, written1 = _io(self.run)
+        self.rec.flush_cuda()
         spans = [s for s in self.rec.spans if s.end > self.start]  # drop a stale span landing after clear()
         self.run.close()
         m = overlap_metrics(spans)

@@ -119,7 +119,8 @@ class Recorder:
             self.add(lane, phase, step, block, start, start + int(s.elapsed_time(e) * 1e6), nbytes)
 
     def clear(self) -> None:
-        self.spans = []
+        """Forget every span, the CUDA-event spans not yet flushed too."""
+        self.spans, self._cuda = [], []
 
 
 @contextlib.contextmanager

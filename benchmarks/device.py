@@ -1,0 +1,48 @@
+"""MeZO against ZO2 on one working device (a GPU), with the planner's memory and the simulator's step time beside it.
+
+    python benchmarks/device.py [MODEL ...] [--batch 1 --seq 2048 --steps 4 --compute bf16 --prefetch 1]
+                                [--tiers host [disk]] [--hardware h100-sxm] [--device cuda] [--threads 4]
+                                [--store DIR] [--json]
+
+MODEL defaults to opt-125m and opt-1.3b (random weights built from their configs). For each model,
+in this one process, one case after another: eager MeZO (all resident), ZO2 resident, ZO2 on each
+tier; median step seconds, step / MeZO, losses equal to MeZO's, peak device memory allocated
+against the planner's (runtime overhead left out), the lanes' hidden fraction, the upload lane's
+GB/s, and the simulator's step time on --hardware (datasheet links, and the links measured here).
+Prints a table per model, then one JSON line per model with --json.
+"""
+import argparse
+import json
+
+from distzo2_lab.bench_device import device_cases, format_cases
+from distzo2_lab.plan.hardware import names
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("models", nargs="*", default=["opt-125m", "opt-1.3b"], help="preset names")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per case (after 1 warm-up)")
+    p.add_argument("--compute", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--prefetch", type=int, default=1)
+    p.add_argument("--tiers", nargs="+", default=["host"], choices=("host", "disk"))
+    p.add_argument("--hardware", default="h100-sxm", choices=[n for n in names() if n != "this-machine"])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--threads", type=int, default=4)
+    p.add_argument("--store", default=None, help="parent directory of the temporary disk store")
+    p.add_argument("--json", action="store_true", help="also print one JSON line per model")
+    a = p.parse_args()
+    results = []
+    for model in a.models:
+        r = device_cases(model, a.batch, a.seq, a.steps, a.compute, a.prefetch, a.device, a.threads,
+                         tuple(a.tiers), a.hardware, a.store)
+        print(format_cases(r), flush=True)
+        results.append(r)
+    if a.json:
+        for r in results:
+            print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The engine on one working device (a GPU where there is one): MeZO against ZO2, and the planner beside it.
+
+:func:`device_cases` runs the same model and batches, one case after another in this process,
+as eager MeZO (every parameter resident) and as the ZO2 engine with the blocks resident, streamed
+from pinned host memory and (optionally) from a disk store. For each case: the median seconds per
+step after a warm-up step, the peak device memory the case allocated (CUDA's caching allocator,
+``max_memory_allocated``: tensors only, no CUDA context), the lanes' overlap, and the losses
+(identical across the ZO2 tiers, and equal to MeZO's, as the tests require). Beside each ZO2 case:
+the memory planner's peak for the same workload without its stated runtime overhead (the context
+the allocator does not see) and the stream simulator's step time on a GPU profile, once with the
+profile's datasheet links and once with the host links measured here (:func:`link_gbps`).
+On CPU the same cases run (no device memory is read): that is how the tests check this module.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .bench_offload import _fmt, _pct, _settle, _step
+from .config import ConfigError, OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, validate
+from .events import Recorder, lane_busy, overlap_metrics
+from .mesh import Layout
+from .train import Run, make_task
+
+CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "disk"))
+"""(engine, tier) in the order they run."""
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def link_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
+    """Pinned host -> device and device -> host copy bandwidth here (GB/s, the best of `repeats`)."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    out = {}
+    for name, dst, src in (("h2d", dev, host), ("d2h", host, dev)):
+        best = float("inf")
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = nbytes / best / 1e9
+    del host, dev
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: int, compute: str, prefetch: int,
+             device: str, threads: int, store: str | None = None) -> dict:
+    """One case: 1 warm-up step and `steps` timed steps (each waits for its write-backs)."""
+    cfg = validate(TrainConfig(model=model, steps=1 + steps, batch_size=batch, seq_len=seq, threads=threads,
+                               device=device, engine=engine, zo=ZOConfig(lr=1e-6, eps=1e-3),
+                               precision=PrecisionConfig(compute=compute),
+                               offload=OffloadConfig(tier=tier, prefetch=prefetch, store=store)))
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rec = Recorder()
+    t0 = time.perf_counter()
+    run = Run(cfg, recorder=rec)
+    build_s = time.perf_counter() - t0
+    try:
+        task = make_task(cfg, run.adapter)
+        _step(run, task, 0)
+        _settle(run)
+        _sync(device)
+        rec.flush_cuda()
+        rec.clear()
+        start = rec.now()
+        times, losses = [], []
+        for t in range(1, steps + 1):
+            t0 = time.perf_counter()
+            _, r = _step(run, task, t)
+            _settle(run)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            losses.append([r.loss_plus, r.loss_minus])
+        rec.flush_cuda()
+        spans = [s for s in rec.spans if s.end > start]
+        peak = torch.cuda.max_memory_allocated() - base if cuda else None
+    finally:
+        run.close()
+    m = overlap_metrics(spans)
+    up_s, up_bytes = lane_busy(spans, "upload")
+    return {"model": model, "engine": engine, "tier": tier, "build_s": build_s, "step_s": statistics.median(times),
+            "step_times": times, "losses": losses, "peak_bytes": peak, "overlap": m,
+            "upload_gbps": up_bytes / up_s / 1e9 if up_s > 0 else None}
+
+
+def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch: int, hardware: str,
+            links: dict | None) -> dict:
+    """The planner's peak (less its runtime overhead) and the simulator's step time for one ZO2 case."""
+    from .plan.hardware import get_hardware, with_overrides
+    from .plan.memory import THIS_ENGINE, Workload, memory_plan
+    from .plan.simulator import simulate
+
+    hw = get_hardware(hardware)
+    w = Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(compute=compute), tier=tier,
+                 prefetch=prefetch, implementation=THIS_ENGINE)
+    mp = memory_plan(w, Layout(), hw)
+    out = {"planned_bytes": mp.device_total - mp.device["runtime overhead"],
+           "planned_components": {k: v for k, v in mp.device.items() if k != "runtime overhead"},
+           "predicted_s": simulate(w, Layout(), hw, steps=4).step_s}
+    if links is not None:
+        measured = with_overrides(hw, name=f"{hw.name} (links measured here)", h2d_gbps=links["h2d"],
+                                  d2h_gbps=links["d2h"], switch_gbps=None)
+        out["predicted_measured_links_s"] = simulate(w, Layout(), measured, steps=4).step_s
+    return out
+
+
+def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps: int = 4, compute: str = "bf16",
+                 prefetch: int = 1, device: str = "cuda", threads: int = 4, tiers: tuple[str, ...] = ("host",),
+                 hardware: str = "h100-sxm", store_dir: str | None = None) -> dict:
+    """Eager MeZO, ZO2 resident and ZO2 on each of `tiers`, one after another; see the module's text."""
+    bad = [t for t in tiers if t not in ("host", "disk")]
+    if bad:
+        raise ConfigError(f"tiers={bad!r} is not valid; choose from host, disk (resident always runs)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is not valid here: torch sees no CUDA device; choose device='cpu'")
+    links = link_gbps() if device == "cuda" else None
+    where = tempfile.mkdtemp(prefix="distzo2-device-", dir=store_dir) if "disk" in tiers else None
+    rows = []
+    try:
+        for engine, tier in CASES:
+            if tier != "resident" and tier not in tiers:
+                continue
+            store = os.path.join(where, "store") if tier == "disk" else None
+            row = run_case(model, engine, tier, batch, seq, steps, compute, prefetch, device, threads, store)
+            if engine == "zo2":
+                row.update(planned(model, tier, batch, seq, compute, prefetch, hardware,
+                                   links if device == "cuda" else None))
+            rows.append(row)
+    finally:
+        if where:
+            shutil.rmtree(where, ignore_errors=True)
+    ref = rows[0]
+    for r in rows:
+        r["step_vs_mezo"] = r["step_s"] / ref["step_s"]
+        r["same_losses_as_mezo"] = r["losses"] == ref["losses"]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {"model": model, "batch": batch, "seq": seq, "steps": steps, "compute": compute, "prefetch": prefetch,
+            "device": device, "device_name": name, "hardware": hardware, "links_gbps": links, "cases": rows}
+
+
+def format_cases(r: dict) -> str:
+    gb = lambda b: _fmt(None if b is None else b / 1e9, ".3f")
+    links = r["links_gbps"]
+    head = (f"{r['model']} on {r['device_name']}, batch {r['batch']}x{r['seq']}, {r['compute']} compute, prefetch "
+            f"{r['prefetch']} (median of {r['steps']} steps after 1 warm-up)"
+            + (f"; pinned copies here: H2D {links['h2d']:.1f} GB/s, D2H {links['d2h']:.1f} GB/s" if links else ""))
+    lines = [head, f"{'case':>14} {'step s':>8} {'/MeZO':>6} {'same':>5} {'peak GB':>8} {'plan GB':>8} "
+             f"{'hidden':>7} {'up GB/s':>8} {'sim s':>8} {'sim(links)':>10}   (sim: {r['hardware']})"]
+    for c in r["cases"]:
+        lines.append(f"{c['engine'] + ' ' + c['tier']:>14} {c['step_s']:>8.4f} {c['step_vs_mezo']:>6.2f} "
+                     f"{str(c['same_losses_as_mezo']):>5} {gb(c['peak_bytes']):>8} {gb(c.get('planned_bytes')):>8} "
+                     f"{_pct(c['overlap'].get('hidden_fraction')):>7} {_fmt(c['upload_gbps']):>8} "
+                     f"{_fmt(c.get('predicted_s'), '.4f'):>8} {_fmt(c.get('predicted_measured_links_s'), '.4f'):>10}")
+    return "\n".join(lines)
