@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from transformers import GPT2LMHeadModel
-from transformers.masking_utils import create_causal_mask
 
 from .base import BlockAdapter, BlockContext, Groups
+from .masks import causal_mask
 
 
 class GPT2Adapter(BlockAdapter):
@@ -43,8 +43,8 @@ class GPT2Adapter(BlockAdapter):
         inputs_embeds = t.wte(input_ids)  # (B, T, C)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
         hidden = inputs_embeds + t.wpe(position_ids)  # (B, T, C)
-        causal = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                    cache=None, position_ids=position_ids)
+        causal = causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             position_ids=position_ids)
         return t.drop(hidden), BlockContext(causal, position_ids)
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from ..config import ConfigError
 from .base import BlockAdapter, BlockContext, Groups
+from .masks import causal_mask, sliding_window_causal_mask
 
 
 class LlamaAdapter(BlockAdapter):
@@ -52,18 +52,18 @@ class LlamaAdapter(BlockAdapter):
         m = self.model.model
         inputs_embeds = m.embed_tokens(input_ids)  # (B, T, C)
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
-        kw = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=None,
+        kw = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                   position_ids=position_ids)
-        masks = {"full_attention": create_causal_mask(**kw)}
+        masks = {"full_attention": causal_mask(**kw)}
         if "sliding_attention" in self._layer_types():
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kw)
+            masks["sliding_attention"] = sliding_window_causal_mask(**kw)
         rotary = m.rotary_emb(inputs_embeds, position_ids=position_ids)  # (cos, sin), each (1, T, D)
         return inputs_embeds, BlockContext(masks["full_attention"], position_ids, rotary, masks)
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         mask = ctx.masks[self._layer_types()[i]]
         return self.layers[i](hidden, attention_mask=mask, position_embeddings=ctx.position_embeddings,
-                              position_ids=ctx.position_ids, cache=None, use_cache=False)
+                              position_ids=ctx.position_ids, use_cache=False)
 
     def head(self, hidden: torch.Tensor, ctx=None) -> torch.Tensor:
         """hidden (B, T, C) -> logits (B, T, V)."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 from transformers import OPTForCausalLM
-from transformers.masking_utils import create_causal_mask
 
 from .base import BlockAdapter, BlockContext, Groups, unique_params
+from .masks import causal_mask
 
 __all__ = ["BlockContext", "OPTAdapter", "opt_groups", "unique_params"]
 
@@ -57,8 +57,7 @@ class OPTAdapter(BlockAdapter):
         if pos_mask is None:
             pos_mask = torch.ones(input_ids.shape, device=input_ids.device)
         position_ids = (torch.cumsum(pos_mask, dim=1) * pos_mask - 1).long()  # (B, T)
-        causal = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
-                                    attention_mask=attention_mask, cache=None)
+        causal = causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         pos = dec.embed_positions(pos_mask, 0, position_ids=position_ids)  # (B, T, C)
         if dec.project_in is not None:
             inputs_embeds = dec.project_in(inputs_embeds)
@@ -66,7 +65,7 @@ class OPTAdapter(BlockAdapter):
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         return self.layers[i](hidden, attention_mask=ctx.attention_mask,
-                              position_ids=ctx.position_ids, cache=None, use_cache=False)
+                              position_ids=ctx.position_ids, use_cache=False)
 
     def head(self, hidden: torch.Tensor, ctx=None) -> torch.Tensor:
         """Resident-out modules: hidden (B, T, C) -> logits (B, T, V)."""
