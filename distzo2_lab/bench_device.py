@@ -25,6 +25,7 @@ from .bench_offload import _fmt, _pct, _settle, _step
 from .config import ConfigError, OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, validate
 from .events import Recorder, lane_busy, overlap_metrics
 from .mesh import Layout
+from .perturb import Perturber
 from .train import Run, make_task
 
 CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "disk"))
@@ -55,11 +56,49 @@ def link_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
     return out
 
 
+def noise_rates(device: str, numel: int = 1 << 28, chunk_sizes: tuple[int, ...] = (1 << 20, 1 << 22, 1 << 24),
+                threads: tuple[int, ...] = (1, 4), repeats: int = 3) -> list[dict]:
+    """G samples/s of ``Perturber.fill`` over `numel` elements per chunk size and noise-thread count
+    (the best of `repeats`, after one warm-up), and the fixed cost per chunk it implies against the
+    largest chunk's rate."""
+    buf = torch.empty(numel, dtype=torch.float32, device=device)
+    rows = []
+    for t in threads:
+        for c in chunk_sizes:
+            p = Perturber(chunk_size=c, threads=t)
+            p.fill(buf, 1, "warm-up")
+            best = float("inf")
+            for r in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                p.fill(buf, 2 + r, "rate")
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            p.close()
+            rows.append({"threads": t, "chunk_size": c, "chunks": -(-numel // c), "seconds": best,
+                         "gsamples_per_s": numel / best / 1e9})
+    for r in rows:  # the time beyond the largest chunks' fill, per extra chunk
+        big = next(x for x in rows if x["threads"] == r["threads"] and x["chunk_size"] == max(chunk_sizes))
+        extra = r["chunks"] - big["chunks"]
+        r["us_per_chunk"] = (r["seconds"] - big["seconds"]) / extra * 1e6 if extra > 0 else None
+    del buf
+    return rows
+
+
+def _phase_seconds(spans, steps: int) -> dict[str, float]:
+    """Seconds per step spent in each lane:phase (span durations summed; CUDA spans are device time)."""
+    out: dict[str, float] = {}
+    for s in spans:
+        k = f"{s.lane}:{s.phase}"
+        out[k] = out.get(k, 0.0) + (s.end - s.start) / 1e9 / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: int, compute: str, prefetch: int,
-             device: str, threads: int, store: str | None = None) -> dict:
+             device: str, threads: int, store: str | None = None, chunk_size: int = 1 << 20) -> dict:
     """One case: 1 warm-up step and `steps` timed steps (each waits for its write-backs)."""
     cfg = validate(TrainConfig(model=model, steps=1 + steps, batch_size=batch, seq_len=seq, threads=threads,
-                               device=device, engine=engine, zo=ZOConfig(lr=1e-6, eps=1e-3),
+                               device=device, engine=engine, zo=ZOConfig(lr=1e-6, eps=1e-3, chunk_size=chunk_size),
                                precision=PrecisionConfig(compute=compute),
                                offload=OffloadConfig(tier=tier, prefetch=prefetch, store=store)))
     cuda = device == "cuda"
@@ -96,6 +135,7 @@ def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: in
     up_s, up_bytes = lane_busy(spans, "upload")
     return {"model": model, "engine": engine, "tier": tier, "build_s": build_s, "step_s": statistics.median(times),
             "step_times": times, "losses": losses, "peak_bytes": peak, "overlap": m,
+            "phases_s": _phase_seconds(spans, steps),
             "upload_gbps": up_bytes / up_s / 1e9 if up_s > 0 else None}
 
 
@@ -122,7 +162,7 @@ def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch:
 
 def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps: int = 4, compute: str = "bf16",
                  prefetch: int = 1, device: str = "cuda", threads: int = 4, tiers: tuple[str, ...] = ("host",),
-                 hardware: str = "h100-sxm", store_dir: str | None = None) -> dict:
+                 hardware: str = "h100-sxm", store_dir: str | None = None, chunk_size: int = 1 << 20) -> dict:
     """Eager MeZO, ZO2 resident and ZO2 on each of `tiers`, one after another; see the module's text."""
     bad = [t for t in tiers if t not in ("host", "disk")]
     if bad:
@@ -137,7 +177,8 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
             if tier != "resident" and tier not in tiers:
                 continue
             store = os.path.join(where, "store") if tier == "disk" else None
-            row = run_case(model, engine, tier, batch, seq, steps, compute, prefetch, device, threads, store)
+            row = run_case(model, engine, tier, batch, seq, steps, compute, prefetch, device, threads, store,
+                           chunk_size)
             if engine == "zo2":
                 row.update(planned(model, tier, batch, seq, compute, prefetch, hardware,
                                    links if device == "cuda" else None))
@@ -151,14 +192,15 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
         r["same_losses_as_mezo"] = r["losses"] == ref["losses"]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"model": model, "batch": batch, "seq": seq, "steps": steps, "compute": compute, "prefetch": prefetch,
-            "device": device, "device_name": name, "hardware": hardware, "links_gbps": links, "cases": rows}
+            "chunk_size": chunk_size, "device": device, "device_name": name, "hardware": hardware,
+            "links_gbps": links, "cases": rows}
 
 
 def format_cases(r: dict) -> str:
     gb = lambda b: _fmt(None if b is None else b / 1e9, ".3f")
     links = r["links_gbps"]
     head = (f"{r['model']} on {r['device_name']}, batch {r['batch']}x{r['seq']}, {r['compute']} compute, prefetch "
-            f"{r['prefetch']} (median of {r['steps']} steps after 1 warm-up)"
+            f"{r['prefetch']}, noise chunks of {r['chunk_size']} (median of {r['steps']} steps after 1 warm-up)"
             + (f"; pinned copies here: H2D {links['h2d']:.1f} GB/s, D2H {links['d2h']:.1f} GB/s" if links else ""))
     lines = [head, f"{'case':>14} {'step s':>8} {'/MeZO':>6} {'same':>5} {'peak GB':>8} {'plan GB':>8} "
              f"{'hidden':>7} {'up GB/s':>8} {'sim s':>8} {'sim(links)':>10}   (sim: {r['hardware']})"]
@@ -167,4 +209,15 @@ def format_cases(r: dict) -> str:
                      f"{str(c['same_losses_as_mezo']):>5} {gb(c['peak_bytes']):>8} {gb(c.get('planned_bytes')):>8} "
                      f"{_pct(c['overlap'].get('hidden_fraction')):>7} {_fmt(c['upload_gbps']):>8} "
                      f"{_fmt(c.get('predicted_s'), '.4f'):>8} {_fmt(c.get('predicted_measured_links_s'), '.4f'):>10}")
+    for c in r["cases"]:
+        top = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in list(c["phases_s"].items())[:6])
+        lines.append(f"  {c['engine']} {c['tier']} ms per step by phase: {top or 'no spans (eager MeZO)'}")
+    return "\n".join(lines)
+
+
+def format_noise(rows: list[dict]) -> str:
+    lines = [f"{'threads':>7} {'chunk':>9} {'chunks':>7} {'G samples/s':>12} {'us/chunk':>9}"]
+    for r in rows:
+        lines.append(f"{r['threads']:>7} {r['chunk_size']:>9} {r['chunks']:>7} {r['gsamples_per_s']:>12.1f} "
+                     f"{_fmt(r['us_per_chunk'], '.1f'):>9}")
     return "\n".join(lines)

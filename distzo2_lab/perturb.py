@@ -10,6 +10,7 @@ kernels release the GIL; CPU ``normal_`` is single-threaded).
 from __future__ import annotations
 
 import hashlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -79,6 +80,7 @@ class Perturber:
         self.chunk_size = int(chunk_size)
         self.threads = max(1, int(threads))
         self._pool = ThreadPoolExecutor(self.threads, "zo-noise") if self.threads > 1 else None
+        self._local = threading.local()
         self.frozen: dict[str, list[tuple[int, int]]] = {}  # bucket key -> spans where z is 0 (zo.freeze)
         self._decay: dict[str, list[tuple[int, int]]] = {}  # frozen buckets' decay spans without the frozen
 
@@ -95,8 +97,17 @@ class Perturber:
         """The bucket's weight-decay spans without its frozen ones (computed once by :meth:`freeze`)."""
         return self._decay.get(bucket.key, bucket.decay_spans)
 
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """This thread's generator for `device`, made once and re-seeded for every chunk (re-seeding
+        restarts the stream, so a chunk's values do not depend on the generator's history)."""
+        gens = self._local.__dict__.setdefault("gens", {})
+        gen = gens.get(device)
+        if gen is None:
+            gen = gens[device] = torch.Generator(device=device)
+        return gen
+
     def _fill_chunk(self, out: torch.Tensor, seed: int) -> None:
-        gen = torch.Generator(device=out.device)
+        gen = self._generator(out.device)
         gen.manual_seed(seed)
         if self.noise == "gaussian":
             out.normal_(generator=gen)
@@ -124,7 +135,7 @@ class Perturber:
             (out[i : i + self.chunk_size], chunk_seed(seed, key, c0 + i // self.chunk_size))
             for i in range(0, n, self.chunk_size)
         ]
-        if self._pool is None or len(jobs) == 1:
+        if self._pool is None or len(jobs) == 1 or out.is_cuda:  # CUDA: queued on one stream, no threads
             for buf, s in jobs:
                 self._fill_chunk(buf, s)
         else:
