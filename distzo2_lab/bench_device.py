@@ -13,6 +13,7 @@ On CPU the same cases run (no device memory is read): that is how the tests chec
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import statistics
@@ -102,6 +103,7 @@ def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: in
                                precision=PrecisionConfig(compute=compute),
                                offload=OffloadConfig(tier=tier, prefetch=prefetch, store=store)))
     cuda = device == "cuda"
+    gc.collect()  # the previous case's tensors (reference cycles) must be gone before its peak is read
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -134,7 +136,8 @@ def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: in
     m = overlap_metrics(spans)
     up_s, up_bytes = lane_busy(spans, "upload")
     return {"model": model, "engine": engine, "tier": tier, "build_s": build_s, "step_s": statistics.median(times),
-            "step_times": times, "losses": losses, "peak_bytes": peak, "overlap": m,
+            "step_times": times, "losses": losses, "peak_bytes": peak, "base_bytes": base if cuda else None,
+            "overlap": m,
             "phases_s": _phase_seconds(spans, steps),
             "upload_gbps": up_bytes / up_s / 1e9 if up_s > 0 else None}
 
