@@ -1,14 +1,16 @@
 """MeZO against ZO2 on one working device (a GPU), with the planner's memory and the simulator's step time beside it.
 
     python benchmarks/device.py [MODEL ...] [--batch 1 --seq 2048 --steps 4 --compute bf16 --prefetch 1]
-                                [--tiers host [disk]] [--hardware h100-sxm] [--device cuda] [--threads 4]
+                                [--tiers host [disk]] [--hardware h100-sxm [this-machine --plan-dir DIR]]
+                                [--device cuda] [--threads 4]
                                 [--store DIR] [--chunk-size N] [--noise [--noise-numel N]] [--json]
 
 MODEL defaults to opt-125m and opt-1.3b (random weights built from their configs). For each model,
 in this one process, one case after another: eager MeZO (all resident), ZO2 resident, ZO2 on each
 tier; median step seconds, step / MeZO, losses equal to MeZO's, peak device memory allocated
 against the planner's (runtime overhead left out), the lanes' hidden fraction, the upload lane's
-GB/s, and the simulator's step time on --hardware (datasheet links, and the links measured here).
+GB/s, and the simulator's step time on each --hardware profile (a datasheet profile also with the
+links measured here) with its ratio to the measured step.
 Under each table, the milliseconds per step each lane:phase takes (span durations; on CUDA, device
 time between the span's events). --noise first times the noise fill at several chunk sizes and
 noise-thread counts. Prints a table per model, then one JSON line per model with --json.
@@ -29,7 +31,9 @@ def main() -> None:
     p.add_argument("--compute", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--tiers", nargs="+", default=["host"], choices=("host", "disk"))
-    p.add_argument("--hardware", default="h100-sxm", choices=[n for n in names() if n != "this-machine"])
+    p.add_argument("--hardware", nargs="+", default=["h100-sxm"], choices=names(),
+                   help="the simulator's profiles; this-machine: the calibration in --plan-dir")
+    p.add_argument("--plan-dir", default=None, help="where `distzo2 plan calibrate --device cuda` wrote this-machine")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--store", default=None, help="parent directory of the temporary disk store")
@@ -45,7 +49,7 @@ def main() -> None:
         results.append({"noise": rows})
     for model in a.models:
         r = device_cases(model, a.batch, a.seq, a.steps, a.compute, a.prefetch, a.device, a.threads,
-                         tuple(a.tiers), a.hardware, a.store, a.chunk_size)
+                         tuple(a.tiers), tuple(a.hardware), a.store, a.chunk_size, a.plan_dir)
         print(format_cases(r), flush=True)
         results.append(r)
     if a.json:

@@ -7,8 +7,9 @@ step after a warm-up step, the peak device memory the case allocated (CUDA's cac
 ``max_memory_allocated``: tensors only, no CUDA context), the lanes' overlap, and the losses
 (identical across the ZO2 tiers, and equal to MeZO's, as the tests require). Beside each ZO2 case:
 the memory planner's peak for the same workload without its stated runtime overhead (the context
-the allocator does not see) and the stream simulator's step time on a GPU profile, once with the
-profile's datasheet links and once with the host links measured here (:func:`link_gbps`).
+the allocator does not see) and the stream simulator's step time on each GPU profile named (a
+datasheet profile also with its host links replaced by those measured here, :func:`link_gbps`;
+'this-machine' is the calibration of ``distzo2 plan calibrate --device cuda``).
 On CPU the same cases run (no device memory is read): that is how the tests check this module.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .config import ConfigError, OffloadConfig, PrecisionConfig, TrainConfig, ZO
 from .events import Recorder, lane_busy, overlap_metrics
 from .mesh import Layout
 from .perturb import Perturber
+from .plan.calibrate_gpu import link_gbps
+from .plan.hardware import THIS_MACHINE
 from .train import Run, make_task
 
 CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "disk"))
@@ -36,25 +39,6 @@ CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "d
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def link_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
-    """Pinned host -> device and device -> host copy bandwidth here (GB/s, the best of `repeats`)."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    out = {}
-    for name, dst, src in (("h2d", dev, host), ("d2h", host, dev)):
-        best = float("inf")
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            dst.copy_(src, non_blocking=True)
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-        out[name] = nbytes / best / 1e9
-    del host, dev
-    torch.cuda.empty_cache()
-    return out
 
 
 def noise_rates(device: str, numel: int = 1 << 28, chunk_sizes: tuple[int, ...] = (1 << 20, 1 << 22, 1 << 24),
@@ -142,36 +126,43 @@ def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: in
             "upload_gbps": up_bytes / up_s / 1e9 if up_s > 0 else None}
 
 
-def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch: int, hardware: str,
-            links: dict | None) -> dict:
-    """The planner's peak (less its runtime overhead) and the simulator's step time for one ZO2 case."""
-    from .plan.hardware import get_hardware, with_overrides
+def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch: int, hardware: tuple[str, ...],
+            links: dict | None, plan_dir: str | None = None) -> dict:
+    """The planner's peak (less its runtime overhead) and the simulator's step time on each profile of
+    `hardware` for one ZO2 case; with `links`, each datasheet profile also with its host links
+    replaced by those measured (named '<profile>+links')."""
+    from .plan.hardware import DEFAULT_DIR, get_hardware, with_overrides
     from .plan.memory import THIS_ENGINE, Workload, memory_plan
     from .plan.simulator import simulate
 
-    hw = get_hardware(hardware)
     w = Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(compute=compute), tier=tier,
                  prefetch=prefetch, implementation=THIS_ENGINE)
-    mp = memory_plan(w, Layout(), hw)
-    out = {"planned_bytes": mp.device_total - mp.device["runtime overhead"],
-           "planned_components": {k: v for k, v in mp.device.items() if k != "runtime overhead"},
-           "predicted_s": simulate(w, Layout(), hw, steps=4).step_s}
-    if links is not None:
-        measured = with_overrides(hw, name=f"{hw.name} (links measured here)", h2d_gbps=links["h2d"],
-                                  d2h_gbps=links["d2h"], switch_gbps=None)
-        out["predicted_measured_links_s"] = simulate(w, Layout(), measured, steps=4).step_s
-    return out
+    profiles = {}
+    for name in hardware:
+        hw = get_hardware(name, plan_dir or DEFAULT_DIR)
+        profiles[name] = hw
+        if links is not None and name != THIS_MACHINE:  # this machine's profile holds the links measured already
+            profiles[f"{name}+links"] = with_overrides(hw, name=f"{name}+links", h2d_gbps=links["h2d"],
+                                                       d2h_gbps=links["d2h"], host_gbps=links["both"], switch_gbps=None)
+    mp = memory_plan(w, Layout(), profiles[hardware[0]])
+    return {"planned_bytes": mp.device_total - mp.device["runtime overhead"],
+            "planned_components": {k: v for k, v in mp.device.items() if k != "runtime overhead"},
+            "predicted_s": {k: simulate(w, Layout(), hw, steps=4).step_s for k, hw in profiles.items()}}
 
 
 def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps: int = 4, compute: str = "bf16",
                  prefetch: int = 1, device: str = "cuda", threads: int = 4, tiers: tuple[str, ...] = ("host",),
-                 hardware: str = "h100-sxm", store_dir: str | None = None, chunk_size: int = 1 << 20) -> dict:
-    """Eager MeZO, ZO2 resident and ZO2 on each of `tiers`, one after another; see the module's text."""
+                 hardware: tuple[str, ...] = ("h100-sxm",), store_dir: str | None = None, chunk_size: int = 1 << 20,
+                 plan_dir: str | None = None) -> dict:
+    """Eager MeZO, ZO2 resident and ZO2 on each of `tiers`, one after another; see the module's text.
+    `hardware` names the simulator's profiles; 'this-machine' reads the calibration in `plan_dir`
+    (``distzo2 plan calibrate --device cuda``)."""
     bad = [t for t in tiers if t not in ("host", "disk")]
     if bad:
         raise ConfigError(f"tiers={bad!r} is not valid; choose from host, disk (resident always runs)")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not valid here: torch sees no CUDA device; choose device='cpu'")
+    hardware = (hardware,) if isinstance(hardware, str) else tuple(hardware)
     links = link_gbps() if device == "cuda" else None
     where = tempfile.mkdtemp(prefix="distzo2-device-", dir=store_dir) if "disk" in tiers else None
     rows = []
@@ -183,8 +174,8 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
             row = run_case(model, engine, tier, batch, seq, steps, compute, prefetch, device, threads, store,
                            chunk_size)
             if engine == "zo2":
-                row.update(planned(model, tier, batch, seq, compute, prefetch, hardware,
-                                   links if device == "cuda" else None))
+                row.update(planned(model, tier, batch, seq, compute, prefetch, hardware, links, plan_dir))
+                row["ratio"] = {k: v / row["step_s"] for k, v in row["predicted_s"].items()}
             rows.append(row)
     finally:
         if where:
@@ -195,7 +186,7 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
         r["same_losses_as_mezo"] = r["losses"] == ref["losses"]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"model": model, "batch": batch, "seq": seq, "steps": steps, "compute": compute, "prefetch": prefetch,
-            "chunk_size": chunk_size, "device": device, "device_name": name, "hardware": hardware,
+            "chunk_size": chunk_size, "device": device, "device_name": name, "hardware": list(hardware),
             "links_gbps": links, "cases": rows}
 
 
@@ -204,14 +195,15 @@ def format_cases(r: dict) -> str:
     links = r["links_gbps"]
     head = (f"{r['model']} on {r['device_name']}, batch {r['batch']}x{r['seq']}, {r['compute']} compute, prefetch "
             f"{r['prefetch']}, noise chunks of {r['chunk_size']} (median of {r['steps']} steps after 1 warm-up)"
-            + (f"; pinned copies here: H2D {links['h2d']:.1f} GB/s, D2H {links['d2h']:.1f} GB/s" if links else ""))
+            + (f"; pinned copies here: H2D {links['h2d']:.1f} GB/s, D2H {links['d2h']:.1f} GB/s, each way at once "
+               f"{links['both']:.1f}" if links else ""))
     lines = [head, f"{'case':>14} {'step s':>8} {'/MeZO':>6} {'same':>5} {'peak GB':>8} {'plan GB':>8} "
-             f"{'hidden':>7} {'up GB/s':>8} {'sim s':>8} {'sim(links)':>10}   (sim: {r['hardware']})"]
+             f"{'hidden':>7} {'up GB/s':>8}   simulated s (predicted / measured) per profile"]
     for c in r["cases"]:
+        sims = "  ".join(f"{k} {v:.4f} ({c['ratio'][k]:.2f})" for k, v in c.get("predicted_s", {}).items())
         lines.append(f"{c['engine'] + ' ' + c['tier']:>14} {c['step_s']:>8.4f} {c['step_vs_mezo']:>6.2f} "
                      f"{str(c['same_losses_as_mezo']):>5} {gb(c['peak_bytes']):>8} {gb(c.get('planned_bytes')):>8} "
-                     f"{_pct(c['overlap'].get('hidden_fraction')):>7} {_fmt(c['upload_gbps']):>8} "
-                     f"{_fmt(c.get('predicted_s'), '.4f'):>8} {_fmt(c.get('predicted_measured_links_s'), '.4f'):>10}")
+                     f"{_pct(c['overlap'].get('hidden_fraction')):>7} {_fmt(c['upload_gbps']):>8}   {sims}")
     for c in r["cases"]:
         top = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in list(c["phases_s"].items())[:6])
         lines.append(f"  {c['engine']} {c['tier']} ms per step by phase: {top or 'no spans (eager MeZO)'}")

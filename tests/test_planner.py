@@ -138,6 +138,36 @@ def test_calibrate_writes_this_machine_and_plan_reads_it(tmp_path, capsys):
     assert rc == 0 and "this-machine" in capsys.readouterr().out
 
 
+def test_device_calibration_measures_a_gpu_profile_the_planner_reads(tmp_path, capsys):
+    """`plan calibrate --device cuda`'s probes (on a GPU in tests/test_gpu.py; here on the CPU, their
+    device-agnostic path): a 'gpu' profile with every rate measured, that the simulator plans with."""
+    from distzo2_lab.plan.calibrate_gpu import calibrate_device
+
+    hw = calibrate_device(str(tmp_path), device="cpu", compute="fp32")
+    assert hw.kind == "gpu" and set(hw.rate_by_width) == {768, 2048}
+    for value in (*hw.rate_by_width.values(), hw.rng_gsamples, hw.memory_gbps, hw.launch_us, hw.call_us,
+                  hw.embed_us, hw.head_us, hw.disk_read_gbps):
+        assert value > 0
+    saved = load_profile(calibration_path(str(tmp_path)))
+    assert (saved.kind, saved.launch_us, saved.rng_gsamples) == ("gpu", hw.launch_us, hw.rng_gsamples)
+    rc = main(["plan", "--model", "opt-125m", "--hardware", "this-machine", "--dir", str(tmp_path), "--tier",
+               "resident", "--seq", "256", "--precision", "fp32", "--storage", "fp32", "--steps", "2"])
+    assert rc == 0 and "this-machine" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="device='tpu' is not valid; choose cuda or cpu"):
+        calibrate_device(str(tmp_path), device="tpu")
+
+
+def test_a_profile_with_a_rate_of_zero_is_refused_by_name():
+    """A zero bandwidth would leave the simulator's transfers unfinished: refused where it is made."""
+    from distzo2_lab.plan.hardware import with_overrides
+
+    with pytest.raises(ConfigError, match=r"h2d_gbps=0.0 is not valid; it must be a positive number"):
+        with_overrides(A100, h2d_gbps=0.0)
+    with pytest.raises(ConfigError, match=r"peer_gbps=0 is not valid.*or None: not limiting"):
+        with_overrides(A100, peer_gbps=0)
+    assert with_overrides(A100, peer_gbps=None).peer_gbps is None
+
+
 def test_precision_is_validated():
     with pytest.raises(ConfigError, match="precision.storage"):
         memory_plan(Workload(precision=PrecisionConfig("fp32", "fp16", "none")), Layout(), A100)

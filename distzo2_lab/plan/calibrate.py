@@ -34,11 +34,13 @@ def _rss_bytes() -> int:
     return 0
 
 
-def _probe_block(hidden: int, heads: int, ffn: int, batch: int, seq: int):
-    """A one-block OPT adapter and its inputs: (run() doing one block pass, FLOPs of the pass)."""
+def _probe_block(hidden: int, heads: int, ffn: int, batch: int, seq: int, device: str = "cpu", compute: str = "fp32"):
+    """A one-block OPT adapter and its inputs: (run() doing one block pass, FLOPs of the pass); on
+    `device`, under the engine's `compute` context (autocast for bf16 / fp16)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     from ..models import OPTAdapter
+    from ..zo import compute_context
 
     cfg = OPTConfig(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, ffn_dim=ffn,
                     word_embed_proj_dim=hidden, vocab_size=512, max_position_embeddings=max(seq, 32),
@@ -46,32 +48,33 @@ def _probe_block(hidden: int, heads: int, ffn: int, batch: int, seq: int):
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):  # skip Hugging Face's init: any finite values time the same
         m = OPTForCausalLM(cfg)
-    m.to_empty(device="cpu")
+    m.to_empty(device=device)
     with torch.no_grad():
         for prm in m.parameters():
             prm.normal_(0.0, 0.02)
     m.lm_head.weight = m.model.decoder.embed_tokens.weight
     a = OPTAdapter(m)
-    ids = torch.randint(4, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(4, 512, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         h, ctx = a.embed(ids)
     matmul = sum(p.numel() for p in a.layers[0].parameters() if p.dim() == 2)
     flops = 2 * batch * seq * matmul + 4 * batch * seq * seq * hidden
+    where = torch.device(device)
 
     def run():
-        with torch.no_grad():
+        with torch.no_grad(), compute_context(compute, where):
             a.run_block(0, h, ctx)
 
     return run, flops
 
 
-def _probe_ends() -> dict:
+def _probe_ends(device: str = "cpu") -> dict:
     """One pass of the resident-in modules (embeddings, positions, attention mask) of the tiny preset
     at the tiny shape, and one head pass (final norm, lm_head, loss) at batch 1 x 4: its fixed cost."""
     from ..models import OPTAdapter, build_model
 
-    a = OPTAdapter(build_model("tiny"))
-    ids = torch.randint(4, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    a = OPTAdapter(build_model("tiny").to(device))
+    ids = torch.randint(4, 512, (8, 32), generator=torch.Generator().manual_seed(0)).to(device)
     few = ids[:1, :4]
     with torch.no_grad():
         h, ctx = a.embed(few)
@@ -99,20 +102,20 @@ def _unspanned(spans, steps: int) -> float:
     return max(0.0, statistics.median(gaps) / 1e9) if gaps else 0.0
 
 
-def _engine_gaps(model: str, tier: str, steps: int = 60, store: str | None = None) -> float:
+def _engine_gaps(model: str, tier: str, steps: int = 60, store: str | None = None, device: str = "cpu") -> float:
     """Unspanned seconds per step of a real run (train(), one thread, batch 1 x 8, spans recorded)."""
     from ..config import OffloadConfig, TrainConfig, ZOConfig, validate
     from ..events import Recorder
     from ..train import train
 
     rec = Recorder()
-    cfg = validate(TrainConfig(model=model, steps=steps, batch_size=1, seq_len=8, threads=1,
+    cfg = validate(TrainConfig(model=model, steps=steps, batch_size=1, seq_len=8, threads=1, device=device,
                                zo=ZOConfig(lr=1e-5), offload=OffloadConfig(tier=tier, store=store)))
     train(cfg, progress=False, recorder=rec)
     return _unspanned(rec.spans, steps)
 
 
-def engine_overheads(directory: str | None = None) -> dict:
+def engine_overheads(directory: str | None = None, device: str = "cpu") -> dict:
     """The fixed costs of a real step that no span records (microseconds), from short real runs of
     the tiny preset (2 blocks) and tiny-deep (8 blocks) at batch 1 x 8, where they dominate:
 
@@ -125,13 +128,14 @@ def engine_overheads(directory: str | None = None) -> dict:
       commit: the snapshot of the resident buckets, waiting for the previous commit) and per
       visit (the lanes' file reads and writes), with the store in `directory`.
     """
-    short, deep = _engine_gaps("tiny", "resident"), _engine_gaps("tiny-deep", "resident")
-    streamed = _engine_gaps("tiny-deep", "host")
+    gaps = lambda model, tier, store=None: _engine_gaps(model, tier, store=store, device=device)
+    short, deep = gaps("tiny", "resident"), gaps("tiny-deep", "resident")
+    streamed = gaps("tiny-deep", "host")
     if directory is not None:
         os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="calibrate-disk-", dir=directory) as tmp:
-        disk_short = _engine_gaps("tiny", "disk", store=os.path.join(tmp, "a"))
-        disk_deep = _engine_gaps("tiny-deep", "disk", store=os.path.join(tmp, "b"))
+        disk_short = gaps("tiny", "disk", os.path.join(tmp, "a"))
+        disk_deep = gaps("tiny-deep", "disk", os.path.join(tmp, "b"))
     block = max(0.0, (deep - short) / 6)
     visit = max(0.0, (streamed - deep) / 8)
     extra_short, extra_deep = disk_short - short - 2 * visit, disk_deep - deep - 8 * visit  # beyond the host tier

@@ -36,6 +36,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--dir", default=DEFAULT_DIR, dest="calibrate_dir")
     c.add_argument("--no-collectives", action="store_true",
                    help="skip the 2- and 4-rank gloo probes (collective costs, contention)")
+    c.add_argument("--device", default="cpu", choices=("cpu", "cuda"), dest="calibrate_device",
+                   help="cuda: measure this machine's GPU (block forwards, noise, memory, pinned links)")
+    c.add_argument("--compute", default="bf16", choices=COMPUTE_DTYPES, dest="calibrate_compute",
+                   help="--device cuda: dtype of the timed block forwards (the engine's autocast)")
     c.add_argument("--json", action="store_true", dest="calibrate_json")
     c.set_defaults(fn=cmd_calibrate)
     return p
@@ -48,11 +52,25 @@ def cmd_calibrate(a) -> int:
     from .hardware import calibration_path
 
     t0 = time.perf_counter()
-    hw = calibrate(a.calibrate_dir, collectives=not a.no_collectives)
+    if a.calibrate_device == "cuda":
+        from .calibrate_gpu import calibrate_device
+
+        hw = calibrate_device(a.calibrate_dir, "cuda", a.calibrate_compute)
+    else:
+        hw = calibrate(a.calibrate_dir, collectives=not a.no_collectives)
     if a.calibrate_json:
         print(json.dumps(hw.to_dict(), indent=1))
         return 0
     print(f"calibrated this machine in {time.perf_counter() - t0:.1f} s -> {calibration_path(a.calibrate_dir)}")
+    if hw.kind == "gpu":
+        rates = ", ".join(f"{r:.0f} at width {w}" for w, r in hw.rate_by_width.items())
+        print(f"  {hw.description}\n  block forward TFLOP/s: {rates}; {hw.launch_us:.0f} us per block pass, "
+              f"embeddings {hw.embed_us:.0f} us, head {hw.head_us:.0f} us")
+        print(f"  noise {hw.rng_gsamples:.1f} G samples/s; perturb pass {hw.memory_gbps:.0f} GB/s; pinned copies "
+              f"{hw.h2d_gbps:.1f} GB/s up, {hw.d2h_gbps:.1f} down, {hw.host_gbps or 0:.1f} each way at once")
+        print(f"  outside spans: step {hw.step_us:.0f} us, block {hw.block_us:.0f} us, visit +{hw.visit_us:.0f} us; "
+              f"runtime overhead {hw.context_gb:.2f} GB")
+        return 0
     print(f"  compute {hw.tflops('fp32') * 1e3:.1f} GFLOP/s per thread (fp32 block forward), "
           f"{hw.cores} cores at {hw.thread_scaling:.0%} per-core scaling; {hw.launch_us:.0f} us per block pass")
     print(f"  noise {hw.rng_gsamples:.3f} G samples/s per thread; perturb pass {hw.memory_gbps:.1f} GB/s")

@@ -112,6 +112,22 @@ class Hardware:
     source: str = ""
     """Where the figures come from (datasheet, or the calibration run)."""
 
+    RATES = ("memory_gbps", "rng_gsamples", "h2d_gbps", "d2h_gbps", "disk_read_gbps", "disk_write_gbps")
+    LINKS = ("switch_gbps", "host_gbps", "peer_gbps")
+
+    def __post_init__(self):
+        # a rate of 0 would leave the simulator's transfers and passes unfinished forever
+        for name in self.RATES + self.LINKS:
+            v = getattr(self, name)
+            if v is None and name in self.LINKS:
+                continue
+            if not isinstance(v, (int, float)) or not v > 0:
+                none = " (or None: not limiting)" if name in self.LINKS else ""
+                raise ConfigError(f"hardware {self.name!r}: {name}={v!r} is not valid; it must be a positive "
+                                  f"number{none}")
+        if not self.matmul_tflops and not self.rate_by_width:
+            raise ConfigError(f"hardware {self.name!r}: matmul_tflops is empty; give a rate per compute dtype")
+
     def tflops(self, dtype: str) -> float:
         if dtype in self.matmul_tflops:
             return self.matmul_tflops[dtype]
