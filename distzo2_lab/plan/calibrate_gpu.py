@@ -1,7 +1,8 @@
 """`distzo2 plan calibrate --device cuda`: measure this machine's GPU into a hardware profile.
 
-The same code paths as the CPU calibration (calibrate.py), timed on the working device with a
-synchronise after each call: an OPT block forward (``OPTAdapter.run_block``) under the engine's
+The same code paths as the CPU calibration (calibrate.py), timed on the working device in bursts
+of calls with one synchronise after each burst (the host issues a call while the device runs the
+earlier ones, as in a step): an OPT block forward (``OPTAdapter.run_block``) under the engine's
 compute context at the widths of OPT-125m and OPT-1.3B and ZO2's 2048 tokens (the rate a block
 pass reaches at each width) and at a tiny shape (the fixed cost of a pass: Python and kernel
 launches), the embeddings and the head of the tiny preset, ``Perturber.fill`` at the default
@@ -24,18 +25,21 @@ from ..config import ConfigError
 from .calibrate import _copy_gbps, _disk_gbps, _in_turns, _probe_block, _probe_ends, engine_overheads
 from .hardware import DEFAULT_DIR, THIS_MACHINE, Hardware, calibration_path, save_profile
 
+BURST = 20
+"""Calls timed back to back per synchronise on a GPU."""
 WIDTHS = {768: (12, 3072), 2048: (32, 8192)}
 """Hidden width -> (heads, ffn) of the block forwards timed (OPT-125m's and OPT-1.3B's)."""
 
 
-def _synced(fn, device: str):
-    """`fn` followed by a synchronise of `device` (so a call's time is its device work too)."""
-    if device != "cuda":
-        return fn
-
+def _synced(fn, device: str, calls: int = 1):
+    """`calls` calls of `fn` back to back, then a synchronise of `device`: timed, the seconds of the
+    burst (divide by `calls`). In a burst the host issues a call's kernels while the device runs the
+    earlier ones, as in a training step, so a call costs the longer of the two."""
     def run():
-        fn()
-        torch.cuda.synchronize()
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return run
 
@@ -75,16 +79,18 @@ def calibrate_device(directory: str = DEFAULT_DIR, device: str = "cuda", compute
                           "device='cpu' (`distzo2 plan calibrate` without --device)")
     if device not in ("cuda", "cpu"):
         raise ConfigError(f"device={device!r} is not valid; choose cuda or cpu")
-    rates = {}
+    burst = BURST if device == "cuda" else 1
+    tiny, _ = _probe_block(64, 4, 256, 1, 4, device, compute)
+    ends = {k: _synced(fn, device, burst) for k, fn in _probe_ends(device).items()}
+    fixed = {k: v / burst for k, v in _in_turns({"launch": _synced(tiny, device, burst), **ends}).items()}
+    launch = fixed["launch"]
+    rate_by_width = {}
     for width, (heads, ffn) in WIDTHS.items():
         run, flops = _probe_block(width, heads, ffn, 1, 2048 if device == "cuda" else 64, device, compute)
-        rates[width] = (_synced(run, device), flops)
-    tiny, _ = _probe_block(64, 4, 256, 1, 4, device, compute)
-    ends = {k: _synced(fn, device) for k, fn in _probe_ends(device).items()}
-    fixed = _in_turns({"launch": _synced(tiny, device), **ends})
-    launch = fixed["launch"]
-    rate_by_width = {w: flops / max(median_time(fn, repeats=7, warmup=2) - launch, 1e-6) / 1e12
-                     for w, (fn, flops) in rates.items()}
+        seconds = median_time(_synced(run, device, burst), repeats=5, warmup=1) / burst
+        # a GPU pass costs the longer of issuing it and running it (the simulator's max): the burst's
+        # time per pass is that; on the CPU the two add up, so the fixed cost comes off first
+        rate_by_width[width] = flops / max(seconds - (0.0 if device == "cuda" else launch), 1e-9) / 1e12
     from ..perturb import Perturber
     from ..zo import perturb_
 

@@ -83,9 +83,12 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
         return max(flops / rate, weight_bytes / mem)
 
     attention = 4 * w.batch * w.seq * w.seq * shape.hidden
-    block = launch + matmul(2 * tokens * shape.block_matmul_params + attention, shape.block_params * s)
+    # a CPU pass runs its Python and then its arithmetic; a GPU pass's kernels are issued while the
+    # device runs the earlier ones, so it costs the longer of the two
+    both = max if hw.kind == "gpu" else (lambda a, b: a + b)
+    block = both(launch, matmul(2 * tokens * shape.block_matmul_params + attention, shape.block_params * s))
     head_fixed = (hw.launch_us if hw.head_us is None else hw.head_us) * 1e-6 / slow
-    head = head_fixed + matmul(2 * tokens * shape.head_matmul_params, shape.head_matmul_params * s) \
+    head = both(head_fixed, matmul(2 * tokens * shape.head_matmul_params, shape.head_matmul_params * s)) \
         + tokens * shape.vocab * (c + 8) / mem  # the fp32 copy and log-softmax of the logits
     master = 4 if w.implementation.store_fp32 else s
     axpy = (3 * master + (s if master != s else 0)) / mem
