@@ -37,7 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--no-collectives", action="store_true",
                    help="skip the 2- and 4-rank gloo probes (collective costs, contention)")
     c.add_argument("--device", default="cpu", choices=("cpu", "cuda"), dest="calibrate_device",
-                   help="cuda: measure this machine's GPU (block forwards, noise, memory, pinned links)")
+                   help="cuda: measure this machine's GPU (block forwards, noise, memory, pinned links); not yet "
+                   "predictive, see docs/planner.md")
     c.add_argument("--compute", default="bf16", choices=COMPUTE_DTYPES, dest="calibrate_compute",
                    help="--device cuda: dtype of the timed block forwards (the engine's autocast)")
     c.add_argument("--json", action="store_true", dest="calibrate_json")
