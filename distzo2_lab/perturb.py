@@ -100,7 +100,9 @@ class Perturber:
     def _generator(self, device: torch.device) -> torch.Generator:
         """This thread's generator for `device`, made once and re-seeded for every chunk (re-seeding
         restarts the stream, so a chunk's values do not depend on the generator's history)."""
-        gens = self._local.__dict__.setdefault("gens", {})
+        gens = getattr(self._local, "gens", None)
+        if gens is None:
+            gens = self._local.gens = {}
         gen = gens.get(device)
         if gen is None:
             gen = gens[device] = torch.Generator(device=device)

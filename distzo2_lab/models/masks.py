@@ -21,4 +21,3 @@ def causal_mask(**kw):
 def sliding_window_causal_mask(**kw):
     """``create_sliding_window_causal_mask`` without a KV cache."""
     return create_sliding_window_causal_mask(**kw, **_NO_CACHE)
-

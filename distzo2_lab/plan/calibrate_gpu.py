@@ -1,8 +1,9 @@
 """`distzo2 plan calibrate --device cuda`: measure this machine's GPU into a hardware profile.
 
-The same code paths as the CPU calibration (calibrate.py), timed on the working device in bursts
-of calls with one synchronise after each burst (the host issues a call while the device runs the
-earlier ones, as in a step): an OPT block forward (``OPTAdapter.run_block``) under the engine's
+The same code paths as the CPU calibration (calibrate.py), timed on the working device (the
+passes in bursts of calls with one synchronise after each burst: the host issues a call while the
+device runs the earlier ones, as in a step; the rest with a synchronise after each call): an OPT
+block forward (``OPTAdapter.run_block``) under the engine's
 compute context at the widths of OPT-125m and OPT-1.3B and ZO2's 2048 tokens (the rate a block
 pass reaches at each width) and at a tiny shape (the fixed cost of a pass: Python and kernel
 launches), the embeddings and the head of the tiny preset, ``Perturber.fill`` at the default
@@ -112,18 +113,18 @@ def calibrate_device(directory: str = DEFAULT_DIR, device: str = "cuda", compute
         links = {"h2d": one, "d2h": one, "both": _copy_gbps(64 << 20, 2) / 2}
     disk_read, disk_write = _disk_gbps(directory, 64 << 20)
     overheads = engine_overheads(directory, device)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
     if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
         free, total = torch.cuda.mem_get_info()
         context = (total - free - torch.cuda.memory_reserved()) / 1e9
-        name, memory, count = props.name, total / 1e9, torch.cuda.device_count()
+        name, memory, count = torch.cuda.get_device_name(0), total / 1e9, torch.cuda.device_count()
     else:
-        name, memory, count, context = "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1, 0.0
+        name, memory, count, context = "cpu", ram, 1, 0.0
     top = max(rate_by_width.values())
     hw = Hardware(
         name=THIS_MACHINE, description=f"this machine's {name} ({count} on the node), measured by distzo2 plan "
         f"calibrate --device {device}", kind="gpu", device_memory_gb=memory,
-        host_memory_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, devices_per_node=count,
+        host_memory_gb=ram, devices_per_node=count,
         matmul_tflops={compute: top}, matmul_efficiency=1.0, memory_gbps=axpy, rng_gsamples=rng,
         launch_us=launch * 1e6, h2d_gbps=links["h2d"], d2h_gbps=links["d2h"], link_latency_us=10.0,
         devices_per_switch=1, switch_gbps=None, host_gbps=min(links["both"], links["h2d"]) or None, peer_gbps=None,
