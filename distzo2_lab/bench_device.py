@@ -17,28 +17,20 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import statistics
 import tempfile
 import time
 
 import torch
 
-from .bench_offload import _fmt, _pct, _settle, _step
+from .bench_offload import _fmt, _pct, _sync, _Tier
 from .config import ConfigError, OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, validate
-from .events import Recorder, lane_busy, overlap_metrics
 from .mesh import Layout
 from .perturb import Perturber
 from .plan.calibrate_gpu import link_gbps
 from .plan.hardware import THIS_MACHINE
-from .train import Run, make_task
 
 CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "disk"))
 """(engine, tier) in the order they run."""
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def noise_rates(device: str, numel: int = 1 << 28, chunk_sizes: tuple[int, ...] = (1 << 20, 1 << 22, 1 << 24),
@@ -88,42 +80,19 @@ def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: in
                                offload=OffloadConfig(tier=tier, prefetch=prefetch, store=store)))
     cuda = device == "cuda"
     gc.collect()  # the previous case's tensors (reference cycles) must be gone before its peak is read
+    base = None
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rec = Recorder()
-    t0 = time.perf_counter()
-    run = Run(cfg, recorder=rec)
-    build_s = time.perf_counter() - t0
-    try:
-        task = make_task(cfg, run.adapter)
-        _step(run, task, 0)
-        _settle(run)
-        _sync(device)
-        rec.flush_cuda()
-        rec.clear()
-        start = rec.now()
-        times, losses = [], []
-        for t in range(1, steps + 1):
-            t0 = time.perf_counter()
-            _, r = _step(run, task, t)
-            _settle(run)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            losses.append([r.loss_plus, r.loss_minus])
-        rec.flush_cuda()
-        spans = [s for s in rec.spans if s.end > start]
-        peak = torch.cuda.max_memory_allocated() - base if cuda else None
-    finally:
-        run.close()
-    m = overlap_metrics(spans)
-    up_s, up_bytes = lane_busy(spans, "upload")
-    return {"model": model, "engine": engine, "tier": tier, "build_s": build_s, "step_s": statistics.median(times),
-            "step_times": times, "losses": losses, "peak_bytes": peak, "base_bytes": base if cuda else None,
-            "overlap": m,
-            "phases_s": _phase_seconds(spans, steps),
-            "upload_gbps": up_bytes / up_s / 1e9 if up_s > 0 else None}
+    run = _Tier(cfg)
+    for t in range(1, steps + 1):
+        run.step(t)
+    out = run.finish()
+    return {"model": model, "engine": engine, "tier": tier, "build_s": out["build_s"], "step_s": out["step_s"],
+            "step_times": out["step_times"], "losses": out["losses"],
+            "peak_bytes": torch.cuda.max_memory_allocated() - base if cuda else None, "base_bytes": base,
+            "overlap": out["overlap"], "phases_s": _phase_seconds(run.spans, steps), "upload_gbps": out["upload_gbps"]}
 
 
 def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch: int, hardware: tuple[str, ...],

@@ -63,6 +63,12 @@ def _step(run: Run, task, t: int) -> tuple[float, object]:
     return time.perf_counter() - t0, r
 
 
+def _sync(device: str) -> None:
+    """Wait for the work queued on a CUDA device (a no-op on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _settle(run: Run) -> None:
     """Lanes idle and prefetch landed, so byte counters read at two settled points differ by whole sweeps."""
     if run.offload is not None:
@@ -120,11 +126,11 @@ def _store_parent(store_dir: str | None) -> str | None:
 
 # -- tiers side by side -----------------------------------------------------------------------
 class _Tier:
-    """One tier's run, timed one step at a time so that tiers can be interleaved."""
+    """One run (1 warm-up step, then cfg.steps - 1 timed ones), timed one step at a time so that
+    tiers can be interleaved; on CUDA each step waits for the device too."""
 
-    def __init__(self, model, batch, seq, threads, steps, tier, prefetch, store):
-        self.tier = tier
-        self.cfg = _config(model, batch, seq, threads, 1 + steps, tier, prefetch, store)
+    def __init__(self, cfg: TrainConfig):
+        self.tier, self.cfg = cfg.offload.tier, cfg
         self.rec = Recorder()
         t0 = time.perf_counter()
         self.run = Run(self.cfg, recorder=self.rec)
@@ -132,6 +138,7 @@ class _Tier:
         self.task = make_task(self.cfg, self.run.adapter)
         _step(self.run, self.task, 0)  # warm-up: first-touch page faults, allocator, thread pools
         _settle(self.run)
+        _sync(cfg.device)
         self.read0, self.written0 = _io(self.run)
         self.rec.clear()
         self.start = self.rec.now()
@@ -142,13 +149,14 @@ class _Tier:
         t0 = time.perf_counter()
         _, r = _step(self.run, self.task, t)
         _settle(self.run)
+        _sync(self.cfg.device)
         self.times.append(time.perf_counter() - t0)
         self.losses.append([r.loss_plus, r.loss_minus])
 
     def finish(self) -> dict:
         read1, written1 = _io(self.run)
         self.rec.flush_cuda()
-        spans = [s for s in self.rec.spans if s.end > self.start]  # drop a stale span landing after clear()
+        self.spans = spans = [s for s in self.rec.spans if s.end > self.start]  # no stale span from before clear()
         self.run.close()
         m = overlap_metrics(spans)
         up_s, up_bytes = lane_busy(spans, "upload")
@@ -188,8 +196,8 @@ def offload_ratios(model: str = "opt-125m", batch: int = 8, seq: int = 128, thre
     try:
         # Interleaved (resident, host, disk, then rotated each step): drift in the machine's speed
         # (2 shared cores) falls on every tier alike instead of on whichever ran last.
-        runs = [_Tier(model, batch, seq, threads, steps, tier, prefetch,
-                      os.path.join(where, "store") if tier == "disk" else None) for tier in TIERS]
+        runs = [_Tier(_config(model, batch, seq, threads, 1 + steps, tier, prefetch,
+                              os.path.join(where, "store") if tier == "disk" else None)) for tier in TIERS]
         for t in range(1, steps + 1):
             for k in range(len(runs)):
                 runs[(k + t) % len(runs)].step(t)
