@@ -238,15 +238,30 @@ def test_real_and_simulated_steps_record_the_same_compute_phases(perturb):
 def test_engine_overheads_are_measured_from_real_runs():
     """calibrate.engine_overheads: short real train() runs of tiny (2 blocks) and tiny-deep (8)."""
     from distzo2_lab.events import Span
-    from distzo2_lab.plan.calibrate import _unspanned, engine_overheads
+    from distzo2_lab.plan.calibrate import _step_parts, _unspanned, engine_overheads
 
     # the gap of a step: its interval less its compute spans (rank 0); the median over steps
     spans = [Span(0, "compute", "forward", t, 0, t * 10_000, t * 10_000 + 6_000) for t in range(6)]
     spans += [Span(0, "upload", "upload", t, 0, t * 10_000, t * 10_000 + 9_000) for t in range(6)]  # other lanes
     assert _unspanned(spans, 6) == pytest.approx(4e-6)
+    # and the whole step (a streamed visit's cost is the streamed run's whole step less the resident one's)
+    assert _step_parts(spans, 6) == (pytest.approx(4e-6), pytest.approx(10e-6))
     got = engine_overheads()
     assert set(got) == {"step_us", "block_us", "visit_us", "disk_step_us", "disk_visit_us"}
     assert got["step_us"] > 0 and all(v >= 0 for v in got.values())
+
+
+def test_fixed_cost_probes_run_with_the_caches_evicted_before_each_timed_call():
+    """calibrate._in_turns(evict=...): a real step never runs one pass twice in a row, so the
+    fixed-cost probes find the caches written over before every timed call (untimed)."""
+    from distzo2_lab.plan.calibrate import _in_turns
+
+    order = []
+    got = _in_turns({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=2, repeats=3,
+                    warmup=1, evict=lambda: order.append("evict"))
+    assert set(got) == {"a", "b"} and all(v >= 0 for v in got.values())
+    timed = order[2:]  # after one warm-up call of each
+    assert timed == ["evict", "a"] * 3 + ["evict", "b"] * 3 + ["evict", "a"] * 3 + ["evict", "b"] * 3
 
 
 def test_a_measured_gather_curve_times_the_sliced_all_gathers():

@@ -93,17 +93,28 @@ def _probe_ends(device: str = "cpu") -> dict:
 def _unspanned(spans, steps: int) -> float:
     """Median seconds per step that rank 0's compute lane spends outside any span (the step's
     interval, from one step's end to the next, less the spans it recorded)."""
+    return _step_parts(spans, steps)[0]
+
+
+def _step_parts(spans, steps: int) -> tuple[float, float]:
+    """(unspanned, whole): the medians over steps 2.. of rank 0's compute lane's time outside any
+    span and of the step's interval (from one step's last compute span's end to the next's)."""
     ends, busy = {}, {}
     for s in spans:
         if s.rank == 0 and s.step >= 0 and s.lane == "compute":
             ends[s.step] = max(ends.get(s.step, 0), s.end)
             busy[s.step] = busy.get(s.step, 0) + s.end - s.start
-    gaps = [ends[t] - ends[t - 1] - busy[t] for t in range(2, steps) if t in ends and t - 1 in ends]
-    return max(0.0, statistics.median(gaps) / 1e9) if gaps else 0.0
+    pairs = [(t, ends[t] - ends[t - 1]) for t in range(2, steps) if t in ends and t - 1 in ends]
+    if not pairs:
+        return 0.0, 0.0
+    gap = statistics.median(interval - busy[t] for t, interval in pairs) / 1e9
+    return max(0.0, gap), statistics.median(interval for _, interval in pairs) / 1e9
 
 
-def _engine_gaps(model: str, tier: str, steps: int = 60, store: str | None = None, device: str = "cpu") -> float:
-    """Unspanned seconds per step of a real run (train(), one thread, batch 1 x 8, spans recorded)."""
+def _engine_run(model: str, tier: str, steps: int = 60, store: str | None = None,
+                device: str = "cpu") -> tuple[float, float]:
+    """(unspanned, whole) seconds per step of a real run (train(), one thread, batch 1 x 8, spans
+    recorded): :func:`_step_parts`."""
     from ..config import OffloadConfig, TrainConfig, ZOConfig, validate
     from ..events import Recorder
     from ..train import train
@@ -112,33 +123,38 @@ def _engine_gaps(model: str, tier: str, steps: int = 60, store: str | None = Non
     cfg = validate(TrainConfig(model=model, steps=steps, batch_size=1, seq_len=8, threads=1, device=device,
                                zo=ZOConfig(lr=1e-5), offload=OffloadConfig(tier=tier, store=store)))
     train(cfg, progress=False, recorder=rec)
-    return _unspanned(rec.spans, steps)
+    return _step_parts(rec.spans, steps)
 
 
 def engine_overheads(directory: str | None = None, device: str = "cpu") -> dict:
-    """The fixed costs of a real step that no span records (microseconds), from short real runs of
-    the tiny preset (2 blocks) and tiny-deep (8 blocks) at batch 1 x 8, where they dominate:
+    """The fixed costs of a real step that the rates do not give (microseconds), from short real
+    runs of the tiny preset (2 blocks) and tiny-deep (8 blocks) at batch 1 x 8, where they dominate:
 
-    - `step_us`: once per step, the training loop's own work (the batch, the step's seed and
-      record, the seed log) and the engine's between its phases;
-    - `block_us`: once per block visit, the Python between a visit's spans (any tier);
-    - `visit_us`: once per streamed visit on top, the streamer's hand-off (request, waiting on the
-      lanes' threads, binding the buffer to the block's parameters, the release);
+    - `step_us`: once per step, outside any span: the training loop's own work (the batch, the
+      step's seed and record, the seed log) and the engine's between its phases;
+    - `block_us`: once per block visit, outside any span: the Python between a visit's spans (any
+      tier);
+    - `visit_us`: once per streamed visit on top, what streaming adds to a step beyond the resident
+      run's, whole: the streamer's hand-off (request, waiting on the lanes' threads, binding the
+      buffer to the block's parameters, the release) and the compute lane's spans slowed while
+      the lanes' threads run (they take the interpreter's lock and the memory bus). Read from the
+      spans' gaps alone it came out 357-380 us a visit here against 393-448 whole;
     - `disk_step_us` / `disk_visit_us`: the disk tier's on top of the host tier's, per step (the
       commit: the snapshot of the resident buckets, waiting for the previous commit) and per
-      visit (the lanes' file reads and writes), with the store in `directory`.
+      visit (the lanes' file reads and writes), with the store in `directory`, whole likewise.
     """
-    gaps = lambda model, tier, store=None: _engine_gaps(model, tier, store=store, device=device)
-    short, deep = gaps("tiny", "resident"), gaps("tiny-deep", "resident")
-    streamed = gaps("tiny-deep", "host")
+    run = lambda model, tier, store=None: _engine_run(model, tier, store=store, device=device)
+    (short, short_step), (deep, deep_step) = run("tiny", "resident"), run("tiny-deep", "resident")
+    streamed_step = run("tiny-deep", "host")[1]
     if directory is not None:
         os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="calibrate-disk-", dir=directory) as tmp:
-        disk_short = gaps("tiny", "disk", os.path.join(tmp, "a"))
-        disk_deep = gaps("tiny-deep", "disk", os.path.join(tmp, "b"))
+        disk_short = run("tiny", "disk", os.path.join(tmp, "a"))[1]
+        disk_deep = run("tiny-deep", "disk", os.path.join(tmp, "b"))[1]
     block = max(0.0, (deep - short) / 6)
-    visit = max(0.0, (streamed - deep) / 8)
-    extra_short, extra_deep = disk_short - short - 2 * visit, disk_deep - deep - 8 * visit  # beyond the host tier
+    visit = max(0.0, (streamed_step - deep_step) / 8)
+    # beyond the host tier
+    extra_short, extra_deep = disk_short - short_step - 2 * visit, disk_deep - deep_step - 8 * visit
     disk_visit = max(0.0, (extra_deep - extra_short) / 6)
     return {"step_us": max(0.0, short - 2 * block) * 1e6, "block_us": block * 1e6, "visit_us": visit * 1e6,
             "disk_step_us": max(0.0, extra_short - 2 * disk_visit) * 1e6, "disk_visit_us": disk_visit * 1e6}
@@ -221,6 +237,8 @@ GATHER_BYTES = (1 << 20, 4 << 20, 16 << 20, 32 << 20)
 """Sizes (bytes gathered in all) of the probe's all-gathers: gloo between processes here is not one
 bandwidth (4 ranks: 0.44 GB/s at 4 MB, 0.61 at 16 MB, 0.32 at 32 MB, where the buffers outgrow the
 caches), so the simulator interpolates the measured times."""
+GATHER_WARMUP, GATHER_REPEATS = 3, 7
+"""Untimed and timed all-gathers of each size in the probe (the median of the timed ones)."""
 
 
 def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int = 300) -> dict:
@@ -273,7 +291,10 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         # not the median: at 2 ranks most calls return in 0.4-0.6 ms and a few wait milliseconds for
         # a rank that lost its core (mean 1.2-1.5 ms), and a step pays those waits too
         ended = statistics.mean(after_work() for _ in range(EXCHANGE_ROUNDS))
-        curve = [[total, median_time(gather(total // 4 // world), repeats=repeats)]
+        # warm-up calls per size first: gloo's first all-gathers of a size run slower (16 MB at 4
+        # ranks: 43, 36, 28 ms, then 15-20), and a real run's sliced visits gather the same
+        # buffer every visit, so the steady state is what they meet
+        curve = [[total, median_time(gather(total // 4 // world), repeats=repeats, warmup=GATHER_WARMUP)]
                  for total in sorted(set(GATHER_BYTES) | {nbytes})]
         dist.barrier()
         share = _share_probe(rank, world, rounds)
@@ -310,7 +331,7 @@ def _share_probe(rank: int, world: int, rounds: int, chunk: int = 4096) -> float
         share.close()
 
 
-def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
+def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = GATHER_REPEATS) -> dict:
     """Launch `world` ranks of :func:`gloo_probe`; medians over the ranks."""
     from ..launch import launch as start
 
@@ -324,21 +345,44 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = 5) -> dict:
     return out
 
 
-def _in_turns(fns: dict, rounds: int = 6, repeats: int = 8, warmup: int = 5) -> dict:
+def _in_turns(fns: dict, rounds: int = 6, repeats: int = 8, warmup: int = 5, evict=None) -> dict:
     """Median seconds of each of `fns`, timed in turns: `rounds` rounds of `repeats` calls of each,
     the median over the rounds of each round's median. A fixed cost of a few hundred microseconds
     timed in one go is a snapshot of ~10 ms: the first calibration in a fresh process read a block
     pass's fixed cost at 350-680 us where later ones read 290, and the head's at 145 against 75.
     Timed in turns over ~0.1 s, the fixed costs and the small block whose rate is taken against
-    `launch` also see the same moments."""
+    `launch` also see the same moments. `evict` (untimed) runs before every timed call: see
+    :func:`_evict_caches`."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            times[k].append(median_time(fn, repeats=repeats, warmup=0))
+            one = []
+            for _ in range(repeats):
+                if evict is not None:
+                    evict()
+                t0 = time.perf_counter()
+                fn()
+                one.append(time.perf_counter() - t0)
+            times[k].append(statistics.median(one))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+EVICT_BYTES = 8 << 20
+"""Bytes written before each timed call of a fixed-cost probe: more than a core's L2 (2 MB here)."""
+
+
+def _evict_caches(nbytes: int = EVICT_BYTES):
+    """A callable that writes `nbytes` (untimed, before each call of a fixed-cost probe). A real
+    step never runs one pass twice in a row: between two block passes the engine draws noise,
+    perturbs, runs the other blocks and its own Python, and the pass finds its weights, its
+    activations and its code out of the caches. Timed back to back, the tiny block pass read 540 us
+    here and 576-652 us after 8 MB were written, the head's fixed cost 35 against 51 us and the
+    embeddings' 50 against 68-71 us; the same passes inside real tiny steps took 586-681 us (block)."""
+    buf = torch.empty(nbytes // 4)
+    return lambda: buf.fill_(1.0)
 
 
 def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int | None = None,
@@ -353,7 +397,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     big, big_flops = _probe_block(768, 12, 3072, 2, 64)
     small, small_flops = _probe_block(64, 4, 256, 8, 32)
     tiny, _ = _probe_block(64, 4, 256, 1, 4)
-    fixed = _threads(1, lambda: _in_turns({"launch": tiny, "small": small, **_probe_ends()}))
+    fixed = _threads(1, lambda: _in_turns({"launch": tiny, "small": small, **_probe_ends()}, evict=_evict_caches()))
     launch = fixed["launch"]
     t1 = _threads(1, lambda: median_time(big, repeats=7))
     tc = _threads(cores, lambda: median_time(big, repeats=7))

@@ -70,8 +70,9 @@ class Hardware:
     """Fixed cost of one head pass (final norm, lm_head, log-softmax and loss): a few operations
     where a block pass runs a dozen (here 77 us against a block's 290). None: `launch_us`."""
     visit_us: float = 20.0
-    """Streamer hand-off per streamed visit (request, waiting on the lanes' threads, binding the
-    buffer to the block, release), on top of `block_us`."""
+    """What one streamed visit adds to a step, on top of `block_us`: the streamer's hand-off
+    (request, waiting on the lanes' threads, binding the buffer to the block, release) and the
+    compute lane slowed while the lanes' threads run (calibrate.engine_overheads)."""
     step_us: float = 0.0
     """Fixed cost of one step that no span records: the training loop's own work (the batch, the
     seed and record of the step, the seed log) and the engine's between its phases."""
@@ -81,7 +82,7 @@ class Hardware:
     """Disk tier, beyond the host tier's: per step, outside any span (the commit's snapshot of the
     resident buckets, waiting for the previous commit)."""
     disk_visit_us: float = 0.0
-    """Disk tier, beyond the host tier's: per visit, outside any span (the lanes' file reads and writes)."""
+    """Disk tier, beyond the host tier's: per visit (the lanes' file reads and writes)."""
     barrier_us: dict = field(default_factory=dict)
     """Measured fixed cost of a barrier among W processes {W: us} (back to back, mean of many rounds:
     the messages and waking W processes; the simulator adds the ranks' skew). Empty: `peer_latency_us`
