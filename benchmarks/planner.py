@@ -119,6 +119,8 @@ def _rates(hw) -> str:
             f"outside spans: step {hw.step_us:.0f} us, block {hw.block_us:.0f} us, visit +{hw.visit_us:.0f} us")
     if hw.contention:
         text += ", contention " + _per_world({k: v for k, v in hw.contention.items() if int(k) > 1}, "x")
+    if hw.contention_wide:
+        text += " (width 768: " + _per_world({k: v for k, v in hw.contention_wide.items() if int(k) > 1}, "x") + ")"
     if hw.collective_us:
         text += ", loss exchange after work " + _per_world(hw.collective_us, "us")
     if hw.share_us:
@@ -182,7 +184,8 @@ def main() -> None:
           f"copies {hw.h2d_gbps:.1f} GB/s, block pass {hw.launch_us:.0f} us; outside any span: step "
           f"{hw.step_us:.0f} us, block visit {hw.block_us:.0f} us, streamed visit +{hw.visit_us:.0f} us")
     print(f"  between processes (W: value): barrier {_per_world(hw.barrier_us, 'us')}, loss exchange after work "
-          f"{_per_world(hw.collective_us, 'us')}, compute contention {_per_world(hw.contention, 'x')}, "
+          f"{_per_world(hw.collective_us, 'us')}, compute contention {_per_world(hw.contention, 'x')} (width 768: "
+          f"{_per_world(hw.contention_wide, 'x')}), "
           f"shared noise piece {_per_world(hw.share_us, 'us')}, all-gather "
           + ", ".join(f"{k}: {v:.2f} GB/s" for k, v in hw.peer_gbps_by_world.items()))
     models = ["tiny"] if a.quick else ["tiny", "opt-125m"]

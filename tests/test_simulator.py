@@ -152,7 +152,8 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     assert set(map(int, hw.peer_gbps_by_world)) == {2} and hw.peer_gbps_by_world[2] > 0
     assert [b for b, _ in hw.gather_curve[2]] == [1 << 20, 4 << 20, 16 << 20, 32 << 20]
     assert all(t > 0 for _, t in hw.gather_curve[2])
-    assert hw.contention[2] >= 1.0 and hw.step_us > 0 and hw.block_us >= 0 and hw.visit_us >= 0
+    assert hw.contention[2] >= 1.0 and hw.contention_wide[2] >= 1.0  # the tiny pass's and a width-768 pass's
+    assert hw.step_us > 0 and hw.block_us >= 0 and hw.visit_us >= 0
     w = Workload(model="tiny", batch=8, seq=32, precision=PrecisionConfig(), tier="host")
     r = compare(w, Layout(), hw, steps=8, threads=1)  # the median of 7 steps: one burst does not count
     assert 1 / 3 < r["ratio"] < 3.0, (r["predicted_s"], r["measured_s"])
@@ -312,6 +313,17 @@ def test_ranks_beyond_the_cores_share_them_moment_by_moment():
     assert cpu_cores(hw, 1, 4) == 2.0
     assert cpu_cores(_cpu(contention={2: 1.0, 4: 4.0}), 1, 4) == 1.0  # 4 ranks each 4x slower: one core's worth
     assert cpu_cores(_cpu(contention={2: 1.0, 4: 4.0}), 1, 2) == 2.0
+    # wide blocks share the L3 and the memory bus: the factor measured at WIDE_WIDTH, log width between
+    both = _cpu(contention={2: 1.0}, contention_wide={2: 1.25})
+    assert cpu_cores(both, 1, 2, 64) == 2.0
+    assert cpu_cores(both, 1, 2, 768) == pytest.approx(2 / 1.25)
+    assert cpu_cores(both, 1, 2, 4096) == pytest.approx(2 / 1.25)  # held beyond the measured widths
+    assert 2 / 1.25 < cpu_cores(both, 1, 2, 256) < 2.0
+    opt = Workload(model="opt-125m", batch=2, seq=64, precision=PrecisionConfig(), tier="resident")
+    quiet = dict(contention={2: 1.0}, barrier_us={2: 0.0}, collective_us={2: 0.0})
+    narrow = simulate(opt, Layout(pert=2), _cpu(**quiet), threads=1)
+    shared = simulate(opt, Layout(pert=2), _cpu(**quiet, contention_wide={2: 1.25}), threads=1)
+    assert _busy(shared, 0, "forward") == pytest.approx(1.25 * _busy(narrow, 0, "forward"), rel=0.05)
     slow = simulate(w, Layout(dp=4, share_noise=False), _cpu(contention={4: 4.0}, barrier_us={4: 0.0},
                                                                collective_us={4: 0.0}), threads=1)
     assert _busy(slow, 0, "forward") == pytest.approx(4 * fwd1, rel=0.05)

@@ -23,7 +23,7 @@ import time
 import torch
 
 from ..bench import median_time
-from .hardware import DEFAULT_DIR, THIS_MACHINE, Hardware, calibration_path, save_profile
+from .hardware import DEFAULT_DIR, THIS_MACHINE, WIDE_WIDTH, Hardware, calibration_path, save_profile
 
 
 def _rss_bytes() -> int:
@@ -239,6 +239,8 @@ bandwidth (4 ranks: 0.44 GB/s at 4 MB, 0.61 at 16 MB, 0.32 at 32 MB, where the b
 caches), so the simulator interpolates the measured times."""
 GATHER_WARMUP, GATHER_REPEATS = 3, 7
 """Untimed and timed all-gathers of each size in the probe (the median of the timed ones)."""
+WIDE_WINDOWS = 5
+"""0.5 s windows of the wide block pass in the contention probe, alone and with every rank (~5 s)."""
 
 
 def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int = 300) -> dict:
@@ -248,7 +250,8 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
     comings and goings, not a snapshot, and the time slices a process loses when the ranks
     outnumber the cores): `busy`, a tiny OPT block forward (one thread, the size of the tiny
     shape's visits) while every rank runs it at once, over rank 0 running it alone (CPU contention:
-    the median of 0.25 s windows); a barrier and a scalar all-gather back to back (a collective's
+    the median of 0.25 s windows) and the same with a block pass at WIDE_WIDTH (`busy_wide`, 0.5 s
+    windows); a barrier and a scalar all-gather back to back (a collective's
     fixed cost: the messages and waking W processes); `exchange`, the mean time of the scalar
     all-gather call at the end of EXCHANGE_WORK forwards in every rank (what the loss exchange
     costs a step: waking ranks that went idle, waiting for the ranks that arrive later); the
@@ -259,6 +262,7 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
 
     torch.set_num_threads(1)
     work, _ = _probe_block(64, 4, 256, 8, 32)
+    wide, _ = _probe_block(WIDE_WIDTH, 12, 4 * WIDE_WIDTH, 2, 64)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         def gather(n):
@@ -273,6 +277,15 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         alone = statistics.median(_window_time(work, 0.25) for _ in range(5)) if rank == 0 else 0.0
         dist.barrier()
         busy = statistics.median(_window_time(work, 0.25) for _ in range(7))
+        dist.barrier()
+        # the same with a wide block (OPT-125m's width and batch 2 x 64): its weights stream through
+        # the shared L3 and memory bus, which the tiny pass, held in a core's own cache, never meets
+        wide()
+        dist.barrier()
+        alone_wide = statistics.median(_window_time(wide, 0.5) for _ in range(WIDE_WINDOWS)) if rank == 0 else 0.0
+        dist.barrier()
+        busy_wide = statistics.median(_window_time(wide, 0.5) for _ in range(WIDE_WINDOWS))
+        del wide
         dist.barrier()
         barrier = _mean_time(dist.barrier, rounds)
         exchange = gather(4)  # the loss exchange: 4 float64 per rank
@@ -298,7 +311,8 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
                  for total in sorted(set(GATHER_BYTES) | {nbytes})]
         dist.barrier()
         share = _share_probe(rank, world, rounds)
-        return {"alone_s": alone, "busy_s": busy, "barrier_s": barrier, "scalar_s": scalar,
+        return {"alone_s": alone, "busy_s": busy, "alone_wide_s": alone_wide, "busy_wide_s": busy_wide,
+                "barrier_s": barrier, "scalar_s": scalar,
                 "exchange_s": ended, "share_s": share, "curve": curve}
     finally:
         dist.destroy_process_group()
@@ -338,7 +352,8 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = GATHER_REPEAT
     r = start(gloo_probe, world, (nbytes, repeats), timeout=180).wait()
     out = {k: statistics.median(v[k] for v in r.values())
            for k in ("busy_s", "barrier_s", "scalar_s", "exchange_s", "share_s")}
-    out["alone_s"] = r[0]["alone_s"]
+    out["alone_s"], out["alone_wide_s"] = r[0]["alone_s"], r[0]["alone_wide_s"]
+    out["busy_wide_s"] = statistics.median(v["busy_wide_s"] for v in r.values())
     out["curve"] = [[total, statistics.median(v["curve"][i][1] for v in r.values())]
                     for i, (total, _) in enumerate(r[0]["curve"])]
     out["big_s"] = next(t for total, t in out["curve"] if total == nbytes)  # the bandwidth probe's size
@@ -426,6 +441,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     disk_read, disk_write = _disk_gbps(directory, 64 << 20)
     latency_us, peer = 200.0, 1.0
     barrier_us, collective_us, share_us, contention, peer_by_world, gather_curve = {}, {}, {}, {1: 1.0}, {}, {}
+    contention_wide = {1: 1.0}
     if collectives:
         for world in worlds:
             r = probe_ranks(world)
@@ -436,6 +452,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
             peer_by_world[world] = (world - 1) / world * (16 << 20) / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
             gather_curve[world] = r["curve"]
             contention[world] = max(1.0, r["busy_s"] / r["alone_s"])
+            contention_wide[world] = max(1.0, r["busy_wide_s"] / r["alone_wide_s"])
             if world == 2:
                 latency_us = r["scalar_s"] * 1e6
                 peer = peer_by_world[world]  # each of 2 ranks receives half
@@ -450,7 +467,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
         call_us=call_us, embed_us=embed_us, head_us=head_us, **overheads, barrier_us=barrier_us,
         collective_us=collective_us, share_us=share_us, peer_gbps_by_world=peer_by_world, gather_curve=gather_curve,
-        contention=contention,
+        contention=contention, contention_wide=contention_wide,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")
     if save:

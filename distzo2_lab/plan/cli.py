@@ -5,7 +5,7 @@ import argparse
 import json
 
 from ..config import COMPUTE_DTYPES, MASTER_DTYPES, STORAGE_DTYPES, ConfigError, PrecisionConfig
-from .hardware import DEFAULT_DIR, names
+from .hardware import DEFAULT_DIR, WIDE_WIDTH, names
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -82,6 +82,8 @@ def cmd_calibrate(a) -> int:
     if hw.barrier_us:
         ranks = ", ".join(f"{w} ranks: barrier {hw.barrier_us[w]:.0f} us, loss exchange after work "
                           f"{hw.collective_us[w]:.0f} us, compute {hw.contention[w]:.2f}x slower"
+                          + (f" ({hw.contention_wide[w]:.2f}x at width {WIDE_WIDTH})"
+                             if w in hw.contention_wide else "")
                           for w in hw.barrier_us)
         print(f"  between processes: {ranks}")
     return 0

@@ -105,7 +105,14 @@ class Hardware:
     contention: dict = field(default_factory=dict)
     """'cpu' only: measured slow-down of one single-threaded rank's compute when W ranks compute at
     once {W: factor >= 1} (oversubscription of the cores, shared caches and memory). Empty: the cores
-    are shared out in proportion (`compute_share`)."""
+    are shared out in proportion (`compute_share`). Measured with a width-64 block pass (the tiny
+    preset's), whose weights and activations stay in a core's own cache."""
+    contention_wide: dict = field(default_factory=dict)
+    """'cpu' only: the same slow-down measured with a block pass at width WIDE_WIDTH (OPT-125m's, batch
+    2 x 64) {W: factor >= 1}: its 28 MB of weights stream through the shared L3 and memory bus, which
+    two ranks on two cores share (here 1.12x at 2 ranks where the width-64 pass read 0.95-1.01x).
+    The simulator interpolates between the two widths in log width. Empty: `contention` at every
+    width."""
     cores: int | None = None
     """'cpu' only: cores shared by every rank's compute (ranks beyond them take turns)."""
     thread_scaling: float = 1.0
@@ -173,6 +180,10 @@ class Hardware:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+WIDE_WIDTH = 768
+"""Hidden width of the block pass that measures `contention_wide` (`contention`: width 64)."""
 
 
 # DGX-style nodes: 2 GPUs per PCIe Gen4/Gen5 switch, one x16 uplink per switch, NVSwitch between GPUs.

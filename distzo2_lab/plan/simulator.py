@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ..events import LANES, Span, overlap_metrics
 from ..mesh import Layout
-from .hardware import Hardware
+from .hardware import WIDE_WIDTH, Hardware
 from .memory import (
     CHUNK,
     DTYPE_BYTES,
@@ -117,14 +117,23 @@ def matmul_rate(hw: Hardware, dtype: str, width: int) -> float:
     return pts[-1][1] * 1e12
 
 
-def cpu_cores(hw: Hardware, threads: int, world: int) -> float:
+def cpu_cores(hw: Hardware, threads: int, world: int, width: int = 64) -> float:
     """CPU: the cores the ranks' compute shares (processor sharing in `run_graph`), in units of one
     rank's own speed (`threads` threads). From the measured contention at this world size (W
     single-threaded ranks computing at once each ran `contention[W]` times slower than one alone,
     so the node gave them W / contention[W] cores; other world sizes interpolated), capped by the
-    cores; at least one rank's worth (one rank alone runs at its calibrated speed)."""
+    cores; at least one rank's worth (one rank alone runs at its calibrated speed). With
+    `contention_wide` measured too, the factor at the model's hidden `width` is interpolated in log
+    width between width 64 and WIDE_WIDTH (and held beyond them): wide blocks also share the L3 and
+    the memory bus."""
+    import math
+
     cores = float(hw.cores or 1)
     factor = hw.per_world("contention", world) if world > 1 else None
+    wide = hw.per_world("contention_wide", world) if world > 1 else None
+    if factor is not None and wide is not None:
+        f = min(1.0, max(0.0, (math.log(width) - math.log(64)) / (math.log(WIDE_WIDTH) - math.log(64))))
+        factor = factor + f * (wide - factor)
     if factor is not None:
         cores = min(cores, world / max(1.0, factor))
     return max(1.0, cores / threads)
@@ -660,6 +669,7 @@ def simulate(w: Workload, layout: Layout, hw: Hardware, steps: int = 3, threads:
     if peer is not None:  # the all-gather bandwidth measured among this many ranks
         hw = dataclasses.replace(hw, peer_gbps=peer)
     g = build_graph(w, layout, hw, steps, threads)
-    run_graph(g, hw, cpu_cores(hw, threads, layout.world_size) if hw.kind == "cpu" and layout.world_size > 1 else None)
+    cores = cpu_cores(hw, threads, layout.world_size, model_shape(w.model).hidden)
+    run_graph(g, hw, cores if hw.kind == "cpu" and layout.world_size > 1 else None)
     ends = sorted((t.step, t.end) for t in g.tasks if t.phase == "exchange" and t.rank == 0)
     return Simulation(w, layout, hw.name, threads, spans_of(g), [e for _, e in ends])
