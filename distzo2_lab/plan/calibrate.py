@@ -68,6 +68,12 @@ def _probe_block(hidden: int, heads: int, ffn: int, batch: int, seq: int, device
     return run, flops
 
 
+def _wide_block():
+    """The probe block at WIDE_WIDTH (OPT-125m's width and FFN, batch 2 x 64): the width-768 matmul
+    rate, and the contention of ranks whose weights do not fit a core's own cache."""
+    return _probe_block(WIDE_WIDTH, 12, 4 * WIDE_WIDTH, 2, 64)
+
+
 def _probe_ends(device: str = "cpu") -> dict:
     """One pass of the resident-in modules (embeddings, positions, attention mask) of the tiny preset
     at the tiny shape, and one head pass (final norm, lm_head, loss) at batch 1 x 4: its fixed cost."""
@@ -262,7 +268,7 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
 
     torch.set_num_threads(1)
     work, _ = _probe_block(64, 4, 256, 8, 32)
-    wide, _ = _probe_block(WIDE_WIDTH, 12, 4 * WIDE_WIDTH, 2, 64)
+    wide, _ = _wide_block()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         def gather(n):
@@ -395,7 +401,7 @@ def _evict_caches(nbytes: int = EVICT_BYTES):
     perturbs, runs the other blocks and its own Python, and the pass finds its weights, its
     activations and its code out of the caches. Timed back to back, the tiny block pass read 540 us
     here and 576-652 us after 8 MB were written, the head's fixed cost 35 against 51 us and the
-    embeddings' 50 against 68-71 us; the same passes inside real tiny steps took 586-681 us (block)."""
+    embeddings' 50 against 68-71 us; the same passes inside real tiny steps took 586-730 us (block)."""
     buf = torch.empty(nbytes // 4)
     return lambda: buf.fill_(1.0)
 
@@ -409,7 +415,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
 
     baseline = _rss_bytes()
     cores = cores or len(os.sched_getaffinity(0))
-    big, big_flops = _probe_block(768, 12, 3072, 2, 64)
+    big, big_flops = _wide_block()
     small, small_flops = _probe_block(64, 4, 256, 8, 32)
     tiny, _ = _probe_block(64, 4, 256, 1, 4)
     fixed = _threads(1, lambda: _in_turns({"launch": tiny, "small": small, **_probe_ends()}, evict=_evict_caches()))
@@ -464,7 +470,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         launch_us=launch * 1e6, h2d_gbps=h2d, d2h_gbps=h2d, link_latency_us=5.0, devices_per_switch=1,
         switch_gbps=None, host_gbps=shared, peer_gbps=peer, peer_latency_us=latency_us,
         disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
-        thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, 768: rate1 / 1e12},
+        thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, WIDE_WIDTH: rate1 / 1e12},
         call_us=call_us, embed_us=embed_us, head_us=head_us, **overheads, barrier_us=barrier_us,
         collective_us=collective_us, share_us=share_us, peer_gbps_by_world=peer_by_world, gather_curve=gather_curve,
         contention=contention, contention_wide=contention_wide,
