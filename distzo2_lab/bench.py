@@ -19,11 +19,15 @@ from .reference import EagerMeZO
 from .zo import compute_context
 
 
-def median_time(fn, repeats: int = 3, warmup: int = 1) -> float:
+def median_time(fn, repeats: int = 3, warmup: int = 1, before=None) -> float:
+    """Median seconds of `repeats` calls of `fn` after `warmup` untimed ones; `before` (untimed) runs
+    ahead of every timed call."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)

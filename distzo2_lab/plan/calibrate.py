@@ -380,14 +380,7 @@ def _in_turns(fns: dict, rounds: int = 6, repeats: int = 8, warmup: int = 5, evi
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            one = []
-            for _ in range(repeats):
-                if evict is not None:
-                    evict()
-                t0 = time.perf_counter()
-                fn()
-                one.append(time.perf_counter() - t0)
-            times[k].append(statistics.median(one))
+            times[k].append(median_time(fn, repeats=repeats, warmup=0, before=evict))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

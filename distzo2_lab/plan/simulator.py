@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from dataclasses import dataclass, field
 
 from ..events import LANES, Span, overlap_metrics
@@ -103,8 +104,6 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
 
 def matmul_rate(hw: Hardware, dtype: str, width: int) -> float:
     """FLOP/s of a block forward at this hidden width (per thread on 'cpu')."""
-    import math
-
     pts = sorted((int(k), v) for k, v in hw.rate_by_width.items())
     if not pts:
         return hw.tflops(dtype) * 1e12 * hw.matmul_efficiency
@@ -112,9 +111,13 @@ def matmul_rate(hw: Hardware, dtype: str, width: int) -> float:
         return pts[0][1] * 1e12 if width <= pts[0][0] else pts[-1][1] * 1e12
     for (w0, r0), (w1, r1) in zip(pts, pts[1:]):
         if width <= w1:
-            f = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
-            return (r0 + f * (r1 - r0)) * 1e12
+            return (r0 + _log_fraction(width, w0, w1) * (r1 - r0)) * 1e12
     return pts[-1][1] * 1e12
+
+
+def _log_fraction(width: float, w0: float, w1: float) -> float:
+    """Where `width` lies between widths w0 and w1 in log width (0 at w0, 1 at w1)."""
+    return (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
 
 
 def cpu_cores(hw: Hardware, threads: int, world: int, width: int = 64) -> float:
@@ -126,14 +129,11 @@ def cpu_cores(hw: Hardware, threads: int, world: int, width: int = 64) -> float:
     `contention_wide` measured too, the factor at the model's hidden `width` is interpolated in log
     width between width 64 and WIDE_WIDTH (and held beyond them): wide blocks also share the L3 and
     the memory bus."""
-    import math
-
     cores = float(hw.cores or 1)
     factor = hw.per_world("contention", world) if world > 1 else None
     wide = hw.per_world("contention_wide", world) if world > 1 else None
     if factor is not None and wide is not None:
-        f = min(1.0, max(0.0, (math.log(width) - math.log(64)) / (math.log(WIDE_WIDTH) - math.log(64))))
-        factor = factor + f * (wide - factor)
+        factor = factor + min(1.0, max(0.0, _log_fraction(width, 64, WIDE_WIDTH))) * (wide - factor)
     if factor is not None:
         cores = min(cores, world / max(1.0, factor))
     return max(1.0, cores / threads)
@@ -669,7 +669,7 @@ def simulate(w: Workload, layout: Layout, hw: Hardware, steps: int = 3, threads:
     if peer is not None:  # the all-gather bandwidth measured among this many ranks
         hw = dataclasses.replace(hw, peer_gbps=peer)
     g = build_graph(w, layout, hw, steps, threads)
-    cores = cpu_cores(hw, threads, layout.world_size, model_shape(w.model).hidden)
-    run_graph(g, hw, cores if hw.kind == "cpu" and layout.world_size > 1 else None)
+    shared = hw.kind == "cpu" and layout.world_size > 1
+    run_graph(g, hw, cpu_cores(hw, threads, layout.world_size, model_shape(w.model).hidden) if shared else None)
     ends = sorted((t.step, t.end) for t in g.tasks if t.phase == "exchange" and t.rank == 0)
     return Simulation(w, layout, hw.name, threads, spans_of(g), [e for _, e in ends])
