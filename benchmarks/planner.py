@@ -119,6 +119,8 @@ def _rates(hw) -> str:
             f"outside spans: step {hw.step_us:.0f} us, block {hw.block_us:.0f} us, visit +{hw.visit_us:.0f} us")
     if hw.contention:
         text += ", contention " + _per_world({k: v for k, v in hw.contention.items() if int(k) > 1}, "x")
+    if hw.contention_fit_us:
+        text += " (fitted to real steps of " + _per_world(hw.contention_fit_us, "us") + ")"
     if hw.contention_wide:
         text += " (width 768: " + _per_world({k: v for k, v in hw.contention_wide.items() if int(k) > 1}, "x") + ")"
     if hw.collective_us:

@@ -153,6 +153,16 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     assert [b for b, _ in hw.gather_curve[2]] == [1 << 20, 4 << 20, 16 << 20, 32 << 20]
     assert all(t > 0 for _, t in hw.gather_curve[2])
     assert hw.contention[2] >= 1.0 and hw.contention_wide[2] >= 1.0  # the tiny pass's and a width-768 pass's
+    # the width-64 contention reproduces the real step it was fitted to (unless held at a bound)
+    from distzo2_lab.plan.calibrate import fit_case
+
+    assert set(map(int, hw.contention_fit_us)) == {2} and hw.contention_fit_us[2] > 0
+    fitted = simulate(*fit_case(2), hw, steps=8, threads=1).step_s
+    real = hw.contention_fit_us[2] * 1e-6
+    if 1.0 < hw.contention[2] < 2.0:
+        assert fitted == pytest.approx(real, rel=0.02)
+    else:
+        assert fitted >= real if hw.contention[2] == 1.0 else fitted <= real
     assert hw.step_us > 0 and hw.block_us >= 0 and hw.visit_us >= 0
     w = Workload(model="tiny", batch=8, seq=32, precision=PrecisionConfig(), tier="host")
     r = compare(w, Layout(), hw, steps=8, threads=1)  # the median of 7 steps: one burst does not count
@@ -163,6 +173,27 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     # two processes on the 2 shared cores
     r = compare(w, Layout(pert=2), hw, steps=8, threads=1)
     assert 1 / 3 < r["ratio"] < 3.0, (r["predicted_s"], r["measured_s"])
+
+
+def test_contention_is_fitted_to_a_real_step_of_ranks_stepping_together():
+    """calibrate.fit_contention: the width-64 factor with which the simulated fit case (tiny,
+    resident, PertP pairs) takes the given step; held at 1.0 below the uncontended step and at one
+    core's worth above the slowest the cores can make it."""
+    from distzo2_lab.plan.calibrate import fit_case, fit_contention
+
+    assert fit_case(2)[1] == Layout(1, 2) and fit_case(4)[1] == Layout(2, 2)
+    w, layout = fit_case(2)
+    assert (w.model, w.tier, w.batch, w.seq) == ("tiny", "resident", 16, 16)  # not a row of the benchmark
+    hw = _cpu(contention={2: 1.0}, barrier_us={2: 0.0}, collective_us={2: 300.0})
+
+    def step(factor):
+        return simulate(w, layout, dataclasses.replace(hw, contention={2: factor}), steps=8, threads=1).step_s
+
+    assert step(1.0) < step(1.5) < step(2.0)  # the simulated step grows with the factor
+    for factor in (1.3, 1.7):
+        assert fit_contention(hw, 2, step(factor)) == pytest.approx(factor, abs=0.02)
+    assert fit_contention(hw, 2, 0.5 * step(1.0)) == 1.0
+    assert fit_contention(hw, 2, 10 * step(2.0)) == 2.0
 
 
 def _cpu(**changes):

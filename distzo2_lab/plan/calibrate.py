@@ -247,6 +247,58 @@ GATHER_WARMUP, GATHER_REPEATS = 3, 7
 """Untimed and timed all-gathers of each size in the probe (the median of the timed ones)."""
 WIDE_WINDOWS = 5
 """0.5 s windows of the wide block pass in the contention probe, alone and with every rank (~5 s)."""
+FIT_STEPS = 40
+"""Steps of the real run that the width-64 contention is fitted to (the median step after the first)."""
+
+
+def fit_case(world: int):
+    """The workload and layout whose real step at `world` ranks the width-64 contention is fitted to:
+    the tiny preset, resident, batch 16 x 16 per dp group (the benchmark's tiny rows run 8 x 32: as
+    many tokens a pass, but no row of its table is the fit's own case), in PertP pairs (PertP at 2
+    ranks, 2D at 4)."""
+    from ..config import PrecisionConfig
+    from ..mesh import Layout
+    from .memory import Workload
+
+    w = Workload(model="tiny", batch=16, seq=16, precision=PrecisionConfig(), tier="resident", prefetch=1)
+    return w, Layout(dp=max(1, world // 2), pert=2 if world > 1 else 1)
+
+
+def _fit_run(rank: int, world: int) -> float:
+    """Seconds per step of the fit case run for real by the probe's ranks (rank 0's median step)."""
+    from ..events import Recorder
+    from ..train import train
+    from .check import steady_step, train_config
+
+    w, layout = fit_case(world)
+    rec = Recorder(rank=rank)
+    train(train_config(w, layout, FIT_STEPS, 1), progress=False, recorder=rec, layout=layout, rank=rank)
+    return steady_step(rec.spans) or 0.0
+
+
+def fit_contention(hw: Hardware, world: int, measured_s: float, iters: int = 24) -> float:
+    """The width-64 contention at `world` ranks with which the simulated step of the fit case
+    equals `measured_s` (bisection: the simulated step grows with the factor). 1.0 when even
+    uncontended cores predict a slower step; `world` (one core's worth among them) at most."""
+    import dataclasses
+
+    from .simulator import simulate
+
+    w, layout = fit_case(world)
+
+    def step(factor: float) -> float:
+        trial = dataclasses.replace(hw, contention={**hw.contention, world: factor})
+        return simulate(w, layout, trial, steps=8, threads=1).step_s
+
+    lo, hi = 1.0, float(world)
+    if step(lo) >= measured_s:
+        return lo
+    if step(hi) <= measured_s:
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if step(mid) < measured_s else (lo, mid)
+    return (lo + hi) / 2
 
 
 def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int = 300) -> dict:
@@ -254,14 +306,14 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
 
     Returns mean seconds over a few hundred rounds (~0.5 s each: the mean over the other jobs'
     comings and goings, not a snapshot, and the time slices a process loses when the ranks
-    outnumber the cores): `busy`, a tiny OPT block forward (one thread, the size of the tiny
-    shape's visits) while every rank runs it at once, over rank 0 running it alone (CPU contention:
-    the median of 0.25 s windows) and the same with a block pass at WIDE_WIDTH (`busy_wide`, 0.5 s
-    windows); a barrier and a scalar all-gather back to back (a collective's
-    fixed cost: the messages and waking W processes); `exchange`, the mean time of the scalar
-    all-gather call at the end of EXCHANGE_WORK forwards in every rank (what the loss exchange
-    costs a step: waking ranks that went idle, waiting for the ranks that arrive later); the
-    median of an all-gather of each size in GATHER_BYTES and of nbytes (`curve`; the bandwidth is read at nbytes)."""
+    outnumber the cores): `busy_wide`, a block pass at WIDE_WIDTH while every rank runs it at once,
+    over rank 0 running it alone (`alone_wide`; CPU contention: the median of 0.5 s windows); a
+    barrier and a scalar all-gather back to back (a collective's fixed cost: the messages and waking
+    W processes); `exchange`, the mean time of the scalar all-gather call at the end of
+    EXCHANGE_WORK forwards in every rank (what the loss exchange costs a step: waking ranks that
+    went idle, waiting for the ranks that arrive later); the median of an all-gather of each size in
+    GATHER_BYTES and of nbytes (`curve`; the bandwidth is read at nbytes); `step`, the seconds per
+    step of a real run of :func:`fit_case` in these ranks (the width-64 contention is fitted to it)."""
     import torch.distributed as dist
 
     from ..collectives import all_gather_flat
@@ -277,15 +329,9 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
 
         work(), dist.barrier(), gather(4)()  # warm: allocator, caches, connections
         dist.barrier()
-        # rank 0 alone (the others wait in a barrier), then every rank at once, all through each
-        # window; the median window, like the median step of the runs it predicts: a burst of
-        # another job's work spoils one window
-        alone = statistics.median(_window_time(work, 0.25) for _ in range(5)) if rank == 0 else 0.0
-        dist.barrier()
-        busy = statistics.median(_window_time(work, 0.25) for _ in range(7))
-        dist.barrier()
-        # the same with a wide block (OPT-125m's width and batch 2 x 64): its weights stream through
-        # the shared L3 and memory bus, which the tiny pass, held in a core's own cache, never meets
+        # a wide block (OPT-125m's width and batch 2 x 64): rank 0 alone (the others wait in a
+        # barrier), then every rank at once, all through each window; the median window, like the
+        # median step of the runs it predicts: a burst of another job's work spoils one window
         wide()
         dist.barrier()
         alone_wide = statistics.median(_window_time(wide, 0.5) for _ in range(WIDE_WINDOWS)) if rank == 0 else 0.0
@@ -317,9 +363,10 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
                  for total in sorted(set(GATHER_BYTES) | {nbytes})]
         dist.barrier()
         share = _share_probe(rank, world, rounds)
-        return {"alone_s": alone, "busy_s": busy, "alone_wide_s": alone_wide, "busy_wide_s": busy_wide,
-                "barrier_s": barrier, "scalar_s": scalar,
-                "exchange_s": ended, "share_s": share, "curve": curve}
+        dist.barrier()
+        step = _fit_run(rank, world)
+        return {"alone_wide_s": alone_wide, "busy_wide_s": busy_wide, "barrier_s": barrier, "scalar_s": scalar,
+                "exchange_s": ended, "share_s": share, "curve": curve, "step_s": step}
     finally:
         dist.destroy_process_group()
 
@@ -357,8 +404,8 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = GATHER_REPEAT
 
     r = start(gloo_probe, world, (nbytes, repeats), timeout=180).wait()
     out = {k: statistics.median(v[k] for v in r.values())
-           for k in ("busy_s", "barrier_s", "scalar_s", "exchange_s", "share_s")}
-    out["alone_s"], out["alone_wide_s"] = r[0]["alone_s"], r[0]["alone_wide_s"]
+           for k in ("barrier_s", "scalar_s", "exchange_s", "share_s")}
+    out["alone_wide_s"], out["step_s"] = r[0]["alone_wide_s"], r[0]["step_s"]
     out["busy_wide_s"] = statistics.median(v["busy_wide_s"] for v in r.values())
     out["curve"] = [[total, statistics.median(v["curve"][i][1] for v in r.values())]
                     for i, (total, _) in enumerate(r[0]["curve"])]
@@ -440,7 +487,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     disk_read, disk_write = _disk_gbps(directory, 64 << 20)
     latency_us, peer = 200.0, 1.0
     barrier_us, collective_us, share_us, contention, peer_by_world, gather_curve = {}, {}, {}, {1: 1.0}, {}, {}
-    contention_wide = {1: 1.0}
+    contention_wide, fit_steps = {1: 1.0}, {}
     if collectives:
         for world in worlds:
             r = probe_ranks(world)
@@ -450,7 +497,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
             # each rank receives (W - 1) / W of the 16 MB gathered
             peer_by_world[world] = (world - 1) / world * (16 << 20) / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
             gather_curve[world] = r["curve"]
-            contention[world] = max(1.0, r["busy_s"] / r["alone_s"])
+            fit_steps[world] = r["step_s"]
             contention_wide[world] = max(1.0, r["busy_wide_s"] / r["alone_wide_s"])
             if world == 2:
                 latency_us = r["scalar_s"] * 1e6
@@ -469,6 +516,9 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         contention=contention, contention_wide=contention_wide,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")
+    for world, measured in sorted(fit_steps.items()):  # the other figures first: the fit simulates with them
+        hw.contention[world] = fit_contention(hw, world, measured)
+        hw.contention_fit_us[world] = measured * 1e6
     if save:
         save_profile(hw, calibration_path(directory))
     return hw

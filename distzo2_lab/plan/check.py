@@ -42,7 +42,9 @@ class Measured:
     steps: int
 
 
-def _steady(spans: list[Span], steps: int) -> float | None:
+def steady_step(spans: list[Span]) -> float | None:
+    """Median seconds between rank 0's step ends (its exchange or head spans) after the first step;
+    None with fewer than two steps."""
     ends = {}
     for s in spans:
         if s.rank == 0 and s.phase in ("head", "exchange") and s.step >= 0:
@@ -74,7 +76,7 @@ def measure(w: Workload, layout: Layout, steps: int = 4, threads: int | None = N
                 summary = json.load(f)
         spans = [s for r in range(world) for s in read_jsonl(os.path.join(trace, f"rank{r}.jsonl"))]
     step_s = summary["seconds"] / len(summary["steps"])
-    steady = _steady(spans, steps)
+    steady = steady_step(spans)
     return Measured(step_s, steady if steady is not None else step_s, spans, steps)
 
 
@@ -129,7 +131,7 @@ def measure_many(items: list[tuple[Workload, Layout]], steps: int = 4, threads: 
             spans = [s for r in range(world) for s in read_jsonl(os.path.join(trace, f"rank{r}.jsonl"))]
             summary = result[0][i]
             step_s = summary["seconds"] / summary["steps"]
-            steady = _steady(spans, steps)
+            steady = steady_step(spans)
             out.append(Measured(step_s, steady if steady is not None else step_s, spans, steps))
     return out
 

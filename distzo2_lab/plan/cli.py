@@ -82,6 +82,8 @@ def cmd_calibrate(a) -> int:
     if hw.barrier_us:
         ranks = ", ".join(f"{w} ranks: barrier {hw.barrier_us[w]:.0f} us, loss exchange after work "
                           f"{hw.collective_us[w]:.0f} us, compute {hw.contention[w]:.2f}x slower"
+                          + (f" (fitted to a real {hw.contention_fit_us[w] / 1e3:.1f} ms step)"
+                             if w in hw.contention_fit_us else "")
                           + (f" ({hw.contention_wide[w]:.2f}x at width {WIDE_WIDTH})"
                              if w in hw.contention_wide else "")
                           for w in hw.barrier_us)

@@ -103,14 +103,20 @@ class Hardware:
     it: the claims under the node's lock, waiting for the member drawing a chunk, polling
     (noise_share.py). Empty: `call_us`."""
     contention: dict = field(default_factory=dict)
-    """'cpu' only: measured slow-down of one single-threaded rank's compute when W ranks compute at
-    once {W: factor >= 1} (oversubscription of the cores, shared caches and memory). Empty: the cores
-    are shared out in proportion (`compute_share`). Measured with a width-64 block pass (the tiny
-    preset's), whose weights and activations stay in a core's own cache."""
+    """'cpu' only: slow-down of one single-threaded rank's compute when W ranks step together {W:
+    factor >= 1} (oversubscription of the cores, and the passes after each loss exchange: a rank
+    that waited there lost its core to other work). Empty: the cores are shared out in proportion
+    (`compute_share`). Fitted by the calibration (`calibrate.fit_contention`) so that the simulated
+    step of a real run of the tiny preset at W ranks (`contention_fit_us`, width 64: its weights stay
+    in a core's own cache) comes out as measured."""
+    contention_fit_us: dict = field(default_factory=dict)
+    """'cpu' only: the real step {W: us} that `contention` at W was fitted to (rank 0's median step
+    of `calibrate.fit_case(W)`: tiny, resident, batch 16 x 16 per dp group, PertP pairs)."""
     contention_wide: dict = field(default_factory=dict)
     """'cpu' only: the same slow-down measured with a block pass at width WIDE_WIDTH (OPT-125m's, batch
     2 x 64) {W: factor >= 1}: its 28 MB of weights stream through the shared L3 and memory bus, which
-    two ranks on two cores share (here 1.12x at 2 ranks where the width-64 pass read 0.95-1.01x).
+    two ranks on two cores share (here 1.12x at 2 ranks where a width-64 pass read 0.95-1.01x).
+    Measured in 0.5 s windows of every rank computing at once over rank 0 alone.
     The simulator interpolates between the two widths in log width. Empty: `contention` at every
     width."""
     cores: int | None = None
