@@ -9,13 +9,13 @@
    turn, ``check.measure_many``, after an untimed warm-up run; several disk-tier ranks share one
    store directory, the leader commits). One torch thread per rank: world 4 oversubscribes the 2
    cores (the calibration measures that contention), and two-threaded resident runs are erratic
-   under load. The tiny shape runs at least 30 steps (MIN_STEPS); every case runs three times
-   (REPEATS), in three rounds of the group's cases. --quick: the tiny shape only, and
-   no multi-process probes. --nspsa: also pert=4 with two n-SPSA directions (host tier). The
-   machine is calibrated before each (model, world size) group and after each of its rounds (the
-   machine's speed moves between minutes); the row compares the median of these calibrations'
-   predictions with the median run (both ranges printed). The start's calibration predicts every
-   row too (--one-calibration: only that).
+   under load. The tiny shape runs at least 30 steps (MIN_STEPS); every case runs in three rounds of
+   the group's cases (REPEATS), OPT-125m's once a round, the tiny shape's three times (PER_ROUND).
+   --quick: the tiny shape only, and no multi-process probes. --nspsa: also pert=4 with two n-SPSA
+   directions (host tier). The machine is calibrated before each (model, world size) group and after
+   each of its rounds (the machine's speed moves between minutes); the row compares the median of
+   these calibrations' predictions with the median run (both ranges printed). The start's
+   calibration predicts every row too (--one-calibration: only that).
 3. Predicted vs measured peak RSS above the process baseline for the host and disk tiers (fresh
    processes, ``bench_offload.peak_memory_subprocess``).
 4. The published checks: ZO2 peak GPU memory, DistZO2 trace shares and headline.
@@ -44,7 +44,11 @@ REPEATS = {"tiny": 3, "opt-125m": 3}
 """Runs per case: steps move by 10-20 % from one run to the next on these 2 shared cores (tiny
 resident PertP, one process group, a minute apart: 5.3 and 6.4 ms; OPT-125m host PertP 1.38-1.49 s
 in three benchmarks), so each case runs three times, in three rounds of its group with a
-calibration between them, and the table takes the median round (the spread is printed beside it)."""
+calibration between them, and the table takes the median run (the spread is printed beside it)."""
+PER_ROUND = {"tiny": 3}
+"""Runs of each case in one round (the group's cases in turn, this many times): two tiny ranks here
+step at about 4.5 or about 7 ms for a whole run, either (one case's three runs in one benchmark:
+4.1-7.6 ms), so the tiny rows take the median of 9 runs; a tiny run is under a second."""
 CASES = [  # (tier, name, layout): every tier at world sizes 1, 2 and 4
     ("resident", "single", Layout()), ("host", "single", Layout()), ("disk", "single", Layout()),
     ("resident", "PertP", Layout(1, 2)), ("host", "PertP", Layout(1, 2)), ("host", "DDP", Layout(2, 1)),
@@ -62,16 +66,16 @@ def timing_rows(hw, models, steps: int, extra: list | None = None, directory: st
     """Every case, measured (the ranks of one world size launched once per round for all its cases)
     and simulated.
 
-    Every (model, world size) group runs REPEATS rounds (each case once per round); a row's measured
-    step is its median run. beside=True: the machine is calibrated before the first round and after
-    every round (the single-process rates, and the multi-process probes at that world size), and
-    the row's prediction is the median of the predictions from these REPEATS + 1 calibrations
-    ('ratio'). A shared VM's speed moves by tens of percent from minute to minute, a calibration is a
-    few seconds of that (one snapshot caught the noise rate at 0.16 G/s between two at 0.25), and a
-    group of OPT-125m cases runs for minutes: the median calibration of the group, like the median
-    run, is what the group's minutes were like, not one moment. `hw`, the calibration taken at the
-    start, predicts every row too ('ratio_start'). beside=False: only `hw`, and the rounds
-    round-robin in one process group."""
+    Every (model, world size) group runs REPEATS rounds (each case PER_ROUND times per round, the cases
+    in turn); a row's measured step is its median run. beside=True: the machine is calibrated before
+    the first round and after every round (the single-process rates, and the multi-process probes at
+    that world size), and the row's prediction is the median of the predictions from these REPEATS +
+    1 calibrations ('ratio'). A shared VM's speed moves by tens of percent from minute to minute, a
+    calibration is a few seconds of that (one snapshot caught the noise rate at 0.16 G/s between two
+    at 0.25), and a group of OPT-125m cases runs for minutes: the median calibration of the group,
+    like the median run, is what the group's minutes were like, not one moment. `hw`, the
+    calibration taken at the start, predicts every row too ('ratio_start'). beside=False: only `hw`,
+    and the rounds round-robin in one process group."""
     rows = []
     every = CASES + (extra or [])
     for model in models:
@@ -80,17 +84,17 @@ def timing_rows(hw, models, steps: int, extra: list | None = None, directory: st
             cases = [(tier, name, layout) for tier, name, layout in every if layout.world_size == world]
             items = [(Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(), tier=tier, prefetch=1),
                       layout) for tier, _, layout in cases]
-            n, reps = max(steps, MIN_STEPS.get(model, 0)), REPEATS.get(model, 1)
+            n, reps, k = max(steps, MIN_STEPS.get(model, 0)), REPEATS.get(model, 1), PER_ROUND.get(model, 1)
             if beside:
                 cals, rounds = [_calibration(directory, collectives, model, world, "before")], []
                 for r in range(reps):
-                    rounds.append(measure_many(items, n, threads=1))
+                    rounds.append(measure_many(items * k, n, threads=1))
                     cals.append(_calibration(directory, collectives, model, world, f"after round {r + 1} of"))
             else:
-                everything = measure_many(items * reps, n, threads=1)  # round-robin
-                rounds = [everything[r * len(items):(r + 1) * len(items)] for r in range(reps)]
+                everything = measure_many(items * k * reps, n, threads=1)  # round-robin
+                rounds = [everything[r * len(items) * k:(r + 1) * len(items) * k] for r in range(reps)]
             for i, ((w, layout), (_, name, _)) in enumerate(zip(items, cases)):
-                runs = [rounds[r][i] for r in range(reps)]
+                runs = [m for r in range(reps) for m in rounds[r][i::len(items)]]
                 m = sorted(runs, key=lambda x: x.steady_step_s)[len(runs) // 2]  # the median run
                 r = compare(w, layout, hw, steps=n, threads=1, measured=m)
                 r.pop("simulation"), r.pop("measured")
@@ -194,7 +198,8 @@ def main() -> None:
     beside = not a.one_calibration
     print(f"\n{'model':>9} {'tier':>8} {'layout':>10} {'world':>5} {'threads':>7} {'predicted':>10} {'measured':>10} "
           f"{'ratio':>6}  {'':>3} {'ratio start':>12}")
-    print("(seconds per step; ok = within 15 %; measured: the median of REPEATS runs, their range after 'runs'; "
+    print("(seconds per step; ok = within 15 %; measured: the median of REPEATS x PER_ROUND runs, their range after "
+          "'runs'; "
           + ("predicted: the median over the calibrations before and after each round of the group, their "
              "range after 'predicted'; 'ratio start': from the calibration at the start)" if beside else
              "one calibration, at the start)"))

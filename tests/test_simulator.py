@@ -194,6 +194,13 @@ def test_contention_is_fitted_to_a_real_step_of_ranks_stepping_together():
         assert fit_contention(hw, 2, step(factor)) == pytest.approx(factor, abs=0.02)
     assert fit_contention(hw, 2, 0.5 * step(1.0)) == 1.0
     assert fit_contention(hw, 2, 10 * step(2.0)) == 2.0
+    # 4 ranks on 2 cores: below 2x the factor changes nothing (each rank gets half a core anyway)
+    w4, layout4 = fit_case(4)
+    quad = _cpu(contention={4: 2.0}, barrier_us={4: 0.0}, collective_us={4: 300.0})
+    floor = simulate(w4, layout4, quad, steps=8, threads=1).step_s
+    assert fit_contention(quad, 4, 0.5 * floor) == 2.0
+    slower = simulate(w4, layout4, dataclasses.replace(quad, contention={4: 3.0}), steps=8, threads=1).step_s
+    assert fit_contention(quad, 4, slower) == pytest.approx(3.0, abs=0.03)
 
 
 def _cpu(**changes):
