@@ -177,11 +177,11 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
 
 def test_contention_is_fitted_to_a_real_step_of_ranks_stepping_together():
     """calibrate.fit_contention: the width-64 factor with which the simulated fit case (tiny,
-    resident, PertP pairs) takes the given step; held at 1.0 below the uncontended step and at one
-    core's worth above the slowest the cores can make it."""
+    resident, PertP pairs) takes the given step; held at the plain share of the cores (W / cores, at
+    least 1) below the step that share gives, and at one core's worth (W) above the slowest."""
     from distzo2_lab.plan.calibrate import fit_case, fit_contention
 
-    assert fit_case(2)[1] == Layout(1, 2) and fit_case(4)[1] == Layout(2, 2)
+    assert fit_case(2)[1] == Layout(1, 2) and fit_case(4)[1] == Layout(2, 2) and fit_case(3)[1] == Layout(3, 1)
     w, layout = fit_case(2)
     assert (w.model, w.tier, w.batch, w.seq) == ("tiny", "resident", 16, 16)  # not a row of the benchmark
     hw = _cpu(contention={2: 1.0}, barrier_us={2: 0.0}, collective_us={2: 300.0})

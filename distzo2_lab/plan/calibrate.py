@@ -258,13 +258,14 @@ def fit_case(world: int):
     """The workload and layout whose real step at `world` ranks the width-64 contention is fitted to:
     the tiny preset, resident, batch 16 x 16 per dp group (the benchmark's tiny rows run 8 x 32: as
     many tokens a pass, but no row of its table is the fit's own case), in PertP pairs (PertP at 2
-    ranks, 2D at 4)."""
+    ranks, 2D at 4; an odd number of ranks: DDP)."""
     from ..config import PrecisionConfig
     from ..mesh import Layout
     from .memory import Workload
 
     w = Workload(model="tiny", batch=16, seq=16, precision=PrecisionConfig(), tier="resident", prefetch=1)
-    return w, Layout(dp=max(1, world // 2), pert=2 if world > 1 else 1)
+    pert = 2 if world % 2 == 0 else 1
+    return w, Layout(dp=world // pert, pert=pert)
 
 
 def _fit_run(rank: int, world: int) -> float:
