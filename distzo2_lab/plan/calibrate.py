@@ -23,7 +23,7 @@ import time
 import torch
 
 from ..bench import median_time
-from .hardware import DEFAULT_DIR, THIS_MACHINE, WIDE_WIDTH, Hardware, calibration_path, save_profile
+from .hardware import DEFAULT_DIR, NARROW_WIDTH, THIS_MACHINE, WIDE_WIDTH, Hardware, calibration_path, save_profile
 
 
 def _rss_bytes() -> int:
@@ -66,6 +66,12 @@ def _probe_block(hidden: int, heads: int, ffn: int, batch: int, seq: int, device
             a.run_block(0, h, ctx)
 
     return run, flops
+
+
+def _small_block():
+    """The probe block at NARROW_WIDTH (the tiny preset's width and FFN, batch 8 x 32: the tiny
+    shape's visits): the width-64 matmul rate, and the work between the probe's loss exchanges."""
+    return _probe_block(NARROW_WIDTH, 4, 4 * NARROW_WIDTH, 8, 32)
 
 
 def _wide_block():
@@ -328,7 +334,7 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
     from ..collectives import all_gather_flat
 
     torch.set_num_threads(1)
-    work, _ = _probe_block(64, 4, 256, 8, 32)
+    work, _ = _small_block()
     wide, _ = _wide_block()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -465,7 +471,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     baseline = _rss_bytes()
     cores = cores or len(os.sched_getaffinity(0))
     big, big_flops = _wide_block()
-    small, small_flops = _probe_block(64, 4, 256, 8, 32)
+    small, small_flops = _small_block()
     tiny, _ = _probe_block(64, 4, 256, 1, 4)
     fixed = _threads(1, lambda: _in_turns({"launch": tiny, "small": small, **_probe_ends()}, evict=_evict_caches()))
     launch = fixed["launch"]
@@ -519,7 +525,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         launch_us=launch * 1e6, h2d_gbps=h2d, d2h_gbps=h2d, link_latency_us=5.0, devices_per_switch=1,
         switch_gbps=None, host_gbps=shared, peer_gbps=peer, peer_latency_us=latency_us,
         disk_read_gbps=disk_read, disk_write_gbps=disk_write, context_gb=baseline / 1e9, cores=cores,
-        thread_scaling=min(1.0, scaling), rate_by_width={64: rate_small / 1e12, WIDE_WIDTH: rate1 / 1e12},
+        thread_scaling=min(1.0, scaling), rate_by_width={NARROW_WIDTH: rate_small / 1e12, WIDE_WIDTH: rate1 / 1e12},
         call_us=call_us, embed_us=embed_us, head_us=head_us, **overheads, barrier_us=barrier_us,
         collective_us=collective_us, share_us=share_us, peer_gbps_by_world=peer_by_world, gather_curve=gather_curve,
         contention=contention, contention_wide=contention_wide,

@@ -188,8 +188,9 @@ class Hardware:
         return asdict(self)
 
 
-WIDE_WIDTH = 768
-"""Hidden width of the block pass that measures `contention_wide` (`contention`: width 64)."""
+NARROW_WIDTH, WIDE_WIDTH = 64, 768
+"""Hidden widths the CPU calibration measures at: the tiny preset's (`contention`, the small block's
+rate) and OPT-125m's (`contention_wide`, the wide block's rate)."""
 
 
 # DGX-style nodes: 2 GPUs per PCIe Gen4/Gen5 switch, one x16 uplink per switch, NVSwitch between GPUs.

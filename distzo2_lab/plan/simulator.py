@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..events import LANES, Span, overlap_metrics
 from ..mesh import Layout
-from .hardware import WIDE_WIDTH, Hardware
+from .hardware import NARROW_WIDTH, WIDE_WIDTH, Hardware
 from .memory import (
     CHUNK,
     DTYPE_BYTES,
@@ -120,20 +120,20 @@ def _log_fraction(width: float, w0: float, w1: float) -> float:
     return (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
 
 
-def cpu_cores(hw: Hardware, threads: int, world: int, width: int = 64) -> float:
+def cpu_cores(hw: Hardware, threads: int, world: int, width: int = NARROW_WIDTH) -> float:
     """CPU: the cores the ranks' compute shares (processor sharing in `run_graph`), in units of one
     rank's own speed (`threads` threads). From the measured contention at this world size (W
     single-threaded ranks computing at once each ran `contention[W]` times slower than one alone,
     so the node gave them W / contention[W] cores; other world sizes interpolated), capped by the
     cores; at least one rank's worth (one rank alone runs at its calibrated speed). With
     `contention_wide` measured too, the factor at the model's hidden `width` is interpolated in log
-    width between width 64 and WIDE_WIDTH (and held beyond them): wide blocks also share the L3 and
+    width between NARROW_WIDTH and WIDE_WIDTH (and held beyond them): wide blocks also share the L3 and
     the memory bus."""
     cores = float(hw.cores or 1)
     factor = hw.per_world("contention", world) if world > 1 else None
     wide = hw.per_world("contention_wide", world) if world > 1 else None
     if factor is not None and wide is not None:
-        factor = factor + min(1.0, max(0.0, _log_fraction(width, 64, WIDE_WIDTH))) * (wide - factor)
+        factor = factor + min(1.0, max(0.0, _log_fraction(width, NARROW_WIDTH, WIDE_WIDTH))) * (wide - factor)
     if factor is not None:
         cores = min(cores, world / max(1.0, factor))
     return max(1.0, cores / threads)
