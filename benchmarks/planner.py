@@ -125,6 +125,9 @@ def _rates(hw) -> str:
         text += ", contention " + _per_world({k: v for k, v in hw.contention.items() if int(k) > 1}, "x")
     if hw.contention_fit_us:
         text += " (fitted to real steps of " + _per_world(hw.contention_fit_us, "us") + ")"
+    if hw.visit_us_by_world:
+        text += ", visit +" + _per_world(hw.visit_us_by_world, "us") + " (fitted to real host steps of " \
+            + _per_world(hw.visit_fit_us, "us") + ")"
     if hw.contention_wide:
         text += " (width 768: " + _per_world({k: v for k, v in hw.contention_wide.items() if int(k) > 1}, "x") + ")"
     if hw.collective_us:

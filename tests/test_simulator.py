@@ -163,6 +163,14 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
         assert fitted == pytest.approx(real, rel=0.02)
     else:
         assert fitted >= real if hw.contention[2] == 1.0 else fitted <= real
+    # the streamed visit's cost at 2 ranks reproduces the real host step it was fitted to, likewise
+    assert set(map(int, hw.visit_fit_us)) == {2} and hw.visit_fit_us[2] > 0
+    fitted = simulate(*fit_case(2, "host"), hw, steps=8, threads=1).step_s
+    real = hw.visit_fit_us[2] * 1e-6
+    if 0.0 < hw.visit_us_by_world[2] < 2 * hw.visit_us:
+        assert fitted == pytest.approx(real, rel=0.02)
+    else:
+        assert fitted >= real if hw.visit_us_by_world[2] == 0.0 else fitted <= real
     assert hw.step_us > 0 and hw.block_us >= 0 and hw.visit_us >= 0
     w = Workload(model="tiny", batch=8, seq=32, precision=PrecisionConfig(), tier="host")
     r = compare(w, Layout(), hw, steps=8, threads=1)  # the median of 7 steps: one burst does not count
@@ -201,6 +209,36 @@ def test_contention_is_fitted_to_a_real_step_of_ranks_stepping_together():
     assert fit_contention(quad, 4, 0.5 * floor) == 2.0
     slower = simulate(w4, layout4, dataclasses.replace(quad, contention={4: 3.0}), steps=8, threads=1).step_s
     assert fit_contention(quad, 4, slower) == pytest.approx(3.0, abs=0.03)
+
+
+def test_visit_cost_at_several_ranks_is_fitted_to_a_real_host_step():
+    """calibrate.fit_visit: the streamed visit's cost at W ranks with which the simulated host-tier
+    fit case takes the given step (the contention at W fitted before it); held at 0 and at W times
+    the one-process figure; the simulator uses it at W ranks only (one rank: `visit_us`), between
+    fitted world sizes interpolated."""
+    from distzo2_lab.plan.calibrate import fit_case, fit_visit
+
+    w, layout = fit_case(2, "host")
+    assert (w.model, w.tier, w.batch, w.seq) == ("tiny", "host", 16, 16) and layout == Layout(1, 2)
+    hw = _cpu(contention={2: 1.3}, barrier_us={2: 0.0}, collective_us={2: 300.0})
+
+    def step(us, world=2, lay=layout):
+        return simulate(w, lay, dataclasses.replace(hw, visit_us_by_world={world: us}), steps=8, threads=1).step_s
+
+    assert step(0.0) < step(300.0) < step(600.0)  # the simulated step grows with the visit's cost
+    for us in (120.0, 450.0):
+        assert fit_visit(hw, 2, step(us)) == pytest.approx(us, abs=2.0)
+    assert fit_visit(hw, 2, 0.5 * step(0.0)) == 0.0
+    assert fit_visit(hw, 2, 10 * step(600.0)) == 600.0  # 2 x visit_us
+    # the resident case has no visits: its step does not move with the figure
+    res = fit_case(2)
+    assert simulate(*res, dataclasses.replace(hw, visit_us_by_world={2: 0.0}), steps=8, threads=1).step_s \
+        == simulate(*res, dataclasses.replace(hw, visit_us_by_world={2: 900.0}), steps=8, threads=1).step_s
+    # one rank keeps the one-process figure; 3 ranks lie between the fits at 2 and 4
+    assert step(0.0, lay=Layout()) == step(900.0, lay=Layout())
+    both = dataclasses.replace(hw, visit_us_by_world={2: 100.0, "4": 300.0})  # a key read back from JSON
+    assert (both.visit_at(1), both.visit_at(2), both.visit_at(3), both.visit_at(4)) == (300.0, 100.0, 200.0, 300.0)
+    assert _cpu().visit_at(2) == 300.0  # nothing fitted: the one-process figure
 
 
 def _cpu(**changes):

@@ -254,58 +254,48 @@ GATHER_WARMUP, GATHER_REPEATS = 3, 7
 WIDE_WINDOWS = 5
 """0.5 s windows of the wide block pass in the contention probe, alone and with every rank (~5 s)."""
 FIT_STEPS, FIT_RUNS = 40, 3
-"""Steps of each real run that the width-64 contention is fitted to (its median step after the first),
-and the runs (the median run): two tiny ranks here step at about 4.5 or about 7 ms for a whole run,
-either, and one run is one draw of the two (one benchmark's four calibrations read 4.5, 7.4, 6.6
-and 6.8 ms)."""
+"""Steps of each real run that the width-64 contention and the visit's cost are fitted to (its median
+step after the first), and the runs of each (the median run): two tiny ranks here step at about 4.5
+or about 7 ms for a whole run, either, and one run is one draw of the two (one benchmark's four
+calibrations read 4.5, 7.4, 6.6 and 6.8 ms)."""
 
 
-def fit_case(world: int):
-    """The workload and layout whose real step at `world` ranks the width-64 contention is fitted to:
-    the tiny preset, resident, batch 16 x 16 per dp group (the benchmark's tiny rows run 8 x 32: as
-    many tokens a pass, but no row of its table is the fit's own case), in PertP pairs (PertP at 2
-    ranks, 2D at 4; an odd number of ranks: DDP)."""
+def fit_case(world: int, tier: str = "resident"):
+    """The workload and layout whose real step at `world` ranks the width-64 contention (`tier`
+    "resident") and the streamed visit's cost (`tier` "host") are fitted to: the tiny preset, batch
+    16 x 16 per dp group (the benchmark's tiny rows run 8 x 32: as many tokens a pass, but no row of
+    its table is the fit's own case), in PertP pairs (PertP at 2 ranks, 2D at 4; an odd number of
+    ranks: DDP)."""
     from ..config import PrecisionConfig
     from ..mesh import Layout
     from .memory import Workload
 
-    w = Workload(model="tiny", batch=16, seq=16, precision=PrecisionConfig(), tier="resident", prefetch=1)
+    w = Workload(model="tiny", batch=16, seq=16, precision=PrecisionConfig(), tier=tier, prefetch=1)
     pert = 2 if world % 2 == 0 else 1
     return w, Layout(dp=world // pert, pert=pert)
 
 
-def _fit_run(rank: int, world: int) -> float:
-    """Seconds per step of the fit case run for real by the probe's ranks: FIT_RUNS runs, rank 0's
-    median step in each, the median run."""
+def _fit_run(rank: int, world: int) -> tuple[float, float]:
+    """Seconds per step of the fit case run for real by the probe's ranks, resident and host: FIT_RUNS
+    pairs of runs (a resident run, then a host run: a pair sees the same moments of the machine),
+    rank 0's median step in each run, the median run of each tier."""
     from ..events import Recorder
     from ..train import train
     from .check import steady_step, train_config
 
-    w, layout = fit_case(world)
-    steps = []
+    steps = {"resident": [], "host": []}
     for _ in range(FIT_RUNS):
-        rec = Recorder(rank=rank)
-        train(train_config(w, layout, FIT_STEPS, 1), progress=False, recorder=rec, layout=layout, rank=rank)
-        steps.append(steady_step(rec.spans) or 0.0)
-    return statistics.median(steps)
+        for tier, got in steps.items():
+            w, layout = fit_case(world, tier)
+            rec = Recorder(rank=rank)
+            train(train_config(w, layout, FIT_STEPS, 1), progress=False, recorder=rec, layout=layout, rank=rank)
+            got.append(steady_step(rec.spans) or 0.0)
+    return statistics.median(steps["resident"]), statistics.median(steps["host"])
 
 
-def fit_contention(hw: Hardware, world: int, measured_s: float, iters: int = 24) -> float:
-    """The width-64 contention at `world` ranks with which the simulated step of the fit case
-    equals `measured_s` (bisection: the simulated step grows with the factor). At least the plain
-    share of the cores (W / cores, and 1.0: below it the factor changes nothing), held there when
-    even that predicts a slower step; `world` (one core's worth among them) at most."""
-    import dataclasses
-
-    from .simulator import simulate
-
-    w, layout = fit_case(world)
-
-    def step(factor: float) -> float:
-        trial = dataclasses.replace(hw, contention={**hw.contention, world: factor})
-        return simulate(w, layout, trial, steps=8, threads=1).step_s
-
-    lo, hi = max(1.0, world / (hw.cores or 1)), float(world)
+def _bisect(step, measured_s: float, lo: float, hi: float, iters: int) -> float:
+    """The x in [lo, hi] with step(x) == measured_s, step growing with x; held at a bound when even
+    that bound's step is beyond the measured one."""
     if step(lo) >= measured_s:
         return lo
     if step(hi) <= measured_s:
@@ -314,6 +304,37 @@ def fit_contention(hw: Hardware, world: int, measured_s: float, iters: int = 24)
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if step(mid) < measured_s else (lo, mid)
     return (lo + hi) / 2
+
+
+def _fit_step(hw: Hardware, world: int, tier: str, **changes):
+    """The simulated step of the fit case at `world` ranks on `hw` with `changes` made to it."""
+    import dataclasses
+
+    from .simulator import simulate
+
+    w, layout = fit_case(world, tier)
+    return simulate(w, layout, dataclasses.replace(hw, **changes), steps=8, threads=1).step_s
+
+
+def fit_contention(hw: Hardware, world: int, measured_s: float, iters: int = 24) -> float:
+    """The width-64 contention at `world` ranks with which the simulated step of the resident fit
+    case equals `measured_s` (bisection: the simulated step grows with the factor). At least the
+    plain share of the cores (W / cores, and 1.0: below it the factor changes nothing), held there
+    when even that predicts a slower step; `world` (one core's worth among them) at most."""
+    step = lambda factor: _fit_step(hw, world, "resident", contention={**hw.contention, world: factor})
+    return _bisect(step, measured_s, max(1.0, world / (hw.cores or 1)), float(world), iters)
+
+
+def fit_visit(hw: Hardware, world: int, measured_s: float, iters: int = 24) -> float:
+    """The streamed visit's cost (us) at `world` ranks with which the simulated step of the host fit
+    case equals `measured_s`, `hw`'s contention at `world` already fitted (the resident case has
+    no visits, so the two fits do not depend on each other). Between 0 and `world` times the
+    one-process figure (`visit_us`): one process measures a visit's hand-off and its lanes' threads
+    slowing the compute lane, and the simulator slows it again when the ranks share the cores,
+    where two real ranks' visits here cost what one process's do (host over resident PertP,
+    interleaved pairs: +0.81 ms a step at one rank, +0.68 at two, predicted +1.6 to +2.2)."""
+    step = lambda us: _fit_step(hw, world, "host", visit_us_by_world={**hw.visit_us_by_world, world: us})
+    return _bisect(step, measured_s, 0.0, world * hw.visit_us, iters)
 
 
 def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int = 300) -> dict:
@@ -328,7 +349,8 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
     EXCHANGE_WORK forwards in every rank (what the loss exchange costs a step: waking ranks that
     went idle, waiting for the ranks that arrive later); the median of an all-gather of each size in
     GATHER_BYTES and of nbytes (`curve`; the bandwidth is read at nbytes); `step`, the seconds per
-    step of a real run of :func:`fit_case` in these ranks (the width-64 contention is fitted to it)."""
+    step of a real run of :func:`fit_case` in these ranks (the width-64 contention is fitted to it)
+    and `streamed`, of its host-tier twin (the streamed visit's cost at W ranks is fitted to it)."""
     import torch.distributed as dist
 
     from ..collectives import all_gather_flat
@@ -379,9 +401,10 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         dist.barrier()
         share = _share_probe(rank, world, rounds)
         dist.barrier()
-        step = _fit_run(rank, world)
+        step, streamed = _fit_run(rank, world)
         return {"alone_wide_s": alone_wide, "busy_wide_s": busy_wide, "barrier_s": barrier, "scalar_s": scalar,
-                "exchange_s": ended, "share_s": share, "curve": curve, "step_s": step}
+                "exchange_s": ended, "share_s": share, "curve": curve, "step_s": step,
+                "streamed_s": streamed}
     finally:
         dist.destroy_process_group()
 
@@ -420,7 +443,7 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = GATHER_REPEAT
     r = start(gloo_probe, world, (nbytes, repeats), timeout=180).wait()
     out = {k: statistics.median(v[k] for v in r.values())
            for k in ("barrier_s", "scalar_s", "exchange_s", "share_s")}
-    out["alone_wide_s"], out["step_s"] = r[0]["alone_wide_s"], r[0]["step_s"]
+    out["alone_wide_s"], out["step_s"], out["streamed_s"] = r[0]["alone_wide_s"], r[0]["step_s"], r[0]["streamed_s"]
     out["busy_wide_s"] = statistics.median(v["busy_wide_s"] for v in r.values())
     out["curve"] = [[total, statistics.median(v["curve"][i][1] for v in r.values())]
                     for i, (total, _) in enumerate(r[0]["curve"])]
@@ -512,7 +535,7 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
             # each rank receives (W - 1) / W of the 16 MB gathered
             peer_by_world[world] = (world - 1) / world * (16 << 20) / max(r["big_s"] - r["scalar_s"], 1e-6) / 1e9
             gather_curve[world] = r["curve"]
-            fit_steps[world] = r["step_s"]
+            fit_steps[world] = r["step_s"], r["streamed_s"]
             contention_wide[world] = max(1.0, r["busy_wide_s"] / r["alone_wide_s"])
             if world == 2:
                 latency_us = r["scalar_s"] * 1e6
@@ -531,9 +554,12 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
         contention=contention, contention_wide=contention_wide,
         source=f"calibrated {time.strftime('%Y-%m-%d %H:%M:%S')} (load average {os.getloadavg()[0]:.2f}); "
                "fp32 rate per thread; noise, perturb and copy rates per thread")
-    for world, measured in sorted(fit_steps.items()):  # the other figures first: the fit simulates with them
-        hw.contention[world] = fit_contention(hw, world, measured)
-        hw.contention_fit_us[world] = measured * 1e6
+    # the other figures first: the fits simulate with them
+    for world, (resident, streamed) in sorted(fit_steps.items()):
+        hw.contention[world] = fit_contention(hw, world, resident)
+        hw.contention_fit_us[world] = resident * 1e6
+        hw.visit_us_by_world[world] = fit_visit(hw, world, streamed)
+        hw.visit_fit_us[world] = streamed * 1e6
     if save:
         save_profile(hw, calibration_path(directory))
     return hw

@@ -86,6 +86,8 @@ def cmd_calibrate(a) -> int:
                              if w in hw.contention_fit_us else "")
                           + (f" ({hw.contention_wide[w]:.2f}x at width {WIDE_WIDTH})"
                              if w in hw.contention_wide else "")
+                          + (f", a streamed visit +{hw.visit_us_by_world[w]:.0f} us (fitted to a real "
+                             f"{hw.visit_fit_us[w] / 1e3:.1f} ms host step)" if w in hw.visit_us_by_world else "")
                           for w in hw.barrier_us)
         print(f"  between processes: {ranks}")
     return 0

@@ -73,6 +73,13 @@ class Hardware:
     """What one streamed visit adds to a step, on top of `block_us`: the streamer's hand-off
     (request, waiting on the lanes' threads, binding the buffer to the block, release) and the
     compute lane slowed while the lanes' threads run (calibrate.engine_overheads)."""
+    visit_us_by_world: dict = field(default_factory=dict)
+    """'cpu' only: `visit_us` at W ranks {W: us}, fitted by the calibration (`calibrate.fit_visit`)
+    so that the simulated step of a real host-tier run of the tiny preset at W ranks (`visit_fit_us`)
+    comes out as measured, the contention at W fitted first. Empty at a world size: `visit_us`."""
+    visit_fit_us: dict = field(default_factory=dict)
+    """'cpu' only: the real step {W: us} that `visit_us_by_world` at W was fitted to (rank 0's median
+    step of `calibrate.fit_case(W, "host")`)."""
     step_us: float = 0.0
     """Fixed cost of one step that no span records: the training loop's own work (the batch, the
     seed and record of the step, the seed log) and the engine's between its phases."""
@@ -146,6 +153,12 @@ class Hardware:
         if dtype in self.matmul_tflops:
             return self.matmul_tflops[dtype]
         return self.matmul_tflops.get("fp32", min(self.matmul_tflops.values()))
+
+    def visit_at(self, world: int) -> float:
+        """Microseconds one streamed visit adds at `world` ranks: the fitted figure there (or between
+        the fitted world sizes: `per_world`), else the one-process `visit_us`."""
+        fitted = self.per_world("visit_us_by_world", world) if world > 1 else None
+        return self.visit_us if fitted is None else fitted
 
     def per_world(self, name: str, world: int) -> float | None:
         """A measured {W: value} figure at `world` ranks: the value measured there, else linear in W

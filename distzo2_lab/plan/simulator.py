@@ -98,7 +98,8 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
     disk = w.tier == "disk"
     # the one-rank commit's snapshot and wait (several ranks: the barrier and the leader's writes, modelled)
     commit = hw.disk_step_us if disk and layout.world_size == 1 else 0.0
-    return Costs(block, head, embed, rng, axpy, call, (hw.visit_us + disk * hw.disk_visit_us) * 1e-6 / slow,
+    visit = hw.visit_at(layout.world_size) + disk * hw.disk_visit_us
+    return Costs(block, head, embed, rng, axpy, call, visit * 1e-6 / slow,
                  (hw.step_us + commit) * 1e-6 / slow, hw.block_us * 1e-6 / slow, slow)
 
 
