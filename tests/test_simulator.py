@@ -405,13 +405,40 @@ def test_ranks_beyond_the_cores_share_them_moment_by_moment():
     assert _busy(slow, 0, "forward") == pytest.approx(4 * fwd1, rel=0.05)
 
 
+def test_copies_share_the_cores_with_the_ranks_compute():
+    """On a CPU node an upload or a write-back is a memory copy run by a lane's thread on one of the
+    cores the ranks compute on. One rank leaves the other core to its copies: the host step is the
+    resident one (plus the visits' fixed costs) whatever the copies cost. Two ranks on two cores
+    already fill them, so each rank's step grows by about its copies' core time (OPT-125m's 28 MB
+    blocks here: a host step 55-80 ms over the resident one at 2 ranks, 5-7 ms at one)."""
+    quiet = _cpu(contention={2: 1.0}, barrier_us={2: 0.0}, collective_us={2: 0.0})
+    fast = dataclasses.replace(quiet, h2d_gbps=1e4, d2h_gbps=1e4, host_gbps=1e4)
+
+    def extra(hw, layout):  # the host step over the resident one
+        steps = [simulate(Workload(model="opt-125m", batch=1, seq=16, precision=PrecisionConfig(), tier=tier),
+                          layout, hw, threads=1) for tier in ("resident", "host")]
+        return steps[1].step_s - steps[0].step_s, steps[1]
+
+    block = model_shape("opt-125m").block_params * 4
+    copies = model_shape("opt-125m").layers * 2 * block / (quiet.h2d_gbps * 1e9)  # a rank's, each step
+    one, _ = extra(quiet, Layout())
+    assert one == pytest.approx(extra(fast, Layout())[0], abs=0.05 * copies)
+    two, sim = extra(quiet, Layout(pert=2))
+    assert 0.7 * copies < two < 1.2 * copies
+    assert abs(extra(fast, Layout(pert=2))[0]) < 0.05 * copies
+    ups = [s for s in sim.steady_spans() if s.rank == 0 and s.phase == "upload"]
+    assert ups and all(s.bytes == block for s in ups)  # the spans keep the bytes moved
+
+
 def test_shared_noise_splits_the_draws_without_a_barrier():
     """noise_share.py: the ranks of a node share each whole-bucket draw chunk by chunk (whoever
     claims a chunk first draws it). Ranks arriving together split a piece by whole chunks, so each
     waits for ceil(chunks / size) of them: OPT-125m's 7-chunk blocks cost 4 chunks instead of 7;
     each shared piece adds the measured `share_us`, and no barrier ties the ranks together. A
     tiny block fits one chunk: nothing to split, so the ranks draw alone, as without sharing."""
-    hw = _cpu(barrier_us={2: 300.0}, collective_us={2: 300.0})
+    # copies share the cores with the draws (test_copies_share_the_cores_with_the_ranks_compute):
+    # fast ones here, so that the draws' spans are the draws alone
+    hw = _cpu(barrier_us={2: 300.0}, collective_us={2: 300.0}, h2d_gbps=1e4, d2h_gbps=1e4, host_gbps=1e4)
     w = Workload(model="opt-125m", batch=1, seq=16, precision=PrecisionConfig(), tier="host")
     alone = simulate(w, Layout(pert=2, share_noise=False), hw)
     shared = simulate(w, Layout(pert=2, share_noise=True), hw)

@@ -7,9 +7,9 @@ upload lane runs `prefetch` visits ahead into a pool of prefetch + 2 buffers and
 block whose write-back is in flight; the offload lane writes blocks back in order; with slicing
 each rank moves one shard and the ranks all-gather on the exchange lane; each step ends with the
 scalar loss exchange. Transfers share links max-min fairly (a host link behind several devices,
-a PCIe switch, the disk); NVLink all-gathers cost (W - 1) / W of the block plus W - 1 latencies.
-The output is a list of :class:`~distzo2_lab.events.Span`, so every view and metric of real runs
-works on simulated ones.
+a PCIe switch, the disk; on a CPU node with several ranks, the cores: a copy is a core's work);
+NVLink all-gathers cost (W - 1) / W of the block plus W - 1 latencies. The output is a list of
+:class:`~distzo2_lab.events.Span`, so every view and metric of real runs works on simulated ones.
 """
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ class Task:
 
     @property
     def flow(self) -> tuple:
-        return self.path or self.cpu
+        return self.path + self.cpu
 
 
 class Graph:
@@ -466,9 +466,13 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
 
 
 # -- the event loop -------------------------------------------------------------------------------
-def _fair_rates(flows: list[Task], hw: Hardware, cores: float = 1.0) -> dict[int, float]:
+def _fair_rates(flows: list[Task], hw: Hardware, cores: float = 1.0,
+                copy_gbps: float | None = None) -> dict[int, float]:
     """Max-min fair rates of the flows over their links (progressive filling): bytes/s of the
-    transfers; nanoseconds of work per second of the CPU work (`cores` per node, one per rank)."""
+    transfers; nanoseconds of work per second of the CPU work (`cores` per node, one per rank).
+    `copy_gbps` (a CPU node whose copies are work of its cores, see `run_graph`): the transfers
+    flow in nanoseconds of one copy thread's work too (bytes / `copy_gbps`), every link's capacity
+    likewise, so that a copy and a rank's compute split the node's cores in one unit."""
     rates: dict[int, float] = {}
     cap: dict[tuple, float] = {}
     for f in flows:
@@ -478,7 +482,7 @@ def _fair_rates(flows: list[Task], hw: Hardware, cores: float = 1.0) -> dict[int
             elif link[0] == "thread":
                 cap.setdefault(link, 1e9)
             else:
-                cap.setdefault(link, _capacity(hw, link))
+                cap.setdefault(link, _capacity(hw, link) / (copy_gbps or 1.0))
     active = {f.id: f for f in flows}
     while active:
         users: dict[tuple, list[int]] = {}
@@ -498,8 +502,14 @@ def run_graph(g: Graph, hw: Hardware, cores: float | None = None) -> None:
     """Start every task as soon as its lane, its dependencies and its group allow; fill start / end.
 
     `cores` (CPU profiles with several ranks): the compute lanes' fixed work is processor-shared,
-    the ranks computing at one moment split `cores` (each at most its own speed)."""
+    the ranks computing at one moment split `cores` (each at most its own speed), and so is every
+    transfer: on a CPU node an upload or a write-back is a memory copy that a lane's thread runs
+    on one of those cores (a copy alone moves `h2d_gbps` on one core). One rank leaves the other
+    cores to its lanes; several ranks computing at once share them with their copies (OPT-125m's
+    28 MB blocks on two ranks here: a host step 55-80 ms over the resident one, where one rank's
+    is 5-7 ms over)."""
     tasks = g.tasks
+    copy_gbps = hw.h2d_gbps if cores is not None and hw.kind == "cpu" else None
     head = {lane: 0 for lane in g.lanes}
     now, left = 0.0, len(tasks)
     fixed: list[tuple[float, int]] = []
@@ -512,11 +522,15 @@ def run_graph(g: Graph, hw: Hardware, cores: float | None = None) -> None:
     def begin(t: Task) -> None:
         t.start = now
         work = sum(d for _, d in t.segments)
+        node = t.rank // hw.devices_per_node
         if cores is not None and not t.transfer and t.lane == "compute" and t.group is None and work > 0:
-            node = t.rank // hw.devices_per_node
             t.cpu, t.nbytes = (("cpu", node), ("thread", t.rank)), work * 1e9
+        elif copy_gbps is not None and t.transfer:
+            t.cpu = (("cpu", node),)
         if t.flow:
-            t.remaining, t.flowing_at = t.nbytes, now + t.latency
+            # a transfer's bytes, in nanoseconds of a copy thread's work where copies share the cores
+            scale = copy_gbps if copy_gbps is not None and t.transfer else 1.0
+            t.remaining, t.flowing_at = t.nbytes / scale, now + t.latency
             flows[t.id] = t
         else:
             t.end = now + t.latency + sum(d for _, d in t.segments)
@@ -549,7 +563,7 @@ def run_graph(g: Graph, hw: Hardware, cores: float | None = None) -> None:
             raise RuntimeError(f"simulation deadlocked at {now:.6f} s; lane heads: "
                                f"{[(t.rank, t.lane, t.phase, t.step, t.block) for t in stuck[:6]]}")
         moving = [f for f in flows.values() if f.flowing_at <= now + 1e-15]
-        rates = _fair_rates(moving, hw, cores or 1.0) if moving else {}
+        rates = _fair_rates(moving, hw, cores or 1.0, copy_gbps) if moving else {}
         candidates = [fixed[0][0]] if fixed else []
         for f in flows.values():
             if f.flowing_at > now + 1e-15:
