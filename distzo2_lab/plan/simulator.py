@@ -471,8 +471,9 @@ def _fair_rates(flows: list[Task], hw: Hardware, cores: float = 1.0,
     """Max-min fair rates of the flows over their links (progressive filling): bytes/s of the
     transfers; nanoseconds of work per second of the CPU work (`cores` per node, one per rank).
     `copy_gbps` (a CPU node whose copies are work of its cores, see `run_graph`): the transfers
-    flow in nanoseconds of one copy thread's work too (bytes / `copy_gbps`), every link's capacity
-    likewise, so that a copy and a rank's compute split the node's cores in one unit."""
+    flow in nanoseconds of one copy thread's work too (bytes / `copy_gbps`: GB/s is bytes per ns),
+    every link's capacity likewise, so that a copy and a rank's compute split the node's cores in
+    one unit."""
     rates: dict[int, float] = {}
     cap: dict[tuple, float] = {}
     for f in flows:
