@@ -201,8 +201,8 @@ def main() -> None:
     beside = not a.one_calibration
     print(f"\n{'model':>9} {'tier':>8} {'layout':>10} {'world':>5} {'threads':>7} {'predicted':>10} {'measured':>10} "
           f"{'ratio':>6}  {'':>3} {'ratio start':>12}")
-    print("(seconds per step; ok = within 15 %; measured: the median of REPEATS x PER_ROUND runs, their range after "
-          "'runs'; "
+    print("(seconds per step; ok = within 15 %; measured: the median of REPEATS x PER_ROUND runs, their range "
+          "after 'runs'; "
           + ("predicted: the median over the calibrations before and after each round of the group, their "
              "range after 'predicted'; 'ratio start': from the calibration at the start)" if beside else
              "one calibration, at the start)"))

@@ -524,14 +524,14 @@ def run_graph(g: Graph, hw: Hardware, cores: float | None = None) -> None:
         t.start = now
         work = sum(d for _, d in t.segments)
         node = t.rank // hw.devices_per_node
+        copy = copy_gbps is not None and t.transfer  # a copy on the node's cores
         if cores is not None and not t.transfer and t.lane == "compute" and t.group is None and work > 0:
             t.cpu, t.nbytes = (("cpu", node), ("thread", t.rank)), work * 1e9
-        elif copy_gbps is not None and t.transfer:
+        elif copy:
             t.cpu = (("cpu", node),)
         if t.flow:
-            # a transfer's bytes, in nanoseconds of a copy thread's work where copies share the cores
-            scale = copy_gbps if copy_gbps is not None and t.transfer else 1.0
-            t.remaining, t.flowing_at = t.nbytes / scale, now + t.latency
+            # a copy's bytes flow as nanoseconds of a copy thread's work
+            t.remaining, t.flowing_at = t.nbytes / (copy_gbps if copy else 1.0), now + t.latency
             flows[t.id] = t
         else:
             t.end = now + t.latency + sum(d for _, d in t.segments)
