@@ -18,7 +18,7 @@ noise-thread counts. Prints a table per model, then one JSON line per model with
 import argparse
 import json
 
-from distzo2_lab.bench_device import device_cases, format_cases, format_noise, noise_rates
+from distzo2_lab.bench.device import device_cases, format_cases, format_noise, noise_rates
 from distzo2_lab.plan.hardware import names
 
 

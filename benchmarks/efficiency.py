@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from distzo2_lab.bench import efficiency
+from distzo2_lab.bench.efficiency import efficiency
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from distzo2_lab.bench_offload import TIERS, peak_memory_subprocess
+from distzo2_lab.bench.offload import TIERS, peak_memory_subprocess
 
 
 def _mib(kib) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from distzo2_lab.bench_offload import TIERS, format_overhead, format_ratios, offload_ratios, recording_overhead
+from distzo2_lab.bench.offload import TIERS, format_overhead, format_ratios, offload_ratios, recording_overhead
 
 
 def main() -> None:

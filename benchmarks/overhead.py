@@ -20,10 +20,10 @@ import time
 import torch
 
 from distzo2_lab.config import OffloadConfig, TrainConfig
-from distzo2_lab.events import Recorder, SpanBatcher
-from distzo2_lab.live import LiveView
-from distzo2_lab.perturb import step_seed
-from distzo2_lab.train import Run, make_task, to_device
+from distzo2_lab.observe.events import Recorder, SpanBatcher
+from distzo2_lab.observe.live import LiveView
+from distzo2_lab.run.train import Run, make_task, to_device
+from distzo2_lab.seeds import step_seed
 
 
 def measure(model: str, batch: int, seq: int, threads: int, steps: int, tier: str) -> dict:

@@ -29,9 +29,9 @@ import json
 import os
 import statistics
 
+from distzo2_lab.bench.calibrate import calibrate
 from distzo2_lab.config import PrecisionConfig
-from distzo2_lab.mesh import Layout
-from distzo2_lab.plan.calibrate import calibrate
+from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.check import compare, measure_many
 from distzo2_lab.plan.memory import Workload, memory_plan
 from distzo2_lab.plan.paper import format_paper_checks, headline, trace_shares, zo2_memory_check
@@ -157,7 +157,7 @@ def format_row(r: dict) -> str:
 
 
 def memory_rows(hw, models) -> list[dict]:
-    from distzo2_lab.bench_offload import peak_memory_subprocess
+    from distzo2_lab.bench.offload import peak_memory_subprocess
 
     rows = []
     for model in models:

@@ -5,14 +5,14 @@
 
 Each (layout, world) runs in fresh gloo worker processes; only the steps after a warm-up step and a
 barrier are timed (the slowest rank counts). The ideal is world-1 tokens/s scaled by the measured
-concurrency gain of single-threaded forwards (see distzo2_lab.bench_scaling). World sizes above
+concurrency gain of single-threaded forwards (see distzo2_lab.bench.scaling). World sizes above
 --threads oversubscribe the CPU and are flagged. Prints a table, then the JSON.
 """
 from __future__ import annotations
 
 import argparse
 
-from distzo2_lab.bench_scaling import format_scaling, scaling, to_json
+from distzo2_lab.bench.scaling import format_scaling, scaling, to_json
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import sys
 
-from distzo2_lab.bench_sst2 import main
+from distzo2_lab.bench.sst2 import main
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "sst2")
 

@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from distzo2_lab.errors import ConfigError  # noqa: F401 (re-exported: the validation error)
+
 NOISE_KINDS = ("gaussian", "rademacher")
 PERTURB_MODES = ("auto", "in-place", "copy")
 COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
@@ -19,10 +21,6 @@ ENGINES = ("zo2", "eager")
 TASKS = ("synthetic", "text", "sst2")
 DEVICES = ("cpu", "cuda")
 OFFLOAD_TIERS = ("resident", "host", "disk")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value or combination; the message names fields and choices."""
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,16 @@ from dataclasses import asdict
 import plotly.graph_objects as go
 import torch
 
-from .checkpoint import SeedLog, digest, save_checkpoint
-from .config import OffloadConfig, TrainConfig, replace
-from .entrypoints import train_worker
-from .launch import launch
-from .live import LiveView
-from .mesh import Layout
-from .metrics import metrics_rows, run_metrics, tokens_rate
-from .report import write_report
-from .train import rebuild, train
-from .viz import bubble_figure, loss_figure, timeline_figure
+from distzo2_lab.config import OffloadConfig, TrainConfig, replace
+from distzo2_lab.observe.live import LiveView
+from distzo2_lab.observe.metrics import metrics_rows, run_metrics, tokens_rate
+from distzo2_lab.observe.report import write_report
+from distzo2_lab.observe.viz import bubble_figure, loss_figure, timeline_figure
+from distzo2_lab.parallel.launch import launch
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.run.checkpoint import SeedLog, digest, save_checkpoint
+from distzo2_lab.run.train import rebuild, train
+from distzo2_lab.run.worker import train_worker
 
 
 def _engine_check(cfg: TrainConfig) -> bool:
@@ -108,7 +108,7 @@ def run_demo(out: str = "runs/demo", steps: int = 300, layout: Layout | None = N
     loss_figure(s["steps"], f"tiny OPT, {layout.describe()}, {steps} steps").write_html(
         os.path.join(out, "loss.html"), include_plotlyjs=True)
 
-    from .cli import plan_text
+    from distzo2_lab.plan.planner import plan_text
 
     m = run_metrics(view.rank_spans())["ranks"]
     hidden = ", ".join(f"rank {r} {x['hidden_fraction']:.0%}" for r, x in m.items() if x["hidden_fraction"] is not None)

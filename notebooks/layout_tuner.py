@@ -60,7 +60,7 @@ pio.renderers.default = "plotly_mimetype+notebook"  # works offline in Jupyter L
 # disk, a gloo all-gather) and caches the profile as JSON. It is measured once and reused.
 
 # %%
-from distzo2_lab.plan.calibrate import calibrate
+from distzo2_lab.bench.calibrate import calibrate
 from distzo2_lab.plan.hardware import load_profile
 
 path = calibration_path(CALIBRATION_DIR)

@@ -49,10 +49,10 @@ import tempfile
 import plotly.io as pio
 
 from distzo2_lab.config import OffloadConfig, TrainConfig
-from distzo2_lab.entrypoints import train_worker
-from distzo2_lab.launch import launch
-from distzo2_lab.live import LiveView
-from distzo2_lab.mesh import Layout
+from distzo2_lab.run.worker import train_worker
+from distzo2_lab.parallel.launch import launch
+from distzo2_lab.observe.live import LiveView
+from distzo2_lab.parallel.layout import Layout
 
 pio.renderers.default = "plotly_mimetype+notebook"  # static figures also work offline
 tmp = tempfile.TemporaryDirectory(prefix="distzo2-overlap-")
@@ -91,7 +91,7 @@ print("same weights on both ranks:", results[0]["digest"] == results[1]["digest"
 # * **MB/step**: bytes a lane moved per step. `docs/profiling.md` says more.
 
 # %%
-from distzo2_lab.viz import bubble_figure, compare_runs
+from distzo2_lab.observe.viz import bubble_figure, compare_runs
 
 spans = view.rank_spans()
 compare_runs({"PertP": spans}, title="the live run and its metrics").show()
@@ -105,7 +105,7 @@ bubble_figure(spans).show()
 # Each run starts at 0 s in the comparison; tokens/s is the global batch's, from rank 0's steps.
 
 # %%
-from distzo2_lab.metrics import tokens_rate
+from distzo2_lab.observe.metrics import tokens_rate
 
 ddp = Layout(dp=2, pert=1)
 ddp_view = LiveView(widget=False)
@@ -125,9 +125,9 @@ compare_runs(runs, tokens=rates, title="PertP vs DDP, tiny OPT, host tier").show
 # `tensorboard --logdir DIR/tb` (torch-tb-profiler).
 
 # %%
-from distzo2_lab.events import overlap_metrics
-from distzo2_lab.profiling import ProfileOptions, phase_spans
-from distzo2_lab.train import train
+from distzo2_lab.observe.events import overlap_metrics
+from distzo2_lab.observe.profiling import ProfileOptions, phase_spans
+from distzo2_lab.run.train import train
 
 summary = train(cfg, progress=False, profile=ProfileOptions(f"{tmp.name}/prof", wait=0, warmup=1, active=2))
 print("Perfetto trace:", summary["profile"]["chrome"])

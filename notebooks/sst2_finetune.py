@@ -49,7 +49,7 @@
 import os
 import tempfile
 
-from distzo2_lab.bench_sst2 import Settings, shared_data_dir, write_sample_dir
+from distzo2_lab.bench.sst2 import Settings, shared_data_dir, write_sample_dir
 
 SIZE = os.environ.get("DISTZO2_TUTORIAL_SIZE", "full")  # "tiny" in CI, "full" by default
 assert SIZE in ("tiny", "full"), f"DISTZO2_TUTORIAL_SIZE={SIZE!r}: choose 'tiny' or 'full'"
@@ -85,7 +85,7 @@ def on_point(p):
 fig
 
 # %%
-from distzo2_lab.bench_sst2 import format_result, run
+from distzo2_lab.bench.sst2 import format_result, run
 
 result = run(S, WORK, on_point=on_point)
 print(format_result(result))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from distzo2_lab.config import PrecisionConfig, ZOConfig
-from distzo2_lab.engine import ZO2Engine
 from distzo2_lab.models import OPTAdapter, build_model
-from distzo2_lab.perturb import step_seed
-from distzo2_lab.reference import EagerMeZO
+from distzo2_lab.seeds import step_seed
+from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.reference import EagerMeZO
 
 
 def batches(n: int, batch: int = 3, seq: int = 12, vocab: int = 512, seed: int = 0):

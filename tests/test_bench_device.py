@@ -2,9 +2,9 @@
 On a GPU the same module reads peak device memory (benchmarks/gpu_check.sh)."""
 import pytest
 
-from distzo2_lab.bench_device import device_cases, format_cases, format_noise, noise_rates
+from distzo2_lab.bench.device import device_cases, format_cases, format_noise, noise_rates
 from distzo2_lab.config import ConfigError, PrecisionConfig
-from distzo2_lab.mesh import Layout
+from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import get_hardware
 from distzo2_lab.plan.memory import THIS_ENGINE, Workload, memory_plan
 

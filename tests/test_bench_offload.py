@@ -2,7 +2,7 @@
 import math
 import os
 
-from distzo2_lab.bench_offload import (
+from distzo2_lab.bench.offload import (
     TIERS,
     format_memory,
     format_overhead,

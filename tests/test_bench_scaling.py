@@ -1,7 +1,7 @@
 """Scaling benchmark on the tiny model: result shape, positivity, every valid layout ran; never timings."""
 import math
 
-from distzo2_lab.bench_scaling import format_scaling, layouts_for, scaling, threads_per_rank
+from distzo2_lab.bench.scaling import format_scaling, layouts_for, scaling, threads_per_rank
 
 
 def _positive(x) -> bool:
@@ -63,10 +63,10 @@ def test_scaling_runs_every_valid_layout():
 def test_scaling_without_shared_noise_and_bad_input():
     import pytest
 
-    from distzo2_lab.bench_scaling import bench_worker
+    from distzo2_lab.bench.scaling import bench_worker
     from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig
-    from distzo2_lab.launch import launch
-    from distzo2_lab.mesh import Layout
+    from distzo2_lab.parallel.launch import launch
+    from distzo2_lab.parallel.layout import Layout
 
     with pytest.raises(ConfigError, match="repeats=0 are not valid"):
         scaling("tiny", repeats=0)

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 
-from distzo2_lab.checkpoint import SeedLog, digest
 from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig
-from distzo2_lab.train import rebuild, train
+from distzo2_lab.run.checkpoint import SeedLog, digest
+from distzo2_lab.run.train import rebuild, train
 
 CFG = TrainConfig(steps=6, batch_size=2, seq_len=12, threads=1, zo=ZOConfig(weight_decay=0.05, chunk_size=2048))
 
@@ -69,9 +69,9 @@ def test_resume_with_a_different_update_rule_is_refused(tmp_path):
 
 def test_engines_refuse_an_adapter_built_for_another_storage():
     from distzo2_lab.config import PrecisionConfig
-    from distzo2_lab.engine import ZO2Engine
     from distzo2_lab.models import OPTAdapter, build_model
-    from distzo2_lab.reference import EagerMeZO
+    from distzo2_lab.zo.engine import ZO2Engine
+    from distzo2_lab.zo.reference import EagerMeZO
 
     adapter = OPTAdapter(build_model("tiny"))  # fp32 buckets
     for cls in (ZO2Engine, EagerMeZO):

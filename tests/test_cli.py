@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from distzo2_lab.cli import main
+from distzo2_lab.cli.main import main
 
 
 def test_train_writes_the_summary_with_per_step_records_and_digest(tmp_path, capsys):

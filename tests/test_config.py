@@ -72,7 +72,7 @@ def test_invalid_field_raises_one_clear_error(path):
 
 
 def _summary(cfg: TrainConfig, tmp_path=None) -> dict:
-    from distzo2_lab.train import train
+    from distzo2_lab.run.train import train
 
     return train(cfg, progress=False)
 
@@ -130,7 +130,7 @@ def test_field_changes_the_run(path, base_summary):
 
 
 def test_model_field_selects_the_preset():
-    from distzo2_lab.train import build_adapter
+    from distzo2_lab.run.train import build_adapter
 
     assert build_adapter({"model": "tiny"}).config.hidden_size == 64
     assert build_adapter({"model": "tiny"}).config.num_hidden_layers == 2
@@ -139,7 +139,7 @@ def test_model_field_selects_the_preset():
 def test_storage_field_sets_the_working_dtype():
     import torch
 
-    from distzo2_lab.train import build_adapter
+    from distzo2_lab.run.train import build_adapter
 
     a = build_adapter({"model": "tiny"}, storage="bf16")
     assert a.blocks[0].working.dtype == torch.bfloat16 and a.blocks[0].master.dtype == torch.float32

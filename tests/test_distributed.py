@@ -6,10 +6,10 @@ import signal
 import pytest
 
 from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig
-from distzo2_lab.entrypoints import train_worker
-from distzo2_lab.launch import WorkerError, launch
-from distzo2_lab.mesh import Layout, parse_layout, validate_layout
-from distzo2_lab.train import train
+from distzo2_lab.parallel.launch import WorkerError, launch
+from distzo2_lab.parallel.layout import Layout, parse_layout, validate_layout
+from distzo2_lab.run.train import train
+from distzo2_lab.run.worker import train_worker
 
 CFG = TrainConfig(model="tiny", steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096))
 
@@ -120,7 +120,7 @@ def test_killing_a_training_rank_mid_run_stops_every_rank():
 
 
 def test_cli_layout_dry_run_and_terminal_run(tmp_path, capsys, single):
-    from distzo2_lab.cli import main
+    from distzo2_lab.cli.main import main
 
     assert main(["train", "--layout", "dp=2,pert=2", "--batch-size", "4", "--dry-run"]) == 0
     plan = capsys.readouterr().out
@@ -143,7 +143,7 @@ def test_torchrun_standalone_runs_the_same_workers(tmp_path, single):
     import sys
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "distzo2_lab.train", "--layout", "dp=1,pert=2",
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "distzo2_lab", "--layout", "dp=1,pert=2",
            "--steps", "3", "--batch-size", "4", "--seq-len", "12", "--threads", "1", "--chunk-size", "4096",
            "--no-progress", "--out", str(tmp_path / "o")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -160,13 +160,13 @@ def test_slicing_changes_no_number(layout, tmp_path):
     assert sliced[0]["steps"] == naive[0]["steps"]
     assert {r["digest"] for r in sliced.values()} == {naive[0]["digest"]}
     # each rank moved only its shard over the host link: about 1/world of the naive bytes
-    from distzo2_lab.events import read_jsonl
+    from distzo2_lab.observe.events import read_jsonl
 
     spans = read_jsonl(str(tmp_path / "t" / "rank0.jsonl"))
     up = sum(s.bytes for s in spans if s.lane == "upload")
     gathered = [s for s in spans if s.phase == "allgather"]
     assert gathered and up > 0
-    from distzo2_lab.slicer import Slicer
+    from distzo2_lab.parallel.slicer import Slicer
 
     start, stop = Slicer(0, layout.world_size, cfg.zo.chunk_size).bounds(49984)  # a tiny block's shard
     visits = len([s for s in spans if s.lane == "upload"])
@@ -216,7 +216,7 @@ def test_copy_perturbation_layouts_equal_the_single_rank_engine():
 def test_stores_shared_by_the_ranks_of_a_node(single, tmp_path):
     """Host tier: one /dev/shm copy per node (unlinked once mapped); disk tier: one store directory
     for every rank, the leader commits. Both give the single-rank numbers."""
-    from distzo2_lab.entrypoints import node_memory
+    from distzo2_lab.run.worker import node_memory
 
     host = run_layout(Layout(dp=1, pert=2), dataclasses.replace(CFG, offload=OffloadConfig(tier="host")))
     assert {r["digest"] for r in host.values()} == {single["digest"]}
@@ -253,7 +253,7 @@ def test_nspsa_layout_validation_and_plan(capsys):
     with pytest.raises(ConfigError, match="pert=4 does not fit zo.directions=3"):
         validate_layout(Layout(1, 4), 4, 8, directions=3)
     assert Layout(1, 4).directions(2, 2) == [1] and Layout(1, 2).directions(1, 2) == [0, 1]
-    from distzo2_lab.cli import main
+    from distzo2_lab.cli.main import main
 
     assert main(["train", "--layout", "dp=1,pert=4", "--batch-size", "4", "--dry-run"]) == 0
     plan = capsys.readouterr().out
@@ -263,7 +263,7 @@ def test_nspsa_layout_validation_and_plan(capsys):
 
 def test_backend_choice():
     """nccl with one GPU per local rank; gloo on CPU and when ranks share a GPU."""
-    from distzo2_lab.mesh import choose_backend
+    from distzo2_lab.parallel.layout import choose_backend
 
     assert choose_backend("cpu", 2, 0) == "gloo"
     assert choose_backend("cuda", 2, 2) == "nccl" and choose_backend("cuda", 4, 2) == "gloo"
@@ -275,7 +275,7 @@ def test_the_ranks_of_a_node_split_the_noise_draws():
     """Shared draws change no number; the G ranks of a node that draw the same directions (all 4
     for 2D; 2 per direction for n-SPSA pert=4) draw each chunk of z exactly once between them
     (who draws which depends on who is there first: tests/test_noise_share.py)."""
-    from distzo2_lab.noise_share import split_run
+    from distzo2_lab.parallel.node_share import split_run
 
     assert [split_run(13, i, 4) for i in range(4)] == [(0, 4), (4, 7), (7, 10), (10, 13)]
     assert [split_run(1, i, 2) for i in range(2)] == [(0, 1), (1, 1)]  # a member may draw nothing
@@ -303,7 +303,7 @@ def test_the_ranks_of_a_node_split_the_noise_draws():
 
 
 def test_cli_no_share_noise_reaches_the_layout(capsys):
-    from distzo2_lab.cli import main
+    from distzo2_lab.cli.main import main
 
     assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run", "--chunk-size", "4096"]) == 0
     assert "split every draw of more than one chunk through shared memory" in capsys.readouterr().out

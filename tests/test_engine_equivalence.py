@@ -4,7 +4,8 @@ import torch
 from helpers import batches, engine_pair, masters_equal, run
 
 from distzo2_lab.config import PrecisionConfig, ZOConfig
-from distzo2_lab.perturb import Perturber, step_seed
+from distzo2_lab.seeds import step_seed
+from distzo2_lab.zo.perturb import Perturber
 
 CASES = {
     "fp32": (ZOConfig(chunk_size=4096), PrecisionConfig()),

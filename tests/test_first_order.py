@@ -4,15 +4,15 @@ import os
 import pytest
 import torch
 
+from distzo2_lab.bench.first_order import PeakMemory, finetune_first_order
 from distzo2_lab.config import ConfigError, TrainConfig
-from distzo2_lab.first_order import PeakMemory, finetune_first_order
 
 
 @pytest.fixture
 def tiny_bert_task(tmp_path, monkeypatch):
-    from distzo2_lab.bench_sst2 import write_sample_dir
-    from distzo2_lab.sst2 import task_for
-    from distzo2_lab.train import build_adapter
+    from distzo2_lab.bench.sst2 import write_sample_dir
+    from distzo2_lab.data.sst2 import task_for
+    from distzo2_lab.run.train import build_adapter
 
     monkeypatch.setenv("DISTZO2_CACHE", str(tmp_path / "cache"))
     data = write_sample_dir(str(tmp_path / "sst2"))
@@ -36,7 +36,7 @@ def test_adam_lowers_the_loss_and_writes_the_bucket_masters(tiny_bert_task):
 
 
 def test_first_order_refuses_low_precision_storage():
-    from distzo2_lab.train import build_adapter
+    from distzo2_lab.run.train import build_adapter
 
     a = build_adapter({"model": "tiny-bert"}, storage="bf16")
     with pytest.raises(ConfigError, match="first-order fine-tuning trains a resident fp32 adapter"):

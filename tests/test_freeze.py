@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig, validate
-from distzo2_lab.engine import ZO2Engine
 from distzo2_lab.models import OPTAdapter, build_model
-from distzo2_lab.perturb import Perturber, frozen_spans
-from distzo2_lab.reference import EagerMeZO
+from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.perturb import Perturber, frozen_spans
+from distzo2_lab.zo.reference import EagerMeZO
 from tests.helpers import batches, masters_equal, run
 
 FREEZE = ("*embed_tokens*", "*layers.0.self_attn.k_proj.*")
@@ -43,8 +43,8 @@ def test_frozen_parameters_never_move_and_the_engine_equals_the_reference(pertur
 def test_freeze_changes_the_estimate_and_streams_and_replays(tmp_path):
     """The host tier equals the resident run; the seed log rebuilds the weights (the frozen spans'
     z is 0 in the replay too); copies replay without the round trip."""
-    from distzo2_lab.checkpoint import digest
-    from distzo2_lab.train import rebuild, train
+    from distzo2_lab.run.checkpoint import digest
+    from distzo2_lab.run.train import rebuild, train
 
     base = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, weight_decay=0.1))
     cfg = dataclasses.replace(base, zo=dataclasses.replace(base.zo, freeze=FREEZE))
@@ -59,10 +59,10 @@ def test_freeze_changes_the_estimate_and_streams_and_replays(tmp_path):
 
 
 def test_pertp_with_frozen_parameters_equals_the_single_rank():
-    from distzo2_lab.entrypoints import train_worker
-    from distzo2_lab.launch import launch
-    from distzo2_lab.mesh import Layout
-    from distzo2_lab.train import train
+    from distzo2_lab.parallel.launch import launch
+    from distzo2_lab.parallel.layout import Layout
+    from distzo2_lab.run.train import train
+    from distzo2_lab.run.worker import train_worker
 
     cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, freeze=FREEZE))
     single = train(cfg, progress=False)

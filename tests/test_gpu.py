@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from distzo2_lab.config import PrecisionConfig, TrainConfig, ZOConfig
-from distzo2_lab.engine import ZO2Engine
 from distzo2_lab.models import OPTAdapter, build_model
-from distzo2_lab.perturb import Perturber, step_seed
-from distzo2_lab.reference import EagerMeZO
-from distzo2_lab.train import train
+from distzo2_lab.run.train import train
+from distzo2_lab.seeds import step_seed
+from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.perturb import Perturber
+from distzo2_lab.zo.reference import EagerMeZO
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +57,7 @@ def test_streamed_tiers_match_resident_on_cuda(tier, tmp_path):
 
 def test_host_store_is_pinned_for_cuda():
     from distzo2_lab.config import OffloadConfig
-    from distzo2_lab.offload import Offload
+    from distzo2_lab.offload.tiers import Offload
 
     off = Offload({"model": "tiny-deep", "init_seed": 0, "device": "cuda"}, OffloadConfig(tier="host"), device="cuda")
     assert all(b.is_pinned() for b in off.store.blocks)
@@ -65,8 +66,8 @@ def test_host_store_is_pinned_for_cuda():
 
 
 def _launch_on_cuda(layout, cfg):
-    from distzo2_lab.entrypoints import train_worker
-    from distzo2_lab.launch import launch
+    from distzo2_lab.parallel.launch import launch
+    from distzo2_lab.run.worker import train_worker
 
     return launch(train_worker, layout.world_size, args=(cfg, layout, None), timeout=300).wait()
 
@@ -74,7 +75,7 @@ def _launch_on_cuda(layout, cfg):
 def test_ranks_sharing_one_gpu_use_gloo_and_match_one_rank():
     """Two ranks on one GPU: gloo (NCCL needs a GPU per rank), pinned shared host store, sliced."""
     from distzo2_lab.config import OffloadConfig
-    from distzo2_lab.mesh import Layout, choose_backend
+    from distzo2_lab.parallel.layout import Layout, choose_backend
 
     if torch.cuda.device_count() >= 2:
         pytest.skip("this check is for ranks sharing one GPU; this machine has several")
@@ -87,7 +88,7 @@ def test_ranks_sharing_one_gpu_use_gloo_and_match_one_rank():
 
 
 def test_nccl_with_one_rank_per_gpu():
-    from distzo2_lab.mesh import Layout, choose_backend
+    from distzo2_lab.parallel.layout import Layout, choose_backend
 
     if torch.cuda.device_count() < 2:
         pytest.skip(f"NCCL needs one GPU per rank: 2 ranks, {torch.cuda.device_count()} GPU(s) here")
@@ -100,7 +101,7 @@ def test_nccl_with_one_rank_per_gpu():
 def test_planned_peak_device_memory_matches_cuda():
     """The memory planner's peak (less its stated runtime overhead) against max_memory_allocated
     of real ZO2 runs, resident and host tier (on an H100 at seq 2048: within 0.7 %)."""
-    from distzo2_lab.bench_device import device_cases
+    from distzo2_lab.bench.device import device_cases
 
     r = device_cases("opt-125m", batch=1, seq=512, steps=1, compute="bf16", device="cuda", tiers=("host",))
     for c in r["cases"]:
@@ -110,7 +111,7 @@ def test_planned_peak_device_memory_matches_cuda():
 
 
 def test_gpu_calibration_writes_a_measured_gpu_profile(tmp_path):
-    from distzo2_lab.plan.calibrate_gpu import calibrate_device
+    from distzo2_lab.bench.calibrate_gpu import calibrate_device
     from distzo2_lab.plan.hardware import get_hardware
 
     hw = calibrate_device(str(tmp_path), device="cuda", compute="bf16")

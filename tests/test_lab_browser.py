@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from distzo2_lab.launch import free_port
+from distzo2_lab.parallel.launch import free_port
 from tests.browser import browser_or_skip, image_stats
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,13 +11,13 @@ import plotly.graph_objects as go
 import pytest
 
 from distzo2_lab.config import OffloadConfig, TrainConfig
-from distzo2_lab.entrypoints import train_worker
-from distzo2_lab.events import Recorder, Span, SpanBatcher, read_jsonl, spans_from_rows
-from distzo2_lab.launch import launch
-from distzo2_lab.live import LiveView
-from distzo2_lab.mesh import Layout
-from distzo2_lab.metrics import bubbles, rank_metrics, run_metrics, tokens_rate
-from distzo2_lab.viz import compare_runs
+from distzo2_lab.observe.events import Recorder, Span, SpanBatcher, read_jsonl, spans_from_rows
+from distzo2_lab.observe.live import LiveView
+from distzo2_lab.observe.metrics import bubbles, rank_metrics, run_metrics, tokens_rate
+from distzo2_lab.observe.viz import compare_runs
+from distzo2_lab.parallel.launch import launch
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.run.worker import train_worker
 
 MS = 1_000_000
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig
-from distzo2_lab.engine import ZO2Engine
 from distzo2_lab.models import (
     BertAdapter,
     GPT2Adapter,
@@ -24,10 +23,11 @@ from distzo2_lab.models import (
     adapter_for,
     build_model,
 )
-from distzo2_lab.offload import Offload, build_offloaded
-from distzo2_lab.perturb import step_seed
-from distzo2_lab.reference import EagerMeZO
-from distzo2_lab.zo import count_tokens
+from distzo2_lab.offload.tiers import Offload, build_offloaded
+from distzo2_lab.seeds import step_seed
+from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.reference import EagerMeZO
+from distzo2_lab.zo.spsa import count_tokens
 
 FAMILIES = {"tiny-gpt2": GPT2Adapter, "tiny-llama": LlamaAdapter, "tiny-qwen2": Qwen2Adapter,
             "tiny-bert": BertAdapter}
@@ -135,10 +135,10 @@ def test_local_checkpoint_loads_offline_and_streams_from_its_safetensors(model, 
 
 
 def test_pertp_with_slicing_runs_a_llama_unchanged():
-    from distzo2_lab.entrypoints import train_worker
-    from distzo2_lab.launch import launch
-    from distzo2_lab.mesh import Layout
-    from distzo2_lab.train import train
+    from distzo2_lab.parallel.launch import launch
+    from distzo2_lab.parallel.layout import Layout
+    from distzo2_lab.run.train import train
+    from distzo2_lab.run.worker import train_worker
 
     cfg = TrainConfig(model="tiny-llama", steps=3, batch_size=4, seq_len=12, threads=1, zo=ZO,
                       offload=OffloadConfig(tier="host"))

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
-from distzo2_lab.noise_share import CopyShare, NoiseShare
-from distzo2_lab.perturb import Perturber
+from distzo2_lab.parallel.node_share import CopyShare, NoiseShare
+from distzo2_lab.zo.perturb import Perturber
 
 CHUNK = 1024
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig, validate
-from distzo2_lab.engine import ZO2Engine
 from distzo2_lab.models import OPTAdapter, build_model
-from distzo2_lab.reference import EagerMeZO
-from distzo2_lab.zo import PendingUpdate, count_tokens, direction_seed, split_micro, weighted_loss
+from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.reference import EagerMeZO
+from distzo2_lab.zo.spsa import PendingUpdate, count_tokens, direction_seed, split_micro, weighted_loss
 from tests.helpers import batches, masters_equal, run
 
 ZO = ZOConfig(chunk_size=4096, weight_decay=0.1)
@@ -58,7 +58,7 @@ def test_copies_equal_the_eager_reference(micro):
 
 
 def test_copies_stream_through_the_host_tier():
-    from distzo2_lab.train import train
+    from distzo2_lab.run.train import train
 
     cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, perturb="copy"))
     resident = train(cfg, progress=False)
@@ -120,7 +120,7 @@ def test_accumulation_matches_the_whole_batch_loss():
 
 
 def test_streamed_tiers_run_both_rules():
-    from distzo2_lab.train import train
+    from distzo2_lab.run.train import train
 
     cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, micro_batches=2,
                       zo=ZOConfig(chunk_size=4096, directions=2))
@@ -147,8 +147,8 @@ def test_nspsa_seed_log_rebuilds_the_weights(tmp_path):
     """Every direction's (seed, g) is logged; replay applies the updates only (no round trip)."""
     import json
 
-    from distzo2_lab.checkpoint import digest
-    from distzo2_lab.train import rebuild, train
+    from distzo2_lab.run.checkpoint import digest
+    from distzo2_lab.run.train import rebuild, train
 
     cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, directions=2))
     s = train(cfg, out=str(tmp_path), progress=False)
@@ -161,7 +161,7 @@ def test_nspsa_disk_store_resumes_with_every_direction(tmp_path):
     """The pending update rebuilt from the store's seed log carries every direction's (seed, g)."""
     import dataclasses
 
-    from distzo2_lab.train import train
+    from distzo2_lab.run.train import train
 
     cfg = TrainConfig(steps=4, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, directions=2))
     ref = train(cfg, progress=False)

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from distzo2_lab.config import OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig
-from distzo2_lab.events import chrome_trace, overlap_metrics, read_jsonl
-from distzo2_lab.offload import Offload, build_offloaded
-from distzo2_lab.store import DiskStore
-from distzo2_lab.train import build_adapter, train
+from distzo2_lab.observe.events import chrome_trace, overlap_metrics, read_jsonl
+from distzo2_lab.offload.store import DiskStore
+from distzo2_lab.offload.tiers import Offload, build_offloaded
+from distzo2_lab.run.train import build_adapter, train
 
 BASE = TrainConfig(model="tiny-deep", steps=4, batch_size=2, seq_len=12, threads=1,
                    zo=ZOConfig(chunk_size=4096, weight_decay=0.1))
@@ -46,7 +46,7 @@ def test_lean_disk_tier_parks_the_embeddings_and_changes_no_number(storage, tmp_
     ref = train(cfg, progress=False)
     got = train(offloaded(cfg, "disk", tmp_path, lean=True), progress=False)
     assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
-    from distzo2_lab.train import Run
+    from distzo2_lab.run.train import Run
 
     run = Run(offloaded(cfg, "disk", tmp_path, lean=True))
     emb = run.adapter.model.model.decoder.embed_tokens.weight
@@ -63,10 +63,10 @@ def test_prefetch_depth_bounds_working_memory_and_changes_no_number(depth, tmp_p
     got = train(offloaded(BASE, "host", tmp_path, prefetch=depth), progress=False)
     assert got["digest"] == ref["digest"] and got["steps"] == ref["steps"]
     # the lanes really used the pool: never more than depth + 2 blocks in working memory
-    from distzo2_lab.train import Run
+    from distzo2_lab.run.train import Run
 
     run = Run(offloaded(BASE, "host", tmp_path, prefetch=depth))
-    from distzo2_lab.tasks import SyntheticTask
+    from distzo2_lab.data.tasks import SyntheticTask
 
     task = SyntheticTask(512, 12, 2)
     for t in range(3):
@@ -128,7 +128,7 @@ def test_sigkill_at_random_moments_then_reopen_continues_bit_exactly(tmp_path):
     cfg = dataclasses.replace(BASE, steps=steps)
     ref = train(cfg, progress=False)
     store = str(tmp_path / "store")
-    cmd = [sys.executable, "-m", "distzo2_lab.cli", "train", "--model", "tiny-deep", "--steps", str(steps),
+    cmd = [sys.executable, "-m", "distzo2_lab.cli.main", "train", "--model", "tiny-deep", "--steps", str(steps),
            "--batch-size", "2", "--seq-len", "12", "--threads", "1", "--chunk-size", "4096",
            "--weight-decay", "0.1", "--offload", "disk", "--store", store, "--no-progress",
            "--out", str(tmp_path / "out")]
@@ -180,7 +180,7 @@ def test_trace_files_hold_every_lane_and_parse(tmp_path):
 
 
 def test_overlap_metrics_on_hand_made_spans():
-    from distzo2_lab.events import Span
+    from distzo2_lab.observe.events import Span
 
     spans = [Span(0, "compute", "forward", 0, 0, 0, 100), Span(0, "upload", "upload", 0, 1, 50, 150),
              Span(0, "offload", "offload", 0, 0, 150, 200)]
@@ -191,7 +191,7 @@ def test_overlap_metrics_on_hand_made_spans():
 
 
 def test_cli_train_offload_writes_trace(tmp_path, capsys):
-    from distzo2_lab.cli import main
+    from distzo2_lab.cli.main import main
 
     rc = main(["train", "--model", "tiny-deep", "--steps", "2", "--batch-size", "2", "--seq-len", "12",
                "--offload", "host", "--prefetch", "2", "--trace", str(tmp_path / "tr"), "--no-progress",

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from distzo2_lab.cli import main
+from distzo2_lab.cli.main import main
 from distzo2_lab.config import ConfigError, PrecisionConfig
-from distzo2_lab.mesh import Layout
 from distzo2_lab.models import count_parameters
+from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan import PROFILES, get_hardware, memory_plan, model_shape, nearest_fit
 from distzo2_lab.plan.hardware import calibration_path, load_profile
 from distzo2_lab.plan.memory import GB, THIS_ENGINE, ZO2_REFERENCE, Workload, adam_bytes, mezo_bytes
@@ -141,7 +141,7 @@ def test_calibrate_writes_this_machine_and_plan_reads_it(tmp_path, capsys):
 def test_device_calibration_measures_a_gpu_profile_the_planner_reads(tmp_path, capsys):
     """`plan calibrate --device cuda`'s probes (on a GPU in tests/test_gpu.py; here on the CPU, their
     device-agnostic path): a 'gpu' profile with every rate measured, that the simulator plans with."""
-    from distzo2_lab.plan.calibrate_gpu import calibrate_device
+    from distzo2_lab.bench.calibrate_gpu import calibrate_device
 
     hw = calibrate_device(str(tmp_path), device="cpu", compute="fp32")
     assert hw.kind == "gpu" and set(hw.rate_by_width) == {768, 2048}

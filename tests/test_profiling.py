@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from distzo2_lab.cli import main
+from distzo2_lab.cli.main import main
 from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig
-from distzo2_lab.events import Recorder, Span, overlap_metrics
-from distzo2_lab.profiling import ProfileOptions, as_options, phase_spans, tensorboard_runs
-from distzo2_lab.train import train
+from distzo2_lab.observe.events import Recorder, Span, overlap_metrics
+from distzo2_lab.observe.profiling import ProfileOptions, as_options, phase_spans, tensorboard_runs
+from distzo2_lab.run.train import train
 
 PHASES = {"compute::forward", "compute::perturb", "compute::rng", "compute::update", "compute::embed", "compute::head",
           "upload::upload", "offload::offload"}

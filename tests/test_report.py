@@ -9,7 +9,7 @@ import re
 import pytest
 
 from distzo2_lab.demo import run_demo
-from distzo2_lab.events import read_jsonl
+from distzo2_lab.observe.events import read_jsonl
 from tests.browser import browser_or_skip, image_stats
 
 SHOTS = os.environ.get("DISTZO2_SCREENSHOTS")  # keep screenshots here when set (to look at them)

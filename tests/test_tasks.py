@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from distzo2_lab.config import ConfigError, TrainConfig, replace
-from distzo2_lab.tasks import ByteTokenizer, SyntheticTask, TextTask, read_text
-from distzo2_lab.train import train
+from distzo2_lab.data.tasks import ByteTokenizer, SyntheticTask, TextTask, read_text
+from distzo2_lab.run.train import train
 
 # The shared SST-2 copy sits beside the checkout (../shared); DISTZO2_SST2_DIR points elsewhere.
 SST2 = os.path.join(os.environ.get("DISTZO2_SST2_DIR", os.path.join(os.path.dirname(__file__), "..", "..",

@@ -9,9 +9,9 @@ import plotly.graph_objects as go
 import pytest
 
 from distzo2_lab.config import OffloadConfig, TrainConfig
-from distzo2_lab.events import Span, overlap_metrics, read_jsonl
-from distzo2_lab.train import train
-from distzo2_lab.viz import compare_timelines, metrics_table, timeline_figure
+from distzo2_lab.observe.events import Span, overlap_metrics, read_jsonl
+from distzo2_lab.observe.viz import compare_timelines, metrics_table, timeline_figure
+from distzo2_lab.run.train import train
 
 MS = 1_000_000  # ns
 
@@ -119,7 +119,7 @@ def test_timeline_of_a_real_host_offloaded_run(tmp_path):
 
 
 def test_compare_runs_puts_runs_on_one_axis_above_a_metrics_table_per_rank():
-    from distzo2_lab.viz import compare_runs
+    from distzo2_lab.observe.viz import compare_runs
 
     spans = _spans()
     fig = compare_runs({"two ranks": spans, "rank 0 only": [s for s in spans if s.rank == 0]},
@@ -137,7 +137,7 @@ def test_compare_runs_puts_runs_on_one_axis_above_a_metrics_table_per_rank():
 
 
 def test_bubble_figure_has_one_bar_series_per_rank():
-    from distzo2_lab.viz import bubble_figure
+    from distzo2_lab.observe.viz import bubble_figure
 
     fig = bubble_figure(_spans())
     assert [t.name for t in fig.data] == ["rank 0", "rank 1"]

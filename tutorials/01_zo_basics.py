@@ -196,7 +196,7 @@ print(f"model={cfg.model} steps={cfg.steps} engine={cfg.engine} batch={cfg.batch
 # counting sequences (each token is the previous one plus one, modulo 16): easy to learn.
 
 # %%
-from distzo2_lab.train import base_of, build_adapter, make_task
+from distzo2_lab.run.train import base_of, build_adapter, make_task
 
 adapter = build_adapter(base_of(cfg))
 print(f"{sum(b.numel for b in adapter.buckets):,} parameters in buckets",
@@ -212,8 +212,8 @@ print("input_ids", tuple(batch["input_ids"].shape), "first row:", batch["input_i
 # and a seed (the seed *is* `z`) and returns both losses and the projected gradient `g`.
 
 # %%
-from distzo2_lab.perturb import step_seed
-from distzo2_lab.reference import EagerMeZO
+from distzo2_lab.seeds import step_seed
+from distzo2_lab.zo.reference import EagerMeZO
 
 engine = EagerMeZO(adapter, cfg.zo, cfg.precision, threads=THREADS)
 eval_batch = task.batch(10**9)  # a batch the run never trains on
@@ -230,14 +230,14 @@ print(f"eval loss after one step: {engine.evaluate(eval_batch):.4f}")
 # step's `(l+, l−, g)` lands in `summary["steps"]`.
 
 # %%
-from distzo2_lab.train import train
+from distzo2_lab.run.train import train
 
 summary = train(cfg, progress=True)
 print(f"eval loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss_end']:.4f} "
       f"in {summary['seconds']:.1f} s ({summary['tokens_per_s']:.0f} tokens/s)")
 
 # %%
-from distzo2_lab.viz import loss_figure
+from distzo2_lab.observe.viz import loss_figure
 
 loss_figure(summary["steps"], f"MeZO on the tiny OPT, {MEZO_STEPS} steps").show()
 

@@ -49,7 +49,7 @@ THREADS = 2  # torch threads; the full size needs well under two minutes on 2 co
 # %%
 import torch
 
-from distzo2_lab.train import build_adapter
+from distzo2_lab.run.train import build_adapter
 
 torch.set_num_threads(THREADS)
 base = build_adapter({"model": "tiny", "init_seed": 0})  # the starting weights, never trained
@@ -63,7 +63,8 @@ for b in base.buckets:
 # same tensor: nothing has to be kept between the `+eps`, `−2 eps`, `+eps` and update passes.
 
 # %%
-from distzo2_lab.perturb import Perturber, step_seed
+from distzo2_lab.zo.perturb import Perturber
+from distzo2_lab.seeds import step_seed
 
 perturber = Perturber("gaussian", chunk_size=CHUNK)
 seed = step_seed(0, 7)  # the seed of step 7 of a run with run seed 0
@@ -139,9 +140,9 @@ for name, n in [("tiny", sum(b.numel for b in base.buckets)), ("opt-13b", count_
 
 # %%
 from distzo2_lab.config import TrainConfig, ZOConfig
-from distzo2_lab.engine import ZO2Engine
-from distzo2_lab.reference import EagerMeZO
-from distzo2_lab.train import base_of, make_task
+from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.reference import EagerMeZO
+from distzo2_lab.run.train import base_of, make_task
 
 cfg = TrainConfig(model="tiny", seed=0, threads=THREADS, zo=ZOConfig(chunk_size=CHUNK))
 zo2_model, ref_model = build_adapter(base_of(cfg)), build_adapter(base_of(cfg))
@@ -216,7 +217,7 @@ print("bit-identical buckets:", [torch.equal(x.master, y.master)
 import tempfile
 
 from distzo2_lab.config import replace
-from distzo2_lab.train import train
+from distzo2_lab.run.train import train
 
 tmp = tempfile.TemporaryDirectory(prefix="distzo2-tutorial-")
 run_cfg = replace(cfg, steps=TRAIN_STEPS)
@@ -239,8 +240,8 @@ with open(seedlog) as fh:
 # update, `z` regenerated). The sha256 digest of the rebuilt weights equals training's.
 
 # %%
-from distzo2_lab.checkpoint import digest
-from distzo2_lab.train import rebuild
+from distzo2_lab.run.checkpoint import digest
+from distzo2_lab.run.train import rebuild
 
 rebuilt = rebuild(seedlog, threads=THREADS)
 print(f"trained {summary['digest'][:16]}..., rebuilt {digest(rebuilt)[:16]}...")

@@ -66,7 +66,7 @@ BASE = {"model": "tiny-deep", "init_seed": 0}  # 8 transformer blocks: enough to
 # seed into one reused buffer, so a store is written without the whole model ever in memory.
 
 # %%
-from distzo2_lab.offload import build_offloaded
+from distzo2_lab.offload.tiers import build_offloaded
 
 adapter, values = build_offloaded(BASE)
 for b in adapter.buckets:
@@ -79,7 +79,7 @@ print(f"{len(adapter.layers)} layers, {len({id(m) for m in adapter.layers})} mod
 # GPU). `read_into` is the upload; `write_from` the offload.
 
 # %%
-from distzo2_lab.store import HostStore
+from distzo2_lab.offload.store import HostStore
 
 store = HostStore([b.key for b in adapter.blocks], [b.numel for b in adapter.blocks])
 for i, b in enumerate(adapter.blocks):
@@ -106,7 +106,7 @@ logits = adapter.head(hidden)  # (B, T, V)
 # The oracle is the fully built model (`build_adapter`), every block resident:
 
 # %%
-from distzo2_lab.train import build_adapter
+from distzo2_lab.run.train import build_adapter
 
 resident = build_adapter(BASE)
 print("streamed logits equal the resident model's bit for bit:", torch.equal(logits, resident.forward(ids)))
@@ -127,7 +127,7 @@ print(f"block memory: {buf.numel() * 4:,} bytes streamed vs {sum(store.numels) *
 
 # %%
 from distzo2_lab.config import OffloadConfig, TrainConfig, replace
-from distzo2_lab.train import train
+from distzo2_lab.run.train import train
 
 cfg = TrainConfig(model="tiny-deep", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS)
 TIERS = {"resident": OffloadConfig(), "host": OffloadConfig(tier="host"),
@@ -164,7 +164,7 @@ for name in ("host", "disk"):
 # %%
 import json
 
-from distzo2_lab.store import DiskStore
+from distzo2_lab.offload.store import DiskStore
 
 print(sorted(os.listdir(f"{tmp.name}/store")))
 disk = DiskStore(f"{tmp.name}/store")
@@ -180,7 +180,7 @@ disk.close()
 # it in https://ui.perfetto.dev). The same list feeds the plots below.
 
 # %%
-from distzo2_lab.events import read_jsonl
+from distzo2_lab.observe.events import read_jsonl
 
 spans = {name: read_jsonl(f"{tmp.name}/{name}/rank0.jsonl") for name in TIERS}
 for name, sp in spans.items():
@@ -193,7 +193,7 @@ print(spans["disk"][0])
 # step, block, bytes and duration. The resident run has only a compute lane.
 
 # %%
-from distzo2_lab.viz import compare_timelines, metrics_table, timeline_figure
+from distzo2_lab.observe.viz import compare_timelines, metrics_table, timeline_figure
 
 compare_timelines(spans, title=f"tiny-deep, {STEPS} steps: resident / host / disk").show()
 metrics_table(spans, title="lane busy fractions and transfer time hidden under compute").show()

@@ -68,7 +68,7 @@ tmp = tempfile.TemporaryDirectory(prefix="distzo2-tutorial-")
 
 # %%
 from distzo2_lab.config import TrainConfig, ZOConfig
-from distzo2_lab.mesh import Layout, validate_layout
+from distzo2_lab.parallel.layout import Layout, validate_layout
 
 cfg = TrainConfig(model="tiny", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS,
                   zo=ZOConfig(chunk_size=4096))
@@ -84,8 +84,8 @@ for r in range(layout.world_size):
 # `train_worker` sends one per step, with the losses already combined over the ranks.
 
 # %%
-from distzo2_lab.entrypoints import train_worker
-from distzo2_lab.launch import launch
+from distzo2_lab.run.worker import train_worker
+from distzo2_lab.parallel.launch import launch
 
 
 def show(rank, ev):
@@ -104,7 +104,7 @@ print("exit codes:", handle.exitcodes)
 # ## 2. The worker must be importable
 #
 # `launch` uses the `spawn` start method: each worker is a fresh Python that *imports* the
-# function it runs. `train_worker` lives in `distzo2_lab.entrypoints`, so that works. A function
+# function it runs. `train_worker` lives in `distzo2_lab.run.worker`, so that works. A function
 # defined in this notebook lives in `__main__`, which a spawned process cannot import, so
 # `launch` refuses it before starting anything:
 
@@ -129,7 +129,7 @@ except ConfigError as err:
 # The same config on one process, both signs on one rank (ZO2's dual forward):
 
 # %%
-from distzo2_lab.train import train
+from distzo2_lab.run.train import train
 
 single = train(cfg, progress=False, trace=f"{tmp.name}/single")
 print("rank 0 digest == single-rank digest:", results[0]["digest"] == single["digest"])
@@ -155,7 +155,7 @@ print(f"single: l+ {[round(s['loss_plus'], 5) for s in single['steps']]}")
 # clock origin (the ranks' timelines are not aligned to each other).
 
 # %%
-from distzo2_lab.events import read_jsonl
+from distzo2_lab.observe.events import read_jsonl
 
 spans = {r: read_jsonl(f"{tmp.name}/pertp/rank{r}.jsonl") for r in (0, 1)}
 for r, sp in spans.items():
@@ -177,7 +177,7 @@ print("each PertP rank runs one pass:",
       all(sum(s.phase == "forward" for s in spans[r]) == STEPS * n_blocks for r in (0, 1)))
 
 # %%
-from distzo2_lab.viz import compare_timelines
+from distzo2_lab.observe.viz import compare_timelines
 
 compare_timelines({(f"rank {r}" if r != "single" else "single rank"): sp for r, sp in spans.items()},
                   title=f"PertP(2) ranks vs one rank, tiny OPT, {STEPS} steps").show()
@@ -195,7 +195,7 @@ compare_timelines({(f"rank {r}" if r != "single" else "single rank"): sp for r, 
 # %%
 import dataclasses
 
-from distzo2_lab.cli import plan_text
+from distzo2_lab.plan.planner import plan_text
 
 cfg_q = dataclasses.replace(cfg, steps=NSPSA_STEPS, zo=ZOConfig(chunk_size=4096, directions=2))
 layout_q = validate_layout(Layout(dp=1, pert=4), 4, cfg_q.batch_size, directions=2)
@@ -223,8 +223,8 @@ print("exchange bytes per rank per step (4 float64 x 2 directions):", nspsa[0]["
 # %%
 import json
 
-from distzo2_lab.checkpoint import digest
-from distzo2_lab.train import rebuild
+from distzo2_lab.run.checkpoint import digest
+from distzo2_lab.run.train import rebuild
 
 with open(f"{tmp.name}/nspsa/seedlog.jsonl") as f:
     first = json.loads(f.readlines()[1])  # line 0 is the header (base model, zo config)

@@ -60,8 +60,8 @@ torch.set_num_threads(THREADS)
 # `plan_text` is what `distzo2 train --layout dp=2,pert=1 --dry-run` prints: nothing is started.
 
 # %%
-from distzo2_lab.cli import plan_text
-from distzo2_lab.mesh import Layout, validate_layout
+from distzo2_lab.plan.planner import plan_text
+from distzo2_lab.parallel.layout import Layout, validate_layout
 
 layout = validate_layout(Layout(dp=2, pert=1), 2, BATCH)  # batch_size must divide by dp
 print(plan_text(layout, BATCH, model="tiny"))
@@ -69,13 +69,13 @@ print(plan_text(layout, BATCH, model="tiny"))
 # %% [markdown]
 # ## 2. DDP(2) from the notebook
 #
-# `train_worker` is importable from `distzo2_lab.entrypoints`, which `launch` (spawn) needs: a
+# `train_worker` is importable from `distzo2_lab.run.worker`, which `launch` (spawn) needs: a
 # worker defined in the notebook would be refused (tutorial 04 shows the message).
 
 # %%
 from distzo2_lab.config import TrainConfig, ZOConfig
-from distzo2_lab.entrypoints import train_worker
-from distzo2_lab.launch import launch
+from distzo2_lab.run.worker import train_worker
+from distzo2_lab.parallel.launch import launch
 
 cfg = TrainConfig(model="tiny", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS,
                   zo=ZOConfig(chunk_size=4096))
@@ -100,7 +100,7 @@ print("exchange bytes per rank per step:", results[0]["exchange_bytes"])
 # ## 3. Against one rank on the full batch
 
 # %%
-from distzo2_lab.train import train
+from distzo2_lab.run.train import train
 
 single = train(cfg, progress=False)
 rel = []
@@ -146,7 +146,7 @@ print("token-weighted mean equals the full-batch mean (float order):", abs(weigh
 # `(l+, l−, tokens behind l+, tokens behind l−)` rows every rank all-gathers:
 
 # %%
-from distzo2_lab.collectives import combine
+from distzo2_lab.parallel.exchange import combine
 
 table = torch.tensor([[l, l, n, n] for l, n in halves], dtype=torch.float64)
 print("combine() gives the token-weighted mean:", abs(combine(table)[0] - weighted) < 1e-12)

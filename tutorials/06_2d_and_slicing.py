@@ -63,8 +63,8 @@ tmp = tempfile.TemporaryDirectory(prefix="distzo2-tutorial-")
 # ## 1. The plan
 
 # %%
-from distzo2_lab.cli import plan_text
-from distzo2_lab.mesh import Layout, validate_layout
+from distzo2_lab.plan.planner import plan_text
+from distzo2_lab.parallel.layout import Layout, validate_layout
 
 LAYOUTS = {"naive": Layout(dp=2, pert=2), "sliced": Layout(dp=2, pert=2, slice=True)}
 for layout in LAYOUTS.values():
@@ -80,8 +80,8 @@ for layout in LAYOUTS.values():
 
 # %%
 from distzo2_lab.config import OffloadConfig, TrainConfig, ZOConfig
-from distzo2_lab.entrypoints import train_worker
-from distzo2_lab.launch import launch
+from distzo2_lab.run.worker import train_worker
+from distzo2_lab.parallel.launch import launch
 
 cfg = TrainConfig(model="tiny", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS,
                   zo=ZOConfig(chunk_size=4096), offload=OffloadConfig(tier="host"))
@@ -109,7 +109,7 @@ print("sliced per-step l+, l-, g == naive:", sliced[0]["steps"] == naive[0]["ste
 # on the `upload` lane; the all-gathers are `phase="allgather"` spans on the `exchange` lane.
 
 # %%
-from distzo2_lab.events import read_jsonl
+from distzo2_lab.observe.events import read_jsonl
 
 spans = {name: {r: read_jsonl(f"{tmp.name}/{name}/rank{r}.jsonl") for r in range(4)} for name in LAYOUTS}
 
@@ -144,7 +144,7 @@ print("allgather spans only in the sliced run:",
 # on the exchange lane put the whole block together before the forwards.
 
 # %%
-from distzo2_lab.viz import compare_timelines
+from distzo2_lab.observe.viz import compare_timelines
 
 compare_timelines({f"{name} rank0": spans[name][0] for name in LAYOUTS},
                   title=f"2D (2 x 2), host tier, rank 0: naive vs sliced, {STEPS} steps").show()
@@ -166,7 +166,7 @@ compare_timelines({f"{name} rank{r}": spans[name][r] for name in LAYOUTS for r i
 # Every rank reported its memory; `node_memory` adds it up per node:
 
 # %%
-from distzo2_lab.entrypoints import node_memory
+from distzo2_lab.run.worker import node_memory
 
 for name in LAYOUTS:
     for node, m in node_memory(results[name]).items():
@@ -195,7 +195,7 @@ print("nothing left in /dev/shm:", not [f for f in os.listdir("/dev/shm") if f.s
 import dataclasses
 import json
 
-from distzo2_lab.train import train
+from distzo2_lab.run.train import train
 
 disk_cfg = dataclasses.replace(cfg, offload=OffloadConfig(tier="disk", store=f"{tmp.name}/store"))
 disk_layout = validate_layout(Layout(dp=1, pert=2, slice=True), 2, BATCH)

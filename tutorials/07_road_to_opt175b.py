@@ -47,7 +47,7 @@ CALIBRATION_DIR = os.path.join("runs", "plan")
 # %%
 import plotly.io as pio
 
-from distzo2_lab.mesh import Layout
+from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan import PROFILES, memory_plan, model_shape, simulate
 from distzo2_lab.plan.memory import GB, THIS_ENGINE, Workload, adam_bytes, mezo_bytes
 
@@ -103,7 +103,7 @@ print("fits:", plan.fits)
 # record, so the same timeline view draws them.
 
 # %%
-from distzo2_lab.viz import timeline_figure
+from distzo2_lab.observe.viz import timeline_figure
 
 sim = simulate(Workload(model=BIG), dist_layout, A100, steps=SIM_STEPS)
 t0 = sim.step_ends[0]
@@ -153,7 +153,7 @@ print(format_paper_checks(rows, shares, head))
 
 # %%
 from distzo2_lab.config import PrecisionConfig
-from distzo2_lab.plan.calibrate import calibrate
+from distzo2_lab.bench.calibrate import calibrate
 from distzo2_lab.plan.check import measure
 from distzo2_lab.plan.hardware import calibration_path, load_profile
 
@@ -166,7 +166,7 @@ measured = measure(small, small_layout, steps=REAL_STEPS, threads=1)
 print(f"predicted {predicted.step_s * 1e3:.1f} ms per step, measured {measured.steady_step_s * 1e3:.1f} ms")
 
 # %%
-from distzo2_lab.viz import compare_timelines
+from distzo2_lab.observe.viz import compare_timelines
 
 compare_timelines({"predicted": predicted.steady_spans(), "measured": [s for s in measured.spans if s.step >= 1]},
                   "tiny OPT, PertP on 2 ranks: predicted vs measured")

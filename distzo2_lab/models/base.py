@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
-from .buckets import ParamBucket
+from distzo2_lab.config import ConfigError
+from distzo2_lab.models.buckets import ParamBucket
 
 # (bucket key, [(parameter-name prefix, module or None)]) for "in", "block.0" ... "block.N-1", "out"
 Groups = list[tuple[str, list[tuple[str, nn.Module | None]]]]

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 from transformers.masking_utils import create_bidirectional_mask
 
-from ..config import ConfigError
-from .base import BlockAdapter, BlockContext, Groups
+from distzo2_lab.config import ConfigError
+from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups
 
 POOLINGS = ("cls", "mean", "mean_normalized")
 

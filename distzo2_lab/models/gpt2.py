@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import GPT2LMHeadModel
 
-from .base import BlockAdapter, BlockContext, Groups
-from .masks import causal_mask
+from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups
+from distzo2_lab.models.masks import causal_mask
 
 
 class GPT2Adapter(BlockAdapter):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-from ..config import ConfigError
-from .base import BlockAdapter, BlockContext, Groups
-from .masks import causal_mask, sliding_window_causal_mask
+from distzo2_lab.config import ConfigError
+from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups
+from distzo2_lab.models.masks import causal_mask, sliding_window_causal_mask
 
 
 class LlamaAdapter(BlockAdapter):

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import OPTForCausalLM
 
-from .base import BlockAdapter, BlockContext, Groups, unique_params
-from .masks import causal_mask
+from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups, unique_params
+from distzo2_lab.models.masks import causal_mask
 
 __all__ = ["BlockContext", "OPTAdapter", "opt_groups", "unique_params"]
 

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig, PretrainedConfig, Qwen2Config
 
-from ..config import ConfigError
-from ..perturb import chunk_seed
-from .base import init_group_
-from .registry import adapter_class
+from distzo2_lab.config import ConfigError
+from distzo2_lab.models.base import init_group_
+from distzo2_lab.models.registry import adapter_class
+from distzo2_lab.seeds import derive_seed
 
 __all__ = ["NUM_LABELS", "OPT_SHAPES", "PRESETS", "build_model", "checkpoint_config", "count_parameters",
            "init_group_", "init_missing_", "is_local_dir", "opt_config", "preset_config"]
@@ -139,7 +139,7 @@ def init_missing_(model: nn.Module, missing: set[str], seed: int) -> list[str]:
         hit = [(prefix, m) for prefix, m in mods if m is not None
                and any(f"{prefix}.{n}" in missing for n, _ in m.named_parameters())]
         if hit:
-            init_group_(hit, std, chunk_seed(seed, "init", key), done)
+            init_group_(hit, std, derive_seed(seed, "init", key), done)
             touched.append(key)
     return touched
 
@@ -171,7 +171,7 @@ def build_model(model: str, seed: int = 0, device: str | torch.device = "cpu", b
     groups = family.materialise(m, lambda k: blocks or not k.startswith("block.") or k == "block.0")
     done: set[int] = set()
     for key, modules in groups:  # the bucket plan decides the init seeds
-        init_group_(modules, family.init_std(cfg), chunk_seed(seed, "init", key), done)
+        init_group_(modules, family.init_std(cfg), derive_seed(seed, "init", key), done)
     return m.to(device).eval() if blocks else m.eval()
 
 

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ConfigError
-from .base import BlockAdapter
-from .bert import BertAdapter
-from .gpt2 import GPT2Adapter
-from .llama import LlamaAdapter, Qwen2Adapter
-from .opt import OPTAdapter
+from distzo2_lab.config import ConfigError
+from distzo2_lab.models.base import BlockAdapter
+from distzo2_lab.models.bert import BertAdapter
+from distzo2_lab.models.gpt2 import GPT2Adapter
+from distzo2_lab.models.llama import LlamaAdapter, Qwen2Adapter
+from distzo2_lab.models.opt import OPTAdapter
 
 ADAPTERS: dict[str, type[BlockAdapter]] = {a.family: a for a in
                                            (OPTAdapter, GPT2Adapter, LlamaAdapter, Qwen2Adapter, BertAdapter)}

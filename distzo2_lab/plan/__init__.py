@@ -8,10 +8,10 @@
 - :mod:`.check`: run a layout for real here and set it beside the simulation.
 - :mod:`.paper`: the published figures (ZO2 peaks, DistZO2 trace shares and headline) and our scenarios.
 """
-from .hardware import PROFILES, THIS_MACHINE, Hardware, get_hardware
-from .memory import THIS_ENGINE, ZO2_REFERENCE, Workload, memory_plan, model_shape
-from .planner import nearest_fit, plan_layout
-from .simulator import Simulation, activity_shares, simulate
+from distzo2_lab.plan.hardware import PROFILES, THIS_MACHINE, Hardware, get_hardware
+from distzo2_lab.plan.memory import THIS_ENGINE, ZO2_REFERENCE, Workload, memory_plan, model_shape
+from distzo2_lab.plan.planner import nearest_fit, plan_layout
+from distzo2_lab.plan.simulator import Simulation, activity_shares, simulate
 
 __all__ = ["PROFILES", "THIS_MACHINE", "Hardware", "get_hardware", "THIS_ENGINE", "ZO2_REFERENCE", "Workload",
            "memory_plan", "model_shape", "nearest_fit", "plan_layout", "Simulation", "activity_shares", "simulate"]

@@ -14,12 +14,12 @@ import statistics
 import tempfile
 from dataclasses import dataclass
 
-from ..config import OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, validate
-from ..events import Span, read_jsonl
-from ..mesh import Layout
-from .hardware import Hardware
-from .memory import Workload, directions_of
-from .simulator import Simulation, simulate
+from distzo2_lab.config import OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, validate
+from distzo2_lab.observe.events import Span, read_jsonl
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.plan.hardware import Hardware
+from distzo2_lab.plan.memory import Workload, directions_of
+from distzo2_lab.plan.simulator import Simulation, simulate
 
 
 def train_config(w: Workload, layout: Layout, steps: int, threads: int, store: str | None = None) -> TrainConfig:
@@ -64,12 +64,12 @@ def measure(w: Workload, layout: Layout, steps: int = 4, threads: int | None = N
         out, trace = os.path.join(tmp, "out"), os.path.join(tmp, "trace")
         cfg = train_config(w, layout, steps, threads, os.path.join(tmp, "store"))
         if world == 1:
-            from ..train import train
+            from distzo2_lab.run.train import train
 
             summary = train(cfg, out=out, progress=False, trace=trace)
         else:
-            from ..entrypoints import train_worker
-            from ..launch import launch
+            from distzo2_lab.parallel.launch import launch
+            from distzo2_lab.run.worker import train_worker
 
             launch(train_worker, world, (cfg, layout, out, trace), timeout=timeout).wait()
             with open(os.path.join(out, "summary.json")) as f:
@@ -88,7 +88,7 @@ def cases_worker(rank: int, world: int, q, cases: list) -> list[dict]:
 
     import torch.distributed as dist
 
-    from ..train import train
+    from distzo2_lab.run.train import train
 
     dist.init_process_group("gloo", rank=rank, world_size=world,
                             timeout=timedelta(seconds=float(os.environ.get("DISTZO2_TIMEOUT", "1800"))))
@@ -117,7 +117,7 @@ def measure_many(items: list[tuple[Workload, Layout]], steps: int = 4, threads: 
     if world == 1:
         measure(warm, layout0, 2, threads, timeout, workdir)
         return [measure(w, layout, steps, threads, timeout, workdir) for w, layout in items]
-    from ..launch import launch
+    from distzo2_lab.parallel.launch import launch
 
     with tempfile.TemporaryDirectory(prefix="distzo2-plan-", dir=workdir) as tmp:
         cases = [(train_config(w, layout, n, threads, os.path.join(tmp, f"case{i}", "store")), layout,

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-from ..config import ConfigError
+from distzo2_lab.config import ConfigError
 
 THIS_MACHINE = "this-machine"
 DEFAULT_DIR = os.path.join("runs", "plan")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from ..config import PERTURB_MODES, ConfigError, PrecisionConfig, validate_precision
-from ..mesh import Layout
-from .hardware import Hardware
+from distzo2_lab.config import PERTURB_MODES, ConfigError, PrecisionConfig, validate_precision
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.plan.hardware import Hardware
 
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -63,8 +63,8 @@ def model_shape(name: str) -> ModelShape:
     copy of the config gives every count exactly (total = resident + layers x block)."""
     from transformers import OPTForCausalLM
 
-    from ..models.opt import opt_groups, unique_params
-    from ..models.presets import opt_config
+    from distzo2_lab.models.opt import opt_groups, unique_params
+    from distzo2_lab.models.presets import opt_config
 
     cfg = opt_config(name)
     layers = cfg.num_hidden_layers

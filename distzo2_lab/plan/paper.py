@@ -12,11 +12,11 @@ implementation (fp16 store and transfers).
 """
 from __future__ import annotations
 
-from ..config import PrecisionConfig
-from ..mesh import Layout
-from .hardware import PROFILES, Hardware, with_overrides
-from .memory import GB, ZO2_REFERENCE, Workload, memory_plan
-from .simulator import simulate
+from distzo2_lab.config import PrecisionConfig
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.plan.hardware import PROFILES, Hardware, with_overrides
+from distzo2_lab.plan.memory import GB, ZO2_REFERENCE, Workload, memory_plan
+from distzo2_lab.plan.simulator import simulate
 
 ZO2_PEAK_GB = {"opt-1.3b": 3.75, "opt-2.7b": 4.14, "opt-6.7b": 4.99, "opt-13b": 6.18, "opt-30b": 8.86,
                "opt-66b": 12.07, "opt-175b": 18.04}

@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import ConfigError
-from ..mesh import Layout
-from .hardware import Hardware
-from .memory import GB, MemoryPlan, Workload, check_workload, copies_of, directions_of, memory_plan, mezo_bytes
-from .simulator import Simulation, simulate
+from distzo2_lab.config import ConfigError
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.plan.hardware import Hardware
+from distzo2_lab.plan.memory import (
+    GB,
+    MemoryPlan,
+    Workload,
+    check_workload,
+    copies_of,
+    directions_of,
+    memory_plan,
+    mezo_bytes,
+    model_shape,
+)
+from distzo2_lab.plan.simulator import Simulation, simulate
 
 
 def check_layout(layout: Layout, gpus: int, hw: Hardware) -> None:
@@ -152,4 +162,52 @@ def format_plan(p: dict) -> str:
         m = p["speedup_vs_mezo"]
         lines.append(f"speed-up over MeZO (all resident on one device): {m:.2f}x" if m is not None
                      else p.get("mezo_note", ""))
+    return "\n".join(lines)
+
+
+def _block_elems(model: str | None) -> int | None:
+    """Elements of one block of an OPT preset (None for other names: the plan then says less)."""
+    if model is None:
+        return None
+    try:
+        return model_shape(model).block_params
+    except ConfigError:
+        return None
+
+
+def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int = 1, device: str = "cpu",
+              model: str | None = None, chunk: int = 1 << 20) -> str:
+    """What each rank of a layout does, without starting anything (`model` and `chunk`, the noise
+    chunk, say whether the node's ranks have any draw to split)."""
+    import torch
+
+    from distzo2_lab.parallel.layout import choose_backend
+
+    rows = batch_size // layout.dp
+    backend = choose_backend(device, layout.world_size, torch.cuda.device_count() if device == "cuda" else 0)
+    lines = [f"layout {layout.describe()}: mesh (dp={layout.dp}, pert={layout.pert}), {backend} on 127.0.0.1"]
+    for r in range(layout.world_size):
+        d, p = layout.coords(r)
+        plus, minus = layout.signs(r)
+        passes = "+eps and -eps (dual forward)" if plus and minus else ("+eps" if plus else "-eps")
+        dirs = layout.directions(r, directions)
+        if directions > 1:
+            passes += f" of direction{'s' if len(dirs) > 1 else ''} {', '.join(map(str, dirs))} (n-SPSA)"
+        micro = f" in {micro_batches} micro-batches" if micro_batches > 1 else ""
+        lines.append(f"  rank {r}: dp {d}, pert {p}: batch rows {d * rows}..{(d + 1) * rows - 1}{micro}, runs {passes}")
+    if layout.slice:
+        lines.append(f"  sliced: each rank uploads and writes back 1/{layout.world_size} of every block; "
+                     "the ranks all-gather the shards")
+    block = _block_elems(model)
+    if layout.share_noise and device == "cpu" and layout.world_size > 1 and block is not None and block <= chunk:
+        lines.append(f"  noise: every rank draws all of z: a block ({block:,} elements) fits one noise chunk "
+                     f"({chunk:,}), so there is no draw to split")
+    elif layout.share_noise and device == "cpu" and layout.world_size > 1:
+        groups = layout.world_size // min(layout.world_size, max(1, layout.pert // 2))
+        lines.append(f"  noise: the ranks of a node that draw the same z (groups of up to {groups}) split every draw "
+                     "of more than one chunk through shared memory")
+    elif layout.world_size > 1:
+        lines.append("  noise: every rank draws all of z" + (" (on its GPU)" if device == "cuda" else ""))
+    lines.append(f"  per step every rank all-gathers {4 * directions} float64 scalars (l+, l-, tokens per direction) "
+                 "for the optimiser")
     return "\n".join(lines)

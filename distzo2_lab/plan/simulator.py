@@ -9,7 +9,7 @@ each rank moves one shard and the ranks all-gather on the exchange lane; each st
 scalar loss exchange. Transfers share links max-min fairly (a host link behind several devices,
 a PCIe switch, the disk; on a CPU node with several ranks, the cores: a copy is a core's work);
 NVLink all-gathers cost (W - 1) / W of the block plus W - 1 latencies. The output is a list of
-:class:`~distzo2_lab.events.Span`, so every view and metric of real runs works on simulated ones.
+:class:`~distzo2_lab.observe.events.Span`, so every view and metric of real runs works on simulated ones.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from ..events import LANES, Span, overlap_metrics
-from ..mesh import Layout
-from .hardware import NARROW_WIDTH, WIDE_WIDTH, Hardware
-from .memory import (
+from distzo2_lab.observe.events import LANES, Span, overlap_metrics
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.plan.hardware import NARROW_WIDTH, WIDE_WIDTH, Hardware
+from distzo2_lab.plan.memory import (
     CHUNK,
     DTYPE_BYTES,
     Workload,
@@ -661,7 +661,7 @@ class Simulation:
 
 def activity_shares(spans: list[Span]) -> dict[str, float]:
     """Per lane: busy seconds / busy seconds of all lanes, averaged over ranks."""
-    from ..events import lane_busy
+    from distzo2_lab.observe.events import lane_busy
 
     ranks = sorted({s.rank for s in spans})
     out = {lane: 0.0 for lane in LANES}

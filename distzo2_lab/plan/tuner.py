@@ -18,14 +18,14 @@ import ipywidgets as W
 import plotly.graph_objects as go
 from IPython.display import display
 
-from ..config import ConfigError, PrecisionConfig
-from ..mesh import Layout
-from ..models.presets import PRESETS
-from ..viz import compare_timelines, timeline_figure
-from .hardware import DEFAULT_DIR, THIS_MACHINE, get_hardware, names
-from .memory import GB, THIS_ENGINE, Workload, memory_plan
-from .planner import check_layout, nearest_fit
-from .simulator import simulate
+from distzo2_lab.config import ConfigError, PrecisionConfig
+from distzo2_lab.models.presets import PRESETS
+from distzo2_lab.observe.viz import compare_timelines, timeline_figure
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.plan.hardware import DEFAULT_DIR, THIS_MACHINE, get_hardware, names
+from distzo2_lab.plan.memory import GB, THIS_ENGINE, Workload, memory_plan
+from distzo2_lab.plan.planner import check_layout, nearest_fit
+from distzo2_lab.plan.simulator import simulate
 
 RUNNABLE = ("tiny", "tiny-deep")  # what the button may run on this machine
 
@@ -152,7 +152,7 @@ class LayoutTuner:
 
     def on_run(self, _button=None) -> dict | None:
         """Run the chosen layout here and overlay measured on predicted (the button's handler)."""
-        from .check import measure
+        from distzo2_lab.plan.check import measure
 
         self.redraw()
         why = self.runnable()

@@ -1,0 +1,187 @@
+"""The engine on one working device (a GPU where there is one): MeZO against ZO2, and the planner beside it.
+
+:func:`device_cases` runs the same model and batches, one case after another in this process,
+as eager MeZO (every parameter resident) and as the ZO2 engine with the blocks resident, streamed
+from pinned host memory and (optionally) from a disk store. For each case: the median seconds per
+step after a warm-up step, the peak device memory the case allocated (CUDA's caching allocator,
+``max_memory_allocated``: tensors only, no CUDA context), the lanes' overlap, and the losses
+(identical across the ZO2 tiers, and equal to MeZO's, as the tests require). Beside each ZO2 case:
+the memory planner's peak for the same workload without its stated runtime overhead (the context
+the allocator does not see) and the stream simulator's step time on each GPU profile named (a
+datasheet profile also with its host links replaced by those measured here, :func:`link_gbps`;
+'this-machine' is the calibration of ``distzo2 plan calibrate --device cuda``).
+On CPU the same cases run (no device memory is read): that is how the tests check this module.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from distzo2_lab.bench.calibrate_gpu import link_gbps
+from distzo2_lab.bench.offload import _fmt, _pct, _sync, _Tier
+from distzo2_lab.config import ConfigError, OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, validate
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.plan.hardware import THIS_MACHINE
+from distzo2_lab.zo.perturb import Perturber
+
+CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "disk"))
+"""(engine, tier) in the order they run."""
+
+
+def noise_rates(device: str, numel: int = 1 << 28, chunk_sizes: tuple[int, ...] = (1 << 20, 1 << 22, 1 << 24),
+                threads: tuple[int, ...] = (1, 4), repeats: int = 3) -> list[dict]:
+    """G samples/s of ``Perturber.fill`` over `numel` elements per chunk size and noise-thread count
+    (the best of `repeats`, after one warm-up), and the fixed cost per chunk it implies against the
+    largest chunk's rate."""
+    buf = torch.empty(numel, dtype=torch.float32, device=device)
+    rows = []
+    for t in threads:
+        for c in chunk_sizes:
+            p = Perturber(chunk_size=c, threads=t)
+            p.fill(buf, 1, "warm-up")
+            best = float("inf")
+            for r in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                p.fill(buf, 2 + r, "rate")
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            p.close()
+            rows.append({"threads": t, "chunk_size": c, "chunks": -(-numel // c), "seconds": best,
+                         "gsamples_per_s": numel / best / 1e9})
+    for r in rows:  # the time beyond the largest chunks' fill, per extra chunk
+        big = next(x for x in rows if x["threads"] == r["threads"] and x["chunk_size"] == max(chunk_sizes))
+        extra = r["chunks"] - big["chunks"]
+        r["us_per_chunk"] = (r["seconds"] - big["seconds"]) / extra * 1e6 if extra > 0 else None
+    del buf
+    return rows
+
+
+def _phase_seconds(spans, steps: int) -> dict[str, float]:
+    """Seconds per step spent in each lane:phase (span durations summed; CUDA spans are device time)."""
+    out: dict[str, float] = {}
+    for s in spans:
+        k = f"{s.lane}:{s.phase}"
+        out[k] = out.get(k, 0.0) + (s.end - s.start) / 1e9 / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: int, compute: str, prefetch: int,
+             device: str, threads: int, store: str | None = None, chunk_size: int = 1 << 20) -> dict:
+    """One case: 1 warm-up step and `steps` timed steps (each waits for its write-backs)."""
+    cfg = validate(TrainConfig(model=model, steps=1 + steps, batch_size=batch, seq_len=seq, threads=threads,
+                               device=device, engine=engine, zo=ZOConfig(lr=1e-6, eps=1e-3, chunk_size=chunk_size),
+                               precision=PrecisionConfig(compute=compute),
+                               offload=OffloadConfig(tier=tier, prefetch=prefetch, store=store)))
+    cuda = device == "cuda"
+    gc.collect()  # the previous case's tensors (reference cycles) must be gone before its peak is read
+    base = None
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    run = _Tier(cfg)
+    for t in range(1, steps + 1):
+        run.step(t)
+    out = run.finish()
+    return {"model": model, "engine": engine, "tier": tier, "build_s": out["build_s"], "step_s": out["step_s"],
+            "step_times": out["step_times"], "losses": out["losses"],
+            "peak_bytes": torch.cuda.max_memory_allocated() - base if cuda else None, "base_bytes": base,
+            "overlap": out["overlap"], "phases_s": _phase_seconds(run.spans, steps), "upload_gbps": out["upload_gbps"]}
+
+
+def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch: int, hardware: tuple[str, ...],
+            links: dict | None, plan_dir: str | None = None) -> dict:
+    """The planner's peak (less its runtime overhead) and the simulator's step time on each profile of
+    `hardware` for one ZO2 case; with `links`, each datasheet profile also with its host links
+    replaced by those measured (named '<profile>+links')."""
+    from distzo2_lab.plan.hardware import DEFAULT_DIR, get_hardware, with_overrides
+    from distzo2_lab.plan.memory import THIS_ENGINE, Workload, memory_plan
+    from distzo2_lab.plan.simulator import simulate
+
+    w = Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(compute=compute), tier=tier,
+                 prefetch=prefetch, implementation=THIS_ENGINE)
+    profiles = {}
+    for name in hardware:
+        hw = get_hardware(name, plan_dir or DEFAULT_DIR)
+        profiles[name] = hw
+        if links is not None and name != THIS_MACHINE:  # this machine's profile holds the links measured already
+            profiles[f"{name}+links"] = with_overrides(hw, name=f"{name}+links", h2d_gbps=links["h2d"],
+                                                       d2h_gbps=links["d2h"], host_gbps=links["both"], switch_gbps=None)
+    mp = memory_plan(w, Layout(), profiles[hardware[0]])
+    return {"planned_bytes": mp.device_total - mp.device["runtime overhead"],
+            "planned_components": {k: v for k, v in mp.device.items() if k != "runtime overhead"},
+            "predicted_s": {k: simulate(w, Layout(), hw, steps=4).step_s for k, hw in profiles.items()}}
+
+
+def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps: int = 4, compute: str = "bf16",
+                 prefetch: int = 1, device: str = "cuda", threads: int = 4, tiers: tuple[str, ...] = ("host",),
+                 hardware: tuple[str, ...] = ("h100-sxm",), store_dir: str | None = None, chunk_size: int = 1 << 20,
+                 plan_dir: str | None = None) -> dict:
+    """Eager MeZO, ZO2 resident and ZO2 on each of `tiers`, one after another; see the module's text.
+    `hardware` names the simulator's profiles; 'this-machine' reads the calibration in `plan_dir`
+    (``distzo2 plan calibrate --device cuda``)."""
+    bad = [t for t in tiers if t not in ("host", "disk")]
+    if bad:
+        raise ConfigError(f"tiers={bad!r} is not valid; choose from host, disk (resident always runs)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is not valid here: torch sees no CUDA device; choose device='cpu'")
+    hardware = (hardware,) if isinstance(hardware, str) else tuple(hardware)
+    links = link_gbps() if device == "cuda" else None
+    where = tempfile.mkdtemp(prefix="distzo2-device-", dir=store_dir) if "disk" in tiers else None
+    rows = []
+    try:
+        for engine, tier in CASES:
+            if tier != "resident" and tier not in tiers:
+                continue
+            store = os.path.join(where, "store") if tier == "disk" else None
+            row = run_case(model, engine, tier, batch, seq, steps, compute, prefetch, device, threads, store,
+                           chunk_size)
+            if engine == "zo2":
+                row.update(planned(model, tier, batch, seq, compute, prefetch, hardware, links, plan_dir))
+                row["ratio"] = {k: v / row["step_s"] for k, v in row["predicted_s"].items()}
+            rows.append(row)
+    finally:
+        if where:
+            shutil.rmtree(where, ignore_errors=True)
+    ref = rows[0]
+    for r in rows:
+        r["step_vs_mezo"] = r["step_s"] / ref["step_s"]
+        r["same_losses_as_mezo"] = r["losses"] == ref["losses"]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {"model": model, "batch": batch, "seq": seq, "steps": steps, "compute": compute, "prefetch": prefetch,
+            "chunk_size": chunk_size, "device": device, "device_name": name, "hardware": list(hardware),
+            "links_gbps": links, "cases": rows}
+
+
+def format_cases(r: dict) -> str:
+    gb = lambda b: _fmt(None if b is None else b / 1e9, ".3f")
+    links = r["links_gbps"]
+    head = (f"{r['model']} on {r['device_name']}, batch {r['batch']}x{r['seq']}, {r['compute']} compute, prefetch "
+            f"{r['prefetch']}, noise chunks of {r['chunk_size']} (median of {r['steps']} steps after 1 warm-up)"
+            + (f"; pinned copies here: H2D {links['h2d']:.1f} GB/s, D2H {links['d2h']:.1f} GB/s, each way at once "
+               f"{links['both']:.1f}" if links else ""))
+    lines = [head, f"{'case':>14} {'step s':>8} {'/MeZO':>6} {'same':>5} {'peak GB':>8} {'plan GB':>8} "
+             f"{'hidden':>7} {'up GB/s':>8}   simulated s (predicted / measured) per profile"]
+    for c in r["cases"]:
+        sims = "  ".join(f"{k} {v:.4f} ({c['ratio'][k]:.2f})" for k, v in c.get("predicted_s", {}).items())
+        lines.append(f"{c['engine'] + ' ' + c['tier']:>14} {c['step_s']:>8.4f} {c['step_vs_mezo']:>6.2f} "
+                     f"{str(c['same_losses_as_mezo']):>5} {gb(c['peak_bytes']):>8} {gb(c.get('planned_bytes')):>8} "
+                     f"{_pct(c['overlap'].get('hidden_fraction')):>7} {_fmt(c['upload_gbps']):>8}   {sims}")
+    for c in r["cases"]:
+        top = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in list(c["phases_s"].items())[:6])
+        lines.append(f"  {c['engine']} {c['tier']} ms per step by phase: {top or 'no spans (eager MeZO)'}")
+    return "\n".join(lines)
+
+
+def format_noise(rows: list[dict]) -> str:
+    lines = [f"{'threads':>7} {'chunk':>9} {'chunks':>7} {'G samples/s':>12} {'us/chunk':>9}"]
+    for r in rows:
+        lines.append(f"{r['threads']:>7} {r['chunk_size']:>9} {r['chunks']:>7} {r['gsamples_per_s']:>12.1f} "
+                     f"{_fmt(r['us_per_chunk'], '.1f'):>9}")
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""`distzo2`: train, demo, bench, rebuild. Every flag maps onto one config field."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from distzo2_lab.cli import plan as plan_cli
+from distzo2_lab.config import (
+    COMPUTE_DTYPES,
+    ENGINES,
+    MASTER_DTYPES,
+    NOISE_KINDS,
+    OFFLOAD_TIERS,
+    PERTURB_MODES,
+    STORAGE_DTYPES,
+    TASKS,
+    ConfigError,
+    OffloadConfig,
+    PrecisionConfig,
+    TrainConfig,
+    ZOConfig,
+    validate,
+)
+from distzo2_lab.plan.planner import plan_text
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    d, z = TrainConfig(), ZOConfig()
+    p.add_argument("--model", default=d.model, help="preset name or local checkpoint directory")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lr", type=float, default=z.lr)
+    p.add_argument("--eps", type=float, default=z.eps)
+    p.add_argument("--weight-decay", type=float, default=z.weight_decay)
+    p.add_argument("--noise", default=z.noise, help=f"one of {', '.join(NOISE_KINDS)}")
+    p.add_argument("--chunk-size", type=int, default=z.chunk_size)
+    p.add_argument("--directions", type=int, default=None,
+                   help="n-SPSA: perturbation directions per step (default 1, or pert/2 with --layout)")
+    p.add_argument("--perturb", default=z.perturb,
+                   help=f"one of {', '.join(PERTURB_MODES)}: MeZO's in-place round trip or out-of-place copies")
+    p.add_argument("--freeze", action="append", default=[], metavar="PATTERN",
+                   help="hold the parameters matching this glob fixed (repeatable), e.g. '*word_embeddings*'")
+    p.add_argument("--micro-batches", type=int, default=d.micro_batches,
+                   help="gradient accumulation: micro-batches per step inside every block visit")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--precision", default="fp32", help=f"compute dtype, one of {', '.join(COMPUTE_DTYPES)}")
+    p.add_argument("--storage", default="fp32", help=f"parameter dtype, one of {', '.join(STORAGE_DTYPES)}")
+    p.add_argument("--master", default="fp32", help=f"master copy, one of {', '.join(MASTER_DTYPES)}")
+    p.add_argument("--engine", default=d.engine, help=f"one of {', '.join(ENGINES)}")
+    p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--data", default=None, help="text or TSV file for --task text; directory for --task sst2")
+    p.add_argument("--shots", type=int, default=None, help="--task sst2: k examples per class (k-shot)")
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--device", default=d.device, help="cpu or cuda")
+    o = OffloadConfig()
+    p.add_argument("--offload", default=o.tier, help=f"block tier, one of {', '.join(OFFLOAD_TIERS)}")
+    p.add_argument("--prefetch", type=int, default=o.prefetch, help="upload lane runs this many blocks ahead")
+    p.add_argument("--store", default=None, help="disk tier: store directory (created, or resumed from)")
+    p.add_argument("--link-gbps", type=float, default=None, help="simulate a link of this bandwidth (GB/s)")
+    p.add_argument("--lean", action="store_true", help="disk tier: park the embeddings in the store too")
+    p.add_argument("--trace", default=None, help="write span events (JSONL) and a Chrome trace here")
+    p.add_argument("--profile", default=None, help="torch.profiler traces (Perfetto, TensorBoard) into this directory")
+    p.add_argument("--layout", default=None, help="distributed layout dp=D,pert=P (DistZO2)")
+    p.add_argument("--world-size", type=int, default=None, help="ranks to launch (default: dp x pert)")
+    p.add_argument("--slice", action="store_true", help="each rank moves one shard of every block (DistZO2)")
+    p.add_argument("--no-share-noise", action="store_true",
+                   help="every rank draws all of z itself (default on CPU: the ranks of a node split the draws)")
+    p.add_argument("--dry-run", action="store_true", help="print the layout plan and start nothing")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a distributed run is stopped")
+    p.add_argument("--out", default="runs/train", help="directory for summary.json and seedlog.jsonl")
+    p.add_argument("--save", default=None, help="write a checkpoint directory here at the end")
+    p.add_argument("--resume", default=None, help="continue from a checkpoint directory")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _default_directions(layout: str | None) -> int:
+    """pert = 2q runs q directions (n-SPSA) unless --directions says otherwise."""
+    if not layout:
+        return 1
+    from distzo2_lab.parallel.layout import parse_layout
+
+    return max(1, parse_layout(layout).pert // 2)
+
+
+def config_from_args(a: argparse.Namespace) -> TrainConfig:
+    return validate(TrainConfig(
+        model=a.model, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len,
+        micro_batches=a.micro_batches,
+        engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=a.threads, device=a.device,
+        zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size,
+                    directions=a.directions or _default_directions(a.layout), perturb=a.perturb,
+                    freeze=tuple(a.freeze)),
+        precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
+        offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps,
+                              lean=a.lean),
+    ))
+
+
+def _print_summary(s: dict, a) -> None:
+    if "overlap" in s:
+        o = s["overlap"]
+        busy = ", ".join(f"{k} {v:.0%}" for k, v in o["busy"].items())
+        hidden = "n/a" if o["hidden_fraction"] is None else f"{o['hidden_fraction']:.0%}"
+        print(f"lanes busy: {busy}; transfer hidden under compute: {hidden}; trace in {a.trace}")
+    if "profile" in s:
+        print(f"profiler trace {s['profile']['chrome']} (open in ui.perfetto.dev); "
+              f"tensorboard --logdir {s['profile']['tensorboard']}")
+    print(f"loss {s['eval_loss_start']:.4f} -> {s['eval_loss_end']:.4f}; digest {s['digest'][:16]}; "
+          f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MiB; summary in {a.out}/summary.json")
+
+
+def cmd_train(a) -> int:
+    import os
+
+    from distzo2_lab.run.train import train
+
+    cfg = config_from_args(a)
+    distributed_env = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if a.layout is None and a.world_size in (None, 1) and not distributed_env:
+        if a.dry_run:
+            print(f"single rank: {cfg.engine} engine, {cfg.offload.tier} tier; nothing launched")
+            return 0
+        _print_summary(train(cfg, out=a.out, save=a.save, resume=a.resume, progress=not a.no_progress,
+                             trace=a.trace, profile=a.profile), a)
+        return 0
+    import dataclasses
+
+    from distzo2_lab.parallel.layout import Layout, parse_layout, validate_layout
+
+    layout = parse_layout(a.layout) if a.layout else Layout(dp=a.world_size or int(os.environ["WORLD_SIZE"]))
+    layout = dataclasses.replace(layout, slice=a.slice, share_noise=not a.no_share_noise)
+    world = a.world_size or (int(os.environ["WORLD_SIZE"]) if distributed_env else layout.world_size)
+    validate_layout(layout, world, cfg.batch_size, directions=cfg.zo.directions, micro_batches=cfg.micro_batches)
+    if a.save or a.resume:
+        raise ConfigError("--save / --resume are single-rank for now; a distributed run writes --out")
+    if a.dry_run:
+        print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
+                        cfg.zo.chunk_size))
+        return 0
+    if distributed_env:  # started by torchrun: this process is one rank
+        from distzo2_lab.run.worker import train_worker
+
+        rank = int(os.environ["RANK"])
+        r = train_worker(rank, world, None, cfg, layout, a.out if rank == 0 else None, a.trace, profile=a.profile)
+        if rank == 0:
+            print(f"rank 0 of {world}: digest {r['digest'][:16]}; summary in {a.out}/summary.json")
+        return 0
+    from distzo2_lab.parallel.launch import format_event, launch
+    from distzo2_lab.run.worker import train_worker
+
+    results = launch(train_worker, world, args=(cfg, layout, a.out, a.trace, False, a.profile),
+                     timeout=a.timeout).wait(
+        on_event=None if a.no_progress else lambda rank, ev: print(format_event(rank, ev)))
+    digests = {r["digest"] for r in results.values()}
+    print(f"{layout.describe()}: {'identical' if len(digests) == 1 else 'DIFFERENT'} weights on every rank "
+          f"(digest {results[0]['digest'][:16]}); {results[0]['exchange_bytes']:.0f} bytes exchanged per rank "
+          f"per step; summary in {a.out}/summary.json")
+    from distzo2_lab.run.worker import node_memory
+
+    for node, m in node_memory(results).items():
+        print(f"memory on {node}: {m['total_mb']:.0f} MiB = {m['ranks']} ranks' private {m['private_mb']:.0f} MiB "
+              f"+ one shared store {m['shared_store_mb']:.0f} MiB (a store per rank: {m['copy_per_rank_mb']:.0f} MiB)")
+    return 0 if len(digests) == 1 else 1
+
+
+def cmd_demo(a) -> int:
+    from distzo2_lab.demo import run_demo
+
+    run_demo(a.out, steps=a.steps)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from distzo2_lab.bench.efficiency import efficiency
+
+    r = efficiency(a.model, a.batch, a.seq, a.precision, a.threads, a.repeats)
+    if a.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"{r['model']} batch {r['batch']}x{r['seq']} {r['precision']} {r['threads']} threads "
+              f"(median of {r['repeats']})")
+        print(f"  forward       {r['forward_s']:.3f} s")
+        print(f"  eager MeZO    {r['eager_step_s']:.3f} s  step/(2 x forward) = {r['eager_ratio']:.3f}")
+        print(f"  ZO2 engine    {r['engine_step_s']:.3f} s  step/(2 x forward) = {r['engine_ratio']:.3f}")
+    return 0
+
+
+def cmd_bench_offload(a) -> int:
+    from distzo2_lab.bench.offload import format_overhead, format_ratios, offload_ratios, recording_overhead
+
+    r = offload_ratios(a.model, a.batch, a.seq, a.threads, a.steps, a.prefetch)
+    o = recording_overhead(a.model, a.batch, a.seq, a.threads, a.steps, "host", a.prefetch)
+    text = format_ratios(r) + "\n" + format_overhead(o)
+    print(json.dumps({"ratios": r, "recording": o}, indent=1) if a.json else text)
+    return 0
+
+
+def cmd_bench_memory(a) -> int:
+    from distzo2_lab.bench.offload import format_memory, peak_memory_subprocess
+
+    r = peak_memory_subprocess(a.model, tier="disk", store_dir=a.store, prefetch=a.prefetch, lean=not a.no_lean)
+    print(json.dumps(r, indent=1) if a.json else format_memory(r))
+    return 0
+
+
+def cmd_bench_scaling(a) -> int:
+    from distzo2_lab.bench.scaling import format_scaling, scaling
+
+    r = scaling(a.model, a.batch, a.seq, a.steps, repeats=a.repeats, share_noise=not a.no_share_noise,
+                perturb=a.perturb, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    print(json.dumps(r, indent=1) if a.json else format_scaling(r))
+    return 0
+
+
+def cmd_rebuild(a) -> int:
+    from distzo2_lab.run.checkpoint import SeedLog, digest, save_checkpoint
+    from distzo2_lab.run.train import rebuild
+
+    t0 = time.perf_counter()
+    adapter = rebuild(a.seedlog, threads=a.threads)
+    d = digest(adapter)
+    if a.save:
+        log = SeedLog.read(a.seedlog)
+        tensors = {k: v for b in adapter.buckets for k, v in b.state().items()}
+        save_checkpoint(a.save, tensors, {"step": len(log.records), "base": log.base, "digest": d,
+                                          "config": {"model": log.base["model"],
+                                                     "seed": log.base.get("init_seed", 0)}}, log)
+    print(json.dumps({"digest": d, "seconds": time.perf_counter() - t0}) if a.json else f"digest {d}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from distzo2_lab.run.evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(a.checkpoint, a.data, a.split, a.task, a.limit, a.batch_size, a.threads)
+    print(json.dumps(r, indent=1) if a.json else
+          f"{r['split']}: accuracy {r['accuracy']:.4f} ({r['correct']} of {r['examples']} examples)")
+    return 0
+
+
+def _bench_parser(bsub, name: str, help_text: str, fn) -> argparse.ArgumentParser:
+    """A `distzo2 bench NAME` parser with the arguments every model benchmark takes."""
+    p = bsub.add_parser(name, help=help_text)
+    p.add_argument("--model", default="opt-125m")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=fn)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distzo2", description="distributed zeroth-order fine-tuning lab")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="ZO fine-tuning on one rank")
+    _add_train_args(t)
+    t.set_defaults(fn=cmd_train)
+    d = sub.add_parser("demo", help="the main job on embedded defaults (tiny OPT, synthetic task)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=300)
+    d.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    e = _bench_parser(bsub, "efficiency", "step / (2 x forward) for eager MeZO and the ZO2 engine", cmd_bench)
+    e.add_argument("--precision", default="fp32", choices=COMPUTE_DTYPES)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--repeats", type=int, default=3)
+    o = _bench_parser(bsub, "offload", "host / resident and disk / resident step time, overlap, recording overhead",
+                      cmd_bench_offload)
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--steps", type=int, default=3)
+    o.add_argument("--prefetch", type=int, default=1)
+    m = bsub.add_parser("memory", help="peak RSS / model size of a disk-offloaded run (fresh process)")
+    m.add_argument("--model", default="opt-1.3b")
+    m.add_argument("--store", default=None, help="parent directory of the temporary disk store")
+    m.add_argument("--prefetch", type=int, default=0)
+    m.add_argument("--no-lean", action="store_true", help="keep the embeddings resident")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_bench_memory)
+    sc = _bench_parser(bsub, "scaling", "tokens/s at world 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads",
+                       cmd_bench_scaling)
+    sc.add_argument("--steps", type=int, default=3)
+    sc.add_argument("--repeats", type=int, default=2, help="round-robin rounds; each layout keeps its best")
+    sc.add_argument("--no-share-noise", action="store_true", help="every rank draws all of z (for comparison)")
+    sc.add_argument("--perturb", default="auto", help=f"zo.perturb of every world, one of {', '.join(PERTURB_MODES)}")
+    plan_cli.add_parser(sub)
+    r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
+    r.add_argument("seedlog")
+    r.add_argument("--save", default=None, help="write the rebuilt checkpoint here")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(fn=cmd_rebuild)
+    ev = sub.add_parser("eval", help="a checkpoint's accuracy on a split (SST-2)")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (train --save)")
+    ev.add_argument("--task", default="sst2", help="one of sst2")
+    ev.add_argument("--data", required=True, help="directory holding train.tsv / dev.tsv / test.tsv")
+    ev.add_argument("--split", default="dev", help="train, validation (samples of train.tsv), dev or test")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of this many examples")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"distzo2: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The streamer: upload, compute and offload lanes over the blocks of a store.
+
+ZO2 (arXiv 2503.12668, Sec. 3.3) overlaps the upload of block i+1, the compute of block i and
+the offload of block i-1 on three CUDA streams. Here every consumer walks the blocks in order
+(a *sweep*: a training step, a flush, an evaluation), and the streamer serves visits:
+- the upload lane runs up to `depth` visits ahead of compute (prefetch depth), into a pool of
+  depth + 2 working buffers (so at most depth + 2 blocks are in working memory at once), and
+  never reads a block whose previous write-back is still in flight;
+- the offload lane writes blocks back in order and returns their buffers to the pool.
+On CPU the lanes are worker threads (copies and file I/O release the GIL). On CUDA each lane
+also has its own stream; hand-offs are CUDA events (record / wait), buffers used across streams
+are marked with ``record_stream``, and host memory is pinned. An optional *simulated* link
+stretches each transfer to bytes / bandwidth, so a machine without a GPU can show a slow link.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+
+from distzo2_lab.observe.events import Recorder
+
+
+class Streamer:
+    """Serves block visits in sweep order with transfers overlapped with compute."""
+
+    def __init__(self, store, device: str | torch.device = "cpu", depth: int = 1, recorder: Recorder | None = None,
+                 link_gbps: float | None = None, slicer=None):
+        if depth < 0:
+            raise ValueError(f"depth={depth} is not valid; it must be >= 0")
+        self.store, self.device = store, torch.device(device)
+        # Prefetching a whole sweep ahead would read a block before its last write-back.
+        self.depth = min(depth, len(store.numels) - 1)
+        self.recorder = recorder or Recorder(enabled=False)
+        self.link_gbps = link_gbps
+        if link_gbps:
+            self.recorder.meta["simulated_link_gbps"] = link_gbps
+        self.n = len(store.numels)
+        self.cuda = self.device.type == "cuda"
+        # With a slicer each visit moves only this rank's shard; buffers are padded to whole shards.
+        self.slicer = slicer
+        self.width = width = max(slicer.padded(n) if slicer else n for n in store.numels)
+        self.pool: queue.Queue = queue.Queue()  # None = a buffer not allocated (yet, or after trim())
+        for _ in range(min(depth, len(store.numels) - 1) + 2):
+            self.pool.put(None)
+        self.buffers_allocated = self.depth + 2
+        self.in_use = self.peak_in_use = 0  # working buffers out of the pool (checked by tests)
+        if self.cuda:
+            self.up_stream, self.off_stream = torch.cuda.Stream(), torch.cuda.Stream()
+            self.staging = torch.empty(width, dtype=torch.float32).pin_memory() if store.tier == "disk" else None
+        self._cv = threading.Condition()
+        self._requested = -1  # the latest visit compute asked for
+        self._uploaded: dict[int, tuple[torch.Tensor, object]] = {}
+        self._next_upload = 0
+        self._written = [threading.Event() for _ in range(self.n)]
+        for e in self._written:
+            e.set()
+        self._offq: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._stop = False
+        self.step = 0  # label for the spans of the current sweep (set by the engine)
+        self._sweep_steps: dict[int, int] = {}  # sweep index -> step label, once announced
+        self._threads = [threading.Thread(target=self._guard(self._upload_loop), name="zo2-upload", daemon=True),
+                         threading.Thread(target=self._guard(self._offload_loop), name="zo2-offload", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # -- lanes ---------------------------------------------------------------------------
+    def _guard(self, fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # surfaces in the compute thread at the next call
+                with self._cv:
+                    self._error = e
+                    self._cv.notify_all()
+        return run
+
+    def _wait_for(self, get):
+        """Poll a blocking call so that close() is never stuck behind it; None once stopped."""
+        while not self._stop:
+            try:
+                got = get()
+            except queue.Empty:
+                continue
+            if got is not None:
+                return got
+        return None
+
+    def _simulate(self, nbytes: int, t0: int) -> None:
+        if self.link_gbps:
+            rest = nbytes / (self.link_gbps * 1e9) - (time.perf_counter_ns() - t0) / 1e9
+            if rest > 0:
+                time.sleep(rest)
+
+    def _upload_loop(self) -> None:
+        # One visit per call: a parked lane holds no reference to a buffer (see trim()).
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stop or self._next_upload <= self._requested + self.depth)
+                if self._stop:
+                    return
+                v = self._next_upload
+                self._next_upload += 1
+            if not self._upload_one(v):
+                return
+
+    def _upload_one(self, v: int) -> bool:
+        i = v % self.n
+        got = self._wait_for(lambda: [self.pool.get(timeout=0.05)])
+        if got is None:
+            return False
+        buf = got[0]
+        if buf is None:
+            buf = torch.empty(self.width, dtype=torch.float32, device=self.device)
+        with self._cv:
+            self.in_use += 1
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
+        # the previous sweep's write-back of this block has landed
+        if self._wait_for(lambda: self._written[i].wait(0.05) or None) is None:
+            return False
+        view, start, nbytes = self._part(buf, i)
+        t0 = time.perf_counter_ns()
+        event = None
+        # a visit uploaded before its sweep was announced is a prefetch for the next step
+        label = self._sweep_steps.get(v // self.n, self.step + 1)
+        if self.cuda:  # the span is the copy on the upload stream, timed by CUDA events
+            if self.staging is not None:  # disk -> pinned staging -> device
+                self.store.read_into(i, self.staging[: view.numel()], start=start)
+            with torch.cuda.stream(self.up_stream), \
+                    self.recorder.cuda_span("upload", "upload", label, i, nbytes, stream=self.up_stream):
+                if self.staging is not None:
+                    view.copy_(self.staging[: view.numel()], non_blocking=True)
+                else:
+                    self.store.read_into(i, view, non_blocking=True, start=start)
+            event = torch.cuda.Event()
+            event.record(self.up_stream)
+            event.synchronize()  # the staging buffer is reused by the next upload
+            self._simulate(nbytes, t0)
+        else:
+            with self.recorder.span("upload", "upload", label, i, nbytes):
+                self.store.read_into(i, view, start=start)
+                self._simulate(nbytes, t0)
+        with self._cv:
+            self._uploaded[v] = (buf, event)
+            self._cv.notify_all()
+        return True
+
+    def _offload_loop(self) -> None:
+        # One job per call: a parked lane holds no reference to a buffer (or a queued tensor).
+        while (job := self._offq.get()) is not None:
+            self._offload_one(*job)
+            del job
+
+    def _offload_one(self, kind: str, payload) -> None:
+        if kind == "call":
+            payload()
+            return
+        i, buf, write, event, step = payload
+        if write:
+            view, start, nbytes = self._part(buf, i)
+            t0 = time.perf_counter_ns()
+            if self.cuda:  # the span is the copy on the offload stream, timed by CUDA events
+                self.off_stream.wait_event(event)
+                with torch.cuda.stream(self.off_stream), \
+                        self.recorder.cuda_span("offload", "offload", step, i, nbytes, stream=self.off_stream):
+                    self.store.write_from(i, view, non_blocking=self.store.tier == "host", start=start)
+                self.off_stream.synchronize()
+                self._simulate(nbytes, t0)
+            else:
+                with self.recorder.span("offload", "offload", step, i, nbytes):
+                    self.store.write_from(i, view, start=start)
+                    self._simulate(nbytes, t0)
+            self._written[i].set()
+        elif event is not None:
+            event.synchronize()
+        with self._cv:
+            self.in_use -= 1
+        self.pool.put(buf)
+
+    def _part(self, buf: torch.Tensor, i: int) -> tuple[torch.Tensor, int, int]:
+        """(view, start, bytes) this rank moves for block i: all of it, or its shard."""
+        if self.slicer is None:
+            return buf[: self.store.numels[i]], 0, self.store.nbytes(i)
+        a, b = self.slicer.bounds(self.store.numels[i])
+        return buf[a:b], a, (b - a) * 4
+
+    # -- the compute side ----------------------------------------------------------------
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError("a streamer lane failed") from self._error
+
+    def begin_sweep(self, first_visit: int, step: int) -> None:
+        """Label the sweep starting at visit `first_visit` with `step` (for span labels only)."""
+        self.step = step
+        self._sweep_steps[first_visit // self.n] = step
+
+    def acquire(self, v: int) -> torch.Tensor:
+        """The working buffer of visit `v` (block v % N) once its upload has landed."""
+        with self._cv:
+            self._requested = max(self._requested, v)
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: v in self._uploaded or self._error is not None)
+            self._check()
+            buf, event = self._uploaded.pop(v)
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(event)
+            buf.record_stream(torch.cuda.current_stream())
+        n = self.store.numels[v % self.n]
+        return buf[: self.slicer.padded(n) if self.slicer else n]
+
+    def release(self, v: int, buf: torch.Tensor, write: bool = True) -> None:
+        """Hand visit `v`'s buffer to the offload lane (written back when `write`)."""
+        self._check()
+        i = v % self.n
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream())
+            buf.record_stream(self.off_stream)
+        if write:
+            self._written[i].clear()
+        base = buf if buf._base is None else buf._base
+        self._offq.put(("block", (i, base, write, event, self.step)))
+
+    def on_offload_lane(self, fn) -> None:
+        """Run `fn` on the offload lane after every write queued so far (commits)."""
+        self._offq.put(("call", fn))
+
+    def drain(self) -> None:
+        """Wait until every queued write-back (and call) has finished."""
+        done = threading.Event()
+        self.on_offload_lane(done.set)
+        while not done.wait(0.05):
+            self._check()
+        self._check()
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """drain(), then wait until the uploads the lane may run ahead (the next sweep's first
+        `depth` visits) have landed: the lanes are idle until compute asks for more."""
+        self.drain()
+        with self._cv:
+            ahead = range(self._requested + 1, self._requested + self.depth + 1)
+            self._cv.wait_for(lambda: self._error is not None or all(v in self._uploaded for v in ahead),
+                              timeout=timeout)
+        self._check()
+
+    def trim(self) -> None:
+        """Free the idle working buffers (after a sweep); they are allocated again on demand.
+        Lean runs trade these allocations for memory while the embeddings are loaded."""
+        self.drain()
+        idle = []
+        while True:
+            try:
+                idle.append(self.pool.get_nowait())
+            except queue.Empty:
+                break
+        for _ in idle:
+            self.pool.put(None)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._offq.put(None)
+        for t in self._threads:
+            t.join(timeout=10)

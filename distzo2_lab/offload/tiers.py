@@ -1,0 +1,411 @@
+"""Assemble an offloaded run: adapter with a block shell, a host or disk store, the streamer.
+
+The blocks of a preset are generated one at a time from their own init seed (the same values a
+fully built model has), and a checkpoint directory's blocks are read one at a time from its
+safetensors files, so a store is created without the whole model ever being in memory.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from distzo2_lab.config import ConfigError, OffloadConfig
+from distzo2_lab.models.base import BlockAdapter
+from distzo2_lab.models.presets import checkpoint_config, init_group_, init_missing_, is_local_dir, preset_config
+from distzo2_lab.models.registry import adapter_class
+from distzo2_lab.observe.events import Recorder
+from distzo2_lab.offload.store import DiskStore, HostStore, SharedHostStore
+from distzo2_lab.offload.stream import Streamer
+from distzo2_lab.seeds import derive_seed
+from distzo2_lab.zo.engine import ResidentSet
+from distzo2_lab.zo.spsa import perturb_
+
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
+
+
+class _SafetensorsReader:
+    """name -> tensor from a checkpoint directory's (possibly sharded) safetensors files.
+
+    `prefix` is the model's base-model prefix (``bert``): a checkpoint saved from the bare base
+    model (``BertModel``) names its tensors without it."""
+
+    def __init__(self, directory: str, prefix: str = ""):
+        from safetensors import safe_open
+
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        elif os.path.exists(os.path.join(directory, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise ConfigError(f"model={directory!r}: offloading reads safetensors weights; none found")
+        self.handles = [safe_open(os.path.join(directory, f), framework="pt") for f in files]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+        self.prefix = prefix + "." if prefix else ""
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint's name for model parameter `name`, or None when it lacks the tensor."""
+        if name in self.where:
+            return name
+        if self.prefix and name.startswith(self.prefix) and name[len(self.prefix):] in self.where:
+            return name[len(self.prefix):]
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        key = self.key(name)
+        if key is None:
+            raise ConfigError(f"checkpoint lacks tensor {name!r}")
+        return self.where[key].get_tensor(key).float()
+
+
+def _copy_into_bucket(bucket, out: torch.Tensor, get) -> None:
+    for s in bucket.slots:
+        out[s.start : s.stop].copy_(get(s).reshape(-1))
+
+
+def _meta_model(cfg):
+    """The family's model on the meta device whose resident modules and block 0 (the shell) have
+    real, still untouched storage: nothing is initialised twice and no page is touched before use."""
+    return adapter_class(cfg.model_type).meta_model(cfg)
+
+
+def build_offloaded(base: dict, storage: str = "fp32") -> tuple[BlockAdapter, callable]:
+    """An adapter whose blocks are layout-only, and values(key) -> flat fp32 start values of any
+    bucket (a resident bucket's own master, or a block generated / read into one reused buffer)."""
+    model, seed = base["model"], base.get("init_seed", 0)
+    if is_local_dir(model):
+        cfg = checkpoint_config(model)
+        adapter = adapter_class(cfg.model_type)(_meta_model(cfg), storage)
+        reader = _SafetensorsReader(model, adapter.model.base_model_prefix)
+        missing = {s.name for b in adapter.buckets for s in b.slots if reader.key(s.name) is None}
+        lacking = [s.name for b in adapter.blocks for s in b.slots if s.name in missing]
+        if lacking:
+            raise ConfigError(f"model={model!r}: checkpoint lacks block tensors, e.g. {lacking[:3]}")
+        for b in (adapter.bucket_in, adapter.bucket_out):
+            b.bind(b.master)  # fill the fp32 master, not a bf16 / fp16 working copy
+            for s in b.slots:
+                if s.name not in missing:
+                    b.master[s.start : s.stop].copy_(reader.get(s.name).reshape(-1))
+        init_missing_(adapter.model, missing, seed)  # a new head: the seeded init build_model gives it
+        for b in (adapter.bucket_in, adapter.bucket_out):
+            b.sync()
+            b.bind(b.working)
+
+        def make(bucket, out: torch.Tensor) -> None:
+            _copy_into_bucket(bucket, out, lambda s: reader.get(s.name))
+    else:
+        cfg = preset_config(model)
+        family = adapter_class(cfg.model_type)
+        adapter = family(_meta_model(cfg), storage)
+        # Resident buckets: initialised in place (their parameters are views of the masters), with
+        # the seeds and order build_model uses, so the values equal a fully built model's.
+        groups, done, std = dict(adapter.groups(adapter.model)), set(), family.init_std(cfg)
+        for b in (adapter.bucket_in, adapter.bucket_out):
+            b.bind(b.master)  # initialise the fp32 master, not a bf16 / fp16 working copy
+            init_group_(groups[b.key], std, derive_seed(seed, "init", b.key), done)
+            b.sync()
+            b.bind(b.working)
+        # Blocks: a private fp32 block whose parameters are pointed at the output buffer, so the
+        # init writes there directly (the adapter's shell may hold bf16 / fp16 working views).
+        init_block = adapter.new_block()
+        init_params = dict(init_block.named_parameters())
+
+        def make(bucket, out: torch.Tensor) -> None:
+            prefix = adapter.block_prefix(int(bucket.key.split(".")[1])) + "."
+            for s in bucket.slots:
+                init_params[s.name[len(prefix):]].data = out[s.start : s.stop].view(s.shape)
+            init_group_([("", init_block)], std, derive_seed(seed, "init", bucket.key), set())
+
+    scratch: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def values(key: str) -> torch.Tensor:
+        bucket = next(b for b in adapter.buckets if b.key == key)
+        if bucket.master is not None:
+            return bucket.master
+        if not scratch:
+            scratch.append(torch.empty(max(b.numel for b in adapter.blocks)))
+        out = scratch[0][: bucket.numel]
+        make(bucket, out)
+        return out
+
+    return adapter, values
+
+
+@dataclass(frozen=True)
+class NodeShare:
+    """How the ranks of a distributed run share one store per node: the node's first rank (the
+    leader) creates and fills it, and commits the disk tier's steps; `barrier` spans all ranks;
+    `name` is common to the run (the shared-memory file's name)."""
+
+    leader: bool
+    barrier: Callable[[], None]
+    name: str
+
+
+class Offload:
+    """adapter + store + streamer for one rank, and the helpers training needs around them."""
+
+    def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
+                 recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None):
+        self.config, self.node = offload, node
+        if node is not None and offload.lean:
+            raise ConfigError("offload.lean=True keeps one rank's embeddings in the store; a distributed run "
+                              "shares the store between ranks: choose offload.lean=False")
+        self.adapter, values = build_offloaded(base, storage)
+        a = self.adapter
+        blocks = [(b.key, b.numel) for b in a.blocks]
+        keys, numels = [k for k, _ in blocks], [n for _, n in blocks]
+        if offload.tier == "host" and node is not None:  # one copy per node, in shared memory
+            path = os.path.join(SHM_DIR, f"distzo2-{node.name}.bin")
+            slots = 1 if slicer is not None else 2  # see SharedHostStore
+            if node.leader:
+                self.store = SharedHostStore(path, keys, numels, create=True, pin=device == "cuda", slots=slots)
+                for i, key in enumerate(keys):
+                    self.store.fill(i, values(key))
+            node.barrier()  # the file is whole
+            if not node.leader:
+                self.store = SharedHostStore(path, keys, numels, create=False, pin=device == "cuda", slots=slots)
+            node.barrier()  # every rank has mapped it: its name can go
+            if node.leader:
+                self.store.unlink()
+            self.resumed_step = -1
+        elif offload.tier == "host":
+            self.store = HostStore(keys, numels, pin=device == "cuda")
+            for i, key in enumerate(keys):
+                self.store.blocks[i].copy_(values(key))
+            self.resumed_step = -1
+        else:
+            path = offload.store
+            if node is not None and not node.leader:
+                node.barrier()  # the leader has created (or checked) the store
+            if os.path.exists(os.path.join(path, "manifest.json")):
+                self.store = DiskStore(path)
+                if self.store.manifest["base"].get("model") != base["model"] or \
+                        self.store.manifest["base"].get("init_seed") != base.get("init_seed"):
+                    raise ConfigError(f"offload.store={path!r} holds {self.store.manifest['base']}, not {base}")
+            else:
+                self.store = DiskStore.create(path, blocks, [("in", a.bucket_in.numel), ("out", a.bucket_out.numel)],
+                                              base, values)
+            if node is not None and node.leader:
+                node.barrier()
+            del values  # its block buffer
+            for b in (a.bucket_in, a.bucket_out):  # the committed resident state
+                if not (offload.lean and b is a.bucket_in):  # lean: loaded when needed
+                    self.store.read_resident(b.key, b.master)
+                    b.sync()
+            self.resumed_step = self.store.committed
+        self.lean = offload.lean
+        a = self.adapter
+        if offload.tier == "host":
+            self.lean = False
+        for b in (a.bucket_in, a.bucket_out):
+            b.master = b.master.to(device)
+            b.attach(b.master, None if storage == "fp32" else b.master.to(b.working.dtype))
+        if device != "cpu":
+            for layer in {id(x): x for x in a.layers}.values():
+                layer.to(device)
+            a.buffers_to(device)  # position ids, rotary frequencies: beside the resident weights
+        self.slicer = slicer
+        self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps, slicer)
+        if self.lean:  # the embeddings live in the store; LeanResident loads them when needed
+            a.bucket_in.detach()
+            a.bucket_in.unbind()
+        self._snap = {b.key: torch.empty(b.numel) for b in (a.bucket_in, a.bucket_out)
+                      if not (self.lean and b is a.bucket_in)}
+        self._committed = None
+
+    def resident_keeper(self):
+        """What the engine's `resident=` takes: LeanResident for a lean disk tier, else the default."""
+        if not self.lean:
+            return None
+        def keeper(engine):
+            engine.trim_buffers = True  # between sweeps only the embeddings are held
+            return LeanResident(engine, self.store)
+        return keeper
+
+    def block_values(self, bucket) -> torch.Tensor:
+        """A bucket's current values when they live in the store (after the lanes have drained)."""
+        self.streamer.drain()
+        if bucket is self.adapter.bucket_in:
+            return self.store.read_resident(bucket.key)
+        i = self.adapter.blocks.index(bucket)
+        if self.slicer is not None:  # each rank's store is current on its own shard only
+            out = torch.empty(self.slicer.padded(bucket.numel))
+            start, stop = self.slicer.bounds(bucket.numel)
+            self.store.read_into(i, out[start:stop], start=start)
+            self.slicer.assemble(out, bucket.numel, -1, i)
+            return out[: bucket.numel]
+        out = torch.empty(bucket.numel)
+        self.store.read_into(i, out)
+        return out
+
+    def shared_bytes(self) -> int:
+        """Bytes of the store this rank shares with the other ranks of its node (0: none)."""
+        return self.store.nbytes_total if isinstance(self.store, SharedHostStore) else 0
+
+    def commit(self, step: int) -> None:
+        """Disk tier: persist step `step` on the offload lane, after its block write-backs. With
+        several ranks on one store: once every rank's writes have landed, the leader commits."""
+        if self.store.tier != "disk":
+            return
+        if self.node is not None:
+            self.streamer.drain()
+            self.node.barrier()
+            self.store.commit(step, {b.key: b.master for b in (self.adapter.bucket_in, self.adapter.bucket_out)},
+                              leader=self.node.leader)
+            return
+        if self._committed is not None:
+            self._committed.wait()  # the snapshot buffers of the previous commit are free again
+        import threading
+
+        self._committed = threading.Event()
+        a = self.adapter
+        for b in (a.bucket_in, a.bucket_out):
+            if b.key in self._snap:
+                self._snap[b.key].copy_(b.master)
+        done, snaps = self._committed, self._snap
+
+        def persist():
+            self.store.commit(step, snaps)
+            done.set()
+
+        self.streamer.on_offload_lane(persist)
+
+    def close(self) -> None:
+        self.streamer.drain()
+        self.streamer.close()
+        self.store.close()
+
+
+
+
+class LeanResident:
+    """Memory-lean keeper of the resident buckets for the disk tier.
+
+    The embedding bucket (tied to the head) is the largest resident piece: OPT-1.3B's is 0.43 GB
+    of fp32. Here it lives in the store between uses: loaded for the embedding, parked in scratch
+    files in its +eps and -eps states while the blocks stream, loaded again for the head, restored
+    and written back. Its noise is regenerated slab by slab (chunk-aligned, so the same z), so no
+    full-size noise buffer exists. Same elementwise arithmetic as :class:`ResidentSet`: bit-equal.
+    """
+
+    def __init__(self, engine, store: DiskStore, slab_chunks: int = 8):
+
+        self.engine, self.store, self.adapter = engine, store, engine.adapter
+        if engine.copies:
+            raise ConfigError("offload.lean=True runs MeZO's in-place step; zo.directions > 1 (n-SPSA) and "
+                              "zo.perturb='copy' need offload.lean=False")
+        self.bin = self.adapter.bucket_in
+        self.out = ResidentSet(engine, [self.adapter.bucket_out])  # the small out bucket stays in memory
+        self.slab = engine.zo.chunk_size * slab_chunks
+        self._z = torch.empty(min(self.slab, self.bin.numel))
+        self._seed = None
+
+    # -- the embedding bucket's life cycle -------------------------------------------------
+    def _attach(self, master: torch.Tensor) -> None:
+        storage = self.bin.storage
+        self.bin.attach(master, None if storage == "fp32" else master.to(self.bin.working_dtype))
+
+    def _load(self) -> None:
+        self.engine.streamer.drain()  # its queued write of this bucket must land first
+        self._attach(self.store.read_resident("in").to(self.engine.device))
+
+    def _write_back(self) -> None:
+        """Queue the bucket's new state on the offload lane: stores are written (and steps
+        committed) in one order, by one thread."""
+        master, store = self.bin.master, self.store
+        self.engine.streamer.on_offload_lane(lambda: store.write_resident("in", master))
+
+    def _unload(self) -> None:
+        self.bin.detach()
+        self.bin.unbind()
+
+    def _noise(self, seed: int, fn) -> None:
+        m = self.bin.master
+        for a in range(0, m.numel(), self.slab):
+            z = self.engine.perturber.fill(self._z[: min(self.slab, m.numel() - a)], seed, self.bin.key, start=a)
+            fn(m[a : a + z.numel()], z)
+        self.bin.sync()
+
+    def _pending(self) -> None:
+        p, e = self.engine.pending, self.engine
+        if p is None:
+            return
+        with e._span("update"):
+            if e.zo.weight_decay:
+                keep = 1.0 - p.lr * e.zo.weight_decay
+                for a, b in self.engine.perturber.decay_spans(self.bin):
+                    self.bin.master[a:b].mul_(keep)
+            self._noise(p.seed, lambda m, z: m.add_(z, alpha=-p.lr * p.grad))
+
+    # -- the ResidentSet interface -----------------------------------------------------------
+    def flush(self) -> None:
+        self.out.flush()
+        self._load()
+        self._pending()
+        self._write_back()
+        self._unload()
+
+    def begin(self, seed: int, micro: list) -> list:
+        e, a, eps = self.engine, self.adapter, self.engine.zo.eps
+        self._seed = seed
+        self.out.to_plus(seed)
+        self._load()
+        self._pending()
+        with e._span("rng"):
+            self._noise(seed, lambda m, z: perturb_(m, z, eps))
+        plus, minus = e.signs
+        hs = []
+        with e._span("embed"):
+            for ids, mask in micro:
+                h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
+                hs.append([h_plus, None, ctx])
+        if plus:
+            self.store.stash("plus", self.bin.working)
+        self._noise(seed, lambda m, z: perturb_(m, z, -2 * eps))
+        self.out.to_minus()
+        with e._span("embed"):
+            for h, (ids, mask) in zip(hs, micro):
+                if minus:
+                    h[1], h[2] = a.embed(ids, mask)  # (B, T, C)
+        self.store.stash("minus", self.bin.master)
+        self._unload()
+        return hs
+
+    def end(self, hs: list, labels: list, counts: list[int]) -> tuple[float, float]:
+        e, eps, out = self.engine, self.engine.zo.eps, self.out
+        with e._span("head"):  # one embedding matrix in memory at a time
+            loss_minus = loss_plus = None
+            if hs[0][1] is not None:
+                self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
+                loss_minus = out._losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
+                self._unload()
+            out.bind_plus()
+            if hs[0][0] is not None:
+                self.bin.bind(self.store.unstash("plus", self.bin.numel, self.bin.working_dtype).to(e.device))
+                loss_plus = out._losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
+                self.bin.unbind()
+        out.restore()
+        self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
+        self._noise(self._seed, lambda m, z: perturb_(m, z, eps))
+        self._write_back()
+        self._unload()
+        return loss_plus, loss_minus
+
+    def embed(self, ids, mask):
+        self._load()
+        out = self.adapter.embed(ids, mask)
+        self._unload()
+        return out
+
+    def head_loss(self, h, labels, ctx=None) -> float:
+        self._load()
+        loss = float(self.adapter.loss(self.adapter.head(h, ctx), labels))
+        self._unload()
+        return loss

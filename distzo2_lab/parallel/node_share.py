@@ -1,0 +1,335 @@
+"""z drawn once per node: the ranks of a node that draw the same noise share the drawing.
+
+Every rank of a PertP, DDP or 2D layout draws the same z for every bucket at every step (a PertP
+rank runs the whole +eps / -2 eps / +eps round trip, DDP ranks share the seed). On a CPU the draw
+costs ~4-6 ns per element per thread (``normal_``), as much as a large share of the forward, and W
+ranks of one node would each pay it in full. Here the G ranks of a node that make the same draws
+(same directions, n-SPSA) cut every draw into pieces of at most one slot, and the noise chunks of
+a piece go to whichever members are there to draw them: a member claims the next unclaimed chunk
+(starting at its own run of the piece, so members that arrive together split it evenly), draws
+it into the shared-memory slot, marks it done, and when no chunk is left waits only for the chunks
+still being drawn; then it copies the piece out (or, for a draw used up before the member's next
+one, reads it in the slot: :meth:`NoiseShare.view`). A member that arrives late finds its z ready
+and draws nothing, so no rank ever waits for another to *start* drawing: with more ranks than
+cores (4 one-thread ranks on 2 cores) the ranks that hold a core do the drawing while the others
+wait for theirs. No collective is called; the claims live in a small shared control file guarded by
+``flock`` (its system calls also order the memory between processes).
+
+A piece of one chunk has nothing to split: one member would draw it while the others wait for it
+(members consume their draws in the same order, so no two one-chunk pieces are drawn at once).
+Every member draws such a piece alone instead (`alone`; all decide the same, by the piece's
+length) and it never enters the ring; a run whose widest block fits one chunk (the tiny shape:
+50K elements, 1M-element chunks) opens no share at all (train.py). On this machine sharing the
+tiny shape's one-chunk draws made 2-rank steps ~2 ms slower (7.1-7.5 ms against 5.1-6.0 ms
+drawing alone, resident PertP) and coupled the ranks at every piece.
+
+The values are the perturber's own (chunk c of bucket k at seed s is a pure function of the
+three), so a run is bit-identical with or without sharing and whoever draws a chunk; only the
+work moves, and each chunk is drawn exactly once.
+
+`slots` pieces are in flight at once (a ring): piece n lives in slot n % slots, and a member may
+start piece n only when every member has moved past the piece the slot held (a member "moves past"
+piece m when it asks for piece m + 1: until then it may still be reading m in its slot), so a
+rank may run up to slots - 1 pieces ahead of the slowest. Every member must make the same sequence
+of shared draws (the engine draws whole buckets in a fixed order; sliced updates draw only the
+rank's own shard and stay local). The files are unlinked once every member has opened them.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from typing import Callable
+
+import torch
+
+from distzo2_lab.zo.perturb import Perturber
+
+FREE, CLAIMED, DONE = 0, 1, 2
+
+
+def split_run(chunks: int, index: int, size: int) -> tuple[int, int]:
+    """[lo, hi) of `chunks` chunks that member `index` of `size` draws (contiguous, balanced)."""
+    base, extra = divmod(chunks, size)
+    lo = index * base + min(index, extra)
+    return lo, lo + base + (index < extra)
+
+
+class SharedPieces:
+    """The ring of shared slots and the chunk claims behind :class:`NoiseShare` and :class:`CopyShare`.
+
+    The `size` members (this one is `index`) ask for the same sequence of pieces; a piece of at
+    most `slot_elems` elements is cut into chunks of `chunk` elements, and :meth:`piece` has this
+    member compute (with `compute(slot, a, b)`, elements [a, b) of the piece) every chunk it can
+    claim, then wait for the rest. `barrier()` is used only while the members open the shared
+    files; `timeout` (seconds) bounds every wait for another member (a member that died or hangs
+    raises instead of blocking)."""
+
+    def __init__(self, index: int, size: int, barrier: Callable[[], None], path: str, create: bool,
+                 slot_elems: int, chunk: int, dtype: torch.dtype = torch.float32, slots: int = 3,
+                 timeout: float = 600.0):
+        if not 0 <= index < size:
+            raise ValueError(f"index={index} is not in [0, {size})")
+        if slots < 2:
+            raise ValueError(f"slots={slots} is not valid: a member reads one slot while the next is drawn (>= 2)")
+        self.index, self.size, self.slots, self.chunk, self.timeout = index, size, slots, chunk, timeout
+        self.slot_chunks = max(1, -(-slot_elems // chunk))
+        self.slot_elems = self.slot_chunks * chunk  # whole chunks
+        ctl_len = size + slots + slots * self.slot_chunks  # progress | slot piece | chunk states
+        ctl_path = path + ".ctl"
+        if create:
+            with open(path, "wb") as f:
+                f.truncate(slots * self.slot_elems * torch.empty(0, dtype=dtype).element_size())
+            with open(ctl_path, "wb") as f:
+                f.truncate(ctl_len * 8)
+        barrier()  # the files exist
+        self.flat = torch.from_file(path, shared=True, size=slots * self.slot_elems, dtype=dtype)
+        ctl = torch.from_file(ctl_path, shared=True, size=ctl_len, dtype=torch.int64)
+        self._fd = os.open(ctl_path, os.O_RDWR)
+        barrier()  # every member has mapped and opened them: their names can go
+        if create:
+            for p in (path, ctl_path):
+                if os.path.exists(p):
+                    os.unlink(p)
+        # progress[m]: the piece member m last asked for (it may still read it); -1 before any
+        self.progress = ctl[:size]
+        self.slot_piece = ctl[size : size + slots]  # the piece each slot holds; -1 when never used
+        self.state = ctl[size + slots :].view(slots, self.slot_chunks)  # FREE / CLAIMED / DONE per chunk
+        if create:
+            with self._locked():
+                self.progress.fill_(-1)
+                self.slot_piece.fill_(-1)
+        barrier()  # initialised before anyone computes
+        self.pieces = 0
+        self.computed = 0  # elements this member computed (the work it did)
+        self.waited_s = 0.0  # seconds spent waiting for other members (a slot to free, chunks in progress)
+
+    class _Lock:
+        def __init__(self, fd: int):
+            self.fd = fd
+
+        def __enter__(self):
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+        def __exit__(self, *exc):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def _locked(self) -> SharedPieces._Lock:
+        return SharedPieces._Lock(self._fd)
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Poll `ready()` (called under the lock) until true; yield the core in between."""
+        t0 = time.perf_counter()
+        polls = 0
+        while True:
+            with self._locked():
+                if ready():
+                    break
+            polls += 1
+            if polls < 64:
+                os.sched_yield()
+            else:
+                time.sleep(1e-4)
+            if time.perf_counter() - t0 > self.timeout:
+                raise RuntimeError(f"node share: member {self.index} of {self.size} waited {self.timeout:.0f} s "
+                                   f"for {what} (piece {self.pieces - 1}): another rank died or hangs")
+        self.waited_s += time.perf_counter() - t0
+
+    def shares(self, length: int) -> bool:
+        """Whether a piece of `length` elements goes through the ring: only when it has more than
+        one chunk (one chunk has nothing to split; every member computes it alone). The same
+        answer on every member, so their sequences of ring pieces stay equal."""
+        return length > self.chunk
+
+    def piece(self, length: int, compute: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
+        """The next piece (`length` <= slot_elems elements), complete in its slot; valid until this
+        member asks for its next piece."""
+        if length > self.slot_elems:
+            raise ValueError(f"a piece of {length} elements does not fit a slot of {self.slot_elems}")
+        chunk = self.chunk
+        piece, s = self.pieces, self.pieces % self.slots
+        self.pieces += 1
+        chunks = -(-length // chunk)
+        state = self.state[s, :chunks]
+        with self._locked():
+            self.progress[self.index] = piece  # done with every earlier piece
+
+        def slot_ready() -> bool:
+            held = int(self.slot_piece[s])
+            if held == piece:
+                return True
+            if held < 0 or int(self.progress.min()) > held:  # every member moved past the slot's piece
+                self.slot_piece[s] = piece
+                state.fill_(FREE)
+                return True
+            return False
+
+        if int(self.slot_piece[s]) != piece:
+            self._wait(slot_ready, "a free shared slot")
+        slot = self.flat[s * self.slot_elems :][:length]
+        # claim chunks starting at this member's own run (rotating with the piece count, so a
+        # piece's extra chunk goes to every member in turn), then wrap around
+        lo, _ = split_run(chunks, (self.index + piece) % self.size, self.size)
+        for c in [(lo + i) % chunks for i in range(chunks)]:
+            with self._locked():
+                if int(state[c]) != FREE:
+                    continue
+                state[c] = CLAIMED
+            a, b = c * chunk, min(length, (c + 1) * chunk)
+            compute(slot, a, b)
+            with self._locked():
+                state[c] = DONE
+            self.computed += b - a
+        if bool((state != DONE).any()):
+            self._wait(lambda: bool((state == DONE).all()), "chunks other ranks are computing")
+        return slot
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class NoiseShare:
+    """Shared draws for the `size` ranks of one node that draw the same z; this rank is `index`
+    (:class:`SharedPieces` with the perturber's chunks)."""
+
+    def __init__(self, perturber: Perturber, index: int, size: int, barrier: Callable[[], None], path: str,
+                 create: bool, slot_elems: int, slots: int = 3, timeout: float = 600.0):
+        self.perturber, self.index, self.size = perturber, index, size
+        self.ring = SharedPieces(index, size, barrier, path, create, slot_elems, perturber.chunk_size,
+                                 slots=slots, timeout=timeout)
+        self.slot_elems = self.ring.slot_elems
+        self.served = 0  # elements of z it received through the ring (what it would have drawn alone)
+        self.copied = 0  # elements copied out of the slots (views of a slot copy nothing)
+        self.alone = 0  # elements of one-chunk pieces this rank drew itself (nothing to split)
+
+    @property
+    def drawn(self) -> int:
+        """Elements this rank generated (the work it did)."""
+        return self.ring.computed
+
+    @property
+    def waited_s(self) -> float:
+        return self.ring.waited_s
+
+    def _piece(self, p0: int, p1: int, n: int, seed: int, key: str) -> torch.Tensor:
+        """Elements [p0, p1) of z(seed, key) of an n-element bucket, complete in its slot."""
+        def draw(slot, a, b):
+            self.perturber.fill(slot[a:b], seed, key, start=p0 + a, total=n)
+
+        return self.ring.piece(p1 - p0, draw)
+
+    def fill(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
+        """Write the whole z(seed, key) of a bucket of out.numel() elements into the flat `out`."""
+        if out.dim() != 1 or not out.is_contiguous():
+            raise ValueError("NoiseShare.fill needs a flat contiguous buffer")
+        n = out.numel()
+        for p0 in range(0, n, self.slot_elems):
+            p1 = min(n, p0 + self.slot_elems)
+            if not self.ring.shares(p1 - p0):  # one chunk: drawn alone
+                self.perturber.fill(out[p0:p1], seed, key, start=p0, total=n)
+                self.alone += p1 - p0
+                continue
+            out[p0:p1].copy_(self._piece(p0, p1, n, seed, key))
+            self.served += p1 - p0
+            self.copied += p1 - p0
+        return out
+
+    def view(self, out: torch.Tensor, seed: int, key: str) -> torch.Tensor:
+        """z(seed, key) of a bucket of out.numel() elements without the copy out when it fits one slot:
+        the returned tensor is the slot itself, valid until this rank's next draw (no member rewrites
+        the slot before this rank has asked for a later piece). A bucket larger than a slot is
+        written into `out` as by :meth:`fill`."""
+        n = out.numel()
+        if n > self.slot_elems or not self.ring.shares(n):
+            return self.fill(out, seed, key)
+        self.served += n
+        return self._piece(0, n, n, seed, key)
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+class CopyShare:
+    """Perturbed copies theta + scale z of the visited block made once per node (zo.perturb copy):
+    ranks that run the same signs and directions on identical weights (DDP ranks; the ranks of one
+    sign in 2D) make the same copies in the same order, so each copy is a shared piece whose chunks
+    go to whichever member claims them (:class:`SharedPieces`), and every member's forward reads
+    the shared slot. Bit-identical to each rank making its own copy: an elementwise add per chunk."""
+
+    def __init__(self, index: int, size: int, barrier: Callable[[], None], path: str, create: bool,
+                 slot_elems: int, chunk: int, dtype: torch.dtype = torch.float32, slots: int = 3,
+                 timeout: float = 600.0):
+        self.index, self.size = index, size
+        self.ring = SharedPieces(index, size, barrier, path, create, slot_elems, chunk, dtype, slots, timeout)
+        self.served = 0  # elements of copies it received through the ring (what it would have computed alone)
+        self.alone = 0  # elements of one-chunk copies this rank made itself (nothing to split)
+        self._own: torch.Tensor | None = None  # where those go (allocated on first use)
+
+    @property
+    def computed(self) -> int:
+        return self.ring.computed
+
+    def copy(self, master: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+        """theta + scale z of one block (flat, at most one slot), in the shared slot; valid until
+        this rank's next copy."""
+        n = master.numel()
+        if not self.ring.shares(n):  # one chunk: made alone
+            if self._own is None:
+                self._own = torch.empty(self.ring.chunk, dtype=self.ring.flat.dtype)
+            self.alone += n
+            return torch.add(master, z[:n], alpha=scale, out=self._own[:n])
+
+        def add(slot, a, b):
+            torch.add(master[a:b], z[a:b], alpha=scale, out=slot[a:b])
+
+        self.served += n
+        return self.ring.piece(n, add)
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+def _node_groups(rank: int, key, make: Callable) -> object | None:
+    """A collective of the default group: the ranks of this node with the same `key` form a group
+    (gloo subgroup, used while the files open); make(index, size, barrier, path, create) builds
+    this rank's member. None when this rank is alone with its key."""
+    import torch.distributed as dist
+
+    from distzo2_lab.offload.tiers import SHM_DIR
+
+    world = dist.get_world_size()
+    mine = (os.uname().nodename, key)
+    keys: list = [None] * world
+    dist.all_gather_object(keys, mine)
+    name = [os.urandom(8).hex() if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    out = None
+    for gi, k in enumerate(sorted(set(keys))):  # every rank creates every group, in one order
+        members = [r for r, kk in enumerate(keys) if kk == k]
+        if len(members) < 2:
+            continue
+        group = dist.new_group(members)
+        if k == mine:
+            path = os.path.join(SHM_DIR, f"distzo2-share-{name[0]}-{gi}.bin")
+            out = make(members.index(rank), len(members), lambda g=group: dist.barrier(group=g), path,
+                       members[0] == rank)
+    return out
+
+
+def open_node_noise(perturber: Perturber, rank: int, directions: list[int], slot_elems: int) -> NoiseShare | None:
+    """Join the ranks of this node that draw the same directions (a collective: every rank of the
+    default group calls it). Returns None when this rank draws alone."""
+    return _node_groups(rank, ("noise", tuple(directions)),
+                        lambda i, n, barrier, path, create: NoiseShare(perturber, i, n, barrier, path, create,
+                                                                       slot_elems))
+
+
+def open_node_copies(rank: int, directions: list[int], signs: tuple[bool, bool], slot_elems: int, chunk: int,
+                     dtype: torch.dtype) -> CopyShare | None:
+    """Join the ranks of this node that make the same perturbed copies: same directions and signs
+    (a collective). Returns None when this rank makes its copies alone (PertP: one sign per rank)."""
+    return _node_groups(rank, ("copies", tuple(directions), tuple(signs)),
+                        lambda i, n, barrier, path, create: CopyShare(i, n, barrier, path, create, slot_elems,
+                                                                      chunk, dtype))

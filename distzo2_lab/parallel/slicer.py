@@ -1,0 +1,50 @@
+"""Hardware-aware slicing (DistZO2, arXiv 2507.03211, Sec. 3.3): one shard per rank.
+
+A block's flat bucket is padded and cut into one shard per rank, shard boundaries on the
+perturber's chunks. Each rank uploads only its shard (its own share of the host link), applies
+the deferred update to that shard alone (z regenerated for the shard only), and the ranks
+all-gather the updated shards into the whole block (over NVLink on GPUs; gloo on CPU here). After
+the dual forward each rank writes back only its shard. The arithmetic per element is the
+unsliced engine's, so the results are the same bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from distzo2_lab.observe.events import Recorder
+from distzo2_lab.parallel.exchange import all_gather_flat
+
+
+class Slicer:
+    """Shard geometry of every bucket size, and the assemble step of a sliced visit."""
+
+    def __init__(self, rank: int, world: int, chunk_size: int, group=None, recorder: Recorder | None = None):
+        self.rank, self.world, self.chunk, self.group = rank, world, chunk_size, group
+        self.recorder = recorder or Recorder(enabled=False)
+        self.bytes_gathered = 0
+
+    def shard_size(self, numel: int) -> int:
+        """Elements per shard: numel / world rounded up to whole noise chunks."""
+        chunks = -(-numel // self.chunk)
+        return -(-chunks // self.world) * self.chunk
+
+    def padded(self, numel: int) -> int:
+        return self.shard_size(numel) * self.world
+
+    def bounds(self, numel: int, rank: int | None = None) -> tuple[int, int]:
+        """[start, stop) of a rank's shard inside the real (unpadded) bucket; may be empty."""
+        r = self.rank if rank is None else rank
+        s = self.shard_size(numel)
+        return min(r * s, numel), min((r + 1) * s, numel)
+
+    def assemble(self, buf: torch.Tensor, numel: int, step: int, block: int) -> None:
+        """buf (padded) holds this rank's updated shard; fill in every other rank's."""
+        s = self.shard_size(numel)
+        mine = buf[self.rank * s : (self.rank + 1) * s].clone()  # the send buffer may not alias the output
+        t0 = self.recorder.now()
+        all_gather_flat(buf[: s * self.world], mine, group=self.group)
+        nbytes = s * self.world * buf.element_size()
+        self.bytes_gathered += nbytes
+        self.recorder.add("exchange", "allgather", step, block, t0, self.recorder.now(), nbytes)
+
+

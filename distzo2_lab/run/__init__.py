@@ -1,0 +1,1 @@
+"""A training run: the loop, checkpoints and the seed log, evaluation, and a launched rank's worker."""

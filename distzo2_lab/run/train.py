@@ -1,0 +1,354 @@
+"""One-rank training loop: config -> model, engine, task -> steps -> summary, seed log, checkpoint.
+
+This is what ``distzo2 train``, ``distzo2 demo``, the tutorials and the tests all call. Step
+seeds and batches are pure functions of (run seed, step), so a resumed run continues the exact
+trajectory of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm.auto import tqdm
+
+from distzo2_lab.config import ConfigError, TrainConfig, validate
+from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
+from distzo2_lab.models import BlockAdapter, adapter_for, build_model
+from distzo2_lab.models.presets import is_local_dir
+from distzo2_lab.observe.events import Recorder, overlap_metrics, write_trace
+from distzo2_lab.offload.tiers import Offload
+from distzo2_lab.run.checkpoint import SeedLog, digest, load_weights, read_state, replay, save_checkpoint
+from distzo2_lab.seeds import step_seed
+from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.reference import EagerMeZO
+from distzo2_lab.zo.spsa import PendingUpdate
+
+EVAL_STEP = 10**9  # batches at this index and above are never trained on
+
+
+def base_of(cfg: TrainConfig) -> dict:
+    """Where the starting weights come from (what a seed log replays onto), and the device type
+    whose generators drew z (CPU and CUDA generators give different numbers for one seed)."""
+    if is_local_dir(cfg.model):
+        return {"model": os.path.abspath(cfg.model), "device": cfg.device}
+    return {"model": cfg.model, "init_seed": cfg.seed, "device": cfg.device}
+
+
+def build_adapter(base: dict, storage: str = "fp32", device: str = "cpu") -> BlockAdapter:
+    """The starting model, built on CPU (seeded init is device-independent) then moved; the
+    adapter of its family (OPT, GPT-2, LLaMA, Qwen2, BERT)."""
+    return adapter_for(build_model(base["model"], seed=base.get("init_seed", 0)).to(device), storage)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def build_engine(cfg: TrainConfig, adapter: BlockAdapter, recorder: Recorder | None = None, **zo2_options):
+    """The engine `cfg.engine` names; `zo2_options` (streamer, signs, exchange, slicer...) go to ZO2Engine."""
+    if cfg.engine == "zo2":
+        return ZO2Engine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder, **zo2_options)
+    return EagerMeZO(adapter, cfg.zo, cfg.precision, threads=cfg.threads, micro_batches=cfg.micro_batches)
+
+
+def node_share():
+    """How this rank shares its node's store: the node's first rank leads, a name common to the run."""
+    import uuid
+
+    import torch.distributed as dist
+
+    from distzo2_lab.offload.tiers import NodeShare
+
+    name = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    return NodeShare(leader=int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0, barrier=dist.barrier,
+                     name=name[0])
+
+
+def memory_report(run) -> dict:
+    """This rank's memory: peak RSS (counts the shared store pages it touched), private (USS) now,
+    and the shared store counted once per node (0 without one)."""
+    import psutil
+
+    shared = run.offload.shared_bytes() if run.offload is not None else 0
+    return {"peak_rss_mb": peak_rss_mb(), "private_mb": psutil.Process().memory_full_info().uss / 2**20,
+            "shared_store_mb": shared / 2**20}
+
+
+def comm_device(device: str) -> str:
+    """Where the optimiser's scalars are gathered: the rank's GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    return "cuda" if device == "cuda" and dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
+
+
+def make_task(cfg: TrainConfig, adapter: BlockAdapter):
+    if cfg.seq_len > adapter.max_positions:
+        raise ConfigError(f"seq_len={cfg.seq_len} is longer than the model's "
+                          f"max_position_embeddings={adapter.max_positions}")
+    vocab = adapter.config.vocab_size
+    if cfg.task == "synthetic":
+        return SyntheticTask(vocab, cfg.seq_len, cfg.batch_size, cfg.seed)
+    if cfg.task == "sst2":
+        from distzo2_lab.data.sst2 import task_for
+
+        return task_for(cfg, adapter)  # sets adapter.choices for a causal LM (label-word loss)
+    return TextTask(cfg.data, tokenizer_for(cfg.model), cfg.seq_len, cfg.batch_size, cfg.seed, vocab)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def rebuild(log_path: str, threads: int = 1, storage: str = "fp32") -> BlockAdapter:
+    """Base model + seed log -> the fine-tuned weights, bit-identical to training's.
+
+    Replays on the device type that trained (its generators drew z)."""
+    log = SeedLog.read(log_path)
+    device = log.base.get("device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"seed log {log_path!r} was made on CUDA and must be replayed there (its noise "
+                          "came from CUDA generators); no CUDA device is visible")
+    adapter = build_adapter(log.base, storage, device)
+    replay(adapter, log, threads)
+    return adapter
+
+
+def _check_resume(resume: str, cfg: TrainConfig, log: SeedLog) -> None:
+    """A run continues only under the rule that made it: same device type and update rule."""
+    if log.base.get("device", "cpu") != cfg.device:
+        raise ConfigError(f"resume={resume!r} drew its noise on device={log.base.get('device', 'cpu')!r}; "
+                          f"device={cfg.device!r} would draw different z. Resume on the same device type")
+    # lr is logged per step and may change; the rest shapes z and the update rule.
+    differ = [f"zo.{k}" for k in ("eps", "weight_decay", "noise", "chunk_size")
+              if getattr(log.zo, k) != getattr(cfg.zo, k)]
+    if differ:
+        raise ConfigError(f"resume={resume!r} was trained with different {', '.join(differ)} "
+                          f"({', '.join(f'{k}={getattr(log.zo, k[3:])!r}' for k in differ)}); "
+                          "a seed log replays one rule, so pass the same values")
+
+
+class Run:
+    """Everything one rank's training holds: adapter, engine, seed log, and the offload tier."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, recorder: Recorder | None = None,
+                 layout=None, rank: int = 0):
+        self.cfg, self.base = cfg, base_of(cfg)
+        self.recorder = recorder or Recorder(enabled=False)
+        self.layout, self.rank = layout, rank
+        distributed = layout is not None and layout.world_size > 1
+        if distributed and (cfg.engine != "zo2" or resume is not None):
+            raise ConfigError("a distributed layout runs engine='zo2' and resumes from its disk store "
+                              "(offload.store), not from resume=")
+        self.offload = None
+        self.log, self.start = SeedLog(self.base, cfg.zo), 0
+        self.exchange = self.slicer = None
+        extra = {}
+        if distributed:
+            from distzo2_lab.parallel.exchange import LossExchange
+
+            self.exchange = LossExchange(recorder=self.recorder, device=comm_device(cfg.device))
+            extra = {"signs": layout.signs(rank), "exchange": self.exchange,
+                     "directions": layout.directions(rank, cfg.zo.directions)}
+        if cfg.engine == "zo2":
+            extra["micro_batches"] = cfg.micro_batches
+        if layout is not None and layout.slice:
+            if cfg.offload.tier == "resident":
+                raise ConfigError("layout slice=True moves shards of offloaded blocks: choose offload.tier='host' "
+                                  "or 'disk' (offload.tier='resident' moves no shards)")
+            from distzo2_lab.parallel.slicer import Slicer
+
+            self.slicer = Slicer(rank, layout.world_size, cfg.zo.chunk_size, recorder=self.recorder)
+            extra["slicer"] = self.slicer
+        if cfg.offload.tier == "resident":
+            self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device)
+            self.engine = build_engine(cfg, self.adapter, self.recorder, **extra)
+        else:
+            if resume is not None:
+                raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
+                                  "its offload.store directory")
+            self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
+                                   self.slicer, node_share() if distributed else None)
+            self.adapter = self.offload.adapter
+            self.engine = build_engine(cfg, self.adapter, self.recorder, streamer=self.offload.streamer,
+                                       resident=self.offload.resident_keeper(), **extra)
+            if cfg.offload.tier == "disk":
+                self._open_disk_log()
+        width = max(b.numel for b in self.adapter.blocks)
+        # pieces are at most one block wide; a piece of one noise chunk has nothing to split
+        # (noise_share.py), so a model whose blocks fit one chunk draws everything alone
+        if distributed and layout.share_noise and cfg.device == "cpu" and width > cfg.zo.chunk_size:
+            from distzo2_lab.models.buckets import DTYPES
+            from distzo2_lab.parallel.node_share import open_node_copies, open_node_noise
+
+            e = self.engine
+            e.noise_share = open_node_noise(e.perturber, rank, layout.directions(rank, cfg.zo.directions), width)
+            if e.copies:  # the perturbed copies of the blocks, made once by the ranks of the same signs
+                e.copy_share = open_node_copies(rank, layout.directions(rank, cfg.zo.directions), layout.signs(rank),
+                                                width, e.perturber.chunk_size, DTYPES[cfg.precision.storage])
+        if resume is not None:
+            self._resume(resume)
+        if self.start >= cfg.steps:
+            raise ConfigError(f"steps={cfg.steps} is not beyond the step {self.start} already trained")
+
+    def _open_disk_log(self) -> None:
+        path = os.path.join(self.cfg.offload.store, "seedlog.jsonl")
+        committed = self.offload.resumed_step
+        if committed >= 0:  # a store that holds a run: continue it from its committed step
+            self.log = SeedLog.read(path)
+            _check_resume(self.cfg.offload.store, self.cfg, self.log)
+            self.log.records = [r for r in self.log.records if r["step"] <= committed]  # drop uncommitted
+            r = self.log.records[-1]
+            self.engine.pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"],
+                                                tuple(map(tuple, r.get("terms", ()))))  # n-SPSA: every direction
+            self.start = committed + 1
+        if self.offload.node is None or self.offload.node.leader:  # one writer of the store's log
+            self.log.keep_live(path)
+
+    def _resume(self, resume: str) -> None:
+        state = read_state(resume)
+        if state["config"]["model"] != self.cfg.model or state["config"]["seed"] != self.cfg.seed:
+            raise ConfigError(f"resume={resume!r} was trained with model={state['config']['model']!r}, "
+                              f"seed={state['config']['seed']}; pass the same model and seed")
+        load_weights(self.adapter, os.path.join(resume, "model.safetensors"))
+        self.log = SeedLog.read(os.path.join(resume, "seedlog.jsonl"))
+        _check_resume(resume, self.cfg, self.log)
+        self.start = state["step"]
+
+    def micro_batch(self, batch: dict) -> dict:
+        """This rank's rows of the global batch: dp group d takes the d-th contiguous slice."""
+        if self.layout is None or self.layout.dp == 1:
+            return batch
+        d = self.layout.coords(self.rank)[0]
+        n = next(iter(batch.values())).shape[0] // self.layout.dp
+        return {k: v[d * n : (d + 1) * n] for k, v in batch.items()}
+
+    def values(self, bucket) -> torch.Tensor:
+        return bucket.master if bucket.master is not None else self.offload.block_values(bucket)
+
+    def digest(self) -> str:
+        return digest(self.adapter, self.values)
+
+    def close(self) -> None:
+        self.engine.perturber.close()
+        for share in (getattr(self.engine, "noise_share", None), getattr(self.engine, "copy_share", None)):
+            if share is not None:
+                share.close()
+        if self.offload is not None:
+            self.offload.close()
+        self.log.close()
+
+
+def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, resume: str | None = None,
+          progress: bool = True, on_step=None, trace: str | None = None, layout=None, rank: int = 0,
+          recorder: Recorder | None = None, profile=None) -> dict:
+    """Run `cfg.steps` ZO steps; write DIR/summary.json and DIR/seedlog.jsonl when `out` is set.
+
+    `on_step(result)` is called after every step (live plots in notebooks); `trace=DIR` records
+    span events and writes per-rank JSONL and a Chrome trace there; `recorder` records into a
+    given Recorder (live views); `profile=DIR` (or profiling.ProfileOptions) runs the steps under
+    torch.profiler. `layout` / `rank` run this process as one rank of a distributed run (the
+    process group must exist; see launch.py).
+    """
+    validate(cfg)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    recorder = recorder or Recorder(rank=rank, enabled=trace is not None or profile is not None)
+    profiler = None
+    if profile is not None:
+        from distzo2_lab.observe.profiling import StepProfiler
+
+        profiler, recorder.ranges = StepProfiler(profile, rank), True
+    run = Run(cfg, resume, recorder, layout, rank)
+    try:
+        if profiler is not None:
+            with profiler:
+                summary = _loop(run, make_task(cfg, run.adapter), progress, profiler.wrap(on_step))
+            summary["profile"] = {"chrome": profiler.chrome, "tensorboard": profiler.tb_dir}
+        else:
+            summary = _loop(run, make_task(cfg, run.adapter), progress, on_step)
+        if trace is not None:
+            summary["trace"] = write_trace(recorder, trace)
+            summary["overlap"] = overlap_metrics(recorder.spans)
+        _write_outputs(run, summary, out, save)
+        return summary
+    finally:
+        run.close()
+        torch.set_num_threads(threads_before)
+
+
+def _loop(run: Run, task, progress: bool, on_step) -> dict:
+    cfg, engine = run.cfg, run.engine
+    eval_batch = to_device(task.batch(EVAL_STEP), cfg.device)
+    eval_start = engine.evaluate(eval_batch)
+    records, tokens = [], 0
+    t0 = time.perf_counter()
+    for t in tqdm(range(run.start, cfg.steps), disable=not progress or run.rank != 0,
+                  desc=f"{cfg.engine} {cfg.model}",
+                  initial=run.start, total=cfg.steps):
+        engine.step_count = t
+        r = engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t))
+        run.log.append(r.step, r.seed, r.grad, r.lr, r.terms)
+        if run.offload is not None:
+            run.offload.commit(t)  # disk tier: the step is durable once its record is logged
+        tokens += r.tokens
+        records.append({"step": r.step, "seed": r.seed, "loss_plus": r.loss_plus,
+                        "loss_minus": r.loss_minus, "projected_grad": r.grad, "lr": r.lr})
+        if on_step is not None:
+            on_step(r)
+    if run.offload is not None:
+        run.offload.streamer.drain()
+    elapsed = time.perf_counter() - t0
+    engine.flush()  # the last deferred update lands before anything reads the weights
+    return {
+        "config": asdict(cfg),
+        "base": run.base,
+        "start_step": run.start,
+        "steps": records,
+        "eval_loss_start": eval_start,
+        "eval_loss_end": engine.evaluate(eval_batch),
+        "digest": run.digest(),
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+        "seconds": elapsed,
+        "peak_rss_mb": peak_rss_mb(),
+        "memory": memory_report(run),
+        **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
+            "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records)),
+            "sliced": run.slicer is not None, "noise_share": _noise_report(engine.noise_share),
+            "copy_share": _copy_report(engine.copy_share)}
+           if run.exchange is not None else {}),
+    }
+
+
+def _copy_report(share) -> dict:
+    """How this rank's perturbed block copies were made: alone (ranks 1), or with `ranks` ranks."""
+    if share is None:
+        return {"ranks": 1}
+    return {"ranks": share.size, "computed_elements": share.computed, "served_elements": share.served,
+            "computed_fraction": share.computed / max(1, share.served), "alone_elements": share.alone}
+
+
+def _noise_report(share) -> dict:
+    """How this rank's z was drawn: alone (ranks 1), or split with `ranks` ranks of its node."""
+    if share is None:
+        return {"ranks": 1}
+    return {"ranks": share.size, "drawn_elements": share.drawn, "served_elements": share.served,
+            "copied_elements": share.copied, "drawn_fraction": share.drawn / max(1, share.served),
+            "alone_elements": share.alone, "waited_s": share.waited_s}
+
+
+def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -> None:
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        run.log.write(os.path.join(out, "seedlog.jsonl"))
+    if save is not None:
+        tensors = {k: v for b in run.adapter.buckets for k, v in b.state(run.values(b)).items()}
+        save_checkpoint(save, tensors, {"step": run.cfg.steps, "config": asdict(run.cfg), "base": run.base,
+                                        "digest": summary["digest"]}, run.log)
+

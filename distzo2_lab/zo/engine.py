@@ -1,0 +1,431 @@
+"""The ZO2 step for one rank: dual forward per block and the deferred, fused update.
+
+ZO2 (arXiv 2503.12668, Sec. 3.2-3.3): each transformer block is visited once per step. On the
+visit it first receives the pending update of the previous step (z regenerated from that
+step's seed), then z of this step is generated *once* and reused for +eps, -2 eps and the +eps
+restore while both perturbed activations (h+, h-) pass through it. The update of this step is
+only known after the last block, so it becomes an explicit :class:`PendingUpdate`, applied on
+the next visit or by :meth:`ZO2Engine.flush` (before evaluation, checkpoints and at the end).
+Resident buckets (embeddings, final norm, head) keep a copy of their +eps state so the head can
+run both passes after the blocks. With a :class:`~distzo2_lab.offload.stream.Streamer` the blocks live
+in a store and every visit is served by the upload / offload lanes; the arithmetic is the same
+as the eager reference's either way, so the results are bit-identical.
+
+Two options change the step itself, with the eager reference following the same rule:
+`micro_batches` runs each visit's forwards micro-batch by micro-batch (gradient accumulation:
+one transfer per block, token-weighted losses), and zo.directions = q > 1 (n-SPSA) perturbs each
+visited block out of place for every direction this rank runs, so the masters only ever receive
+the averaged update and ranks running different directions keep identical weights.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from distzo2_lab.config import PrecisionConfig, ZOConfig, copies_perturbation
+from distzo2_lab.models.base import BlockAdapter
+from distzo2_lab.models.buckets import DTYPES, ParamBucket
+from distzo2_lab.observe.events import Recorder
+from distzo2_lab.zo.perturb import Perturber
+from distzo2_lab.zo.spsa import (
+    PendingUpdate,
+    StepResult,
+    apply_update_,
+    check_engine_setup,
+    compute_context,
+    count_tokens,
+    direction_seed,
+    perturb_,
+    perturbed_copy,
+    projected_grad,
+    split_micro,
+    unpack_batch,
+    weighted_loss,
+)
+
+
+class ResidentSet:
+    """The resident buckets (embeddings; final norm and head) held in working memory for the whole
+    run, as ZO2 keeps them on the GPU. z of this step is kept for the restore, and the +eps state
+    is copied so that the head (tied to the embeddings) can run both passes after the blocks.
+    With q > 1 directions (n-SPSA) the perturbed states are out-of-place copies made again for
+    the head (z regenerated), and the masters only receive the update."""
+
+    def __init__(self, engine: ZO2Engine, buckets: list[ParamBucket] | None = None):
+        a = engine.adapter
+        self.engine, self.adapter = engine, a
+        buckets = [a.bucket_in, a.bucket_out] if buckets is None else buckets
+        self.pairs = [(b, torch.empty(b.numel, device=engine.device)) for b in buckets]
+        # reused buffers: fresh allocations cost page faults every step
+        self._plus = [torch.empty_like(b.working) for b, _ in self.pairs]
+
+    # -- the pieces, also used by offload.LeanResident for the buckets it keeps in memory -----
+    def flush(self) -> None:
+        for b, z in self.pairs:
+            self.engine._apply_pending(b, z)
+            b.sync()
+
+    def to_plus(self, seed: int) -> None:
+        """Deferred update, then +eps z(seed); keep the +eps state."""
+        e = self.engine
+        for (b, z), state in zip(self.pairs, self._plus):
+            e._apply_pending(b, z)
+            with e._span("rng"):
+                e.draw(z, seed, b.key)
+            with e._span("embed"):
+                perturb_(b.master, z, e.zo.eps)
+                b.sync()
+                state.copy_(b.working)
+
+    def to_minus(self) -> None:
+        for b, z in self.pairs:
+            perturb_(b.master, z, -2 * self.engine.zo.eps)
+            b.sync()
+
+    def bind_plus(self) -> None:
+        for (b, _), state in zip(self.pairs, self._plus):
+            b.bind(state)
+
+    def restore(self) -> None:
+        for b, z in self.pairs:
+            b.bind(b.working)
+            perturb_(b.master, z, self.engine.zo.eps)
+            b.sync()
+
+    def draw(self, seed: int) -> None:
+        """z(seed) of every resident bucket into its scratch (kept until the next draw)."""
+        e = self.engine
+        for b, z in self.pairs:
+            with e._span("rng"):
+                e.draw(z, seed, b.key)
+
+    def bind_copy(self, scale: float) -> None:
+        """Out-of-place passes: bind theta + scale z of the last draw (a copy; the masters stay)."""
+        for (b, z), out in zip(self.pairs, self._plus):
+            b.bind(perturbed_copy(out, b.master, z, scale))
+
+    def unbind_copies(self) -> None:
+        for b, _ in self.pairs:
+            b.bind(b.working)
+
+    # -- the keeper interface the engine calls --------------------------------------------
+    def begin(self, seed: int, micro: list) -> list:
+        """Deferred update, +eps, embed (h+), -2 eps, embed (h-) for each micro-batch (ids, mask);
+        returns [(h+, h-, ctx)] (None for a sign this rank does not run)."""
+        e, a = self.engine, self.adapter
+        plus, minus = e.signs
+        self.to_plus(seed)
+        out = []
+        with e._span("embed"):
+            for ids, mask in micro:
+                h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
+                out.append([h_plus, None, ctx])
+            self.to_minus()
+            for row, (ids, mask) in zip(out, micro):
+                if minus:
+                    row[1], row[2] = a.embed(ids, mask)  # (B, T, C)
+        return out
+
+    def end(self, hs: list, labels: list, counts: list[int]) -> tuple[float, float]:
+        """Head on the -eps state, then on the saved +eps state; restore. Returns (l+, l-)."""
+        with self.engine._span("head"):
+            loss_minus = self._losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
+            self.bind_plus()
+            loss_plus = self._losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
+            self.restore()
+        return loss_plus, loss_minus
+
+    def begin_directions(self, seeds: list[int], micro: list) -> dict:
+        """Out-of-place passes (zo.perturb copy, n-SPSA): apply the deferred update, then embed each
+        micro-batch under every (direction, sign) this rank runs; returns {(j, sign): [(h, ctx)]}.
+        z of each direction is drawn once for both signs."""
+        e, a = self.engine, self.adapter
+        self.flush()
+        out = {}
+        for j, seed in seeds:
+            self.draw(seed)
+            with e._span("embed"):
+                for sign, scale in self._signed(e.zo.eps):
+                    self.bind_copy(scale)
+                    out[j, sign] = [list(a.embed(ids, mask)) for ids, mask in micro]
+        self.unbind_copies()
+        return out
+
+    def end_directions(self, seeds: list[int], hs: dict, labels: list, counts: list[int]) -> dict:
+        """Out-of-place passes: head under every (direction, sign); returns {(j, sign): loss}. A rank
+        that runs one direction still holds its z from begin_directions, and its buffers still hold
+        the copy of the last sign embedded there: the head runs the signs in reverse order and makes
+        only the other copy again. Several directions are drawn and copied again."""
+        e = self.engine
+        out = {}
+        for j, seed in seeds:
+            one = len(seeds) == 1
+            if not one:
+                self.draw(seed)
+            with e._span("head"):
+                signed = self._signed(e.zo.eps)
+                for k, (sign, scale) in enumerate(reversed(signed) if one else signed):
+                    if one and k == 0:
+                        self.bind_plus()  # the copy begin_directions made last
+                    else:
+                        self.bind_copy(scale)
+                    rows = hs[j, sign]
+                    out[j, sign] = self._losses([h for h, _ in rows], labels, counts, [c for _, c in rows])
+        self.unbind_copies()
+        return out
+
+    def _signed(self, eps: float) -> list[tuple[int, float]]:
+        plus, minus = self.engine.signs
+        return [(0, eps)] * plus + [(1, -eps)] * minus
+
+    def _losses(self, hs: list, labels: list, counts: list[int], ctxs: list) -> float | None:
+        if hs[0] is None:
+            return None
+        a = self.adapter
+        return weighted_loss([float(a.loss(a.head(h, c), y)) for h, y, c in zip(hs, labels, ctxs)], counts)
+
+    def embed(self, ids, mask):
+        return self.adapter.embed(ids, mask)
+
+    def head_loss(self, h, labels, ctx=None) -> float:
+        return float(self.adapter.loss(self.adapter.head(h, ctx), labels))
+
+
+class ZO2Engine:
+    """Block-by-block ZO step with two noise generations per parameter per step."""
+
+    def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
+                 precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
+                 streamer=None, recorder: Recorder | None = None, resident=None,
+                 signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None,
+                 micro_batches: int = 1, directions: list[int] | None = None):
+        check_engine_setup(adapter, zo, precision)
+        if adapter.offloaded and streamer is None:
+            raise ValueError("this adapter's blocks live in a store: pass streamer=Streamer(store, ...)")
+        self.adapter, self.zo, self.precision = adapter, zo, precision
+        self.streamer = streamer
+        self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
+        self.perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
+        self.noise_share = None  # noise_share.NoiseShare: the node's ranks split every whole-bucket draw
+        self.copy_share = None  # noise_share.CopyShare: the node's ranks of the same signs make each block copy once
+        self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
+        self._width = width = max((b.numel for b in adapter.blocks), default=0)
+        self._z_block = torch.empty(width, device=self.device)
+        # One low-precision working buffer serves every streamed block (compute is sequential).
+        self._cast = (torch.empty(width, dtype=DTYPES[precision.storage], device=self.device)
+                      if streamer is not None and precision.storage != "fp32" else None)
+        self.pending: PendingUpdate | None = None
+        self.step_count = 0
+        self._visit = 0  # streamed visits served so far (the streamer's sweep order)
+        self.trim_buffers = False  # free idle working buffers after each sweep (lean runs)
+        # PertP: which perturbed passes this rank runs (in place, the arithmetic on the weights is
+        # always the whole +eps / -2 eps / +eps round trip, so every rank keeps identical weights;
+        # with copies a rank only makes the copies of its own signs), and
+        # exchange([(l+, l-) per direction], tokens, step) -> the same list combined over all ranks.
+        if not any(signs):
+            raise ValueError("signs=(False, False): a rank must run at least one perturbed pass")
+        self.signs = signs
+        # n-SPSA: the directions (of zo.directions) this rank runs; a single rank runs them all
+        self.directions = list(range(zo.directions)) if directions is None else list(directions)
+        if exchange is None and (self.directions != list(range(zo.directions)) or not all(signs)):
+            raise ValueError("a rank that runs only some signs or directions needs exchange= to combine the losses")
+        self.micro_batches = micro_batches
+        self.copies = copies_perturbation(zo)  # passes read theta +- eps z copies (zo.perturb)
+        self._oop = None  # copies / n-SPSA: this rank's perturbed copy of the visited block (working dtype)
+        self.exchange = exchange
+        self.slicer = slicer  # streamed blocks arrive as this rank's shard; see _assemble
+        self._skip_pending = False
+        # `resident(engine)` builds the keeper of the embeddings / head buckets.
+        self.resident = (resident or ResidentSet)(self)
+
+    # -- spans ---------------------------------------------------------------------------
+    def _span(self, phase: str, block: int = -1):
+        r = self.recorder
+        if not r.enabled:
+            return contextlib.nullcontext()
+        if self.device.type == "cuda":
+            return r.cuda_span("compute", phase, self.step_count, block)
+        return r.span("compute", phase, self.step_count, block)
+
+    # -- blocks: resident, or streamed through the lanes ---------------------------------
+    def _sweep(self, visit, write: bool = True) -> None:
+        """Call visit(i, bucket) for every block in order; streamed blocks are attached to
+        their working buffer for the visit and handed to the offload lane after it."""
+        if self.streamer is None:
+            for i, b in enumerate(self.adapter.blocks):
+                visit(i, b)
+            return
+        self.streamer.begin_sweep(self._visit, self.step_count)
+        if self._z_block is None:
+            self._z_block = torch.empty(self._width, device=self.device)
+        for i, b in enumerate(self.adapter.blocks):
+            v = self._visit
+            self._visit += 1
+            buf = self.streamer.acquire(v)
+            if self.slicer is not None:
+                self._assemble(buf, b, i)
+            b.attach(buf[: b.numel], None if self._cast is None else self._cast[: b.numel])
+            visit(i, b)
+            self._skip_pending = False
+            b.detach()
+            self.streamer.release(v, buf, write)
+            del buf
+        if self.trim_buffers:  # between sweeps hold no block-sized memory (lean runs)
+            b.unbind()  # the shell still viewed the last buffer
+            self._z_block = None
+            self.streamer.trim()
+
+    def _assemble(self, buf: torch.Tensor, b: ParamBucket, i: int) -> None:
+        """Sliced visit: the pending update lands on this rank's shard only, then the ranks
+        all-gather the updated shards into the whole block."""
+        p, (start, stop) = self.pending, self.slicer.bounds(b.numel)
+        if p is not None and stop > start:
+            with self._span("update", i):
+                for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
+                    z = self.perturber.fill(self._z_block[: stop - start], seed, b.key, start=start, total=b.numel)
+                    apply_update_(buf[start:stop], z, grad, lr, wd, self.perturber.decay_spans(b), offset=start)
+        self.slicer.assemble(buf, b.numel, self.step_count, i)
+        self._skip_pending = True
+
+    def draw(self, out: torch.Tensor, seed: int, key: str, keep: bool = True) -> torch.Tensor:
+        """z(seed, key) of a whole bucket into `out`: drawn here, or split with the node's ranks
+        (every rank makes the same whole-bucket draws in the same order; shard draws stay local).
+        keep=False: z is used up before this rank's next draw, so a shared draw may be returned in
+        its shared-memory slot instead of copied into `out` (NoiseShare.view)."""
+        if self.noise_share is not None:
+            share = self.noise_share
+            return share.fill(out, seed, key) if keep else share.view(out, seed, key)
+        return self.perturber.fill(out, seed, key)
+
+    # -- the deferred update -------------------------------------------------------------
+    def _apply_pending(self, bucket: ParamBucket, scratch: torch.Tensor, block: int = -1) -> None:
+        p = self.pending
+        if p is None or (self._skip_pending and block >= 0):
+            return
+        with self._span("update", block):
+            for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
+                z = self.draw(scratch[: bucket.numel], seed, bucket.key, keep=False)
+                apply_update_(bucket.master, z, grad, lr, wd, self.perturber.decay_spans(bucket))
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the pending update to every bucket now (evaluation never sees stale weights)."""
+        if self.pending is None:
+            return
+        self.resident.flush()
+
+        def visit(i, b):
+            self._apply_pending(b, self._z_block, i)
+            b.sync()
+
+        self._sweep(visit)
+        self.pending = None
+
+    # -- one step ------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, batch: dict, seed: int, lr: float | None = None) -> StepResult:
+        a = self.adapter
+        micro = split_micro(batch, self.micro_batches)
+        for ids, _, _ in micro:
+            a.check_batch(ids)
+        labels = [y for _, y, _ in micro]
+        counts = [count_tokens(y) for y in labels]
+        lr = self.zo.lr if lr is None else lr
+        q = self.zo.directions
+        with compute_context(self.precision.compute, self.device):
+            if not self.copies:
+                losses = [self._in_place(seed, micro, labels, counts)]
+            else:
+                losses = self._out_of_place(seed, micro, labels, counts)
+        if self.exchange is not None:
+            with self._span("exchange"):
+                losses = self.exchange(losses, sum(counts), self.step_count)
+        eps = self.zo.eps
+        if q == 1:
+            (loss_plus, loss_minus), terms = losses[0], ()
+            grad = projected_grad(loss_plus, loss_minus, eps)
+        else:
+            terms = tuple((direction_seed(seed, j), projected_grad(lp, lm, eps)) for j, (lp, lm) in enumerate(losses))
+            loss_plus, loss_minus = sum(lp for lp, _ in losses) / q, sum(lm for _, lm in losses) / q
+            grad = sum(g for _, g in terms) / q
+        self.pending = PendingUpdate(self.step_count, seed, grad, lr, terms)
+        self.step_count += 1
+        return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr, sum(counts), terms)
+
+    def _in_place(self, seed: int, micro, labels, counts) -> tuple[float | None, float | None]:
+        """MeZO's step: per block update, +eps, forward h+, -2 eps, forward h-, +eps (z made once)."""
+        a, eps = self.adapter, self.zo.eps
+        hs = self.resident.begin(seed, [(ids, mask) for ids, _, mask in micro])  # [[h+, h-, ctx]]
+
+        def visit(i: int, b: ParamBucket) -> None:
+            self._apply_pending(b, self._z_block, i)
+            with self._span("rng", i):
+                zb = self.draw(self._z_block[: b.numel], seed, b.key, keep=False)  # used up in this visit
+            for k, scale in ((0, eps), (1, -2 * eps)):
+                with self._span("perturb", i):
+                    perturb_(b.master, zb, scale)
+                    b.sync()
+                if self.signs[k]:  # PertP: only the passes this rank runs
+                    with self._span("forward", i):
+                        for h in hs:
+                            h[k] = a.run_block(i, h[k], h[2])
+            with self._span("perturb", i):
+                perturb_(b.master, zb, eps)
+                b.sync()
+
+        self._sweep(visit)
+        return self.resident.end(hs, labels, counts)
+
+    def _out_of_place(self, seed: int, micro, labels, counts) -> list[tuple[float | None, float | None]]:
+        """Out-of-place passes (zo.perturb copy, n-SPSA): per block update, then for each direction
+        this rank runs, the block's perturbed copies theta +- eps z_j carry the forwards (only the
+        signs this rank runs are copied); the master is never perturbed."""
+        a, eps = self.adapter, self.zo.eps
+        seeds = [(j, direction_seed(seed, j)) for j in self.directions]
+        hs = self.resident.begin_directions(seeds, [(ids, mask) for ids, _, mask in micro])
+        signed = self.resident._signed(eps)
+
+        def visit(i: int, b: ParamBucket) -> None:
+            self._apply_pending(b, self._z_block, i)
+            b.sync()
+            for j, s in seeds:
+                with self._span("rng", i):
+                    zb = self.draw(self._z_block[: b.numel], s, b.key, keep=False)  # used up before the next
+                for sign, scale in signed:
+                    with self._span("perturb", i):
+                        b.bind(self._copy(b, zb, scale))
+                    with self._span("forward", i):
+                        for h in hs[j, sign]:
+                            h[0] = a.run_block(i, h[0], h[1])
+            b.bind(b.working)
+
+        self._sweep(visit)
+        got = self.resident.end_directions(seeds, hs, labels, counts)
+        return [(got.get((j, 0)), got.get((j, 1))) for j in range(self.zo.directions)]
+
+    def _copy(self, b: ParamBucket, z: torch.Tensor, scale: float) -> torch.Tensor:
+        """theta + scale z of a visited block: this rank's scratch, or the node's shared slot (the
+        ranks running the same signs share the work; valid until this rank's next copy)."""
+        if self.copy_share is not None:
+            return self.copy_share.copy(b.master, z, scale)
+        if self._oop is None:  # allocated on first use: ranks that share their copies hold none
+            self._oop = torch.empty(self._width, dtype=DTYPES[self.precision.storage], device=self.device)
+        return perturbed_copy(self._oop[: b.numel], b.master, z, scale)
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> float:
+        """Loss at the current parameters, after flushing the pending update."""
+        self.flush()
+        a = self.adapter
+        ids, labels, mask = unpack_batch(batch)
+        a.check_batch(ids)
+        with compute_context(self.precision.compute, self.device):
+            hidden, ctx = self.resident.embed(ids, mask)
+            h = [hidden]
+
+            def visit(i, b):
+                h[0] = a.run_block(i, h[0], ctx)
+
+            self._sweep(visit, write=False)
+            return self.resident.head_loss(h[0], labels, ctx)

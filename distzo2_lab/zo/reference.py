@@ -1,0 +1,114 @@
+"""Eager MeZO: the reference step, the oracle every other variant is tested against.
+
+Exactly MeZO's Algorithm 1 (arXiv 2305.17333): the whole model is perturbed +eps z, a full
+forward gives l+, perturbed -2 eps z, a full forward gives l-, restored with +eps z, then
+updated with z regenerated once more. z is regenerated from the seed for each of the four
+passes (never stored). It is deliberately simple and slow (ratio ~1.6 of two forwards here).
+
+Two options every engine variant is checked against: micro-batches (gradient accumulation: the
+losses of equal row slices, token-weighted) and q > 1 directions (n-SPSA: for each direction j
+the passes see theta +- eps z_j computed out of place, and the update averages g_j z_j). With
+zo.perturb='copy' one direction is perturbed out of place too.
+"""
+from __future__ import annotations
+
+import torch
+
+from distzo2_lab.config import PrecisionConfig, ZOConfig, copies_perturbation
+from distzo2_lab.models.base import BlockAdapter
+from distzo2_lab.zo.perturb import Perturber
+from distzo2_lab.zo.spsa import (
+    PendingUpdate,
+    StepResult,
+    apply_update_,
+    check_engine_setup,
+    compute_context,
+    count_tokens,
+    direction_seed,
+    perturb_,
+    perturbed_copy,
+    projected_grad,
+    split_micro,
+    unpack_batch,
+    weighted_loss,
+)
+
+
+class EagerMeZO:
+    """MeZO step on a resident model: four noise passes, update applied at once."""
+
+    def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
+                 precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, micro_batches: int = 1):
+        check_engine_setup(adapter, zo, precision)
+        self.adapter, self.zo, self.precision = adapter, zo, precision
+        self.micro_batches = micro_batches
+        self.perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
+        self.device = adapter.bucket_in.master.device
+        self._z = torch.empty(max(b.numel for b in adapter.buckets), device=self.device)
+        self.step_count = 0
+        self.pending = None  # the reference applies every update at once; nothing is ever pending
+
+    def _z_for(self, bucket, seed: int) -> torch.Tensor:
+        return self.perturber.fill(self._z[: bucket.numel], seed, bucket.key)
+
+    def _perturb_all(self, seed: int, scale: float) -> None:
+        for b in self.adapter.buckets:
+            perturb_(b.master, self._z_for(b, seed), scale)
+            b.sync()
+
+    def _loss(self, ids, labels, mask) -> float:
+        with compute_context(self.precision.compute, self.device):
+            return float(self.adapter.loss(self.adapter.forward(ids, mask), labels))
+
+    def _batch_loss(self, micro) -> float:
+        return weighted_loss([self._loss(*m) for m in micro], [count_tokens(m[1]) for m in micro])
+
+    def _bind_perturbed(self, seed: int, scale: float, copies: list[torch.Tensor]) -> None:
+        for b, out in zip(self.adapter.buckets, copies):
+            b.bind(perturbed_copy(out, b.master, self._z_for(b, seed), scale))
+
+    @torch.no_grad()
+    def step(self, batch: dict, seed: int, lr: float | None = None) -> StepResult:
+        micro = split_micro(batch, self.micro_batches)
+        for ids, _, _ in micro:
+            self.adapter.check_batch(ids)
+        lr = self.zo.lr if lr is None else lr
+        eps, q = self.zo.eps, self.zo.directions
+        if not copies_perturbation(self.zo):
+            self._perturb_all(seed, eps)
+            loss_plus = self._batch_loss(micro)
+            self._perturb_all(seed, -2 * eps)
+            loss_minus = self._batch_loss(micro)
+            self._perturb_all(seed, eps)
+            grad = projected_grad(loss_plus, loss_minus, eps)
+            update = PendingUpdate(self.step_count, seed, grad, lr)
+        else:  # zo.perturb copy / n-SPSA: out-of-place perturbed copies, the masters only receive the update
+            copies = [torch.empty_like(b.working) for b in self.adapter.buckets]
+            terms, pluses, minuses = [], [], []
+            for j in range(q):
+                s = direction_seed(seed, j)
+                self._bind_perturbed(s, eps, copies)
+                pluses.append(self._batch_loss(micro))
+                self._bind_perturbed(s, -eps, copies)
+                minuses.append(self._batch_loss(micro))
+                terms.append((s, projected_grad(pluses[-1], minuses[-1], eps)))
+            for b in self.adapter.buckets:
+                b.bind(b.working)
+            loss_plus, loss_minus, grad = sum(pluses) / q, sum(minuses) / q, sum(g for _, g in terms) / q
+            update = PendingUpdate(self.step_count, seed, grad, lr, tuple(terms) if q > 1 else ())
+        for b in self.adapter.buckets:
+            for s, g, lr_j, wd in update.updates(self.zo.weight_decay):
+                apply_update_(b.master, self._z_for(b, s), g, lr_j, wd, self.perturber.decay_spans(b))
+            b.sync()
+        self.step_count += 1
+        return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr,
+                          sum(count_tokens(m[1]) for m in micro), update.terms)
+
+    def flush(self) -> None:
+        """Nothing is ever pending in the eager reference."""
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict) -> float:
+        ids, labels, mask = unpack_batch(batch)
+        self.adapter.check_batch(ids)
+        return self._loss(ids, labels, mask)
