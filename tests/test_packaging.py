@@ -104,7 +104,7 @@ def test_makefile_installs_the_same_torch_as_environment_yml():
 
 def test_console_script_distzo2_resolves_to_cli_main():
     target = _pyproject()["project"]["scripts"]["distzo2"]
-    assert target == "distzo2_lab.cli.main:main"
+    assert target == "distzo2_lab.cli:main"
     module, attr = target.split(":")
     main = getattr(importlib.import_module(module), attr)
     assert callable(main)

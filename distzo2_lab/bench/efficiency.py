@@ -34,9 +34,46 @@ def median_time(fn, repeats: int = 3, warmup: int = 1, before=None) -> float:
     return statistics.median(times)
 
 
+def cpu_flags() -> str:
+    """The CPU's model name and the flags that decide bf16 speed (avx2, avx512f, avx512_bf16, amx_bf16)."""
+    import platform
+
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(wanted) or 'no avx2'})"
+
+
+def interleaved_rounds(fns: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each named call per round, the calls of a round run back to back (their order
+    rotated every round), so that a busy neighbour slows all of a round's calls alike."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
 def efficiency(model: str = "opt-125m", batch: int = 8, seq: int = 128, precision: str = "fp32",
-               threads: int = 2, repeats: int = 3, seed: int = 0) -> dict:
-    """Median seconds of forward / eager step / engine step and their ratios to 2 x forward."""
+               threads: int = 2, repeats: int = 5, seed: int = 0) -> dict:
+    """Forward, eager MeZO step and engine step timed in `repeats` interleaved rounds; each step's
+    ratio to 2 x forward is taken within a round and the median over rounds is reported."""
     torch.set_num_threads(threads)
     prec = PrecisionConfig(compute=precision)
     zo = ZOConfig(lr=1e-6, eps=1e-3)
@@ -49,16 +86,24 @@ def efficiency(model: str = "opt-125m", batch: int = 8, seq: int = 128, precisio
         with torch.no_grad(), compute_context(precision, ids.device):
             adapter.loss(adapter.forward(ids), ids)
 
-    t_fwd = median_time(forward, repeats)
     counter = iter(range(10**9))
-    eager = EagerMeZO(adapter, zo, prec, threads)
-    t_eager = median_time(lambda: eager.step(b, step_seed(seed, next(counter))), repeats)
+    # each step on its own copy of the model: the engine's pending update is its own business
+    eager = EagerMeZO(adapter_for(build_model(model, seed=seed)), zo, prec, threads)
     engine = ZO2Engine(adapter, zo, prec, threads)
-    t_engine = median_time(lambda: engine.step(b, step_seed(seed, next(counter))), repeats)
-    engine.flush()
+
+    def eager_step():
+        eager.step(b, step_seed(seed, next(counter)))
+
+    def engine_step():
+        engine.step(b, step_seed(seed, next(counter)))
+
+    t = interleaved_rounds({"forward": forward, "eager": eager_step, "engine": engine_step}, repeats)
+    med = statistics.median
     return {
         "model": model, "batch": batch, "seq": seq, "precision": precision, "threads": threads,
-        "repeats": repeats, "forward_s": t_fwd, "eager_step_s": t_eager, "engine_step_s": t_engine,
-        "eager_ratio": t_eager / (2 * t_fwd), "engine_ratio": t_engine / (2 * t_fwd),
-        "tokens_per_s_engine": batch * seq / t_engine,
+        "repeats": repeats, "cpu": cpu_flags() if ids.device.type == "cpu" else str(ids.device),
+        "forward_s": med(t["forward"]), "eager_step_s": med(t["eager"]), "engine_step_s": med(t["engine"]),
+        "eager_ratio": med([e / (2 * f) for e, f in zip(t["eager"], t["forward"])]),
+        "engine_ratio": med([e / (2 * f) for e, f in zip(t["engine"], t["forward"])]),
+        "tokens_per_s_engine": batch * seq / med(t["engine"]),
     }

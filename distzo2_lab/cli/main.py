@@ -180,8 +180,8 @@ def cmd_bench(a) -> int:
     if a.json:
         print(json.dumps(r, indent=1))
     else:
-        print(f"{r['model']} batch {r['batch']}x{r['seq']} {r['precision']} {r['threads']} threads "
-              f"(median of {r['repeats']})")
+        print(f"{r['model']} batch {r['batch']}x{r['seq']} {r['precision']} {r['threads']} threads on {r['cpu']}; "
+              f"{r['repeats']} interleaved rounds, medians (ratios taken within each round)")
         print(f"  forward       {r['forward_s']:.3f} s")
         print(f"  eager MeZO    {r['eager_step_s']:.3f} s  step/(2 x forward) = {r['eager_ratio']:.3f}")
         print(f"  ZO2 engine    {r['engine_step_s']:.3f} s  step/(2 x forward) = {r['engine_ratio']:.3f}")
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = _bench_parser(bsub, "efficiency", "step / (2 x forward) for eager MeZO and the ZO2 engine", cmd_bench)
     e.add_argument("--precision", default="fp32", choices=COMPUTE_DTYPES)
     e.add_argument("--threads", type=int, default=2)
-    e.add_argument("--repeats", type=int, default=3)
+    e.add_argument("--repeats", type=int, default=5, help="interleaved rounds of forward / eager / engine")
     o = _bench_parser(bsub, "offload", "host / resident and disk / resident step time, overlap, recording overhead",
                       cmd_bench_offload)
     o.add_argument("--threads", type=int, default=2)
