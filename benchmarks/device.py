@@ -19,6 +19,7 @@ import argparse
 import json
 
 from distzo2_lab.bench.device import device_cases, format_cases, format_noise, noise_rates
+from distzo2_lab.bench.results import add_results_option, printed_to_results
 from distzo2_lab.plan.hardware import names
 
 
@@ -41,20 +42,22 @@ def main() -> None:
     p.add_argument("--noise", action="store_true", help="first time the noise fill per chunk size and thread count")
     p.add_argument("--noise-numel", type=int, default=1 << 28, help="elements the noise timing fills")
     p.add_argument("--json", action="store_true", help="also print one JSON line per model")
+    add_results_option(p)
     a = p.parse_args()
-    results = []
-    if a.noise:
-        rows = noise_rates(a.device, a.noise_numel)
-        print(f"noise fill on {a.device}, {a.noise_numel} elements (best of 3)\n" + format_noise(rows), flush=True)
-        results.append({"noise": rows})
-    for model in a.models:
-        r = device_cases(model, a.batch, a.seq, a.steps, a.compute, a.prefetch, a.device, a.threads,
-                         tuple(a.tiers), tuple(a.hardware), a.store, a.chunk_size, a.plan_dir)
-        print(format_cases(r), flush=True)
-        results.append(r)
-    if a.json:
-        for r in results:
-            print(json.dumps(r))
+    with printed_to_results("device", a.results):
+        results = []
+        if a.noise:
+            rows = noise_rates(a.device, a.noise_numel)
+            print(f"noise fill on {a.device}, {a.noise_numel} elements (best of 3)\n" + format_noise(rows), flush=True)
+            results.append({"noise": rows})
+        for model in a.models:
+            r = device_cases(model, a.batch, a.seq, a.steps, a.compute, a.prefetch, a.device, a.threads,
+                             tuple(a.tiers), tuple(a.hardware), a.store, a.chunk_size, a.plan_dir)
+            print(format_cases(r), flush=True)
+            results.append(r)
+        if a.json:
+            for r in results:
+                print(json.dumps(r))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from distzo2_lab.bench.offload import TIERS, format_overhead, format_ratios, offload_ratios, recording_overhead
+from distzo2_lab.bench.offload import format_overhead, format_ratios, offload_ratios, recording_overhead
+from distzo2_lab.bench.results import add_results_option, printed_to_results
+from distzo2_lab.config import OFFLOAD_TIERS
 
 
 def main() -> None:
@@ -26,17 +28,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per tier (after 1 warm-up)")
     p.add_argument("--prefetch", type=int, default=1, help="upload lane runs this many blocks ahead")
     p.add_argument("--store", default=None, help="parent directory of the temporary disk store")
-    p.add_argument("--overhead-tier", default="host", choices=TIERS, help="tier for the recording-overhead run")
+    p.add_argument("--overhead-tier", default="host", choices=OFFLOAD_TIERS, help="tier for the recording-overhead run")
     p.add_argument("--no-overhead", action="store_true", help="skip the recording-overhead measurement")
+    add_results_option(p)
     a = p.parse_args()
-    rows = [offload_ratios(a.model, a.batch, a.seq, a.threads, a.steps, a.prefetch, a.store)]
-    print(format_ratios(rows[0]))
-    if not a.no_overhead:
-        rows.append(recording_overhead(a.model, a.batch, a.seq, a.threads, a.steps, a.overhead_tier, a.prefetch,
-                                       a.store))
-        print(format_overhead(rows[1]))
-    for r in rows:
-        print(json.dumps(r))
+    with printed_to_results("offload", a.results):
+        rows = [offload_ratios(a.model, a.batch, a.seq, a.threads, a.steps, a.prefetch, a.store)]
+        print(format_ratios(rows[0]))
+        if not a.no_overhead:
+            rows.append(recording_overhead(a.model, a.batch, a.seq, a.threads, a.steps, a.overhead_tier, a.prefetch,
+                                           a.store))
+            print(format_overhead(rows[1]))
+        for r in rows:
+            print(json.dumps(r))
 
 
 if __name__ == "__main__":

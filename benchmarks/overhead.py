@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from distzo2_lab.bench.results import add_results_option, printed_to_results
 from distzo2_lab.config import OffloadConfig, TrainConfig
 from distzo2_lab.observe.events import Recorder, SpanBatcher
 from distzo2_lab.observe.live import LiveView
@@ -74,15 +75,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed steps with and without watching (each)")
     p.add_argument("--tier", default="host", choices=("resident", "host", "disk"))
+    add_results_option(p)
     a = p.parse_args(argv)
-    r = measure(a.model, a.batch, a.seq, a.threads, a.steps, a.tier)
-    print(f"{r['model']} batch {r['batch']}x{r['seq']}, {r['tier']} tier, {r['threads']} threads, "
-          f"median of {r['steps']} steps each")
-    print(f"  not recorded        {r['off_step_s']:.4f} s/step")
-    print(f"  recorded + batched  {r['recorded_step_s']:.4f} s/step  ({r['recording_percent']:+.2f} %)")
-    print(f"  + live plot         {r['on_step_s']:.4f} s/step  ({r['spans']} spans, {r['redraws']} redraws)")
-    print(f"  overhead            {r['overhead_percent']:+.2f} % of step time (target < 3 %)")
-    print(json.dumps(r))
+    with printed_to_results("overhead", a.results):
+        r = measure(a.model, a.batch, a.seq, a.threads, a.steps, a.tier)
+        print(f"{r['model']} batch {r['batch']}x{r['seq']}, {r['tier']} tier, {r['threads']} threads, "
+              f"median of {r['steps']} steps each")
+        print(f"  not recorded        {r['off_step_s']:.4f} s/step")
+        print(f"  recorded + batched  {r['recorded_step_s']:.4f} s/step  ({r['recording_percent']:+.2f} %)")
+        print(f"  + live plot         {r['on_step_s']:.4f} s/step  ({r['spans']} spans, {r['redraws']} redraws)")
+        print(f"  overhead            {r['overhead_percent']:+.2f} % of step time (target < 3 %)")
+        print(json.dumps(r))
     return r
 
 

@@ -19,8 +19,8 @@
 3. Predicted vs measured peak RSS above the process baseline for the host and disk tiers (fresh
    processes, ``bench_offload.peak_memory_subprocess``).
 4. The published checks: ZO2 peak GPU memory, DistZO2 trace shares and headline.
-The machine has 2 cores shared with other jobs: the load average is printed before and after;
-rerun when it moved a lot. Prints the tables, then one JSON line.
+On a machine shared with other jobs, the load average printed before and after says when to rerun.
+Prints the tables (``--results``: also into docs/results.md), then one JSON line.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import os
 import statistics
 
 from distzo2_lab.bench.calibrate import calibrate
+from distzo2_lab.bench.results import add_results_option, printed_to_results
 from distzo2_lab.config import PrecisionConfig
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.check import compare, measure_many
@@ -37,18 +38,17 @@ from distzo2_lab.plan.memory import Workload, memory_plan
 from distzo2_lab.plan.paper import format_paper_checks, headline, trace_shares, zo2_memory_check
 
 SHAPES = {"tiny": (8, 32), "opt-125m": (2, 64)}  # batch per dp group, sequence length
-# the tiny shape's steps take 5-60 ms: 30 of them, so that the median step is not one hiccup of the
-# OS scheduler or of the other jobs on this machine (OPT-125m's take seconds: --steps)
+# the tiny shape's steps take milliseconds: 30 of them, so that the median step is not one hiccup
+# of the OS scheduler or of other jobs (OPT-125m's take seconds: --steps)
 MIN_STEPS = {"tiny": 30}
 REPEATS = {"tiny": 3, "opt-125m": 3}
-"""Runs per case: steps move by 10-20 % from one run to the next on these 2 shared cores (tiny
-resident PertP, one process group, a minute apart: 5.3 and 6.4 ms; OPT-125m host PertP 1.38-1.49 s
-in three benchmarks), so each case runs three times, in three rounds of its group with a
-calibration between them, and the table takes the median run (the spread is printed beside it)."""
+"""Runs per case: on shared cores a step moves from one run to the next by as much as the 15 %
+band, so each case runs three times, in three rounds of its group with a calibration between
+them, and the table takes the median run (the spread is printed beside it)."""
 PER_ROUND = {"tiny": 3}
-"""Runs of each case in one round (the group's cases in turn, this many times): two tiny ranks here
-step at about 4.5 or about 7 ms for a whole run, either (one case's three runs in one benchmark:
-4.1-7.6 ms), so the tiny rows take the median of 9 runs; a tiny run is under a second."""
+"""Runs of each case in one round (the group's cases in turn, this many times): two tiny ranks on
+shared cores can settle at one of two speeds for a whole run, so the tiny rows take the median of
+9 runs; a tiny run is short."""
 CASES = [  # (tier, name, layout): every tier at world sizes 1, 2 and 4
     ("resident", "single", Layout()), ("host", "single", Layout()), ("disk", "single", Layout()),
     ("resident", "PertP", Layout(1, 2)), ("host", "PertP", Layout(1, 2)), ("host", "DDP", Layout(2, 1)),
@@ -185,49 +185,51 @@ def main() -> None:
     p.add_argument("--one-calibration", action="store_true",
                    help="predict every row from the calibration at the start (default: calibrate again beside "
                         "each world size's runs)")
+    add_results_option(p)
     a = p.parse_args()
-    load0 = os.getloadavg()[0]
-    print(f"load average before: {load0:.2f} on {os.cpu_count()} cores (other jobs share this machine)")
-    hw = calibrate(a.dir, collectives=not a.quick)
-    print(f"calibrated: {hw.rate_by_width} TFLOP/s per thread by width, noise {hw.rng_gsamples:.3f} G/s, "
-          f"copies {hw.h2d_gbps:.1f} GB/s, block pass {hw.launch_us:.0f} us; outside any span: step "
-          f"{hw.step_us:.0f} us, block visit {hw.block_us:.0f} us, streamed visit +{hw.visit_us:.0f} us")
-    print(f"  between processes (W: value): barrier {_per_world(hw.barrier_us, 'us')}, loss exchange after work "
-          f"{_per_world(hw.collective_us, 'us')}, compute contention {_per_world(hw.contention, 'x')} (width 768: "
-          f"{_per_world(hw.contention_wide, 'x')}), "
-          f"shared noise piece {_per_world(hw.share_us, 'us')}, all-gather "
-          + ", ".join(f"{k}: {v:.2f} GB/s" for k, v in hw.peer_gbps_by_world.items()))
-    models = ["tiny"] if a.quick else ["tiny", "opt-125m"]
-    beside = not a.one_calibration
-    print(f"\n{'model':>9} {'tier':>8} {'layout':>10} {'world':>5} {'threads':>7} {'predicted':>10} {'measured':>10} "
-          f"{'ratio':>6}  {'':>3} {'ratio start':>12}")
-    print("(seconds per step; ok = within 15 %; measured: the median of REPEATS x PER_ROUND runs, their range "
-          "after 'runs'; "
-          + ("predicted: the median over the calibrations before and after each round of the group, their "
-             "range after 'predicted'; 'ratio start': from the calibration at the start)" if beside else
-             "one calibration, at the start)"))
-    rows = timing_rows(hw, models, a.steps, NSPSA_CASES if a.nspsa else None, a.dir, beside, not a.quick)
-    within = sum(abs(r["ratio"] - 1) <= 0.15 for r in rows)
-    within_start = sum(abs(r["ratio_start"] - 1) <= 0.15 for r in rows)
-    print(f"{within} of {len(rows)} within 15 %" + (f" ({within_start} from the calibration at the start)"
-                                                     if beside else ""))
-    mem = []
-    if not a.quick:
-        print("\npeak RSS above the process baseline (fresh process, batch 1 x 32):")
-        mem = memory_rows(hw, models)
-    print()
-    checks = zo2_memory_check(), trace_shares(), headline()
-    print(format_paper_checks(*checks))
-    load1 = os.getloadavg()[0]
-    print(f"\nload average after: {load1:.2f}" + ("  (changed a lot: rerun for steadier numbers)"
-                                                  if abs(load1 - load0) > 1.5 else ""))
-    if a.json:
-        print(json.dumps({"hardware": hw.to_dict(), "timing": rows, "memory": mem,
-                          "zo2_memory": checks[0], "load": [load0, load1],
-                          "trace_shares": [{"case": r["case"], "published": r["published"],
-                                            "simulated": r["simulated"]} for r in checks[1]],
-                          "headline": {k: checks[2][k] for k in ("published", "speedup", "zo2_step_s",
-                                                                  "distzo2_step_s")}}, default=str))
+    with printed_to_results("planner", a.results):
+        load0 = os.getloadavg()[0]
+        print(f"load average before: {load0:.2f} on {os.cpu_count()} cores (other jobs share this machine)")
+        hw = calibrate(a.dir, collectives=not a.quick)
+        print(f"calibrated: {hw.rate_by_width} TFLOP/s per thread by width, noise {hw.rng_gsamples:.3f} G/s, "
+              f"copies {hw.h2d_gbps:.1f} GB/s, block pass {hw.launch_us:.0f} us; outside any span: step "
+              f"{hw.step_us:.0f} us, block visit {hw.block_us:.0f} us, streamed visit +{hw.visit_us:.0f} us")
+        print(f"  between processes (W: value): barrier {_per_world(hw.barrier_us, 'us')}, loss exchange after work "
+              f"{_per_world(hw.collective_us, 'us')}, compute contention {_per_world(hw.contention, 'x')} (width 768: "
+              f"{_per_world(hw.contention_wide, 'x')}), "
+              f"shared noise piece {_per_world(hw.share_us, 'us')}, all-gather "
+              + ", ".join(f"{k}: {v:.2f} GB/s" for k, v in hw.peer_gbps_by_world.items()))
+        models = ["tiny"] if a.quick else ["tiny", "opt-125m"]
+        beside = not a.one_calibration
+        print(f"\n{'model':>9} {'tier':>8} {'layout':>10} {'world':>5} {'threads':>7} {'predicted':>10} "
+              f"{'measured':>10} {'ratio':>6}  {'':>3} {'ratio start':>12}")
+        print("(seconds per step; ok = within 15 %; measured: the median of REPEATS x PER_ROUND runs, their range "
+              "after 'runs'; "
+              + ("predicted: the median over the calibrations before and after each round of the group, their "
+                 "range after 'predicted'; 'ratio start': from the calibration at the start)" if beside else
+                 "one calibration, at the start)"))
+        rows = timing_rows(hw, models, a.steps, NSPSA_CASES if a.nspsa else None, a.dir, beside, not a.quick)
+        within = sum(abs(r["ratio"] - 1) <= 0.15 for r in rows)
+        within_start = sum(abs(r["ratio_start"] - 1) <= 0.15 for r in rows)
+        print(f"{within} of {len(rows)} within 15 %" + (f" ({within_start} from the calibration at the start)"
+                                                         if beside else ""))
+        mem = []
+        if not a.quick:
+            print("\npeak RSS above the process baseline (fresh process, batch 1 x 32):")
+            mem = memory_rows(hw, models)
+        print()
+        checks = zo2_memory_check(), trace_shares(), headline()
+        print(format_paper_checks(*checks))
+        load1 = os.getloadavg()[0]
+        print(f"\nload average after: {load1:.2f}" + ("  (changed a lot: rerun for steadier numbers)"
+                                                      if abs(load1 - load0) > 1.5 else ""))
+        if a.json:
+            print(json.dumps({"hardware": hw.to_dict(), "timing": rows, "memory": mem,
+                              "zo2_memory": checks[0], "load": [load0, load1],
+                              "trace_shares": [{"case": r["case"], "published": r["published"],
+                                                "simulated": r["simulated"]} for r in checks[1]],
+                              "headline": {k: checks[2][k] for k in ("published", "speedup", "zo2_step_s",
+                                                                      "distzo2_step_s")}}, default=str))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from distzo2_lab.bench.results import add_results_option, printed_to_results
 from distzo2_lab.bench.scaling import format_scaling, scaling, to_json
 
 
@@ -26,12 +27,14 @@ def main() -> None:
     p.add_argument("--no-share-noise", action="store_true", help="every rank draws all of z (for comparison)")
     p.add_argument("--perturb", default="auto", help="zo.perturb of every world: auto, in-place or copy")
     p.add_argument("--json", action="store_true", help="print only the JSON")
+    add_results_option(p)
     a = p.parse_args()
-    r = scaling(a.model, a.batch, a.seq, a.steps, a.threads, repeats=a.repeats, share_noise=not a.no_share_noise,
-                perturb=a.perturb, progress=None if a.json else print)
-    if not a.json:
-        print(format_scaling(r))
-    print(to_json(r))
+    with printed_to_results("scaling", a.results):
+        r = scaling(a.model, a.batch, a.seq, a.steps, a.threads, repeats=a.repeats, share_noise=not a.no_share_noise,
+                    perturb=a.perturb, progress=None if a.json else print)
+        if not a.json:
+            print(format_scaling(r))
+        print(to_json(r))
 
 
 if __name__ == "__main__":

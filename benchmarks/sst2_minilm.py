@@ -22,15 +22,21 @@ seconds-sized smoke run (k = 16, a handful of steps): its accuracies mean nothin
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
+from distzo2_lab.bench.results import add_results_option, printed_to_results
 from distzo2_lab.bench.sst2 import main
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "sst2")
 
 if __name__ == "__main__":
-    argv = sys.argv[1:]
+    results = argparse.ArgumentParser(add_help=False)
+    add_results_option(results)
+    r, argv = results.parse_known_args(sys.argv[1:])
     if "--data" not in argv:
         argv = ["--data", os.environ.get("DISTZO2_SST2_DIR", SHARED), *argv]
-    sys.exit(main(argv))
+    with printed_to_results("sst2_minilm", r.results):
+        code = main(argv)
+    sys.exit(code)

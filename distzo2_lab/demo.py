@@ -25,7 +25,7 @@ from distzo2_lab.observe.report import write_report
 from distzo2_lab.observe.viz import bubble_figure, loss_figure, timeline_figure
 from distzo2_lab.parallel.launch import launch
 from distzo2_lab.parallel.layout import Layout
-from distzo2_lab.run.checkpoint import SeedLog, digest, save_checkpoint
+from distzo2_lab.run.checkpoint import SeedLog, checkpoint_tensors, digest, save_checkpoint
 from distzo2_lab.run.train import rebuild, train
 from distzo2_lab.run.worker import train_worker
 
@@ -103,7 +103,7 @@ def run_demo(out: str = "runs/demo", steps: int = 300, layout: Layout | None = N
     if not ok:
         raise RuntimeError("ranks disagree, or the seed-log rebuild differs from the trained weights")
     log = SeedLog.read(os.path.join(out, "seedlog.jsonl"))
-    save_checkpoint(os.path.join(out, "checkpoint"), {k: v for b in adapter.buckets for k, v in b.state().items()},
+    save_checkpoint(os.path.join(out, "checkpoint"), checkpoint_tensors(adapter),
                     {"step": steps, "config": asdict(cfg), "base": log.base, "digest": rebuilt}, log)
     loss_figure(s["steps"], f"tiny OPT, {layout.describe()}, {steps} steps").write_html(
         os.path.join(out, "loss.html"), include_plotlyjs=True)

@@ -3,7 +3,6 @@ import math
 import os
 
 from distzo2_lab.bench.offload import (
-    TIERS,
     format_memory,
     format_overhead,
     format_ratios,
@@ -11,6 +10,7 @@ from distzo2_lab.bench.offload import (
     peak_memory_subprocess,
     recording_overhead,
 )
+from distzo2_lab.config import OFFLOAD_TIERS
 from distzo2_lab.models import build_model, count_parameters
 from distzo2_lab.models.opt import OPTAdapter
 
@@ -28,8 +28,8 @@ def test_offload_ratios_compares_three_tiers_with_identical_losses(tmp_path):
         assert key in r
     assert r["identical"] is True
     assert _positive(r["host_ratio"]) and _positive(r["disk_ratio"])
-    assert set(r["tiers"]) == set(TIERS)
-    for tier in TIERS:
+    assert set(r["tiers"]) == set(OFFLOAD_TIERS)
+    for tier in OFFLOAD_TIERS:
         t = r["tiers"][tier]
         assert len(t["step_times"]) == 2 and len(t["losses"]) == 2
         assert "compute" in t["overlap"]["busy"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig
-from distzo2_lab.run.checkpoint import SeedLog, digest
+from distzo2_lab.run.checkpoint import SeedLog, checkpoint_tensors, digest
 from distzo2_lab.run.train import rebuild, train
 
 CFG = TrainConfig(steps=6, batch_size=2, seq_len=12, threads=1, zo=ZOConfig(weight_decay=0.05, chunk_size=2048))
@@ -79,3 +79,17 @@ def test_engines_refuse_an_adapter_built_for_another_storage():
             cls(adapter, ZOConfig(), PrecisionConfig(compute="bf16", storage="bf16"))
         with pytest.raises(ConfigError, match="zo.eps=0"):
             cls(adapter, ZOConfig(eps=0))
+
+
+def test_checkpoint_tensors_read_a_store_for_the_buckets_it_holds():
+    from distzo2_lab.models import adapter_for, build_model
+
+    adapter = adapter_for(build_model("tiny"))
+    held = adapter.buckets[1]
+    values = held.master.clone() + 1.0  # what a store would hold for that bucket
+    expected = {k: v.clone() for k, v in held.state(values).items()}
+    held.detach()
+    tensors = checkpoint_tensors(adapter, lambda b: values)
+    assert sorted(tensors) == sorted(s.name for b in adapter.buckets for s in b.slots)
+    for name, v in expected.items():
+        assert torch.equal(tensors[name], v)

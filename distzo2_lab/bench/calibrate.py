@@ -1,16 +1,10 @@
 """`distzo2 plan calibrate`: measure this machine's rates and lanes into a hardware profile.
 
-A few seconds of micro-benchmarks, each timing the package's own code path: an OPT block forward
-(``OPTAdapter.run_block``) at a large and a tiny shape (matmul rate and the fixed cost of one
-block pass) with one thread and with every core, the fixed costs of the embeddings and of the head
-(``adapter.embed``; ``adapter.head`` and ``adapter.loss``), noise generation (``Perturber.fill``), the
-in-place perturb pass (``perturb_``), copies into reused buffers (the host tier's upload and
-offload lanes, alone and two at once for the shared memory path), pread / pwrite of a file in the
-chosen directory (the disk tier), and real gloo process groups of 2 and 4 launched ranks: the
-fixed cost of a barrier and of the scalar all-gather among W processes (back to back, and at
-the end of some work in every rank, as a step meets it), the slow-down of each
-rank's compute when W ranks compute at once on the cores, and the all-gather bandwidth. The
-profile is cached as JSON in DIR/this-machine.json and read as hardware 'this-machine'.
+A few seconds of micro-benchmarks, each timing the package's own code path (block forwards at a
+narrow and a wide width, the fixed costs of a pass, the embeddings and the head, the noise fill,
+the perturb pass, copies, disk reads and writes), then real gloo process groups of 2 and 4 ranks
+(barrier, loss exchange, all-gathers, shared noise, compute contention fitted to real steps). The
+profile feeds the stream simulator (docs/planner.md) and is cached as DIR/this-machine.json.
 """
 from __future__ import annotations
 
@@ -23,6 +17,7 @@ import time
 import torch
 
 from distzo2_lab.bench.efficiency import median_time
+from distzo2_lab.bench.procstatus import status_kib
 from distzo2_lab.plan.hardware import (
     DEFAULT_DIR,
     NARROW_WIDTH,
@@ -32,14 +27,6 @@ from distzo2_lab.plan.hardware import (
     calibration_path,
     save_profile,
 )
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _probe_block(hidden: int, heads: int, ffn: int, batch: int, seq: int, device: str = "cpu", compute: str = "fp32"):
@@ -157,8 +144,8 @@ def engine_overheads(directory: str | None = None, device: str = "cpu") -> dict:
     - `visit_us`: once per streamed visit on top, what streaming adds to a step beyond the resident
       run's, whole: the streamer's hand-off (request, waiting on the lanes' threads, binding the
       buffer to the block's parameters, the release) and the compute lane's spans slowed while
-      the lanes' threads run (they take the interpreter's lock and the memory bus). Read from the
-      spans' gaps alone it came out 357-380 us a visit here against 393-448 whole;
+      the lanes' threads run (they take the interpreter's lock and the memory bus), so it is read
+      from whole steps, not from the spans' gaps alone;
     - `disk_step_us` / `disk_visit_us`: the disk tier's on top of the host tier's, per step (the
       commit: the snapshot of the resident buckets, waiting for the previous commit) and per
       visit (the lanes' file reads and writes), with the store in `directory`, whole likewise.
@@ -245,27 +232,26 @@ def _window_time(fn, seconds: float) -> float:
 
 
 EXCHANGE_WORK, EXCHANGE_ROUNDS = 4, 60
-"""Tiny forwards each rank runs before every timed loss exchange of the probe (~3 ms at 2 ranks
-here), and the rounds timed: an exchange at the end of a step costs more than back to back (0.6 ms
-at 2 ranks; ~1 ms after work, and 4 ranks on 2 cores wait for the ranks that had no core): ranks
-that went idle waiting must be woken, and the ranks reach it apart. Each round times the call
-itself, as the engine's exchange span does (subtracting the forwards' time, measured apart, from
-the round's read 1.0-4.1 ms at 2 ranks: the difference of two noisy times)."""
+"""Tiny forwards each rank runs before every timed loss exchange of the probe, and the rounds timed.
+An exchange at the end of a step costs more than one back to back: ranks that went idle waiting
+must be woken, and the ranks reach it apart. Each round times the call itself, as the engine's
+exchange span does (subtracting the forwards' time from the round's would leave the difference of
+two noisy times)."""
 
 
 GATHER_BYTES = (1 << 20, 4 << 20, 16 << 20, 32 << 20)
-"""Sizes (bytes gathered in all) of the probe's all-gathers: gloo between processes here is not one
-bandwidth (4 ranks: 0.44 GB/s at 4 MB, 0.61 at 16 MB, 0.32 at 32 MB, where the buffers outgrow the
-caches), so the simulator interpolates the measured times."""
+"""Sizes (bytes gathered in all) of the probe's all-gathers: gloo between processes is not one
+bandwidth (it falls where the buffers outgrow the caches), so the simulator interpolates the
+measured times."""
 GATHER_WARMUP, GATHER_REPEATS = 3, 7
 """Untimed and timed all-gathers of each size in the probe (the median of the timed ones)."""
 WIDE_WINDOWS = 5
 """0.5 s windows of the wide block pass in the contention probe, alone and with every rank (~5 s)."""
 FIT_STEPS, FIT_RUNS = 40, 3
 """Steps of each real run that the width-64 contention and the visit's cost are fitted to (its median
-step after the first), and the runs of each (the median run): two tiny ranks here step at about 4.5
-or about 7 ms for a whole run, either, and one run is one draw of the two (one benchmark's four
-calibrations read 4.5, 7.4, 6.6 and 6.8 ms)."""
+step after the first), and the runs of each (the median run): two tiny ranks on shared cores can
+settle at one of two speeds for a whole run, so one run is one draw and the median of several is
+taken."""
 
 
 def fit_case(world: int, tier: str = "resident"):
@@ -339,8 +325,7 @@ def fit_visit(hw: Hardware, world: int, measured_s: float, iters: int = 24) -> f
     no visits, so the two fits do not depend on each other). Between 0 and `world` times the
     one-process figure (`visit_us`): one process measures a visit's hand-off and its lanes' threads
     slowing the compute lane, and the simulator slows it again when the ranks share the cores,
-    where two real ranks' visits here cost what one process's do (host over resident PertP,
-    interleaved pairs: +0.81 ms a step at one rank, +0.68 at two, predicted +1.6 to +2.2)."""
+    which would count that slowing twice: the fit reads what a visit really costs at `world`."""
     step = lambda us: _fit_step(hw, world, "host", visit_us_by_world={**hw.visit_us_by_world, world: us})
     return _bisect(step, measured_s, 0.0, world * hw.visit_us, iters)
 
@@ -398,12 +383,11 @@ def gloo_probe(rank: int, world: int, q, nbytes: int, repeats: int, rounds: int 
         dist.barrier()
         # a fixed count of rounds (each ends in a collective, so every rank runs the same number),
         # each timed like the engine's exchange span: from this rank's call to its return. The mean,
-        # not the median: at 2 ranks most calls return in 0.4-0.6 ms and a few wait milliseconds for
-        # a rank that lost its core (mean 1.2-1.5 ms), and a step pays those waits too
+        # not the median: most calls return quickly and a few wait for a rank that lost its core,
+        # and a step pays those waits too
         ended = statistics.mean(after_work() for _ in range(EXCHANGE_ROUNDS))
-        # warm-up calls per size first: gloo's first all-gathers of a size run slower (16 MB at 4
-        # ranks: 43, 36, 28 ms, then 15-20), and a real run's sliced visits gather the same
-        # buffer every visit, so the steady state is what they meet
+        # warm-up calls per size first: gloo's first all-gathers of a size run slower, and a real
+        # run's sliced visits gather the same buffer every visit, so the steady state is what they meet
         curve = [[total, median_time(gather(total // 4 // world), repeats=repeats, warmup=GATHER_WARMUP)]
                  for total in sorted(set(GATHER_BYTES) | {nbytes})]
         dist.barrier()
@@ -462,10 +446,9 @@ def probe_ranks(world: int, nbytes: int = 16 << 20, repeats: int = GATHER_REPEAT
 def _in_turns(fns: dict, rounds: int = 6, repeats: int = 8, warmup: int = 5, evict=None) -> dict:
     """Median seconds of each of `fns`, timed in turns: `rounds` rounds of `repeats` calls of each,
     the median over the rounds of each round's median. A fixed cost of a few hundred microseconds
-    timed in one go is a snapshot of ~10 ms: the first calibration in a fresh process read a block
-    pass's fixed cost at 350-680 us where later ones read 290, and the head's at 145 against 75.
-    Timed in turns over ~0.1 s, the fixed costs and the small block whose rate is taken against
-    `launch` also see the same moments. `evict` (untimed) runs before every timed call: see
+    timed in one go is a snapshot of a few milliseconds of a machine whose speed moves (a fresh
+    process reads it high); timed in turns, the fixed costs and the small block whose rate is taken
+    against `launch` also see the same moments. `evict` (untimed) runs before every timed call: see
     :func:`_evict_caches`."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -478,16 +461,15 @@ def _in_turns(fns: dict, rounds: int = 6, repeats: int = 8, warmup: int = 5, evi
 
 
 EVICT_BYTES = 8 << 20
-"""Bytes written before each timed call of a fixed-cost probe: more than a core's L2 (2 MB here)."""
+"""Bytes written before each timed call of a fixed-cost probe: more than a core's L2 cache."""
 
 
 def _evict_caches(nbytes: int = EVICT_BYTES):
     """A callable that writes `nbytes` (untimed, before each call of a fixed-cost probe). A real
     step never runs one pass twice in a row: between two block passes the engine draws noise,
     perturbs, runs the other blocks and its own Python, and the pass finds its weights, its
-    activations and its code out of the caches. Timed back to back, the tiny block pass read 540 us
-    here and 576-652 us after 8 MB were written, the head's fixed cost 35 against 51 us and the
-    embeddings' 50 against 68-71 us; the same passes inside real tiny steps took 586-730 us (block)."""
+    activations and its code out of the caches. Timed back to back, a pass reads faster than it
+    runs inside a step; after the caches are overwritten it reads what a step sees."""
     buf = torch.empty(nbytes // 4)
     return lambda: buf.fill_(1.0)
 
@@ -495,11 +477,11 @@ def _evict_caches(nbytes: int = EVICT_BYTES):
 def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int | None = None,
               worlds: tuple[int, ...] = (2, 4), save: bool = True) -> Hardware:
     """Measure this machine (a few seconds; the multi-process probes at each of `worlds` ranks add
-    ~10 s each) and write DIR/this-machine.json (save=False: only return it, e.g. a calibration taken
+    several seconds each) and write DIR/this-machine.json (save=False: only return it, e.g. a calibration taken
     beside one measurement); returns the profile."""
     import transformers  # noqa: F401  (the baseline RSS counts torch and transformers)
 
-    baseline = _rss_bytes()
+    baseline = (status_kib("VmRSS") or 0) * 1024
     cores = cores or len(os.sched_getaffinity(0))
     big, big_flops = _wide_block()
     small, small_flops = _small_block()

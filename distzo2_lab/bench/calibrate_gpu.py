@@ -1,18 +1,10 @@
 """`distzo2 plan calibrate --device cuda`: measure this machine's GPU into a hardware profile.
 
-The same code paths as the CPU calibration (calibrate.py), timed on the working device (the
-passes in bursts of calls with one synchronise after each burst: the host issues a call while the
-device runs the earlier ones, as in a step; the rest with a synchronise after each call): an OPT
-block forward (``OPTAdapter.run_block``) under the engine's
-compute context at the widths of OPT-125m and OPT-1.3B and ZO2's 2048 tokens (the rate a block
-pass reaches at each width) and at a tiny shape (the fixed cost of a pass: Python and kernel
-launches), the embeddings and the head of the tiny preset, ``Perturber.fill`` at the default
-chunk size (the noise rate with its per-chunk cost), the in-place perturb pass (memory
-bandwidth), pinned host <-> device copies alone and both directions at once (the upload and
-offload lanes), pread / pwrite in DIR (the disk tier) and short real training runs on the device
-(the fixed costs no span records). One GPU: nothing between devices is measured (the profile's
-peer link is left out, and collectives cost the datasheet's latency). Written to
-DIR/this-machine.json like the CPU calibration, and read as hardware 'this-machine'.
+The CPU calibration's code paths (calibrate.py), timed on the working device: block forwards at
+OPT-125m's and OPT-1.3B's widths under the engine's compute context, the fixed costs of a pass
+(in bursts of calls per synchronise, as a step issues them), the noise fill, the perturb pass,
+pinned copies each way, the disk and short real runs. One GPU: no peer link is measured. Written
+to DIR/this-machine.json and read as hardware 'this-machine' by the planner (docs/planner.md).
 """
 from __future__ import annotations
 

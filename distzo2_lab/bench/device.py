@@ -1,16 +1,10 @@
 """The engine on one working device (a GPU where there is one): MeZO against ZO2, and the planner beside it.
 
-:func:`device_cases` runs the same model and batches, one case after another in this process,
-as eager MeZO (every parameter resident) and as the ZO2 engine with the blocks resident, streamed
-from pinned host memory and (optionally) from a disk store. For each case: the median seconds per
-step after a warm-up step, the peak device memory the case allocated (CUDA's caching allocator,
-``max_memory_allocated``: tensors only, no CUDA context), the lanes' overlap, and the losses
-(identical across the ZO2 tiers, and equal to MeZO's, as the tests require). Beside each ZO2 case:
-the memory planner's peak for the same workload without its stated runtime overhead (the context
-the allocator does not see) and the stream simulator's step time on each GPU profile named (a
-datasheet profile also with its host links replaced by those measured here, :func:`link_gbps`;
-'this-machine' is the calibration of ``distzo2 plan calibrate --device cuda``).
-On CPU the same cases run (no device memory is read): that is how the tests check this module.
+:func:`device_cases` runs the same model and batches as eager MeZO and as the ZO2 engine (ZO2,
+arXiv 2503.12668, Sec. 3) with the blocks resident, streamed from pinned host memory and from a
+disk store, and reports per case the median step, the peak device memory beside the memory
+planner's figure, the lanes' overlap, the losses (identical across cases) and the simulator's step
+on each profile named. On CPU the same cases run without device memory: that is how tests check it.
 """
 from __future__ import annotations
 

@@ -9,11 +9,12 @@ resident-set high-water mark (``VmHWM``, reset before the phase) on CPU.
 """
 from __future__ import annotations
 
-import re
 import resource
 import time
 
 import torch
+
+from distzo2_lab.bench.procstatus import status_kib
 
 
 class PeakMemory:
@@ -27,15 +28,6 @@ class PeakMemory:
         self.start_mb = self.peak_mb = 0.0
         self.reset = False
 
-    @staticmethod
-    def _status_mb(field: str) -> float | None:
-        try:
-            with open("/proc/self/status") as f:
-                m = re.search(rf"{field}:\s+(\d+) kB", f.read())
-            return int(m.group(1)) / 1024.0 if m else None
-        except OSError:
-            return None
-
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -48,7 +40,7 @@ class PeakMemory:
             self.reset = True
         except OSError:
             self.reset = False
-        self.start_mb = self._status_mb("VmRSS") or 0.0
+        self.start_mb = (status_kib("VmRSS") or 0) / 1024.0
         return self
 
     def __exit__(self, *exc) -> None:
@@ -56,8 +48,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
             return
-        hwm = self._status_mb("VmHWM") if self.reset else None
-        self.peak_mb = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        hwm = status_kib("VmHWM") if self.reset else None
+        self.peak_mb = hwm / 1024.0 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
     @property
     def added_mb(self) -> float:

@@ -1,20 +1,10 @@
 """Offload benchmarks: what streaming the blocks from host memory or disk costs, and what it saves.
 
-- :func:`offload_ratios`: in one process, the same model and batches on the resident, host and
-  disk tiers; median step seconds, host / resident and disk / resident, the lanes' overlap
-  metrics over the timed steps, disk bytes per step and throughput, and whether the upload lane
-  kept up with compute. The three tiers must produce identical losses (``identical``).
-- :func:`recording_overhead`: median step time with span recording off and on, interleaved
-  step by step on one run (off, on, off, on, ...) so that drift cancels.
-- :func:`peak_memory`: one run in a *fresh* process (``python -m distzo2_lab.bench.offload
-  peak``; :func:`peak_memory_subprocess` starts it): peak resident memory against the model's
-  fp32 size, store build time, seconds per step, disk bytes and throughput.
-
-Peak memory is read from ``/proc/self/status`` (VmHWM, the high-water mark of this process's
-address space). ``ru_maxrss`` is reported too but is not used for the ratio: Linux carries the
-pre-exec high-water mark into it, so a child started by a large parent (pytest with torch
-loaded) reports at least the parent's size. Disk reads are usually served by the page cache, so
-"disk" throughput is what the store's read/write path achieves here, not the device's.
+ZO2 (arXiv 2503.12668, Sec. 3.3) hides block transfers under compute. :func:`offload_ratios` runs
+the resident, host and disk tiers on the same batches in one process (identical losses required)
+and reports each tier's step against resident with the lanes' overlap; :func:`recording_overhead`
+interleaves steps with span recording off and on; :func:`peak_memory` runs one model in a fresh
+process and reads its resident-set high-water mark (VmHWM; ``ru_maxrss`` would carry the parent's).
 """
 from __future__ import annotations
 
@@ -32,13 +22,12 @@ import time
 
 import torch
 
-from distzo2_lab.config import OffloadConfig, TrainConfig, ZOConfig, validate
+from distzo2_lab.bench.procstatus import status_kib
+from distzo2_lab.config import OFFLOAD_TIERS, OffloadConfig, TrainConfig, ZOConfig, validate
 from distzo2_lab.models.presets import PRESETS
 from distzo2_lab.observe.events import Recorder, lane_busy, overlap_metrics
 from distzo2_lab.run.train import Run, make_task, to_device
 from distzo2_lab.seeds import step_seed
-
-TIERS = ("resident", "host", "disk")
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -94,20 +83,8 @@ def _kept_up(m: dict) -> bool | None:
     return busy["upload"] < busy.get("compute", 0.0)
 
 
-def _status_kib(field: str) -> int | None:
-    """A VmXXX line of /proc/self/status in KiB (Linux), or None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _rss_kib() -> int | None:
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     if kib is None:
         try:
             import psutil
@@ -197,7 +174,7 @@ def offload_ratios(model: str = "opt-125m", batch: int = 8, seq: int = 128, thre
         # Interleaved (resident, host, disk, then rotated each step): drift in the machine's speed
         # (2 shared cores) falls on every tier alike instead of on whichever ran last.
         runs = [_Tier(_config(model, batch, seq, threads, 1 + steps, tier, prefetch,
-                              os.path.join(where, "store") if tier == "disk" else None)) for tier in TIERS]
+                              os.path.join(where, "store") if tier == "disk" else None)) for tier in OFFLOAD_TIERS]
         for t in range(1, steps + 1):
             for k in range(len(runs)):
                 runs[(k + t) % len(runs)].step(t)
@@ -205,7 +182,7 @@ def offload_ratios(model: str = "opt-125m", batch: int = 8, seq: int = 128, thre
     finally:
         shutil.rmtree(where, ignore_errors=True)
         torch.set_num_threads(threads_before)
-    res, host, disk = (tiers[t] for t in TIERS)
+    res, host, disk = (tiers[t] for t in OFFLOAD_TIERS)
     return {
         "model": model, "batch": batch, "seq": seq, "threads": threads, "steps": steps, "prefetch": prefetch,
         "resident_step_s": res["step_s"], "host_step_s": host["step_s"], "disk_step_s": disk["step_s"],
@@ -292,7 +269,7 @@ def peak_memory(model: str, tier: str = "disk", steps: int = 2, batch: int = 1, 
         t0 = time.perf_counter()
         run = Run(cfg, recorder=rec)
         build_s = time.perf_counter() - t0
-        hwm_build, rss_build = _status_kib("VmHWM"), _rss_kib()
+        hwm_build, rss_build = status_kib("VmHWM"), _rss_kib()
         try:
             numel = sum(b.numel for b in run.adapter.buckets)
             task = make_task(cfg, run.adapter)
@@ -323,7 +300,7 @@ def peak_memory(model: str, tier: str = "disk", steps: int = 2, batch: int = 1, 
     else:  # a checkpoint directory: count from the bucket plan (count_parameters would load it whole)
         params = numel
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     peak = hwm if hwm is not None else maxrss
     model_bytes = 4 * params
     up_s, _ = lane_busy(spans, "upload")
@@ -385,7 +362,7 @@ def format_ratios(r: dict) -> str:
              f"(median of {r['steps']} steps after 1 warm-up); losses identical across tiers: {r['identical']}",
              f"{'tier':>8} {'step s':>8} {'ratio':>6} {'build s':>8} {'compute':>8} {'upload':>7} {'offload':>8} "
              f"{'hidden':>7} {'up GB/s':>8} {'kept up':>8}"]
-    for tier in TIERS:
+    for tier in OFFLOAD_TIERS:
         t = r["tiers"][tier]
         busy = t["overlap"].get("busy", {})
         ratio = 1.0 if tier == "resident" else r[f"{tier}_ratio"]
@@ -425,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     k = sub.add_parser("peak", help="peak RSS of one run in this (fresh) process")
     k.add_argument("--model", default="opt-1.3b")
-    k.add_argument("--tier", default="disk", choices=TIERS)
+    k.add_argument("--tier", default="disk", choices=OFFLOAD_TIERS)
     k.add_argument("--steps", type=int, default=2)
     k.add_argument("--batch", type=int, default=1)
     k.add_argument("--seq", type=int, default=32)
@@ -444,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--prefetch", type=int, default=1)
         q.add_argument("--store", default=None, help="parent directory of the temporary disk store")
         if name == "overhead":
-            q.add_argument("--tier", default="host", choices=TIERS)
+            q.add_argument("--tier", default="host", choices=OFFLOAD_TIERS)
     for q in sub.choices.values():
         q.add_argument("--json", action="store_true", help="print one JSON line")
     a = p.parse_args(argv)

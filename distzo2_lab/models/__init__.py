@@ -1,4 +1,4 @@
-"""Model adapters and presets (layer 2): real Hugging Face models seen as ZO2 sees them."""
+"""Model adapters and presets: real Hugging Face models seen as ZO2 sees them."""
 from distzo2_lab.models.base import BlockAdapter, BlockContext
 from distzo2_lab.models.bert import BertAdapter
 from distzo2_lab.models.buckets import DTYPES, ParamBucket

@@ -1,4 +1,4 @@
-"""Static plotly views (layer 9): loss curves of a run, and span timelines of its lanes.
+"""Static plotly views: loss curves of a run, and span timelines of its lanes.
 
 Timelines are horizontal ``go.Bar`` traces with ``base=start`` on a linear time axis in seconds
 (``px.timeline`` turns sub-second numeric spans into zero-width bars at 1970): one row per

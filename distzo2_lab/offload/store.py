@@ -25,7 +25,6 @@ import torch
 
 from distzo2_lab.config import ConfigError
 
-TIERS = ("resident", "host", "disk")
 MAGIC = b"DZO2SLT1"
 HEADER = 4096  # one page per slot header keeps every slot's values page-aligned
 FORMAT = "distzo2-disk-store"

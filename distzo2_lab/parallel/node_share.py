@@ -1,38 +1,18 @@
 """z drawn once per node: the ranks of a node that draw the same noise share the drawing.
 
-Every rank of a PertP, DDP or 2D layout draws the same z for every bucket at every step (a PertP
-rank runs the whole +eps / -2 eps / +eps round trip, DDP ranks share the seed). On a CPU the draw
-costs ~4-6 ns per element per thread (``normal_``), as much as a large share of the forward, and W
-ranks of one node would each pay it in full. Here the G ranks of a node that make the same draws
-(same directions, n-SPSA) cut every draw into pieces of at most one slot, and the noise chunks of
-a piece go to whichever members are there to draw them: a member claims the next unclaimed chunk
-(starting at its own run of the piece, so members that arrive together split it evenly), draws
-it into the shared-memory slot, marks it done, and when no chunk is left waits only for the chunks
-still being drawn; then it copies the piece out (or, for a draw used up before the member's next
-one, reads it in the slot: :meth:`NoiseShare.view`). A member that arrives late finds its z ready
-and draws nothing, so no rank ever waits for another to *start* drawing: with more ranks than
-cores (4 one-thread ranks on 2 cores) the ranks that hold a core do the drawing while the others
-wait for theirs. No collective is called; the claims live in a small shared control file guarded by
-``flock`` (its system calls also order the memory between processes).
+Every rank of a PertP, DDP or 2D layout (DistZO2, arXiv 2507.03211, Sec. 3) draws the same z for
+every bucket at every step, and on a CPU that draw costs about as much as a large part of the
+forward. The G ranks of a node that make the same draws cut each draw into pieces; a member
+claims the next unclaimed noise chunk of a piece, draws it into a shared-memory slot and marks it
+done, so each chunk is drawn exactly once, by whichever rank is free, and a rank that arrives late
+finds its z ready. Claims live in a small control file guarded by ``flock``; no collective is
+called. A one-chunk piece has nothing to split: every member draws it alone (`alone`), and a run
+whose widest block fits one chunk opens no share at all.
 
-A piece of one chunk has nothing to split: one member would draw it while the others wait for it
-(members consume their draws in the same order, so no two one-chunk pieces are drawn at once).
-Every member draws such a piece alone instead (`alone`; all decide the same, by the piece's
-length) and it never enters the ring; a run whose widest block fits one chunk (the tiny shape:
-50K elements, 1M-element chunks) opens no share at all (train.py). On this machine sharing the
-tiny shape's one-chunk draws made 2-rank steps ~2 ms slower (7.1-7.5 ms against 5.1-6.0 ms
-drawing alone, resident PertP) and coupled the ranks at every piece.
-
-The values are the perturber's own (chunk c of bucket k at seed s is a pure function of the
-three), so a run is bit-identical with or without sharing and whoever draws a chunk; only the
-work moves, and each chunk is drawn exactly once.
-
-`slots` pieces are in flight at once (a ring): piece n lives in slot n % slots, and a member may
-start piece n only when every member has moved past the piece the slot held (a member "moves past"
-piece m when it asks for piece m + 1: until then it may still be reading m in its slot), so a
-rank may run up to slots - 1 pieces ahead of the slowest. Every member must make the same sequence
-of shared draws (the engine draws whole buckets in a fixed order; sliced updates draw only the
-rank's own shard and stay local). The files are unlinked once every member has opened them.
+The values are the perturber's own (a pure function of seed, bucket and chunk), so a run is
+bit-identical with or without sharing. `slots` pieces are in flight at once (a ring), so a rank
+runs at most slots - 1 pieces ahead of the slowest; every member must make the same sequence of
+shared draws.
 """
 from __future__ import annotations
 

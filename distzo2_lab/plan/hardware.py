@@ -58,7 +58,7 @@ class Hardware:
     disk_write_gbps: float = 2.0
     context_gb: float = 0.0
     """Runtime memory per device that no tensor accounts for (CUDA context, kernels, allocator
-    slack; for 'cpu' the process with torch imported). See memory.CUDA_OVERHEAD_GB."""
+    slack; for 'cpu' the process with torch imported). See _CUDA_OVERHEAD_GB."""
     rate_by_width: dict = field(default_factory=dict)
     """'cpu' only: measured block-forward TFLOP/s per thread at some hidden widths {width: rate};
     small matrices run far below the large-GEMM rate. Interpolated in log(width)."""
@@ -68,7 +68,7 @@ class Hardware:
     """Fixed cost of the embeddings and the attention mask of one pass."""
     head_us: float | None = None
     """Fixed cost of one head pass (final norm, lm_head, log-softmax and loss): a few operations
-    where a block pass runs a dozen (here 77 us against a block's 290). None: `launch_us`."""
+    where a block pass runs a dozen, so it costs a fraction of `launch_us`. None: `launch_us`."""
     visit_us: float = 20.0
     """What one streamed visit adds to a step, on top of `block_us`: the streamer's hand-off
     (request, waiting on the lanes' threads, binding the buffer to the block, release) and the
@@ -121,9 +121,9 @@ class Hardware:
     of `calibrate.fit_case(W)`: tiny, resident, batch 16 x 16 per dp group, PertP pairs)."""
     contention_wide: dict = field(default_factory=dict)
     """'cpu' only: the same slow-down measured with a block pass at width WIDE_WIDTH (OPT-125m's, batch
-    2 x 64) {W: factor >= 1}: its 28 MB of weights stream through the shared L3 and memory bus, which
-    two ranks on two cores share (here 1.12x at 2 ranks where a width-64 pass read 0.95-1.01x).
-    Measured in 0.5 s windows of every rank computing at once over rank 0 alone.
+    2 x 64) {W: factor >= 1}: its weights do not fit a core's own cache and stream through the shared
+    L3 and memory bus, so wide blocks contend more than narrow ones. Measured in short windows of
+    every rank computing at once over rank 0 alone.
     The simulator interpolates between the two widths in log width. Empty: `contention` at every
     width."""
     cores: int | None = None
@@ -208,7 +208,7 @@ rate) and OPT-125m's (`contention_wide`, the wide block's rate)."""
 
 # DGX-style nodes: 2 GPUs per PCIe Gen4/Gen5 switch, one x16 uplink per switch, NVSwitch between GPUs.
 # The effective PCIe figures are what pinned cudaMemcpyAsync reaches (about 80% of the signalling rate).
-# CUDA_OVERHEAD_GB (memory.py) is the stated per-GPU runtime overhead.
+# _CUDA_OVERHEAD_GB is the stated per-GPU runtime overhead, one constant for every GPU and model size.
 _CUDA_OVERHEAD_GB = 2.25
 
 PROFILES: dict[str, Hardware] = {

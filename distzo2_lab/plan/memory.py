@@ -13,13 +13,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from distzo2_lab.config import PERTURB_MODES, ConfigError, PrecisionConfig, validate_precision
+from distzo2_lab.config import OFFLOAD_TIERS, PERTURB_MODES, ConfigError, PrecisionConfig, validate_precision
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import Hardware
 
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TIERS = ("resident", "host", "disk")
 CHUNK = 1 << 20
 """Noise chunk (ZOConfig.chunk_size): slicing pads shards to whole chunks, shared draws split by chunks."""
 
@@ -132,8 +131,8 @@ class Workload:
 
 def check_workload(w: Workload) -> Workload:
     validate_precision(w.precision)
-    if w.tier not in TIERS:
-        raise ConfigError(f"tier={w.tier!r} is not valid; choose one of {', '.join(TIERS)}")
+    if w.tier not in OFFLOAD_TIERS:
+        raise ConfigError(f"tier={w.tier!r} is not valid; choose one of {', '.join(OFFLOAD_TIERS)}")
     for name in ("batch", "seq"):
         v = getattr(w, name)
         if not isinstance(v, int) or v < 1:
@@ -289,7 +288,3 @@ def adam_bytes(w: Workload, hw: Hardware) -> float:
     fp32 moments (16 bytes per parameter), before any activation is stored for the backward pass."""
     return hw.context_gb * GB + model_shape(w.model).total * 16
 
-
-def cuda_overhead_note() -> str:
-    return ("runtime overhead per GPU: CUDA context, loaded kernels, cuBLAS workspaces and caching-allocator "
-            "slack, as nvidia-smi counts them; one stated constant for every model size")

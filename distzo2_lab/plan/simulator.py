@@ -506,9 +506,8 @@ def run_graph(g: Graph, hw: Hardware, cores: float | None = None) -> None:
     the ranks computing at one moment split `cores` (each at most its own speed), and so is every
     transfer: on a CPU node an upload or a write-back is a memory copy that a lane's thread runs
     on one of those cores (a copy alone moves `h2d_gbps` on one core). One rank leaves the other
-    cores to its lanes; several ranks computing at once share them with their copies (OPT-125m's
-    28 MB blocks on two ranks here: a host step 55-80 ms over the resident one, where one rank's
-    is 5-7 ms over)."""
+    cores to its lanes; several ranks computing at once share them with their copies, which is why
+    a host-tier step with several ranks on a CPU node costs more over the resident one than with one."""
     tasks = g.tasks
     copy_gbps = hw.h2d_gbps if cores is not None and hw.kind == "cpu" else None
     head = {lane: 0 for lane in g.lanes}

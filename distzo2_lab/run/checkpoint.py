@@ -36,6 +36,14 @@ def digest(adapter: BlockAdapter, values=None) -> str:
     return h.hexdigest()
 
 
+def checkpoint_tensors(adapter: BlockAdapter, values=None) -> dict[str, torch.Tensor]:
+    """name -> fp32 tensor of every unique parameter, as a checkpoint saves them.
+
+    `values(bucket) -> flat fp32 tensor` supplies buckets whose values live in a store."""
+    out: dict[str, torch.Tensor] = {}
+    for b in adapter.buckets:
+        out.update(b.state(None if b.master is not None else values(b)))
+    return out
 
 
 def load_weights(adapter: BlockAdapter, path: str) -> None:

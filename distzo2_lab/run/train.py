@@ -21,7 +21,15 @@ from distzo2_lab.models import BlockAdapter, adapter_for, build_model
 from distzo2_lab.models.presets import is_local_dir
 from distzo2_lab.observe.events import Recorder, overlap_metrics, write_trace
 from distzo2_lab.offload.tiers import Offload
-from distzo2_lab.run.checkpoint import SeedLog, digest, load_weights, read_state, replay, save_checkpoint
+from distzo2_lab.run.checkpoint import (
+    SeedLog,
+    checkpoint_tensors,
+    digest,
+    load_weights,
+    read_state,
+    replay,
+    save_checkpoint,
+)
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.reference import EagerMeZO
@@ -348,7 +356,7 @@ def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -
             json.dump(summary, f, indent=1)
         run.log.write(os.path.join(out, "seedlog.jsonl"))
     if save is not None:
-        tensors = {k: v for b in run.adapter.buckets for k, v in b.state(run.values(b)).items()}
+        tensors = checkpoint_tensors(run.adapter, run.values)
         save_checkpoint(save, tensors, {"step": run.cfg.steps, "config": asdict(run.cfg), "base": run.base,
                                         "digest": summary["digest"]}, run.log)
 

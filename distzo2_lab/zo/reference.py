@@ -3,7 +3,7 @@
 Exactly MeZO's Algorithm 1 (arXiv 2305.17333): the whole model is perturbed +eps z, a full
 forward gives l+, perturbed -2 eps z, a full forward gives l-, restored with +eps z, then
 updated with z regenerated once more. z is regenerated from the seed for each of the four
-passes (never stored). It is deliberately simple and slow (ratio ~1.6 of two forwards here).
+passes (never stored). It is deliberately simple and slow (see docs/results.md, efficiency).
 
 Two options every engine variant is checked against: micro-batches (gradient accumulation: the
 losses of equal row slices, token-weighted) and q > 1 directions (n-SPSA: for each direction j
