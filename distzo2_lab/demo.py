@@ -15,14 +15,13 @@ import os
 import time
 from dataclasses import asdict
 
-import plotly.graph_objects as go
 import torch
 
 from distzo2_lab.config import OffloadConfig, TrainConfig, replace
 from distzo2_lab.observe.live import LiveView
-from distzo2_lab.observe.metrics import metrics_rows, run_metrics, tokens_rate
-from distzo2_lab.observe.report import write_report
-from distzo2_lab.observe.viz import bubble_figure, loss_figure, timeline_figure
+from distzo2_lab.observe.metrics import run_metrics
+from distzo2_lab.observe.report import write_run_report
+from distzo2_lab.observe.viz import loss_figure
 from distzo2_lab.parallel.launch import launch
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.run.checkpoint import SeedLog, checkpoint_tensors, digest, save_checkpoint
@@ -37,36 +36,6 @@ def _engine_check(cfg: TrainConfig) -> bool:
     keys = ("loss_plus", "loss_minus", "projected_grad")
     return eager["digest"] == zo2["digest"] and all(
         [a[k] for k in keys] == [b[k] for k in keys] for a, b in zip(eager["steps"], zo2["steps"]))
-
-
-def _last_steps_window(spans, first_step: int) -> tuple[float, float]:
-    """(t0, t1) seconds covering the spans of steps >= first_step on every rank."""
-    sel = [s for s in spans if s.step >= first_step and s.lane == "compute"] or spans
-    return min(s.start for s in sel) / 1e9, max(s.end for s in sel) / 1e9
-
-
-def report_figures(view: LiveView, records: list[dict], title: str, last_steps: int = 3) -> list[tuple[str, go.Figure]]:
-    """Metrics table, the last steps' timeline, loss curve, per-block bubbles, tokens/s."""
-    spans = view.rank_spans()
-    rates = {r: tokens_rate([{"t": x["t"], "tokens": x["tokens"]} for x in recs if "t" in x])
-             for r, recs in view.steps.items()}
-    header, rows = metrics_rows({title: spans}, {title: rates.get(0)})
-    table = go.Figure(go.Table(header={"values": header, "align": "left"},
-                               cells={"values": [list(c) for c in zip(*rows)], "align": "left"}))
-    table.update_layout(height=110 + 30 * len(rows), margin={"t": 10, "b": 10})
-    last = max(s.step for s in spans if s.phase == "rng") - last_steps + 1
-    window = _last_steps_window(spans, last)
-    speed = go.Figure([go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], name=f"rank {r}", mode="lines")
-                       for r, pts in sorted(view.tokens_per_s().items())])
-    speed.update_layout(template="plotly_white", height=300, xaxis_title="seconds", yaxis_title="tokens/s per step")
-    return [
-        ("Overlap metrics (whole run, per rank)", table),
-        (f"Timeline: the last {last_steps} steps, both ranks on one clock",
-         timeline_figure(spans, title="lanes over time (hover a bar: step, block, bytes)", window=window)),
-        ("Loss and projected gradient", loss_figure(records, title)),
-        ("Bubbles: compute waiting for each block's data", bubble_figure(spans)),
-        ("Throughput per step, as it arrived live", speed),
-    ]
 
 
 def run_demo(out: str = "runs/demo", steps: int = 300, layout: Layout | None = None, tier: str = "host",
@@ -116,11 +85,12 @@ def run_demo(out: str = "runs/demo", steps: int = 300, layout: Layout | None = N
                "batch": f"{cfg.batch_size} x {cfg.seq_len}", "eval loss": f"{s['eval_loss_start']:.4f} -> "
                f"{s['eval_loss_end']:.4f}", "tokens/s (rank 0)": f"{s['tokens_per_s']:.0f}",
                "transfer hidden under compute": hidden, "digest": s["digest"][:16]}
-    html = write_report(os.path.join(out, "report.html"), f"distzo2 demo: {layout.describe()}", summary,
-                        plan_text(layout, cfg.batch_size, model=cfg.model), report_figures(view, s["steps"], "demo"),
-                        checks={"ZO2 engine == eager MeZO (5 steps, bit for bit)": same,
-                                "identical weights on every rank": len(digests) == 1,
-                                "base + seed log rebuilds the trained weights": rebuilt == s["digest"]})
+    html = write_run_report(os.path.join(out, "report.html"), f"distzo2 demo: {layout.describe()}", summary,
+                            s["steps"], view.rank_spans(), plan_text(layout, cfg.batch_size, model=cfg.model),
+                            s["tokens_per_s"],
+                            checks={"ZO2 engine == eager MeZO (5 steps, bit for bit)": same,
+                                    "identical weights on every rank": len(digests) == 1,
+                                    "base + seed log rebuilds the trained weights": rebuilt == s["digest"]})
     print(f"[4/4] report: {html}")
     print(f"outputs in {os.path.abspath(out)}: report.html, summary.json, seedlog.jsonl, checkpoint/, loss.html, "
           f"trace/ "

@@ -7,4 +7,12 @@ class ConfigError(ValueError):
 
 
 class WorkerError(RuntimeError):
-    """A launched rank raised or died; the message names the rank and the cause."""
+    """A launched rank raised or died; the message names the rank and the cause.
+
+    `rank` (None when no single rank is to blame), `cause` (one line: the exception's last line)
+    and `traceback` (the rank's full traceback, '' when it died without one) let a caller print
+    one line and keep the rest in a log file."""
+
+    def __init__(self, message: str, rank: int | None = None, cause: str = "", traceback: str = ""):
+        super().__init__(message)
+        self.rank, self.cause, self.traceback = rank, cause or message.splitlines()[0], traceback

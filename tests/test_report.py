@@ -39,7 +39,7 @@ def test_report_is_one_self_contained_file(demo):
     out, _ = demo
     text = (out / "report.html").read_text()
     assert not re.search(r"<script[^>]+src=", text), "report.html loads a script from elsewhere"
-    assert "plotly" in text.lower() and text.count("Plotly.newPlot") >= 5
+    assert "plotly" in text.lower() and text.count("Plotly.newPlot") >= 4
     for heading in ("Layout", "Overlap metrics", "Timeline", "Loss and projected gradient", "Bubbles"):
         assert heading in text, heading
     assert "rank 1: dp 0, pert 1" in text  # the layout plan

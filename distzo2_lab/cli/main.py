@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -29,13 +30,15 @@ from distzo2_lab.plan.planner import plan_text
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     d, z = TrainConfig(), ZOConfig()
     p.add_argument("--model", default=d.model, help="preset name or local checkpoint directory")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--lr", type=float, default=z.lr)
-    p.add_argument("--eps", type=float, default=z.eps)
-    p.add_argument("--weight-decay", type=float, default=z.weight_decay)
+    p.add_argument("--steps", type=int, default=d.steps, help="number of ZO steps (a resumed run's total)")
+    p.add_argument("--seed", type=int, default=d.seed, help="run seed: init, data order and every step seed")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate; default: the tiny presets' 3e-3, MeZO's 1e-6 for OPT-shaped and local "
+                        "models, or the rate a resumed run last used")
+    p.add_argument("--eps", type=float, default=z.eps, help="perturbation scale: theta +- eps z")
+    p.add_argument("--weight-decay", type=float, default=z.weight_decay, help="decoupled weight decay")
     p.add_argument("--noise", default=z.noise, help=f"one of {', '.join(NOISE_KINDS)}")
-    p.add_argument("--chunk-size", type=int, default=z.chunk_size)
+    p.add_argument("--chunk-size", type=int, default=z.chunk_size, help="elements per noise chunk")
     p.add_argument("--directions", type=int, default=None,
                    help="n-SPSA: perturbation directions per step (default 1, or pert/2 with --layout)")
     p.add_argument("--perturb", default=z.perturb,
@@ -44,8 +47,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="hold the parameters matching this glob fixed (repeatable), e.g. '*word_embeddings*'")
     p.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="gradient accumulation: micro-batches per step inside every block visit")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--precision", default="fp32", help=f"compute dtype, one of {', '.join(COMPUTE_DTYPES)}")
     p.add_argument("--storage", default="fp32", help=f"parameter dtype, one of {', '.join(STORAGE_DTYPES)}")
     p.add_argument("--master", default="fp32", help=f"master copy, one of {', '.join(MASTER_DTYPES)}")
@@ -53,7 +56,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--data", default=None, help="text or TSV file for --task text; directory for --task sst2")
     p.add_argument("--shots", type=int, default=None, help="--task sst2: k examples per class (k-shot)")
-    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per rank; default: 1 on a machine with <= 2 cores or busy cores, else its free "
+                        "cores shared by the ranks (at most 4)")
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     o = OffloadConfig()
     p.add_argument("--offload", default=o.tier, help=f"block tier, one of {', '.join(OFFLOAD_TIERS)}")
@@ -70,8 +75,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="every rank draws all of z itself (default on CPU: the ranks of a node split the draws)")
     p.add_argument("--dry-run", action="store_true", help="print the layout plan and start nothing")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before a distributed run is stopped")
-    p.add_argument("--out", default="runs/train", help="directory for summary.json and seedlog.jsonl")
-    p.add_argument("--save", default=None, help="write a checkpoint directory here at the end")
+    p.add_argument("--out", default=None,
+                   help="directory for summary.json and seedlog.jsonl (written as the run goes); "
+                        "default: a fresh runs/train/<date>-<time>")
+    p.add_argument("--save", default=None, help="write a checkpoint directory here at the end (or at Ctrl-C)")
+    p.add_argument("--report", action="store_true", help="also write OUT/report.html (the demo's report)")
     p.add_argument("--resume", default=None, help="continue from a checkpoint directory")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -85,18 +93,57 @@ def _default_directions(layout: str | None) -> int:
     return max(1, parse_layout(layout).pert // 2)
 
 
-def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    return validate(TrainConfig(
+def default_lr(model: str) -> tuple[float, str]:
+    """(learning rate, why) for a run without --lr: the tiny presets keep their own rate; an
+    OPT-shaped preset or a local (pretrained) checkpoint gets MeZO's scale (it fine-tunes OPT
+    with 1e-6 / 1e-7; the tiny rate makes a pretrained-size model's loss blow up)."""
+    if model.startswith("tiny"):
+        return ZOConfig().lr, "the tiny presets' rate"
+    return 1e-6, f"MeZO's scale for {model}"
+
+
+def _resumed_lr(a) -> float | None:
+    """The rate a resumed run (--resume or an existing --store) last used."""
+    from distzo2_lab.run.checkpoint import SeedLog
+
+    for path in (a.resume and os.path.join(a.resume, "seedlog.jsonl"),
+                 a.store and os.path.join(a.store, "seedlog.jsonl")):
+        if path and os.path.isfile(path):
+            log = SeedLog.read(path, torn_tail=True)
+            return log.records[-1]["lr"] if log.records else None
+    return None
+
+
+def config_from_args(a: argparse.Namespace, ranks: int = 1) -> TrainConfig:
+    """The run config of `distzo2 train`'s flags; fills --lr and --threads when not given and
+    prints what it chose."""
+    from distzo2_lab.run.threads import default_threads, machine_load
+
+    chosen = []
+    lr, threads = a.lr, a.threads
+    if lr is None:
+        resumed = _resumed_lr(a)
+        lr, why = (resumed, "the resumed run's last rate") if resumed is not None else default_lr(a.model)
+        chosen.append(f"lr {lr:g} ({why}; --lr to change)")
+    if threads is None:
+        threads = default_threads(ranks)
+        cores, load = machine_load()
+        chosen.append(f"{threads} thread{'s' if threads > 1 else ''} per rank ({cores} cores, load {load:.1f}; "
+                      "--threads to change)")
+    cfg = validate(TrainConfig(
         model=a.model, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len,
         micro_batches=a.micro_batches,
-        engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=a.threads, device=a.device,
-        zo=ZOConfig(lr=a.lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size,
+        engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=threads, device=a.device,
+        zo=ZOConfig(lr=lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size,
                     directions=a.directions or _default_directions(a.layout), perturb=a.perturb,
                     freeze=tuple(a.freeze)),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
         offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps,
                               lean=a.lean),
     ))
+    if chosen and not a.dry_run:
+        print("; ".join(chosen), flush=True)
+    return cfg
 
 
 def _print_summary(s: dict, a) -> None:
@@ -112,34 +159,142 @@ def _print_summary(s: dict, a) -> None:
           f"{s['tokens_per_s']:.0f} tokens/s; peak RSS {s['peak_rss_mb']:.0f} MiB; summary in {a.out}/summary.json")
 
 
-def cmd_train(a) -> int:
-    import os
+def _resume_hint(a, next_step: int, steps: int) -> str:
+    """What an interrupted run prints: where it stopped and the command that continues it."""
+    head = f"interrupted: steps {next_step} of {steps} done; summary and seed log in {a.out}"
+    if a.offload == "disk":
+        return f"{head}; to continue, rerun the same command (the store {a.store} resumes at step {next_step})"
+    if a.layout is not None or (a.world_size or 1) > 1:
+        return f"{head}; a distributed run resumes from a disk store only (--offload disk --store DIR)"
+    if a.save:
+        return f"{head}; to continue, add --resume {a.save} to the same command"
+    return (f"{head}; to continue: distzo2 rebuild {a.out}/seedlog.jsonl --save CKPT, then the same command "
+            "with --resume CKPT")
 
+
+def _report(a, cfg: TrainConfig, s: dict, spans, layout=None) -> None:
+    from distzo2_lab.observe.report import write_run_report
+
+    text = "one rank"
+    if layout is not None:
+        text = plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
+                         cfg.zo.chunk_size)
+    summary = {"model": cfg.model, "layout": layout.describe() if layout is not None else "one rank",
+               "tier": cfg.offload.tier, "steps": f"{s['start_step']} -> {s['next_step']} of {cfg.steps}",
+               "batch": f"{cfg.batch_size} x {cfg.seq_len}", "lr": f"{cfg.zo.lr:g}", "eps": f"{cfg.zo.eps:g}",
+               "eval loss": f"{s['eval_loss_start']:.4f} -> {s['eval_loss_end']:.4f}",
+               "tokens/s (rank 0)": f"{s['tokens_per_s']:.0f}", "digest": s["digest"][:16]}
+    path = write_run_report(os.path.join(a.out, "report.html"), f"distzo2 train: {cfg.model}", summary, s["steps"],
+                            spans, text, s["tokens_per_s"])
+    print(f"report: {path}")
+
+
+def _train_one_rank(a, cfg: TrainConfig) -> int:
+    from distzo2_lab.observe.events import Recorder
     from distzo2_lab.run.train import train
 
-    cfg = config_from_args(a)
+    recorder = Recorder(rank=0) if a.report else None  # the report's timeline and bubbles
+    s = train(cfg, out=a.out, save=a.save, resume=a.resume, progress=not a.no_progress, trace=a.trace,
+              profile=a.profile, recorder=recorder)
+    _print_summary(s, a)
+    if a.report:
+        _report(a, cfg, s, recorder.spans)
+    if s.get("interrupted"):
+        print(_resume_hint(a, s["next_step"], cfg.steps), file=sys.stderr)
+        return 130
+    return 0
+
+
+def _worker_failed(e, out: str) -> int:
+    """One line for a failed rank; its whole traceback goes to OUT/error.log."""
+    path = os.path.join(out, "error.log")
+    try:
+        with open(path, "a") as f:
+            f.write(f"{e}\n" if not e.traceback else f"rank {e.rank} failed:\n{e.traceback}\n")
+        where = f"; traceback in {path}"
+    except OSError:
+        where = ""
+    who = f"rank {e.rank}" if e.rank is not None else "the run"
+    print(f"distzo2: error: {who} failed: {e.cause}{where}", file=sys.stderr)
+    return 1
+
+
+def _launch(a, cfg: TrainConfig, layout, world: int) -> int:
+    from distzo2_lab.errors import WorkerError
+    from distzo2_lab.observe.live import LiveView
+    from distzo2_lab.parallel.launch import format_event, launch
+    from distzo2_lab.parallel.stop import sigint_requests_stop
+    from distzo2_lab.run.worker import node_memory, train_worker
+
+    handle = launch(train_worker, world, args=(cfg, layout, a.out, a.trace, bool(a.report), a.profile),
+                    timeout=a.timeout)
+    view = LiveView(title=cfg.model, widget=False) if a.report else None
+
+    def on_event(rank: int, ev) -> None:
+        if view is not None:
+            view.feed(rank, ev)
+        if not a.no_progress and isinstance(ev, dict) and ("log" in ev or ("step" in ev and rank == 0)):
+            print(format_event(rank, ev), flush=True)
+
+    try:
+        with sigint_requests_stop(handle.stop_control):  # Ctrl-C: every rank stops after the same step
+            results = handle.wait(on_event=on_event)
+    except WorkerError as e:
+        return _worker_failed(e, a.out)
+    digests = {r["digest"] for r in results.values()}
+    print(f"{layout.describe()}: {'identical' if len(digests) == 1 else 'DIFFERENT'} weights on every rank "
+          f"(digest {results[0]['digest'][:16]}); {results[0]['exchange_bytes']:.0f} bytes exchanged per rank "
+          f"per step; summary in {a.out}/summary.json")
+    for node, m in node_memory(results).items():
+        print(f"memory on {node}: {m['total_mb']:.0f} MiB = {m['ranks']} ranks' private {m['private_mb']:.0f} MiB "
+              f"+ one shared store {m['shared_store_mb']:.0f} MiB (a store per rank: {m['copy_per_rank_mb']:.0f} MiB)")
+    if view is not None:
+        with open(os.path.join(a.out, "summary.json")) as f:
+            _report(a, cfg, json.load(f), view.rank_spans(), layout)
+    if results[0].get("interrupted"):
+        print(_resume_hint(a, results[0]["next_step"], cfg.steps), file=sys.stderr)
+        return 130
+    return 0 if len(digests) == 1 else 1
+
+
+def cmd_train(a) -> int:
+    from distzo2_lab.run.outputs import fresh_out
+    from distzo2_lab.run.preflight import preflight
+
     distributed_env = "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if a.layout is None and a.world_size in (None, 1) and not distributed_env:
+    one_rank = a.layout is None and a.world_size in (None, 1) and not distributed_env
+    layout = world = None
+    if not one_rank:
+        import dataclasses
+
+        from distzo2_lab.parallel.layout import Layout, parse_layout
+
+        layout = parse_layout(a.layout) if a.layout else Layout(dp=a.world_size or int(os.environ["WORLD_SIZE"]))
+        layout = dataclasses.replace(layout, slice=a.slice, share_noise=not a.no_share_noise)
+        world = a.world_size or (int(os.environ["WORLD_SIZE"]) if distributed_env else layout.world_size)
+    elif a.slice:
+        raise ConfigError("--slice cuts blocks into one shard per rank; give --layout dp=D,pert=P too")
+    cfg = config_from_args(a, ranks=1 if one_rank or distributed_env else world)
+    if one_rank and a.dry_run:
+        print(f"single rank: {cfg.engine} engine, {cfg.offload.tier} tier; nothing launched")
+        return 0
+    if not one_rank:
+        from distzo2_lab.parallel.layout import validate_layout
+
+        validate_layout(layout, world, cfg.batch_size, directions=cfg.zo.directions, micro_batches=cfg.micro_batches)
+        if a.save or a.resume:
+            raise ConfigError("--save / --resume are single-rank for now; a distributed run writes --out "
+                              "and resumes from a disk store (--offload disk --store DIR)")
+        if a.report and distributed_env:
+            raise ConfigError("--report follows the ranks of a launched run; under torchrun use --trace DIR")
         if a.dry_run:
-            print(f"single rank: {cfg.engine} engine, {cfg.offload.tier} tier; nothing launched")
+            print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
+                            cfg.zo.chunk_size))
             return 0
-        _print_summary(train(cfg, out=a.out, save=a.save, resume=a.resume, progress=not a.no_progress,
-                             trace=a.trace, profile=a.profile), a)
-        return 0
-    import dataclasses
-
-    from distzo2_lab.parallel.layout import Layout, parse_layout, validate_layout
-
-    layout = parse_layout(a.layout) if a.layout else Layout(dp=a.world_size or int(os.environ["WORLD_SIZE"]))
-    layout = dataclasses.replace(layout, slice=a.slice, share_noise=not a.no_share_noise)
-    world = a.world_size or (int(os.environ["WORLD_SIZE"]) if distributed_env else layout.world_size)
-    validate_layout(layout, world, cfg.batch_size, directions=cfg.zo.directions, micro_batches=cfg.micro_batches)
-    if a.save or a.resume:
-        raise ConfigError("--save / --resume are single-rank for now; a distributed run writes --out")
-    if a.dry_run:
-        print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
-                        cfg.zo.chunk_size))
-        return 0
+    a.out = a.out or fresh_out()
+    preflight(cfg, layout, a.out, a.save, a.resume)
+    if one_rank:
+        return _train_one_rank(a, cfg)
     if distributed_env:  # started by torchrun: this process is one rank
         from distzo2_lab.run.worker import train_worker
 
@@ -148,22 +303,7 @@ def cmd_train(a) -> int:
         if rank == 0:
             print(f"rank 0 of {world}: digest {r['digest'][:16]}; summary in {a.out}/summary.json")
         return 0
-    from distzo2_lab.parallel.launch import format_event, launch
-    from distzo2_lab.run.worker import train_worker
-
-    results = launch(train_worker, world, args=(cfg, layout, a.out, a.trace, False, a.profile),
-                     timeout=a.timeout).wait(
-        on_event=None if a.no_progress else lambda rank, ev: print(format_event(rank, ev)))
-    digests = {r["digest"] for r in results.values()}
-    print(f"{layout.describe()}: {'identical' if len(digests) == 1 else 'DIFFERENT'} weights on every rank "
-          f"(digest {results[0]['digest'][:16]}); {results[0]['exchange_bytes']:.0f} bytes exchanged per rank "
-          f"per step; summary in {a.out}/summary.json")
-    from distzo2_lab.run.worker import node_memory
-
-    for node, m in node_memory(results).items():
-        print(f"memory on {node}: {m['total_mb']:.0f} MiB = {m['ranks']} ranks' private {m['private_mb']:.0f} MiB "
-              f"+ one shared store {m['shared_store_mb']:.0f} MiB (a store per rank: {m['copy_per_rank_mb']:.0f} MiB)")
-    return 0 if len(digests) == 1 else 1
+    return _launch(a, cfg, layout, world)
 
 
 def cmd_demo(a) -> int:
@@ -255,10 +395,12 @@ def _bench_parser(bsub, name: str, help_text: str, fn) -> argparse.ArgumentParse
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distzo2", description="distributed zeroth-order fine-tuning lab")
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="ZO fine-tuning on one rank")
+    t = sub.add_parser("train", help="ZO fine-tuning on one rank or a launched layout",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_train_args(t)
     t.set_defaults(fn=cmd_train)
-    d = sub.add_parser("demo", help="the main job on embedded defaults (tiny OPT, synthetic task)")
+    d = sub.add_parser("demo", help="the main job on embedded defaults (tiny OPT, synthetic task)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=300)
     d.set_defaults(fn=cmd_demo)
@@ -287,13 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-share-noise", action="store_true", help="every rank draws all of z (for comparison)")
     sc.add_argument("--perturb", default="auto", help=f"zo.perturb of every world, one of {', '.join(PERTURB_MODES)}")
     plan_cli.add_parser(sub)
-    r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)")
+    r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("seedlog")
     r.add_argument("--save", default=None, help="write the rebuilt checkpoint here")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_rebuild)
-    ev = sub.add_parser("eval", help="a checkpoint's accuracy on a split (SST-2)")
+    ev = sub.add_parser("eval", help="a checkpoint's accuracy on a split (SST-2)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (train --save)")
     ev.add_argument("--task", default="sst2", help="one of sst2")
     ev.add_argument("--data", required=True, help="directory holding train.tsv / dev.tsv / test.tsv")

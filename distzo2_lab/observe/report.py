@@ -48,3 +48,46 @@ def write_report(path: str, *args, **kwargs) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(render(*args, **kwargs))
     return os.path.abspath(path)
+
+
+# -- the figures of a training run (shared by `distzo2 demo` and `distzo2 train --report`) ---------
+def _last_steps_window(spans, first_step: int) -> tuple[float, float]:
+    """(t0, t1) seconds covering the spans of steps >= first_step on every rank."""
+    sel = [s for s in spans if s.step >= first_step and s.lane == "compute"] or spans
+    return min(s.start for s in sel) / 1e9, max(s.end for s in sel) / 1e9
+
+
+def report_figures(spans: list, records: list[dict], title: str, tokens_per_s: float | None = None,
+                   last_steps: int = 3) -> list[tuple[str, go.Figure]]:
+    """Metrics table, the last steps' timeline, loss curve, per-block bubbles. `spans` may be
+    empty (a run recorded none): then only the loss curve. `tokens_per_s` is the run's one
+    throughput figure (the summary's), shown in the metrics table."""
+    from distzo2_lab.observe.metrics import metrics_rows
+    from distzo2_lab.observe.viz import bubble_figure, loss_figure, timeline_figure
+
+    loss = ("Loss and projected gradient", loss_figure(records, title))
+    if not spans:
+        return [loss]
+    header, rows = metrics_rows({title: spans}, {title: tokens_per_s})
+    table = go.Figure(go.Table(header={"values": header, "align": "left"},
+                               cells={"values": [list(c) for c in zip(*rows)], "align": "left"}))
+    table.update_layout(height=110 + 30 * len(rows), margin={"t": 10, "b": 10})
+    stepped = [s.step for s in spans if s.step >= 0]
+    last = (max(stepped) if stepped else 0) - last_steps + 1
+    ranks = len({s.rank for s in spans})
+    return [
+        ("Overlap metrics (whole run, per rank)", table),
+        (f"Timeline: the last {last_steps} steps" + (f", {ranks} ranks on one clock" if ranks > 1 else ""),
+         timeline_figure(spans, title="lanes over time (hover a bar: step, block, bytes)",
+                         window=_last_steps_window(spans, last))),
+        loss,
+        ("Bubbles: compute waiting for each block's data", bubble_figure(spans)),
+    ]
+
+
+def write_run_report(path: str, title: str, summary: dict, records: list[dict], spans: list | None = None,
+                     layout_text: str = "one rank", tokens_per_s: float | None = None,
+                     checks: dict[str, bool] | None = None) -> str:
+    """The report of one run (summary key/values, layout, figures of `records` and `spans`) in `path`."""
+    figures = report_figures(spans or [], records, title, tokens_per_s)
+    return write_report(path, title, summary, layout_text, figures, checks=checks)

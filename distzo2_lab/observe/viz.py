@@ -27,8 +27,12 @@ def loss_figure(records: list[dict], title: str = "ZO fine-tuning") -> go.Figure
     steps = [r["step"] for r in records]
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=("perturbed losses", "projected gradient g = (l+ - l-) / 2 eps"))
-    fig.add_trace(go.Scatter(x=steps, y=[r["loss_plus"] for r in records], name="l+ (theta + eps z)"), 1, 1)
-    fig.add_trace(go.Scatter(x=steps, y=[r["loss_minus"] for r in records], name="l- (theta - eps z)"), 1, 1)
+    # l+ and l- differ by about eps * g, so one line would hide the other: l- solid underneath,
+    # l+ dashed and translucent on top
+    fig.add_trace(go.Scatter(x=steps, y=[r["loss_minus"] for r in records], name="l- (theta - eps z)",
+                             line={"color": "#1f77b4", "width": 2}), 1, 1)
+    fig.add_trace(go.Scatter(x=steps, y=[r["loss_plus"] for r in records], name="l+ (theta + eps z)",
+                             line={"color": "#d62728", "width": 2, "dash": "dash"}, opacity=0.75), 1, 1)
     fig.add_trace(go.Scatter(x=steps, y=[r["projected_grad"] for r in records], name="g", mode="markers",
                              marker={"size": 3}), 2, 1)
     fig.update_layout(title=title, height=520, template="plotly_white")
@@ -42,8 +46,12 @@ def _lane_rows(spans: list[Span], prefix: str = "", shift_ns: int = 0,
     """(row label, spans of that row, ns subtracted from their times) per (rank, lane) present."""
     rows = []
     for rank in sorted({s.rank for s in spans}):
+        # the engine times its wait for the exchange on the compute lane, the exchange itself has a
+        # lane of its own: draw each exchange once, on its lane
+        own_lane = any(s.rank == rank and s.lane == "exchange" and s.phase == "exchange" for s in spans)
         for lane in LANES:
-            sel = [s for s in spans if s.rank == rank and s.lane == lane]
+            sel = [s for s in spans if s.rank == rank and s.lane == lane
+                   and not (own_lane and lane == "compute" and s.phase == "exchange")]
             if sel:
                 rows.append((prefix + (f"rank {rank} · " if show_rank else "") + lane, sel, shift_ns))
     return rows

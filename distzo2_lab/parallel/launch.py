@@ -4,20 +4,24 @@ Workers start with an explicit ``spawn`` context (a CUDA-safe start method that 
 Jupyter), rendezvous on a free 127.0.0.1 port, and report through one queue: ("event", rank,
 payload) for spans / logs / per-step metrics, ("result", rank, value) at the end, ("error",
 rank, traceback) on failure. If a rank fails or dies, every rank is stopped and the parent raises
-one :class:`WorkerError` carrying that rank's traceback. `spawn` cannot pickle a function
-defined in a notebook, so workers must live in an importable module; a ``__main__`` function is
-refused with a sentence saying so.
+one :class:`WorkerError` naming that rank and its cause, with the rank's traceback attached. A
+SIGINT (Ctrl-C) becomes a stop request every rank honours after the same step (see stop.py).
+`spawn` cannot pickle a function defined in a notebook, so workers must live in an importable
+module; a ``__main__`` function is refused with a sentence saying so.
 """
 from __future__ import annotations
 
 import queue
+import signal
 import socket
 import time
 import traceback
+from contextlib import contextmanager
 
 import torch.multiprocessing as mp
 
 from distzo2_lab.errors import ConfigError, WorkerError
+from distzo2_lab.parallel.stop import Stop, install, sigint_requests_stop
 
 
 def free_port() -> int:
@@ -26,13 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank: int, world_size: int, port: int, args: tuple, q, timeout: float) -> None:
+def _entry(fn, rank: int, world_size: int, port: int, args: tuple, q, timeout: float, stop: Stop) -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), DISTZO2_TIMEOUT=str(timeout))
+    install(stop)
     try:
-        value = fn(rank, world_size, q, *args)
+        with sigint_requests_stop(stop):  # Ctrl-C reaches every rank: a stop request, not a traceback
+            value = fn(rank, world_size, q, *args)
         q.put(("result", rank, value))
     except BaseException:
         q.put(("error", rank, traceback.format_exc()))
@@ -42,8 +48,9 @@ def _entry(fn, rank: int, world_size: int, port: int, args: tuple, q, timeout: f
 class RunHandle:
     """A running group of workers: live events, wait(), stop(), exit codes."""
 
-    def __init__(self, procs, q, timeout: float):
+    def __init__(self, procs, q, timeout: float, stop: Stop | None = None):
         self.procs, self.queue, self.timeout = procs, q, timeout
+        self.stop_control = stop or Stop()
         self.results: dict[int, object] = {}
         self.events: list[tuple[int, object]] = []
         self._error: tuple[int, str] | None = None
@@ -101,11 +108,13 @@ class RunHandle:
                 time.sleep(0.5)  # a rank that was killed is the cause; let its exit code show
                 killed = [(r, p.exitcode) for r, p in enumerate(self.procs) if (p.exitcode or 0) < 0 and r != rank]
                 self.stop()
+                self._close_queue()
                 if killed:
                     r, code = killed[0]
                     raise WorkerError(f"rank {r} died with exit code {code} (killed or crashed); rank {rank} "
-                                      f"failed after it:\n{tb}")
-                raise WorkerError(f"rank {rank} failed:\n{tb}")
+                                      f"failed after it:\n{tb}", rank=r, traceback=tb,
+                                      cause=f"died with exit code {code} (killed or crashed)")
+                raise WorkerError(f"rank {rank} failed:\n{tb}", rank=rank, traceback=tb, cause=last_line(tb))
             dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if p.exitcode not in (None, 0)]
             if dead and self._dead_since is None:
                 self._dead_since = time.monotonic()
@@ -114,8 +123,10 @@ class RunHandle:
                 self.poll(block=0.2)  # a traceback may still be in flight
                 if self._error is None:
                     self.stop()
+                    self._close_queue()
                     r, code = dead[0]
-                    raise WorkerError(f"rank {r} died with exit code {code} (killed or crashed) before reporting")
+                    cause = f"died with exit code {code} (killed or crashed) before reporting"
+                    raise WorkerError(f"rank {r} {cause}", rank=r, cause=cause)
                 continue
             if not self.alive():
                 self.poll(block=0.1)
@@ -125,7 +136,15 @@ class RunHandle:
                 return self.results
             if time.monotonic() > deadline:
                 self.stop()
-                raise WorkerError(f"workers still running after timeout={self.timeout} s; all were stopped")
+                self._close_queue()
+                cause = f"workers still running after timeout={self.timeout} s; all were stopped"
+                raise WorkerError(cause, cause=cause)
+
+
+def last_line(tb: str) -> str:
+    """The exception line of a formatted traceback ('ValueError: ...')."""
+    lines = [ln for ln in tb.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "unknown error"
 
 
 def log(q, rank: int, text: str) -> None:
@@ -156,9 +175,24 @@ def launch(fn, world_size: int, args: tuple = (), timeout: float = 300.0) -> Run
         raise ConfigError(f"timeout={timeout} is not valid; it must be > 0 seconds")
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
+    stop = Stop.shared(ctx, world_size)
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, q, timeout), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, q, timeout, stop), daemon=True)
              for r in range(world_size)]
-    for p in procs:
-        p.start()
-    return RunHandle(procs, q, timeout)
+    with _sigint_ignored():  # a fresh interpreter keeps an ignored SIGINT until _entry handles it
+        for p in procs:
+            p.start()
+    return RunHandle(procs, q, timeout, stop)
+
+
+@contextmanager
+def _sigint_ignored():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (a notebook's helper thread): nothing to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -8,6 +8,7 @@ so the rebuilt weights are bit-identical, not merely close.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,7 +48,10 @@ def checkpoint_tensors(adapter: BlockAdapter, values=None) -> dict[str, torch.Te
 
 
 def load_weights(adapter: BlockAdapter, path: str) -> None:
-    tensors = load_file(path)
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error kinds for a damaged file
+        raise ConfigError(f"checkpoint weights {path!r} cannot be read ({str(e).splitlines()[0]})") from None
     missing = [s.name for b in adapter.buckets for s in b.slots if s.name not in tensors]
     if missing:
         raise ConfigError(f"checkpoint {path!r} lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -60,21 +64,24 @@ class SeedLog:
 
     def __init__(self, base: dict, zo: ZOConfig, records: list[dict] | None = None):
         self.base, self.zo, self.records = base, zo, list(records or [])
-        self._file = None
+        self._files = []
 
     def append(self, step: int, seed: int, grad: float, lr: float, terms: tuple = ()) -> None:
         rec = {"step": step, "seed": seed, "grad": grad, "lr": lr}
         if terms:  # n-SPSA: every direction's (seed, g)
             rec["terms"] = [list(t) for t in terms]
         self.records.append(rec)
-        if self._file is not None:  # live log: the record is in the file before the step commits
-            self._file.write(json.dumps(rec) + "\n")
-            self._file.flush()
+        for f in self._files:  # live logs: the record is in the file before the step commits
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
 
     def keep_live(self, path: str) -> None:
-        """Rewrite the log at `path` and keep appending each new record to it as it comes."""
+        """Rewrite the log at `path` and keep appending each new record to it as it comes (a log
+        may be live in several files: a disk store's and a run's output directory)."""
+        if any(os.path.abspath(f.name) == os.path.abspath(path) for f in self._files):
+            return  # already live there (an output directory that is also the store)
         self.write(path)
-        self._file = open(path, "a")
+        self._files.append(open(path, "a"))
 
     def write(self, path: str) -> None:
         tmp = path + ".tmp"
@@ -85,19 +92,55 @@ class SeedLog:
         os.replace(tmp, path)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for f in self._files:
+            f.close()
+        self._files = []
 
     @classmethod
-    def read(cls, path: str) -> SeedLog:
+    def read(cls, path: str, torn_tail: bool = False) -> SeedLog:
+        """The log at `path`; ConfigError naming the file and line of anything that is not one.
+
+        `torn_tail=True` drops an unreadable last line (a record cut short by a crash while it was
+        being appended: a disk store never committed that step)."""
         if not os.path.isfile(path):
             raise ConfigError(f"seed log {path!r} does not exist")
-        with open(path) as f:
-            lines = [json.loads(ln) for ln in f if ln.strip()]
-        if not lines or "base" not in lines[0]:
-            raise ConfigError(f"seed log {path!r} has no header line")
-        return cls(lines[0]["base"], ZOConfig(**lines[0]["zo"]), lines[1:])
+        try:
+            with open(path, encoding="utf-8") as f:
+                numbered = [(n, ln) for n, ln in enumerate(f, 1) if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not a readable seed log ({e})") from None
+        if not numbered:
+            raise ConfigError(f"{path}: line 1: empty file, not a seed log")
+        head = _json_line(path, *numbered[0])
+        if not isinstance(head, dict) or not isinstance(head.get("base"), dict) or not isinstance(head.get("zo"), dict):
+            raise ConfigError(f"{path}: line {numbered[0][0]}: not a seed log header "
+                              "(expected {\"base\": ..., \"zo\": ...}); is this a distzo2 seedlog.jsonl?")
+        fields = {f.name for f in dataclasses.fields(ZOConfig)}
+        if set(head["zo"]) - fields or "model" not in head["base"]:
+            raise ConfigError(f"{path}: line {numbered[0][0]}: header has unknown zo fields "
+                              f"{sorted(set(head['zo']) - fields)} or no base model")
+        records = []
+        if torn_tail and len(numbered) > 1 and not numbered[-1][1].endswith("\n"):
+            numbered = numbered[:-1]
+        for n, ln in numbered[1:]:
+            rec = _json_line(path, n, ln)
+            if not isinstance(rec, dict) or not _RECORD.issubset(rec):
+                raise ConfigError(f"{path}: line {n}: not a step record (needs {', '.join(sorted(_RECORD))})")
+            if records and rec["step"] != records[-1]["step"] + 1:
+                raise ConfigError(f"{path}: line {n}: step {rec['step']} follows step {records[-1]['step']}")
+            records.append(rec)
+        return cls(head["base"], ZOConfig(**head["zo"]), records)
+
+
+_RECORD = {"step", "seed", "grad", "lr"}
+
+
+def _json_line(path: str, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        what = "truncated or corrupted" if n > 1 else "not JSON"
+        raise ConfigError(f"{path}: line {n}: {what} ({e.msg}, column {e.colno}); not a readable seed log") from None
 
 
 @torch.no_grad()
@@ -131,8 +174,25 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], state: dict, lo
 
 
 def read_state(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise ConfigError(f"checkpoint {path!r} does not exist (give a directory written by --save)")
     f = os.path.join(path, "state.json")
     if not os.path.isfile(f):
         raise ConfigError(f"checkpoint {path!r} has no state.json (not a distzo2 checkpoint)")
-    with open(f) as fh:
-        return json.load(fh)
+    try:
+        with open(f) as fh:
+            state = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{f}: line {e.lineno}: not JSON ({e.msg}); the checkpoint is damaged") from None
+    if not isinstance(state, dict) or not {"step", "config", "base"}.issubset(state):
+        raise ConfigError(f"{f}: lacks step / config / base; not a distzo2 checkpoint state")
+    return state
+
+
+def check_checkpoint(path: str) -> dict:
+    """Everything a resume reads, checked before any work: state.json, weights, seed log."""
+    state = read_state(path)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise ConfigError(f"checkpoint {path!r} has no model.safetensors (no weights to resume from)")
+    SeedLog.read(os.path.join(path, "seedlog.jsonl"))
+    return state

@@ -6,10 +6,11 @@ trajectory of an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
@@ -21,6 +22,7 @@ from distzo2_lab.models import BlockAdapter, adapter_for, build_model
 from distzo2_lab.models.presets import is_local_dir
 from distzo2_lab.observe.events import Recorder, overlap_metrics, write_trace
 from distzo2_lab.offload.tiers import Offload
+from distzo2_lab.parallel.stop import Stop, launched, sigint_requests_stop
 from distzo2_lab.run.checkpoint import (
     SeedLog,
     checkpoint_tensors,
@@ -30,12 +32,14 @@ from distzo2_lab.run.checkpoint import (
     replay,
     save_checkpoint,
 )
+from distzo2_lab.run.outputs import check_writable, write_json
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.reference import EagerMeZO
 from distzo2_lab.zo.spsa import PendingUpdate
 
 EVAL_STEP = 10**9  # batches at this index and above are never trained on
+SUMMARY_EVERY = 25  # steps between two rewrites of DIR/summary.json while a run goes
 
 
 def base_of(cfg: TrainConfig) -> dict:
@@ -140,6 +144,17 @@ def _check_resume(resume: str, cfg: TrainConfig, log: SeedLog) -> None:
                           "a seed log replays one rule, so pass the same values")
 
 
+def resume_note(path: str, step: int, cfg: TrainConfig, log: SeedLog, old: dict | None = None) -> str:
+    """'resuming PATH at step N (lr 1e-4, was 3e-3)': where a run continues and what changed."""
+    changed = []
+    if log.records and log.records[-1]["lr"] != cfg.zo.lr:
+        changed.append(f"lr {cfg.zo.lr:g}, was {log.records[-1]['lr']:g}")
+    for k in ("batch_size", "seq_len", "micro_batches", "task", "data", "shots", "engine"):
+        if old is not None and k in old and old[k] != getattr(cfg, k):
+            changed.append(f"{k} {getattr(cfg, k)!r}, was {old[k]!r}")
+    return f"resuming {path} at step {step}" + (f" ({'; '.join(changed)})" if changed else "")
+
+
 class Run:
     """Everything one rank's training holds: adapter, engine, seed log, and the offload tier."""
 
@@ -154,6 +169,7 @@ class Run:
                               "(offload.store), not from resume=")
         self.offload = None
         self.log, self.start = SeedLog(self.base, cfg.zo), 0
+        self.notes: list[str] = []  # resume messages, printed by rank 0
         self.exchange = self.slicer = None
         extra = {}
         if distributed:
@@ -207,13 +223,14 @@ class Run:
         path = os.path.join(self.cfg.offload.store, "seedlog.jsonl")
         committed = self.offload.resumed_step
         if committed >= 0:  # a store that holds a run: continue it from its committed step
-            self.log = SeedLog.read(path)
+            self.log = SeedLog.read(path, torn_tail=True)
             _check_resume(self.cfg.offload.store, self.cfg, self.log)
             self.log.records = [r for r in self.log.records if r["step"] <= committed]  # drop uncommitted
             r = self.log.records[-1]
             self.engine.pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"],
                                                 tuple(map(tuple, r.get("terms", ()))))  # n-SPSA: every direction
             self.start = committed + 1
+            self.notes.append(resume_note(self.cfg.offload.store, self.start, self.cfg, self.log))
         if self.offload.node is None or self.offload.node.leader:  # one writer of the store's log
             self.log.keep_live(path)
 
@@ -226,6 +243,7 @@ class Run:
         self.log = SeedLog.read(os.path.join(resume, "seedlog.jsonl"))
         _check_resume(resume, self.cfg, self.log)
         self.start = state["step"]
+        self.notes.append(resume_note(resume, self.start, self.cfg, self.log, state["config"]))
 
     def micro_batch(self, batch: dict) -> dict:
         """This rank's rows of the global batch: dp group d takes the d-th contiguous slice."""
@@ -256,6 +274,12 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
           recorder: Recorder | None = None, profile=None) -> dict:
     """Run `cfg.steps` ZO steps; write DIR/summary.json and DIR/seedlog.jsonl when `out` is set.
 
+    The outputs are written as the run goes: the seed log gets each step's record as it is made,
+    the summary is rewritten every SUMMARY_EVERY steps and at the end (``"finished"`` says which),
+    and `out` / `save` are checked writable before any work. A SIGINT (Ctrl-C) stops the run
+    after a whole step (every rank after the same one); it then flushes, writes its outputs and
+    returns a summary with ``"interrupted": True``.
+
     `on_step(result)` is called after every step (live plots in notebooks); `trace=DIR` records
     span events and writes per-rank JSONL and a Chrome trace there; `recorder` records into a
     given Recorder (live views); `profile=DIR` (or profiling.ProfileOptions) runs the steps under
@@ -263,6 +287,9 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
     process group must exist; see launch.py).
     """
     validate(cfg)
+    for path, name in ((out, "out"), (save, "save")):
+        if path is not None:
+            check_writable(path, name)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     recorder = recorder or Recorder(rank=rank, enabled=trace is not None or profile is not None)
@@ -272,13 +299,23 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
 
         profiler, recorder.ranges = StepProfiler(profile, rank), True
     run = Run(cfg, resume, recorder, layout, rank)
+    # one rank alone stops on its own; ranks started by the launcher share one stop step; ranks
+    # started by torchrun are stopped by torchrun
+    stop = Stop() if layout is None or layout.world_size == 1 else launched()
     try:
-        if profiler is not None:
-            with profiler:
-                summary = _loop(run, make_task(cfg, run.adapter), progress, profiler.wrap(on_step))
-            summary["profile"] = {"chrome": profiler.chrome, "tensorboard": profiler.tb_dir}
-        else:
-            summary = _loop(run, make_task(cfg, run.adapter), progress, on_step)
+        if rank == 0:
+            for note in run.notes:
+                print(note, file=sys.stderr, flush=True)
+        task = make_task(cfg, run.adapter)
+        if out is not None:
+            run.log.keep_live(os.path.join(out, "seedlog.jsonl"))
+        with sigint_requests_stop(stop) if stop is not None else nullcontext():
+            if profiler is not None:
+                with profiler:
+                    summary = _loop(run, task, progress, profiler.wrap(on_step), out, stop)
+                summary["profile"] = {"chrome": profiler.chrome, "tensorboard": profiler.tb_dir}
+            else:
+                summary = _loop(run, task, progress, on_step, out, stop)
         if trace is not None:
             summary["trace"] = write_trace(recorder, trace)
             summary["overlap"] = overlap_metrics(recorder.spans)
@@ -289,7 +326,13 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
         torch.set_num_threads(threads_before)
 
 
-def _loop(run: Run, task, progress: bool, on_step) -> dict:
+def _progress_summary(run: Run, records: list[dict], tokens: int, elapsed: float) -> dict:
+    """What a summary holds at any point of the run (the final one adds the end's numbers)."""
+    return {"config": asdict(run.cfg), "base": run.base, "start_step": run.start, "steps": records,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0, "seconds": elapsed, "finished": False}
+
+
+def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop: Stop | None = None) -> dict:
     cfg, engine = run.cfg, run.engine
     eval_batch = to_device(task.batch(EVAL_STEP), cfg.device)
     eval_start = engine.evaluate(eval_batch)
@@ -298,6 +341,8 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
     for t in tqdm(range(run.start, cfg.steps), disable=not progress or run.rank != 0,
                   desc=f"{cfg.engine} {cfg.model}",
                   initial=run.start, total=cfg.steps):
+        if stop is not None and stop.should_stop(t, run.rank):
+            break
         engine.step_count = t
         r = engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t))
         run.log.append(r.step, r.seed, r.grad, r.lr, r.terms)
@@ -308,20 +353,22 @@ def _loop(run: Run, task, progress: bool, on_step) -> dict:
                         "loss_minus": r.loss_minus, "projected_grad": r.grad, "lr": r.lr})
         if on_step is not None:
             on_step(r)
+        if out is not None and len(records) % SUMMARY_EVERY == 0:
+            summary = _progress_summary(run, records, tokens, time.perf_counter() - t0)
+            write_json(os.path.join(out, "summary.json"), {**summary, "eval_loss_start": eval_start})
     if run.offload is not None:
         run.offload.streamer.drain()
     elapsed = time.perf_counter() - t0
     engine.flush()  # the last deferred update lands before anything reads the weights
+    interrupted = run.start + len(records) < cfg.steps
     return {
-        "config": asdict(cfg),
-        "base": run.base,
-        "start_step": run.start,
-        "steps": records,
+        **_progress_summary(run, records, tokens, elapsed),
+        "finished": not interrupted,
+        "interrupted": interrupted,
+        "next_step": run.start + len(records),
         "eval_loss_start": eval_start,
         "eval_loss_end": engine.evaluate(eval_batch),
         "digest": run.digest(),
-        "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-        "seconds": elapsed,
         "peak_rss_mb": peak_rss_mb(),
         "memory": memory_report(run),
         **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
@@ -350,13 +397,11 @@ def _noise_report(share) -> dict:
 
 
 def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -> None:
+    """The final summary (the seed log is already complete: it was written step by step), and
+    the checkpoint at the step the run reached."""
     if out is not None:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
-        run.log.write(os.path.join(out, "seedlog.jsonl"))
+        write_json(os.path.join(out, "summary.json"), summary)
     if save is not None:
         tensors = checkpoint_tensors(run.adapter, run.values)
-        save_checkpoint(save, tensors, {"step": run.cfg.steps, "config": asdict(run.cfg), "base": run.base,
+        save_checkpoint(save, tensors, {"step": summary["next_step"], "config": asdict(run.cfg), "base": run.base,
                                         "digest": summary["digest"]}, run.log)
-

@@ -69,7 +69,8 @@ def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=Non
         return {"rank": rank, "digest": s["digest"], "steps": s["steps"], "eval_loss_end": s["eval_loss_end"],
                 "exchange_bytes": s.get("exchange_bytes_per_step"), "overlap": s.get("overlap"),
                 "memory": s["memory"], "node": os.uname().nodename,
-                "noise_share": s.get("noise_share"), "copy_share": s.get("copy_share")}
+                "noise_share": s.get("noise_share"), "copy_share": s.get("copy_share"),
+                "interrupted": s["interrupted"], "next_step": s["next_step"]}
     finally:
         dist.destroy_process_group()
 
