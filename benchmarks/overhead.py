@@ -45,8 +45,7 @@ def measure(model: str, batch: int, seq: int, threads: int, steps: int, tier: st
             rec.enabled, plot[0] = t > 0 and mode != "off", mode == "watched"
             batch_t = to_device(task.batch(t), cfg.device)
             t0 = time.perf_counter()
-            run.engine.step_count = t
-            r = run.engine.step(batch_t, step_seed(cfg.seed, t))
+            r = run.engine.step(batch_t, step_seed(cfg.seed, t), step=t)
             if rec.enabled:
                 rec.listener.flush()
             if plot[0]:

@@ -190,7 +190,7 @@ def test_copy_perturbation_layouts_equal_the_single_rank_engine():
     """zo.perturb='copy': a PertP rank copies theta + eps z or theta - eps z only (never the round
     trip). PertP(2) equals the single rank bit for bit; 2D(2x2) sliced over the host store equals
     DDP(2) bit for bit, and both the single rank within float order (as in place). The ranks of
-    the same signs make each block's copy once between them (noise_share.CopyShare), bit for bit
+    the same signs make each block's copy once between them (copy_share.CopyShare), bit for bit
     what each rank makes alone."""
     cfg = dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, perturb="copy"))
     single = train(cfg, progress=False)

@@ -95,7 +95,7 @@ def test_engine_steps_are_bit_identical_to_the_eager_reference(model):
 def offloaded_engine(model: str, tier: str, tmp_path, **kw):
     off = Offload({"model": model, "init_seed": 0, "device": "cpu"},
                   OffloadConfig(tier=tier, store=str(tmp_path / "store") if tier == "disk" else None, **kw))
-    return off, ZO2Engine(off.adapter, ZO, streamer=off.streamer, resident=off.resident_keeper())
+    return off, ZO2Engine(off.adapter, ZO, **off.engine_options())
 
 
 @pytest.mark.parametrize("tier", ["host", "disk"])

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from distzo2_lab.parallel.node_share import CopyShare, NoiseShare
+from distzo2_lab.parallel.copy_share import CopyShare
+from distzo2_lab.parallel.node_share import NoiseShare
 from distzo2_lab.zo.perturb import Perturber
 
 CHUNK = 1024

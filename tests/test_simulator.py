@@ -523,7 +523,7 @@ def test_copy_perturbation_spares_a_pertp_rank_the_round_trip():
 
 
 def test_copy_share_splits_the_block_copies_of_ranks_with_the_same_signs():
-    """zo.perturb copy (noise_share.CopyShare): DDP ranks make each block's perturbed copy once
+    """zo.perturb copy (copy_share.CopyShare): DDP ranks make each block's perturbed copy once
     between them (OPT-125m: the longest run is 4 of 7 chunks); PertP ranks run different signs and
     copy alone; in 2D the two ranks of each sign share."""
     from distzo2_lab.plan.simulator import copy_groups_of

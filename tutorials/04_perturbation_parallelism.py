@@ -29,13 +29,16 @@
 # %% [markdown]
 # ## What you will see
 #
-# 1. **Launching from a notebook**: `launch(train_worker, 2, ...)` with a `Layout(pert=2)`, and
+# 1. **A PertP pair by hand**: a small worker that builds the process groups, the engine with
+#    its rank's sign and the loss exchange, launched on two processes and checked bit for bit
+#    against a one-rank run.
+# 2. **The convenience wrapper**: `launch(train_worker, 2, ...)` with a `Layout(pert=2)`, and
 #    the per-step losses arriving live through `on_event`.
-# 2. Why the worker must be **importable**: a function defined here is refused, with the reason.
-# 3. **Bit-exact with one rank**: the same weight digest and the same per-step `l+`, `l−`, `g`
+# 3. Why the worker must be **importable**: a function defined here is refused, with the reason.
+# 4. **Bit-exact with one rank**: the same weight digest and the same per-step `l+`, `l−`, `g`
 #    as the single-rank `train()`, with only 32 bytes per rank crossing per step.
-# 4. The two ranks' **timelines**: each runs one forward per step, and one exchange.
-# 5. Beyond the paper, **n-SPSA**: two perturbation directions per step on four ranks, one
+# 5. The two ranks' **timelines**: each runs one forward per step, and one exchange.
+# 6. Beyond the paper, **n-SPSA**: two perturbation directions per step on four ranks, one
 #    (direction, sign) per rank, bit-exact with the single-rank two-direction run.
 
 # %% tags=["parameters"]
@@ -60,7 +63,43 @@ torch.set_num_threads(THREADS)
 tmp = tempfile.TemporaryDirectory(prefix="distzo2-tutorial-")
 
 # %% [markdown]
-# ## 1. Two ranks from the notebook
+# ## 1. A PertP pair by hand
+#
+# First the pieces, without the wrapper. `pertp_pair_worker` (in `distzo2_lab.parallel.by_hand`,
+# an importable module) is one rank: it joins the gloo process group, cuts its groups from the
+# (dp × pert) grid with `ParallelGroups.build`, builds the tiny model's adapter and a `ZO2Engine`
+# told this rank's sign and given a `LossExchange` over the pair's group, then runs a few steps:
+
+# %%
+import inspect
+
+from distzo2_lab.parallel import by_hand
+
+print(inspect.getsource(by_hand.pertp_pair_worker))
+
+# %% [markdown]
+# `launch` starts it on two processes; `by_hand.one_rank` runs the same steps in this process
+# with both signs on one rank (ZO2's dual forward):
+
+# %%
+from distzo2_lab.parallel.launch import launch
+
+pair = launch(by_hand.pertp_pair_worker, 2, args=(STEPS,), timeout=TIMEOUT).wait()
+ref = by_hand.one_rank(STEPS)
+for r in (0, 1):
+    print(f"rank {r}: (dp, pert) = {pair[r]['coords']}, runs the {'+eps' if pair[r]['signs'][0] else '-eps'} pass")
+print("both ranks' l+, l-, g == one rank's, bit for bit:", pair[0]["steps"] == pair[1]["steps"] == ref["steps"])
+print("both ranks' weights == one rank's:", {p["digest"] for p in pair.values()} == {ref["digest"]})
+print("bytes each rank sends per step:", pair[0]["exchange_bytes"])
+
+# %% [markdown]
+# Each sign is computed by exactly one rank and the exchange hands it to the other unchanged,
+# so nothing is averaged: the pair is the one-rank run, bit for bit.
+#
+# ## 2. The same with `train_worker`
+#
+# `train_worker` builds the same pieces from a `TrainConfig` and a `Layout`, and adds the
+# training loop's extras (seed log, traces, offload tiers, live events).
 #
 # `Layout(dp=1, pert=2)` is a 1 × 2 mesh: rank 0 runs `+eps`, rank 1 runs `−eps`.
 # `validate_layout` checks it against the world size and the batch here, before any process
@@ -85,7 +124,6 @@ for r in range(layout.world_size):
 
 # %%
 from distzo2_lab.run.worker import train_worker
-from distzo2_lab.parallel.launch import launch
 
 
 def show(rank, ev):
@@ -101,7 +139,7 @@ results = handle.wait(on_event=show)
 print("exit codes:", handle.exitcodes)
 
 # %% [markdown]
-# ## 2. The worker must be importable
+# ## 3. The worker must be importable
 #
 # `launch` uses the `spawn` start method: each worker is a fresh Python that *imports* the
 # function it runs. `train_worker` lives in `distzo2_lab.run.worker`, so that works. A function
@@ -124,7 +162,7 @@ except ConfigError as err:
 # %% [markdown]
 # Put such a worker in a `.py` module next to the notebook and import it from there.
 #
-# ## 3. Bit-exact with the single-rank engine
+# ## 4. Bit-exact with the single-rank engine
 #
 # The same config on one process, both signs on one rank (ZO2's dual forward):
 
@@ -149,7 +187,7 @@ for r in (0, 1):
 print(f"single: l+ {[round(s['loss_plus'], 5) for s in single['steps']]}")
 
 # %% [markdown]
-# ## 4. Timelines
+# ## 5. Timelines
 #
 # With `trace=DIR` every rank writes `rank<R>.jsonl` there. Each rank's times start at its own
 # clock origin (the ranks' timelines are not aligned to each other).
@@ -183,7 +221,12 @@ compare_timelines({(f"rank {r}" if r != "single" else "single rank"): sp for r, 
                   title=f"PertP(2) ranks vs one rank, tiny OPT, {STEPS} steps").show()
 
 # %% [markdown]
-# ## 5. Several directions per step (n-SPSA)
+# On the tiny model the PertP steps are longer than the single rank's: every step waits for the
+# two scalar losses to be exchanged, and on a model this small that wait costs more than the
+# half of the forwards each rank saves. The saved forwards grow with the model; the wait does not.
+
+# %% [markdown]
+# ## 6. Several directions per step (n-SPSA)
 #
 # MeZO's n-SPSA variant averages `q` directions per step:
 # `θ ← θ − (lr/q) Σ_j g_j z_j`, each `z_j` drawn from its own seed `direction_seed(seed, j)`.
@@ -199,7 +242,7 @@ from distzo2_lab.plan.planner import plan_text
 
 cfg_q = dataclasses.replace(cfg, steps=NSPSA_STEPS, zo=ZOConfig(chunk_size=4096, directions=2))
 layout_q = validate_layout(Layout(dp=1, pert=4), 4, cfg_q.batch_size, directions=2)
-print(plan_text(layout_q, cfg_q.batch_size, directions=2, model="tiny"))
+print(plan_text(layout_q, cfg_q.batch_size, directions=2, model="tiny", chunk=cfg_q.zo.chunk_size))
 
 # %% [markdown]
 # A real 4-rank launch, and the same config on one rank, which runs both directions and both

@@ -29,12 +29,14 @@
 # ## What you will see
 #
 # 1. The **dry-run plan** of a `dp=2` layout: which rows and which passes each rank runs.
-# 2. A DDP(2) run launched from the notebook: **identical weights** on both ranks.
-# 3. Its losses against the single-rank full-batch run: equal **up to float order** (the max
+# 2. **A DDP group by hand**: a small worker with the dp group and the loss exchange, each rank
+#    on its own rows, checked against one rank within float order.
+# 3. A DDP(2) run with `train_worker`: **identical weights** on both ranks.
+# 4. Its losses against the single-rank full-batch run: equal **up to float order** (the max
 #    relative difference), and not bit for bit, unlike PertP.
-# 4. **Why**: the exchange combines the micro-batch means weighted by their token counts, which
+# 5. **Why**: the exchange combines the micro-batch means weighted by their token counts, which
 #    is the full-batch mean in exact arithmetic.
-# 5. **Gradient accumulation**: the same rule inside a rank, over micro-batches
+# 6. **Gradient accumulation**: the same rule inside a rank, over micro-batches
 #    (`micro_batches`), and a DDP(2) × 2 micro-batch run against one rank × 4 micro-batches.
 
 # %% tags=["parameters"]
@@ -64,18 +66,43 @@ from distzo2_lab.plan.planner import plan_text
 from distzo2_lab.parallel.layout import Layout, validate_layout
 
 layout = validate_layout(Layout(dp=2, pert=1), 2, BATCH)  # batch_size must divide by dp
-print(plan_text(layout, BATCH, model="tiny"))
+print(plan_text(layout, BATCH, model="tiny", chunk=4096))
 
 # %% [markdown]
-# ## 2. DDP(2) from the notebook
+# ## 2. A DDP group by hand
 #
-# `train_worker` is importable from `distzo2_lab.run.worker`, which `launch` (spawn) needs: a
-# worker defined in the notebook would be refused (tutorial 04 shows the message).
+# `ddp_worker` (in `distzo2_lab.parallel.by_hand`) is one rank: it cuts its groups from the grid
+# with `ParallelGroups.build`, runs both signs on its own rows of the batch, and hands the engine
+# a `LossExchange` over the dp group, which averages the two ranks' losses by their tokens:
+
+# %%
+import inspect
+
+from distzo2_lab.parallel import by_hand
+
+print(inspect.getsource(by_hand.ddp_worker))
+
+# %%
+from distzo2_lab.parallel.launch import launch
+
+group = launch(by_hand.ddp_worker, 2, args=(STEPS,), timeout=TIMEOUT).wait()
+ref = by_hand.one_rank(STEPS)  # one rank, the whole batch
+rel, dg = by_hand.max_differences(group[0]["steps"], ref["steps"])
+print("both ranks computed the same l+, l-, g:", group[0]["steps"] == group[1]["steps"])
+print("both ranks hold the same weights:", group[0]["digest"] == group[1]["digest"])
+print(f"against one rank: l+- {rel:.1e} relative, g {dg:.1e} absolute")
+print("within float order (l+- 1e-5 relative, g 5e-3 absolute):", rel < 1e-5 and dg < 5e-3)
+
+# %% [markdown]
+# ## 3. DDP(2) with `train_worker`
+#
+# `train_worker` builds the same pieces from a `TrainConfig` and a `Layout`. It is importable
+# from `distzo2_lab.run.worker`, which `launch` (spawn) needs: a worker defined in the notebook
+# would be refused (tutorial 04 shows the message).
 
 # %%
 from distzo2_lab.config import TrainConfig, ZOConfig
 from distzo2_lab.run.worker import train_worker
-from distzo2_lab.parallel.launch import launch
 
 cfg = TrainConfig(model="tiny", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS,
                   zo=ZOConfig(chunk_size=4096))
@@ -97,7 +124,7 @@ print("identical weights on both ranks:", results[0]["digest"] == results[1]["di
 print("exchange bytes per rank per step:", results[0]["exchange_bytes"])
 
 # %% [markdown]
-# ## 3. Against one rank on the full batch
+# ## 4. Against one rank on the full batch
 
 # %%
 from distzo2_lab.run.train import train
@@ -122,7 +149,7 @@ print("digest differs from the single rank's (as expected):", results[0]["digest
 # small `eps`, which magnifies the losses' difference: `g` agrees to roughly 1e-3 absolute.
 
 # %% [markdown]
-# ## 4. Why: a token-weighted mean of micro-batch means
+# ## 5. Why: a token-weighted mean of micro-batch means
 #
 # Each rank's loss is the mean over *its* loss-carrying tokens. A plain average of the two means
 # is the full-batch mean only if both micro-batches carry the same number of tokens; the
@@ -142,7 +169,7 @@ print(f"full batch {full:.7f}  plain mean of means {plain:.7f}  token-weighted {
 print("token-weighted mean equals the full-batch mean (float order):", abs(weighted - full) / full < 1e-6)
 
 # %% [markdown]
-# The same rule in the library: `collectives.combine` takes the `(world, 4)` table of
+# The same rule in the library: `exchange.combine` takes the `(world, 4)` table of
 # `(l+, l−, tokens behind l+, tokens behind l−)` rows every rank all-gathers:
 
 # %%
@@ -158,12 +185,12 @@ print("combine() gives the token-weighted mean:", abs(combine(table)[0] - weight
 # sum, which is why it is bit-exact and DDP is not.
 
 # %% [markdown]
-# ## 5. Gradient accumulation
+# ## 6. Gradient accumulation
 #
 # `TrainConfig.micro_batches = k` splits each rank's rows into `k` micro-batches. The
 # gradient is a scalar, so accumulating costs nothing to exchange: within every block visit
 # the block is moved once and the forwards run micro-batch by micro-batch on it, and the
-# step's losses are the token-weighted means of the micro-batch losses, the rule of section 4.
+# step's losses are the token-weighted means of the micro-batch losses, the rule of section 5.
 # DDP(2) with 2 micro-batches per rank covers the global batch in 4 micro-batches of one row:
 
 # %%
@@ -171,7 +198,7 @@ import dataclasses
 
 acc = dataclasses.replace(cfg, micro_batches=2)
 layout_acc = validate_layout(layout, 2, BATCH, micro_batches=acc.micro_batches)  # each rank's rows split
-print(plan_text(layout_acc, BATCH, micro_batches=acc.micro_batches, model="tiny"))
+print(plan_text(layout_acc, BATCH, micro_batches=acc.micro_batches, model="tiny", chunk=acc.zo.chunk_size))
 handle = launch(train_worker, 2, args=(acc, layout_acc), timeout=TIMEOUT)
 ddp_acc = handle.wait()
 one_rank = train(dataclasses.replace(cfg, micro_batches=4), progress=False)  # the same 4 micro-batches
@@ -199,4 +226,4 @@ print(f"1 rank x 4 micro-batches vs the whole batch at once: l+- {rel:.1e} relat
 # (`Σ` over 2 then over the ranks, or over 4 at once). That usually rounds the same way (at
 # the tiny size the runs agree to the bit), but float arithmetic does not promise it, hence the
 # tolerance. Against the whole batch in one forward, accumulation differs by float order, as
-# DDP does (section 3): each micro-batch runs its own matmul shapes.
+# DDP does (section 4): each micro-batch runs its own matmul shapes.

@@ -29,14 +29,16 @@
 # ## What you will see
 #
 # 1. The dry-run plan of the 2 × 2 layout, naive and sliced.
-# 2. Two 4-rank runs launched from the notebook, host tier, naive vs sliced: **bit-identical**
+# 2. **The 2D mesh by hand**: a small worker with the grid's groups, the slicer over the world
+#    group and the two-stage loss exchange, checked against one rank.
+# 3. Two 4-rank runs launched from the notebook, host tier, naive vs sliced: **bit-identical**
 #    weight digests and per-step losses.
-# 3. **Upload bytes per rank** from the spans: about a quarter with slicing.
-# 4. Each rank's lanes as timelines, naive vs sliced, with the `allgather` spans on the
+# 4. **Upload bytes per rank** from the spans: about a quarter with slicing.
+# 5. Each rank's lanes as timelines, naive vs sliced, with the `allgather` spans on the
 #    exchange lane.
-# 5. **One host store per node**: the four ranks share one copy of the blocks in shared
+# 6. **One host store per node**: the four ranks share one copy of the blocks in shared
 #    memory; the memory report per node.
-# 6. The **disk tier with several ranks**: one store directory, each rank reading and writing
+# 7. The **disk tier with several ranks**: one store directory, each rank reading and writing
 #    its shard, the node's first rank committing every step.
 
 # %% tags=["parameters"]
@@ -68,20 +70,55 @@ from distzo2_lab.parallel.layout import Layout, validate_layout
 
 LAYOUTS = {"naive": Layout(dp=2, pert=2), "sliced": Layout(dp=2, pert=2, slice=True)}
 for layout in LAYOUTS.values():
-    print(plan_text(validate_layout(layout, 4, BATCH), BATCH, model="tiny"), end="\n\n")
+    print(plan_text(validate_layout(layout, 4, BATCH), BATCH, model="tiny", chunk=4096), end="\n\n")
 
 # %% [markdown]
-# ## 2. Naive vs sliced
+# ## 2. The 2D mesh by hand
+#
+# `mesh_worker` (in `distzo2_lab.parallel.by_hand`) is one rank of the 2 × 2 grid.
+# `ParallelGroups.build` cuts the rows (pert groups: one micro-batch, `+eps` and `−eps`) and the
+# columns (dp groups: one sign, two micro-batches) from the grid. The blocks live on the host
+# tier; a `Slicer` over the world group has each rank upload one shard of every block and
+# all-gather the rest. The `LossExchange` runs in two stages: the pert pair fills in the sign
+# each rank did not run, then the dp group averages its micro-batches.
+
+# %%
+import inspect
+
+from distzo2_lab.parallel import by_hand
+
+print(inspect.getsource(by_hand.mesh_worker))
+
+# %%
+from distzo2_lab.parallel.launch import launch
+
+mesh = launch(by_hand.mesh_worker, 4, args=(STEPS,), timeout=TIMEOUT).wait()
+ddp = launch(by_hand.ddp_worker, 2, args=(STEPS,), timeout=TIMEOUT).wait()
+ref = by_hand.one_rank(STEPS)
+for r in range(4):
+    print(f"rank {r}: (dp, pert) = {mesh[r]['coords']}, runs the {'+eps' if mesh[r]['signs'][0] else '-eps'} pass")
+print("all 4 ranks hold the same weights:", len({m["digest"] for m in mesh.values()}) == 1)
+print("2D sliced == DDP(2) by hand, bit for bit:", mesh[0]["steps"] == ddp[0]["steps"]
+      and mesh[0]["digest"] == ddp[0]["digest"])
+rel, dg = by_hand.max_differences(mesh[0]["steps"], ref["steps"])
+print(f"against one rank: l+- {rel:.1e} relative, g {dg:.1e} absolute; within float order:", rel < 1e-5 and dg < 5e-3)
+
+# %% [markdown]
+# Splitting the signs over a pair changes no number (each sign keeps its rank's value), and the
+# slicer's arithmetic per element is the unsliced one: the 2D run is DDP's, bit for bit, and
+# DDP differs from one rank by float order only (tutorial 05).
+
+# %% [markdown]
+# ## 3. Naive vs sliced
 #
 # Both runs use the host tier: the blocks live in host memory (one copy for the node's ranks,
-# section 5) and each rank streams them through its upload / compute / offload lanes.
+# section 6) and each rank streams them through its upload / compute / offload lanes.
 # `train_worker` is importable, as `launch` needs (a worker defined in the notebook is refused:
 # see tutorial 04).
 
 # %%
 from distzo2_lab.config import OffloadConfig, TrainConfig, ZOConfig
 from distzo2_lab.run.worker import train_worker
-from distzo2_lab.parallel.launch import launch
 
 cfg = TrainConfig(model="tiny", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS,
                   zo=ZOConfig(chunk_size=4096), offload=OffloadConfig(tier="host"))
@@ -103,7 +140,7 @@ print("sliced per-step l+, l-, g == naive:", sliced[0]["steps"] == naive[0]["ste
 # shard with `z` regenerated for that shard's noise chunks only), so the runs agree bit for bit.
 
 # %% [markdown]
-# ## 3. Bytes moved per rank
+# ## 4. Bytes moved per rank
 #
 # Every rank wrote `rank<R>.jsonl`. A rank's upload bytes are the sum of `bytes` over its spans
 # on the `upload` lane; the all-gathers are `phase="allgather"` spans on the `exchange` lane.
@@ -137,7 +174,7 @@ print("allgather spans only in the sliced run:",
 # shard holds only the remainder: the shares are uneven. On a large model (many chunks per
 # block) every rank's share tends to `1 / world_size`.
 #
-# ## 4. Timelines
+# ## 5. Timelines
 #
 # Each rank's spans start at its own clock origin; `compare_timelines` shifts every run to 0 s.
 # Rank 0, naive over sliced: the sliced upload bars are shorter, and the grey `allgather` bars
@@ -157,7 +194,7 @@ compare_timelines({f"{name} rank{r}": spans[name][r] for name in LAYOUTS for r i
                   title="every rank's lanes: naive vs sliced").show()
 
 # %% [markdown]
-# ## 5. One host store per node
+# ## 6. One host store per node
 #
 # The ranks of a node do not each keep a copy of the blocks: the node's first rank writes them
 # into one `/dev/shm` file that every rank maps, and removes its name once all have mapped it.
@@ -183,7 +220,7 @@ print("nothing left in /dev/shm:", not [f for f in os.listdir("/dev/shm") if f.s
 # torch are most of it); on a large model they are most of it, and sharing saves
 # `(ranks − slots) ×` the blocks' size per node.
 #
-# ## 6. The disk tier with several ranks
+# ## 7. The disk tier with several ranks
 #
 # With `offload.tier="disk"` every rank of the node uses the one store directory: a sliced rank
 # reads and writes only its shard of each block file. After each step all ranks drain their

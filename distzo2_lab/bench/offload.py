@@ -43,9 +43,8 @@ def _step(run: Run, task, t: int) -> tuple[float, object]:
     cfg = run.cfg
     batch = to_device(task.batch(t), cfg.device)
     seed = step_seed(cfg.seed, t)
-    run.engine.step_count = t
     t0 = time.perf_counter()
-    r = run.engine.step(batch, seed)
+    r = run.engine.step(batch, seed, step=t)
     run.log.append(r.step, r.seed, r.grad, r.lr)
     if run.offload is not None:
         run.offload.commit(t)  # disk tier: persisted on the offload lane; a no-op on the host tier

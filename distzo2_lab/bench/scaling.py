@@ -25,15 +25,16 @@ import torch.distributed as dist
 
 from distzo2_lab.bench.efficiency import median_time
 from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig, validate
+from distzo2_lab.parallel.groups import ParallelGroups
 from distzo2_lab.parallel.launch import launch
-from distzo2_lab.parallel.layout import Layout, build_mesh, validate_layout
+from distzo2_lab.parallel.layout import Layout, validate_layout
 
 WORLDS = (1, 2, 4)
 
 
 def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout, steps: int,
                  forward_repeats: int = 0) -> dict:
-    """One rank: gloo group, Run, 1 warm-up step, barrier, `steps` timed steps, barrier.
+    """One rank: gloo group, its process groups, Run, 1 warm-up step, barrier, `steps` timed steps, barrier.
 
     Returns {"seconds": timed-step seconds, "forward_s": None}. With `forward_repeats` > 0 the
     rank then also times (after the step timing, all ranks at once behind a barrier) the median
@@ -47,14 +48,13 @@ def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout
     torch.set_num_threads(cfg.threads)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        build_mesh(layout)
-        run = Run(cfg, layout=layout, rank=rank)
+        groups = ParallelGroups.build(layout, "gloo", directions=cfg.zo.directions)
+        run = Run(cfg, layout=layout, rank=rank, groups=groups)
         try:
             task, engine = make_task(cfg, run.adapter), run.engine
 
             def step(t: int) -> None:
-                engine.step_count = t
-                engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t))
+                engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t), step=t)
 
             step(0)  # warm-up: first-touch allocations, the first exchange
             dist.barrier()

@@ -220,14 +220,16 @@ class Offload:
                       if not (self.lean and b is a.bucket_in)}
         self._committed = None
 
+    def engine_options(self) -> dict:
+        """What ZO2Engine takes from this tier: the streamer, the resident keeper and, for a lean
+        tier, trim_buffers (between sweeps only the embeddings are held)."""
+        return {"streamer": self.streamer, "resident": self.resident_keeper(), "trim_buffers": self.lean}
+
     def resident_keeper(self):
         """What the engine's `resident=` takes: LeanResident for a lean disk tier, else the default."""
         if not self.lean:
             return None
-        def keeper(engine):
-            engine.trim_buffers = True  # between sweeps only the embeddings are held
-            return LeanResident(engine, self.store)
-        return keeper
+        return lambda engine: LeanResident(engine, self.store)
 
     def block_values(self, bucket) -> torch.Tensor:
         """A bucket's current values when they live in the store (after the lanes have drained)."""
@@ -337,7 +339,7 @@ class LeanResident:
         p, e = self.engine.pending, self.engine
         if p is None:
             return
-        with e._span("update"):
+        with e.span("update"):
             if e.zo.weight_decay:
                 keep = 1.0 - p.lr * e.zo.weight_decay
                 for a, b in self.engine.perturber.decay_spans(self.bin):
@@ -358,11 +360,11 @@ class LeanResident:
         self.out.to_plus(seed)
         self._load()
         self._pending()
-        with e._span("rng"):
+        with e.span("rng"):
             self._noise(seed, lambda m, z: perturb_(m, z, eps))
         plus, minus = e.signs
         hs = []
-        with e._span("embed"):
+        with e.span("embed"):
             for ids, mask in micro:
                 h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
                 hs.append([h_plus, None, ctx])
@@ -370,7 +372,7 @@ class LeanResident:
             self.store.stash("plus", self.bin.working)
         self._noise(seed, lambda m, z: perturb_(m, z, -2 * eps))
         self.out.to_minus()
-        with e._span("embed"):
+        with e.span("embed"):
             for h, (ids, mask) in zip(hs, micro):
                 if minus:
                     h[1], h[2] = a.embed(ids, mask)  # (B, T, C)
@@ -380,16 +382,16 @@ class LeanResident:
 
     def end(self, hs: list, labels: list, counts: list[int]) -> tuple[float, float]:
         e, eps, out = self.engine, self.engine.zo.eps, self.out
-        with e._span("head"):  # one embedding matrix in memory at a time
+        with e.span("head"):  # one embedding matrix in memory at a time
             loss_minus = loss_plus = None
             if hs[0][1] is not None:
                 self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
-                loss_minus = out._losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
+                loss_minus = out.losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
                 self._unload()
             out.bind_plus()
             if hs[0][0] is not None:
                 self.bin.bind(self.store.unstash("plus", self.bin.numel, self.bin.working_dtype).to(e.device))
-                loss_plus = out._losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
+                loss_plus = out.losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
                 self.bin.unbind()
         out.restore()
         self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))

@@ -2,11 +2,13 @@
 
 Every rank contributes four float64 numbers per step and perturbation direction: (l+, l-, tokens
 behind l+, tokens behind l-), with 0 tokens for a sign or direction it did not run (PertP,
-n-SPSA). One ``all_gather_into_tensor`` gives every rank the same table, and every rank combines
-it in rank order, so all agree on g to the bit.
+n-SPSA). The exchange runs in the two dimensions of the grid (groups.py): first the pert group
+(the ranks of one micro-batch) all-gathers its rows and fills in the signs each rank did not
+run, then the dp group all-gathers the completed rows of its micro-batches. Every rank combines
+each table in rank order, so all agree on g to the bit.
 A sign computed by one rank keeps that rank's value exactly (PertP is bit-exact with the
 single-rank engine); several contributions (DDP) are token-weighted, which equals the
-full-batch mean up to the order of the float sums.
+full-batch mean up to the order of the float sums (2D gives DDP's numbers bit for bit).
 """
 from __future__ import annotations
 
@@ -39,11 +41,12 @@ def combine(table: torch.Tensor) -> tuple[float, float]:
 
 
 class LossExchange:
-    """exchange([(l+, l-) per direction], tokens, step) for a process group; records its bytes as a span."""
+    """exchange([(l+, l-) per direction], tokens, step) over this rank's pert group, then its dp
+    group (either may be None: a dimension of one rank); records its bytes as spans."""
 
-    def __init__(self, group=None, recorder: Recorder | None = None, device: str = "cpu"):
-        self.group, self.device = group, device  # nccl needs the scalars on the rank's GPU
-        self.world = dist.get_world_size(group)
+    def __init__(self, pert=None, dp=None, recorder: Recorder | None = None, device: str = "cpu"):
+        self.stages = [g for g in (pert, dp) if g is not None]
+        self.device = device  # nccl needs the scalars on the rank's GPU
         self.recorder = recorder or Recorder(enabled=False)
         self.bytes_sent = 0
 
@@ -51,12 +54,19 @@ class LossExchange:
         """losses: (l+, l-) per direction, None where this rank did not run it -> the combined list."""
         rows = [[math.nan if lp is None else lp, math.nan if lm is None else lm,
                  0 if lp is None else tokens, 0 if lm is None else tokens] for lp, lm in losses]
+        for group in self.stages:
+            table = self._gather(rows, group, step)
+            # the next stage sees one complete row per micro-batch: both signs, its tokens
+            rows = [[*combine(table[:, j]), tokens, tokens] for j in range(len(losses))]
+        return [(lp, lm) for lp, lm, _, _ in rows]
+
+    def _gather(self, rows: list, group, step: int) -> torch.Tensor:
+        """(group size, directions, 4): every member's rows in rank order."""
         mine = torch.tensor(rows, dtype=torch.float64, device=self.device).reshape(-1)
-        flat = torch.empty(self.world * mine.numel(), dtype=torch.float64, device=self.device)
+        flat = torch.empty(dist.get_world_size(group) * mine.numel(), dtype=torch.float64, device=self.device)
         t0 = self.recorder.now()
-        all_gather_flat(flat, mine, group=self.group)
-        table = flat.cpu().view(self.world, len(losses), 4)
+        all_gather_flat(flat, mine, group=group)
         nbytes = mine.numel() * mine.element_size()
         self.bytes_sent += nbytes
         self.recorder.add("exchange", "exchange", step, -1, t0, self.recorder.now(), nbytes)
-        return [combine(table[:, j]) for j in range(len(losses))]
+        return flat.cpu().view(-1, len(rows), 4)

@@ -1,6 +1,6 @@
-"""The (dp x pert) layout of DistZO2 (arXiv 2507.03211, Sec. 3): validation and the device mesh.
+"""The (dp x pert) layout of DistZO2 (arXiv 2507.03211, Sec. 3): the grid and its validation.
 
-Ranks form one grid of shape (dp, pert), built with ``torch.distributed.device_mesh``. Along
+Ranks form one grid of shape (dp, pert); groups.py cuts the process groups from it. Along
 `pert` the ranks share a micro-batch and the step seed and split the perturbed passes (pert = 1:
 both signs on one rank, ZO2's dual forward; pert = 2: +eps on one rank, -eps on the other). Going
 beyond the paper, pert = 2m with q = zo.directions independent directions (n-SPSA, MeZO's
@@ -106,9 +106,3 @@ def choose_backend(device: str, world_size: int, gpus: int) -> str:
         return "nccl"
     return "gloo"
 
-
-def build_mesh(layout: Layout, device_type: str = "cpu"):
-    """The (dp, pert) DeviceMesh of the current process group."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return init_device_mesh(device_type, (layout.dp, layout.pert), mesh_dim_names=("dp", "pert"))

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from distzo2_lab.parallel.groups import NodeGroup, ParallelGroups
 from distzo2_lab.zo.perturb import Perturber
 
 FREE, CLAIMED, DONE = 0, 1, 2
@@ -36,7 +37,7 @@ def split_run(chunks: int, index: int, size: int) -> tuple[int, int]:
 
 
 class SharedPieces:
-    """The ring of shared slots and the chunk claims behind :class:`NoiseShare` and :class:`CopyShare`.
+    """The ring of shared slots and the chunk claims behind :class:`NoiseShare` and copy_share.CopyShare.
 
     The `size` members (this one is `index`) ask for the same sequence of pieces; a piece of at
     most `slot_elems` elements is cut into chunks of `chunk` elements, and :meth:`piece` has this
@@ -231,85 +232,21 @@ class NoiseShare:
         self.ring.close()
 
 
-class CopyShare:
-    """Perturbed copies theta + scale z of the visited block made once per node (zo.perturb copy):
-    ranks that run the same signs and directions on identical weights (DDP ranks; the ranks of one
-    sign in 2D) make the same copies in the same order, so each copy is a shared piece whose chunks
-    go to whichever member claims them (:class:`SharedPieces`), and every member's forward reads
-    the shared slot. Bit-identical to each rank making its own copy: an elementwise add per chunk."""
-
-    def __init__(self, index: int, size: int, barrier: Callable[[], None], path: str, create: bool,
-                 slot_elems: int, chunk: int, dtype: torch.dtype = torch.float32, slots: int = 3,
-                 timeout: float = 600.0):
-        self.index, self.size = index, size
-        self.ring = SharedPieces(index, size, barrier, path, create, slot_elems, chunk, dtype, slots, timeout)
-        self.served = 0  # elements of copies it received through the ring (what it would have computed alone)
-        self.alone = 0  # elements of one-chunk copies this rank made itself (nothing to split)
-        self._own: torch.Tensor | None = None  # where those go (allocated on first use)
-
-    @property
-    def computed(self) -> int:
-        return self.ring.computed
-
-    def copy(self, master: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
-        """theta + scale z of one block (flat, at most one slot), in the shared slot; valid until
-        this rank's next copy."""
-        n = master.numel()
-        if not self.ring.shares(n):  # one chunk: made alone
-            if self._own is None:
-                self._own = torch.empty(self.ring.chunk, dtype=self.ring.flat.dtype)
-            self.alone += n
-            return torch.add(master, z[:n], alpha=scale, out=self._own[:n])
-
-        def add(slot, a, b):
-            torch.add(master[a:b], z[a:b], alpha=scale, out=slot[a:b])
-
-        self.served += n
-        return self.ring.piece(n, add)
-
-    def close(self) -> None:
-        self.ring.close()
-
-
-def _node_groups(rank: int, key, make: Callable) -> object | None:
-    """A collective of the default group: the ranks of this node with the same `key` form a group
-    (gloo subgroup, used while the files open); make(index, size, barrier, path, create) builds
-    this rank's member. None when this rank is alone with its key."""
-    import torch.distributed as dist
-
+def join_node(node: NodeGroup | None, token: str, kind: str, make: Callable) -> object | None:
+    """This rank's member of a node group's shared files: make(index, size, barrier, path, create)
+    (the group's first rank creates them). None when the rank is alone (no node group). Every
+    member of the group must call it, in the same order as its other joins."""
     from distzo2_lab.offload.tiers import SHM_DIR
 
-    world = dist.get_world_size()
-    mine = (os.uname().nodename, key)
-    keys: list = [None] * world
-    dist.all_gather_object(keys, mine)
-    name = [os.urandom(8).hex() if rank == 0 else None]
-    dist.broadcast_object_list(name, src=0)
-    out = None
-    for gi, k in enumerate(sorted(set(keys))):  # every rank creates every group, in one order
-        members = [r for r, kk in enumerate(keys) if kk == k]
-        if len(members) < 2:
-            continue
-        group = dist.new_group(members)
-        if k == mine:
-            path = os.path.join(SHM_DIR, f"distzo2-share-{name[0]}-{gi}.bin")
-            out = make(members.index(rank), len(members), lambda g=group: dist.barrier(group=g), path,
-                       members[0] == rank)
-    return out
+    if node is None:
+        return None
+    path = os.path.join(SHM_DIR, f"distzo2-{kind}-{token}-{node.ranks[0]}.bin")
+    return make(node.index, node.size, node.barrier, path, node.index == 0)
 
 
-def open_node_noise(perturber: Perturber, rank: int, directions: list[int], slot_elems: int) -> NoiseShare | None:
-    """Join the ranks of this node that draw the same directions (a collective: every rank of the
-    default group calls it). Returns None when this rank draws alone."""
-    return _node_groups(rank, ("noise", tuple(directions)),
-                        lambda i, n, barrier, path, create: NoiseShare(perturber, i, n, barrier, path, create,
-                                                                       slot_elems))
-
-
-def open_node_copies(rank: int, directions: list[int], signs: tuple[bool, bool], slot_elems: int, chunk: int,
-                     dtype: torch.dtype) -> CopyShare | None:
-    """Join the ranks of this node that make the same perturbed copies: same directions and signs
-    (a collective). Returns None when this rank makes its copies alone (PertP: one sign per rank)."""
-    return _node_groups(rank, ("copies", tuple(directions), tuple(signs)),
-                        lambda i, n, barrier, path, create: CopyShare(i, n, barrier, path, create, slot_elems,
-                                                                      chunk, dtype))
+def open_node_noise(perturber: Perturber, groups: ParallelGroups, slot_elems: int) -> NoiseShare | None:
+    """Join the ranks of this node that draw the same directions (groups.node_noise). Returns None
+    when this rank draws alone."""
+    return join_node(groups.node_noise, groups.token, "noise",
+                     lambda i, n, barrier, path, create: NoiseShare(perturber, i, n, barrier, path, create,
+                                                                    slot_elems))

@@ -226,7 +226,7 @@ def noise_groups(layout: Layout, hw: Hardware, q: int, block_params: int) -> dic
 
 
 def copy_groups_of(layout: Layout, hw: Hardware, q: int, block_params: int) -> dict[int, tuple[int, ...]]:
-    """CPU ranks that share the perturbed block copies (zo.perturb copy, noise_share.CopyShare): the
+    """CPU ranks that share the perturbed block copies (zo.perturb copy, copy_share.CopyShare): the
     ranks of a node sharing the noise that also run the same signs."""
     noise = noise_groups(layout, hw, q, block_params)
     return {r: m for r in noise if len(m := tuple(x for x in noise[r] if layout.signs(x) == layout.signs(r))) > 1}
@@ -338,7 +338,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
 
     def perturbed_copy(prog: _Program, r: int, elements: int, block: int) -> None:
         """One perturbed copy of a block: alone, or shared by the ranks of the same signs
-        (noise_share.CopyShare: chunks claimed like the noise, ceil(chunks / size) on the longest run)."""
+        (copy_share.CopyShare: chunks claimed like the noise, ceil(chunks / size) on the longest run)."""
         members = copy_groups.get(r)
         if members:
             shared_piece(prog, "perturb", block, elements, len(members), axpy)

@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from distzo2_lab.config import ConfigError, TrainConfig, validate
+from distzo2_lab.config import ConfigError, TrainConfig, copies_perturbation, validate
 from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
 from distzo2_lab.models import BlockAdapter, adapter_for, build_model
 from distzo2_lab.models.presets import is_local_dir
@@ -159,7 +159,9 @@ class Run:
     """Everything one rank's training holds: adapter, engine, seed log, and the offload tier."""
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, recorder: Recorder | None = None,
-                 layout=None, rank: int = 0):
+                 layout=None, rank: int = 0, groups=None):
+        """`layout` / `rank`: this process is one rank of a distributed run; `groups`
+        (parallel.groups.ParallelGroups) are its process groups, built here when not given."""
         self.cfg, self.base = cfg, base_of(cfg)
         self.recorder = recorder or Recorder(enabled=False)
         self.layout, self.rank = layout, rank
@@ -167,6 +169,11 @@ class Run:
         if distributed and (cfg.engine != "zo2" or resume is not None):
             raise ConfigError("a distributed layout runs engine='zo2' and resumes from its disk store "
                               "(offload.store), not from resume=")
+        if distributed and groups is None:
+            from distzo2_lab.parallel.groups import ParallelGroups
+
+            groups = ParallelGroups.build(layout, directions=cfg.zo.directions)
+        self.groups = groups
         self.offload = None
         self.log, self.start = SeedLog(self.base, cfg.zo), 0
         self.notes: list[str] = []  # resume messages, printed by rank 0
@@ -175,9 +182,8 @@ class Run:
         if distributed:
             from distzo2_lab.parallel.exchange import LossExchange
 
-            self.exchange = LossExchange(recorder=self.recorder, device=comm_device(cfg.device))
-            extra = {"signs": layout.signs(rank), "exchange": self.exchange,
-                     "directions": layout.directions(rank, cfg.zo.directions)}
+            self.exchange = LossExchange(groups.pert, groups.dp, recorder=self.recorder, device=comm_device(cfg.device))
+            extra = {"signs": groups.signs, "exchange": self.exchange, "directions": groups.directions}
         if cfg.engine == "zo2":
             extra["micro_batches"] = cfg.micro_batches
         if layout is not None and layout.slice:
@@ -186,11 +192,14 @@ class Run:
                                   "or 'disk' (offload.tier='resident' moves no shards)")
             from distzo2_lab.parallel.slicer import Slicer
 
-            self.slicer = Slicer(rank, layout.world_size, cfg.zo.chunk_size, recorder=self.recorder)
+            self.slicer = Slicer(rank, layout.world_size, cfg.zo.chunk_size, group=groups and groups.world,
+                                 recorder=self.recorder)
             extra["slicer"] = self.slicer
+        pending = None
         if cfg.offload.tier == "resident":
             self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device)
-            self.engine = build_engine(cfg, self.adapter, self.recorder, **extra)
+            if resume is not None:
+                self._resume(resume)
         else:
             if resume is not None:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
@@ -198,41 +207,52 @@ class Run:
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
                                    self.slicer, node_share() if distributed else None)
             self.adapter = self.offload.adapter
-            self.engine = build_engine(cfg, self.adapter, self.recorder, streamer=self.offload.streamer,
-                                       resident=self.offload.resident_keeper(), **extra)
+            extra.update(self.offload.engine_options())
             if cfg.offload.tier == "disk":
-                self._open_disk_log()
-        width = max(b.numel for b in self.adapter.blocks)
-        # pieces are at most one block wide; a piece of one noise chunk has nothing to split
-        # (noise_share.py), so a model whose blocks fit one chunk draws everything alone
-        if distributed and layout.share_noise and cfg.device == "cpu" and width > cfg.zo.chunk_size:
-            from distzo2_lab.models.buckets import DTYPES
-            from distzo2_lab.parallel.node_share import open_node_copies, open_node_noise
-
-            e = self.engine
-            e.noise_share = open_node_noise(e.perturber, rank, layout.directions(rank, cfg.zo.directions), width)
-            if e.copies:  # the perturbed copies of the blocks, made once by the ranks of the same signs
-                e.copy_share = open_node_copies(rank, layout.directions(rank, cfg.zo.directions), layout.signs(rank),
-                                                width, e.perturber.chunk_size, DTYPES[cfg.precision.storage])
-        if resume is not None:
-            self._resume(resume)
+                pending = self._open_disk_log()
+        if cfg.engine == "zo2":
+            extra.update(start_step=self.start, pending=pending)
+            if distributed:
+                extra.update(self._node_shares(groups))
+        self.engine = build_engine(cfg, self.adapter, self.recorder, **extra)
         if self.start >= cfg.steps:
             raise ConfigError(f"steps={cfg.steps} is not beyond the step {self.start} already trained")
 
-    def _open_disk_log(self) -> None:
+    def _node_shares(self, groups) -> dict:
+        """The engine's noise generator and the node's shares of its draws and copies (CPU ranks of
+        one machine). Pieces are at most one block wide; a piece of one noise chunk has nothing to
+        split (node_share.py), so a model whose blocks fit one chunk draws everything alone."""
+        cfg = self.cfg
+        width = max(b.numel for b in self.adapter.blocks)
+        if not (self.layout.share_noise and cfg.device == "cpu" and width > cfg.zo.chunk_size):
+            return {}
+        from distzo2_lab.models.buckets import DTYPES
+        from distzo2_lab.parallel.copy_share import open_node_copies
+        from distzo2_lab.parallel.node_share import open_node_noise
+        from distzo2_lab.zo.perturb import Perturber
+
+        perturber = Perturber(cfg.zo.noise, cfg.zo.chunk_size, cfg.threads).freeze(self.adapter.buckets, cfg.zo.freeze)
+        out = {"perturber": perturber, "noise_share": open_node_noise(perturber, groups, width)}
+        if copies_perturbation(cfg.zo):  # the perturbed copies of the blocks, made once by the ranks of the same signs
+            out["copy_share"] = open_node_copies(groups, width, cfg.zo.chunk_size, DTYPES[cfg.precision.storage])
+        return out
+
+    def _open_disk_log(self) -> PendingUpdate | None:
+        """A store that holds a run: continue it from its committed step; returns the update it owes."""
         path = os.path.join(self.cfg.offload.store, "seedlog.jsonl")
-        committed = self.offload.resumed_step
-        if committed >= 0:  # a store that holds a run: continue it from its committed step
+        committed, pending = self.offload.resumed_step, None
+        if committed >= 0:
             self.log = SeedLog.read(path, torn_tail=True)
             _check_resume(self.cfg.offload.store, self.cfg, self.log)
             self.log.records = [r for r in self.log.records if r["step"] <= committed]  # drop uncommitted
             r = self.log.records[-1]
-            self.engine.pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"],
-                                                tuple(map(tuple, r.get("terms", ()))))  # n-SPSA: every direction
+            pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"],
+                                    tuple(map(tuple, r.get("terms", ()))))  # n-SPSA: every direction
             self.start = committed + 1
             self.notes.append(resume_note(self.cfg.offload.store, self.start, self.cfg, self.log))
         if self.offload.node is None or self.offload.node.leader:  # one writer of the store's log
             self.log.keep_live(path)
+        return pending
 
     def _resume(self, resume: str) -> None:
         state = read_state(resume)
@@ -271,7 +291,7 @@ class Run:
 
 def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, resume: str | None = None,
           progress: bool = True, on_step=None, trace: str | None = None, layout=None, rank: int = 0,
-          recorder: Recorder | None = None, profile=None) -> dict:
+          recorder: Recorder | None = None, profile=None, groups=None) -> dict:
     """Run `cfg.steps` ZO steps; write DIR/summary.json and DIR/seedlog.jsonl when `out` is set.
 
     The outputs are written as the run goes: the seed log gets each step's record as it is made,
@@ -284,7 +304,8 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
     span events and writes per-rank JSONL and a Chrome trace there; `recorder` records into a
     given Recorder (live views); `profile=DIR` (or profiling.ProfileOptions) runs the steps under
     torch.profiler. `layout` / `rank` run this process as one rank of a distributed run (the
-    process group must exist; see launch.py).
+    process group must exist; see launch.py), over `groups` (parallel.groups.ParallelGroups; built
+    from the layout when None).
     """
     validate(cfg)
     for path, name in ((out, "out"), (save, "save")):
@@ -298,7 +319,7 @@ def train(cfg: TrainConfig, out: str | None = None, save: str | None = None, res
         from distzo2_lab.observe.profiling import StepProfiler
 
         profiler, recorder.ranges = StepProfiler(profile, rank), True
-    run = Run(cfg, resume, recorder, layout, rank)
+    run = Run(cfg, resume, recorder, layout, rank, groups)
     # one rank alone stops on its own; ranks started by the launcher share one stop step; ranks
     # started by torchrun are stopped by torchrun
     stop = Stop() if layout is None or layout.world_size == 1 else launched()
@@ -343,8 +364,7 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
                   initial=run.start, total=cfg.steps):
         if stop is not None and stop.should_stop(t, run.rank):
             break
-        engine.step_count = t
-        r = engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t))
+        r = engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t), step=t)
         run.log.append(r.step, r.seed, r.grad, r.lr, r.terms)
         if run.offload is not None:
             run.offload.commit(t)  # disk tier: the step is durable once its record is logged

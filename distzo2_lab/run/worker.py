@@ -10,12 +10,13 @@ import torch.distributed as dist
 def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=None, live: bool = False,
                  profile=None) -> dict:
     """One rank of a distributed ZO run: process group (nccl with one GPU per rank, else gloo),
-    (dp, pert) mesh, train(), a small result.
+    its process groups (parallel.groups.ParallelGroups), train(), a small result.
 
     `live=True`: every rank sends its per-step metrics and its spans (batched, see
     events.SpanBatcher) through the queue as ("event", rank, {"spans": rows, "origin_ns": ...});
     without it only rank 0 sends per-step metrics. `profile=DIR` writes torch.profiler traces."""
-    from distzo2_lab.parallel.layout import build_mesh, choose_backend, validate_layout
+    from distzo2_lab.parallel.groups import ParallelGroups
+    from distzo2_lab.parallel.layout import choose_backend, validate_layout
     from distzo2_lab.run.train import train
 
     gpus = torch.cuda.device_count() if cfg.device == "cuda" else 0
@@ -34,9 +35,8 @@ def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=Non
         timeout = timedelta(seconds=float(os.environ.get("DISTZO2_TIMEOUT", "1800")))
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     try:
-        build_mesh(layout, "cuda" if backend == "nccl" else "cpu")
-        d, p = layout.coords(rank)
-        plus, minus = layout.signs(rank)
+        groups = ParallelGroups.build(layout, backend, directions=cfg.zo.directions)
+        (d, p), (plus, minus) = groups.coords, groups.signs
         log(q, rank, f"pid {os.getpid()}: dp {d}, pert {p}, runs {'+eps ' if plus else ''}{'-eps' if minus else ''}"
                      f"{', sliced' if layout.slice else ''}")
         on_step, recorder, batcher = None, None, None
@@ -61,7 +61,7 @@ def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=Non
         rank_trace = trace  # each rank writes rank<R>.jsonl / rank<R>.trace.json there
         try:
             s = train(cfg, out=rank_out, progress=False, on_step=on_step, trace=rank_trace, layout=layout,
-                      rank=rank, recorder=recorder, profile=profile)
+                      rank=rank, recorder=recorder, profile=profile, groups=groups)
         finally:
             if batcher is not None:
                 batcher.flush()

@@ -63,17 +63,17 @@ class ResidentSet:
     # -- the pieces, also used by offload.LeanResident for the buckets it keeps in memory -----
     def flush(self) -> None:
         for b, z in self.pairs:
-            self.engine._apply_pending(b, z)
+            self.engine.apply_pending(b, z)
             b.sync()
 
     def to_plus(self, seed: int) -> None:
         """Deferred update, then +eps z(seed); keep the +eps state."""
         e = self.engine
         for (b, z), state in zip(self.pairs, self._plus):
-            e._apply_pending(b, z)
-            with e._span("rng"):
+            e.apply_pending(b, z)
+            with e.span("rng"):
                 e.draw(z, seed, b.key)
-            with e._span("embed"):
+            with e.span("embed"):
                 perturb_(b.master, z, e.zo.eps)
                 b.sync()
                 state.copy_(b.working)
@@ -97,7 +97,7 @@ class ResidentSet:
         """z(seed) of every resident bucket into its scratch (kept until the next draw)."""
         e = self.engine
         for b, z in self.pairs:
-            with e._span("rng"):
+            with e.span("rng"):
                 e.draw(z, seed, b.key)
 
     def bind_copy(self, scale: float) -> None:
@@ -117,7 +117,7 @@ class ResidentSet:
         plus, minus = e.signs
         self.to_plus(seed)
         out = []
-        with e._span("embed"):
+        with e.span("embed"):
             for ids, mask in micro:
                 h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
                 out.append([h_plus, None, ctx])
@@ -129,10 +129,10 @@ class ResidentSet:
 
     def end(self, hs: list, labels: list, counts: list[int]) -> tuple[float, float]:
         """Head on the -eps state, then on the saved +eps state; restore. Returns (l+, l-)."""
-        with self.engine._span("head"):
-            loss_minus = self._losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
+        with self.engine.span("head"):
+            loss_minus = self.losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
             self.bind_plus()
-            loss_plus = self._losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
+            loss_plus = self.losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
             self.restore()
         return loss_plus, loss_minus
 
@@ -145,8 +145,8 @@ class ResidentSet:
         out = {}
         for j, seed in seeds:
             self.draw(seed)
-            with e._span("embed"):
-                for sign, scale in self._signed(e.zo.eps):
+            with e.span("embed"):
+                for sign, scale in self.signed(e.zo.eps):
                     self.bind_copy(scale)
                     out[j, sign] = [list(a.embed(ids, mask)) for ids, mask in micro]
         self.unbind_copies()
@@ -163,23 +163,23 @@ class ResidentSet:
             one = len(seeds) == 1
             if not one:
                 self.draw(seed)
-            with e._span("head"):
-                signed = self._signed(e.zo.eps)
+            with e.span("head"):
+                signed = self.signed(e.zo.eps)
                 for k, (sign, scale) in enumerate(reversed(signed) if one else signed):
                     if one and k == 0:
                         self.bind_plus()  # the copy begin_directions made last
                     else:
                         self.bind_copy(scale)
                     rows = hs[j, sign]
-                    out[j, sign] = self._losses([h for h, _ in rows], labels, counts, [c for _, c in rows])
+                    out[j, sign] = self.losses([h for h, _ in rows], labels, counts, [c for _, c in rows])
         self.unbind_copies()
         return out
 
-    def _signed(self, eps: float) -> list[tuple[int, float]]:
+    def signed(self, eps: float) -> list[tuple[int, float]]:
         plus, minus = self.engine.signs
         return [(0, eps)] * plus + [(1, -eps)] * minus
 
-    def _losses(self, hs: list, labels: list, counts: list[int], ctxs: list) -> float | None:
+    def losses(self, hs: list, labels: list, counts: list[int], ctxs: list) -> float | None:
         if hs[0] is None:
             return None
         a = self.adapter
@@ -199,26 +199,32 @@ class ZO2Engine:
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
                  streamer=None, recorder: Recorder | None = None, resident=None,
                  signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None,
-                 micro_batches: int = 1, directions: list[int] | None = None):
+                 micro_batches: int = 1, directions: list[int] | None = None, perturber: Perturber | None = None,
+                 noise_share=None, copy_share=None, trim_buffers: bool = False, start_step: int = 0,
+                 pending: PendingUpdate | None = None):
+        """`perturber`: the noise generator (built from zo when None; pass the one `noise_share` draws
+        with). `noise_share` (node_share.NoiseShare): the node's ranks split every whole-bucket draw;
+        `copy_share` (copy_share.CopyShare): the node's ranks of the same signs make each block copy
+        once. `trim_buffers`: free idle working buffers after each sweep (lean runs). `start_step`
+        and `pending`: where a resumed run continues (its first step index, the update it owes)."""
         check_engine_setup(adapter, zo, precision)
         if adapter.offloaded and streamer is None:
             raise ValueError("this adapter's blocks live in a store: pass streamer=Streamer(store, ...)")
         self.adapter, self.zo, self.precision = adapter, zo, precision
         self.streamer = streamer
         self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
-        self.perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
-        self.noise_share = None  # noise_share.NoiseShare: the node's ranks split every whole-bucket draw
-        self.copy_share = None  # noise_share.CopyShare: the node's ranks of the same signs make each block copy once
+        self.perturber = perturber or Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
+        self.noise_share, self.copy_share = noise_share, copy_share
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
         self._z_block = torch.empty(width, device=self.device)
         # One low-precision working buffer serves every streamed block (compute is sequential).
         self._cast = (torch.empty(width, dtype=DTYPES[precision.storage], device=self.device)
                       if streamer is not None and precision.storage != "fp32" else None)
-        self.pending: PendingUpdate | None = None
-        self.step_count = 0
+        self.pending = pending
+        self.step_count = start_step  # the index of the next step (the spans' step)
         self._visit = 0  # streamed visits served so far (the streamer's sweep order)
-        self.trim_buffers = False  # free idle working buffers after each sweep (lean runs)
+        self.trim_buffers = trim_buffers
         # PertP: which perturbed passes this rank runs (in place, the arithmetic on the weights is
         # always the whole +eps / -2 eps / +eps round trip, so every rank keeps identical weights;
         # with copies a rank only makes the copies of its own signs), and
@@ -240,7 +246,8 @@ class ZO2Engine:
         self.resident = (resident or ResidentSet)(self)
 
     # -- spans ---------------------------------------------------------------------------
-    def _span(self, phase: str, block: int = -1):
+    def span(self, phase: str, block: int = -1):
+        """A compute span of this step (a no-op context when nothing records)."""
         r = self.recorder
         if not r.enabled:
             return contextlib.nullcontext()
@@ -281,7 +288,7 @@ class ZO2Engine:
         all-gather the updated shards into the whole block."""
         p, (start, stop) = self.pending, self.slicer.bounds(b.numel)
         if p is not None and stop > start:
-            with self._span("update", i):
+            with self.span("update", i):
                 for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
                     z = self.perturber.fill(self._z_block[: stop - start], seed, b.key, start=start, total=b.numel)
                     apply_update_(buf[start:stop], z, grad, lr, wd, self.perturber.decay_spans(b), offset=start)
@@ -299,11 +306,13 @@ class ZO2Engine:
         return self.perturber.fill(out, seed, key)
 
     # -- the deferred update -------------------------------------------------------------
-    def _apply_pending(self, bucket: ParamBucket, scratch: torch.Tensor, block: int = -1) -> None:
+    def apply_pending(self, bucket: ParamBucket, scratch: torch.Tensor, block: int = -1) -> None:
+        """The pending update on one bucket (z regenerated into `scratch`); block >= 0: a streamed
+        block, whose update a sliced visit has already applied."""
         p = self.pending
         if p is None or (self._skip_pending and block >= 0):
             return
-        with self._span("update", block):
+        with self.span("update", block):
             for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
                 z = self.draw(scratch[: bucket.numel], seed, bucket.key, keep=False)
                 apply_update_(bucket.master, z, grad, lr, wd, self.perturber.decay_spans(bucket))
@@ -316,7 +325,7 @@ class ZO2Engine:
         self.resident.flush()
 
         def visit(i, b):
-            self._apply_pending(b, self._z_block, i)
+            self.apply_pending(b, self._z_block, i)
             b.sync()
 
         self._sweep(visit)
@@ -324,8 +333,12 @@ class ZO2Engine:
 
     # -- one step ------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, batch: dict, seed: int, lr: float | None = None) -> StepResult:
+    def step(self, batch: dict, seed: int, lr: float | None = None, step: int | None = None) -> StepResult:
+        """One ZO step on `batch` with noise from `seed`; `step` is its index (the seed log's and the
+        spans'; default: the step after the last one); `lr` overrides zo.lr for this step."""
         a = self.adapter
+        if step is not None:
+            self.step_count = step
         micro = split_micro(batch, self.micro_batches)
         for ids, _, _ in micro:
             a.check_batch(ids)
@@ -339,7 +352,7 @@ class ZO2Engine:
             else:
                 losses = self._out_of_place(seed, micro, labels, counts)
         if self.exchange is not None:
-            with self._span("exchange"):
+            with self.span("exchange"):
                 losses = self.exchange(losses, sum(counts), self.step_count)
         eps = self.zo.eps
         if q == 1:
@@ -359,18 +372,18 @@ class ZO2Engine:
         hs = self.resident.begin(seed, [(ids, mask) for ids, _, mask in micro])  # [[h+, h-, ctx]]
 
         def visit(i: int, b: ParamBucket) -> None:
-            self._apply_pending(b, self._z_block, i)
-            with self._span("rng", i):
+            self.apply_pending(b, self._z_block, i)
+            with self.span("rng", i):
                 zb = self.draw(self._z_block[: b.numel], seed, b.key, keep=False)  # used up in this visit
             for k, scale in ((0, eps), (1, -2 * eps)):
-                with self._span("perturb", i):
+                with self.span("perturb", i):
                     perturb_(b.master, zb, scale)
                     b.sync()
                 if self.signs[k]:  # PertP: only the passes this rank runs
-                    with self._span("forward", i):
+                    with self.span("forward", i):
                         for h in hs:
                             h[k] = a.run_block(i, h[k], h[2])
-            with self._span("perturb", i):
+            with self.span("perturb", i):
                 perturb_(b.master, zb, eps)
                 b.sync()
 
@@ -384,18 +397,18 @@ class ZO2Engine:
         a, eps = self.adapter, self.zo.eps
         seeds = [(j, direction_seed(seed, j)) for j in self.directions]
         hs = self.resident.begin_directions(seeds, [(ids, mask) for ids, _, mask in micro])
-        signed = self.resident._signed(eps)
+        signed = self.resident.signed(eps)
 
         def visit(i: int, b: ParamBucket) -> None:
-            self._apply_pending(b, self._z_block, i)
+            self.apply_pending(b, self._z_block, i)
             b.sync()
             for j, s in seeds:
-                with self._span("rng", i):
+                with self.span("rng", i):
                     zb = self.draw(self._z_block[: b.numel], s, b.key, keep=False)  # used up before the next
                 for sign, scale in signed:
-                    with self._span("perturb", i):
+                    with self.span("perturb", i):
                         b.bind(self._copy(b, zb, scale))
-                    with self._span("forward", i):
+                    with self.span("forward", i):
                         for h in hs[j, sign]:
                             h[0] = a.run_block(i, h[0], h[1])
             b.bind(b.working)

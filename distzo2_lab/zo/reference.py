@@ -68,7 +68,10 @@ class EagerMeZO:
             b.bind(perturbed_copy(out, b.master, self._z_for(b, seed), scale))
 
     @torch.no_grad()
-    def step(self, batch: dict, seed: int, lr: float | None = None) -> StepResult:
+    def step(self, batch: dict, seed: int, lr: float | None = None, step: int | None = None) -> StepResult:
+        """One ZO step, as ZO2Engine.step (`step`: its index, default the step after the last)."""
+        if step is not None:
+            self.step_count = step
         micro = split_micro(batch, self.micro_batches)
         for ids, _, _ in micro:
             self.adapter.check_batch(ids)
