@@ -81,3 +81,14 @@ def test_console_script_runs_the_demo(tmp_path):
     assert "bit-identical" in p.stdout and "matches training" in p.stdout
     for f in ("summary.json", "seedlog.jsonl", "loss.html", "checkpoint/model.safetensors"):
         assert os.path.exists(tmp_path / "demo" / f)
+
+
+def test_bench_results_option_writes_its_section_of_the_results_page(tmp_path, capsys):
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\n<!-- results:offload -->\nkept\n<!-- /results:offload -->\n")
+    rc = main(["bench", "efficiency", "--model", "tiny", "--batch", "2", "--seq", "16", "--repeats", "1",
+               "--threads", "1", "--results", str(page)])
+    assert rc == 0
+    text = page.read_text()
+    assert "<!-- results:efficiency -->" in text and "engine / floor" in text and "kept" in text
+    assert "engine / floor" in capsys.readouterr().out

@@ -409,31 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--no-lean", action="store_true", help="keep the embeddings resident (disk tier)")
     k.add_argument("--threads", type=int, default=2)
     k.add_argument("--store", default=None, help="parent directory of the temporary disk store")
-    for name, help_ in (("ratios", "host / resident and disk / resident step time"),
-                        ("overhead", "cost of span recording")):
-        q = sub.add_parser(name, help=help_)
-        q.add_argument("--model", default="opt-125m")
-        q.add_argument("--batch", type=int, default=8)
-        q.add_argument("--seq", type=int, default=128)
-        q.add_argument("--threads", type=int, default=2)
-        q.add_argument("--steps", type=int, default=3)
-        q.add_argument("--prefetch", type=int, default=1)
-        q.add_argument("--store", default=None, help="parent directory of the temporary disk store")
-        if name == "overhead":
-            q.add_argument("--tier", default="host", choices=OFFLOAD_TIERS)
     for q in sub.choices.values():
         q.add_argument("--json", action="store_true", help="print one JSON line")
     a = p.parse_args(argv)
-    if a.what == "peak":
-        r = peak_memory(a.model, a.tier, a.steps, a.batch, a.seq, a.prefetch, a.store, a.threads, not a.no_lean)
-        text = format_memory(r)
-    elif a.what == "ratios":
-        r = offload_ratios(a.model, a.batch, a.seq, a.threads, a.steps, a.prefetch, a.store)
-        text = format_ratios(r)
-    else:
-        r = recording_overhead(a.model, a.batch, a.seq, a.threads, a.steps, a.tier, a.prefetch, a.store)
-        text = format_overhead(r)
-    print(json.dumps(r) if a.json else text)
+    r = peak_memory(a.model, a.tier, a.steps, a.batch, a.seq, a.prefetch, a.store, a.threads, not a.no_lean)
+    print(json.dumps(r) if a.json else format_memory(r))
     return 0
 
 

@@ -98,5 +98,7 @@ def printed_to_results(name: str, path: str | None):
     with contextlib.redirect_stdout(tee):
         yield
     lines = [ln for ln in tee.kept.getvalue().splitlines() if not ln.lstrip().startswith("{")]
-    command = "python " + " ".join([os.path.relpath(sys.argv[0]) if sys.argv else "", *sys.argv[1:]])
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    head = prog if prog == "distzo2" else "python " + (os.path.relpath(sys.argv[0]) if sys.argv else "")
+    command = " ".join([head, *sys.argv[1:]])
     write_section(name, "```text\n" + "\n".join(lines).strip("\n") + "\n```", path, command)

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from distzo2_lab.cli import bench as bench_cli
 from distzo2_lab.cli import plan as plan_cli
 from distzo2_lab.config import (
     COMPUTE_DTYPES,
@@ -313,48 +314,6 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def cmd_bench(a) -> int:
-    from distzo2_lab.bench.efficiency import efficiency
-
-    r = efficiency(a.model, a.batch, a.seq, a.precision, a.threads, a.repeats)
-    if a.json:
-        print(json.dumps(r, indent=1))
-    else:
-        print(f"{r['model']} batch {r['batch']}x{r['seq']} {r['precision']} {r['threads']} threads on {r['cpu']}; "
-              f"{r['repeats']} interleaved rounds, medians (ratios taken within each round)")
-        print(f"  forward       {r['forward_s']:.3f} s")
-        print(f"  eager MeZO    {r['eager_step_s']:.3f} s  step/(2 x forward) = {r['eager_ratio']:.3f}")
-        print(f"  ZO2 engine    {r['engine_step_s']:.3f} s  step/(2 x forward) = {r['engine_ratio']:.3f}")
-    return 0
-
-
-def cmd_bench_offload(a) -> int:
-    from distzo2_lab.bench.offload import format_overhead, format_ratios, offload_ratios, recording_overhead
-
-    r = offload_ratios(a.model, a.batch, a.seq, a.threads, a.steps, a.prefetch)
-    o = recording_overhead(a.model, a.batch, a.seq, a.threads, a.steps, "host", a.prefetch)
-    text = format_ratios(r) + "\n" + format_overhead(o)
-    print(json.dumps({"ratios": r, "recording": o}, indent=1) if a.json else text)
-    return 0
-
-
-def cmd_bench_memory(a) -> int:
-    from distzo2_lab.bench.offload import format_memory, peak_memory_subprocess
-
-    r = peak_memory_subprocess(a.model, tier="disk", store_dir=a.store, prefetch=a.prefetch, lean=not a.no_lean)
-    print(json.dumps(r, indent=1) if a.json else format_memory(r))
-    return 0
-
-
-def cmd_bench_scaling(a) -> int:
-    from distzo2_lab.bench.scaling import format_scaling, scaling
-
-    r = scaling(a.model, a.batch, a.seq, a.steps, repeats=a.repeats, share_noise=not a.no_share_noise,
-                perturb=a.perturb, progress=lambda text: print(text, file=sys.stderr, flush=True))
-    print(json.dumps(r, indent=1) if a.json else format_scaling(r))
-    return 0
-
-
 def cmd_rebuild(a) -> int:
     from distzo2_lab.run.checkpoint import SeedLog, checkpoint_tensors, digest, save_checkpoint
     from distzo2_lab.run.train import rebuild
@@ -381,17 +340,6 @@ def cmd_eval(a) -> int:
     return 0
 
 
-def _bench_parser(bsub, name: str, help_text: str, fn) -> argparse.ArgumentParser:
-    """A `distzo2 bench NAME` parser with the arguments every model benchmark takes."""
-    p = bsub.add_parser(name, help=help_text)
-    p.add_argument("--model", default="opt-125m")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=fn)
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distzo2", description="distributed zeroth-order fine-tuning lab")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -404,30 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=300)
     d.set_defaults(fn=cmd_demo)
-    b = sub.add_parser("bench", help="benchmarks")
-    bsub = b.add_subparsers(dest="bench", required=True)
-    e = _bench_parser(bsub, "efficiency", "step / (2 x forward) for eager MeZO and the ZO2 engine", cmd_bench)
-    e.add_argument("--precision", default="fp32", choices=COMPUTE_DTYPES)
-    e.add_argument("--threads", type=int, default=2)
-    e.add_argument("--repeats", type=int, default=5, help="interleaved rounds of forward / eager / engine")
-    o = _bench_parser(bsub, "offload", "host / resident and disk / resident step time, overlap, recording overhead",
-                      cmd_bench_offload)
-    o.add_argument("--threads", type=int, default=2)
-    o.add_argument("--steps", type=int, default=3)
-    o.add_argument("--prefetch", type=int, default=1)
-    m = bsub.add_parser("memory", help="peak RSS / model size of a disk-offloaded run (fresh process)")
-    m.add_argument("--model", default="opt-1.3b")
-    m.add_argument("--store", default=None, help="parent directory of the temporary disk store")
-    m.add_argument("--prefetch", type=int, default=0)
-    m.add_argument("--no-lean", action="store_true", help="keep the embeddings resident")
-    m.add_argument("--json", action="store_true")
-    m.set_defaults(fn=cmd_bench_memory)
-    sc = _bench_parser(bsub, "scaling", "tokens/s at world 1, 2, 4 (PertP, DDP, 2D) at equal total CPU threads",
-                       cmd_bench_scaling)
-    sc.add_argument("--steps", type=int, default=3)
-    sc.add_argument("--repeats", type=int, default=2, help="round-robin rounds; each layout keeps its best")
-    sc.add_argument("--no-share-noise", action="store_true", help="every rank draws all of z (for comparison)")
-    sc.add_argument("--perturb", default="auto", help=f"zo.perturb of every world, one of {', '.join(PERTURB_MODES)}")
+    bench_cli.add_parser(sub)
     plan_cli.add_parser(sub)
     r = sub.add_parser("rebuild", help="base model + seed log -> fine-tuned weights (bit-exact)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
