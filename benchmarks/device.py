@@ -1,11 +1,11 @@
 """MeZO against ZO2 on one working device (a GPU), with the planner's memory and the simulator's step time beside it.
 
-    python benchmarks/device.py [MODEL ...] [--batch 1 --seq 2048 --steps 4 --compute bf16 --prefetch 1]
+    python benchmarks/device.py [MODEL ...] [--batch 1 --seq 2048 --steps 3 --compute bf16 --prefetch 1]
                                 [--tiers host [disk]] [--hardware h100-sxm [this-machine --plan-dir DIR]]
                                 [--device cuda] [--threads 4]
                                 [--store DIR] [--chunk-size N] [--noise [--noise-numel N]] [--json]
 
-MODEL defaults to opt-125m and opt-1.3b (random weights built from their configs). For each model,
+MODEL defaults to opt-1.3b, opt-2.7b and opt-6.7b (random weights built from their configs). For each model,
 in this one process, one case after another: eager MeZO (all resident), ZO2 resident, ZO2 on each
 tier; median step seconds, step / MeZO, losses equal to MeZO's, peak device memory allocated
 against the planner's (runtime overhead left out), the lanes' hidden fraction, the upload lane's
@@ -25,10 +25,10 @@ from distzo2_lab.plan.hardware import names
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("models", nargs="*", default=["opt-125m", "opt-1.3b"], help="preset names")
+    p.add_argument("models", nargs="*", default=["opt-1.3b", "opt-2.7b", "opt-6.7b"], help="preset names")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per case (after 1 warm-up)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per case (after 1 warm-up)")
     p.add_argument("--compute", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--tiers", nargs="+", default=["host"], choices=("host", "disk"))

@@ -19,6 +19,7 @@ import torch
 from distzo2_lab.bench.calibrate_gpu import link_gbps
 from distzo2_lab.bench.offload import _fmt, _pct, _sync, _Tier
 from distzo2_lab.config import ConfigError, OffloadConfig, PrecisionConfig, TrainConfig, ZOConfig, validate
+from distzo2_lab.models.presets import count_parameters
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import THIS_MACHINE
 from distzo2_lab.zo.perturb import Perturber
@@ -89,6 +90,30 @@ def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: in
             "overlap": out["overlap"], "phases_s": _phase_seconds(run.spans, steps), "upload_gbps": out["upload_gbps"]}
 
 
+def stock_forward_s(model: str, batch: int, seq: int, compute: str, device: str, repeats: int = 4) -> float:
+    """Median seconds of one no-grad forward of the plain Hugging Face model held in the compute
+    dtype (no masters, no autocast): the floor a ZO step is measured against is two of these."""
+    from distzo2_lab.models.buckets import DTYPES
+    from distzo2_lab.models.presets import build_model
+
+    m = build_model(model, device=device).to(DTYPES[compute]).eval()
+    ids = torch.randint(4, m.config.vocab_size, (batch, seq), device=device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            m(input_ids=ids)
+            _sync(device)
+            if i:  # the first call warms up
+                times.append(time.perf_counter() - t0)
+    del m
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return sorted(times)[len(times) // 2]
+
+
 def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch: int, hardware: tuple[str, ...],
             links: dict | None, plan_dir: str | None = None) -> dict:
     """The planner's peak (less its runtime overhead) and the simulator's step time on each profile of
@@ -127,6 +152,8 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
         raise ConfigError("device='cuda' is not valid here: torch sees no CUDA device; choose device='cpu'")
     hardware = (hardware,) if isinstance(hardware, str) else tuple(hardware)
     links = link_gbps() if device == "cuda" else None
+    floor_s = 2 * stock_forward_s(model, batch, seq, compute, device)
+    params = count_parameters(model)
     where = tempfile.mkdtemp(prefix="distzo2-device-", dir=store_dir) if "disk" in tiers else None
     rows = []
     try:
@@ -144,13 +171,20 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
         if where:
             shutil.rmtree(where, ignore_errors=True)
     ref = rows[0]
+    resident = next(r for r in rows if r["engine"] == "zo2" and r["tier"] == "resident")
     for r in rows:
         r["step_vs_mezo"] = r["step_s"] / ref["step_s"]
         r["same_losses_as_mezo"] = r["losses"] == ref["losses"]
+        r["step_vs_floor"] = r["step_s"] / floor_s
+        moved = sum(r["overlap"].get("bytes", {}).values()) / steps
+        r["bytes_per_param_per_step"] = moved / params
+        if r["tier"] != "resident" and links:  # the host tier's own floor: the resident step or the bytes on the link
+            wire_s = moved / (links["both"] * 1e9)
+            r["step_vs_tier_floor"] = r["step_s"] / max(resident["step_s"], wire_s)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"model": model, "batch": batch, "seq": seq, "steps": steps, "compute": compute, "prefetch": prefetch,
             "chunk_size": chunk_size, "device": device, "device_name": name, "hardware": list(hardware),
-            "links_gbps": links, "cases": rows}
+            "links_gbps": links, "stock_forward_s": floor_s / 2, "params": params, "cases": rows}
 
 
 def format_cases(r: dict) -> str:
@@ -160,11 +194,15 @@ def format_cases(r: dict) -> str:
             f"{r['prefetch']}, noise chunks of {r['chunk_size']} (median of {r['steps']} steps after 1 warm-up)"
             + (f"; pinned copies here: H2D {links['h2d']:.1f} GB/s, D2H {links['d2h']:.1f} GB/s, each way at once "
                f"{links['both']:.1f}" if links else ""))
-    lines = [head, f"{'case':>14} {'step s':>8} {'/MeZO':>6} {'same':>5} {'peak GB':>8} {'plan GB':>8} "
-             f"{'hidden':>7} {'up GB/s':>8}   simulated s (predicted / measured) per profile"]
+    head += (f"\nfloor: two forwards of the stock model in {r['compute']}, {2 * r['stock_forward_s']:.4f} s; "
+             "tier floor: max(ZO2 resident step, bytes moved / measured link)")
+    lines = [head, f"{'case':>14} {'step s':>8} {'/floor':>7} {'/tier fl':>8} {'B/param':>8} {'/MeZO':>6} {'same':>5} "
+             f"{'peak GB':>8} {'plan GB':>8} {'hidden':>7} {'up GB/s':>8}   simulated s (predicted / measured)"]
     for c in r["cases"]:
         sims = "  ".join(f"{k} {v:.4f} ({c['ratio'][k]:.2f})" for k, v in c.get("predicted_s", {}).items())
-        lines.append(f"{c['engine'] + ' ' + c['tier']:>14} {c['step_s']:>8.4f} {c['step_vs_mezo']:>6.2f} "
+        lines.append(f"{c['engine'] + ' ' + c['tier']:>14} {c['step_s']:>8.4f} {c['step_vs_floor']:>7.2f} "
+                     f"{_fmt(c.get('step_vs_tier_floor'), '.2f'):>8} {c['bytes_per_param_per_step']:>8.2f} "
+                     f"{c['step_vs_mezo']:>6.2f} "
                      f"{str(c['same_losses_as_mezo']):>5} {gb(c['peak_bytes']):>8} {gb(c.get('planned_bytes')):>8} "
                      f"{_pct(c['overlap'].get('hidden_fraction')):>7} {_fmt(c['upload_gbps']):>8}   {sims}")
     for c in r["cases"]:
