@@ -178,8 +178,9 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
         r["step_vs_floor"] = r["step_s"] / floor_s
         moved = sum(r["overlap"].get("bytes", {}).values()) / steps
         r["bytes_per_param_per_step"] = moved / params
-        if r["tier"] != "resident" and links:  # the host tier's own floor: the resident step or the bytes on the link
-            wire_s = moved / (links["both"] * 1e9)
+        if r["tier"] != "resident" and links:  # the tier's own floor: the resident step or its bytes on the link
+            b = r["overlap"].get("bytes", {})  # uploads and write-backs travel in opposite directions at once
+            wire_s = max(b.get("upload", 0) / (links["h2d"] * 1e9), b.get("offload", 0) / (links["d2h"] * 1e9)) / steps
             r["step_vs_tier_floor"] = r["step_s"] / max(resident["step_s"], wire_s)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"model": model, "batch": batch, "seq": seq, "steps": steps, "compute": compute, "prefetch": prefetch,
