@@ -18,7 +18,8 @@ COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
 MASTER_DTYPES = ("fp32", "none")
 ENGINES = ("zo2", "eager")
-TASKS = ("synthetic", "text", "sst2")
+SUITE_TASKS = ("sst2", "rte", "cb", "boolq", "wic", "copa", "squad")  # MeZO's suite, read from a directory
+TASKS = ("synthetic", "text", *SUITE_TASKS)
 DEVICES = ("cpu", "cuda")
 OFFLOAD_TIERS = ("resident", "host", "disk")
 
@@ -109,14 +110,16 @@ class TrainConfig:
     engine: str = "zo2"
     """'zo2' (block engine: dual forward, deferred fused update) or 'eager' (MeZO reference)."""
     task: str = "synthetic"
-    """'synthetic' (embedded learnable sequences), 'text' (causal LM on ``data``) or 'sst2'
-    (SST-2 classification in MeZO's protocol, from the directory ``data``)."""
+    """'synthetic' (embedded learnable sequences), 'text' (causal LM on ``data``), or a task of
+    MeZO's suite in its protocol and prompt, from the directory ``data``: 'sst2', 'rte' (GLUE
+    TSV), 'cb', 'boolq', 'wic', 'copa' (SuperGLUE JSONL) or 'squad' (SQuAD v1.1 JSON)."""
     data: str | None = None
-    """Text or TSV file for task='text' (TSV: first column, header skipped); for task='sst2' a
-    directory holding train.tsv / dev.tsv (/ test.tsv)."""
+    """Text or TSV file for task='text' (TSV: first column, header skipped); for a suite task the
+    directory of its published files (sst2 / rte: train.tsv, dev.tsv; cb / boolq / wic / copa:
+    train.jsonl, val.jsonl; squad: train-v1.1.json, dev-v1.1.json)."""
     shots: int | None = None
-    """task='sst2': k examples per class for train and for validation (k-shot, MeZO uses 16 and
-    512); None samples 1000 train / 500 validation examples."""
+    """A suite task: k examples per class for train and for validation (k-shot, MeZO uses 16 and
+    512; squad: k examples); None samples 1000 train / 500 validation examples."""
     threads: int = 2
     """torch intra-op threads and noise-generation threads."""
     device: str = "cpu"
@@ -224,13 +227,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.task == "text" and not cfg.data:
         raise ConfigError("task='text' needs data=PATH (a .txt or .tsv file)")
     if cfg.task == "synthetic" and cfg.data:
-        raise ConfigError(f"data={cfg.data!r} is only read by task='text' or 'sst2'; choose one of them or drop data")
-    if cfg.task == "sst2" and not cfg.data:
-        raise ConfigError("task='sst2' needs data=DIR (a directory holding train.tsv and dev.tsv)")
+        raise ConfigError(f"data={cfg.data!r} is only read by task='text' or a suite task "
+                          f"({', '.join(SUITE_TASKS)}); choose one of them or drop data")
+    if cfg.task in SUITE_TASKS and not cfg.data:
+        raise ConfigError(f"task={cfg.task!r} needs data=DIR (a directory holding its published train and dev files)")
     if cfg.shots is not None:
         _positive("shots", cfg.shots, integer=True)
-        if cfg.task != "sst2":
-            raise ConfigError(f"shots={cfg.shots} is only read by task='sst2'; choose task='sst2' or shots=None")
+        if cfg.task not in SUITE_TASKS:
+            raise ConfigError(f"shots={cfg.shots} is only read by task='sst2' and the other suite tasks "
+                              f"({', '.join(SUITE_TASKS[1:])}); choose one of them or shots=None")
     _positive("threads", cfg.threads, integer=True)
     _choice("device", cfg.device, DEVICES)
     if cfg.device == "cuda":

@@ -36,6 +36,8 @@ def files(tmp_path_factory):
     os.makedirs(d / "empty_dir")
     os.makedirs(d / "sst2")
     (d / "sst2" / "train.tsv").write_text("sentence\tlabel\na fine film\t1\nno label here\n")
+    os.makedirs(d / "boolq")
+    (d / "boolq" / "train.jsonl").write_text('{"question": "is it", "passage": "it is", "label": true}\n{"question"\n')
     (d / "a_file").write_text("x")
     return d
 
@@ -67,7 +69,7 @@ CASES = [
     ("storage without master", [*TRAIN, "--precision", "bf16", "--storage", "bf16", "--master", "none"],
      "would silently lose"),
     ("bad engine", [*TRAIN, "--engine", "adam"], "engine='adam' is not valid; choose one of zo2, eager"),
-    ("bad task", [*TRAIN, "--task", "squad"], "task='squad' is not valid"),
+    ("bad task", [*TRAIN, "--task", "mnli"], "task='mnli' is not valid"),
     ("bad tier", [*TRAIN, "--offload", "nvme"], "offload.tier='nvme' is not valid"),
     ("disk tier without store", [*TRAIN, "--offload", "disk"], "needs offload.store"),
     ("store that is a file", [*TRAIN, "--offload", "disk", "--store", "{d}/a_file"], "is a file"),
@@ -81,7 +83,8 @@ CASES = [
     ("text task without data", [*TRAIN, "--task", "text"], "task='text' needs data"),
     ("missing data file", [*TRAIN, "--task", "text", "--data", "{d}/none.txt"], "file does not exist"),
     ("malformed TSV", [*TRAIN, "--task", "sst2", "--data", "{d}/sst2"], "train.tsv: line 3"),
-    ("data for synthetic", [*TRAIN, "--data", "{d}/a_file"], "only read by task='text' or 'sst2'"),
+    ("malformed JSONL", [*TRAIN, "--task", "boolq", "--data", "{d}/boolq"], "train.jsonl: line 2: not a JSON"),
+    ("data for synthetic", [*TRAIN, "--data", "{d}/a_file"], "only read by task='text' or a suite task"),
     ("shots without sst2", [*TRAIN, "--shots", "4"], "shots=4 is only read by task='sst2'"),
     ("out under a file", [*TRAIN, "--out", "{d}/a_file/sub"], "is not writable"),
     ("out is a file", [*TRAIN, "--out", "{d}/a_file"], "is a file, not a directory"),

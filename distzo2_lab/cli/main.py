@@ -17,6 +17,7 @@ from distzo2_lab.config import (
     OFFLOAD_TIERS,
     PERTURB_MODES,
     STORAGE_DTYPES,
+    SUITE_TASKS,
     TASKS,
     ConfigError,
     OffloadConfig,
@@ -55,8 +56,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--master", default="fp32", help=f"master copy, one of {', '.join(MASTER_DTYPES)}")
     p.add_argument("--engine", default=d.engine, help=f"one of {', '.join(ENGINES)}")
     p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--data", default=None, help="text or TSV file for --task text; directory for --task sst2")
-    p.add_argument("--shots", type=int, default=None, help="--task sst2: k examples per class (k-shot)")
+    p.add_argument("--data", default=None, help="text or TSV file for --task text; directory for a suite task")
+    p.add_argument("--shots", type=int, default=None, help="a suite task: k examples per class (k-shot)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads per rank; default: 1 on a machine with <= 2 cores or busy cores, else its free "
                         "cores shared by the ranks (at most 4)")
@@ -332,11 +333,10 @@ def cmd_rebuild(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from distzo2_lab.run.evaluate import evaluate_checkpoint
+    from distzo2_lab.run.evaluate import evaluate_checkpoint, result_line
 
     r = evaluate_checkpoint(a.checkpoint, a.data, a.split, a.task, a.limit, a.batch_size, a.threads)
-    print(json.dumps(r, indent=1) if a.json else
-          f"{r['split']}: accuracy {r['accuracy']:.4f} ({r['correct']} of {r['examples']} examples)")
+    print(json.dumps(r, indent=1) if a.json else result_line(r))
     return 0
 
 
@@ -361,12 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--json", action="store_true")
     r.set_defaults(fn=cmd_rebuild)
-    ev = sub.add_parser("eval", help="a checkpoint's accuracy on a split (SST-2)",
+    ev = sub.add_parser("eval", help="a checkpoint's accuracy (squad: F1, exact match) on a split",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ev.add_argument("--checkpoint", required=True, help="checkpoint directory (train --save)")
-    ev.add_argument("--task", default="sst2", help="one of sst2")
-    ev.add_argument("--data", required=True, help="directory holding train.tsv / dev.tsv / test.tsv")
-    ev.add_argument("--split", default="dev", help="train, validation (samples of train.tsv), dev or test")
+    ev.add_argument("--task", default="sst2", help=f"one of {', '.join(SUITE_TASKS)}")
+    ev.add_argument("--data", required=True, help="directory of the task's published files")
+    ev.add_argument("--split", default="dev",
+                    help="train, validation (samples of the training file), dev (sst2: also test)")
     ev.add_argument("--limit", type=int, default=None, help="evaluate a seeded sample of this many examples")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--threads", type=int, default=2)

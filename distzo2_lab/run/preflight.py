@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from distzo2_lab.config import ConfigError, TrainConfig, validate
+from distzo2_lab.config import SUITE_TASKS, ConfigError, TrainConfig, validate
 from distzo2_lab.models.presets import checkpoint_config, is_local_dir, preset_config
 from distzo2_lab.run.checkpoint import SeedLog, check_checkpoint
 from distzo2_lab.run.outputs import check_writable
@@ -24,7 +24,7 @@ def check_model(cfg: TrainConfig) -> None:
 
 
 def check_data(cfg: TrainConfig) -> None:
-    """The data file (task='text') or the SST-2 train.tsv (task='sst2') reads, line by line."""
+    """The data file (task='text') or a suite task's training file reads, line by line."""
     if cfg.task == "text":
         from distzo2_lab.data.tasks import read_text
 
@@ -33,6 +33,10 @@ def check_data(cfg: TrainConfig) -> None:
         from distzo2_lab.data.sst2 import read_tsv, split_file
 
         read_tsv(split_file(cfg.data, "train"))
+    elif cfg.task in SUITE_TASKS:
+        from distzo2_lab.data.suite import read_split
+
+        read_split(cfg.task, cfg.data, "train")
 
 
 def check_layout(cfg: TrainConfig, layout) -> None:

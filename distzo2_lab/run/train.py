@@ -16,7 +16,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from distzo2_lab.config import ConfigError, TrainConfig, copies_perturbation, validate
+from distzo2_lab.config import SUITE_TASKS, ConfigError, TrainConfig, copies_perturbation, validate
 from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
 from distzo2_lab.models import BlockAdapter, adapter_for, build_model
 from distzo2_lab.models.presets import is_local_dir
@@ -109,6 +109,10 @@ def make_task(cfg: TrainConfig, adapter: BlockAdapter):
         from distzo2_lab.data.sst2 import task_for
 
         return task_for(cfg, adapter)  # sets adapter.choices for a causal LM (label-word loss)
+    if cfg.task in SUITE_TASKS:
+        from distzo2_lab.data.suite import task_for as suite_task
+
+        return suite_task(cfg, adapter)  # sets adapter.choices: label words, or None (continuation loss)
     return TextTask(cfg.data, tokenizer_for(cfg.model), cfg.seq_len, cfg.batch_size, cfg.seed, vocab)
 
 
