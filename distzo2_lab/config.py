@@ -22,6 +22,7 @@ SUITE_TASKS = ("sst2", "rte", "cb", "boolq", "wic", "copa", "squad")  # MeZO's s
 TASKS = ("synthetic", "text", *SUITE_TASKS)
 DEVICES = ("cpu", "cuda")
 OFFLOAD_TIERS = ("resident", "host", "disk")
+PEFT_KINDS = ("lora",)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,9 @@ class TrainConfig:
     """Compute / storage / master dtypes."""
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     """Parameter offloading and streaming."""
+    peft: str | None = None
+    """'lora:R': wrap the model with ``peft`` LoRA adapters of rank R (seeded from ``seed``) and
+    train only them: every other parameter is held fixed (zo.freeze). None trains every parameter."""
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -206,6 +210,15 @@ def validate_offload(o: OffloadConfig) -> OffloadConfig:
     return o
 
 
+def parse_peft(spec: str) -> tuple[str, int]:
+    """'lora:8' -> ('lora', 8); one ConfigError naming the field and the valid forms otherwise."""
+    kind, _, n = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind not in PEFT_KINDS or not n.isdigit() or int(n) <= 0:
+        raise ConfigError(f"peft={spec!r} is not valid; choose one of {', '.join(k + ':R' for k in PEFT_KINDS)} "
+                          "with R a positive integer (e.g. 'lora:8')")
+    return kind, int(n)
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check every field and combination of a run config; return it unchanged or raise."""
     if not isinstance(cfg.model, str) or not cfg.model:
@@ -252,6 +265,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.offload.lean and cfg.zo.perturb == "copy":
         raise ConfigError("offload.lean=True runs MeZO's in-place step; zo.perturb='copy' perturbs out of place. "
                           "Choose offload.lean=False or zo.perturb='in-place'")
+    if cfg.peft is not None:
+        parse_peft(cfg.peft)
+        if cfg.offload.tier != "resident":
+            raise ConfigError(f"peft={cfg.peft!r} trains a resident model; offload.tier={cfg.offload.tier!r} "
+                              "streams blocks built from the base. Choose offload.tier='resident' or peft=None")
     if cfg.offload.tier != "resident" and cfg.engine == "eager":
         raise ConfigError("engine='eager' is the resident reference; offload.tier='host' or 'disk' needs engine='zo2'")
     return cfg

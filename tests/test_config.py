@@ -47,6 +47,7 @@ BAD = {
     "offload.store": ("/tmp/s", "offload.store='/tmp/s' is only used by offload.tier='disk'"),
     "offload.link_gbps": (0.0, "offload.link_gbps=0.0 is not valid"),
     "offload.lean": (True, "offload.lean=True parks the embeddings in the disk store; offload.tier='resident'"),
+    "peft": ("lora:0", "peft='lora:0' is not valid; choose one of lora:R"),
 }
 
 
@@ -114,6 +115,9 @@ EFFECT = {
     "offload.store": ("dir", None),  # test_offload.py: disk tier, reopen, SIGKILL
     "offload.link_gbps": (1.0, None),  # test_offload.py: simulated link stretches transfers
     "offload.lean": (True, None),  # test_offload.py: lean disk tier equals resident, frees the embeddings
+    # adapters only: a different function from the first step (lora_B = 0, but lora_A and B move)
+    "peft": ("lora:2", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]
+             and b["base"]["peft"] == "lora:2"),
 }
 
 

@@ -15,7 +15,7 @@ LAYERS = [
     ["data"],
     ["run"],
     ["plan"],
-    ["bench"],
+    ["bench", "hf"],  # hf: the toolkit behind transformers' Trainer (uses run/)
     ["cli", "demo", "__main__", "__init__"],
 ]
 

@@ -108,6 +108,8 @@ class BlockAdapter:
     family = ""
     model_class: type | None = None
     causal = True  # next-token loss on (B, T) labels; False: one label per sequence (B,)
+    wrapper: nn.Module | None = None  # the ``peft`` model around `model`, when adapter_for was given one
+    frozen: tuple[str, ...] = ()  # zo.freeze patterns of what the wrapper does not train (lora.frozen_patterns)
 
     def __init__(self, model: nn.Module, storage: str = "fp32"):
         model.eval().requires_grad_(False)

@@ -8,6 +8,7 @@ from distzo2_lab.models.base import BlockAdapter
 from distzo2_lab.models.bert import BertAdapter
 from distzo2_lab.models.gpt2 import GPT2Adapter
 from distzo2_lab.models.llama import LlamaAdapter, Qwen2Adapter
+from distzo2_lab.models.lora import frozen_patterns, hf_model, is_peft
 from distzo2_lab.models.opt import OPTAdapter
 
 ADAPTERS: dict[str, type[BlockAdapter]] = {a.family: a for a in
@@ -23,5 +24,14 @@ def adapter_class(model_type: str) -> type[BlockAdapter]:
 
 
 def adapter_for(model: nn.Module, storage: str = "fp32") -> BlockAdapter:
-    """The family's adapter around a Hugging Face model (its buckets built with `storage`)."""
-    return adapter_class(model.config.model_type)(model, storage)
+    """The family's adapter around a Hugging Face model (its buckets built with `storage`).
+
+    A ``peft`` model is seen through its Hugging Face model; the adapter keeps it as `wrapper`
+    and, in `frozen`, the zo.freeze patterns of everything it does not train (read before the
+    adapter turns gradients off)."""
+    if not is_peft(model):
+        return adapter_class(model.config.model_type)(model, storage)
+    frozen = frozen_patterns(model)
+    adapter = adapter_class(model.config.model_type)(hf_model(model), storage)
+    adapter.wrapper, adapter.frozen = model, frozen
+    return adapter

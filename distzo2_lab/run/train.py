@@ -6,6 +6,7 @@ trajectory of an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import sys
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from distzo2_lab.config import SUITE_TASKS, ConfigError, TrainConfig, copies_perturbation, validate
 from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
 from distzo2_lab.models import BlockAdapter, adapter_for, build_model
+from distzo2_lab.models.lora import is_peft, wrap_lora
 from distzo2_lab.models.presets import is_local_dir
 from distzo2_lab.observe.events import Recorder, overlap_metrics, write_trace
 from distzo2_lab.offload.tiers import Offload
@@ -45,15 +47,26 @@ SUMMARY_EVERY = 25  # steps between two rewrites of DIR/summary.json while a run
 def base_of(cfg: TrainConfig) -> dict:
     """Where the starting weights come from (what a seed log replays onto), and the device type
     whose generators drew z (CPU and CUDA generators give different numbers for one seed)."""
+    peft = {"peft": cfg.peft, "peft_seed": cfg.seed} if cfg.peft is not None else {}
     if is_local_dir(cfg.model):
-        return {"model": os.path.abspath(cfg.model), "device": cfg.device}
-    return {"model": cfg.model, "init_seed": cfg.seed, "device": cfg.device}
+        return {"model": os.path.abspath(cfg.model), "device": cfg.device, **peft}
+    return {"model": cfg.model, "init_seed": cfg.seed, "device": cfg.device, **peft}
 
 
-def build_adapter(base: dict, storage: str = "fp32", device: str = "cpu") -> BlockAdapter:
-    """The starting model, built on CPU (seeded init is device-independent) then moved; the
-    adapter of its family (OPT, GPT-2, LLaMA, Qwen2, BERT)."""
-    return adapter_for(build_model(base["model"], seed=base.get("init_seed", 0)).to(device), storage)
+def start_model(base: dict, model=None):
+    """The starting model of `base` on CPU (seeded init is device-independent): built, or `model`
+    when the caller holds it already; wrapped with its LoRA adapters when the base names some."""
+    if model is None:
+        model = build_model(base["model"], seed=base.get("init_seed", 0))
+    if base.get("peft") is not None and not is_peft(model):
+        model = wrap_lora(model, base["peft"], base.get("peft_seed", 0))
+    return model
+
+
+def build_adapter(base: dict, storage: str = "fp32", device: str = "cpu", model=None) -> BlockAdapter:
+    """The starting model (see start_model) moved to `device`; the adapter of its family (OPT,
+    GPT-2, LLaMA, Qwen2, BERT)."""
+    return adapter_for(start_model(base, model).to(device), storage)
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -163,9 +176,11 @@ class Run:
     """Everything one rank's training holds: adapter, engine, seed log, and the offload tier."""
 
     def __init__(self, cfg: TrainConfig, resume: str | None = None, recorder: Recorder | None = None,
-                 layout=None, rank: int = 0, groups=None):
+                 layout=None, rank: int = 0, groups=None, model=None):
         """`layout` / `rank`: this process is one rank of a distributed run; `groups`
-        (parallel.groups.ParallelGroups) are its process groups, built here when not given."""
+        (parallel.groups.ParallelGroups) are its process groups, built here when not given.
+        `model`: the starting model already built (its weights are the base's), trained in place
+        by the resident tier."""
         self.cfg, self.base = cfg, base_of(cfg)
         self.recorder = recorder or Recorder(enabled=False)
         self.layout, self.rank = layout, rank
@@ -201,7 +216,11 @@ class Run:
             extra["slicer"] = self.slicer
         pending = None
         if cfg.offload.tier == "resident":
-            self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device)
+            self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device, model)
+            if self.adapter.frozen:  # a peft model trains its adapters only: the rest is held fixed
+                zo = dataclasses.replace(cfg.zo, freeze=cfg.zo.freeze + self.adapter.frozen)
+                cfg = self.cfg = dataclasses.replace(cfg, zo=zo)
+                self.log.zo = zo
             if resume is not None:
                 self._resume(resume)
         else:
@@ -429,3 +448,5 @@ def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -
         tensors = checkpoint_tensors(run.adapter, run.values)
         save_checkpoint(save, tensors, {"step": summary["next_step"], "config": asdict(run.cfg), "base": run.base,
                                         "digest": summary["digest"]}, run.log)
+        if run.adapter.wrapper is not None:  # the adapters alone, loadable with PeftModel.from_pretrained
+            run.adapter.wrapper.save_pretrained(save)

@@ -1,0 +1,1 @@
+"""The toolkit from the Hugging Face stack: a ``transformers.Trainer`` whose step is the ZO engine."""
