@@ -104,9 +104,14 @@ def sample(examples: list[Example], seed: int, n_train: int = 1000, n_val: int =
 
 # -- encodings ------------------------------------------------------------------------------------
 def label_word_ids(tokenizer) -> list[int]:
+    """SST-2's label words as token ids."""
+    return word_ids(tokenizer, LABEL_WORDS)
+
+
+def word_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
     """One token id per label word; a label word that is not a single token is refused."""
     ids = []
-    for w in LABEL_WORDS:
+    for w in words:
         t = tokenizer(w, add_special_tokens=False)["input_ids"]
         if len(t) != 1:
             raise ConfigError(f"label word {w!r} is {len(t)} tokens for this tokenizer; the prompt needs one")
@@ -114,7 +119,7 @@ def label_word_ids(tokenizer) -> list[int]:
     return ids
 
 
-def _pad(rows: list[list[int]], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     # GPT-2 and LLaMA tokenizers have no pad token: any id will do under a zero attention mask
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     width = max(len(r) for r in rows)
@@ -135,7 +140,7 @@ def encode_prompts(tokenizer, examples: list[Example], seq_len: int, choices: li
         head = head[: max(1, seq_len - len(suffix) - 1)]  # long sentences lose their end, never the prompt
         rows.append(head + suffix + [choices[ex.label]])
         where.append(len(rows[-1]) - 1)
-    ids, mask = _pad(rows, tokenizer)
+    ids, mask = pad_rows(rows, tokenizer)
     labels = torch.full_like(ids, -100)  # (B, T)
     for i, (p, ex) in enumerate(zip(where, examples)):
         labels[i, p] = choices[ex.label]
@@ -146,7 +151,7 @@ def encode_classify(tokenizer, examples: list[Example], seq_len: int) -> dict:
     """Encoder: [CLS] sentence [SEP] (the tokenizer's own specials), labels (B,) class indices."""
     rows = [tokenizer(ex.sentence, add_special_tokens=True, truncation=True, max_length=seq_len)["input_ids"]
             for ex in examples]
-    ids, mask = _pad(rows, tokenizer)
+    ids, mask = pad_rows(rows, tokenizer)
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([ex.label for ex in examples])}
 
 

@@ -20,7 +20,7 @@ import torch
 from distzo2_lab.config import ConfigError
 from distzo2_lab.data.formats import Record, read_jsonl, read_squad, read_tsv
 from distzo2_lab.data.prompts import TEMPLATES, Template
-from distzo2_lab.data.sst2 import _pad
+from distzo2_lab.data.sst2 import pad_rows, word_ids
 
 EVAL_STEP = 10**9  # as in train.py: batches from here on come from the validation sample
 SPLITS = ("train", "validation", "dev")
@@ -103,17 +103,6 @@ def sample(name: str, records: list[Record], seed: int, n_train: int = 1000, n_v
 
 
 # -- encodings ------------------------------------------------------------------------------------
-def word_ids(tokenizer, words: tuple[str, ...]) -> list[int]:
-    """One token id per label word; a label word that is not a single token is refused."""
-    ids = []
-    for w in words:
-        t = tokenizer(w, add_special_tokens=False)["input_ids"]
-        if len(t) != 1:
-            raise ConfigError(f"label word {w!r} is {len(t)} tokens for this tokenizer; the prompt needs one")
-        ids.append(t[0])
-    return ids
-
-
 def fit_prompt(head: list[int], budget: int, specials: set[int]) -> list[int]:
     """The prompt's ids cut from the left to `budget` (a leading special token stays): the question
     and the cue before the answer survive, the start of a long passage goes."""
@@ -132,7 +121,7 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]], seq_len: int) -> dict:
         head = fit_prompt(tokenizer(prompt, add_special_tokens=True)["input_ids"], seq_len - len(tail), specials)
         rows.append(head + tail)
         starts.append(len(head))
-    ids, mask = _pad(rows, tokenizer)  # (B, T)
+    ids, mask = pad_rows(rows, tokenizer)  # (B, T)
     labels = torch.full_like(ids, -100)
     for i, (s, r) in enumerate(zip(starts, rows)):
         labels[i, s : len(r)] = ids[i, s : len(r)]
