@@ -3,7 +3,7 @@ with the default thread count and with one thread, interleaved, while another pr
 core busy. Prints each time and the ratio default / one thread (the defaults aim at <= 1.5x:
 they must not let OpenMP spin-waiting slow a loaded small machine down).
 
-    python benchmarks/threads.py [--steps 20] [--rounds 3]
+    python benchmarks/threads.py [--steps 20] [--rounds 3] [--results]
 """
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from distzo2_lab.bench.results import add_results_option, printed_to_results
 
 EXE = os.path.join(os.path.dirname(sys.executable), "distzo2")
 
@@ -33,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    add_results_option(p)
     a = p.parse_args()
     env_policy = os.environ.get("OMP_WAIT_POLICY")
     times = {"default": [], "--threads 1": []}
@@ -46,6 +49,11 @@ def main() -> None:
         hog.kill()
         hog.wait()
     best = {name: min(ts) for name, ts in times.items()}
+    with printed_to_results("threads", a.results):
+        _report(best, a, env_policy)
+
+
+def _report(best: dict, a, env_policy) -> None:
     print(f"{os.cpu_count()} cores, one busy process, OMP_WAIT_POLICY={env_policy or 'unset'}, "
           f"{a.steps} steps, best of {a.rounds} (each includes start-up)")
     for name, t in best.items():
