@@ -1,0 +1,285 @@
+"""Counter-based noise: z(step seed, bucket key)[i] as a pure function of the element index i.
+
+Nothing is drawn from a generator and nothing is stored: element i of bucket `key` at step seed s
+is computed where it is used (the fill, or the fused visit pass that applies the pending update(s)
+and writes the two perturbed copies), so any slice at any start regenerates the same bits.
+
+Definition (the same bits on CPU, in torch, and on GPU, in Triton, ``noise_triton.py``):
+
+* ``noise_key(s, key)`` = three 32-bit words (k0, k1, k2) of blake2b(f"{s}/{key}"), once per
+  (step, bucket), in Python.
+* per element, i < 2**32:  h = H(i ^ k0);  w1 = H(h + k1);  w2 = H(w1 ^ k2)  (mod 2**32), with H
+  Wellons' lowbias32 finaliser (a bijection with low bias).
+* rademacher: z = +1 if the top bit of w1 is 0, else -1.
+* gaussian: Box-Muller, z = sqrt(-2 ln u1) * cos(2 pi u2), u1 = (top 24 bits of w1 + 1) / 2**24
+  in (0, 1], u2 = (top 24 bits of w2) / 2**24 in [0, 1). ln and cos are written here with IEEE
+  exact operations only (+ - * / sqrt, integer, compare and select operations; no bitcasts, which
+  Inductor does not vectorise), never a library log/cos, whose vectorised and scalar versions
+  differ in the last bit (eager CPU torch.sqrt too: see sqrt_rn). |z| <= sqrt(48 ln 2)
+  = 5.7683 (u1 >= 2**-24).
+
+Integer arithmetic runs in int32 with wraparound (the low 32 bits of a product are the same for
+signed and unsigned); a logical right shift is an arithmetic shift and a mask. No FMA contraction:
+Inductor's C++ is compiled with -ffp-contract=off; the Triton kernels launch with
+enable_fp_fusion=False and use div_rn / sqrt_rn. Scalars (alpha, eps, keep) are rounded to fp32.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+import types
+import warnings
+
+import torch
+
+from distzo2_lab.zo.noise_constants import COS_C, LN2, LN_C, M1, M2, SIN_C, SQRT2, TWO_M22, TWO_M24, _i32, f32  # noqa: F401
+
+NOISE_KINDS = ("gaussian", "rademacher")
+MAX_BUCKET = 1 << 32
+Z_BOUND = math.sqrt(48 * math.log(2))  # largest |z| of the gaussian: u1 >= 2**-24
+MAX_TERMS = 4  # update terms applied in one visit pass; more are applied in further passes
+
+
+def noise_key(step_seed: int, key: str) -> tuple[int, int, int]:
+    """The three 32-bit key words of bucket `key` at step seed `step_seed` (unsigned ints)."""
+    d = hashlib.blake2b(f"{step_seed}/{key}".encode(), digest_size=12).digest()
+    return struct.unpack("<3I", d)
+
+
+def check_span(start: int, n: int) -> None:
+    if start < 0 or n < 0 or start + n > MAX_BUCKET:
+        raise ValueError(f"elements [{start}, {start + n}) are outside a bucket's index range [0, 2**32): "
+                         f"counter-based noise supports buckets of at most 2**32 elements; split the bucket")
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"noise kind {kind!r} is not valid; choose one of {', '.join(NOISE_KINDS)}")
+
+
+# ---- the definition in torch ops (int32 with wraparound); traced by torch.compile as it is -----
+
+def _shr(x, s: int):
+    return (x >> s) & ((1 << (32 - s)) - 1)
+
+
+def lowbias32(x):
+    x = x ^ _shr(x, 16)
+    x = x * _i32(M1)
+    x = x ^ _shr(x, 15)
+    x = x * _i32(M2)
+    return x ^ _shr(x, 16)
+
+
+def hash_words(idx, k0, k1, k2):
+    """(w1, w2) of int32 indices `idx` (k* int32 scalars or 0-d tensors)."""
+    h = lowbias32(idx ^ k0)
+    w1 = lowbias32(h + k1)
+    return w1, lowbias32(w1 ^ k2)
+
+
+def ln_uniform(a):
+    """ln(u1), u1 = (a + 1) / 2**24, for int32 a in [0, 2**24): x = a + 1 = m 2**e with m in
+    [sqrt(1/2), sqrt(2)) found by a binary search on the bits (no bitcasts: they do not vectorise
+    in Inductor), ln u1 = (e - 24) ln 2 + ln m by the atanh series in s = (m - 1) / (m + 1)."""
+    x = a + 1  # in [1, 2**24]
+    y, e, scale = x, torch.zeros_like(x), torch.ones_like(x, dtype=torch.float32)
+    for sh in (16, 8, 4, 2, 1):
+        big = (y >> sh) != 0
+        y = torch.where(big, y >> sh, y)
+        e = torch.where(big, e + sh, e)
+        scale = torch.where(big, scale * 2.0 ** -sh, scale)
+    m = x.to(torch.float32) * scale  # exact, in [1, 2)
+    hi = m >= SQRT2
+    m = torch.where(hi, m * 0.5, m)
+    e = torch.where(hi, e + (1 - 24), e - 24)
+    f = m - 1.0
+    s = f / (f + 2.0)
+    s2 = s * s
+    p = ((s2 * LN_C[3] + LN_C[2]) * s2 + LN_C[1]) * s2 + LN_C[0]
+    lnm = s * 2.0 + (s * s2) * p
+    return e.to(torch.float32) * LN2 + lnm
+
+
+def cos_turn(b):
+    """cos(2 pi b / 2**24) for int32 b in [0, 2**24): quadrant q from the top bits, then cos or sin
+    of (pi/2) f, f = b / 2**22 - q in [-1/2, 1/2), by polynomials."""
+    t = (b + (1 << 21)) & 0xFFFFFF
+    q = t >> 22
+    f = ((t & 0x3FFFFF) - (1 << 21)).to(torch.float32) * TWO_M22  # exact
+    f2 = f * f
+    c = (((f2 * COS_C[4] + COS_C[3]) * f2 + COS_C[2]) * f2 + COS_C[1]) * f2 + COS_C[0]
+    s = ((((f2 * SIN_C[4] + SIN_C[3]) * f2 + SIN_C[2]) * f2 + SIN_C[1]) * f2 + SIN_C[0]) * f
+    v = torch.where((q & 1) == 1, s, c)
+    return torch.where((((q + 1) >> 1) & 1) == 1, -v, v)
+
+
+def noise_of(kind: str, idx, k0, k1, k2):
+    """z at int32 indices `idx` (fp32)."""
+    w1, w2 = hash_words(idx, k0, k1, k2)
+    if kind == "rademacher":
+        return 1.0 - _shr(w1, 31).to(torch.float32) * 2.0
+    return sqrt_rn(ln_uniform(_shr(w1, 8)) * -2.0) * cos_turn(_shr(w2, 8))
+
+
+def sqrt_rn(x):
+    """The correctly rounded fp32 square root. Inductor's C++ sqrt is (sqrtps / std::sqrt); eager
+    CPU torch.sqrt is not (one ulp off at times), so eager goes through fp64, which rounds exactly."""
+    if torch.compiler.is_compiling():
+        return torch.sqrt(x)
+    return torch.sqrt(x.to(torch.float64)).to(torch.float32)
+
+
+def noise_reference(kind: str, key_words, start: int, n: int, device="cpu") -> torch.Tensor:
+    """z[start : start + n] of the bucket with key words `key_words`, in plain eager torch (the
+    oracle of the compiled and Triton kernels)."""
+    _check_kind(kind)
+    check_span(start, n)
+    idx = torch.arange(n, dtype=torch.int32, device=device) + _i32(start)
+    k0, k1, k2 = (_i32(k) for k in key_words)
+    return noise_of(kind, idx, k0, k1, k2)
+
+
+# ---- the passes: one function each, run eager, compiled (CPU) or as Triton kernels (CUDA) ------
+
+def _fill_impl(out, words, kind):
+    idx = torch.arange(out.numel(), dtype=torch.int32, device=out.device) + words[0]
+    out.copy_(noise_of(kind, idx, words[1], words[2], words[3]))
+
+
+def _visit_impl(master, words, params, kind, nterms, noisy, plus, minus):
+    """words: int32 [start, cur k0..k2, term1 k0..k2, ...]; params: fp32 [keep, eps, alpha1, ...]."""
+    idx = torch.arange(master.numel(), dtype=torch.int32, device=master.device) + words[0]
+    m = master * params[0]
+    for t in range(nterms):
+        m = m + params[2 + t] * noise_of(kind, idx, words[4 + 3 * t], words[5 + 3 * t], words[6 + 3 * t])
+    master.copy_(m)
+    if noisy:
+        e = params[1] * noise_of(kind, idx, words[1], words[2], words[3])
+        if plus is not None:
+            plus.copy_((m + e).to(plus.dtype))
+        if minus is not None:
+            minus.copy_((m - e).to(minus.dtype))
+    else:
+        if plus is not None:
+            plus.copy_(m.to(plus.dtype))
+        if minus is not None:
+            minus.copy_(m.to(minus.dtype))
+
+
+# The hash reads each intermediate twice (x ^ x >> s): left inlined, Inductor's lowering expands the
+# chain exponentially (minutes to compile). Realising every value with more than a few ops keeps it
+# linear; the scheduler still fuses them all into one kernel, with no buffer in memory.
+_OPTIONS = {"realize_cpu_opcount_threshold": 4, "max_fusion_size": 1 << 14}
+_compiled: dict = {}
+_warned: set = set()
+compile_enabled = True  # False after a failed compilation (warned once): the eager definition runs
+
+
+def _warn_once(tag: str, msg: str) -> None:
+    if tag not in _warned:
+        _warned.add(tag)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _compiled_variant(fn, tag: tuple):
+    """fn compiled by Inductor for one variant (kind, term count, out dtypes...). Each variant gets
+    its own code object, so Dynamo's per-code recompile limit never mixes variants."""
+    c = _compiled.get((fn.__name__,) + tag)
+    if c is None:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
+        g = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+        c = _compiled[(fn.__name__,) + tag] = torch.compile(g, dynamic=True, fullgraph=True, options=_OPTIONS)
+    return c
+
+
+def _run(fn, tag: tuple, device: torch.device, *args, **kw) -> None:
+    global compile_enabled
+    if device.type == "cpu" and compile_enabled and args[0].numel() > 1:  # size 1 would recompile
+        try:
+            return _compiled_variant(fn, tag)(*args, **kw)
+        except Exception as exc:  # no compiler, broken toolchain: the eager definition is the same
+            compile_enabled = False
+            _warn_once("compile", f"noise: torch.compile failed ({type(exc).__name__}: {exc}); "
+                                  f"running the eager definition (same values, slower)")
+    return fn(*args, **kw)
+
+
+def _triton():
+    try:
+        from distzo2_lab.zo import noise_triton
+        noise_triton.require()
+        return noise_triton
+    except ImportError as exc:
+        _warn_once("triton", f"noise: Triton is unavailable ({exc}); CUDA noise runs the eager "
+                             f"torch definition (slower)")
+        return None
+
+
+def _flat(t: torch.Tensor, what: str) -> None:
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"{what} must be a flat contiguous tensor")
+
+
+def fill_(out: torch.Tensor, kind: str, key_words, start: int) -> torch.Tensor:
+    """Write z[start : start + out.numel()] of the bucket with `key_words` into fp32 `out`."""
+    _check_kind(kind)
+    _flat(out, "out")
+    if out.dtype != torch.float32:
+        raise ValueError(f"fill_ writes fp32; out is {out.dtype}")
+    n = out.numel()
+    check_span(start, n)
+    if n == 0:
+        return out
+    if out.is_cuda and (tr := _triton()) is not None:
+        tr.fill_(out, kind, key_words, start)
+        return out
+    words = torch.tensor([_i32(start)] + [_i32(k) for k in key_words], dtype=torch.int32, device=out.device)
+    _run(_fill_impl, (kind,), out.device, out, words, kind)
+    return out
+
+
+def visit_(master: torch.Tensor, start: int, kind: str, updates, keep: float = 1.0, cur_key=None,
+           eps: float = 0.0, out_plus: torch.Tensor | None = None, out_minus: torch.Tensor | None = None):
+    """One fused pass over a contiguous region holding elements [start, start + n) of its bucket:
+
+        m = master * keep;  for (key_words, alpha) in updates: m = m + alpha * z(key_words)
+        master[:] = m;  out_plus = (m + eps * z(cur_key)).to(dtype);  out_minus = (m - eps * z(cur_key))
+
+    (each product and sum rounded to fp32; keep, alpha, eps rounded to fp32 first). With cur_key
+    None or eps == 0 the outs are plain copies of m. z is never materialised."""
+    _check_kind(kind)
+    _flat(master, "master")
+    if master.dtype != torch.float32:
+        raise ValueError(f"master must be fp32; it is {master.dtype}")
+    n = master.numel()
+    for o, name in ((out_plus, "out_plus"), (out_minus, "out_minus")):
+        if o is not None:
+            _flat(o, name)
+            if o.numel() != n or o.device != master.device:
+                raise ValueError(f"{name} must have master's size ({n}) and device")
+    check_span(start, n)
+    updates = [(tuple(k), float(a)) for k, a in updates]
+    if n == 0:
+        return master
+    noisy = cur_key is not None and eps != 0.0
+    cur = [_i32(k) for k in cur_key] if noisy else [0, 0, 0]
+    tr = _triton() if master.is_cuda else None
+    while True:  # at most MAX_TERMS terms a pass; the outs are written by the last pass
+        now, updates = updates[:MAX_TERMS], updates[MAX_TERMS:]
+        last = not updates
+        plus, minus = (out_plus, out_minus) if last else (None, None)
+        if tr is not None:
+            tr.visit_(master, start, kind, now, keep, cur, eps, plus, minus, noisy and last)
+        else:
+            words = [_i32(start)] + cur + [_i32(k) for key, _ in now for k in key]
+            params = [keep, eps] + [a for _, a in now]
+            w = torch.tensor(words, dtype=torch.int32, device=master.device)
+            p = torch.tensor(params, dtype=torch.float32, device=master.device)
+            tag = (kind, len(now), noisy and last, None if plus is None else plus.dtype,
+                   None if minus is None else minus.dtype)
+            _run(_visit_impl, tag, master.device, master, w, p, kind, len(now), noisy and last, plus, minus)
+        if last:
+            return master
+        keep = 1.0

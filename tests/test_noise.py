@@ -1,0 +1,248 @@
+"""Counter-based noise (distzo2_lab/noise.py, noise_triton.py): slices regenerate the same bits,
+the fused visit pass equals the unfused arithmetic bit for bit, Triton equals the CPU path, and
+the values are good noise."""
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton's interpreter runs the kernels on CPU tensors
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from distzo2_lab.zo import noise as N  # noqa: E402
+
+KEY = N.noise_key(1234, "decoder.layers.3")
+KEY2 = N.noise_key(1233, "decoder.layers.3")
+KEY3 = N.noise_key(1234, "decoder.layers.4")
+KEY4 = N.noise_key(99, "lm_head")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.parametrize("kind", N.NOISE_KINDS)
+def test_slices_at_any_start_equal_the_whole_fill_and_the_reference(kind):
+    n = 5003
+    whole = N.fill_(torch.empty(n), kind, KEY, 0)
+    assert same(whole, N.noise_reference(kind, KEY, 0, n))
+    for start, length in ((0, 17), (1, 4001), (7, 999), (13, 2), (1000, 4003), (4999, 1), (5002, 1)):
+        part = N.fill_(torch.empty(length), kind, KEY, start)
+        assert same(part, whole[start:start + length]), (start, length)
+    far = 3_000_000_001  # an index past 2**31: the counter is unsigned
+    assert same(N.fill_(torch.empty(333), kind, KEY, far), N.noise_reference(kind, KEY, far, 333))
+
+
+def unfused(master, start, kind, updates, keep, cur, eps, dtype):
+    """The visit's arithmetic in plain torch ops with materialised z."""
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731  scalars are rounded to fp32
+    m = master * f(keep)
+    for key, alpha in updates:
+        m = m + f(alpha) * N.fill_(torch.empty(m.numel()), kind, key, start)
+    if cur is None or eps == 0.0:
+        return m, m.to(dtype), m.to(dtype)
+    e = f(eps) * N.fill_(torch.empty(m.numel()), kind, cur, start)
+    return m, (m + e).to(dtype), (m - e).to(dtype)
+
+
+VISITS = [  # kind, updates, keep, cur key, eps, out dtype
+    ("gaussian", [(KEY2, -3e-4)], 0.999, KEY, 1e-3, torch.bfloat16),
+    ("gaussian", [(KEY2, -3e-4), (KEY3, 2e-4), (KEY4, 1.5e-4)], 1.0, KEY, 1e-3, torch.float32),
+    ("rademacher", [], 1.0, KEY, 1e-2, torch.float32),
+    ("rademacher", [(KEY2, 0.1)], 0.9, KEY, 1e-2, torch.bfloat16),
+    ("gaussian", [], 1.0, KEY, 0.0, torch.float32),  # eps 0: outs are copies
+    ("rademacher", [], 1.0, None, 1e-3, torch.bfloat16),  # frozen region: no cur key
+]
+
+
+@pytest.mark.parametrize("kind, updates, keep, cur, eps, dtype", VISITS)
+def test_fused_visit_equals_the_unfused_arithmetic(kind, updates, keep, cur, eps, dtype):
+    n, start = 4099, 77
+    master = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    master[5] = -0.0  # a negative zero stays one in a copy
+    want = unfused(master, start, kind, updates, keep, cur, eps, dtype)
+    plus, minus = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    N.visit_(master, start, kind, updates, keep, cur, eps, plus, minus)
+    assert same(master, want[0]) and same(plus, want[1]) and same(minus, want[2])
+    if updates or keep != 1.0:
+        assert not same(master, torch.randn(n, generator=torch.Generator().manual_seed(0)))
+
+
+def test_visit_of_regions_that_are_views_into_a_bucket_at_odd_offsets():
+    bucket = torch.randn(20000, generator=torch.Generator().manual_seed(2))
+    before = bucket.clone()
+    for a, b in ((0, 4999), (4999, 5000), (5000, 13001), (13001, 20000)):  # regions of one bucket
+        plus, minus = torch.empty(b - a, dtype=torch.bfloat16), torch.empty(b - a, dtype=torch.bfloat16)
+        want = unfused(before[a:b], a, "rademacher", [(KEY2, 0.1)], 0.9, KEY, 1e-2, torch.bfloat16)
+        N.visit_(bucket[a:b], a, "rademacher", [(KEY2, 0.1)], 0.9, KEY, 1e-2, plus, minus)
+        assert same(bucket[a:b], want[0]) and same(plus, want[1]) and same(minus, want[2]), (a, b)
+
+
+def test_more_update_terms_than_one_pass_holds_apply_in_order():
+    n, keys = 1500, [N.noise_key(s, "b") for s in range(6)]
+    ups = [(k, 1e-3 * (i + 1)) for i, k in enumerate(keys)]
+    master = torch.randn(n)
+    want = unfused(master, 3, "rademacher", ups, 0.5, KEY, 1e-2, torch.float32)
+    plus, minus = torch.empty(n), torch.empty(n)
+    N.visit_(master, 3, "rademacher", ups, 0.5, KEY, 1e-2, plus, minus)
+    assert same(master, want[0]) and same(plus, want[1]) and same(minus, want[2])
+
+
+def test_a_failed_compilation_warns_once_and_runs_the_same_definition(monkeypatch):
+    def broken(fn, tag):
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(N, "_compiled_variant", broken)
+    monkeypatch.setattr(N, "compile_enabled", True)
+    monkeypatch.setattr(N, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="no compiler"):
+        a = N.fill_(torch.empty(100), "gaussian", KEY, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = N.fill_(torch.empty(100), "gaussian", KEY, 5)
+    assert same(a, N.noise_reference("gaussian", KEY, 5, 100)) and same(a, b)
+
+
+def test_without_triton_the_package_imports_and_cuda_falls_back_with_one_warning(monkeypatch):
+    import importlib.util
+    import sys
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.find_spec("distzo2_lab.zo.noise_triton")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(ImportError, match="triton"):
+        mod.require()
+    monkeypatch.setitem(sys.modules, "distzo2_lab.zo.noise_triton", mod)
+    monkeypatch.setattr(sys.modules["distzo2_lab"], "noise_triton", mod, raising=False)
+    monkeypatch.setattr(N, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="Triton is unavailable"):
+        assert N._triton() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert N._triton() is None
+
+
+def _triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"triton cannot be imported ({exc})")
+    from distzo2_lab.zo import noise_triton
+    return noise_triton
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interpreter
+
+
+@pytest.mark.parametrize("kind", N.NOISE_KINDS)
+def test_triton_fill_equals_the_cpu_path(kind):
+    T = _triton()
+    for start, n in ((0, 2500), (13, 1031), (4_294_966_000, 1296)):
+        out = torch.empty(n, device=DEV)
+        T.fill_(out, kind, KEY, start)
+        assert same(out.cpu(), N.fill_(torch.empty(n), kind, KEY, start)), (start, n)
+
+
+@pytest.mark.parametrize("kind, updates, keep, cur, eps, dtype", VISITS[:4] + [
+    ("gaussian", [(KEY2, 1e-3)], 0.99, KEY, 1e-3, torch.float16)])
+def test_triton_visit_equals_the_cpu_path(kind, updates, keep, cur, eps, dtype):
+    T = _triton()
+    n, start = 1500, 11
+    master = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    master[[3, 4, 5]] = torch.tensor([1e38, 3.3895314e38, -0.0])  # rounding to the top of bf16 / inf
+    want = unfused(master, start, kind, updates, keep, cur, eps, dtype)
+    m, plus, minus = master.to(DEV), torch.empty(n, dtype=dtype, device=DEV), torch.empty(n, dtype=dtype, device=DEV)
+    T.visit_(m, start, kind, updates, keep, [N._i32(k) for k in cur], eps, plus, minus, True)
+    assert same(m.cpu(), want[0]) and same(plus.cpu(), want[1]) and same(minus.cpu(), want[2])
+
+
+def test_gaussian_statistics():
+    n = 1 << 21
+    z = N.noise_reference("gaussian", KEY, 0, n).double()
+    tol = 6 / math.sqrt(n)
+    assert abs(z.mean()) < tol
+    assert abs(z.var() - 1) < 6 * math.sqrt(2 / n)
+    assert abs(((z - z.mean()) ** 4).mean() / z.var() ** 2 - 3) < 6 * math.sqrt(24 / n)
+    assert z.abs().max() <= N.Z_BOUND * (1 + 1e-6)
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < tol  # neighbours
+    assert abs(torch.corrcoef(torch.stack([z[0::2], z[1::2]]))[0, 1]) < 1.5 * tol
+    for other in (KEY2, KEY3, N.noise_key(1235, "decoder.layers.3")):  # other seeds and buckets
+        y = N.noise_reference("gaussian", other, 0, n).double()
+        assert abs(torch.corrcoef(torch.stack([z, y]))[0, 1]) < tol
+    assert z.unique().numel() > 0.97 * n  # no short cycles (fp32 rounding makes ~1.5 % ties at this n)
+
+
+def test_rademacher_is_balanced_and_independent():
+    n = 1 << 21
+    z = N.noise_reference("rademacher", KEY, 0, n).double()
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    tol = 6 / math.sqrt(n)
+    assert abs(z.mean()) < tol
+    assert abs((z[:-1] * z[1:]).mean()) < tol
+    assert abs((z * N.noise_reference("rademacher", KEY2, 0, n).double()).mean()) < tol
+
+
+def test_ln_and_cos_match_float64_over_every_input():
+    a = torch.arange(1 << 24, dtype=torch.int32)  # every 24-bit input
+    u = (a.double() + 1) / 2 ** 24
+    ln = N.ln_uniform(a).double()
+    err = (ln - torch.log(u)).abs() / torch.log(u).abs().clamp_min(1.0)
+    assert err.max() < 5e-7, err.max()
+    cos = N.cos_turn(a).double()
+    assert (cos - torch.cos(2 * math.pi * a.double() / 2 ** 24)).abs().max() < 2e-7
+
+
+def test_buckets_past_2_to_the_32_are_refused():
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        N.fill_(torch.empty(10), "gaussian", KEY, (1 << 32) - 5)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        N.noise_reference("gaussian", KEY, 1 << 32, 1)
+    with pytest.raises(ValueError, match="not valid"):
+        N.fill_(torch.empty(10), "uniform", KEY, 0)
+
+
+PTX_SCRIPT = """
+import re, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from distzo2_lab.zo import noise_triton as T
+sig = {"m_ptr": "*fp32", "plus_ptr": "*bf16", "minus_ptr": "*fp16", "n": "i32", "start": "i64",
+       "keep": "fp32", "eps": "fp32", "c0": "i32", "c1": "i32", "c2": "i32",
+       **{f"a{i}": "fp32" for i in range(4)}, **{f"t{i}{j}": "i32" for i in range(4) for j in range(3)},
+       **{c: "constexpr" for c in ("NT", "NOISY", "PLUS", "MINUS", "GAUSS", "BLOCK")}}
+src = ASTSource(T._visit_kernel, sig, constexprs={"NT": 2, "NOISY": True, "PLUS": True, "MINUS": True,
+                                                  "GAUSS": True, "BLOCK": 1024})
+try:
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+except Exception as exc:  # a missing toolchain skips; a kernel that does not compile fails
+    if "ptxas" not in str(exc) and "backend" not in str(exc).lower():
+        raise
+    print("NO-TOOLCHAIN", exc)
+    sys.exit(0)
+pat = r"\\b(mul|add|sub|fma|div|sqrt)(\\.[a-z0-9.]*)?\\.f32\\b"
+print(" ".join(sorted(set(m.group(0) for m in re.finditer(pat, ptx)))))
+print("FMA" if "fma" in ptx else "", "APPROX" if "approx" in ptx else "")
+"""
+
+
+def test_triton_kernels_compile_for_a_gpu_with_every_float_op_rounded_and_no_fma():
+    """PTX for sm_90, built here without a GPU (in a process without the interpreter): every f32
+    op carries .rn (so ptxas may not contract it into an fma), no fma, no approximate div/sqrt."""
+    import subprocess
+    import sys
+    _triton()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if r.stdout.startswith("NO-TOOLCHAIN"):
+        pytest.skip(f"triton cannot build PTX here ({r.stdout.strip()[:200]})")
+    ops, flags = r.stdout.splitlines()[:2]
+    assert ops and all(".rn." in op for op in ops.split()), ops
+    assert "div.rn.f32" in ops and "sqrt.rn.f32" in ops
+    assert not flags.strip(), flags
