@@ -52,7 +52,7 @@ if triton is not None:
     def _ln_uniform(a):  # a: int32 in [0, 2**24)
         x = a + 1
         y = x
-        e = tl.zeros_like(x)
+        e = x * 0  # int32 zeros (a builtin: stays interpretable however triton was first imported)
         scale = tl.full(x.shape, 1.0, tl.float32)
         y, e, scale = _msb_step(y, e, scale, 16, 1.52587890625e-05)  # scale *= 2**-sh, exact
         y, e, scale = _msb_step(y, e, scale, 8, 0.00390625)
