@@ -20,3 +20,15 @@ def pytest_collection_modifyitems(config, items):
 def _threads():
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="module")
+def private_cache(tmp_path_factory):
+    """Local tokenizers are cached in a private folder, not in the user's home."""
+    old = os.environ.get("DISTZO2_CACHE")
+    os.environ["DISTZO2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        del os.environ["DISTZO2_CACHE"]
+    else:
+        os.environ["DISTZO2_CACHE"] = old

@@ -28,16 +28,7 @@ NEG = ["a dull mess", "tedious and flat", "a waste of time", "lifeless", "it dra
        "painfully slow", "a misfire", "boring and stale", "the worst of the year"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Local tokenizers are cached in a private folder, not in the user's home."""
-    old = os.environ.get("DISTZO2_CACHE")
-    os.environ["DISTZO2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["DISTZO2_CACHE"]
-    else:
-        os.environ["DISTZO2_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _write(d, name: str, rows: list[tuple[str, int]]) -> None:

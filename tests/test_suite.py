@@ -12,17 +12,7 @@ from distzo2_lab.data.metrics import exact_match, mean_loglik, normalize_answer,
 from distzo2_lab.data.prompts import TEMPLATES
 from distzo2_lab.data.suite import SPECS, PromptTask, encode_pairs, read_split, sample, split_file
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _private_cache(tmp_path_factory):
-    """Local tokenizers are cached in a private folder, not in the user's home."""
-    old = os.environ.get("DISTZO2_CACHE")
-    os.environ["DISTZO2_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        del os.environ["DISTZO2_CACHE"]
-    else:
-        os.environ["DISTZO2_CACHE"] = old
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _jsonl(path, rows):
