@@ -114,11 +114,12 @@ def test_copies_engine_reads_each_element_once_per_step_and_computes_z_twice(mon
         seen = {"elements": 0, "z": 0}
         visit = noise.visit_
 
-        def counting(master, start, kind, updates, *args, _seen=seen, **kw):
+        def counting(master, start, kind, updates, *args, _seen=seen, _visit=visit, **kw):
+            updates = list(updates)
             noisy = (args[1] if len(args) > 1 else kw.get("cur_key")) is not None
             _seen["elements"] += master.numel()
-            _seen["z"] += master.numel() * (len(list(updates)) + noisy)
-            return visit(master, start, kind, updates, *args, **kw)
+            _seen["z"] += master.numel() * (len(updates) + noisy)
+            return _visit(master, start, kind, updates, *args, **kw)
 
         monkeypatch.setattr(noise, "visit_", counting)
         run(e, batches(3))
