@@ -33,7 +33,7 @@ def test_scaling_runs_every_valid_layout():
         assert len(row["rank_seconds"]) == row["world"] and len(row["tokens_per_s_runs"]) == 2
         assert row["tokens_per_s"] == max(row["tokens_per_s_runs"])  # best of the rounds
         # one rank draws all of z; with several, rank 0 drew what it claimed first (all-or-nothing possible)
-        assert row["noise_drawn_fraction"] == 1.0 if row["world"] == 1 else 0 <= row["noise_drawn_fraction"] <= 1
+        assert row["shared_fraction"] == 1.0 if row["world"] == 1 else 0 <= row["shared_fraction"] <= 1
         assert row["oversubscribed"] == (row["world"] == 4)
     assert _positive(r["forward_s_total_threads"]) and _positive(r["forward_s_single_thread_concurrent"])
     # T1c per world: the world-2 and world-4 ranks' own concurrent forwards give each world's ideal
@@ -77,10 +77,10 @@ def test_scaling_without_shared_noise_and_bad_input(monkeypatch):
     monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")
     cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1, zo=ZOConfig())
     alone = launch(bench_worker, 2, (cfg, Layout(2, 1, share_noise=False), 1), 300).wait()
-    assert [v["noise_drawn_fraction"] for v in alone.values()] == [1.0, 1.0]
+    assert [v["shared_fraction"] for v in alone.values()] == [1.0, 1.0]
     shared = launch(bench_worker, 2, (cfg, Layout(2, 1), 1), 300).wait()
-    fractions = [v["noise_drawn_fraction"] for v in shared.values()]
-    assert sum(fractions) == pytest.approx(1.0)  # every element drawn once, by whichever rank came first
+    fractions = [v["shared_fraction"] for v in shared.values()]
+    assert sum(fractions) == pytest.approx(1.0)  # every element made once, by whichever rank came first
     r = {"model": "tiny", "batch": 4, "seq": 12, "steps": 1, "total_threads": 2, "cpu_count": 2, "repeats": 1,
          "share_noise": False, "forward_s_total_threads": 1.0, "forward_s_single_thread_concurrent": 1.0,
          "concurrency_gain": 2.0, "rows": [], "skipped": [], "notes": []}

@@ -186,15 +186,17 @@ def test_nspsa_layouts_equal_the_single_rank_engine():
     assert {r["digest"] for r in sliced.values()} == {single["digest"]} and sliced[0]["steps"] == single["steps"]
 
 
-def test_copy_perturbation_layouts_equal_the_single_rank_engine():
+def test_copy_perturbation_layouts_equal_the_single_rank_engine(monkeypatch):
     """zo.perturb='copy': a PertP rank copies theta + eps z or theta - eps z only (never the round
     trip). PertP(2) equals the single rank bit for bit; 2D(2x2) sliced over the host store equals
     DDP(2) bit for bit, and both the single rank within float order (as in place). The ranks of
     the same signs make each block's copy once between them (copy_share.CopyShare), bit for bit
     what each rank makes alone."""
+    monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")  # a tiny block (49,984 elements) is 13 grains to split
     cfg = dataclasses.replace(CFG, zo=ZOConfig(perturb="copy"))
     single = train(cfg, progress=False)
-    assert single["config"]["zo"]["perturb"] == "copy" and single["digest"] != train(CFG, progress=False)["digest"]
+    in_place = train(dataclasses.replace(CFG, zo=ZOConfig(perturb="in-place")), progress=False)
+    assert single["config"]["zo"]["perturb"] == "copy" and single["digest"] != in_place["digest"]
     pertp = run_layout(Layout(dp=1, pert=2), cfg)
     assert {r["digest"] for r in pertp.values()} == {single["digest"]} and pertp[0]["steps"] == single["steps"]
     ddp = run_layout(Layout(dp=2, pert=1), cfg)
@@ -272,17 +274,18 @@ def test_backend_choice():
 
 
 def test_the_ranks_of_a_node_split_the_noise_draws(monkeypatch):
-    """Shared draws change no number; the G ranks of a node that draw the same directions (all 4
-    for 2D; 2 per direction for n-SPSA pert=4) draw each chunk of z exactly once between them
-    (who draws which depends on who is there first: tests/test_noise_share.py)."""
+    """In place (z drawn into memory), shared draws change no number; the ranks of a node that draw
+    the same z (all 4 for 2D) draw each chunk of it exactly once between them (who draws which
+    depends on who is there first: tests/test_noise_share.py). Copies draw no z at all."""
     from distzo2_lab.parallel.node_share import split_run
 
     assert [split_run(13, i, 4) for i in range(4)] == [(0, 4), (4, 7), (7, 10), (10, 13)]
     assert [split_run(1, i, 2) for i in range(2)] == [(0, 1), (1, 1)]  # a member may draw nothing
     monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")  # a tiny block (49,984 elements) is 13 grains to split
     layout = Layout(dp=2, pert=2)
-    shared = run_layout(layout)
-    alone = run_layout(dataclasses.replace(layout, share_noise=False))
+    cfg = dataclasses.replace(CFG, zo=ZOConfig(perturb="in-place"))  # in place, z is drawn into memory
+    shared = run_layout(layout, cfg)
+    alone = run_layout(dataclasses.replace(layout, share_noise=False), cfg)
     assert shared[0]["steps"] == alone[0]["steps"]
     assert {r["digest"] for r in shared.values()} == {alone[0]["digest"]}
     assert {r["noise_share"]["ranks"] for r in alone.values()} == {1}
@@ -294,12 +297,13 @@ def test_the_ranks_of_a_node_split_the_noise_draws(monkeypatch):
     report = shared[0]["noise_share"]
     assert 0 < report["copied_elements"] < report["served_elements"]
     nspsa = run_layout(Layout(dp=1, pert=4), dataclasses.replace(CFG, zo=ZOConfig(directions=2)))
-    assert {r["noise_share"]["ranks"] for r in nspsa.values()} == {2}
+    assert {r["noise_share"]["ranks"] for r in nspsa.values()} == {1}  # copies: z is never drawn into memory
+    assert {r["copy_share"]["ranks"] for r in nspsa.values()} == {1}  # one sign of one direction per rank
     # the resident buckets' short draws (layer norms, < one chunk) are drawn by each rank alone
     assert all(r["noise_share"]["alone_elements"] > 0 for r in shared.values())
     # the default grain (1M elements): every tiny block fits one, there is nothing to split and no share opens
     monkeypatch.delenv("DISTZO2_SHARE_GRAIN")
-    one_chunk = run_layout(Layout(dp=2, pert=1), dataclasses.replace(CFG, zo=ZOConfig()))
+    one_chunk = run_layout(Layout(dp=2, pert=1), cfg)
     assert {r["noise_share"]["ranks"] for r in one_chunk.values()} == {1}
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("distzo2-")]  # slots unlinked
 

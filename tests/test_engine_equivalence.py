@@ -125,3 +125,23 @@ def test_copies_engine_reads_each_element_once_per_step_and_computes_z_twice(mon
         run(e, batches(3))
         monkeypatch.setattr(noise, "visit_", visit)
         assert (seen["elements"], seen["z"]) == (passes, zs), type(e).__name__
+
+
+@pytest.mark.parametrize("compute, perturb, dtype", [("bf16", "copy", torch.bfloat16), ("fp32", "copy", torch.float32),
+                                                     ("bf16", "in-place", torch.float32)])
+def test_forwards_read_compute_dtype_copies_and_masters_stay_fp32(compute, perturb, dtype):
+    """Copies: every forward (embedding, blocks, head) reads weights in the compute dtype, made by
+    the fused pass, so autocast casts none of them; in place the forwards read the fp32 master."""
+    eager, engine = engine_pair(ZOConfig(perturb=perturb), PrecisionConfig(compute=compute))
+    for e in (eager, engine):
+        m = e.adapter.model
+        seen = []
+        mods = [m.model.decoder.embed_tokens, m.model.decoder.layers[0].fc1, m.model.decoder.final_layer_norm]
+        hooks = [mod.register_forward_pre_hook(lambda mod, args, _s=seen: _s.append(mod.weight.dtype))
+                 for mod in mods]
+        run(e, batches(2))
+        for h in hooks:
+            h.remove()
+        assert len(seen) >= 2 * 2 * len(mods) and set(seen) == {dtype}, (type(e).__name__, set(seen))
+        assert all(b.master.dtype == torch.float32 for b in e.adapter.buckets)
+        assert {p.dtype for p in m.parameters()} == {torch.float32}  # between steps the working copy is bound

@@ -94,7 +94,7 @@ def test_a_one_chunk_piece_is_drawn_by_every_member_alone(tmp_path):
 
 def test_a_one_chunk_copy_is_made_by_every_member_alone(tmp_path):
     """CopyShare: a block copy of one chunk is made by each member in its own buffer (nothing to
-    split); a copy of two chunks goes through the shared slot. Both are theta + scale z exactly."""
+    split); a copy of two chunks goes through the shared slot. Both are the fill's values exactly."""
     size, barrier, path = 2, threading.Barrier(2), str(tmp_path / "copies.bin")
     out = [None, None]
 
@@ -108,14 +108,18 @@ def test_a_one_chunk_copy_is_made_by_every_member_alone(tmp_path):
         t.join()
     a, b = out
     master, z = torch.randn(2 * CHUNK), torch.randn(2 * CHUNK)
-    small = master[: CHUNK - 3]
-    ca, cb = a.copy(small, z, 1e-3), b.copy(small, z, 1e-3)  # b does not wait for a
-    want = torch.add(small, z[: CHUNK - 3], alpha=1e-3)  # zo.perturbed_copy, each element one add
+
+    def fill(scale):  # an elementwise copy, elements [x, y) at a time
+        return lambda out, x, y: torch.add(master[x:y], z[x:y], alpha=scale, out=out[x:y])
+
+    small = CHUNK - 3
+    ca, cb = a.piece(small, fill(1e-3)), b.piece(small, fill(1e-3))  # b does not wait for a
+    want = torch.add(master, z, alpha=1e-3)[:small]
     assert torch.equal(ca, want) and torch.equal(cb, want) and ca.data_ptr() != cb.data_ptr()
     assert a.alone == b.alone == CHUNK - 3 and a.computed == b.served == 0 and a.ring.pieces == 0
-    t = threading.Thread(target=lambda: out.append(b.copy(master, z, -1e-3).clone()))
+    t = threading.Thread(target=lambda: out.append(b.piece(2 * CHUNK, fill(-1e-3)).clone()))
     t.start()
-    shared = a.copy(master, z, -1e-3).clone()
+    shared = a.piece(2 * CHUNK, fill(-1e-3)).clone()
     t.join()
     assert torch.equal(shared, torch.add(master, z, alpha=-1e-3)) and torch.equal(out[-1], shared)
     assert a.computed + b.computed == 2 * CHUNK and a.ring.pieces == b.ring.pieces == 1

@@ -174,12 +174,12 @@ def test_precision_is_validated():
 
 
 def test_nspsa_layouts_are_planned(capsys):
-    """pert = 4 runs q = 2 directions (one per PertP pair): the plan counts the perturbed copy and one
+    """pert = 4 runs q = 2 directions (one per PertP pair): the plan counts the perturbed copies and one
     hidden state per rank; pert = 4 with 3 directions is refused with the valid choice."""
     rc = main(["plan", "--model", "opt-13b", "--gpus", "4", "--layout", "dp=1,pert=4", "--steps", "2", "--json"])
     p = json.loads(capsys.readouterr().out)
     assert rc == 0 and p["layout"]["pert"] == 4 and p["directions"] == 2
-    assert p["memory_per_device_gb"]["perturbed copy"] * GB == model_shape("opt-13b").block_params * 2
+    assert p["memory_per_device_gb"]["perturbed copies"] * GB == model_shape("opt-13b").block_params * 2  # one sign
     w = zo2_workload("opt-13b")
     w = dataclasses.replace(w, implementation=THIS_ENGINE)
     one = memory_plan(dataclasses.replace(w, directions=2), Layout(), A100).device
@@ -191,12 +191,13 @@ def test_nspsa_layouts_are_planned(capsys):
 
 def test_perturb_flag_plans_the_copy(capsys):
     args = ["plan", "--model", "opt-13b", "--gpus", "2", "--layout", "dp=1,pert=2", "--steps", "2"]
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--json", "--perturb", "in-place"]) == 0
     in_place = json.loads(capsys.readouterr().out)
-    assert main([*args, "--json", "--perturb", "copy"]) == 0
+    assert main([*args, "--json"]) == 0  # auto: the copies
     copy = json.loads(capsys.readouterr().out)
     assert (in_place["perturb"], copy["perturb"]) == ("in-place", "copy")
-    assert "perturbed copy" in copy["memory_per_device_gb"] and "perturbed copy" not in in_place["memory_per_device_gb"]
+    mem = copy["memory_per_device_gb"], in_place["memory_per_device_gb"]
+    assert "perturbed copies" in mem[0] and "perturbed copies" not in mem[1]
     assert copy["step_s"] < in_place["step_s"]  # one pass per block instead of the round trip's three
     assert main([*args, "--perturb", "copy"]) == 0 and "(perturbed copies)" in capsys.readouterr().out
     assert main([*args, "--perturb", "twice"]) == 2

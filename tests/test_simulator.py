@@ -502,19 +502,25 @@ def test_nspsa_pert_4_runs_one_direction_and_sign_per_rank():
 
 def test_copy_perturbation_spares_a_pertp_rank_the_round_trip():
     """perturb='copy': a PertP rank makes one perturbed copy per block (its own sign) where in place it
-    runs the whole +eps / -2 eps / +eps round trip; the plan counts the copy's buffer."""
+    runs the whole +eps / -2 eps / +eps round trip; the plan counts the copy's buffer (in the compute
+    dtype) and no noise buffer (the fused pass computes z where it is used)."""
     from distzo2_lab.plan.memory import THIS_ENGINE, memory_plan
 
     w = dataclasses.replace(zo2_workload("opt-1.3b"), tier="resident", implementation=THIS_ENGINE)
     sims = {mode: simulate(dataclasses.replace(w, perturb=mode), Layout(pert=2), A100) for mode in ("in-place", "copy")}
-    perturb = {mode: [s.end - s.start for s in sim.steady_spans() if s.phase == "perturb" and s.rank == 0]
-               for mode, sim in sims.items()}
+    def passes(sim, phase):
+        return [s for s in sim.steady_spans() if s.phase == phase and s.rank == 0 and s.block >= 0]
+
     n = model_shape("opt-1.3b").layers
-    assert len(perturb["in-place"]) == 3 * len(perturb["copy"]) == 3 * 2 * n  # 2 steady steps
+    # in place: three perturb passes per block; copies: one fused pass (the update and the copy)
+    assert len(passes(sims["in-place"], "perturb")) == 3 * len(passes(sims["copy"], "update")) == 3 * 2 * n
+    assert not passes(sims["copy"], "perturb") and not passes(sims["copy"], "rng")
     assert sims["copy"].step_s < sims["in-place"].step_s
     plans = {mode: memory_plan(dataclasses.replace(w, perturb=mode), Layout(pert=2), A100).device
              for mode in ("in-place", "copy")}
-    assert "perturbed copy" in plans["copy"] and "perturbed copy" not in plans["in-place"]
+    assert "perturbed copies" in plans["copy"] and "perturbed copies" not in plans["in-place"]
+    assert plans["copy"]["perturbed copies"] == model_shape("opt-1.3b").block_params * 2  # fp16, one sign
+    assert "noise" in plans["in-place"] and "noise" not in plans["copy"]
     with pytest.raises(ConfigError, match="perturb='both' is not valid; choose one of auto, in-place, copy"):
         simulate(dataclasses.replace(w, perturb="both"), Layout(), A100)
     with pytest.raises(ConfigError, match="perturb='in-place' with 2 directions"):

@@ -166,8 +166,10 @@ print(r)
 print("pending:", zo2.pending)
 
 # %% [markdown]
-# The weights have not moved yet: they differ from the base only by the rounding of the
-# `+eps, −2 eps, +eps` round trip (~1e-7), not by an update (`lr · |g| · |z|`, ~1e-2).
+# The weights have not moved yet: the passes read copies `θ + eps z` and `θ − eps z` that one
+# fused pass per block writes, so the masters are exactly the base's (MeZO's literal in-place
+# step, `ZOConfig(perturb="in-place")`, would leave the rounding of its `+eps, −2 eps, +eps` round
+# trip, ~1e-7). An update would move them by `lr · |g| · |z|`, ~1e-2.
 
 # %%
 def max_diff(a, b):
@@ -243,8 +245,8 @@ with open(seedlog) as fh:
 # %% [markdown]
 # ### Rebuild the weights from base + seed log
 #
-# `rebuild` builds the base model named in the header and replays every record (round trip and
-# update, `z` regenerated). The sha256 digest of the rebuilt weights equals training's.
+# `rebuild` builds the base model named in the header and replays every record (its update, `z`
+# regenerated; an in-place run's round trip too). The sha256 digest of the rebuilt weights equals training's.
 
 # %%
 from distzo2_lab.run.checkpoint import digest

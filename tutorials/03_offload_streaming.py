@@ -242,8 +242,8 @@ for name, s in slow.items():
 #   upload lane is busy all the time and compute waits for it. More compute per byte (longer
 #   sequences, bigger batches) moves such a run back to compute-bound.
 #
-# "hidden" stays below 100% even at its best: the in-place perturbations between the recorded
-# compute spans (`θ ± eps z`) are not spans, so a transfer under them does not count as hidden.
+# "hidden" stays below 100% even at its best: a transfer counts as hidden only while a compute
+# span runs, and the engine's work between spans (handing buffers between the lanes) is not a span.
 
 # %%
 slow_spans = {name: read_jsonl(f"{tmp.name}/link{i}/rank0.jsonl") for i, name in enumerate(slow)}

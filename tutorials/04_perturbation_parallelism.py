@@ -22,8 +22,8 @@
 # `θ − eps z`. DistZO2 (arXiv 2507.03211, Sec. 3) splits that pair over two ranks:
 # **perturbation parallelism** (PertP). Both ranks draw the same step seed, so the same `z`,
 # without communicating; each runs *one* of the two forwards, and the ranks swap the single
-# loss each computed. Every rank still applies the whole round trip to its own copy of the
-# weights, so the two copies stay identical. Here the ranks are two real processes on the CPU
+# loss each computed. Each rank makes only its own sign's copy `θ ± eps z` of every block and
+# applies the same update to its own weights, so the two ranks' weights stay identical. Here the ranks are two real processes on the CPU
 # in one gloo group, started from this notebook.
 
 # %% [markdown]

@@ -73,7 +73,8 @@ def interleaved_rounds(fns: dict, rounds: int, warmup: int = 1) -> dict[str, lis
 def efficiency(model: str = "opt-125m", batch: int = 8, seq: int = 128, precision: str = "fp32",
                threads: int = 2, repeats: int = 5, seed: int = 0) -> dict:
     """Forward, eager MeZO step and engine step timed in `repeats` interleaved rounds; each step's
-    ratio to 2 x forward is taken within a round and the median over rounds is reported."""
+    ratio to 2 x forward is taken within a round and the median over rounds is reported. The
+    forward is the stock model's with its weights in the compute dtype (the floor of two passes)."""
     torch.set_num_threads(threads)
     prec = PrecisionConfig(compute=precision)
     zo = ZOConfig(lr=1e-6, eps=1e-3)
@@ -82,9 +83,13 @@ def efficiency(model: str = "opt-125m", batch: int = 8, seq: int = 128, precisio
     ids = torch.randint(4, adapter.config.vocab_size, (batch, seq), generator=g)
     b = {"input_ids": ids}
 
+    # the floor: a forward of the stock model held in the compute dtype (what the engine's forwards
+    # read: its copies are made in that dtype), under the same autocast context
+    stock = adapter_for(build_model(model, seed=seed), precision)  # storage = compute dtype: bf16 weights
+
     def forward():
         with torch.no_grad(), compute_context(precision, ids.device):
-            adapter.loss(adapter.forward(ids), ids)
+            stock.loss(stock.forward(ids), ids)
 
     counter = iter(range(10**9))
     # each step on its own copy of the model: the engine's pending update is its own business

@@ -10,7 +10,8 @@ T2 = one rank's forward of the global batch with every thread, T1c(W) = the same
 single-threaded ranks at once (so they contend as real ranks do). `ideal_layout` uses each
 layout's own forwards (a DDP rank runs both signs on its share of the batch), so "% layout" is the
 share that the engine's own work (noise, updates, copies, exchange, waits) leaves. By default the
-ranks of a node share the noise draws (node_share.py); `share_noise=False` shows what that saves.
+ranks of a node share the work they would repeat (node_share.py: the noise draws of an in-place
+run, the block copies of a copies run); `share_noise=False` shows what that saves.
 Every configuration runs `repeats` times round-robin and keeps its best run. Figures: docs/results.md.
 """
 from __future__ import annotations
@@ -71,9 +72,11 @@ def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout
             passes = sum(layout.signs(rank)) if world_size > 1 else 2
             step_forward_s = _time_forward(run.adapter, run.micro_batch(task.batch(1))["input_ids"],
                                            max(1, forward_repeats), passes)
-            share = engine.noise_share
+            # the node's shared work this rank made: noise draws in place, block copies with copies
+            share = engine.noise_share or engine.copy_share
+            made = share.ring.computed / share.served if share is not None and share.served else 1.0
             return {"seconds": seconds, "forward_s": forward_s, "step_forward_s": step_forward_s,
-                    "noise_drawn_fraction": share.drawn / share.served if share is not None else 1.0}
+                    "shared_fraction": made}
         finally:
             run.close()
     finally:
@@ -174,7 +177,7 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
             secs = {r: v["seconds"] for r, v in per_rank.items()}
             step_fwd.setdefault((name, world), []).append(max(v["step_forward_s"] for v in per_rank.values()))
             runs.setdefault((name, world), []).append((max(secs.values()), [secs[r] for r in sorted(secs)],
-                                                       per_rank[0].get("noise_drawn_fraction")))
+                                                       per_rank[0].get("shared_fraction")))
     if total_threads not in t1s:  # total_threads is not one of WORLDS: measure its concurrent forward apart
         for _ in range(repeats):
             t1 = launch(forward_worker, total_threads, (model, batch, seq, 1, forward_repeats, seed), timeout).wait()
@@ -188,7 +191,7 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
         rows.append({"layout": name, "dp": layout.dp, "pert": layout.pert, "world": world,
                      "threads_per_rank": tpr, "oversubscribed": world * tpr > total_threads,
                      "seconds": seconds, "rank_seconds": rank_seconds, "tokens_per_s": tokens / seconds,
-                     "tokens_per_s_runs": [tokens / g[0] for g in got], "noise_drawn_fraction": drawn})
+                     "tokens_per_s_runs": [tokens / g[0] for g in got], "shared_fraction": drawn})
     base = next(r["tokens_per_s"] for r in rows if r["world"] == 1)
     base_fwd = min(step_fwd[next((r["layout"], 1) for r in rows if r["world"] == 1)])
     for r in rows:
@@ -230,10 +233,10 @@ def format_scaling(r: dict) -> str:
             lines.append(f"forward: {t:.3f} s each on {w} concurrent single-threaded ranks (taking turns on "
                          f"{r['total_threads']} threads) -> ideal gain {w * r['forward_s_total_threads'] / t:.2f}x")
     lines.append(f"{'layout':>7} {'world':>5} {'thr/rank':>8} {'tokens/s':>10} {'vs world-1':>10} {'ideal':>10} "
-                 f"{'% ideal':>8} {'% 2-rank':>8} {'% layout':>8} {'z drawn':>8}  runs (tokens/s)")
+                 f"{'% ideal':>8} {'% 2-rank':>8} {'% layout':>8} {'made':>8}  runs (tokens/s)")
     for row in r["rows"]:
         flag = "  (oversubscribed)" if row["oversubscribed"] else ""
-        drawn = row.get("noise_drawn_fraction")
+        drawn = row.get("shared_fraction")
         runs = " ".join(f"{v:.0f}" for v in row.get("tokens_per_s_runs", []))
         two = row.get("of_ideal_two_rank", row["of_ideal"])
         lines.append(f"{row['layout']:>7} {row['world']:>5} {row['threads_per_rank']:>8} {row['tokens_per_s']:>10.1f} "

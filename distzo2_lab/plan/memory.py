@@ -123,8 +123,8 @@ class Workload:
     directions: int | None = None
     """n-SPSA directions per step (zo.directions); None: one per PertP pair (pert / 2), or 1."""
     perturb: str = "auto"
-    """zo.perturb: 'in-place' round trip, or 'copy' (theta +- eps z into a block-sized scratch);
-    'auto' is in-place for one direction and copy for n-SPSA."""
+    """zo.perturb: 'copy' (the fused pass writes compute-dtype copies theta +- eps z of the visited
+    block), or 'in-place' (MeZO's round trip on the fp32 weights); 'auto' is copy."""
 
 
 def check_workload(w: Workload) -> Workload:
@@ -214,7 +214,7 @@ def copies_of(w: Workload, layout: Layout) -> bool:
     if w.perturb == "in-place" and q > 1:
         raise ConfigError(f"perturb='in-place' with {q} directions: n-SPSA perturbs out of place; choose perturb="
                           "'copy' or 'auto'")
-    return w.perturb == "copy" or q > 1
+    return w.perturb != "in-place"
 
 
 def directions_of(w: Workload, layout: Layout) -> int:
@@ -235,7 +235,10 @@ def memory_plan(w: Workload, layout: Layout, hw: Hardware) -> MemoryPlan:
     world, sliced = layout.world_size, layout.slice and w.tier != "resident" and layout.world_size > 1
     moved = transfer_bytes_per_element(w)
     dev: dict[str, float] = {"runtime overhead": hw.context_gb * GB}
-    if impl.resident_extras:  # fp32 master, working copy, the +eps state, one fp32 z per bucket
+    copies = copies_of(w, layout) and impl.store_fp32
+    if impl.resident_extras and copies:  # fp32 master, working copy, both compute-dtype copies
+        dev["resident modules"] = shape.resident * (4 + (s if low else 0) + 2 * c)
+    elif impl.resident_extras:  # fp32 master, working copy, the +eps state, one fp32 z per bucket
         dev["resident modules"] = shape.resident * (4 + (s if low else 0) + s + 4)
     else:
         dev["resident modules"] = shape.resident * s
@@ -246,12 +249,13 @@ def memory_plan(w: Workload, layout: Layout, hw: Hardware) -> MemoryPlan:
     else:
         buffers = min(w.prefetch, shape.layers - 1) + 2
         dev["blocks in flight"] = buffers * width * moved + (shape.block_params * s if impl.store_fp32 and low else 0)
-    dev["noise"] = width * 4 if impl.noise == "block" else shape.largest_tensor * c
+    if not copies:  # the fused pass of the copies computes z where it is used: no noise buffer
+        dev["noise"] = width * 4 if impl.noise == "block" else shape.largest_tensor * c
     if sliced:
         dev["all-gather buffers"] = width // world * moved  # this rank's shard, copied as the send buffer
     q = directions_of(w, layout)
-    if copies_of(w, layout) and impl.store_fp32:  # the out-of-place perturbed copy of the visited block
-        dev["perturbed copy"] = shape.block_params * s
+    if copies:  # the visited block's compute-dtype copies: both signs, or a PertP rank's own
+        dev["perturbed copies"] = shape.block_params * c * (2 if layout.pert == 1 else 1)
     # hidden states alive together: one per (direction, sign) this rank runs (h+ and h- with pert=1)
     passes = (2 if layout.pert == 1 else 1) * (q if layout.pert == 1 else q // (layout.pert // 2))
     for k, v in activation_bytes(shape, w, passes).items():

@@ -336,14 +336,21 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
 
     copy_groups = copy_groups_of(layout, hw, q, shape.block_params) if copies else {}
 
-    def perturbed_copy(prog: _Program, r: int, elements: int, block: int) -> None:
-        """One perturbed copy of a block: alone, or shared by the ranks of the same signs
-        (copy_share.CopyShare: chunks claimed like the noise, ceil(chunks / size) on the longest run)."""
+    def fused(prog: _Program, r: int, elements: int, block: int, pending: bool, signs: int) -> None:
+        """The fused pass of a copies visit (Perturber.visit): the pending update's z and this
+        direction's z computed per element (rng each), the master read and written and the copies
+        written (one axpy's traffic). With a node's copy share the update runs alone and each sign's
+        copy is a shared piece (copy_share.CopyShare: chunks claimed like the noise, ceil(chunks /
+        size) on the longest run), its z computed per copy."""
         members = copy_groups.get(r)
+        phase = "update" if pending else "perturb"
         if members:
-            shared_piece(prog, "perturb", block, elements, len(members), axpy)
+            if pending:
+                prog.work("update", elements * (rng + axpy) + call)
+            for _ in range(signs):
+                shared_piece(prog, "perturb", block, elements, len(members), rng + axpy)
         else:
-            prog.work("perturb", elements * axpy + call)
+            prog.work(phase, elements * ((1 + pending) * rng + axpy) + call)
 
     def update(prog, r, elements, block, local=False) -> None:
         """The deferred update of a bucket: q draws of z and q axpy passes."""
@@ -366,22 +373,20 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             prog = _Program(g, r, t)
             prog.after(step_done[r])
             prog.work(None, cost.step)  # the loop's own work: no span in real runs
-            # resident begin: the deferred update, then +eps (in place) or perturbed copies
-            for elem in res_buckets:
-                if pending:
-                    update(prog, r, elem, -1)
-                if not copies:
+            # resident begin: the deferred update, then +eps (in place) or the fused pass's copies
+            if not copies:
+                for elem in res_buckets:
+                    if pending:
+                        update(prog, r, elem, -1)
                     draw(prog, r, elem, "rng", -1)
                     prog.work("embed", 2 * (elem * axpy + call) + elem * copy_per_element)  # +eps, keep
-            if not copies:
                 prog.work("embed", signs * cost.embed_pass)
             else:
-                for _ in mine:  # z of a direction drawn once for both signs
+                for k, _ in enumerate(mine):  # the first direction's pass applies the pending update
                     for elem in res_buckets:
-                        draw(prog, r, elem, "rng", -1)
-                    for _ in range(signs):
-                        prog.work("embed", sum(elem * axpy + call for elem in res_buckets))  # the perturbed copy
-                        prog.work("embed", cost.embed_pass)
+                        prog.work("update" if pending and k == 0 else "perturb",
+                                  elem * ((1 + (pending and k == 0)) * rng + axpy) + call)
+                    prog.work("embed", signs * cost.embed_pass)
             prev = prog.close("embed", -1)
             for i in range(n):
                 v = t * n + i
@@ -398,7 +403,10 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                     prog.after(upload[r, v])
                 if sliced:
                     if pending and own(r):  # an empty shard (padding only) has nothing to update
-                        update(prog, r, own(r), i, local=True)
+                        if copies:  # the fused pass on the shard, the update only
+                            prog.work("update", own(r) * (rng + axpy) + call)
+                        else:
+                            update(prog, r, own(r), i, local=True)
                     prog.close("update", i)
                     if measured_gather is not None:  # CPU: the all-gather's measured time at this size
                         prog.after(g.add(r, "exchange", "allgather", t, i, [prog.last], [("allgather", 0.0)],
@@ -408,7 +416,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                                          path=(links["peer"],) if hw.peer_gbps is not None else
                                          links["upload"] + links["offload"],
                                          latency=hw.sync_s("gather", world), group=("gather", v)))
-                elif pending:
+                elif pending and not copies:
                     update(prog, r, elem, i)
                 if not copies:
                     draw(prog, r, elem, "rng", i)
@@ -421,29 +429,24 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                         prog.work("forward", cost.block_pass)
                     prog.work(*perturb)
                 else:
-                    for _ in mine:
-                        draw(prog, r, elem, "rng", i)
+                    for k, _ in enumerate(mine):  # a sliced visit's update already landed on the shard
+                        fused(prog, r, elem, i, pending and k == 0 and not sliced, signs)
                         for _ in range(signs):
-                            perturbed_copy(prog, r, elem, i)
                             prog.work("forward", cost.block_pass)
                 prev = prog.close("visit", i)
                 if streamed:
                     down = links["offload"] + ((links["disk_write"],) if w.tier == "disk" else ())
                     offload[r, v] = g.add(r, "offload", "offload", t, i, [prev], nbytes=lane_bytes, path=down,
                                           latency=hw.link_latency_us * 1e-6)
-            # the head: both passes on the kept +eps state (in place), or a perturbed copy per pass
-            # (z still held when this rank runs one direction, drawn again for several)
+            # the head: both passes on the kept +eps state (in place), or on the kept copies (made
+            # again by a fused pass per direction when there are several)
             if not copies:
                 prog.work("head", signs * cost.head_pass + sum(res_buckets) * axpy + 2 * call)
             else:
                 for _ in mine:
                     if len(mine) > 1:
-                        for elem in res_buckets:
-                            draw(prog, r, elem, "rng", -1)
-                    for k in range(signs):
-                        if len(mine) > 1 or k > 0:  # one direction: the last embedding copy is reused first
-                            prog.work("head", sum(elem * axpy + call for elem in res_buckets))
-                        prog.work("head", cost.head_pass)
+                        prog.work("head", sum(elem * (rng + axpy) + call for elem in res_buckets))
+                    prog.work("head", signs * cost.head_pass)
             head = prog.close("head", -1)
             if w.tier == "disk" and world == 1:  # commit on the offload lane after the step's writes
                 g.add(r, "offload", "commit", t, -1, [head, offload.get((r, t * n + n - 1))], nbytes=sum(res_buckets)

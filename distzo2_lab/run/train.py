@@ -263,10 +263,10 @@ class Run:
         from distzo2_lab.zo.perturb import Perturber
 
         perturber = Perturber(cfg.zo.noise).freeze(self.adapter.buckets, cfg.zo.freeze)
-        out = {"perturber": perturber, "noise_share": open_node_noise(perturber, groups, width)}
         if copies_perturbation(cfg.zo):  # the perturbed copies of the blocks, made once by the ranks of the same signs
-            out["copy_share"] = open_node_copies(groups, width, DTYPES[cfg.precision.compute])
-        return out
+            copies = open_node_copies(groups, width, DTYPES[cfg.precision.compute])
+            return {"perturber": perturber, "copy_share": copies}
+        return {"perturber": perturber, "noise_share": open_node_noise(perturber, groups, width)}  # in place: z
 
     def _open_disk_log(self) -> PendingUpdate | None:
         """A store that holds a run: continue it from its committed step; returns the update it owes."""

@@ -221,7 +221,8 @@ class ZO2Engine:
         self.noise_share, self.copy_share = noise_share, copy_share
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
-        self._z_block = torch.empty(width, device=self.device)
+        # in place, z of the visited block is drawn here (the fused copies compute it where it is used)
+        self._z_block = torch.empty(width, device=self.device) if not copies_perturbation(zo) else None
         # One low-precision working buffer serves every streamed block (compute is sequential).
         self._cast = (torch.empty(width, dtype=DTYPES[precision.storage], device=self.device)
                       if streamer is not None and precision.storage != "fp32" else None)
@@ -269,7 +270,7 @@ class ZO2Engine:
                 visit(i, b)
             return
         self.streamer.begin_sweep(self._visit, self.step_count)
-        if self._z_block is None:
+        if self._z_block is None and not self.copies:
             self._z_block = torch.empty(self._width, device=self.device)
         for i, b in enumerate(self.adapter.blocks):
             v = self._visit

@@ -60,12 +60,6 @@ def direction_seed(seed: int, j: int) -> int:
     return seed if j == 0 else derive_seed(seed, "direction", j)
 
 
-def perturbed_copy(out: torch.Tensor, master: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
-    """out <- theta + scale * z, theta untouched: the out-of-place perturbation of n-SPSA (every
-    rank keeps the exact master whatever directions it ran)."""
-    return torch.add(master, z, alpha=scale, out=out)
-
-
 def split_micro(batch: dict, micro_batches: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(input_ids, labels, attention_mask) of each of `micro_batches` equal row slices."""
     ids, labels, mask = unpack_batch(batch)
