@@ -40,7 +40,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, default=z.eps, help="perturbation scale: theta +- eps z")
     p.add_argument("--weight-decay", type=float, default=z.weight_decay, help="decoupled weight decay")
     p.add_argument("--noise", default=z.noise, help=f"one of {', '.join(NOISE_KINDS)}")
-    p.add_argument("--chunk-size", type=int, default=z.chunk_size, help="elements per noise chunk")
     p.add_argument("--directions", type=int, default=None,
                    help="n-SPSA: perturbation directions per step (default 1, or pert/2 with --layout)")
     p.add_argument("--perturb", default=z.perturb,
@@ -138,7 +137,7 @@ def config_from_args(a: argparse.Namespace, ranks: int = 1) -> TrainConfig:
         model=a.model, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len,
         micro_batches=a.micro_batches,
         engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=threads, device=a.device,
-        zo=ZOConfig(lr=lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise, chunk_size=a.chunk_size,
+        zo=ZOConfig(lr=lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise,
                     directions=a.directions or _default_directions(a.layout), perturb=a.perturb,
                     freeze=tuple(a.freeze)),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
@@ -182,8 +181,7 @@ def _report(a, cfg: TrainConfig, s: dict, spans, layout=None) -> None:
 
     text = "one rank"
     if layout is not None:
-        text = plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
-                         cfg.zo.chunk_size)
+        text = plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model)
     summary = {"model": cfg.model, "layout": layout.describe() if layout is not None else "one rank",
                "tier": cfg.offload.tier, "steps": f"{s['start_step']} -> {s['next_step']} of {cfg.steps}",
                "batch": f"{cfg.batch_size} x {cfg.seq_len}", "lr": f"{cfg.zo.lr:g}", "eps": f"{cfg.zo.eps:g}",
@@ -293,8 +291,7 @@ def cmd_train(a) -> int:
         if a.report and distributed_env:
             raise ConfigError("--report follows the ranks of a launched run; under torchrun use --trace DIR")
         if a.dry_run:
-            print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
-                            cfg.zo.chunk_size))
+            print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model))
             return 0
     a.out = a.out or fresh_out()
     preflight(cfg, layout, a.out, a.save, a.resume)
