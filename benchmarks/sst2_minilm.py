@@ -4,7 +4,8 @@
                                      [--scale 20] [--steps 2000 --lr 5e-5 --eps 1e-3 --directions 1]
                                      [--freeze '*word_embeddings*'] [--select best|last]
                                      [--fo-steps 32 --fo-lr 5e-5] [--eval-examples 1000] [--eval-every 500]
-                                     [--shots K] [--json result.json]
+                                     [--shots K] [--peft lora:R [--peft-lr 1e-3]] [--json result.json]
+                                     [--results [PATH]]
 
 One process, one machine, side by side. The classifier reads the unit-length mean of the last
 hidden states, as the model was trained (its sentence-transformers files say so; the adapter's
@@ -19,6 +20,13 @@ ZO's checkpoint with the best accuracy on the 500 validation examples is scored 
 each gain with McNemar's exact paired test against the start; peak memory of each training
 phase is the process's resident-set high-water mark, reset before the phase. ``--quick`` is a
 seconds-sized smoke run (k = 16, a handful of steps): its accuracies mean nothing.
+
+``--peft lora:R`` runs both methods side by side in one invocation: after full-parameter ZO, ZO
+trains only ``peft`` LoRA adapters of rank R (the base held fixed) from the same start, batches
+and step seeds, at ``--peft-lr`` (default ``--lr``). A table of both follows: dev accuracy,
+McNemar against the start and LoRA against full ZO, steps, ZO wall-clock, peak RSS and the bytes
+the engine moved per step; ``--results`` writes it as section sst2_minilm_lora (sst2_minilm
+without ``--peft``).
 """
 from __future__ import annotations
 
@@ -37,6 +45,6 @@ if __name__ == "__main__":
     r, argv = results.parse_known_args(sys.argv[1:])
     if "--data" not in argv:
         argv = ["--data", os.environ.get("DISTZO2_SST2_DIR", SHARED), *argv]
-    with printed_to_results("sst2_minilm", r.results):
+    with printed_to_results("sst2_minilm_lora" if "--peft" in argv else "sst2_minilm", r.results):
         code = main(argv)
     sys.exit(code)

@@ -237,6 +237,11 @@ def validate_offload(o: OffloadConfig) -> OffloadConfig:
 def parse_peft(spec: str) -> tuple[str, int]:
     """'lora:8' -> ('lora', 8); one ConfigError naming the field and the valid forms otherwise."""
     kind, _, n = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind == "prefix":  # MeZO's other PEFT method: named, so the refusal can say why
+        raise ConfigError(f"peft={spec!r} is not supported: peft's prefix tuning keeps every layer's key/value "
+                          "prefix in one table outside the blocks (prompt_encoder.embedding), while the engine "
+                          "perturbs block by block and runs both perturbed passes through one block context; "
+                          "choose peft='lora:R' (R a positive integer) or peft=None")
     if kind not in PEFT_KINDS or not n.isdigit() or int(n) <= 0:
         raise ConfigError(f"peft={spec!r} is not valid; choose one of {', '.join(k + ':R' for k in PEFT_KINDS)} "
                           "with R a positive integer (e.g. 'lora:8')")

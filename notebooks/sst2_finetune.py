@@ -41,6 +41,9 @@
 #    is scored on dev (MeZO's protocol), with a paired test against the start.
 # 3. The **first-order reference** (AdamW from the same start) and the **peak memory** of both
 #    training phases.
+# 4. **LoRA beside full ZO**: the same ZO run again from the same start, batches and step seeds,
+#    but through `peft` LoRA adapters of rank 8 on the attention's query and value (the base held
+#    fixed, `Settings(peft="lora:8")`), and a table of both methods.
 #
 # At `DISTZO2_TUTORIAL_SIZE=tiny` (CI) everything runs for a few steps on 16 examples per class:
 # the numbers then mean nothing. The real settings and their results are at the end.
@@ -56,30 +59,34 @@ assert SIZE in ("tiny", "full"), f"DISTZO2_TUTORIAL_SIZE={SIZE!r}: choose 'tiny'
 WORK = tempfile.mkdtemp(prefix="sst2-")  # base and ZO checkpoints go here
 DATA = shared_data_dir() or write_sample_dir(os.path.join(WORK, "data"))  # GLUE-style TSV directory
 if SIZE == "tiny":
-    S = Settings(data=DATA, steps=2, eval_every=1, fo_steps=1, eval_examples=16, shots=16, batch_size=4, seq_len=32)
-else:  # the settings of the results below (15 to 45 minutes on 2 CPU cores, depending on what else runs)
+    S = Settings(data=DATA, steps=2, eval_every=1, fo_steps=1, eval_examples=16, shots=16, batch_size=4, seq_len=32,
+                 peft="lora:8", peft_lr=1e-3)
+else:  # the settings of the results below (ZO runs twice, full then LoRA: 30 to 90 minutes on 2 CPU cores)
     S = Settings(data=DATA, start="zero-shot", scale=20.0, steps=2000, lr=5e-5, eps=1e-3, freeze="*word_embeddings*",
-                 select="best", eval_every=500, fo_steps=32, fo_lr=5e-5, eval_examples=1000)
+                 select="best", eval_every=500, fo_steps=32, fo_lr=5e-5, eval_examples=1000, peft="lora:8", peft_lr=1e-3)
 print(f"data: {DATA}\n{S}")
 
 # %% [markdown]
 # ## A live accuracy curve
 #
 # `bench_sst2.run` does the whole comparison. It calls `on_point` after each ZO segment with the
-# step, the seconds spent in ZO steps and the accuracy on the validation sample; we append each
-# point to a plotly `FigureWidget`, which updates in place while the run goes on.
+# method ("full" or "lora:8"), the step, the seconds spent in ZO steps and the accuracy on the
+# validation sample; we append each point to its method's line of a plotly `FigureWidget`, which
+# updates in place while the run goes on.
 
 # %%
 import plotly.graph_objects as go
 
 fig = go.FigureWidget(layout=dict(title="ZO fine-tuning of all-MiniLM-L6-v2 on SST-2", template="plotly_white",
                                   xaxis_title="ZO step", yaxis_title="validation accuracy", height=380))
-fig.add_scatter(x=[], y=[], mode="lines+markers", name="ZO")
-curve = fig.data[0]
+fig.add_scatter(x=[], y=[], mode="lines+markers", name="full ZO")
+fig.add_scatter(x=[], y=[], mode="lines+markers", name=f"ZO on LoRA ({S.peft})")
+curves = {"full": fig.data[0], S.peft: fig.data[1]}
 
 
 def on_point(p):
-    curve.x, curve.y = (*curve.x, p["step"]), (*curve.y, p["validation_accuracy"])
+    c = curves[p["method"]]
+    c.x, c.y = (*c.x, p["step"]), (*c.y, p["validation_accuracy"])
 
 
 fig
@@ -110,12 +117,31 @@ print("accuracy: zero-shot start", round(result["start_accuracy"], 3), "| linear
       "| first-order", round(fo["accuracy"], 3))
 
 # %% [markdown]
+# ## LoRA beside full ZO
+#
+# The LoRA run perturbs and updates only the adapters (`lora_A`, `lora_B` of each query and value
+# projection): every parameter `peft` holds fixed becomes a `zo.freeze` pattern, so its z is 0 and
+# the base never changes. The classifier head stays the zero-shot one. The table gives each
+# method's dev accuracy with McNemar's test against the start (and LoRA's against full ZO), the
+# parameters trained, the seconds of ZO steps, the peak memory and the bytes the engine moved per
+# step (0 here: both run on the resident tier).
+
+# %%
+from IPython.display import Markdown
+
+from distzo2_lab.bench.sst2_methods import method_table
+
+Markdown(method_table(result))
+
+# %% [markdown]
 # ## Results at the real settings
 #
 # Measured on 2026-11-26 with `python benchmarks/sst2_minilm.py` (its defaults are the `full`
-# settings above: zero-shot start at scale 20; ZO 2000 steps, lr 5e-5, eps 1e-3, batch 16, the
-# word-embedding table held fixed, the checkpoint with the best accuracy on the 500 validation
-# examples scored; AdamW 32 steps lr 5e-5 on all parameters) on this project's 2-core CPU machine.
+# settings above without the LoRA run: zero-shot start at scale 20; ZO 2000 steps, lr 5e-5, eps 1e-3,
+# batch 16, the word-embedding table held fixed, the checkpoint with the best accuracy on the 500
+# validation examples scored; AdamW 32 steps lr 5e-5 on all parameters) on this project's 2-core CPU
+# machine. LoRA beside full ZO, measured by `python benchmarks/sst2_minilm.py --peft lora:8`, is in
+# the sst2_minilm_lora section of [docs/results.md](../docs/results.md).
 # Accuracy on the same seeded 1,000-example sample of `dev.tsv`; 1,000 training / 500 validation
 # examples sampled from `train.tsv`. Each gain is tested against the start on the same dev examples
 # (McNemar's exact test: examples gained / lost, two-sided p).

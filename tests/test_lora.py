@@ -80,10 +80,17 @@ def test_train_with_peft_rebuilds_from_its_seed_log(tmp_path):
     assert (tmp_path / "ck" / "adapter_config.json").exists()  # the peft way, next to the full checkpoint
 
 
-@pytest.mark.parametrize("spec", ["lora", "lora:0", "lora:x", "prefix:8", "ia3:2"])
+@pytest.mark.parametrize("spec", ["lora", "lora:0", "lora:x", "ia3:2"])
 def test_bad_peft_spec_is_one_clear_error(spec):
     with pytest.raises(ConfigError, match=r"peft=.* is not valid; choose one of lora:R"):
         validate(TrainConfig(peft=spec))
+
+
+def test_prefix_tuning_is_refused_with_the_reason_and_the_valid_choices():
+    with pytest.raises(ConfigError, match=r"peft='prefix:8' is not supported: .*prompt_encoder.embedding.*"
+                                          r"one block context; choose peft='lora:R'") as e:
+        validate(TrainConfig(peft="prefix:8"))
+    assert "\n" not in str(e.value)
 
 
 def test_peft_refuses_an_offloaded_tier():
@@ -99,3 +106,29 @@ def test_cli_train_takes_peft(tmp_path, capsys):
     assert '"peft": "lora:2"' in (tmp_path / "o" / "seedlog.jsonl").read_text().splitlines()[0]
     assert main(["train", "--steps", "2", "--peft", "lora:zero"]) not in (0, None)
     assert "peft='lora:zero' is not valid" in capsys.readouterr().err
+    assert main(["train", "--steps", "2", "--peft", "prefix:8"]) not in (0, None)
+    assert "peft='prefix:8' is not supported" in capsys.readouterr().err
+
+
+def test_sst2_benchmark_trains_lora_beside_full_zo_from_the_same_start(tmp_path):
+    """--peft lora:R: a second ZO run from the same start trains only the adapters; the table has
+    one row per method, the resident tier moves no bytes, and a bad spec is refused up front."""
+    from distzo2_lab.bench.sst2 import Settings, run, write_sample_dir
+    from distzo2_lab.bench.sst2_methods import method_table
+
+    data = write_sample_dir(str(tmp_path / "data"), repeats=1)
+    s = Settings(data=data, model="tiny-bert", steps=2, eval_every=0, fo_steps=1, eval_examples=8, shots=4,
+                 batch_size=4, seq_len=16, threads=1, peft="lora:2", peft_lr=1e-2)
+    r = run(s, str(tmp_path / "work"))
+    lora, full = r["lora"], r["zo"]
+    assert lora["peft"] == "lora:2" and lora["lr"] == 1e-2 and full["peft"] is None
+    adapter = adapter_for(wrap_lora(build_model("tiny-bert", seed=0), "lora:2", 0))
+    n_lora = sum(s.stop - s.start for b in adapter.buckets for s in b.slots if ".lora_" in s.name)
+    assert lora["trained_params"] == n_lora < full["trained_params"]
+    assert lora["bytes_per_step"] == full["bytes_per_step"] == 0  # resident tier: nothing streams
+    assert {"gained", "lost", "p_value"} <= set(r["lora_vs_zo"])
+    assert r["lora_vs_start"]["gain"] == pytest.approx(lora["accuracy"] - r["start_accuracy"])
+    table = method_table(r).splitlines()
+    assert table[3].startswith("| full ZO |") and table[4].startswith("| LoRA rank 2 |") and len(table) == 5
+    with pytest.raises(ConfigError, match="peft='lora:0' is not valid"):
+        run(dataclasses.replace(s, peft="lora:0"), str(tmp_path / "unused"))

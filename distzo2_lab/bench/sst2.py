@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig
+from distzo2_lab.bench.sst2_methods import bytes_per_step, method_table
+from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig, parse_peft
 
 STARTS = ("zero-shot", "probe")
 SELECTS = ("best", "last")
@@ -133,6 +134,8 @@ class Settings:
     threads: int = 2
     eval_every: int = 500  # ZO accuracy curve on the validation sample every this many steps (0: none)
     select: str = "best"  # the ZO checkpoint scored on dev: "best" on validation (MeZO's protocol) or "last"
+    peft: str | None = None  # 'lora:R': also train peft LoRA adapters of rank R by ZO, beside full ZO
+    peft_lr: float | None = None  # the LoRA run's learning rate (None: lr)
 
     @classmethod
     def quick(cls, data: str, **kw) -> Settings:
@@ -200,12 +203,12 @@ def _phase(kind: str, cfg: TrainConfig, s: Settings, test: list) -> dict:
     memory above the loaded model (see first_order.PeakMemory)."""
     from distzo2_lab.bench.first_order import PeakMemory, finetune_first_order
     from distzo2_lab.data.sst2 import accuracy, task_for
-    from distzo2_lab.models import adapter_for, build_model
-    from distzo2_lab.run.train import build_engine
+    from distzo2_lab.observe.events import Recorder
+    from distzo2_lab.run.train import base_of, build_adapter, build_engine
     from distzo2_lab.seeds import step_seed
 
     torch.set_num_threads(s.threads)
-    adapter = adapter_for(build_model(cfg.model, seed=s.seed))
+    adapter = build_adapter(base_of(cfg))  # wrapped with its LoRA adapters when cfg.peft names some
     task = task_for(cfg, adapter)
     if kind == "fo":
         fo = finetune_first_order(adapter, task, s.fo_steps, lr=s.fo_lr)
@@ -213,12 +216,23 @@ def _phase(kind: str, cfg: TrainConfig, s: Settings, test: list) -> dict:
         fo["accuracy"], fo["hits"] = got["accuracy"], got["hits"]
         fo.pop("losses")
         return fo
+    cfg = dataclasses.replace(cfg, zo=dataclasses.replace(cfg.zo, freeze=cfg.zo.freeze + adapter.frozen))
+    recorder = Recorder()
     with PeakMemory("cpu") as mem:
-        engine = build_engine(cfg, adapter)
+        engine = build_engine(cfg, adapter, recorder)
         for t in range(3):
             engine.step(task.batch(t), step_seed(cfg.seed, t))
         engine.flush()
-    return {"steps": 3, "memory": mem.to_dict()}
+    return {"steps": 3, "memory": mem.to_dict(), "bytes_per_step": bytes_per_step(recorder, 3),
+            "trained_params": trained_count(adapter, cfg.zo.freeze)}
+
+
+def trained_count(adapter, freeze: tuple[str, ...]) -> int:
+    """Parameters ZO perturbs and updates: every slot no zo.freeze glob matches."""
+    import fnmatch
+
+    return sum(s.stop - s.start for b in adapter.buckets for s in b.slots
+               if not any(fnmatch.fnmatchcase(s.name, p) for p in freeze))
 
 
 def _in_fresh_process(kind: str, cfg: TrainConfig, s: Settings, test: list) -> dict:
@@ -238,6 +252,8 @@ def run(s: Settings, work: str, on_point=None) -> dict:
         raise ConfigError(f"start={s.start!r} is not valid; choose one of {', '.join(STARTS)}")
     if s.select not in SELECTS:
         raise ConfigError(f"select={s.select!r} is not valid; choose one of {', '.join(SELECTS)}")
+    if s.peft is not None:
+        parse_peft(s.peft)
     torch.set_num_threads(s.threads)
     src = s.model or minilm_dir()
     cfg = TrainConfig(model=src, task="sst2", data=s.data, shots=s.shots, seed=s.seed, steps=s.steps,
@@ -268,20 +284,39 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     del adapter
 
     zo_cfg = dataclasses.replace(cfg, model=base)
-    summary, curve, zo_adapter, zo_task, chosen = zo_curve(zo_cfg, work, s.eval_every, on_point, s.select)
-    zo = accuracy(zo_adapter, zo_task, test, per_example=True)
-    out["zo"] = {"steps": s.steps, "lr": s.lr, "eps": s.eps, "directions": s.directions, "freeze": s.freeze,
-                 "batch_size": s.batch_size, "seconds": summary["zo_seconds_total"], "select": s.select,
-                 "selected_step": chosen, "accuracy": zo["accuracy"], "curve": curve,
-                 "memory": _in_fresh_process("zo-memory", zo_cfg, s, test)["memory"]}
-    del zo_adapter
+    out["zo"], zo_hits = _zo_method(zo_cfg, s, work, test, on_point)
     out["first_order"] = _in_fresh_process("fo", zo_cfg, s, test)
     out["zo_gain"] = out["zo"]["accuracy"] - out["start_accuracy"]
     out["fo_gain"] = out["first_order"]["accuracy"] - out["start_accuracy"]
     # paired on the same dev examples: is the gain more than sampling noise of these examples?
-    out["zo_vs_start"] = paired_comparison(start["hits"], zo["hits"])
+    out["zo_vs_start"] = paired_comparison(start["hits"], zo_hits)
     out["fo_vs_start"] = paired_comparison(start["hits"], out["first_order"].pop("hits"))
+    if s.peft is not None:  # the same start, batches and step seeds; only the adapters move
+        lr = s.lr if s.peft_lr is None else s.peft_lr
+        lora_cfg = dataclasses.replace(zo_cfg, peft=s.peft, zo=dataclasses.replace(zo_cfg.zo, lr=lr))
+        out["lora"], lora_hits = _zo_method(lora_cfg, s, os.path.join(work, "lora"), test, on_point)
+        out["lora"]["rank"] = parse_peft(s.peft)[1]
+        out["lora_vs_start"] = paired_comparison(start["hits"], lora_hits)
+        out["lora_vs_zo"] = paired_comparison(zo_hits, lora_hits)
     return out
+
+
+def _zo_method(cfg: TrainConfig, s: Settings, work: str, test: list, on_point=None) -> tuple[dict, list[int]]:
+    """ZO fine-tuning by `cfg` (full or LoRA) scored on `test`: its record and per-example hits."""
+    from distzo2_lab.data.sst2 import accuracy
+
+    os.makedirs(work, exist_ok=True)
+    label = "full" if cfg.peft is None else cfg.peft
+    point = None if on_point is None else (lambda p: on_point({**p, "method": label}))
+    summary, curve, adapter, task, chosen = zo_curve(cfg, work, s.eval_every, point, s.select)
+    got = accuracy(adapter, task, test, per_example=True)
+    del adapter
+    phase = _in_fresh_process("zo-memory", cfg, s, test)
+    return {"steps": cfg.steps, "lr": cfg.zo.lr, "eps": s.eps, "directions": s.directions, "freeze": s.freeze,
+            "peft": cfg.peft, "batch_size": s.batch_size, "seconds": summary["zo_seconds_total"],
+            "select": s.select, "selected_step": chosen, "accuracy": got["accuracy"], "curve": curve,
+            "memory": phase["memory"], "bytes_per_step": phase["bytes_per_step"],
+            "trained_params": phase["trained_params"]}, got["hits"]
 
 
 def _p(r: dict, key: str) -> str:
@@ -329,16 +364,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the result here")
     for f in dataclasses.fields(Settings):
         if f.name != "data":
-            p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default) if f.default is not None else
-                           (int if f.name == "shots" else str), default=None)
+            kind = {"shots": int, "peft_lr": float}.get(f.name, str) if f.default is None else type(f.default)
+            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(Settings)
           if f.name != "data" and getattr(a, f.name) is not None}
     s = Settings.quick(a.data, **kw) if a.quick else Settings(data=a.data, **kw)
     with tempfile.TemporaryDirectory() as work:
-        r = run(s, work, on_point=lambda pt: print(f"  step {pt['step']:>5}: validation accuracy "
+        r = run(s, work, on_point=lambda pt: print(f"  {pt['method']:>6} step {pt['step']:>5}: validation accuracy "
                                                      f"{pt['validation_accuracy']:.3f} ({pt['seconds']:.0f} s)"))
     print(format_result(r))
+    if "lora" in r:
+        print(f"\nFull-parameter ZO beside ZO on LoRA adapters (same start, batches and step seeds; "
+              f"batch {s.batch_size}, eps {s.eps:g}, resident tier; the "
+              f"{'best-validation' if s.select == 'best' else 'last'} checkpoint scored):\n")
+        print(method_table(r))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(r, f, indent=1)
