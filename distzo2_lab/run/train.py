@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from distzo2_lab.config import SUITE_TASKS, ConfigError, TrainConfig, copies_perturbation, validate
+from distzo2_lab.config import SUITE_TASKS, ConfigError, TrainConfig, copies_perturbation, is_family, validate
 from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
 from distzo2_lab.models import BlockAdapter, adapter_for, build_model
 from distzo2_lab.models.lora import is_peft, wrap_lora
@@ -37,6 +37,7 @@ from distzo2_lab.run.checkpoint import (
 from distzo2_lab.run.outputs import check_writable, write_json
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.family_reference import EagerFamily
 from distzo2_lab.zo.reference import EagerMeZO
 from distzo2_lab.zo.spsa import PendingUpdate
 
@@ -77,6 +78,8 @@ def build_engine(cfg: TrainConfig, adapter: BlockAdapter, recorder: Recorder | N
     """The engine `cfg.engine` names; `zo2_options` (streamer, signs, exchange, slicer...) go to ZO2Engine."""
     if cfg.engine == "zo2":
         return ZO2Engine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder, **zo2_options)
+    if is_family(cfg.zo):  # another optimiser, perturbation or estimator: the family's eager reference
+        return EagerFamily(adapter, cfg.zo, cfg.precision, threads=cfg.threads, micro_batches=cfg.micro_batches)
     return EagerMeZO(adapter, cfg.zo, cfg.precision, threads=cfg.threads, micro_batches=cfg.micro_batches)
 
 
@@ -278,6 +281,10 @@ class Run:
         return pending
 
     def _resume(self, resume: str) -> None:
+        if is_family(self.cfg.zo):
+            raise ConfigError(f"resume= with zo.optimizer={self.cfg.zo.optimizer!r}, zo.perturbation="
+                              f"{self.cfg.zo.perturbation!r}, zo.estimator={self.cfg.zo.estimator!r}: a checkpoint "
+                              "holds the weights and the seed log, not the method's state; resume runs ZO-SGD only")
         state = read_state(resume)
         if state["config"]["model"] != self.cfg.model or state["config"]["seed"] != self.cfg.seed:
             raise ConfigError(f"resume={resume!r} was trained with model={state['config']['model']!r}, "
