@@ -159,7 +159,7 @@ LEARNS = {  # optimiser: (zo settings, lr)
     "sgd": ({}, 3e-3),
     "momentum": ({}, 3e-4),
     "adam": ({}, 5e-3),
-    "sign": ({}, 1e-2),
+    "sign": ({"directions": 4}, 1e-2),  # sign() of one direction is too noisy: average four first
     "conservative": ({}, 3e-3),
     "hizoo": ({}, 3e-3),
 }
