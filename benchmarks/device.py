@@ -3,7 +3,7 @@
     python benchmarks/device.py [MODEL ...] [--batch 1 --seq 2048 --steps 3 --compute bf16 --prefetch 1]
                                 [--tiers host [disk]] [--hardware h100-sxm [this-machine --plan-dir DIR]]
                                 [--device cuda] [--threads 4]
-                                [--store DIR] [--chunk-size N] [--noise [--noise-numel N]] [--json]
+                                [--store DIR] [--json]
 
 MODEL defaults to opt-1.3b, opt-2.7b and opt-6.7b (random weights built from their configs). For each model,
 in this one process, one case after another: eager MeZO (all resident), ZO2 resident, ZO2 on each
@@ -12,13 +12,12 @@ against the planner's (runtime overhead left out), the lanes' hidden fraction, t
 GB/s, and the simulator's step time on each --hardware profile (a datasheet profile also with the
 links measured here) with its ratio to the measured step.
 Under each table, the milliseconds per step each lane:phase takes (span durations; on CUDA, device
-time between the span's events). --noise first times the noise fill at several chunk sizes and
-noise-thread counts. Prints a table per model, then one JSON line per model with --json.
+time between the span's events). Prints a table per model, then one JSON line per model with --json.
 """
 import argparse
 import json
 
-from distzo2_lab.bench.device import device_cases, format_cases, format_noise, noise_rates
+from distzo2_lab.bench.device import device_cases, format_cases
 from distzo2_lab.bench.results import add_results_option, printed_to_results
 from distzo2_lab.plan.hardware import names
 
@@ -38,21 +37,14 @@ def main() -> None:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--store", default=None, help="parent directory of the temporary disk store")
-    p.add_argument("--chunk-size", type=int, default=1 << 20, help="zo.chunk_size: elements per noise chunk")
-    p.add_argument("--noise", action="store_true", help="first time the noise fill per chunk size and thread count")
-    p.add_argument("--noise-numel", type=int, default=1 << 28, help="elements the noise timing fills")
     p.add_argument("--json", action="store_true", help="also print one JSON line per model")
     add_results_option(p)
     a = p.parse_args()
     with printed_to_results("device", a.results):
         results = []
-        if a.noise:
-            rows = noise_rates(a.device, a.noise_numel)
-            print(f"noise fill on {a.device}, {a.noise_numel} elements (best of 3)\n" + format_noise(rows), flush=True)
-            results.append({"noise": rows})
         for model in a.models:
             r = device_cases(model, a.batch, a.seq, a.steps, a.compute, a.prefetch, a.device, a.threads,
-                             tuple(a.tiers), tuple(a.hardware), a.store, a.chunk_size, a.plan_dir)
+                             tuple(a.tiers), tuple(a.hardware), a.store, a.plan_dir)
             print(format_cases(r), flush=True)
             results.append(r)
         if a.json:

@@ -27,6 +27,24 @@ SUITE_TASKS = ("sst2", "rte", "cb", "boolq", "wic", "copa", "squad")  # MeZO's s
 TASKS = ("synthetic", "text", *SUITE_TASKS)
 DEVICES = ("cpu", "cuda")
 OFFLOAD_TIERS = ("resident", "host", "disk")
+SHARE_GRAIN_ENV = "DISTZO2_SHARE_GRAIN"
+
+
+def share_grain() -> int:
+    """Elements a rank claims at once when the ranks of a node share noise draws or copies
+    (parallel.node_share): 1 << 20, large enough that a claim's lock costs little beside the work.
+    The environment variable DISTZO2_SHARE_GRAIN sets it (lessons and tests use small grains so
+    that the tiny model's blocks are split too); a piece of one grain is computed by each rank alone."""
+    import os
+
+    raw = os.environ.get(SHARE_GRAIN_ENV, str(1 << 20))
+    try:
+        grain = int(raw)
+    except ValueError:
+        grain = 0
+    if grain <= 0:
+        raise ConfigError(f"{SHARE_GRAIN_ENV}={raw!r} is not valid; it must be a positive integer (elements)")
+    return grain
 PEFT_KINDS = ("lora",)
 
 
@@ -43,18 +61,17 @@ class ZOConfig:
     """Decoupled weight decay; never applied to biases and LayerNorm weights (MeZO)."""
     noise: str = "gaussian"
     """Distribution of z: 'gaussian' (N(0, 1)) or 'rademacher' (+1/-1 with equal odds)."""
-    chunk_size: int = 1 << 20
-    """Elements per noise chunk; any chunk-aligned slice of z regenerates on its own."""
     directions: int = 1
     """q independent perturbation directions per step, updates averaged (n-SPSA, MeZO's variant).
-    q = 1 is MeZO's in-place step; q > 1 perturbs out of place (theta + eps z_j into a scratch
-    copy), and a layout with pert = 2q runs one (direction, sign) per rank."""
+    q > 1 perturbs out of place (theta + eps z_j into a copy), and a layout with pert = 2q runs
+    one (direction, sign) per rank."""
     perturb: str = "auto"
-    """How the passes see theta +- eps z: 'in-place' is MeZO's round trip on the weights
-    (+eps, -2 eps, +eps restore: no copy, a rounding drift of about one ulp per step); 'copy'
-    writes theta +- eps z into a block-sized scratch and leaves the master untouched (one memory
-    pass fewer per block, no drift, and a PertP rank makes only its own sign's copy); 'auto' is
-    in-place for one direction and copy for n-SPSA (q > 1, which needs copies)."""
+    """How the passes see theta +- eps z: 'copy' makes the copies theta + eps z and theta - eps z
+    in the compute dtype in one fused pass per visit, which also applies the pending update (the
+    master is read once, z never stored, no rounding drift, and a PertP rank makes only its own
+    sign's copy); 'in-place' is MeZO's literal round trip on the fp32 weights (+eps, -2 eps, +eps
+    restore: no copies, a rounding drift of about one ulp per step); 'auto' is copy, except on a
+    lean disk tier (offload.lean), which keeps no copy of the embeddings and runs in place."""
     freeze: tuple[str, ...] = ()
     """Glob patterns of parameter names held fixed (e.g. '*word_embeddings*'): their z is 0, so
     they are never perturbed nor updated, and the gradient estimate spans only the rest. Each
@@ -187,7 +204,6 @@ def validate_zo(zo: ZOConfig) -> ZOConfig:
     if not isinstance(zo.weight_decay, (int, float)) or zo.weight_decay < 0:
         raise ConfigError(f"zo.weight_decay={zo.weight_decay!r} is not valid; it must be >= 0")
     _choice("zo.noise", zo.noise, NOISE_KINDS)
-    _positive("zo.chunk_size", zo.chunk_size, integer=True)
     _positive("zo.directions", zo.directions, integer=True)
     _choice("zo.perturb", zo.perturb, PERTURB_MODES)
     if not isinstance(zo.freeze, tuple) or not all(isinstance(p, str) and p.strip() for p in zo.freeze):
@@ -265,7 +281,15 @@ def forwards_per_step(zo: ZOConfig) -> int:
 
 def copies_perturbation(zo: ZOConfig) -> bool:
     """True when the passes read out-of-place copies theta +- eps z (zo.perturb, see ZOConfig)."""
-    return zo.perturb == "copy" or (zo.perturb == "auto" and zo.directions > 1)
+    return zo.perturb != "in-place"
+
+
+def resolve_perturb(cfg: TrainConfig) -> TrainConfig:
+    """cfg with zo.perturb='auto' made concrete (what a run records in its seed log and summary)."""
+    if cfg.zo.perturb != "auto":
+        return cfg
+    mode = "in-place" if cfg.offload.lean and cfg.zo.directions == 1 else "copy"
+    return dataclasses.replace(cfg, zo=dataclasses.replace(cfg.zo, perturb=mode))
 
 
 def validate_precision(p: PrecisionConfig) -> PrecisionConfig:

@@ -15,7 +15,7 @@ def batches(n: int, batch: int = 3, seq: int = 12, vocab: int = 512, seed: int =
     return [{"input_ids": torch.randint(4, vocab, (batch, seq), generator=g)} for _ in range(n)]
 
 
-def engine_pair(zo: ZOConfig = ZOConfig(chunk_size=4096), precision: PrecisionConfig = PrecisionConfig(),
+def engine_pair(zo: ZOConfig = ZOConfig(), precision: PrecisionConfig = PrecisionConfig(),
                 threads: int = 1, model: str = "tiny"):
     """(eager reference, ZO2 engine) on two identical copies of the same random model."""
     a = OPTAdapter(build_model(model, seed=7), precision.storage)

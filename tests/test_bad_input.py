@@ -23,6 +23,10 @@ def files(tmp_path_factory):
     (d / "truncated.jsonl").write_text("\n".join(log[:2]) + "\n" + log[2][: len(log[2]) // 2])
     (d / "corrupted.jsonl").write_text("\n".join([log[0], "{\"step\": 0, \"seed\": ", log[2]]) + "\n")
     (d / "header.jsonl").write_text(json.dumps({"model": "tiny"}) + "\n")
+    head = json.loads(log[0])  # a log of the chunked generators: no noise rule, a chunk size
+    del head["noise"]
+    head["zo"]["chunk_size"] = 1 << 20
+    (d / "chunked.jsonl").write_text("\n".join([json.dumps(head), *log[1:]]) + "\n")
     gap = json.loads(log[2])
     gap["step"] = 5
     (d / "gap.jsonl").write_text("\n".join([log[0], log[1], json.dumps(gap)]) + "\n")
@@ -82,7 +86,6 @@ CASES = [
     ("bad tier", [*TRAIN, "--offload", "nvme"], "offload.tier='nvme' is not valid"),
     ("disk tier without store", [*TRAIN, "--offload", "disk"], "needs offload.store"),
     ("store that is a file", [*TRAIN, "--offload", "disk", "--store", "{d}/a_file"], "is a file"),
-    ("chunk size zero", [*TRAIN, "--chunk-size", "0"], "zo.chunk_size=0 is not valid"),
     ("negative prefetch", [*TRAIN, "--offload", "host", "--prefetch", "-1"], "offload.prefetch=-1 is not valid"),
     ("micro-batches not dividing", [*TRAIN, "--batch-size", "8", "--micro-batches", "3"],
      "micro_batches=3 does not divide batch_size=8"),
@@ -109,6 +112,8 @@ CASES = [
     ("rebuild of a truncated seed log", ["rebuild", "{d}/truncated.jsonl"], "truncated.jsonl: line 3: truncated"),
     ("rebuild of a corrupted seed log", ["rebuild", "{d}/corrupted.jsonl"], "corrupted.jsonl: line 2"),
     ("rebuild of a headerless log", ["rebuild", "{d}/header.jsonl"], "not a seed log header"),
+    ("rebuild of a chunked-noise log", ["rebuild", "{d}/chunked.jsonl"],
+     "chunked.jsonl: line 1: this seed log's noise rule is 'the chunked generators of earlier versions'"),
     ("rebuild of a log with a gap", ["rebuild", "{d}/gap.jsonl"], "step 5 follows step 0"),
     ("rebuild of a missing file", ["rebuild", "{d}/none.jsonl"], "does not exist"),
 ]
@@ -155,3 +160,15 @@ def test_console_script_refuses_bad_input_without_a_traceback(what, files, tmp_p
 
 def test_case_table_covers_at_least_thirty_kinds():
     assert len({c[0] for c in CASES}) == len(CASES) >= 30
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "many"])
+def test_a_bad_share_grain_is_one_clear_line(raw, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DISTZO2_SHARE_GRAIN", raw)
+    out = tmp_path / "out"
+    os.makedirs(out)
+    (out / "finished.txt").write_text("done work")
+    assert main([*TRAIN, "--layout", "dp=2", "--dry-run", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"distzo2: error: DISTZO2_SHARE_GRAIN={raw!r} is not valid; it must be a positive integer (elements)"
+    _keeps(out)

@@ -60,7 +60,7 @@ def test_scaling_runs_every_valid_layout():
     assert r["perturb"] == "copy" and "perturbation: copy" in text
 
 
-def test_scaling_without_shared_noise_and_bad_input():
+def test_scaling_without_shared_noise_and_bad_input(monkeypatch):
     import pytest
 
     from distzo2_lab.bench.scaling import bench_worker
@@ -72,9 +72,10 @@ def test_scaling_without_shared_noise_and_bad_input():
         scaling("tiny", repeats=0)
     with pytest.raises(ConfigError, match="zo.perturb='inplace' is not valid; choose one of auto, in-place, copy"):
         scaling("tiny", perturb="inplace")
-    # 4096-element chunks: a tiny block (49,984 elements) is 13 chunks to split (with the default
-    # 1M-element chunks it fits one, and the ranks draw alone: tests/test_noise_share.py)
-    cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096))
+    # 4096-element grains: a tiny block (49,984 elements) is 13 chunks to split (with the default
+    # 1M-element grain it fits one, and the ranks draw alone: tests/test_distributed.py)
+    monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")
+    cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1, zo=ZOConfig())
     alone = launch(bench_worker, 2, (cfg, Layout(2, 1, share_noise=False), 1), 300).wait()
     assert [v["noise_drawn_fraction"] for v in alone.values()] == [1.0, 1.0]
     shared = launch(bench_worker, 2, (cfg, Layout(2, 1), 1), 300).wait()

@@ -8,7 +8,7 @@ from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig
 from distzo2_lab.run.checkpoint import SeedLog, checkpoint_tensors, digest
 from distzo2_lab.run.train import rebuild, train
 
-CFG = TrainConfig(steps=6, batch_size=2, seq_len=12, threads=1, zo=ZOConfig(weight_decay=0.05, chunk_size=2048))
+CFG = TrainConfig(steps=6, batch_size=2, seq_len=12, threads=1, zo=ZOConfig(weight_decay=0.05))
 
 
 def test_seed_log_rebuilds_the_fine_tuned_weights_bit_exactly(tmp_path):

@@ -11,7 +11,7 @@ from distzo2_lab.parallel.layout import Layout, parse_layout, validate_layout
 from distzo2_lab.run.train import train
 from distzo2_lab.run.worker import train_worker
 
-CFG = TrainConfig(model="tiny", steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096))
+CFG = TrainConfig(model="tiny", steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig())
 
 
 def run_layout(layout: Layout, cfg: TrainConfig = CFG, tmp_path=None) -> dict:
@@ -127,8 +127,8 @@ def test_cli_layout_dry_run_and_terminal_run(tmp_path, capsys, single):
     assert "rank 3: dp 1, pert 1: batch rows 2..3, runs -eps" in plan
     assert main(["train", "--layout", "dp=2", "--world-size", "3", "--dry-run"]) == 2
     assert "world_size=3 is not dp x pert = 2 x 1 = 2" in capsys.readouterr().err
-    args = ["train", "--steps", "3", "--batch-size", "4", "--seq-len", "12", "--threads", "1", "--chunk-size",
-            "4096", "--no-progress", "--out", str(tmp_path / "o")]
+    args = ["train", "--steps", "3", "--batch-size", "4", "--seq-len", "12", "--threads", "1",
+            "--no-progress", "--out", str(tmp_path / "o")]
     assert main([*args, "--layout", "dp=1,pert=2"]) == 0
     import json
 
@@ -144,7 +144,7 @@ def test_torchrun_standalone_runs_the_same_workers(tmp_path, single):
 
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "distzo2_lab", "--layout", "dp=1,pert=2",
-           "--steps", "3", "--batch-size", "4", "--seq-len", "12", "--threads", "1", "--chunk-size", "4096",
+           "--steps", "3", "--batch-size", "4", "--seq-len", "12", "--threads", "1",
            "--no-progress", "--out", str(tmp_path / "o")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -168,7 +168,7 @@ def test_slicing_changes_no_number(layout, tmp_path):
     assert gathered and up > 0
     from distzo2_lab.parallel.slicer import Slicer
 
-    start, stop = Slicer(0, layout.world_size, cfg.zo.chunk_size).bounds(49984)  # a tiny block's shard
+    start, stop = Slicer(0, layout.world_size).bounds(49984)  # a tiny block's shard
     visits = len([s for s in spans if s.lane == "upload"])
     assert up == visits * (stop - start) * 4 and stop - start < 49984 * 0.75
 
@@ -176,7 +176,7 @@ def test_slicing_changes_no_number(layout, tmp_path):
 def test_nspsa_layouts_equal_the_single_rank_engine():
     """pert = 2q: one (direction, sign) per rank; pert = 2 with q = 2: each rank runs one sign of both
     directions, sliced over a shared host store. Out-of-place perturbation: bit-exact."""
-    cfg = dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, directions=2))
+    cfg = dataclasses.replace(CFG, zo=ZOConfig(directions=2))
     single = train(cfg, progress=False)
     assert single["steps"] != train(CFG, progress=False)["steps"]
     per_rank = run_layout(Layout(dp=1, pert=4), cfg)
@@ -192,7 +192,7 @@ def test_copy_perturbation_layouts_equal_the_single_rank_engine():
     DDP(2) bit for bit, and both the single rank within float order (as in place). The ranks of
     the same signs make each block's copy once between them (copy_share.CopyShare), bit for bit
     what each rank makes alone."""
-    cfg = dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, perturb="copy"))
+    cfg = dataclasses.replace(CFG, zo=ZOConfig(perturb="copy"))
     single = train(cfg, progress=False)
     assert single["config"]["zo"]["perturb"] == "copy" and single["digest"] != train(CFG, progress=False)["digest"]
     pertp = run_layout(Layout(dp=1, pert=2), cfg)
@@ -271,7 +271,7 @@ def test_backend_choice():
         validate_layout(Layout(2, 2), 4, 8, backend="nccl", gpus=2)
 
 
-def test_the_ranks_of_a_node_split_the_noise_draws():
+def test_the_ranks_of_a_node_split_the_noise_draws(monkeypatch):
     """Shared draws change no number; the G ranks of a node that draw the same directions (all 4
     for 2D; 2 per direction for n-SPSA pert=4) draw each chunk of z exactly once between them
     (who draws which depends on who is there first: tests/test_noise_share.py)."""
@@ -279,6 +279,7 @@ def test_the_ranks_of_a_node_split_the_noise_draws():
 
     assert [split_run(13, i, 4) for i in range(4)] == [(0, 4), (4, 7), (7, 10), (10, 13)]
     assert [split_run(1, i, 2) for i in range(2)] == [(0, 1), (1, 1)]  # a member may draw nothing
+    monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")  # a tiny block (49,984 elements) is 13 grains to split
     layout = Layout(dp=2, pert=2)
     shared = run_layout(layout)
     alone = run_layout(dataclasses.replace(layout, share_noise=False))
@@ -292,24 +293,27 @@ def test_the_ranks_of_a_node_split_the_noise_draws():
     # block draws are read in their slot (no copy); the resident buckets' kept z is copied out
     report = shared[0]["noise_share"]
     assert 0 < report["copied_elements"] < report["served_elements"]
-    nspsa = run_layout(Layout(dp=1, pert=4), dataclasses.replace(CFG, zo=ZOConfig(chunk_size=4096, directions=2)))
+    nspsa = run_layout(Layout(dp=1, pert=4), dataclasses.replace(CFG, zo=ZOConfig(directions=2)))
     assert {r["noise_share"]["ranks"] for r in nspsa.values()} == {2}
     # the resident buckets' short draws (layer norms, < one chunk) are drawn by each rank alone
     assert all(r["noise_share"]["alone_elements"] > 0 for r in shared.values())
-    # 1M-element chunks: every tiny block fits one, there is nothing to split and no share opens
+    # the default grain (1M elements): every tiny block fits one, there is nothing to split and no share opens
+    monkeypatch.delenv("DISTZO2_SHARE_GRAIN")
     one_chunk = run_layout(Layout(dp=2, pert=1), dataclasses.replace(CFG, zo=ZOConfig()))
     assert {r["noise_share"]["ranks"] for r in one_chunk.values()} == {1}
     assert not [f for f in os.listdir("/dev/shm") if f.startswith("distzo2-")]  # slots unlinked
 
 
-def test_cli_no_share_noise_reaches_the_layout(capsys):
+def test_cli_no_share_noise_reaches_the_layout(capsys, monkeypatch):
     from distzo2_lab.cli.main import main
 
-    assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run", "--chunk-size", "4096"]) == 0
-    assert "split every draw of more than one chunk through shared memory" in capsys.readouterr().out
-    # the default 1M-element chunks: a tiny block (49,984) is one chunk, nothing to split
+    monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")
     assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run"]) == 0
-    assert "a block (49,984 elements) fits one noise chunk (1,048,576)" in capsys.readouterr().out
+    assert "split every draw of more than one chunk through shared memory" in capsys.readouterr().out
+    # the default grain: a tiny block (49,984) is one chunk, nothing to split
+    monkeypatch.delenv("DISTZO2_SHARE_GRAIN")
+    assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run"]) == 0
+    assert "a block (49,984 elements) fits one share chunk (1,048,576)" in capsys.readouterr().out
     assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run", "--no-share-noise"]) == 0
     out = capsys.readouterr().out
     assert "noise drawn by every rank" in out and "noise: every rank draws all of z" in out

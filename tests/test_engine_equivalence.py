@@ -8,11 +8,11 @@ from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.perturb import Perturber
 
 CASES = {
-    "fp32": (ZOConfig(chunk_size=4096), PrecisionConfig()),
-    "bf16-compute": (ZOConfig(chunk_size=4096), PrecisionConfig(compute="bf16")),
-    "bf16-storage": (ZOConfig(chunk_size=4096), PrecisionConfig(compute="bf16", storage="bf16")),
-    "fp16-storage": (ZOConfig(chunk_size=4096), PrecisionConfig(compute="fp16", storage="fp16")),
-    "rademacher+wd": (ZOConfig(noise="rademacher", weight_decay=0.1, chunk_size=1000), PrecisionConfig()),
+    "fp32": (ZOConfig(), PrecisionConfig()),
+    "bf16-compute": (ZOConfig(), PrecisionConfig(compute="bf16")),
+    "bf16-storage": (ZOConfig(), PrecisionConfig(compute="bf16", storage="bf16")),
+    "fp16-storage": (ZOConfig(), PrecisionConfig(compute="fp16", storage="fp16")),
+    "rademacher+wd": (ZOConfig(noise="rademacher", weight_decay=0.1), PrecisionConfig()),
 }
 
 
@@ -59,7 +59,7 @@ def test_evaluation_never_runs_on_stale_weights():
 
 
 def test_tied_weight_is_perturbed_and_updated_exactly_once():
-    zo = ZOConfig(lr=1e-2, eps=1e-2, chunk_size=4096)
+    zo = ZOConfig(lr=1e-2, eps=1e-2)
     eager, engine = engine_pair(zo)
     model = engine.adapter.model
     w0 = model.lm_head.weight.detach().clone()
@@ -67,7 +67,7 @@ def test_tied_weight_is_perturbed_and_updated_exactly_once():
     seed = step_seed(0, 0)
     # Oracle built by hand on a copy: every unique tensor moved by +eps z exactly once.
     ref = eager.adapter
-    zs = {b.key: Perturber(chunk_size=zo.chunk_size).noise_for(seed, b.key, b.numel) for b in ref.buckets}
+    zs = {b.key: Perturber().noise_for(seed, b.key, b.numel) for b in ref.buckets}
     with torch.no_grad():
         for b in ref.buckets:
             b.master.add_(zs[b.key], alpha=zo.eps)
@@ -84,9 +84,9 @@ def test_tied_weight_is_perturbed_and_updated_exactly_once():
     assert not torch.allclose(model.lm_head.weight, twice, atol=1e-6)
 
 
-def test_engine_generates_noise_twice_per_step_and_eager_four_times():
+def test_in_place_engine_generates_noise_twice_per_step_and_eager_four_times():
     counts = {}
-    eager, engine = engine_pair()
+    eager, engine = engine_pair(ZOConfig(perturb="in-place"))
     for name, e in (("eager", eager), ("engine", engine)):
         calls, fill = [], e.perturber.fill
 
@@ -100,3 +100,27 @@ def test_engine_generates_noise_twice_per_step_and_eager_four_times():
     n = sum(b.numel for b in engine.adapter.buckets)
     assert counts["eager"] == 4 * 3 * n
     assert counts["engine"] == (1 + 2 + 2) * n  # step 0 has no pending update
+
+
+def test_copies_engine_reads_each_element_once_per_step_and_computes_z_twice(monkeypatch):
+    """The fused pass: one pass over every element per step that applies the pending update (z of
+    the previous step) and writes both copies (z of this step), z never stored; the eager reference
+    makes each copy and the update in passes of their own."""
+    from distzo2_lab.zo import noise
+
+    eager, engine = engine_pair()
+    n = sum(b.numel for b in engine.adapter.buckets)
+    for e, passes, zs in ((engine, 3 * n, (1 + 2 + 2) * n), (eager, 3 * 3 * n, 3 * 3 * n)):
+        seen = {"elements": 0, "z": 0}
+        visit = noise.visit_
+
+        def counting(master, start, kind, updates, *args, _seen=seen, **kw):
+            noisy = (args[1] if len(args) > 1 else kw.get("cur_key")) is not None
+            _seen["elements"] += master.numel()
+            _seen["z"] += master.numel() * (len(list(updates)) + noisy)
+            return visit(master, start, kind, updates, *args, **kw)
+
+        monkeypatch.setattr(noise, "visit_", counting)
+        run(e, batches(3))
+        monkeypatch.setattr(noise, "visit_", visit)
+        assert (seen["elements"], seen["z"]) == (passes, zs), type(e).__name__

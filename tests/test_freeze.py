@@ -22,7 +22,7 @@ def _pair(zo):
 
 @pytest.mark.parametrize("perturb", ["auto", "copy"])
 def test_frozen_parameters_never_move_and_the_engine_equals_the_reference(perturb):
-    zo = ZOConfig(chunk_size=4096, weight_decay=0.1, lr=1e-2, freeze=FREEZE, perturb=perturb)
+    zo = ZOConfig(weight_decay=0.1, lr=1e-2, freeze=FREEZE, perturb=perturb)
     eager, engine = _pair(zo)
     before = {n: p.detach().clone() for n, p in engine.adapter.model.named_parameters()}
     bs = batches(3, batch=4)
@@ -46,7 +46,7 @@ def test_freeze_changes_the_estimate_and_streams_and_replays(tmp_path):
     from distzo2_lab.run.checkpoint import digest
     from distzo2_lab.run.train import rebuild, train
 
-    base = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, weight_decay=0.1))
+    base = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(weight_decay=0.1))
     cfg = dataclasses.replace(base, zo=dataclasses.replace(base.zo, freeze=FREEZE))
     plain, frozen = train(base, progress=False), train(cfg, out=str(tmp_path / "f"), progress=False)
     assert plain["steps"][0]["loss_plus"] != frozen["steps"][0]["loss_plus"]
@@ -64,7 +64,7 @@ def test_pertp_with_frozen_parameters_equals_the_single_rank():
     from distzo2_lab.run.train import train
     from distzo2_lab.run.worker import train_worker
 
-    cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(chunk_size=4096, freeze=FREEZE))
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, zo=ZOConfig(freeze=FREEZE))
     single = train(cfg, progress=False)
     got = launch(train_worker, 2, args=(cfg, Layout(dp=1, pert=2), None), timeout=240).wait()
     assert {r["digest"] for r in got.values()} == {single["digest"]} and got[0]["steps"] == single["steps"]
@@ -76,12 +76,12 @@ def test_frozen_spans_and_bad_patterns():
     block0 = a.blocks[0]
     k = [s for s in block0.slots if ".k_proj." in s.name]
     assert spans[block0.key] == [(k[0].start, k[-1].stop)]  # weight and bias merged
-    p = Perturber("gaussian", 4096).freeze(a.buckets, FREEZE)
+    p = Perturber("gaussian").freeze(a.buckets, FREEZE)
     z = p.noise_for(3, block0.key, block0.numel)
     assert not z[k[0].start : k[-1].stop].any() and z[k[-1].stop :].abs().sum() > 0
     assert all(not (a_ < k[-1].stop and b_ > k[0].start) for a_, b_ in p.decay_spans(block0))
-    c0 = k[0].start // 4096 * 4096  # a chunk-aligned slice that starts before the frozen span
-    assert torch.equal(p.noise_for(3, block0.key, 4096, start=c0, total=block0.numel), z[c0 : c0 + 4096])
+    for c0 in (max(k[0].start - 100, 0), k[-1].stop - 100):  # slices across each end of the frozen span
+        assert torch.equal(p.noise_for(3, block0.key, 4096, start=c0), z[c0 : c0 + 4096])
     with pytest.raises(ConfigError, match="zo.freeze pattern 'nothing\\*' matches no parameter; names look like"):
         frozen_spans(a.buckets, ("nothing*",))
     with pytest.raises(ConfigError, match="zo.freeze=.* is not valid; it must be a tuple of non-empty glob"):

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
 def test_engine_matches_eager_on_cuda(compute):
-    prec, zo = PrecisionConfig(compute=compute), ZOConfig(chunk_size=4096)
+    prec, zo = PrecisionConfig(compute=compute), ZOConfig()
     a = OPTAdapter(build_model("tiny", seed=1).cuda())
     b = OPTAdapter(build_model("tiny", seed=1).cuda())
     eager, engine = EagerMeZO(a, zo, prec), ZO2Engine(b, zo, prec)
@@ -30,11 +30,12 @@ def test_engine_matches_eager_on_cuda(compute):
     assert all(torch.equal(x.master, y.master) for x, y in zip(a.buckets, b.buckets))
 
 
-def test_cuda_noise_is_chunk_regenerable_and_leaves_cuda_rng_alone():
+def test_cuda_noise_is_the_cpu_noise_regenerable_at_any_start_and_leaves_cuda_rng_alone():
     state = torch.cuda.get_rng_state()
-    p = Perturber(chunk_size=1024)
+    p = Perturber()
     full = p.noise_for(3, "block.0", 5000, device="cuda")
-    assert torch.equal(p.noise_for(3, "block.0", 2048, start=1024, device="cuda"), full[1024:3072])
+    assert torch.equal(p.noise_for(3, "block.0", 2047, start=1001, device="cuda"), full[1001:3048])
+    assert torch.equal(full.cpu(), p.noise_for(3, "block.0", 5000))  # the same bits as on the CPU
     assert torch.equal(torch.cuda.get_rng_state(), state)
 
 
@@ -80,7 +81,7 @@ def test_ranks_sharing_one_gpu_use_gloo_and_match_one_rank():
     if torch.cuda.device_count() >= 2:
         pytest.skip("this check is for ranks sharing one GPU; this machine has several")
     assert choose_backend("cuda", 2, 1) == "gloo"
-    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, threads=1, device="cuda", zo=ZOConfig(chunk_size=4096),
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, threads=1, device="cuda", zo=ZOConfig(),
                       offload=OffloadConfig(tier="host"))
     single = train(cfg, progress=False)
     results = _launch_on_cuda(Layout(dp=1, pert=2, slice=True), cfg)
@@ -93,7 +94,7 @@ def test_nccl_with_one_rank_per_gpu():
     if torch.cuda.device_count() < 2:
         pytest.skip(f"NCCL needs one GPU per rank: 2 ranks, {torch.cuda.device_count()} GPU(s) here")
     assert choose_backend("cuda", 2, torch.cuda.device_count()) == "nccl"
-    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, threads=1, device="cuda", zo=ZOConfig(chunk_size=4096))
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, threads=1, device="cuda", zo=ZOConfig())
     results = _launch_on_cuda(Layout(dp=1, pert=2), cfg)
     assert len({r["digest"] for r in results.values()}) == 1
 

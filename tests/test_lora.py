@@ -23,7 +23,7 @@ def _values(adapter) -> dict[str, torch.Tensor]:
 
 def test_lora_engine_equals_the_eager_reference_and_only_the_adapters_move():
     a, b = _lora_adapter(), _lora_adapter()
-    zo = ZOConfig(chunk_size=4096, lr=1e-2, weight_decay=0.1, freeze=a.frozen)
+    zo = ZOConfig(lr=1e-2, weight_decay=0.1, freeze=a.frozen)
     eager, engine = EagerMeZO(a, zo), ZO2Engine(b, zo)
     before = _values(b)
     bs = batches(3, batch=4)
@@ -54,7 +54,7 @@ def test_lora_adapters_save_and_load_the_peft_way(tmp_path):
     from peft import PeftModel
 
     a = _lora_adapter()
-    engine = ZO2Engine(a, ZOConfig(chunk_size=4096, lr=1e-2, freeze=a.frozen))
+    engine = ZO2Engine(a, ZOConfig(lr=1e-2, freeze=a.frozen))
     run(engine, batches(2, batch=4))
     engine.flush()
     a.wrapper.save_pretrained(tmp_path / "adapter")
@@ -72,7 +72,7 @@ def test_train_with_peft_rebuilds_from_its_seed_log(tmp_path):
     from distzo2_lab.run.checkpoint import digest
     from distzo2_lab.run.train import rebuild, train
 
-    cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, peft="lora:4", zo=ZOConfig(chunk_size=4096))
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, peft="lora:4", zo=ZOConfig())
     s = train(cfg, out=str(tmp_path / "out"), save=str(tmp_path / "ck"), progress=False)
     assert s["steps"][-1]["loss_plus"] != train(dataclasses.replace(cfg, peft=None), progress=False)["steps"][-1][
         "loss_plus"]

@@ -15,14 +15,14 @@ CHUNK = 1024
 
 
 def members(tmp_path, size=2, slots=3, slot_elems=4 * CHUNK, timeout=60.0):
-    perturber = Perturber("gaussian", CHUNK, 1)
+    perturber = Perturber("gaussian")
     barrier = threading.Barrier(size)
     path = str(tmp_path / "noise.bin")
     out = [None] * size
 
     def join(i):
         out[i] = NoiseShare(perturber, i, size, barrier.wait, path, create=i == 0, slot_elems=slot_elems,
-                            slots=slots, timeout=timeout)
+                            slots=slots, timeout=timeout, grain=CHUNK)
 
     ts = [threading.Thread(target=join, args=(i,)) for i in range(size)]
     for t in ts:
@@ -99,7 +99,7 @@ def test_a_one_chunk_copy_is_made_by_every_member_alone(tmp_path):
     out = [None, None]
 
     def join(i):
-        out[i] = CopyShare(i, size, barrier.wait, path, create=i == 0, slot_elems=2 * CHUNK, chunk=CHUNK)
+        out[i] = CopyShare(i, size, barrier.wait, path, create=i == 0, slot_elems=2 * CHUNK, grain=CHUNK)
 
     ts = [threading.Thread(target=join, args=(i,)) for i in range(size)]
     for t in ts:
@@ -151,7 +151,7 @@ def test_a_member_that_never_comes_raises_after_the_timeout(tmp_path):
 
 
 def test_invalid_arguments(tmp_path):
-    p = Perturber("gaussian", CHUNK, 1)
+    p = Perturber("gaussian")
     with pytest.raises(ValueError, match="index=2 is not in"):
         NoiseShare(p, 2, 2, lambda: None, str(tmp_path / "x"), True, CHUNK)
     with pytest.raises(ValueError, match="slots=1 is not valid"):

@@ -18,7 +18,7 @@ from distzo2_lab.offload.tiers import Offload, build_offloaded
 from distzo2_lab.run.train import build_adapter, train
 
 BASE = TrainConfig(model="tiny-deep", steps=4, batch_size=2, seq_len=12, threads=1,
-                   zo=ZOConfig(chunk_size=4096, weight_decay=0.1))
+                   zo=ZOConfig(weight_decay=0.1))
 
 
 def offloaded(cfg: TrainConfig, tier: str, tmp_path, **kw) -> TrainConfig:
@@ -42,7 +42,8 @@ def test_every_tier_and_storage_dtype_matches_the_resident_engine(tier, storage,
 
 @pytest.mark.parametrize("storage", ["fp32", "bf16"])
 def test_lean_disk_tier_parks_the_embeddings_and_changes_no_number(storage, tmp_path):
-    cfg = dataclasses.replace(BASE, steps=5, precision=PRECISIONS[storage])
+    cfg = dataclasses.replace(BASE, steps=5, precision=PRECISIONS[storage],
+                              zo=dataclasses.replace(BASE.zo, perturb="in-place"))  # what a lean tier runs
     ref = train(cfg, progress=False)
     got = train(offloaded(cfg, "disk", tmp_path, lean=True), progress=False)
     assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
@@ -129,7 +130,7 @@ def test_sigkill_at_random_moments_then_reopen_continues_bit_exactly(tmp_path):
     ref = train(cfg, progress=False)
     store = str(tmp_path / "store")
     cmd = [sys.executable, "-m", "distzo2_lab.cli.main", "train", "--model", "tiny-deep", "--steps", str(steps),
-           "--batch-size", "2", "--seq-len", "12", "--threads", "1", "--chunk-size", "4096",
+           "--batch-size", "2", "--seq-len", "12", "--threads", "1",
            "--weight-decay", "0.1", "--offload", "disk", "--store", store, "--no-progress",
            "--out", str(tmp_path / "out")]
     rng = random.Random(20261125)
@@ -167,7 +168,7 @@ def test_trace_files_hold_every_lane_and_parse(tmp_path):
     got = train(offloaded(BASE, "disk", tmp_path), progress=False, trace=str(tmp_path / "t"))
     spans = read_jsonl(got["trace"]["jsonl"])
     assert {s.lane for s in spans} == {"upload", "compute", "offload"}
-    assert {"update", "rng", "perturb", "forward", "embed", "head"} <= {s.phase for s in spans if s.lane == "compute"}
+    assert {"update", "perturb", "forward", "embed", "head"} <= {s.phase for s in spans if s.lane == "compute"}
     assert all(s.end >= s.start >= 0 for s in spans)
     trace = json.load(open(got["trace"]["chrome"]))
     xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
@@ -198,3 +199,19 @@ def test_cli_train_offload_writes_trace(tmp_path, capsys):
                "--out", str(tmp_path / "o")])
     assert rc == 0 and "transfer hidden under compute" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "tr")) == ["rank0.jsonl", "rank0.trace.json"]
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_summary_reports_the_bytes_the_blocks_moved_per_parameter_and_step(tier, tmp_path):
+    """Each step uploads every block's fp32 master and writes it back: 8 bytes per block parameter,
+    over every parameter of the model (the resident buckets do not travel); a resident run moves none."""
+    got = train(offloaded(BASE, tier, tmp_path), progress=False)
+    from distzo2_lab.run.train import Run
+
+    run = Run(BASE)
+    buckets = run.adapter.buckets
+    blocks, total = sum(b.numel for b in run.adapter.blocks), sum(b.numel for b in buckets)
+    run.close()
+    assert got["bytes_up_per_step"] == got["bytes_down_per_step"] == 4 * blocks
+    assert got["bytes_per_param_per_step"] == pytest.approx(8 * blocks / total)
+    assert "bytes_per_param_per_step" not in train(BASE, progress=False)

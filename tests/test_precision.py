@@ -10,7 +10,7 @@ from distzo2_lab.config import ConfigError, PrecisionConfig, TrainConfig, ZOConf
 
 @pytest.mark.parametrize("storage", ["fp16", "bf16"])
 def test_updates_at_lr_1e7_survive_in_the_fp32_master(storage):
-    zo = ZOConfig(lr=1e-7, eps=1e-3, chunk_size=4096)
+    zo = ZOConfig(lr=1e-7, eps=1e-3)
     _, engine = engine_pair(zo, PrecisionConfig(compute=storage, storage=storage))
     block = engine.adapter.blocks[0]
     m0, w0 = block.master.clone(), block.working.clone()

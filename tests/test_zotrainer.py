@@ -8,7 +8,7 @@ from distzo2_lab.config import ConfigError
 from distzo2_lab.hf.arguments import ZOArguments
 from tests.hf_workers import trainer
 
-ZO = ZOArguments(chunk_size=4096)
+ZO = ZOArguments()
 
 
 @pytest.fixture(scope="module")

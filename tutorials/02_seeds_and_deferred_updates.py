@@ -29,8 +29,9 @@
 # %% [markdown]
 # ## What you will see
 #
-# 1. `Perturber` regenerates the same `z` from `(seed, key)`; any chunk-aligned slice of `z`
-#    regenerates on its own; a seed costs 8 bytes where `z` costs 4 bytes per parameter.
+# 1. `z` is **counter-based**: element `i` of bucket `key` at step seed `s` is a hash of
+#    `(s, key, i)` turned into a Gaussian, so any slice at any start regenerates on its own, the
+#    values are the same on CPU and GPU, and a seed costs 8 bytes where `z` costs 4 per parameter.
 # 2. `ZO2Engine.step` leaves a `PendingUpdate` (seed, g, lr) in `engine.pending`; `flush()` and
 #    `evaluate()` apply it, after which the weights are **bit-identical** to eager MeZO's.
 # 3. A run's seed log rebuilds its weights exactly (same sha256 digest), is far smaller than the
@@ -41,7 +42,6 @@ import os
 
 SIZE = os.environ.get("DISTZO2_TUTORIAL_SIZE", "full")  # "tiny" in CI, "full" by default
 assert SIZE in ("tiny", "full"), f"DISTZO2_TUTORIAL_SIZE={SIZE!r}: choose 'tiny' or 'full'"
-CHUNK = 4096  # noise chunk size (package default 1 << 20); small so a tiny bucket spans many chunks
 ZO2_STEPS = 3 if SIZE == "tiny" else 10  # steps of the ZO2 engine vs the eager reference
 TRAIN_STEPS = 20 if SIZE == "tiny" else 200  # length of the checkpointed run (resumed halfway)
 THREADS = 2  # torch threads; the full size needs well under two minutes on 2 cores
@@ -54,7 +54,7 @@ from distzo2_lab.run.train import build_adapter
 torch.set_num_threads(THREADS)
 base = build_adapter({"model": "tiny", "init_seed": 0})  # the starting weights, never trained
 for b in base.buckets:
-    print(f"{b.key:8s} {b.numel:>7,} parameters in one flat fp32 master ({-(-b.numel // CHUNK)} chunks)")
+    print(f"{b.key:8s} {b.numel:>7,} parameters in one flat fp32 master")
 
 # %% [markdown]
 # ## 1. `z` is a function of a seed
@@ -66,7 +66,7 @@ for b in base.buckets:
 from distzo2_lab.zo.perturb import Perturber
 from distzo2_lab.seeds import step_seed
 
-perturber = Perturber("gaussian", chunk_size=CHUNK)
+perturber = Perturber("gaussian")
 seed = step_seed(0, 7)  # the seed of step 7 of a run with run seed 0
 block = base.blocks[0]
 z = perturber.noise_for(seed, block.key, block.numel)
@@ -84,8 +84,27 @@ print(f"block.1, step 7: {z_other_key[:3].tolist()}")
 print(f"{block.key}, step 8: {z_other_step[:3].tolist()}")
 
 # %% [markdown]
-# Every chunk draws from its own generator, seeded by `hash(seed, key, chunk)`; torch's global
-# random state is neither read nor changed, so user code around the engine stays reproducible.
+# ### How an element of `z` is made
+#
+# There is no generator: `noise_key(seed, key)` hashes the pair once into three 32-bit words, and
+# element `i` is computed from `i` and those words alone (`zo/noise.py`): two rounds of a 32-bit
+# integer hash give two words; their top 24 bits are two uniform numbers `u1`, `u2`, and
+# Box-Muller turns them into `z = sqrt(-2 ln u1) cos(2 pi u2)` (Rademacher noise takes the sign of
+# one bit instead). `ln` and `cos` are written with `+ - * /` and `sqrt` only, which IEEE rounds
+# exactly everywhere, so the compiled CPU kernel, the Triton GPU kernel and plain torch give the
+# same bits. Here the plain-torch definition next to the perturber:
+
+# %%
+from distzo2_lab.zo.noise import noise_key, noise_reference
+
+words = noise_key(seed, block.key)
+print("key words of (seed, block):", [hex(w) for w in words])
+print("definition == perturber:", torch.equal(noise_reference("gaussian", words, 0, block.numel), z))
+print(f"mean {z.mean():+.4f}, std {z.std():.4f} over {z.numel():,} elements; max |z| {z.abs().max():.3f}")
+
+# %% [markdown]
+# Torch's global random state is neither read nor changed, so user code around the engine stays
+# reproducible:
 
 # %%
 torch.manual_seed(123)
@@ -97,28 +116,16 @@ print("global RNG untouched:", torch.equal(torch.rand(3), expected))
 # %% [markdown]
 # ### Slices regenerate on their own
 #
-# Because chunk `c` depends only on `(seed, key, c)`, a worker that owns only a slice of a
-# bucket (a shard) can generate its part of `z` without generating the rest. The slice must
-# start on a chunk boundary and end on one, or at the end of the bucket (its last chunk is short).
+# Element `i` depends only on `(seed, key, i)`, so a worker that owns a slice of a bucket (a
+# shard, DistZO2's slicing) generates its part of `z` without generating the rest, starting
+# anywhere. This is also why the engine never writes `z` to memory: the pass that applies an
+# update and makes the perturbed copies computes each element's `z` where it needs it.
 
 # %%
-start, length = 3 * CHUNK, 2 * CHUNK
-part = perturber.noise_for(seed, block.key, length, start=start)
-print(f"z[{start}:{start + length}] alone equals the slice of the full z:",
-      torch.equal(part, z[start : start + length]))
-tail_start = (block.numel // CHUNK) * CHUNK
-tail = perturber.noise_for(seed, block.key, block.numel - tail_start, start=tail_start)
-print(f"z[{tail_start}:] (the short last chunk) alone equals the slice:",
-      torch.equal(tail, z[tail_start:]))
-
-# %% [markdown]
-# A slice that starts inside a chunk is refused:
-
-# %%
-try:
-    perturber.noise_for(seed, block.key, CHUNK, start=CHUNK + 1)
-except ValueError as err:
-    print("misaligned start ->", err)
+for start, length in [(0, 1000), (12345, 777), (block.numel - 5, 5)]:
+    part = perturber.noise_for(seed, block.key, length, start=start)
+    print(f"z[{start}:{start + length}] alone equals the slice of the full z:",
+          torch.equal(part, z[start : start + length]))
 
 # %% [markdown]
 # ### What storing `z` would cost
@@ -144,7 +151,7 @@ from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.reference import EagerMeZO
 from distzo2_lab.run.train import base_of, make_task
 
-cfg = TrainConfig(model="tiny", seed=0, threads=THREADS, zo=ZOConfig(chunk_size=CHUNK))
+cfg = TrainConfig(model="tiny", seed=0, threads=THREADS, zo=ZOConfig())
 zo2_model, ref_model = build_adapter(base_of(cfg)), build_adapter(base_of(cfg))
 zo2 = ZO2Engine(zo2_model, cfg.zo, cfg.precision, threads=THREADS)
 ref = EagerMeZO(ref_model, cfg.zo, cfg.precision, threads=THREADS)

@@ -110,7 +110,7 @@ from distzo2_lab.config import TrainConfig, ZOConfig
 from distzo2_lab.parallel.layout import Layout, validate_layout
 
 cfg = TrainConfig(model="tiny", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS,
-                  zo=ZOConfig(chunk_size=4096))
+                  zo=ZOConfig())
 layout = validate_layout(Layout(dp=1, pert=2), 2, cfg.batch_size)
 for r in range(layout.world_size):
     plus, minus = layout.signs(r)
@@ -240,9 +240,9 @@ import dataclasses
 
 from distzo2_lab.plan.planner import plan_text
 
-cfg_q = dataclasses.replace(cfg, steps=NSPSA_STEPS, zo=ZOConfig(chunk_size=4096, directions=2))
+cfg_q = dataclasses.replace(cfg, steps=NSPSA_STEPS, zo=ZOConfig(directions=2))
 layout_q = validate_layout(Layout(dp=1, pert=4), 4, cfg_q.batch_size, directions=2)
-print(plan_text(layout_q, cfg_q.batch_size, directions=2, model="tiny", chunk=cfg_q.zo.chunk_size))
+print(plan_text(layout_q, cfg_q.batch_size, directions=2, model="tiny"))
 
 # %% [markdown]
 # A real 4-rank launch, and the same config on one rank, which runs both directions and both

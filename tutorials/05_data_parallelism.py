@@ -66,7 +66,7 @@ from distzo2_lab.plan.planner import plan_text
 from distzo2_lab.parallel.layout import Layout, validate_layout
 
 layout = validate_layout(Layout(dp=2, pert=1), 2, BATCH)  # batch_size must divide by dp
-print(plan_text(layout, BATCH, model="tiny", chunk=4096))
+print(plan_text(layout, BATCH, model="tiny"))
 
 # %% [markdown]
 # ## 2. A DDP group by hand
@@ -105,7 +105,7 @@ from distzo2_lab.config import TrainConfig, ZOConfig
 from distzo2_lab.run.worker import train_worker
 
 cfg = TrainConfig(model="tiny", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS,
-                  zo=ZOConfig(chunk_size=4096))
+                  zo=ZOConfig())
 
 
 def show(rank, ev):
@@ -198,7 +198,7 @@ import dataclasses
 
 acc = dataclasses.replace(cfg, micro_batches=2)
 layout_acc = validate_layout(layout, 2, BATCH, micro_batches=acc.micro_batches)  # each rank's rows split
-print(plan_text(layout_acc, BATCH, micro_batches=acc.micro_batches, model="tiny", chunk=acc.zo.chunk_size))
+print(plan_text(layout_acc, BATCH, micro_batches=acc.micro_batches, model="tiny"))
 handle = launch(train_worker, 2, args=(acc, layout_acc), timeout=TIMEOUT)
 ddp_acc = handle.wait()
 one_rank = train(dataclasses.replace(cfg, micro_batches=4), progress=False)  # the same 4 micro-batches

@@ -70,7 +70,7 @@ from distzo2_lab.parallel.layout import Layout, validate_layout
 
 LAYOUTS = {"naive": Layout(dp=2, pert=2), "sliced": Layout(dp=2, pert=2, slice=True)}
 for layout in LAYOUTS.values():
-    print(plan_text(validate_layout(layout, 4, BATCH), BATCH, model="tiny", chunk=4096), end="\n\n")
+    print(plan_text(validate_layout(layout, 4, BATCH), BATCH, model="tiny"), end="\n\n")
 
 # %% [markdown]
 # ## 2. The 2D mesh by hand
@@ -121,7 +121,7 @@ from distzo2_lab.config import OffloadConfig, TrainConfig, ZOConfig
 from distzo2_lab.run.worker import train_worker
 
 cfg = TrainConfig(model="tiny", steps=STEPS, batch_size=BATCH, seq_len=SEQ, threads=THREADS,
-                  zo=ZOConfig(chunk_size=4096), offload=OffloadConfig(tier="host"))
+                  zo=ZOConfig(), offload=OffloadConfig(tier="host"))
 results = {}
 for name, layout in LAYOUTS.items():
     handle = launch(train_worker, 4, args=(cfg, layout, None, f"{tmp.name}/{name}"), timeout=TIMEOUT)
@@ -137,7 +137,7 @@ print("sliced per-step l+, l-, g == naive:", sliced[0]["steps"] == naive[0]["ste
 
 # %% [markdown]
 # Per element the sliced arithmetic is the naive one (the pending update is applied to a
-# shard with `z` regenerated for that shard's noise chunks only), so the runs agree bit for bit.
+# shard with `z` regenerated for that shard only), so the runs agree bit for bit.
 
 # %% [markdown]
 # ## 4. Bytes moved per rank
@@ -169,10 +169,8 @@ print("allgather spans only in the sliced run:",
       and not any(s.phase == "allgather" for s in spans["naive"][0]))
 
 # %% [markdown]
-# A shard is rounded up to whole noise chunks (`ZOConfig.chunk_size`), so on the tiny model's
-# small blocks the first ranks' shards are more than a quarter of a block and the last rank's
-# shard holds only the remainder: the shares are uneven. On a large model (many chunks per
-# block) every rank's share tends to `1 / world_size`.
+# A shard is a quarter of a block, rounded up: the noise is a function of each element's index,
+# so a shard's `z` starts anywhere and needs no alignment, and every rank moves the same share.
 #
 # ## 5. Timelines
 #

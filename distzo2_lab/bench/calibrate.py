@@ -412,13 +412,13 @@ def _share_probe(rank: int, world: int, rounds: int, chunk: int = 4096) -> float
     from distzo2_lab.parallel.node_share import NoiseShare
     from distzo2_lab.zo.perturb import Perturber
 
-    p = Perturber("gaussian", chunk, 1)
+    p = Perturber("gaussian")
     one, buf = torch.empty(chunk), torch.empty(world * chunk)
     alone = median_time(lambda: p.fill(one, 1, "probe"), repeats=20, warmup=2)
     name = [os.urandom(8).hex() if rank == 0 else None]
     dist.broadcast_object_list(name, src=0)
     share = NoiseShare(p, rank, world, dist.barrier, os.path.join(SHM_DIR, f"distzo2-probe-{name[0]}.bin"),
-                       create=rank == 0, slot_elems=world * chunk)
+                       create=rank == 0, slot_elems=world * chunk, grain=chunk)
     try:
         k = iter(range(10**9))
         share.view(buf, 0, "probe")
@@ -498,15 +498,14 @@ def calibrate(directory: str = DEFAULT_DIR, collectives: bool = True, cores: int
     from distzo2_lab.zo.perturb import Perturber
     from distzo2_lab.zo.spsa import perturb_
 
-    n = 1 << 21  # two noise chunks
+    n = 1 << 21
     z = torch.empty(n)
-    p = Perturber("gaussian", 1 << 20, 1)
+    p = Perturber("gaussian")
     few = torch.empty(64)
     noise = _threads(1, lambda: _in_turns({"rng": lambda: p.fill(z, 1, "calibrate"),
                                            "call": lambda: (p.fill(few, 1, "calibrate"), perturb_(few, few, 1e-3))},
                                           repeats=4))
     rng, call_us = n / noise["rng"] / 1e9, noise["call"] / 2 * 1e6
-    p.close()
     n = 1 << 24  # 64 MB per operand: beyond the caches, like a block's master and z
     z, master = torch.ones(n), torch.zeros(n)
     axpy = 12 * n / _threads(1, lambda: median_time(lambda: perturb_(master, z, 1e-3))) / 1e9

@@ -87,13 +87,12 @@ def calibrate_device(directory: str = DEFAULT_DIR, device: str = "cuda", compute
     from distzo2_lab.zo.perturb import Perturber
     from distzo2_lab.zo.spsa import perturb_
 
-    n = 1 << 24 if device == "cuda" else 1 << 21  # 16 or 2 chunks
+    n = 1 << 24 if device == "cuda" else 1 << 21
     buf, few = torch.empty(n, device=device), torch.empty(64, device=device)
-    p = Perturber("gaussian", 1 << 20, 1)
+    p = Perturber("gaussian")
     noise = _in_turns({"rng": _synced(lambda: p.fill(buf, 1, "calibrate"), device),
                        "call": _synced(lambda: (p.fill(few, 1, "calibrate"), perturb_(few, few, 1e-3)), device)},
                       repeats=4)
-    p.close()
     rng = n / noise["rng"] / 1e9
     n = 1 << 26 if device == "cuda" else 1 << 22
     z, master = torch.ones(n, device=device), torch.zeros(n, device=device)

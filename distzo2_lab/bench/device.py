@@ -22,39 +22,9 @@ from distzo2_lab.config import ConfigError, OffloadConfig, PrecisionConfig, Trai
 from distzo2_lab.models.presets import count_parameters
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import THIS_MACHINE
-from distzo2_lab.zo.perturb import Perturber
 
 CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "disk"))
 """(engine, tier) in the order they run."""
-
-
-def noise_rates(device: str, numel: int = 1 << 28, chunk_sizes: tuple[int, ...] = (1 << 20, 1 << 22, 1 << 24),
-                threads: tuple[int, ...] = (1, 4), repeats: int = 3) -> list[dict]:
-    """G samples/s of ``Perturber.fill`` over `numel` elements per chunk size and noise-thread count
-    (the best of `repeats`, after one warm-up), and the fixed cost per chunk it implies against the
-    largest chunk's rate."""
-    buf = torch.empty(numel, dtype=torch.float32, device=device)
-    rows = []
-    for t in threads:
-        for c in chunk_sizes:
-            p = Perturber(chunk_size=c, threads=t)
-            p.fill(buf, 1, "warm-up")
-            best = float("inf")
-            for r in range(repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                p.fill(buf, 2 + r, "rate")
-                _sync(device)
-                best = min(best, time.perf_counter() - t0)
-            p.close()
-            rows.append({"threads": t, "chunk_size": c, "chunks": -(-numel // c), "seconds": best,
-                         "gsamples_per_s": numel / best / 1e9})
-    for r in rows:  # the time beyond the largest chunks' fill, per extra chunk
-        big = next(x for x in rows if x["threads"] == r["threads"] and x["chunk_size"] == max(chunk_sizes))
-        extra = r["chunks"] - big["chunks"]
-        r["us_per_chunk"] = (r["seconds"] - big["seconds"]) / extra * 1e6 if extra > 0 else None
-    del buf
-    return rows
 
 
 def _phase_seconds(spans, steps: int) -> dict[str, float]:
@@ -67,10 +37,10 @@ def _phase_seconds(spans, steps: int) -> dict[str, float]:
 
 
 def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: int, compute: str, prefetch: int,
-             device: str, threads: int, store: str | None = None, chunk_size: int = 1 << 20) -> dict:
+             device: str, threads: int, store: str | None = None) -> dict:
     """One case: 1 warm-up step and `steps` timed steps (each waits for its write-backs)."""
     cfg = validate(TrainConfig(model=model, steps=1 + steps, batch_size=batch, seq_len=seq, threads=threads,
-                               device=device, engine=engine, zo=ZOConfig(lr=1e-6, eps=1e-3, chunk_size=chunk_size),
+                               device=device, engine=engine, zo=ZOConfig(lr=1e-6, eps=1e-3),
                                precision=PrecisionConfig(compute=compute),
                                offload=OffloadConfig(tier=tier, prefetch=prefetch, store=store)))
     cuda = device == "cuda"
@@ -140,7 +110,7 @@ def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch:
 
 def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps: int = 4, compute: str = "bf16",
                  prefetch: int = 1, device: str = "cuda", threads: int = 4, tiers: tuple[str, ...] = ("host",),
-                 hardware: tuple[str, ...] = ("h100-sxm",), store_dir: str | None = None, chunk_size: int = 1 << 20,
+                 hardware: tuple[str, ...] = ("h100-sxm",), store_dir: str | None = None,
                  plan_dir: str | None = None) -> dict:
     """Eager MeZO, ZO2 resident and ZO2 on each of `tiers`, one after another; see the module's text.
     `hardware` names the simulator's profiles; 'this-machine' reads the calibration in `plan_dir`
@@ -161,8 +131,7 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
             if tier != "resident" and tier not in tiers:
                 continue
             store = os.path.join(where, "store") if tier == "disk" else None
-            row = run_case(model, engine, tier, batch, seq, steps, compute, prefetch, device, threads, store,
-                           chunk_size)
+            row = run_case(model, engine, tier, batch, seq, steps, compute, prefetch, device, threads, store)
             if engine == "zo2":
                 row.update(planned(model, tier, batch, seq, compute, prefetch, hardware, links, plan_dir))
                 row["ratio"] = {k: v / row["step_s"] for k, v in row["predicted_s"].items()}
@@ -184,7 +153,7 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
             r["step_vs_tier_floor"] = r["step_s"] / max(resident["step_s"], wire_s)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"model": model, "batch": batch, "seq": seq, "steps": steps, "compute": compute, "prefetch": prefetch,
-            "chunk_size": chunk_size, "device": device, "device_name": name, "hardware": list(hardware),
+            "device": device, "device_name": name, "hardware": list(hardware),
             "links_gbps": links, "stock_forward_s": floor_s / 2, "params": params, "cases": rows}
 
 
@@ -192,7 +161,7 @@ def format_cases(r: dict) -> str:
     gb = lambda b: _fmt(None if b is None else b / 1e9, ".3f")
     links = r["links_gbps"]
     head = (f"{r['model']} on {r['device_name']}, batch {r['batch']}x{r['seq']}, {r['compute']} compute, prefetch "
-            f"{r['prefetch']}, noise chunks of {r['chunk_size']} (median of {r['steps']} steps after 1 warm-up)"
+            f"{r['prefetch']} (median of {r['steps']} steps after 1 warm-up)"
             + (f"; pinned copies here: H2D {links['h2d']:.1f} GB/s, D2H {links['d2h']:.1f} GB/s, each way at once "
                f"{links['both']:.1f}" if links else ""))
     head += (f"\nfloor: two forwards of the stock model in {r['compute']}, {2 * r['stock_forward_s']:.4f} s; "
@@ -209,12 +178,4 @@ def format_cases(r: dict) -> str:
     for c in r["cases"]:
         top = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in list(c["phases_s"].items())[:6])
         lines.append(f"  {c['engine']} {c['tier']} ms per step by phase: {top or 'no spans (eager MeZO)'}")
-    return "\n".join(lines)
-
-
-def format_noise(rows: list[dict]) -> str:
-    lines = [f"{'threads':>7} {'chunk':>9} {'chunks':>7} {'G samples/s':>12} {'us/chunk':>9}"]
-    for r in rows:
-        lines.append(f"{r['threads']:>7} {r['chunk_size']:>9} {r['chunks']:>7} {r['gsamples_per_s']:>12.1f} "
-                     f"{_fmt(r['us_per_chunk'], '.1f'):>9}")
     return "\n".join(lines)

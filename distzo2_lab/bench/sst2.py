@@ -218,7 +218,6 @@ def _phase(kind: str, cfg: TrainConfig, s: Settings, test: list) -> dict:
         for t in range(3):
             engine.step(task.batch(t), step_seed(cfg.seed, t))
         engine.flush()
-    engine.perturber.close()
     return {"steps": 3, "memory": mem.to_dict()}
 
 

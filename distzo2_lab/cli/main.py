@@ -47,7 +47,6 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", default=z.optimizer, help=f"update rule, one of {', '.join(OPTIMIZERS)}")
     p.add_argument("--perturbation", default=z.perturbation, help=f"z, one of {', '.join(PERTURBATIONS)}")
     p.add_argument("--estimator", default=z.estimator, help=f"one of {', '.join(ESTIMATORS)}")
-    p.add_argument("--chunk-size", type=int, default=z.chunk_size, help="elements per noise chunk")
     p.add_argument("--directions", type=int, default=None,
                    help="n-SPSA: perturbation directions per step (default 1, or pert/2 with --layout)")
     p.add_argument("--perturb", default=z.perturb,
@@ -152,7 +151,7 @@ def config_from_args(a: argparse.Namespace, ranks: int = 1) -> TrainConfig:
         model=a.model, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len,
         micro_batches=a.micro_batches,
         engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=threads, device=a.device,
-        zo=ZOConfig(lr=lr, eps=a.eps, weight_decay=a.weight_decay, noise=_noise(a), chunk_size=a.chunk_size,
+        zo=ZOConfig(lr=lr, eps=a.eps, weight_decay=a.weight_decay, noise=_noise(a),
                     directions=a.directions or _default_directions(a.layout), perturb=a.perturb,
                     freeze=tuple(a.freeze), optimizer=a.optimizer, perturbation=a.perturbation,
                     estimator=a.estimator),
@@ -197,8 +196,7 @@ def _report(a, cfg: TrainConfig, s: dict, spans, layout=None) -> None:
 
     text = "one rank"
     if layout is not None:
-        text = plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
-                         cfg.zo.chunk_size)
+        text = plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model)
     summary = {"model": cfg.model, "layout": layout.describe() if layout is not None else "one rank",
                "tier": cfg.offload.tier, "steps": f"{s['start_step']} -> {s['next_step']} of {cfg.steps}",
                "batch": f"{cfg.batch_size} x {cfg.seq_len}", "lr": f"{cfg.zo.lr:g}", "eps": f"{cfg.zo.eps:g}",
@@ -308,8 +306,7 @@ def cmd_train(a) -> int:
         if a.report and distributed_env:
             raise ConfigError("--report follows the ranks of a launched run; under torchrun use --trace DIR")
         if a.dry_run:
-            print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model,
-                            cfg.zo.chunk_size))
+            print(plan_text(layout, cfg.batch_size, cfg.zo.directions, cfg.micro_batches, cfg.device, cfg.model))
             return 0
     a.out = a.out or fresh_out()
     preflight(cfg, layout, a.out, a.save, a.resume)

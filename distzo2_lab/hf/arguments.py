@@ -24,8 +24,6 @@ class ZOArguments:
     """n-SPSA directions per step (MeZO's variant); 1 is MeZO's step."""
     noise: str = "gaussian"
     """Distribution of z: 'gaussian' or 'rademacher'."""
-    chunk_size: int = 1 << 20
-    """Elements per noise chunk."""
     freeze: tuple[str, ...] = ()
     """Glob patterns of parameter names held fixed (their z is 0)."""
     offload: str = "resident"
@@ -56,7 +54,7 @@ def train_config(args, zo: ZOArguments, model: str, dp: int = 1) -> TrainConfig:
         model=model, steps=args.max_steps, seed=args.seed, batch_size=args.per_device_train_batch_size * micro * dp,
         micro_batches=micro, threads=zo.threads, device=args.device.type,
         zo=ZOConfig(lr=args.learning_rate, eps=zo.eps, weight_decay=args.weight_decay, noise=zo.noise,
-                    chunk_size=zo.chunk_size, directions=zo.directions, freeze=tuple(zo.freeze)),
+                    directions=zo.directions, freeze=tuple(zo.freeze)),
         offload=OffloadConfig(tier=zo.offload, prefetch=zo.prefetch, store=zo.store),
         peft=zo.peft,
     ))

@@ -47,6 +47,7 @@ class Streamer:
             self.pool.put(None)
         self.buffers_allocated = self.depth + 2
         self.in_use = self.peak_in_use = 0  # working buffers out of the pool (checked by tests)
+        self.bytes_up = self.bytes_down = 0  # bytes the blocks moved each way (uploads, write-backs)
         if self.cuda:
             self.up_stream, self.off_stream = torch.cuda.Stream(), torch.cuda.Stream()
             self.staging = torch.empty(width, dtype=torch.float32).pin_memory() if store.tier == "disk" else None
@@ -122,6 +123,7 @@ class Streamer:
         if self._wait_for(lambda: self._written[i].wait(0.05) or None) is None:
             return False
         view, start, nbytes = self._part(buf, i)
+        self.bytes_up += nbytes
         t0 = time.perf_counter_ns()
         event = None
         # a visit uploaded before its sweep was announced is a prefetch for the next step
@@ -161,6 +163,7 @@ class Streamer:
         i, buf, write, event, step = payload
         if write:
             view, start, nbytes = self._part(buf, i)
+            self.bytes_down += nbytes
             t0 = time.perf_counter_ns()
             if self.cuda:  # the span is the copy on the offload stream, timed by CUDA events
                 self.off_stream.wait_event(event)

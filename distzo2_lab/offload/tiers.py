@@ -293,11 +293,11 @@ class LeanResident:
     The embedding bucket (tied to the head) is the largest resident piece: OPT-1.3B's is 0.43 GB
     of fp32. Here it lives in the store between uses: loaded for the embedding, parked in scratch
     files in its +eps and -eps states while the blocks stream, loaded again for the head, restored
-    and written back. Its noise is regenerated slab by slab (chunk-aligned, so the same z), so no
+    and written back. Its noise is regenerated slab by slab (counter-based, so the same z), so no
     full-size noise buffer exists. Same elementwise arithmetic as :class:`ResidentSet`: bit-equal.
     """
 
-    def __init__(self, engine, store: DiskStore, slab_chunks: int = 8):
+    def __init__(self, engine, store: DiskStore, slab: int = 1 << 23):
 
         self.engine, self.store, self.adapter = engine, store, engine.adapter
         if engine.copies:
@@ -305,7 +305,7 @@ class LeanResident:
                               "zo.perturb='copy' need offload.lean=False")
         self.bin = self.adapter.bucket_in
         self.out = ResidentSet(engine, [self.adapter.bucket_out])  # the small out bucket stays in memory
-        self.slab = engine.zo.chunk_size * slab_chunks
+        self.slab = slab
         self._z = torch.empty(min(self.slab, self.bin.numel))
         self._seed = None
 

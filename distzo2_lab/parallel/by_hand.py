@@ -25,7 +25,7 @@ from distzo2_lab.parallel.slicer import Slicer
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
 
-ZO = ZOConfig(chunk_size=4096)  # small noise chunks: the tiny model's blocks have several
+ZO = ZOConfig()
 BATCH, SEQ, SEED = 4, 12, 0  # global batch rows, tokens per row, run seed
 TINY = {"model": "tiny", "init_seed": 0, "device": "cpu"}
 
@@ -113,7 +113,7 @@ def mesh_worker(rank: int, world_size: int, q, steps: int = 3) -> dict:
     g = _start(rank, world_size, layout)
     off = None
     try:
-        slicer = Slicer(g.rank, g.world_size, ZO.chunk_size, group=g.world)
+        slicer = Slicer(g.rank, g.world_size, group=g.world)
         off = Offload(TINY, OffloadConfig(tier="host"), slicer=slicer)  # this rank's own host store
         exchange = LossExchange(pert=g.pert, dp=g.dp)
         engine = ZO2Engine(off.adapter, ZO, signs=g.signs, exchange=exchange, slicer=slicer, **off.engine_options())

@@ -3,13 +3,13 @@
 Every rank of a PertP, DDP or 2D layout (DistZO2, arXiv 2507.03211, Sec. 3) draws the same z for
 every bucket at every step, and on a CPU that draw costs about as much as a large part of the
 forward. The G ranks of a node that make the same draws cut each draw into pieces; a member
-claims the next unclaimed noise chunk of a piece, draws it into a shared-memory slot and marks it
-done, so each chunk is drawn exactly once, by whichever rank is free, and a rank that arrives late
-finds its z ready. Claims live in a small control file guarded by ``flock``; no collective is
-called. A one-chunk piece has nothing to split: every member draws it alone (`alone`), and a run
-whose widest block fits one chunk opens no share at all.
+claims the next unclaimed chunk (config.share_grain() elements) of a piece, draws it into a shared-memory slot and
+marks it done, so each chunk is drawn exactly once, by whichever rank is free, and a rank that
+arrives late finds its z ready. Claims live in a small control file guarded by ``flock``; no
+collective is called. A one-chunk piece has nothing to split: every member draws it alone
+(`alone`), and a run whose widest block fits one chunk opens no share at all.
 
-The values are the perturber's own (a pure function of seed, bucket and chunk), so a run is
+The values are the perturber's own (a pure function of seed, bucket and element index), so a run is
 bit-identical with or without sharing. `slots` pieces are in flight at once (a ring), so a rank
 runs at most slots - 1 pieces ahead of the slowest; every member must make the same sequence of
 shared draws.
@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from distzo2_lab.config import share_grain
 from distzo2_lab.parallel.groups import NodeGroup, ParallelGroups
 from distzo2_lab.zo.perturb import Perturber
 
@@ -173,12 +174,12 @@ class SharedPieces:
 
 class NoiseShare:
     """Shared draws for the `size` ranks of one node that draw the same z; this rank is `index`
-    (:class:`SharedPieces` with the perturber's chunks)."""
+    (:class:`SharedPieces` with chunks of `grain` elements, default config.share_grain())."""
 
     def __init__(self, perturber: Perturber, index: int, size: int, barrier: Callable[[], None], path: str,
-                 create: bool, slot_elems: int, slots: int = 3, timeout: float = 600.0):
+                 create: bool, slot_elems: int, slots: int = 3, timeout: float = 600.0, grain: int | None = None):
         self.perturber, self.index, self.size = perturber, index, size
-        self.ring = SharedPieces(index, size, barrier, path, create, slot_elems, perturber.chunk_size,
+        self.ring = SharedPieces(index, size, barrier, path, create, slot_elems, grain or share_grain(),
                                  slots=slots, timeout=timeout)
         self.slot_elems = self.ring.slot_elems
         self.served = 0  # elements of z it received through the ring (what it would have drawn alone)
@@ -194,10 +195,10 @@ class NoiseShare:
     def waited_s(self) -> float:
         return self.ring.waited_s
 
-    def _piece(self, p0: int, p1: int, n: int, seed: int, key: str) -> torch.Tensor:
-        """Elements [p0, p1) of z(seed, key) of an n-element bucket, complete in its slot."""
+    def _piece(self, p0: int, p1: int, seed: int, key: str) -> torch.Tensor:
+        """Elements [p0, p1) of z(seed, key), complete in its slot."""
         def draw(slot, a, b):
-            self.perturber.fill(slot[a:b], seed, key, start=p0 + a, total=n)
+            self.perturber.fill(slot[a:b], seed, key, start=p0 + a)
 
         return self.ring.piece(p1 - p0, draw)
 
@@ -209,10 +210,10 @@ class NoiseShare:
         for p0 in range(0, n, self.slot_elems):
             p1 = min(n, p0 + self.slot_elems)
             if not self.ring.shares(p1 - p0):  # one chunk: drawn alone
-                self.perturber.fill(out[p0:p1], seed, key, start=p0, total=n)
+                self.perturber.fill(out[p0:p1], seed, key, start=p0)
                 self.alone += p1 - p0
                 continue
-            out[p0:p1].copy_(self._piece(p0, p1, n, seed, key))
+            out[p0:p1].copy_(self._piece(p0, p1, seed, key))
             self.served += p1 - p0
             self.copied += p1 - p0
         return out
@@ -226,7 +227,7 @@ class NoiseShare:
         if n > self.slot_elems or not self.ring.shares(n):
             return self.fill(out, seed, key)
         self.served += n
-        return self._piece(0, n, n, seed, key)
+        return self._piece(0, n, seed, key)
 
     def close(self) -> None:
         self.ring.close()

@@ -1,11 +1,11 @@
 """Hardware-aware slicing (DistZO2, arXiv 2507.03211, Sec. 3.3): one shard per rank.
 
-A block's flat bucket is padded and cut into one shard per rank, shard boundaries on the
-perturber's chunks. Each rank uploads only its shard (its own share of the host link), applies
-the deferred update to that shard alone (z regenerated for the shard only), and the ranks
-all-gather the updated shards into the whole block (over NVLink on GPUs; gloo on CPU here). After
-the dual forward each rank writes back only its shard. The arithmetic per element is the
-unsliced engine's, so the results are the same bit for bit.
+A block's flat bucket is padded to a multiple of the world size and cut into one shard per rank
+(the noise is counter-based, so a shard's z regenerates at any start). Each rank uploads only its
+shard (its own share of the host link), applies the deferred update to that shard alone (z
+regenerated for the shard only), and the ranks all-gather the updated shards into the whole block
+(over NVLink on GPUs; gloo on CPU here). After the dual forward each rank writes back only its
+shard. The arithmetic per element is the unsliced engine's, so the results are the same bit for bit.
 """
 from __future__ import annotations
 
@@ -18,15 +18,14 @@ from distzo2_lab.parallel.exchange import all_gather_flat
 class Slicer:
     """Shard geometry of every bucket size, and the assemble step of a sliced visit."""
 
-    def __init__(self, rank: int, world: int, chunk_size: int, group=None, recorder: Recorder | None = None):
-        self.rank, self.world, self.chunk, self.group = rank, world, chunk_size, group
+    def __init__(self, rank: int, world: int, group=None, recorder: Recorder | None = None):
+        self.rank, self.world, self.group = rank, world, group
         self.recorder = recorder or Recorder(enabled=False)
         self.bytes_gathered = 0
 
     def shard_size(self, numel: int) -> int:
-        """Elements per shard: numel / world rounded up to whole noise chunks."""
-        chunks = -(-numel // self.chunk)
-        return -(-chunks // self.world) * self.chunk
+        """Elements per shard: numel / world rounded up."""
+        return -(-numel // self.world)
 
     def padded(self, numel: int) -> int:
         return self.shard_size(numel) * self.world

@@ -28,8 +28,6 @@ from distzo2_lab.plan.hardware import Hardware
 
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-CHUNK = 1 << 20
-"""Noise chunk (ZOConfig.chunk_size): slicing pads shards to whole chunks, shared draws split by chunks."""
 
 
 # -- model shapes -------------------------------------------------------------------------------
@@ -217,12 +215,11 @@ def transfer_bytes_per_element(w: Workload) -> int:
     return 4 if w.implementation.store_fp32 else DTYPE_BYTES[w.precision.storage]
 
 
-def padded_block(shape: ModelShape, world: int, sliced: bool, chunk: int = CHUNK) -> int:
-    """Elements of a working buffer: the block, padded to one whole-chunk shard per rank when sliced."""
-    if not sliced or world == 1:
+def padded_block(shape: ModelShape, world: int, sliced: bool) -> int:
+    """Elements of a working buffer: the block, padded to one equal shard per rank when sliced."""
+    if not sliced:
         return shape.block_params
-    chunks = -(-shape.block_params // chunk)
-    return -(-chunks // world) * chunk * world
+    return -(-shape.block_params // world) * world
 
 
 def activation_bytes(shape: ModelShape, w: Workload, passes_alive: int) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from distzo2_lab.config import ConfigError
+from distzo2_lab.config import ConfigError, share_grain
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import Hardware
 from distzo2_lab.plan.memory import (
@@ -176,9 +176,9 @@ def _block_elems(model: str | None) -> int | None:
 
 
 def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int = 1, device: str = "cpu",
-              model: str | None = None, chunk: int = 1 << 20) -> str:
-    """What each rank of a layout does, without starting anything (`model` and `chunk`, the noise
-    chunk, say whether the node's ranks have any draw to split)."""
+              model: str | None = None) -> str:
+    """What each rank of a layout does, without starting anything (`model` says whether the node's
+    ranks have any draw to split: they share draws in chunks of config.share_grain() elements)."""
     import torch
 
     from distzo2_lab.parallel.layout import choose_backend
@@ -198,10 +198,10 @@ def plan_text(layout, batch_size: int, directions: int = 1, micro_batches: int =
     if layout.slice:
         lines.append(f"  sliced: each rank uploads and writes back 1/{layout.world_size} of every block; "
                      "the ranks all-gather the shards")
-    block = _block_elems(model)
-    if layout.share_noise and device == "cpu" and layout.world_size > 1 and block is not None and block <= chunk:
-        lines.append(f"  noise: every rank draws all of z: a block ({block:,} elements) fits one noise chunk "
-                     f"({chunk:,}), so there is no draw to split")
+    block, grain = _block_elems(model), share_grain()
+    if layout.share_noise and device == "cpu" and layout.world_size > 1 and block is not None and block <= grain:
+        lines.append(f"  noise: every rank draws all of z: a block ({block:,} elements) fits one share chunk "
+                     f"({grain:,}), so there is no draw to split")
     elif layout.share_noise and device == "cpu" and layout.world_size > 1:
         groups = layout.world_size // min(layout.world_size, max(1, layout.pert // 2))
         lines.append(f"  noise: the ranks of a node that draw the same z (groups of up to {groups}) split every draw "

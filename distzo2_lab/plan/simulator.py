@@ -18,12 +18,11 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from distzo2_lab.config import ConfigError
+from distzo2_lab.config import ConfigError, share_grain
 from distzo2_lab.observe.events import LANES, Span, overlap_metrics
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import NARROW_WIDTH, WIDE_WIDTH, Hardware
 from distzo2_lab.plan.memory import (
-    CHUNK,
     DTYPE_BYTES,
     Workload,
     check_workload,
@@ -214,9 +213,9 @@ def _capacity(hw: Hardware, link: tuple) -> float:
 def noise_groups(layout: Layout, hw: Hardware, q: int, block_params: int) -> dict[int, tuple[int, ...]]:
     """CPU ranks that split every whole-bucket draw of z (noise_share.py): the ranks of a node that
     run the same directions; empty when the layout does not share noise, a rank draws alone, or a
-    block fits one noise chunk (train.py opens no share: a one-chunk piece has nothing to split)."""
+    block fits one share chunk (train.py opens no share: a one-chunk piece has nothing to split)."""
     world = layout.world_size
-    if hw.kind != "cpu" or world == 1 or not getattr(layout, "share_noise", False) or block_params <= CHUNK:
+    if hw.kind != "cpu" or world == 1 or not getattr(layout, "share_noise", False) or block_params <= share_grain():
         return {}
     keys = {r: (r // hw.devices_per_node, tuple(layout.directions(r, q))) for r in range(world)}
     out = {}
@@ -291,14 +290,14 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
 
     def own(r: int) -> int:
         """Elements of rank r's shard inside the real block (the last shards may be short or empty:
-        shards are whole noise chunks); the whole block when not sliced."""
+        shards are rounded up); the whole block when not sliced."""
         return max(0, min(shard, shape.block_params - r * shard)) if sliced else shape.block_params
 
     gather_bytes = (world - 1) / world * width * moved
     measured_gather = hw.gather_s(world, width * moved) if sliced and hw.kind == "cpu" else None
     shared = noise_groups(layout, hw, q, shape.block_params)
-    chunk = CHUNK
-    slot = -(-shape.block_params // chunk) * chunk  # noise_share's slot: the widest block, whole chunks
+    chunk = share_grain()
+    slot = -(-shape.block_params // chunk) * chunk  # node_share's slot: the widest block, whole chunks
     per_node = min(world, hw.devices_per_node)
     g = Graph()
     marker, upload, offload = {}, {}, {}

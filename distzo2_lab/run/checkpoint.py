@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from distzo2_lab.config import ConfigError, ZOConfig, copies_perturbation, is_family
 from distzo2_lab.models.base import BlockAdapter
 from distzo2_lab.zo.perturb import Perturber
-from distzo2_lab.zo.spsa import PendingUpdate, apply_update_, perturb_
+from distzo2_lab.zo.spsa import PendingUpdate, apply_update_, perturb_, update_terms
 
 
 def digest(adapter: BlockAdapter, values=None) -> str:
@@ -86,7 +86,7 @@ class SeedLog:
     def write(self, path: str) -> None:
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            f.write(json.dumps({"base": self.base, "zo": asdict(self.zo)}) + "\n")
+            f.write(json.dumps({"base": self.base, "zo": asdict(self.zo), "noise": NOISE_RULE}) + "\n")
             for r in self.records:
                 f.write(json.dumps(r) + "\n")
         os.replace(tmp, path)
@@ -115,6 +115,11 @@ class SeedLog:
         if not isinstance(head, dict) or not isinstance(head.get("base"), dict) or not isinstance(head.get("zo"), dict):
             raise ConfigError(f"{path}: line {numbered[0][0]}: not a seed log header "
                               "(expected {\"base\": ..., \"zo\": ...}); is this a distzo2 seedlog.jsonl?")
+        if head.get("noise") != NOISE_RULE:
+            raise ConfigError(f"{path}: line {numbered[0][0]}: this seed log's noise rule is "
+                              f"{head.get('noise', 'the chunked generators of earlier versions')!r}, not "
+                              f"{NOISE_RULE!r}: its z cannot be regenerated here, so it can neither be "
+                              "replayed nor resumed; train again from its base model")
         fields = {f.name for f in dataclasses.fields(ZOConfig)}
         if set(head["zo"]) - fields or "model" not in head["base"]:
             raise ConfigError(f"{path}: line {numbered[0][0]}: header has unknown zo fields "
@@ -133,6 +138,8 @@ class SeedLog:
 
 
 _RECORD = {"step", "seed", "grad", "lr"}
+NOISE_RULE = "counter-1"
+"""How z is made from a step seed (zo.noise's counter-based function); written in every seed log."""
 
 
 def _json_line(path: str, n: int, line: str):
@@ -150,21 +157,21 @@ def replay(adapter: BlockAdapter, log: SeedLog, threads: int = 1) -> None:
     if is_family(zo):
         raise ConfigError(f"this seed log was trained with zo.optimizer={zo.optimizer!r}, zo.perturbation="
                           f"{zo.perturbation!r}, zo.estimator={zo.estimator!r}; a replay rebuilds ZO-SGD runs only")
-    perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
+    perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
     round_trip = not copies_perturbation(zo)  # in place, the weights carry the round trip's rounding
     for b in adapter.buckets:
-        z = torch.empty(b.numel, device=b.master.device)
+        z = torch.empty(b.numel if round_trip else 0, device=b.master.device)
         for r in log.records:
             p = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"], tuple(map(tuple, r.get("terms", ()))))
-            if round_trip:
+            if not round_trip:  # copies: the master only ever receives the updates, by the fused pass's rule
+                perturber.visit(b, b.master, *update_terms(p, zo.weight_decay))
+                continue
                 perturber.fill(z, r["seed"], b.key)
                 for scale in (zo.eps, -2 * zo.eps, zo.eps):  # the perturbation round trip of training
                     perturb_(b.master, z, scale)
-            # copies (zo.perturb, n-SPSA) perturb out of place: the master only ever receives the updates
             for seed, grad, lr, wd in p.updates(zo.weight_decay):
                 apply_update_(b.master, perturber.fill(z, seed, b.key), grad, lr, wd, perturber.decay_spans(b))
         b.sync()
-    perturber.close()
 
 
 def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], state: dict, log: SeedLog) -> None:

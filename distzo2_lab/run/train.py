@@ -17,7 +17,16 @@ from dataclasses import asdict
 import torch
 from tqdm.auto import tqdm
 
-from distzo2_lab.config import SUITE_TASKS, ConfigError, TrainConfig, copies_perturbation, is_family, validate
+from distzo2_lab.config import (
+    SUITE_TASKS,
+    ConfigError,
+    TrainConfig,
+    copies_perturbation,
+    is_family,
+    resolve_perturb,
+    share_grain,
+    validate,
+)
 from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
 from distzo2_lab.models import BlockAdapter, adapter_for, build_model
 from distzo2_lab.models.lora import is_peft, wrap_lora
@@ -143,8 +152,8 @@ def rebuild(log_path: str, threads: int = 1, storage: str = "fp32") -> BlockAdap
     log = SeedLog.read(log_path)
     device = log.base.get("device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"seed log {log_path!r} was made on CUDA and must be replayed there (its noise "
-                          "came from CUDA generators); no CUDA device is visible")
+        raise ConfigError(f"seed log {log_path!r} was made on CUDA and must be replayed there (its updates "
+                          "were computed with CUDA's elementwise arithmetic); no CUDA device is visible")
     adapter = build_adapter(log.base, storage, device)
     replay(adapter, log, threads)
     return adapter
@@ -153,10 +162,10 @@ def rebuild(log_path: str, threads: int = 1, storage: str = "fp32") -> BlockAdap
 def _check_resume(resume: str, cfg: TrainConfig, log: SeedLog) -> None:
     """A run continues only under the rule that made it: same device type and update rule."""
     if log.base.get("device", "cpu") != cfg.device:
-        raise ConfigError(f"resume={resume!r} drew its noise on device={log.base.get('device', 'cpu')!r}; "
-                          f"device={cfg.device!r} would draw different z. Resume on the same device type")
+        raise ConfigError(f"resume={resume!r} was trained on device={log.base.get('device', 'cpu')!r}; "
+                          f"device={cfg.device!r} would round its updates differently. Resume on the same device type")
     # lr is logged per step and may change; the rest shapes z and the update rule.
-    differ = [f"zo.{k}" for k in ("eps", "weight_decay", "noise", "chunk_size")
+    differ = [f"zo.{k}" for k in ("eps", "weight_decay", "noise", "perturb")
               if getattr(log.zo, k) != getattr(cfg.zo, k)]
     if differ:
         raise ConfigError(f"resume={resume!r} was trained with different {', '.join(differ)} "
@@ -184,6 +193,7 @@ class Run:
         (parallel.groups.ParallelGroups) are its process groups, built here when not given.
         `model`: the starting model already built (its weights are the base's), trained in place
         by the resident tier."""
+        cfg = resolve_perturb(cfg)
         self.cfg, self.base = cfg, base_of(cfg)
         self.recorder = recorder or Recorder(enabled=False)
         self.layout, self.rank = layout, rank
@@ -214,8 +224,7 @@ class Run:
                                   "or 'disk' (offload.tier='resident' moves no shards)")
             from distzo2_lab.parallel.slicer import Slicer
 
-            self.slicer = Slicer(rank, layout.world_size, cfg.zo.chunk_size, group=groups and groups.world,
-                                 recorder=self.recorder)
+            self.slicer = Slicer(rank, layout.world_size, group=groups and groups.world, recorder=self.recorder)
             extra["slicer"] = self.slicer
         pending = None
         if cfg.offload.tier == "resident":
@@ -246,21 +255,21 @@ class Run:
 
     def _node_shares(self, groups) -> dict:
         """The engine's noise generator and the node's shares of its draws and copies (CPU ranks of
-        one machine). Pieces are at most one block wide; a piece of one noise chunk has nothing to
-        split (node_share.py), so a model whose blocks fit one chunk draws everything alone."""
+        one machine). Pieces are at most one block wide; a piece of one chunk (config.share_grain()) has
+        nothing to split, so a model whose blocks fit one chunk draws everything alone."""
         cfg = self.cfg
         width = max(b.numel for b in self.adapter.blocks)
-        if not (self.layout.share_noise and cfg.device == "cpu" and width > cfg.zo.chunk_size):
+        if not (self.layout.share_noise and cfg.device == "cpu" and width > share_grain()):
             return {}
         from distzo2_lab.models.buckets import DTYPES
         from distzo2_lab.parallel.copy_share import open_node_copies
         from distzo2_lab.parallel.node_share import open_node_noise
         from distzo2_lab.zo.perturb import Perturber
 
-        perturber = Perturber(cfg.zo.noise, cfg.zo.chunk_size, cfg.threads).freeze(self.adapter.buckets, cfg.zo.freeze)
+        perturber = Perturber(cfg.zo.noise).freeze(self.adapter.buckets, cfg.zo.freeze)
         out = {"perturber": perturber, "noise_share": open_node_noise(perturber, groups, width)}
         if copies_perturbation(cfg.zo):  # the perturbed copies of the blocks, made once by the ranks of the same signs
-            out["copy_share"] = open_node_copies(groups, width, cfg.zo.chunk_size, DTYPES[cfg.precision.storage])
+            out["copy_share"] = open_node_copies(groups, width, DTYPES[cfg.precision.compute])
         return out
 
     def _open_disk_log(self) -> PendingUpdate | None:
@@ -310,7 +319,6 @@ class Run:
         return digest(self.adapter, self.values)
 
     def close(self) -> None:
-        self.engine.perturber.close()
         for share in (getattr(self.engine, "noise_share", None), getattr(self.engine, "copy_share", None)):
             if share is not None:
                 share.close()
@@ -389,6 +397,8 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
     eval_start = engine.evaluate(eval_batch)
     records, tokens = [], 0
     t0 = time.perf_counter()
+    streamer = run.offload.streamer if run.offload is not None else None
+    moved0 = (streamer.bytes_up, streamer.bytes_down) if streamer is not None else None
     for t in tqdm(range(run.start, cfg.steps), disable=not progress or run.rank != 0,
                   desc=f"{cfg.engine} {cfg.model}",
                   initial=run.start, total=cfg.steps):
@@ -406,8 +416,10 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
         if out is not None and len(records) % SUMMARY_EVERY == 0:
             summary = _progress_summary(run, records, tokens, time.perf_counter() - t0)
             write_json(os.path.join(out, "summary.json"), {**summary, "eval_loss_start": eval_start})
-    if run.offload is not None:
-        run.offload.streamer.drain()
+    moved = None
+    if streamer is not None:
+        streamer.drain()
+        moved = _bytes_moved(run, len(records), moved0)
     elapsed = time.perf_counter() - t0
     engine.flush()  # the last deferred update lands before anything reads the weights
     interrupted = run.start + len(records) < cfg.steps
@@ -421,12 +433,24 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
         "digest": run.digest(),
         "peak_rss_mb": peak_rss_mb(),
         "memory": memory_report(run),
+        **(moved or {}),
         **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
             "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records)),
             "sliced": run.slicer is not None, "noise_share": _noise_report(engine.noise_share),
             "copy_share": _copy_report(engine.copy_share)}
            if run.exchange is not None else {}),
     }
+
+
+def _bytes_moved(run: Run, steps: int, before: tuple[int, int]) -> dict:
+    """What an offloaded run's blocks moved between their store and working memory during its
+    steps (evaluations and the final flush left out), per step: each way, and per parameter of the
+    model (the figure the host tier's schemes are compared by)."""
+    s, params = run.offload.streamer, sum(b.numel for b in run.adapter.buckets)
+    up, down = s.bytes_up - before[0], s.bytes_down - before[1]
+    steps = max(1, steps)
+    return {"bytes_up_per_step": up / steps, "bytes_down_per_step": down / steps,
+            "bytes_per_param_per_step": (up + down) / steps / params}
 
 
 def _copy_report(share) -> dict:

@@ -37,28 +37,33 @@ from distzo2_lab.zo.spsa import (
     count_tokens,
     direction_seed,
     perturb_,
-    perturbed_copy,
     projected_grad,
     split_micro,
     unpack_batch,
+    update_terms,
     weighted_loss,
 )
 
 
 class ResidentSet:
     """The resident buckets (embeddings; final norm and head) held in working memory for the whole
-    run, as ZO2 keeps them on the GPU. z of this step is kept for the restore, and the +eps state
-    is copied so that the head (tied to the embeddings) can run both passes after the blocks.
-    With q > 1 directions (n-SPSA) the perturbed states are out-of-place copies made again for
-    the head (z regenerated), and the masters only receive the update."""
+    run, as ZO2 keeps them on the GPU. In place, z of this step is kept for the restore, and the
+    +eps state is copied so that the head (tied to the embeddings) can run both passes after the
+    blocks. With copies (zo.perturb copy, n-SPSA) both compute-dtype copies are kept from the
+    embedding to the head (made again per direction when there are several), and the masters only
+    receive the update."""
 
     def __init__(self, engine: ZO2Engine, buckets: list[ParamBucket] | None = None):
         a = engine.adapter
         self.engine, self.adapter = engine, a
         buckets = [a.bucket_in, a.bucket_out] if buckets is None else buckets
-        self.pairs = [(b, torch.empty(b.numel, device=engine.device)) for b in buckets]
+        # in place: z of this step is kept for the restore (copies keep no z)
+        self.pairs = [(b, torch.empty(b.numel if not engine.copies else 0, device=engine.device)) for b in buckets]
         # reused buffers: fresh allocations cost page faults every step
-        self._plus = [torch.empty_like(b.working) for b, _ in self.pairs]
+        self._plus = [torch.empty_like(b.working) for b, _ in self.pairs] if not engine.copies else []
+        self._copies = [(torch.empty(b.numel, dtype=engine.copy_dtype, device=engine.device),
+                         torch.empty(b.numel, dtype=engine.copy_dtype, device=engine.device))
+                        for b, _ in self.pairs] if engine.copies else []
 
     # -- the pieces, also used by offload.LeanResident for the buckets it keeps in memory -----
     def flush(self) -> None:
@@ -93,22 +98,6 @@ class ResidentSet:
             perturb_(b.master, z, self.engine.zo.eps)
             b.sync()
 
-    def draw(self, seed: int) -> None:
-        """z(seed) of every resident bucket into its scratch (kept until the next draw)."""
-        e = self.engine
-        for b, z in self.pairs:
-            with e.span("rng"):
-                e.draw(z, seed, b.key)
-
-    def bind_copy(self, scale: float) -> None:
-        """Out-of-place passes: bind theta + scale z of the last draw (a copy; the masters stay)."""
-        for (b, z), out in zip(self.pairs, self._plus):
-            b.bind(perturbed_copy(out, b.master, z, scale))
-
-    def unbind_copies(self) -> None:
-        for b, _ in self.pairs:
-            b.bind(b.working)
-
     # -- the keeper interface the engine calls --------------------------------------------
     def begin(self, seed: int, micro: list) -> list:
         """Deferred update, +eps, embed (h+), -2 eps, embed (h-) for each micro-batch (ids, mask);
@@ -136,40 +125,55 @@ class ResidentSet:
             self.restore()
         return loss_plus, loss_minus
 
+    def make_copies(self, seed: int, pending: bool) -> None:
+        """The compute-dtype copies theta + eps z(seed) and theta - eps z(seed) of every resident bucket
+        (the signs this rank runs) in one fused pass, which applies the pending update first when
+        `pending` (the first direction of a step)."""
+        e = self.engine
+        terms, keep = e.pending_terms() if pending else ([], 1.0)
+        plus, minus = e.signs
+        for (b, _), (cp, cm) in zip(self.pairs, self._copies):
+            with e.span("update" if terms else "perturb"):
+                e.perturber.visit(b, b.master, terms, keep, seed, e.zo.eps, cp if plus else None, cm if minus else None)
+                if terms:
+                    b.sync()
+
+    def bind_copy(self, sign: int) -> None:
+        """Bind the copy of one sign (0: +eps, 1: -eps) made by the last make_copies."""
+        for (b, _), pair in zip(self.pairs, self._copies):
+            b.bind(pair[sign])
+
+    def unbind_copies(self) -> None:
+        for b, _ in self.pairs:
+            b.bind(b.working)
+
     def begin_directions(self, seeds: list[int], micro: list) -> dict:
-        """Out-of-place passes (zo.perturb copy, n-SPSA): apply the deferred update, then embed each
-        micro-batch under every (direction, sign) this rank runs; returns {(j, sign): [(h, ctx)]}.
-        z of each direction is drawn once for both signs."""
+        """Copies (zo.perturb copy, n-SPSA): the pending update and the first direction's copies in one
+        pass, then embed each micro-batch under every (direction, sign) this rank runs; returns
+        {(j, sign): [(h, ctx)]}."""
         e, a = self.engine, self.adapter
-        self.flush()
         out = {}
-        for j, seed in seeds:
-            self.draw(seed)
+        for k, (j, seed) in enumerate(seeds):
+            self.make_copies(seed, pending=k == 0)
             with e.span("embed"):
-                for sign, scale in self.signed(e.zo.eps):
-                    self.bind_copy(scale)
+                for sign, _ in self.signed(e.zo.eps):
+                    self.bind_copy(sign)
                     out[j, sign] = [list(a.embed(ids, mask)) for ids, mask in micro]
         self.unbind_copies()
         return out
 
     def end_directions(self, seeds: list[int], hs: dict, labels: list, counts: list[int]) -> dict:
-        """Out-of-place passes: head under every (direction, sign); returns {(j, sign): loss}. A rank
-        that runs one direction still holds its z from begin_directions, and its buffers still hold
-        the copy of the last sign embedded there: the head runs the signs in reverse order and makes
-        only the other copy again. Several directions are drawn and copied again."""
+        """Copies: the head under every (direction, sign); returns {(j, sign): loss}. One direction's
+        copies are still in their buffers from begin_directions; several directions are made again
+        (the master holds the updated values, so the copies are the same bits)."""
         e = self.engine
         out = {}
         for j, seed in seeds:
-            one = len(seeds) == 1
-            if not one:
-                self.draw(seed)
+            if len(seeds) > 1:
+                self.make_copies(seed, pending=False)
             with e.span("head"):
-                signed = self.signed(e.zo.eps)
-                for k, (sign, scale) in enumerate(reversed(signed) if one else signed):
-                    if one and k == 0:
-                        self.bind_plus()  # the copy begin_directions made last
-                    else:
-                        self.bind_copy(scale)
+                for sign, _ in self.signed(e.zo.eps):
+                    self.bind_copy(sign)
                     rows = hs[j, sign]
                     out[j, sign] = self.losses([h for h, _ in rows], labels, counts, [c for _, c in rows])
         self.unbind_copies()
@@ -213,7 +217,7 @@ class ZO2Engine:
         self.adapter, self.zo, self.precision = adapter, zo, precision
         self.streamer = streamer
         self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
-        self.perturber = perturber or Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
+        self.perturber = perturber or Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
         self.noise_share, self.copy_share = noise_share, copy_share
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
@@ -238,7 +242,8 @@ class ZO2Engine:
             raise ValueError("a rank that runs only some signs or directions needs exchange= to combine the losses")
         self.micro_batches = micro_batches
         self.copies = copies_perturbation(zo)  # passes read theta +- eps z copies (zo.perturb)
-        self._oop = None  # copies / n-SPSA: this rank's perturbed copy of the visited block (working dtype)
+        self.copy_dtype = DTYPES[precision.compute]  # the forwards read copies in the compute dtype
+        self._oop = None  # copies: this rank's (+eps, -eps) copies of the visited block
         self.exchange = exchange
         self.slicer = slicer  # streamed blocks arrive as this rank's shard; see _assemble
         self._skip_pending = False
@@ -289,8 +294,10 @@ class ZO2Engine:
         p, (start, stop) = self.pending, self.slicer.bounds(b.numel)
         if p is not None and stop > start:
             with self.span("update", i):
-                for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
-                    z = self.perturber.fill(self._z_block[: stop - start], seed, b.key, start=start, total=b.numel)
+                if self.copies:
+                    self.perturber.visit(b, buf[start:stop], *self.pending_terms(), start=start)
+                for seed, grad, lr, wd in ([] if self.copies else p.updates(self.zo.weight_decay)):
+                    z = self.perturber.fill(self._z_block[: stop - start], seed, b.key, start=start)
                     apply_update_(buf[start:stop], z, grad, lr, wd, self.perturber.decay_spans(b), offset=start)
         self.slicer.assemble(buf, b.numel, self.step_count, i)
         self._skip_pending = True
@@ -313,9 +320,16 @@ class ZO2Engine:
         if p is None or (self._skip_pending and block >= 0):
             return
         with self.span("update", block):
+            if self.copies:  # the fused pass, z made inside it
+                self.perturber.visit(bucket, bucket.master, *self.pending_terms())
+                return
             for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
                 z = self.draw(scratch[: bucket.numel], seed, bucket.key, keep=False)
                 apply_update_(bucket.master, z, grad, lr, wd, self.perturber.decay_spans(bucket))
+
+    def pending_terms(self) -> tuple[list[tuple[int, float]], float]:
+        """The pending update as the fused visit's (terms, keep); ([], 1.0) when none is pending."""
+        return update_terms(self.pending, self.zo.weight_decay)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -391,23 +405,22 @@ class ZO2Engine:
         return self.resident.end(hs, labels, counts)
 
     def _out_of_place(self, seed: int, micro, labels, counts) -> list[tuple[float | None, float | None]]:
-        """Out-of-place passes (zo.perturb copy, n-SPSA): per block update, then for each direction
-        this rank runs, the block's perturbed copies theta +- eps z_j carry the forwards (only the
-        signs this rank runs are copied); the master is never perturbed."""
+        """Copies (zo.perturb copy, n-SPSA): per block one fused pass applies the pending update and
+        writes the compute-dtype copies theta +- eps z_j of the first direction this rank runs (only
+        the signs it runs), then each further direction's copies; the forwards read the copies, the
+        master is never perturbed."""
         a, eps = self.adapter, self.zo.eps
         seeds = [(j, direction_seed(seed, j)) for j in self.directions]
         hs = self.resident.begin_directions(seeds, [(ids, mask) for ids, _, mask in micro])
         signed = self.resident.signed(eps)
 
         def visit(i: int, b: ParamBucket) -> None:
-            self.apply_pending(b, self._z_block, i)
-            b.sync()
-            for j, s in seeds:
-                with self.span("rng", i):
-                    zb = self.draw(self._z_block[: b.numel], s, b.key, keep=False)  # used up before the next
-                for sign, scale in signed:
-                    with self.span("perturb", i):
-                        b.bind(self._copy(b, zb, scale))
+            for k, (j, s) in enumerate(seeds):
+                pending = k == 0 and self.pending is not None and not self._skip_pending
+                with self.span("update" if pending else "perturb", i):
+                    copies = self._copies(b, s, pending)
+                for sign, _ in signed:
+                    b.bind(copies[sign])
                     with self.span("forward", i):
                         for h in hs[j, sign]:
                             h[0] = a.run_block(i, h[0], h[1])
@@ -417,14 +430,31 @@ class ZO2Engine:
         got = self.resident.end_directions(seeds, hs, labels, counts)
         return [(got.get((j, 0)), got.get((j, 1))) for j in range(self.zo.directions)]
 
-    def _copy(self, b: ParamBucket, z: torch.Tensor, scale: float) -> torch.Tensor:
-        """theta + scale z of a visited block: this rank's scratch, or the node's shared slot (the
-        ranks running the same signs share the work; valid until this rank's next copy)."""
-        if self.copy_share is not None:
-            return self.copy_share.copy(b.master, z, scale)
-        if self._oop is None:  # allocated on first use: ranks that share their copies hold none
-            self._oop = torch.empty(self._width, dtype=DTYPES[self.precision.storage], device=self.device)
-        return perturbed_copy(self._oop[: b.numel], b.master, z, scale)
+    def _copies(self, b: ParamBucket, seed: int, pending: bool) -> tuple:
+        """(theta + eps z, theta - eps z) of a visited block in the compute dtype (None for a sign this
+        rank does not run), with the pending update applied to the master first when `pending`: one
+        fused pass in this rank's buffers, or the node's shared slots (the ranks running the same
+        signs share the work; valid until this rank's next copy)."""
+        terms, keep = self.pending_terms() if pending else ([], 1.0)
+        plus, minus = self.signs
+        eps, n = self.zo.eps, b.numel
+        if self.copy_share is not None:  # update this rank's master, then share the making of the copies
+            if terms:
+                self.perturber.visit(b, b.master, terms, keep)
+            def part(sign):
+                def fill(slot, x, y):
+                    out = {"plus": slot[x:y]} if sign == 0 else {"minus": slot[x:y]}
+                    self.perturber.visit(b, b.master[x:y], (), 1.0, seed, eps, start=x, **out)
+                return self.copy_share.piece(n, fill)
+            out = (part(0) if plus else None, part(1) if minus else None)
+        else:
+            if self._oop is None:  # allocated on first use: ranks that share their copies hold none
+                self._oop = [torch.empty(self._width, dtype=self.copy_dtype, device=self.device) for _ in range(2)]
+            out = (self._oop[0][:n] if plus else None, self._oop[1][:n] if minus else None)
+            self.perturber.visit(b, b.master, terms, keep, seed, eps, *out)
+        if terms:
+            b.sync()
+        return out
 
     @torch.no_grad()
     def evaluate(self, batch: dict) -> float:

@@ -41,7 +41,7 @@ class EagerFamily:
         self.method = METHODS[zo.optimizer]
         self.kind, self.arg = parse_perturbation(zo.perturbation)
         # frozen spans and decay spans only (z itself is counter-based noise, zo/noise.py)
-        self.perturber = Perturber(zo.noise, zo.chunk_size, 1).freeze(adapter.buckets, zo.freeze)
+        self.perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
         self.device = adapter.bucket_in.master.device
         self.state = {b.key: self.method.init_state(b.numel, self.device) for b in adapter.buckets}
         self.thresholds: dict[str, torch.Tensor] = {}  # sparse:F, per bucket: one h per slot

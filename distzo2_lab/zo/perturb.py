@@ -1,21 +1,18 @@
 """Seeded perturber: the noise z of a MeZO step as a pure function, never stored.
 
-MeZO (arXiv 2305.17333, Alg. 1) regenerates z from the step seed instead of keeping it. Here z
-of a flat parameter bucket is cut into fixed-size chunks; chunk c of bucket `key` at step seed s
-is drawn from its own generator seeded with hash(s, key, c). So any chunk-aligned slice can be
-regenerated without generating the rest (what the slicer of DistZO2 Sec. 3.3 needs), no global
-RNG state is read or changed, and chunks are filled in parallel by a small thread pool (torch
-kernels release the GIL; CPU ``normal_`` is single-threaded).
+MeZO (arXiv 2305.17333, Alg. 1) regenerates z from the step seed instead of keeping it. Here
+element i of bucket `key` at step seed s is the counter-based function of :mod:`noise` (a hash
+of (s, key, i) turned into a Gaussian or a sign), so any slice at any start regenerates alone
+(what the slicer of DistZO2 Sec. 3.3 needs), the values are the same on CPU and GPU, and no
+generator state exists anywhere. The perturber adds what the model's buckets need on top: the
+frozen spans (zo.freeze), where z is 0, and the weight-decay spans without them.
 """
 from __future__ import annotations
-
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from distzo2_lab.config import NOISE_KINDS, ConfigError
-from distzo2_lab.seeds import derive_seed
+from distzo2_lab.zo import noise
 
 
 def frozen_spans(buckets, patterns) -> dict[str, list[tuple[int, int]]]:
@@ -58,18 +55,12 @@ def _subtract(span: tuple[int, int], holes: list[tuple[int, int]]) -> list[tuple
 
 
 class Perturber:
-    """Fills buffers with z(seed, key)[start:stop] for Gaussian or Rademacher noise."""
+    """Fills buffers with z(seed, key)[start : start + n] for Gaussian or Rademacher noise."""
 
-    def __init__(self, noise: str = "gaussian", chunk_size: int = 1 << 20, threads: int = 1):
-        if noise not in NOISE_KINDS:
-            raise ConfigError(f"noise={noise!r} is not valid; choose one of {', '.join(NOISE_KINDS)}")
-        if chunk_size <= 0:
-            raise ConfigError(f"chunk_size={chunk_size!r} is not valid; it must be a positive integer")
-        self.noise = noise
-        self.chunk_size = int(chunk_size)
-        self.threads = max(1, int(threads))
-        self._pool = ThreadPoolExecutor(self.threads, "zo-noise") if self.threads > 1 else None
-        self._local = threading.local()
+    def __init__(self, noise_kind: str = "gaussian"):
+        if noise_kind not in NOISE_KINDS:
+            raise ConfigError(f"noise={noise_kind!r} is not valid; choose one of {', '.join(NOISE_KINDS)}")
+        self.noise = noise_kind
         self.frozen: dict[str, list[tuple[int, int]]] = {}  # bucket key -> spans where z is 0 (zo.freeze)
         self._decay: dict[str, list[tuple[int, int]]] = {}  # frozen buckets' decay spans without the frozen
 
@@ -86,63 +77,43 @@ class Perturber:
         """The bucket's weight-decay spans without its frozen ones (computed once by :meth:`freeze`)."""
         return self._decay.get(bucket.key, bucket.decay_spans)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """This thread's generator for `device`, made once and re-seeded for every chunk (re-seeding
-        restarts the stream, so a chunk's values do not depend on the generator's history)."""
-        gens = getattr(self._local, "gens", None)
-        if gens is None:
-            gens = self._local.gens = {}
-        gen = gens.get(device)
-        if gen is None:
-            gen = gens[device] = torch.Generator(device=device)
-        return gen
-
-    def _fill_chunk(self, out: torch.Tensor, seed: int) -> None:
-        gen = self._generator(out.device)
-        gen.manual_seed(seed)
-        if self.noise == "gaussian":
-            out.normal_(generator=gen)
-        else:  # rademacher: 0/1 bits mapped to -1/+1
-            out.random_(0, 2, generator=gen).mul_(2).sub_(1)
-
-    def fill(self, out: torch.Tensor, seed: int, key: str, start: int = 0, total: int | None = None) -> torch.Tensor:
-        """Write z(seed, key)[start : start + out.numel()] into the flat tensor `out`.
-
-        `start` must be chunk-aligned, and the slice must end on a chunk boundary or at the end of
-        the bucket: a chunk's values depend on its length (CPU ``normal_`` treats its tail
-        specially), so a bucket of `total` elements has a short last chunk. Pass `total` to have
-        the end checked.
-        """
+    def fill(self, out: torch.Tensor, seed: int, key: str, start: int = 0) -> torch.Tensor:
+        """Write z(seed, key)[start : start + out.numel()] into the flat fp32 tensor `out`."""
         if out.dim() != 1 or not out.is_contiguous():
             raise ValueError("Perturber.fill needs a flat contiguous buffer")
-        if start % self.chunk_size:
-            raise ValueError(f"start={start} is not aligned to chunk_size={self.chunk_size}")
+        noise.fill_(out, self.noise, noise.noise_key(seed, key), start)
         stop = start + out.numel()
-        if total is not None and stop != total and stop % self.chunk_size:
-            raise ValueError(f"slice end {stop} is neither chunk-aligned (chunk_size={self.chunk_size}) "
-                             f"nor the bucket end {total}")
-        n, c0 = out.numel(), start // self.chunk_size
-        jobs = [
-            (out[i : i + self.chunk_size], derive_seed(seed, key, c0 + i // self.chunk_size))
-            for i in range(0, n, self.chunk_size)
-        ]
-        if self._pool is None or len(jobs) == 1 or out.is_cuda:  # CUDA: queued on one stream, no threads
-            for buf, s in jobs:
-                self._fill_chunk(buf, s)
-        else:
-            for f in [self._pool.submit(self._fill_chunk, buf, s) for buf, s in jobs]:
-                f.result()
         for a, b in self.frozen.get(key, ()):
             if a < stop and b > start:
                 out[max(a, start) - start : min(b, stop) - start].zero_()
         return out
 
-    def noise_for(self, seed: int, key: str, numel: int, start: int = 0, device="cpu",
-                  total: int | None = None) -> torch.Tensor:
+    def noise_for(self, seed: int, key: str, numel: int, start: int = 0, device="cpu") -> torch.Tensor:
         """A fresh buffer holding z(seed, key)[start : start + numel] (fp32)."""
-        return self.fill(torch.empty(numel, dtype=torch.float32, device=device), seed, key, start, total)
+        return self.fill(torch.empty(numel, dtype=torch.float32, device=device), seed, key, start)
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+
+    def visit(self, bucket, master: torch.Tensor, terms=(), keep: float = 1.0, seed: int | None = None,
+              eps: float = 0.0, plus: torch.Tensor | None = None, minus: torch.Tensor | None = None,
+              start: int = 0) -> None:
+        """One fused pass over `master`, elements [start, start + n) of `bucket` (noise.visit_):
+
+            m = master * keep (on the decay spans) + sum of alpha * z(term seed);  master[:] = m
+            plus = m + eps z(seed);  minus = m - eps z(seed)  (each in its own dtype, the compute dtype)
+
+        `terms` are (seed, alpha) pairs (a pending update, see :func:`spsa.update_terms`); with `seed`
+        None the outs are plain copies of m. z is 0 on the frozen spans, where nothing moves."""
+        stop = start + master.numel()
+        frozen = self.frozen.get(bucket.key, ())
+        decay = self.decay_spans(bucket) if keep != 1.0 else ()
+        cuts = sorted({start, stop, *(e for a, b in (*frozen, *decay) for e in (a, b) if start < e < stop)})
+        keys = [(noise.noise_key(s, bucket.key), alpha) for s, alpha in terms]
+        cur = None if seed is None else noise.noise_key(seed, bucket.key)
+        for a, b in zip(cuts, cuts[1:]):
+            still = any(f0 <= a and b <= f1 for f0, f1 in frozen)
+            if still and plus is None and minus is None:
+                continue  # a frozen piece with no copy to write: nothing changes there
+            k = keep if any(d0 <= a and b <= d1 for d0, d1 in decay) else 1.0
+            i, j = a - start, b - start
+            noise.visit_(master[i:j], a, self.noise, [] if still else keys, k, None if still else cur, eps,
+                         None if plus is None else plus[i:j], None if minus is None else minus[i:j])

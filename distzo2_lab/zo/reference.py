@@ -5,10 +5,12 @@ forward gives l+, perturbed -2 eps z, a full forward gives l-, restored with +ep
 updated with z regenerated once more. z is regenerated from the seed for each of the four
 passes (never stored). It is deliberately simple and slow (see docs/results.md, efficiency).
 
-Two options every engine variant is checked against: micro-batches (gradient accumulation: the
-losses of equal row slices, token-weighted) and q > 1 directions (n-SPSA: for each direction j
-the passes see theta +- eps z_j computed out of place, and the update averages g_j z_j). With
-zo.perturb='copy' one direction is perturbed out of place too.
+With zo.perturb='copy' (the default) the passes read copies theta +- eps z made in the compute
+dtype and the masters only receive the update, z computed inside the fused pass
+(`Perturber.visit`) that every engine uses; zo.perturb='in-place' is the literal round trip on
+the weights. Two options every engine variant is checked against: micro-batches (gradient
+accumulation: the losses of equal row slices, token-weighted) and q > 1 directions (n-SPSA: for
+each direction j the passes see theta +- eps z_j, and the update averages g_j z_j).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from distzo2_lab.config import PrecisionConfig, ZOConfig, copies_perturbation
 from distzo2_lab.models.base import BlockAdapter
+from distzo2_lab.models.buckets import DTYPES
 from distzo2_lab.zo.perturb import Perturber
 from distzo2_lab.zo.spsa import (
     PendingUpdate,
@@ -26,10 +29,10 @@ from distzo2_lab.zo.spsa import (
     count_tokens,
     direction_seed,
     perturb_,
-    perturbed_copy,
     projected_grad,
     split_micro,
     unpack_batch,
+    update_terms,
     weighted_loss,
 )
 
@@ -42,7 +45,7 @@ class EagerMeZO:
         check_engine_setup(adapter, zo, precision)
         self.adapter, self.zo, self.precision = adapter, zo, precision
         self.micro_batches = micro_batches
-        self.perturber = Perturber(zo.noise, zo.chunk_size, threads).freeze(adapter.buckets, zo.freeze)
+        self.perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
         self.device = adapter.bucket_in.master.device
         self._z = torch.empty(max(b.numel for b in adapter.buckets), device=self.device)
         self.step_count = 0
@@ -63,9 +66,11 @@ class EagerMeZO:
     def _batch_loss(self, micro) -> float:
         return weighted_loss([self._loss(*m) for m in micro], [count_tokens(m[1]) for m in micro])
 
-    def _bind_perturbed(self, seed: int, scale: float, copies: list[torch.Tensor]) -> None:
+    def _bind_perturbed(self, seed: int, sign: int, copies: list[torch.Tensor]) -> None:
+        """Bind theta + eps z (sign 0) or theta - eps z (sign 1) of every bucket, made in `copies`."""
         for b, out in zip(self.adapter.buckets, copies):
-            b.bind(perturbed_copy(out, b.master, self._z_for(b, seed), scale))
+            self.perturber.visit(b, b.master, (), 1.0, seed, self.zo.eps, **{("plus", "minus")[sign]: out})
+            b.bind(out)
 
     @torch.no_grad()
     def step(self, batch: dict, seed: int, lr: float | None = None, step: int | None = None) -> StepResult:
@@ -86,13 +91,14 @@ class EagerMeZO:
             grad = projected_grad(loss_plus, loss_minus, eps)
             update = PendingUpdate(self.step_count, seed, grad, lr)
         else:  # zo.perturb copy / n-SPSA: out-of-place perturbed copies, the masters only receive the update
-            copies = [torch.empty_like(b.working) for b in self.adapter.buckets]
+            dtype = DTYPES[self.precision.compute]  # the forwards read compute-dtype copies
+            copies = [torch.empty(b.numel, dtype=dtype, device=self.device) for b in self.adapter.buckets]
             terms, pluses, minuses = [], [], []
             for j in range(q):
                 s = direction_seed(seed, j)
-                self._bind_perturbed(s, eps, copies)
+                self._bind_perturbed(s, 0, copies)
                 pluses.append(self._batch_loss(micro))
-                self._bind_perturbed(s, -eps, copies)
+                self._bind_perturbed(s, 1, copies)
                 minuses.append(self._batch_loss(micro))
                 terms.append((s, projected_grad(pluses[-1], minuses[-1], eps)))
             for b in self.adapter.buckets:
@@ -100,8 +106,11 @@ class EagerMeZO:
             loss_plus, loss_minus, grad = sum(pluses) / q, sum(minuses) / q, sum(g for _, g in terms) / q
             update = PendingUpdate(self.step_count, seed, grad, lr, tuple(terms) if q > 1 else ())
         for b in self.adapter.buckets:
-            for s, g, lr_j, wd in update.updates(self.zo.weight_decay):
-                apply_update_(b.master, self._z_for(b, s), g, lr_j, wd, self.perturber.decay_spans(b))
+            if copies_perturbation(self.zo):  # the fused pass's update rule
+                self.perturber.visit(b, b.master, *update_terms(update, self.zo.weight_decay))
+            else:
+                for s, g, lr_j, wd in update.updates(self.zo.weight_decay):
+                    apply_update_(b.master, self._z_for(b, s), g, lr_j, wd, self.perturber.decay_spans(b))
             b.sync()
         self.step_count += 1
         return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr,

@@ -40,6 +40,19 @@ class PendingUpdate:
         return [(s, g, self.lr / q, weight_decay * q if j == 0 else 0.0) for j, (s, g) in enumerate(self.terms)]
 
 
+def update_terms(pending: PendingUpdate | None, weight_decay: float) -> tuple[list[tuple[int, float]], float]:
+    """A pending update as the fused visit's arguments: [(seed_j, -lr_j g_j)] and the decay factor
+    keep = 1 - lr wd applied once (on the decay spans); ([], 1.0) when nothing is pending."""
+    if pending is None:
+        return [], 1.0
+    terms, keep = [], 1.0
+    for seed, grad, lr, wd in pending.updates(weight_decay):
+        terms.append((seed, -lr * grad))
+        if wd:
+            keep = 1.0 - lr * wd
+    return terms, keep
+
+
 def direction_seed(seed: int, j: int) -> int:
     """Seed of perturbation direction j of a step (n-SPSA); direction 0 is the step seed itself."""
     from distzo2_lab.seeds import derive_seed
