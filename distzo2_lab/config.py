@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from distzo2_lab.errors import ConfigError  # noqa: F401 (re-exported: the validation error)
 
 NOISE_KINDS = ("gaussian", "rademacher")
+OPTIMIZERS = ("sgd", "momentum", "adam", "sign", "conservative", "hizoo")
+PERTURBATIONS = ("gaussian", "rademacher", "lowrank:R", "sparse:F")
+ESTIMATORS = ("two-point", "one-sided")
+STATE_FLOATS = {"sgd": 0, "momentum": 1, "adam": 2, "sign": 0, "conservative": 0, "hizoo": 1}
+"""fp32 floats of optimiser state per parameter (zo/methods.py declares the names; a test keeps them equal)."""
 PERTURB_MODES = ("auto", "in-place", "copy")
 COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
@@ -71,6 +76,34 @@ class ZOConfig:
     """Glob patterns of parameter names held fixed (e.g. '*word_embeddings*'): their z is 0, so
     they are never perturbed nor updated, and the gradient estimate spans only the rest. Each
     pattern must match at least one parameter of the model."""
+    optimizer: str = "sgd"
+    """The update rule (zo/methods.py): 'sgd' (MeZO), 'momentum' (ZO-SGD-MMT), 'adam' (ZO-Adam),
+    'sign' (ZO-SGD-Sign), 'conservative' (ZO-SGD-Cons) of ZO-Bench (arXiv 2402.11592), or 'hizoo'
+    (diagonal-Hessian preconditioning, arXiv 2402.15173). Other than 'sgd': engine='eager' only, for now."""
+    perturbation: str = "gaussian"
+    """What z looks like: 'gaussian' / 'rademacher' (dense, must equal zo.noise), 'lowrank:R' (LOZO,
+    arXiv 2410.07698: z of a weight matrix is U V^T / sqrt(R)), 'sparse:F' (Sparse-MeZO, arXiv
+    2402.15751: only the fraction F of smallest-|theta| entries of each tensor is perturbed)."""
+    estimator: str = "two-point"
+    """'two-point' (MeZO's (l+ - l-) / 2 eps per direction) or 'one-sided' (FZOO, arXiv 2506.09034:
+    one unperturbed forward and zo.directions >= 2 one-sided directions, step divided by their
+    losses' standard deviation)."""
+    momentum: float = 0.9
+    """optimizer='momentum': m <- beta m + g z (ZO-Bench's ZO-SGD-MMT)."""
+    adam_beta1: float = 0.9
+    """optimizer='adam': first-moment decay (Adam's default)."""
+    adam_beta2: float = 0.999
+    """optimizer='adam': second-moment decay (Adam's default)."""
+    adam_eps: float = 1e-8
+    """optimizer='adam': added to sqrt(v_hat) (Adam's default)."""
+    hessian_smooth: float = 1e-8
+    """optimizer='hizoo': alpha of H <- (1 - alpha) H + alpha |l+ + l- - 2 l0| / (2 eps^2) H z^2
+    (HiZOO's smoothing; small, as in its experiments)."""
+    lowrank_interval: int = 50
+    """perturbation='lowrank:R': V is redrawn every this many steps (LOZO's lazy subspace), U every step."""
+    sparse_refresh: int = 0
+    """perturbation='sparse:F': recompute the per-tensor |theta| thresholds every this many steps;
+    0 keeps the thresholds of step 0. The mask |theta| <= threshold is read from theta every step."""
 
     def __post_init__(self):
         if isinstance(self.freeze, list):  # from JSON (summary, seed log, checkpoint state)
@@ -176,10 +209,74 @@ def validate_zo(zo: ZOConfig) -> ZOConfig:
     if not isinstance(zo.freeze, tuple) or not all(isinstance(p, str) and p.strip() for p in zo.freeze):
         raise ConfigError(f"zo.freeze={zo.freeze!r} is not valid; it must be a tuple of non-empty glob patterns "
                           "of parameter names, e.g. ('*word_embeddings*',)")
+    validate_method(zo)
     if zo.perturb == "in-place" and zo.directions > 1:
         raise ConfigError(f"zo.perturb='in-place' with zo.directions={zo.directions}: n-SPSA perturbs out of place; "
                           "choose zo.perturb='copy' or 'auto', or zo.directions=1")
     return zo
+
+
+def parse_perturbation(spec: str) -> tuple[str, float]:
+    """'gaussian' -> ('gaussian', 0); 'lowrank:4' -> ('lowrank', 4); 'sparse:0.25' -> ('sparse', 0.25)."""
+    kind, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    try:
+        if kind in NOISE_KINDS and not arg:
+            return kind, 0
+        if kind == "lowrank" and arg.isdigit() and int(arg) > 0:
+            return kind, int(arg)
+        if kind == "sparse" and 0 < float(arg) <= 1:
+            return kind, float(arg)
+    except ValueError:
+        pass
+    raise ConfigError(f"zo.perturbation={spec!r} is not valid; choose one of {', '.join(PERTURBATIONS)} "
+                      "(R a positive integer, 0 < F <= 1; e.g. 'lowrank:4', 'sparse:0.25')")
+
+
+def is_family(zo: ZOConfig) -> bool:
+    """True when the step is not plain MeZO: another optimiser, perturbation or estimator."""
+    return (zo.optimizer, parse_perturbation(zo.perturbation)[0], zo.estimator) != ("sgd", zo.noise, "two-point")
+
+
+def validate_method(zo: ZOConfig) -> None:
+    """The method family's fields and the combinations that make no sense together."""
+    _choice("zo.optimizer", zo.optimizer, OPTIMIZERS)
+    kind, _ = parse_perturbation(zo.perturbation)
+    _choice("zo.estimator", zo.estimator, ESTIMATORS)
+    for name in ("momentum", "adam_beta1", "adam_beta2"):
+        v = getattr(zo, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1:
+            raise ConfigError(f"zo.{name}={v!r} is not valid; it must be in [0, 1)")
+    _positive("zo.adam_eps", zo.adam_eps)
+    _positive("zo.hessian_smooth", zo.hessian_smooth)
+    if zo.hessian_smooth >= 1:
+        raise ConfigError(f"zo.hessian_smooth={zo.hessian_smooth!r} is not valid; it must be in (0, 1)")
+    _positive("zo.lowrank_interval", zo.lowrank_interval, integer=True)
+    if not isinstance(zo.sparse_refresh, int) or isinstance(zo.sparse_refresh, bool) or zo.sparse_refresh < 0:
+        raise ConfigError(f"zo.sparse_refresh={zo.sparse_refresh!r} is not valid; it must be an integer >= 0")
+    if kind in NOISE_KINDS and kind != zo.noise:
+        raise ConfigError(f"zo.perturbation={zo.perturbation!r} with zo.noise={zo.noise!r}: a dense perturbation "
+                          f"is the noise itself; set both to {kind!r}")
+    if zo.optimizer == "hizoo" and (zo.estimator != "two-point" or zo.directions > 1 or kind == "lowrank"):
+        raise ConfigError("zo.optimizer='hizoo' estimates the Hessian from l+ + l- - 2 l0 of one direction, "
+                          "and its preconditioned z is not low-rank: it needs zo.estimator='two-point', "
+                          "zo.directions=1 and zo.perturbation gaussian, rademacher or sparse:F")
+    if zo.estimator == "one-sided" and zo.directions < 2:
+        raise ConfigError(f"zo.estimator='one-sided' with zo.directions={zo.directions}: FZOO divides the step by the "
+                          "standard deviation of the directions' losses; choose zo.directions >= 2")
+    if is_family(zo) and zo.perturb == "in-place":
+        raise ConfigError(f"zo.perturb='in-place' with zo.optimizer={zo.optimizer!r}, zo.perturbation="
+                          f"{zo.perturbation!r}, zo.estimator={zo.estimator!r}: the method family perturbs out of "
+                          "place (the master stays theta_t until its update); choose zo.perturb='copy' or 'auto'")
+
+
+def forwards_per_step(zo: ZOConfig) -> int:
+    """Forward passes of one step: 2 per two-point direction, or K + 1 one-sided; plus the unperturbed
+    forward of hizoo / conservative (shared with one-sided's) and conservative's trial forward."""
+    q = zo.directions
+    n = 2 * q if zo.estimator == "two-point" else q + 1
+    if zo.optimizer in ("hizoo", "conservative") and zo.estimator == "two-point":
+        n += 1
+    return n + (zo.optimizer == "conservative")
 
 
 def copies_perturbation(zo: ZOConfig) -> bool:
@@ -299,6 +396,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if cfg.offload.tier != "resident":
             raise ConfigError(f"peft={cfg.peft!r} trains a resident model; offload.tier={cfg.offload.tier!r} "
                               "streams blocks built from the base. Choose offload.tier='resident' or peft=None")
+    if is_family(cfg.zo) and cfg.engine != "eager":
+        raise ConfigError(f"zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation={cfg.zo.perturbation!r}, "
+                          f"zo.estimator={cfg.zo.estimator!r} runs with the eager reference only until the block "
+                          f"engine implements the method family; choose engine='eager' (or the defaults sgd, "
+                          f"{cfg.zo.noise}, two-point)")
     if cfg.offload.tier != "resident" and cfg.engine == "eager":
         raise ConfigError("engine='eager' is the resident reference; offload.tier='host' or 'disk' needs engine='zo2'")
     return cfg

@@ -202,3 +202,36 @@ def test_perturb_flag_plans_the_copy(capsys):
     assert main([*args, "--perturb", "copy"]) == 0 and "(perturbed copies)" in capsys.readouterr().out
     assert main([*args, "--perturb", "twice"]) == 2
     assert "perturb='twice' is not valid; choose one of auto, in-place, copy" in capsys.readouterr().err
+
+
+def test_optimizer_state_joins_device_host_and_disk_memory():
+    hw, one = get_hardware("a100-80g-sxm"), Layout(1, 1)
+    for tier, where in (("resident", "device"), ("host", "host"), ("disk", "disk")):
+        base = Workload(model="opt-1.3b", tier=tier)
+        sgd = memory_plan(base, one, hw)
+        adam = memory_plan(dataclasses.replace(base, optimizer="adam"), one, hw)
+        mom = memory_plan(dataclasses.replace(base, optimizer="momentum"), one, hw)
+        extra = getattr(adam, f"{where}_total") - getattr(sgd, f"{where}_total")
+        shape = model_shape("opt-1.3b")
+        blocks = shape.layers * shape.block_params
+        assert extra >= 8 * blocks  # two fp32 moments of every streamed or resident block
+        assert getattr(mom, f"{where}_total") - getattr(sgd, f"{where}_total") == pytest.approx(extra / 2)
+        assert adam.device_total > sgd.device_total  # the resident modules' state at least
+
+
+def test_simulator_counts_each_method_extra_forwards(capsys):
+    def forwards(*flags):
+        assert main(["plan", "--model", "opt-125m", "--gpus", "1", "--layout", "dp=1,pert=1", "--tier", "resident",
+                     "--steps", "2", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["step_s"]
+
+    sgd, hizoo, cons = forwards(), forwards("--optimizer", "hizoo"), forwards("--optimizer", "conservative")
+    one_sided = forwards("--estimator", "one-sided", "--directions", "4")
+    four = forwards("--directions", "4")
+    assert sgd < hizoo < cons  # 2, 3 and 4 forwards
+    assert one_sided < four  # 5 forwards against n-SPSA's 8
+
+
+def test_plan_refuses_an_unknown_optimizer(capsys):
+    assert main(["plan", "--steps", "2", "--optimizer", "lion"]) == 2
+    assert "optimizer='lion' is not valid" in capsys.readouterr().err

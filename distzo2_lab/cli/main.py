@@ -12,10 +12,13 @@ from distzo2_lab.cli import plan as plan_cli
 from distzo2_lab.config import (
     COMPUTE_DTYPES,
     ENGINES,
+    ESTIMATORS,
     MASTER_DTYPES,
     NOISE_KINDS,
     OFFLOAD_TIERS,
+    OPTIMIZERS,
     PERTURB_MODES,
+    PERTURBATIONS,
     STORAGE_DTYPES,
     SUITE_TASKS,
     TASKS,
@@ -39,7 +42,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "models, or the rate a resumed run last used")
     p.add_argument("--eps", type=float, default=z.eps, help="perturbation scale: theta +- eps z")
     p.add_argument("--weight-decay", type=float, default=z.weight_decay, help="decoupled weight decay")
-    p.add_argument("--noise", default=z.noise, help=f"one of {', '.join(NOISE_KINDS)}")
+    p.add_argument("--noise", default=None,
+                   help=f"one of {', '.join(NOISE_KINDS)} (default: --perturbation's when dense, else {z.noise})")
+    p.add_argument("--optimizer", default=z.optimizer, help=f"update rule, one of {', '.join(OPTIMIZERS)}")
+    p.add_argument("--perturbation", default=z.perturbation, help=f"z, one of {', '.join(PERTURBATIONS)}")
+    p.add_argument("--estimator", default=z.estimator, help=f"one of {', '.join(ESTIMATORS)}")
     p.add_argument("--directions", type=int, default=None,
                    help="n-SPSA: perturbation directions per step (default 1, or pert/2 with --layout)")
     p.add_argument("--perturb", default=z.perturb,
@@ -117,6 +124,13 @@ def _resumed_lr(a) -> float | None:
     return None
 
 
+def _noise(a: argparse.Namespace) -> str:
+    """--noise, else the dense --perturbation's kind (they must agree), else the default."""
+    if a.noise is not None:
+        return a.noise
+    return a.perturbation if a.perturbation in NOISE_KINDS else ZOConfig().noise
+
+
 def config_from_args(a: argparse.Namespace, ranks: int = 1) -> TrainConfig:
     """The run config of `distzo2 train`'s flags; fills --lr and --threads when not given and
     prints what it chose."""
@@ -137,9 +151,10 @@ def config_from_args(a: argparse.Namespace, ranks: int = 1) -> TrainConfig:
         model=a.model, steps=a.steps, seed=a.seed, batch_size=a.batch_size, seq_len=a.seq_len,
         micro_batches=a.micro_batches,
         engine=a.engine, task=a.task, data=a.data, shots=a.shots, threads=threads, device=a.device,
-        zo=ZOConfig(lr=lr, eps=a.eps, weight_decay=a.weight_decay, noise=a.noise,
+        zo=ZOConfig(lr=lr, eps=a.eps, weight_decay=a.weight_decay, noise=_noise(a),
                     directions=a.directions or _default_directions(a.layout), perturb=a.perturb,
-                    freeze=tuple(a.freeze)),
+                    freeze=tuple(a.freeze), optimizer=a.optimizer, perturbation=a.perturbation,
+                    estimator=a.estimator),
         precision=PrecisionConfig(compute=a.precision, storage=a.storage, master=a.master),
         offload=OffloadConfig(tier=a.offload, prefetch=a.prefetch, store=a.store, link_gbps=a.link_gbps,
                               lean=a.lean),

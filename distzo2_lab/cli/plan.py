@@ -26,6 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--directions", type=int, default=None,
                    help="n-SPSA directions per step (default: pert / 2 with pert > 2, else 1)")
     p.add_argument("--perturb", default="auto", help="auto, in-place or copy (zo.perturb)")
+    p.add_argument("--optimizer", default="sgd", help="zo.optimizer: its state joins the memory plan")
+    p.add_argument("--estimator", default="two-point", help="zo.estimator: one-sided runs K + 1 forwards")
     p.add_argument("--implementation", default="distzo2_lab", help="distzo2_lab (this engine) or zo2 (ZO2's code)")
     p.add_argument("--steps", type=int, default=3, help="simulated steps")
     p.add_argument("--dir", default=DEFAULT_DIR, help="where 'this-machine' is calibrated")
@@ -108,7 +110,7 @@ def cmd_plan(a) -> int:
     layout = dataclasses.replace(parse_layout(a.layout), slice=a.slice)
     w = Workload(model=a.model, batch=a.batch, seq=a.seq, precision=PrecisionConfig(a.precision, a.storage, a.master),
                  tier=a.tier, prefetch=a.prefetch, implementation=IMPLEMENTATIONS[a.implementation],
-                 directions=a.directions, perturb=a.perturb)
+                 directions=a.directions, perturb=a.perturb, optimizer=a.optimizer, estimator=a.estimator)
     p = plan_layout(w, layout, hw, gpus=a.gpus, steps=a.steps)
     p.pop("_simulation")
     print(json.dumps(p, indent=1) if a.json else format_plan(p))

@@ -13,7 +13,16 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 
-from distzo2_lab.config import OFFLOAD_TIERS, PERTURB_MODES, ConfigError, PrecisionConfig, validate_precision
+from distzo2_lab.config import (
+    ESTIMATORS,
+    OFFLOAD_TIERS,
+    OPTIMIZERS,
+    PERTURB_MODES,
+    STATE_FLOATS,
+    ConfigError,
+    PrecisionConfig,
+    validate_precision,
+)
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import Hardware
 
@@ -125,6 +134,22 @@ class Workload:
     perturb: str = "auto"
     """zo.perturb: 'copy' (the fused pass writes compute-dtype copies theta +- eps z of the visited
     block), or 'in-place' (MeZO's round trip on the fp32 weights); 'auto' is copy."""
+    optimizer: str = "sgd"
+    """zo.optimizer: its fp32 state (config.STATE_FLOATS per parameter) lives beside each master."""
+    estimator: str = "two-point"
+    """zo.estimator: 'one-sided' runs K + 1 forwards a step (K = directions)."""
+
+
+def state_bytes(w: Workload) -> int:
+    """Bytes of optimiser state per parameter (fp32 floats beside the master)."""
+    return 4 * STATE_FLOATS[w.optimizer]
+
+
+def extra_forwards(w: Workload, q: int = 1) -> int:
+    """Forwards a step runs besides one per (direction, sign): the unperturbed one of one-sided (its
+    K + 1), hizoo and conservative, and conservative's trial forward (config.forwards_per_step)."""
+    unperturbed = w.estimator == "one-sided" or w.optimizer in ("hizoo", "conservative")
+    return int(unperturbed) + int(w.optimizer == "conservative")
 
 
 def check_workload(w: Workload) -> Workload:
@@ -141,6 +166,9 @@ def check_workload(w: Workload) -> Workload:
         raise ConfigError(f"prefetch={w.prefetch!r} is not valid; it must be an integer >= 0")
     if w.perturb not in PERTURB_MODES:
         raise ConfigError(f"perturb={w.perturb!r} is not valid; choose one of {', '.join(PERTURB_MODES)}")
+    for name, value, choices in (("optimizer", w.optimizer, OPTIMIZERS), ("estimator", w.estimator, ESTIMATORS)):
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
     model_shape(w.model)  # raises ConfigError for an unknown preset
     return w
 
@@ -264,6 +292,18 @@ def memory_plan(w: Workload, layout: Layout, hw: Hardware) -> MemoryPlan:
     host: dict[str, float] = {}
     disk: dict[str, float] = {}
     blocks_total = shape.layers * shape.block_params
+    f = state_bytes(w)
+    if f:  # optimiser state beside each master: resident with the resident modules, streamed with a block
+        dev["optimizer state: resident modules"] = shape.resident * f
+        if w.tier == "resident":
+            dev["optimizer state: blocks"] = blocks_total * f
+        else:
+            dev["optimizer state: blocks in flight"] = (min(w.prefetch, shape.layers - 1) + 2) * width * f
+        if w.tier == "host":
+            host["optimizer state: blocks"] = blocks_total * f
+        elif w.tier == "disk":
+            host["optimizer state: staging buffers"] = ranks_per_node * width * f
+            disk["optimizer state (two slots each)"] = 2 * (blocks_total + shape.resident) * f
     if w.tier == "host":
         host["blocks (one shared copy)"] = blocks_total * moved
     elif w.tier == "disk":

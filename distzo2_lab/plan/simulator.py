@@ -18,7 +18,7 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from distzo2_lab.config import share_grain
+from distzo2_lab.config import ConfigError, share_grain
 from distzo2_lab.observe.events import LANES, Span, overlap_metrics
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import NARROW_WIDTH, WIDE_WIDTH, Hardware
@@ -28,6 +28,7 @@ from distzo2_lab.plan.memory import (
     check_workload,
     copies_of,
     directions_of,
+    extra_forwards,
     model_shape,
     padded_block,
     transfer_bytes_per_element,
@@ -276,6 +277,10 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
     world, n = layout.world_size, shape.layers
     q = directions_of(w, layout)
     copies = copies_of(w, layout)  # out-of-place passes (zo.perturb copy, n-SPSA)
+    extra = extra_forwards(w, q)  # the method family's unperturbed / trial forwards (one-sided: K + 1 in all)
+    if extra and layout.pert > 1:
+        raise ConfigError(f"optimizer={w.optimizer!r}, estimator={w.estimator!r} is planned on pert=1 layouts until "
+                          f"the engine assigns its extra forwards to PertP ranks; choose pert=1 (dp=D,pert=1)")
     streamed = w.tier != "resident"
     sliced = layout.slice and streamed and world > 1
     depth = min(w.prefetch, n - 1)
@@ -366,7 +371,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         pending = t > 0
         for r in range(world):
             plus, minus = layout.signs(r)
-            signs = int(plus) + int(minus)
+            signs = 1 if w.estimator == "one-sided" else int(plus) + int(minus)  # one-sided: +eps only
             mine = layout.directions(r, q)
             links = _links(hw, r)
             lane_bytes = own(r) * moved  # what this rank uploads and writes back per visit
@@ -433,6 +438,8 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                         fused(prog, r, elem, i, pending and k == 0 and not sliced, signs)
                         for _ in range(signs):
                             prog.work("forward", cost.block_pass)
+                for _ in range(extra):
+                    prog.work("forward", cost.block_pass)
                 prev = prog.close("visit", i)
                 if streamed:
                     down = links["offload"] + ((links["disk_write"],) if w.tier == "disk" else ())
@@ -447,6 +454,8 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                     if len(mine) > 1:
                         prog.work("head", sum(elem * (rng + axpy) + call for elem in res_buckets))
                     prog.work("head", signs * cost.head_pass)
+            if extra:
+                prog.work("head", extra * cost.head_pass)
             head = prog.close("head", -1)
             if w.tier == "disk" and world == 1:  # commit on the offload lane after the step's writes
                 g.add(r, "offload", "commit", t, -1, [head, offload.get((r, t * n + n - 1))], nbytes=sum(res_buckets)

@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 from safetensors.torch import load_file, save_file
 
-from distzo2_lab.config import ConfigError, ZOConfig, copies_perturbation
+from distzo2_lab.config import ConfigError, ZOConfig, copies_perturbation, is_family
 from distzo2_lab.models.base import BlockAdapter
 from distzo2_lab.zo.perturb import Perturber
 from distzo2_lab.zo.spsa import PendingUpdate, apply_update_, perturb_, update_terms
@@ -154,6 +154,9 @@ def _json_line(path: str, n: int, line: str):
 def replay(adapter: BlockAdapter, log: SeedLog, threads: int = 1) -> None:
     """Apply every logged step to the adapter's weights (which must be the log's base)."""
     zo = log.zo
+    if is_family(zo):
+        raise ConfigError(f"this seed log was trained with zo.optimizer={zo.optimizer!r}, zo.perturbation="
+                          f"{zo.perturbation!r}, zo.estimator={zo.estimator!r}; a replay rebuilds ZO-SGD runs only")
     perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
     round_trip = not copies_perturbation(zo)  # in place, the weights carry the round trip's rounding
     for b in adapter.buckets:

@@ -22,6 +22,7 @@ from distzo2_lab.config import (
     ConfigError,
     TrainConfig,
     copies_perturbation,
+    is_family,
     resolve_perturb,
     share_grain,
     validate,
@@ -45,6 +46,7 @@ from distzo2_lab.run.checkpoint import (
 from distzo2_lab.run.outputs import check_writable, write_json
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.family_reference import EagerFamily
 from distzo2_lab.zo.reference import EagerMeZO
 from distzo2_lab.zo.spsa import PendingUpdate
 
@@ -85,6 +87,8 @@ def build_engine(cfg: TrainConfig, adapter: BlockAdapter, recorder: Recorder | N
     """The engine `cfg.engine` names; `zo2_options` (streamer, signs, exchange, slicer...) go to ZO2Engine."""
     if cfg.engine == "zo2":
         return ZO2Engine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder, **zo2_options)
+    if is_family(cfg.zo):  # another optimiser, perturbation or estimator: the family's eager reference
+        return EagerFamily(adapter, cfg.zo, cfg.precision, threads=cfg.threads, micro_batches=cfg.micro_batches)
     return EagerMeZO(adapter, cfg.zo, cfg.precision, threads=cfg.threads, micro_batches=cfg.micro_batches)
 
 
@@ -286,6 +290,10 @@ class Run:
         return pending
 
     def _resume(self, resume: str) -> None:
+        if is_family(self.cfg.zo):
+            raise ConfigError(f"resume= with zo.optimizer={self.cfg.zo.optimizer!r}, zo.perturbation="
+                              f"{self.cfg.zo.perturbation!r}, zo.estimator={self.cfg.zo.estimator!r}: a checkpoint "
+                              "holds the weights and the seed log, not the method's state; resume runs ZO-SGD only")
         state = read_state(resume)
         if state["config"]["model"] != self.cfg.model or state["config"]["seed"] != self.cfg.seed:
             raise ConfigError(f"resume={resume!r} was trained with model={state['config']['model']!r}, "
