@@ -14,7 +14,7 @@ from distzo2_lab.errors import ConfigError  # noqa: F401 (re-exported: the valid
 
 NOISE_KINDS = ("gaussian", "rademacher")
 OPTIMIZERS = ("sgd", "momentum", "adam", "sign", "conservative", "hizoo")
-PERTURBATIONS = ("gaussian", "rademacher", "lowrank:R", "sparse:F")
+PERTURBATIONS = ("dense", "gaussian", "rademacher", "lowrank:R", "sparse:F")
 ESTIMATORS = ("two-point", "one-sided")
 STATE_FLOATS = {"sgd": 0, "momentum": 1, "adam": 2, "sign": 0, "conservative": 0, "hizoo": 1}
 """fp32 floats of optimiser state per parameter (zo/methods.py declares the names; a test keeps them equal)."""
@@ -80,8 +80,9 @@ class ZOConfig:
     """The update rule (zo/methods.py): 'sgd' (MeZO), 'momentum' (ZO-SGD-MMT), 'adam' (ZO-Adam),
     'sign' (ZO-SGD-Sign), 'conservative' (ZO-SGD-Cons) of ZO-Bench (arXiv 2402.11592), or 'hizoo'
     (diagonal-Hessian preconditioning, arXiv 2402.15173). Other than 'sgd': engine='eager' only, for now."""
-    perturbation: str = "gaussian"
-    """What z looks like: 'gaussian' / 'rademacher' (dense, must equal zo.noise), 'lowrank:R' (LOZO,
+    perturbation: str = "dense"
+    """What z looks like: 'dense' (every element drawn from zo.noise; 'gaussian' / 'rademacher' say
+    the same and must equal zo.noise), 'lowrank:R' (LOZO,
     arXiv 2410.07698: z of a weight matrix is U V^T / sqrt(R)), 'sparse:F' (Sparse-MeZO, arXiv
     2402.15751: only the fraction F of smallest-|theta| entries of each tensor is perturbed)."""
     estimator: str = "two-point"
@@ -217,10 +218,11 @@ def validate_zo(zo: ZOConfig) -> ZOConfig:
 
 
 def parse_perturbation(spec: str) -> tuple[str, float]:
-    """'gaussian' -> ('gaussian', 0); 'lowrank:4' -> ('lowrank', 4); 'sparse:0.25' -> ('sparse', 0.25)."""
+    """'dense' -> ('dense', 0); 'gaussian' -> ('gaussian', 0); 'lowrank:4' -> ('lowrank', 4);
+    'sparse:0.25' -> ('sparse', 0.25)."""
     kind, _, arg = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     try:
-        if kind in NOISE_KINDS and not arg:
+        if kind in ("dense", *NOISE_KINDS) and not arg:
             return kind, 0
         if kind == "lowrank" and arg.isdigit() and int(arg) > 0:
             return kind, int(arg)
@@ -234,7 +236,8 @@ def parse_perturbation(spec: str) -> tuple[str, float]:
 
 def is_family(zo: ZOConfig) -> bool:
     """True when the step is not plain MeZO: another optimiser, perturbation or estimator."""
-    return (zo.optimizer, parse_perturbation(zo.perturbation)[0], zo.estimator) != ("sgd", zo.noise, "two-point")
+    kind = parse_perturbation(zo.perturbation)[0]
+    return (zo.optimizer, zo.estimator) != ("sgd", "two-point") or kind not in ("dense", zo.noise)
 
 
 def validate_method(zo: ZOConfig) -> None:

@@ -37,6 +37,16 @@ BAD = {
     "zo.directions": (0, "zo.directions=0 is not valid; it must be a positive integer"),
     "zo.perturb": ("inplace", "zo.perturb='inplace' is not valid; choose one of auto, in-place, copy"),
     "zo.freeze": (("",), "zo.freeze=('',) is not valid; it must be a tuple of non-empty glob patterns"),
+    "zo.optimizer": ("lion", "zo.optimizer='lion' is not valid; choose one of sgd, momentum, adam"),
+    "zo.perturbation": ("blocky", "zo.perturbation='blocky' is not valid; choose one of dense, gaussian"),
+    "zo.estimator": ("three-point", "zo.estimator='three-point' is not valid; choose one of two-point, one-sided"),
+    "zo.momentum": (1.0, "zo.momentum=1.0 is not valid; it must be in [0, 1)"),
+    "zo.adam_beta1": (-0.1, "zo.adam_beta1=-0.1 is not valid; it must be in [0, 1)"),
+    "zo.adam_beta2": (1.5, "zo.adam_beta2=1.5 is not valid; it must be in [0, 1)"),
+    "zo.adam_eps": (0.0, "zo.adam_eps=0.0 is not valid; it must be a positive finite number"),
+    "zo.hessian_smooth": (1.0, "zo.hessian_smooth=1.0 is not valid; it must be in (0, 1)"),
+    "zo.lowrank_interval": (0, "zo.lowrank_interval=0 is not valid; it must be a positive integer"),
+    "zo.sparse_refresh": (-1, "zo.sparse_refresh=-1 is not valid; it must be an integer >= 0"),
     "precision.compute": ("fp8", "precision.compute='fp8'"),
     "precision.storage": ("int4", "precision.storage='int4' is not valid; choose one of fp32, bf16, fp16"),
     "precision.master": ("fp64", "precision.master='fp64' is not valid; choose one of fp32, none"),
@@ -117,6 +127,11 @@ EFFECT = {
     # adapters only: a different function from the first step (lora_B = 0, but lora_A and B move)
     "peft": ("lora:2", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]
              and b["base"]["peft"] == "lora:2"),
+    # the method family runs with engine='eager' for now: tests/test_methods.py (each optimiser and
+    # perturbation on the tiny model, the hyper-parameters in its rule tests)
+    **{f"zo.{k}": (None, None) for k in ("optimizer", "perturbation", "estimator", "momentum", "adam_beta1",
+                                       "adam_beta2", "adam_eps", "hessian_smooth", "lowrank_interval",
+                                       "sparse_refresh")},
 }
 
 

@@ -228,9 +228,11 @@ def noise_groups(layout: Layout, hw: Hardware, q: int, block_params: int) -> dic
 
 def copy_groups_of(layout: Layout, hw: Hardware, q: int, block_params: int) -> dict[int, tuple[int, ...]]:
     """CPU ranks that share the perturbed block copies (zo.perturb copy, copy_share.CopyShare): the
-    ranks of a node sharing the noise that also run the same signs."""
+    ranks of a node sharing the noise that also run the same one sign (a rank running both signs
+    makes both copies in its one fused pass, z computed once for the two: sharing saves nothing)."""
     noise = noise_groups(layout, hw, q, block_params)
-    return {r: m for r in noise if len(m := tuple(x for x in noise[r] if layout.signs(x) == layout.signs(r))) > 1}
+    return {r: m for r in noise if sum(layout.signs(r)) == 1
+            and len(m := tuple(x for x in noise[r] if layout.signs(x) == layout.signs(r))) > 1}
 
 
 class _Program:

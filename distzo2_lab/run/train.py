@@ -267,7 +267,9 @@ class Run:
         from distzo2_lab.zo.perturb import Perturber
 
         perturber = Perturber(cfg.zo.noise).freeze(self.adapter.buckets, cfg.zo.freeze)
-        if copies_perturbation(cfg.zo):  # the perturbed copies of the blocks, made once by the ranks of the same signs
+        if copies_perturbation(cfg.zo):  # the block copies, made once by the ranks of the same one sign
+            if all(groups.signs):  # both signs: one fused pass makes both copies, z computed once for the two
+                return {}
             copies = open_node_copies(groups, width, DTYPES[cfg.precision.compute])
             return {"perturber": perturber, "copy_share": copies}
         return {"perturber": perturber, "noise_share": open_node_noise(perturber, groups, width)}  # in place: z

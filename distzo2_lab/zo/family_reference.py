@@ -24,7 +24,6 @@ from distzo2_lab.zo.spsa import (
     compute_context,
     count_tokens,
     direction_seed,
-    perturbed_copy,
     split_micro,
     unpack_batch,
     weighted_loss,
@@ -40,6 +39,8 @@ class EagerFamily:
         self.adapter, self.zo, self.precision, self.micro_batches = adapter, zo, precision, micro_batches
         self.method = METHODS[zo.optimizer]
         self.kind, self.arg = parse_perturbation(zo.perturbation)
+        if self.kind == "dense":
+            self.kind = zo.noise
         # frozen spans and decay spans only (z itself is counter-based noise, zo/noise.py)
         self.perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
         self.device = adapter.bucket_in.master.device
@@ -101,7 +102,7 @@ class EagerFamily:
 
     def _perturbed_loss(self, micro, seed: int, scale: float) -> float:
         for b, out in zip(self.adapter.buckets, self._copies):
-            b.bind(perturbed_copy(out, b.master, self._direction(b, seed), scale))
+            b.bind(torch.add(b.master, self._direction(b, seed), alpha=scale, out=out))  # theta + scale z
         loss = self._batch_loss(micro)
         for b in self.adapter.buckets:
             b.bind(b.working)
