@@ -75,7 +75,8 @@ def test_scaling_without_shared_noise_and_bad_input(monkeypatch):
     # 4096-element grains: a tiny block (49,984 elements) is 13 chunks to split (with the default
     # 1M-element grain it fits one, and the ranks draw alone: tests/test_distributed.py)
     monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")
-    cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1, zo=ZOConfig())
+    cfg = TrainConfig(model="tiny", steps=2, batch_size=4, seq_len=12, threads=1,
+                      zo=ZOConfig(perturb="in-place"))  # DDP ranks share the draws of z in place
     alone = launch(bench_worker, 2, (cfg, Layout(2, 1, share_noise=False), 1), 300).wait()
     assert [v["shared_fraction"] for v in alone.values()] == [1.0, 1.0]
     shared = launch(bench_worker, 2, (cfg, Layout(2, 1), 1), 300).wait()

@@ -14,8 +14,8 @@ from distzo2_lab.observe.events import Recorder, Span, overlap_metrics
 from distzo2_lab.observe.profiling import ProfileOptions, as_options, phase_spans, tensorboard_runs
 from distzo2_lab.run.train import train
 
-PHASES = {"compute::forward", "compute::perturb", "compute::rng", "compute::update", "compute::embed", "compute::head",
-          "upload::upload", "offload::offload"}
+PHASES = {"compute::forward", "compute::update", "compute::embed", "compute::head",
+          "upload::upload", "offload::offload"}  # copies: the fused pass, with the pending update, is 'update'
 
 
 def test_profile_flag_writes_chrome_and_tensorboard_traces_with_phase_ranges(tmp_path, capsys):

@@ -109,7 +109,7 @@ def test_timeline_of_a_real_host_offloaded_run(tmp_path):
     rows = set(fig.layout.yaxis.categoryarray)
     assert rows == {"rank 0 · upload", "rank 0 · compute", "rank 0 · offload"}
     bars = _bars(fig)
-    assert {"upload", "offload", "forward", "update", "rng", "embed", "head"} <= set(bars)
+    assert {"upload", "offload", "forward", "update", "embed", "head"} <= set(bars)
     assert len(bars["upload"].base) == sum(s.phase == "upload" for s in spans)
     assert all(b >= 0 for t in fig.data for b in t.base) and all(x >= 0 for t in fig.data for x in t.x)
     json.loads(fig.to_json())

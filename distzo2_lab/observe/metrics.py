@@ -55,8 +55,8 @@ def rank_metrics(spans: list[Span], rank: int) -> dict:
     window = max(1, t1 - t0)
     lanes = {lane: _union([(s.start, s.end) for s in sel if s.lane == lane]) for lane in LANES}
     transfer = _union([iv for lane in TRANSFER_LANES for iv in lanes[lane]])
-    # training steps draw z ("rng"); the evaluation sweeps after them do not
-    steps = max(1, len({s.step for s in sel if s.phase == "rng"} or {s.step for s in sel if s.lane == "compute"}))
+    # training steps run the perturbed forwards ("forward" spans); the evaluation sweeps record none
+    steps = max(1, len({s.step for s in sel if s.phase == "forward"} or {s.step for s in sel if s.lane == "compute"}))
     b = bubbles(sel)
     return {
         "window_s": window / 1e9,
