@@ -47,7 +47,9 @@ class EagerMeZO:
         self.micro_batches = micro_batches
         self.perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
         self.device = adapter.bucket_in.master.device
-        self._z = torch.empty(max(b.numel for b in adapter.buckets), device=self.device)
+        # in place, z is drawn into memory; the copies' fused pass computes it where it is used
+        widest = max(b.numel for b in adapter.buckets) if not copies_perturbation(zo) else 0
+        self._z = torch.empty(widest, device=self.device)
         self.step_count = 0
         self.pending = None  # the reference applies every update at once; nothing is ever pending
 
