@@ -56,10 +56,6 @@ def test_bad_profile_schedule_is_refused():
         as_options(3)
 
 
-@pytest.mark.xfail(strict=False, reason="the compiled CPU noise kernels hold the interpreter lock while they run "
-                   "(Inductor's Python bindings do not release it), so the lane threads' span ends and the "
-                   "profiler's range ends are delayed unequally: the two sources can disagree by 10-30 % on a "
-                   "lane's busy fraction until the kernels run with the lock released")
 def test_overlap_from_spans_agrees_with_the_profiler_trace_within_10_percent(tmp_path):
     """Same run, two sources: our recorder's spans and the distzo2:: ranges of its torch.profiler
     trace, compared over the profiler's active window (both on the Unix clock)."""

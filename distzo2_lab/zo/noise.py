@@ -171,7 +171,10 @@ def _visit_impl(master, words, params, kind, nterms, noisy, plus, minus):
 # The hash reads each intermediate twice (x ^ x >> s): left inlined, Inductor's lowering expands the
 # chain exponentially (minutes to compile). Realising every value with more than a few ops keeps it
 # linear; the scheduler still fuses them all into one kernel, with no buffer in memory.
-_OPTIONS = {"realize_cpu_opcount_threshold": 4, "max_fusion_size": 1 << 14}
+# cpp_wrapper: the call into the compiled code is C++ that releases the interpreter lock while the
+# kernel runs (Inductor's Python wrapper holds it), so the streamer's lanes keep running Python beside
+# a noise pass instead of stalling behind it.
+_OPTIONS = {"realize_cpu_opcount_threshold": 4, "max_fusion_size": 1 << 14, "cpp_wrapper": True}
 _compiled: dict = {}
 _warned: set = set()
 compile_enabled = True  # False after a failed compilation (warned once): the eager definition runs
