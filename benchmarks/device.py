@@ -1,7 +1,7 @@
 """MeZO against ZO2 on one working device (a GPU), with the planner's memory and the simulator's step time beside it.
 
     python benchmarks/device.py [MODEL ...] [--batch 1 --seq 2048 --steps 3 --compute bf16 --prefetch 1]
-                                [--tiers host [disk]] [--hardware h100-sxm [this-machine --plan-dir DIR]]
+                                [--tiers host host-bf16 [disk]] [--hardware h100-sxm [this-machine --plan-dir DIR]]
                                 [--device cuda] [--threads 4]
                                 [--store DIR] [--json]
 
@@ -17,7 +17,7 @@ time between the span's events). Prints a table per model, then one JSON line pe
 import argparse
 import json
 
-from distzo2_lab.bench.device import device_cases, format_cases
+from distzo2_lab.bench.device import TIERS, device_cases, format_cases
 from distzo2_lab.bench.results import add_results_option, printed_to_results
 from distzo2_lab.plan.hardware import names
 
@@ -30,7 +30,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per case (after 1 warm-up)")
     p.add_argument("--compute", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--prefetch", type=int, default=1)
-    p.add_argument("--tiers", nargs="+", default=["host"], choices=("host", "disk"))
+    p.add_argument("--tiers", nargs="+", default=None, choices=TIERS,
+                   help="default: host, and host-bf16 (bf16 masters) under bf16 compute")
     p.add_argument("--hardware", nargs="+", default=["h100-sxm"], choices=names(),
                    help="the simulator's profiles; this-machine: the calibration in --plan-dir")
     p.add_argument("--plan-dir", default=None, help="where `distzo2 plan calibrate --device cuda` wrote this-machine")
@@ -42,9 +43,10 @@ def main() -> None:
     a = p.parse_args()
     with printed_to_results("device", a.results):
         results = []
+        tiers = tuple(a.tiers or ["host"] + ["host-bf16"] * (a.compute == "bf16"))
         for model in a.models:
             r = device_cases(model, a.batch, a.seq, a.steps, a.compute, a.prefetch, a.device, a.threads,
-                             tuple(a.tiers), tuple(a.hardware), a.store, a.plan_dir)
+                             tiers, tuple(a.hardware), a.store, a.plan_dir)
             print(format_cases(r), flush=True)
             results.append(r)
         if a.json:

@@ -21,7 +21,7 @@ STATE_FLOATS = {"sgd": 0, "momentum": 1, "adam": 2, "sign": 0, "conservative": 0
 PERTURB_MODES = ("auto", "in-place", "copy")
 COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
 STORAGE_DTYPES = ("fp32", "bf16", "fp16")
-MASTER_DTYPES = ("fp32", "none")
+MASTER_DTYPES = ("fp32", "bf16", "none")
 ENGINES = ("zo2", "eager")
 SUITE_TASKS = ("sst2", "rte", "cb", "boolq", "wic", "copa", "squad")  # MeZO's suite, read from a directory
 TASKS = ("synthetic", "text", *SUITE_TASKS)
@@ -121,7 +121,10 @@ class PrecisionConfig:
     """dtype of the parameters the forward reads: 'fp32', 'bf16' or 'fp16'."""
     master: str = "fp32"
     """Copy that receives perturbations and updates when storage is lower precision:
-    'fp32' keeps an fp32 master; 'none' is refused for bf16/fp16 storage (updates would be lost)."""
+    'fp32' keeps an fp32 master; 'bf16' (with storage 'bf16') holds the master in bf16 and writes
+    every update back stochastically rounded with seeded noise, so an update far below bf16's
+    resolution still lands on average and a replay rounds the same way (half the host memory and
+    the host tier's bytes); 'none' is refused for bf16/fp16 storage (updates would be lost)."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,10 @@ def validate_precision(p: PrecisionConfig) -> PrecisionConfig:
             f"updates: a MeZO update (lr * g * z, about 1e-7 at lr 1e-7) is far below {p.storage}'s "
             f"resolution. Choose precision.master='fp32' or precision.storage='fp32'"
         )
+    if p.master == "bf16" and p.storage != "bf16":
+        raise ConfigError(f"precision.master='bf16' is the bf16 weights the forward reads, rounded stochastically; "
+                          f"precision.storage={p.storage!r} differs. Choose precision.storage='bf16' (and compute "
+                          f"'bf16') or precision.master='fp32'")
     if p.storage != "fp32" and p.compute != p.storage:
         raise ConfigError(
             f"precision.storage={p.storage!r} needs precision.compute={p.storage!r} (the forward reads "
@@ -394,6 +401,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.offload.lean and cfg.zo.perturb == "copy":
         raise ConfigError("offload.lean=True runs MeZO's in-place step; zo.perturb='copy' perturbs out of place. "
                           "Choose offload.lean=False or zo.perturb='in-place'")
+    if cfg.precision.master == "bf16":
+        _check_bf16_master(cfg)
     if cfg.peft is not None:
         parse_peft(cfg.peft)
         if cfg.offload.tier != "resident":
@@ -407,6 +416,22 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.offload.tier != "resident" and cfg.engine == "eager":
         raise ConfigError("engine='eager' is the resident reference; offload.tier='host' or 'disk' needs engine='zo2'")
     return cfg
+
+
+def _check_bf16_master(cfg: TrainConfig) -> None:
+    """precision.master='bf16' rounds once per update, in the fused visit of the copies (see ZOConfig)."""
+    if cfg.zo.perturb == "in-place" or cfg.offload.lean:
+        raise ConfigError("precision.master='bf16' with zo.perturb='in-place' (or offload.lean=True) would round the "
+                          "master at every +eps / -2 eps / +eps perturbation; choose zo.perturb='copy' or 'auto' "
+                          "without offload.lean, or precision.master='fp32'")
+    if cfg.offload.tier == "disk":
+        raise ConfigError("precision.master='bf16' is held in memory (offload.tier 'resident' or 'host'); the disk "
+                          "store's crash-safe slots hold fp32. Choose offload.tier='resident' or 'host', or "
+                          "precision.master='fp32'")
+    if is_family(cfg.zo):
+        raise ConfigError(f"precision.master='bf16' rounds MeZO's ZO-SGD update; zo.optimizer={cfg.zo.optimizer!r}, "
+                          f"zo.perturbation={cfg.zo.perturbation!r}, zo.estimator={cfg.zo.estimator!r} keep fp32 "
+                          f"masters. Choose precision.master='fp32' or the defaults (sgd, dense, two-point)")
 
 
 def replace(cfg, **changes):

@@ -32,8 +32,19 @@ def test_mezo_and_every_zo2_tier_give_the_same_losses_and_carry_the_plan(tmp_pat
     assert "zo2 disk" in text and "ms per step by phase" in text and "no spans (eager MeZO)" in text
 
 
+def test_the_bf16_master_case_moves_half_the_bytes_of_the_host_tier():
+    r = device_cases("tiny-deep", batch=2, seq=12, steps=2, compute="bf16", device="cpu", threads=1,
+                     tiers=("host", "host-bf16"))
+    host, half = r["cases"][2], r["cases"][3]
+    assert (host["tier"], half["tier"]) == ("host", "host-bf16")
+    assert half["bytes_per_param_per_step"] == pytest.approx(host["bytes_per_param_per_step"] / 2)
+    assert half["planned_bytes"] < host["planned_bytes"]  # no working copy beside a bf16 master
+    with pytest.raises(ConfigError, match="host-bf16 holds bf16 masters"):
+        device_cases("tiny", device="cpu", compute="fp32", tiers=("host-bf16",))
+
+
 def test_bad_tiers_and_a_missing_gpu_are_one_clear_error():
-    with pytest.raises(ConfigError, match="tiers=.*host, disk"):
+    with pytest.raises(ConfigError, match="tiers=.*host, host-bf16, disk"):
         device_cases("tiny", device="cpu", tiers=("resident",))
     import torch
 

@@ -49,7 +49,7 @@ BAD = {
     "zo.sparse_refresh": (-1, "zo.sparse_refresh=-1 is not valid; it must be an integer >= 0"),
     "precision.compute": ("fp8", "precision.compute='fp8'"),
     "precision.storage": ("int4", "precision.storage='int4' is not valid; choose one of fp32, bf16, fp16"),
-    "precision.master": ("fp64", "precision.master='fp64' is not valid; choose one of fp32, none"),
+    "precision.master": ("fp64", "precision.master='fp64' is not valid; choose one of fp32, bf16, none"),
     "offload": (OffloadConfig(tier="ssd"), "offload.tier='ssd' is not valid; choose one of resident, host, disk"),
     "offload.tier": ("gpu", "offload.tier='gpu' is not valid"),
     "offload.prefetch": (-1, "offload.prefetch=-1 is not valid; it must be an integer >= 0"),

@@ -94,6 +94,65 @@ def test_more_update_terms_than_one_pass_holds_apply_in_order():
     assert same(master, want[0]) and same(plus, want[1]) and same(minus, want[2])
 
 
+RKEY = N.noise_key(1233, "round/decoder.layers.3")
+
+
+def rounded_unfused(master_bf16, start, kind, updates, keep, cur, eps, dtype):
+    """A bf16 master's visit in plain torch: fp32 arithmetic, then the stochastic rounding by hand
+    (add a seeded 16-bit integer to the bit pattern, drop the low 16 bits), copies from the result."""
+    m, _, _ = unfused(master_bf16.float(), start, kind, updates, keep, None, 0.0, torch.float32)
+    idx = torch.arange(m.numel(), dtype=torch.int64) + start
+    k0, k1, _ = (torch.tensor(N._i32(k), dtype=torch.int64) & 0xFFFFFFFF for k in RKEY)
+    def h(x):  # lowbias32 on int64 words
+        x = x & 0xFFFFFFFF
+        x ^= x >> 16
+        x = (x * N.M1) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * N.M2) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+    w1 = h(h(idx ^ k0) + k1)
+    b = (m.view(torch.int32).to(torch.int64) & 0xFFFFFFFF) + (w1 >> 16)
+    r = ((b & 0xFFFF0000) - ((b & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+    if cur is None or eps == 0.0:
+        return r.to(torch.bfloat16), r.to(dtype), r.to(dtype)
+    e = torch.tensor(eps, dtype=torch.float32) * N.fill_(torch.empty(m.numel()), kind, cur, start)
+    return r.to(torch.bfloat16), (r + e).to(dtype), (r - e).to(dtype)
+
+
+@pytest.mark.parametrize("kind, updates, keep", [("gaussian", [(KEY2, -3e-4)], 0.999),
+                                                  ("rademacher", [(KEY2, 0.1), (KEY3, -0.05)], 1.0)])
+def test_a_bf16_master_is_written_back_stochastically_rounded_and_the_copies_come_from_it(kind, updates, keep):
+    n, start = 4099, 77
+    master = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    master[5] = -0.0
+    want = rounded_unfused(master, start, kind, updates, keep, KEY, 1e-3, torch.bfloat16)
+    plus, minus = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    N.visit_(master, start, kind, updates, keep, KEY, 1e-3, plus, minus, round_key=RKEY)
+    assert same(master, want[0]) and same(plus, want[1]) and same(minus, want[2])
+    # no round key, no update: nothing is rounded, the master stays bit for bit
+    before = master.clone()
+    N.visit_(master, start, kind, [], 1.0, KEY, 1e-3, plus, minus)
+    assert same(master, before)
+    with pytest.raises(ValueError, match="round_key"):
+        N.visit_(master, start, kind, updates, keep, KEY, 1e-3, plus, minus)
+
+
+def test_stochastic_rounding_lands_updates_far_below_bf16_resolution_on_average():
+    """An update of 1/16 ulp vanishes under round-to-nearest; rounded stochastically it moves an
+    element by a whole ulp with probability |update| / ulp (1/16 upwards from 1.0, 1/8 downwards,
+    where the ulp is half as large), so the mean change equals the update."""
+    n = 1 << 16
+    master = torch.full((n,), 1.0, dtype=torch.bfloat16)  # ulp above 1.0 is 2**-7
+    up = 2.0 ** -7 / 16
+    N.visit_(master, 0, "rademacher", [(KEY2, up)], 1.0, round_key=RKEY)  # +-up by the sign of z
+    moved = (master.float() != 1.0).float().mean().item()
+    z = N.fill_(torch.empty(n), "rademacher", KEY2, 0)
+    assert abs(moved - (1 / 16 + 1 / 8) / 2) < 0.01
+    assert abs(((master.float() - 1.0) * z).mean().item() - up) < 0.1 * up
+    nearest = (torch.ones(n) + up * z).to(torch.bfloat16)
+    assert bool((nearest == 1.0).all())
+
+
 def test_a_failed_compilation_warns_once_and_runs_the_same_definition(monkeypatch):
     def broken(fn, tag):
         raise RuntimeError("no compiler")
@@ -162,6 +221,18 @@ def test_triton_visit_equals_the_cpu_path(kind, updates, keep, cur, eps, dtype):
     assert same(m.cpu(), want[0]) and same(plus.cpu(), want[1]) and same(minus.cpu(), want[2])
 
 
+def test_triton_bf16_master_visit_equals_the_cpu_path():
+    T = _triton()
+    n, start = 1500, 11
+    master = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    want = rounded_unfused(master, start, "gaussian", [(KEY2, -1e-3)], 0.99, KEY, 1e-3, torch.bfloat16)
+    m, plus, minus = (master.to(DEV), torch.empty(n, dtype=torch.bfloat16, device=DEV),
+                      torch.empty(n, dtype=torch.bfloat16, device=DEV))
+    T.visit_(m, start, "gaussian", [(KEY2, -1e-3)], 0.99, [N._i32(k) for k in KEY], 1e-3, plus, minus, True,
+             [N._i32(k) for k in RKEY])
+    assert same(m.cpu(), want[0]) and same(plus.cpu(), want[1]) and same(minus.cpu(), want[2])
+
+
 def test_gaussian_statistics():
     n = 1 << 21
     z = N.noise_reference("gaussian", KEY, 0, n).double()
@@ -212,19 +283,22 @@ import re, sys, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from distzo2_lab.zo import noise_triton as T
-sig = {"m_ptr": "*fp32", "plus_ptr": "*bf16", "minus_ptr": "*fp16", "n": "i32", "start": "i64",
-       "keep": "fp32", "eps": "fp32", "c0": "i32", "c1": "i32", "c2": "i32",
-       **{f"a{i}": "fp32" for i in range(4)}, **{f"t{i}{j}": "i32" for i in range(4) for j in range(3)},
-       **{c: "constexpr" for c in ("NT", "NOISY", "PLUS", "MINUS", "GAUSS", "BLOCK")}}
-src = ASTSource(T._visit_kernel, sig, constexprs={"NT": 2, "NOISY": True, "PLUS": True, "MINUS": True,
-                                                  "GAUSS": True, "BLOCK": 1024})
-try:
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
-except Exception as exc:  # a missing toolchain skips; a kernel that does not compile fails
-    if "ptxas" not in str(exc) and "backend" not in str(exc).lower():
-        raise
-    print("NO-TOOLCHAIN", exc)
-    sys.exit(0)
+ptx = ""
+for master, rnd in (("*fp32", False), ("*bf16", True)):  # fp32 masters, and bf16 ones rounded stochastically
+    sig = {"m_ptr": master, "plus_ptr": "*bf16", "minus_ptr": "*fp16", "n": "i32", "start": "i64",
+           "keep": "fp32", "eps": "fp32", "c0": "i32", "c1": "i32", "c2": "i32",
+           **{f"a{i}": "fp32" for i in range(4)}, **{f"t{i}{j}": "i32" for i in range(4) for j in range(3)},
+           **{f"r{i}": "i32" for i in range(3)},
+           **{c: "constexpr" for c in ("NT", "NOISY", "PLUS", "MINUS", "GAUSS", "ROUND", "BLOCK")}}
+    src = ASTSource(T._visit_kernel, sig, constexprs={"NT": 2, "NOISY": True, "PLUS": True, "MINUS": True,
+                                                      "GAUSS": True, "ROUND": rnd, "BLOCK": 1024})
+    try:
+        ptx += triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+    except Exception as exc:  # a missing toolchain skips; a kernel that does not compile fails
+        if "ptxas" not in str(exc) and "backend" not in str(exc).lower():
+            raise
+        print("NO-TOOLCHAIN", exc)
+        sys.exit(0)
 pat = r"\\b(mul|add|sub|fma|div|sqrt)(\\.[a-z0-9.]*)?\\.f32\\b"
 print(" ".join(sorted(set(m.group(0) for m in re.finditer(pat, ptx)))))
 print("FMA" if "fma" in ptx else "", "APPROX" if "approx" in ptx else "")

@@ -63,6 +63,19 @@ def test_this_engine_keeps_fp32_masters_on_the_wire():
     assert ours.device_total > zo2.device_total
 
 
+def test_a_bf16_master_halves_the_host_copy_and_the_bytes_on_the_wire():
+    bf16 = PrecisionConfig("bf16", "bf16", "bf16")
+    w32 = Workload(model="opt-1.3b", tier="host", precision=PrecisionConfig("bf16", "bf16", "fp32"))
+    w16 = dataclasses.replace(w32, precision=bf16)
+    p32, p16 = memory_plan(w32, Layout(), A100), memory_plan(w16, Layout(), A100)
+    assert p16.host["blocks (one shared copy)"] * 2 == p32.host["blocks (one shared copy)"]
+    shape = model_shape("opt-1.3b")
+    # the working copy beside the fp32 master is gone too: the bf16 master is what the forward reads
+    assert p32.device["resident modules"] - p16.device["resident modules"] == shape.resident * 4
+    with pytest.raises(ConfigError, match="tier='disk' keeps fp32 slots"):
+        memory_plan(dataclasses.replace(w16, tier="disk"), Layout(), A100)
+
+
 def test_opt_175b_arithmetic_adam_and_mezo_do_not_fit_zo2_does():
     w = zo2_workload("opt-175b")
     assert adam_bytes(w, A100) / GB > 2500  # 16 bytes per parameter

@@ -431,6 +431,15 @@ def test_copies_share_the_cores_with_the_ranks_compute():
     assert ups and all(s.bytes == block for s in ups)  # the spans keep the bytes moved
 
 
+def test_a_bf16_master_moves_half_the_bytes_each_way():
+    w = Workload(model="opt-125m", batch=1, seq=128, tier="host", precision=PrecisionConfig("bf16", "bf16", "bf16"))
+    sim = simulate(w, Layout(), PROFILES["a100-80g-sxm"], steps=3)
+    block = model_shape("opt-125m").block_params
+    for phase in ("upload", "offload"):
+        spans = [s for s in sim.steady_spans() if s.phase == phase]
+        assert spans and {s.bytes for s in spans} == {2 * block}, phase
+
+
 def test_shared_noise_splits_the_draws_without_a_barrier():
     """noise_share.py: the ranks of a node share each whole-bucket draw chunk by chunk (whoever
     claims a chunk first draws it). Ranks arriving together split a piece by whole chunks, so each

@@ -23,8 +23,16 @@ from distzo2_lab.models.presets import count_parameters
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import THIS_MACHINE
 
-CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "disk"))
-"""(engine, tier) in the order they run."""
+CASES = (("eager", "resident"), ("zo2", "resident"), ("zo2", "host"), ("zo2", "host-bf16"), ("zo2", "disk"))
+"""(engine, tier) in the order they run; host-bf16 is the host tier with precision.master='bf16'."""
+TIERS = ("host", "host-bf16", "disk")
+
+
+def _settings(tier: str, compute: str) -> tuple[str, PrecisionConfig]:
+    """(offload tier, precision) of a case's tier name: host-bf16 holds bf16 masters (bf16 compute)."""
+    if tier == "host-bf16":
+        return "host", PrecisionConfig(compute=compute, storage=compute, master="bf16")
+    return tier, PrecisionConfig(compute=compute)
 
 
 def _phase_seconds(spans, steps: int) -> dict[str, float]:
@@ -39,10 +47,10 @@ def _phase_seconds(spans, steps: int) -> dict[str, float]:
 def run_case(model: str, engine: str, tier: str, batch: int, seq: int, steps: int, compute: str, prefetch: int,
              device: str, threads: int, store: str | None = None) -> dict:
     """One case: 1 warm-up step and `steps` timed steps (each waits for its write-backs)."""
+    where, precision = _settings(tier, compute)
     cfg = validate(TrainConfig(model=model, steps=1 + steps, batch_size=batch, seq_len=seq, threads=threads,
-                               device=device, engine=engine, zo=ZOConfig(lr=1e-6, eps=1e-3),
-                               precision=PrecisionConfig(compute=compute),
-                               offload=OffloadConfig(tier=tier, prefetch=prefetch, store=store)))
+                               device=device, engine=engine, zo=ZOConfig(lr=1e-6, eps=1e-3), precision=precision,
+                               offload=OffloadConfig(tier=where, prefetch=prefetch, store=store)))
     cuda = device == "cuda"
     gc.collect()  # the previous case's tensors (reference cycles) must be gone before its peak is read
     base = None
@@ -93,7 +101,8 @@ def planned(model: str, tier: str, batch: int, seq: int, compute: str, prefetch:
     from distzo2_lab.plan.memory import THIS_ENGINE, Workload, memory_plan
     from distzo2_lab.plan.simulator import simulate
 
-    w = Workload(model=model, batch=batch, seq=seq, precision=PrecisionConfig(compute=compute), tier=tier,
+    tier, precision = _settings(tier, compute)
+    w = Workload(model=model, batch=batch, seq=seq, precision=precision, tier=tier,
                  prefetch=prefetch, implementation=THIS_ENGINE)
     profiles = {}
     for name in hardware:
@@ -115,9 +124,12 @@ def device_cases(model: str = "opt-125m", batch: int = 1, seq: int = 2048, steps
     """Eager MeZO, ZO2 resident and ZO2 on each of `tiers`, one after another; see the module's text.
     `hardware` names the simulator's profiles; 'this-machine' reads the calibration in `plan_dir`
     (``distzo2 plan calibrate --device cuda``)."""
-    bad = [t for t in tiers if t not in ("host", "disk")]
+    bad = [t for t in tiers if t not in TIERS]
     if bad:
-        raise ConfigError(f"tiers={bad!r} is not valid; choose from host, disk (resident always runs)")
+        raise ConfigError(f"tiers={bad!r} is not valid; choose from {', '.join(TIERS)} (resident always runs)")
+    if "host-bf16" in tiers and compute != "bf16":
+        raise ConfigError(f"tiers host-bf16 holds bf16 masters, read by bf16 compute; compute={compute!r}: choose "
+                          "compute='bf16' or drop host-bf16")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not valid here: torch sees no CUDA device; choose device='cpu'")
     hardware = (hardware,) if isinstance(hardware, str) else tuple(hardware)

@@ -61,7 +61,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--precision", default="fp32", help=f"compute dtype, one of {', '.join(COMPUTE_DTYPES)}")
     p.add_argument("--storage", default="fp32", help=f"parameter dtype, one of {', '.join(STORAGE_DTYPES)}")
-    p.add_argument("--master", default="fp32", help=f"master copy, one of {', '.join(MASTER_DTYPES)}")
+    p.add_argument("--master", default="fp32", help=f"master copy, one of {', '.join(MASTER_DTYPES)} (bf16: rounded "
+                   "stochastically, needs --storage bf16)")
     p.add_argument("--engine", default=d.engine, help=f"one of {', '.join(ENGINES)}")
     p.add_argument("--task", default=d.task, help=f"one of {', '.join(TASKS)}")
     p.add_argument("--data", default=None, help="text or TSV file for --task text; directory for a suite task")

@@ -61,14 +61,23 @@ class ParamBucket:
         self.attach(master, None if storage == "fp32" else master.to(DTYPES[storage]))
 
     def attach(self, master: torch.Tensor, working: torch.Tensor | None = None) -> None:
-        """Make `master` (flat fp32) this bucket's values; the forward reads `working`, a
-        buffer of the storage dtype (the master itself for fp32)."""
+        """Make `master` (flat fp32, or bf16 under precision.master='bf16') this bucket's values; the
+        forward reads `working`, a buffer of the storage dtype (the master itself when the dtypes agree)."""
         self.master = master
-        self.working = master if self.storage == "fp32" else working
+        self.working = master if master.dtype == self.working_dtype else working
         if self.working is None:
             raise ValueError(f"bucket {self.key}: storage {self.storage} needs a working buffer")
         self.sync()
         self.bind(self.working)
+
+    def hold_master(self, dtype: torch.dtype) -> None:
+        """Hold the master in `dtype` (rounded to nearest once; precision.master='bf16'), which must be
+        the storage dtype: the forward then reads the master itself and no working copy exists."""
+        if self.master is None or self.master.dtype == dtype:
+            return
+        if dtype != self.working_dtype:
+            raise ValueError(f"bucket {self.key}: a {dtype} master needs storage of that dtype, not {self.storage}")
+        self.attach(self.master.to(dtype))
 
     def detach(self) -> None:
         self.master = self.working = None

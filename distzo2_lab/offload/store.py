@@ -35,16 +35,17 @@ class HostStore:
 
     tier = "host"
 
-    def __init__(self, keys: list[str], numels: list[int], pin: bool = False):
-        self.keys, self.numels = list(keys), list(numels)
+    def __init__(self, keys: list[str], numels: list[int], pin: bool = False, dtype: torch.dtype = torch.float32):
+        """dtype: the masters' (fp32, or bf16 under precision.master='bf16')."""
+        self.keys, self.numels, self.dtype = list(keys), list(numels), dtype
         self.blocks = []
         for n in self.numels:
-            t = torch.empty(n, dtype=torch.float32)
+            t = torch.empty(n, dtype=dtype)
             self.blocks.append(t.pin_memory() if pin else t.share_memory_())
         self.committed = -1
 
     def nbytes(self, i: int) -> int:
-        return self.numels[i] * 4
+        return self.numels[i] * self.dtype.itemsize
 
     def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         """Elements [start, start + len(dst)) of block i into dst (a slicer reads one shard)."""
@@ -75,19 +76,19 @@ class SharedHostStore:
     tier = "host"
 
     def __init__(self, path: str, keys: list[str], numels: list[int], create: bool, pin: bool = False,
-                 slots: int = 2):
+                 slots: int = 2, dtype: torch.dtype = torch.float32):
         if slots not in (1, 2):
             raise ValueError(f"slots={slots} is not valid; choose 1 (sliced ranks) or 2 (whole blocks)")
-        self.keys, self.numels, self.slots = list(keys), list(numels), slots
+        self.keys, self.numels, self.slots, self.dtype = list(keys), list(numels), slots, dtype
         self.offsets, total = [], 0
         for n in self.numels:
             self.offsets.append(total)
             total += slots * n
         if create:
             with open(path, "wb") as f:
-                f.truncate(total * 4)
-        self.path, self.nbytes_total = path, total * 4
-        self.flat = torch.from_file(path, shared=True, size=total, dtype=torch.float32)
+                f.truncate(total * dtype.itemsize)
+        self.path, self.nbytes_total = path, total * dtype.itemsize
+        self.flat = torch.from_file(path, shared=True, size=total, dtype=dtype)
         if pin:  # page-locked for async CUDA copies, in place (cudaHostRegister)
             torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), self.nbytes_total, 0)
         self.pinned = pin
@@ -103,7 +104,7 @@ class SharedHostStore:
         self.slot(i, 0).copy_(values)
 
     def nbytes(self, i: int) -> int:
-        return self.numels[i] * 4
+        return self.numels[i] * self.dtype.itemsize
 
     def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         dst.copy_(self.slot(i, self._latest[i])[start : start + dst.numel()], non_blocking=non_blocking)
@@ -136,6 +137,7 @@ class DiskStore:
     memory, and the point of this tier is that the model does not."""
 
     tier = "disk"
+    dtype = torch.float32  # the slots hold fp32 masters
 
     def __init__(self, path: str):
         manifest = os.path.join(path, "manifest.json")

@@ -115,7 +115,7 @@ class Streamer:
             return False
         buf = got[0]
         if buf is None:
-            buf = torch.empty(self.width, dtype=torch.float32, device=self.device)
+            buf = torch.empty(self.width, dtype=self.store.dtype, device=self.device)
         with self._cv:
             self.in_use += 1
             self.peak_in_use = max(self.peak_in_use, self.in_use)
@@ -188,7 +188,7 @@ class Streamer:
         if self.slicer is None:
             return buf[: self.store.numels[i]], 0, self.store.nbytes(i)
         a, b = self.slicer.bounds(self.store.numels[i])
-        return buf[a:b], a, (b - a) * 4
+        return buf[a:b], a, (b - a) * self.store.dtype.itemsize
 
     # -- the compute side ----------------------------------------------------------------
     def _check(self) -> None:

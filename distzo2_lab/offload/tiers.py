@@ -152,8 +152,14 @@ class Offload:
     """adapter + store + streamer for one rank, and the helpers training needs around them."""
 
     def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
-                 recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None):
+                 recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None, master: str = "fp32"):
+        """`master`: precision.master; 'bf16' keeps the blocks' masters in bf16 in a host store (half
+        the host memory and the bytes each visit moves)."""
         self.config, self.node = offload, node
+        if master == "bf16" and offload.tier != "host":
+            raise ConfigError(f"precision.master='bf16' is held in memory; offload.tier={offload.tier!r} keeps fp32 "
+                              "slots. Choose offload.tier='host' or precision.master='fp32'")
+        dtype = torch.bfloat16 if master == "bf16" else torch.float32
         if node is not None and offload.lean:
             raise ConfigError("offload.lean=True keeps one rank's embeddings in the store; a distributed run "
                               "shares the store between ranks: choose offload.lean=False")
@@ -165,18 +171,20 @@ class Offload:
             path = os.path.join(SHM_DIR, f"distzo2-{node.name}.bin")
             slots = 1 if slicer is not None else 2  # see SharedHostStore
             if node.leader:
-                self.store = SharedHostStore(path, keys, numels, create=True, pin=device == "cuda", slots=slots)
+                self.store = SharedHostStore(path, keys, numels, create=True, pin=device == "cuda", slots=slots,
+                                             dtype=dtype)
                 for i, key in enumerate(keys):
                     self.store.fill(i, values(key))
             node.barrier()  # the file is whole
             if not node.leader:
-                self.store = SharedHostStore(path, keys, numels, create=False, pin=device == "cuda", slots=slots)
+                self.store = SharedHostStore(path, keys, numels, create=False, pin=device == "cuda", slots=slots,
+                                             dtype=dtype)
             node.barrier()  # every rank has mapped it: its name can go
             if node.leader:
                 self.store.unlink()
             self.resumed_step = -1
         elif offload.tier == "host":
-            self.store = HostStore(keys, numels, pin=device == "cuda")
+            self.store = HostStore(keys, numels, pin=device == "cuda", dtype=dtype)
             for i, key in enumerate(keys):
                 self.store.blocks[i].copy_(values(key))
             self.resumed_step = -1

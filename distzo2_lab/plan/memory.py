@@ -169,6 +169,9 @@ def check_workload(w: Workload) -> Workload:
     for name, value, choices in (("optimizer", w.optimizer, OPTIMIZERS), ("estimator", w.estimator, ESTIMATORS)):
         if value not in choices:
             raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(choices)}")
+    if w.precision.master == "bf16" and w.tier == "disk":
+        raise ConfigError("precision.master='bf16' is held in memory; tier='disk' keeps fp32 slots. Choose tier "
+                          "'resident' or 'host', or master 'fp32'")
     model_shape(w.model)  # raises ConfigError for an unknown preset
     return w
 
@@ -210,9 +213,16 @@ class MemoryPlan:
         return out
 
 
+def master_bytes(w: Workload) -> int:
+    """Bytes per parameter of a master: fp32, or bf16 under precision.master='bf16' (this engine)."""
+    if not w.implementation.store_fp32:
+        return DTYPE_BYTES[w.precision.storage]
+    return 2 if w.precision.master == "bf16" else 4
+
+
 def transfer_bytes_per_element(w: Workload) -> int:
-    """Bytes per parameter the upload / offload lanes move."""
-    return 4 if w.implementation.store_fp32 else DTYPE_BYTES[w.precision.storage]
+    """Bytes per parameter the upload / offload lanes move each way: the master's."""
+    return master_bytes(w)
 
 
 def padded_block(shape: ModelShape, world: int, sliced: bool) -> int:
@@ -259,20 +269,21 @@ def memory_plan(w: Workload, layout: Layout, hw: Hardware) -> MemoryPlan:
     check_workload(w)
     shape, impl = model_shape(w.model), w.implementation
     s, c = DTYPE_BYTES[w.precision.storage], DTYPE_BYTES[w.precision.compute]
-    low = s != 4  # a lower-precision working copy next to an fp32 master
+    mb = master_bytes(w)
+    low = s != mb  # a lower-precision working copy next to the master (none when a bf16 master is read)
     world, sliced = layout.world_size, layout.slice and w.tier != "resident" and layout.world_size > 1
     moved = transfer_bytes_per_element(w)
     dev: dict[str, float] = {"runtime overhead": hw.context_gb * GB}
     copies = copies_of(w, layout) and impl.store_fp32
-    if impl.resident_extras and copies:  # fp32 master, working copy, both compute-dtype copies
-        dev["resident modules"] = shape.resident * (4 + (s if low else 0) + 2 * c)
-    elif impl.resident_extras:  # fp32 master, working copy, the +eps state, one fp32 z per bucket
-        dev["resident modules"] = shape.resident * (4 + (s if low else 0) + s + 4)
+    if impl.resident_extras and copies:  # master, working copy, both compute-dtype copies
+        dev["resident modules"] = shape.resident * (mb + (s if low else 0) + 2 * c)
+    elif impl.resident_extras:  # master, working copy, the +eps state, one fp32 z per bucket
+        dev["resident modules"] = shape.resident * (mb + (s if low else 0) + s + 4)
     else:
         dev["resident modules"] = shape.resident * s
     width = padded_block(shape, world, sliced)
     if w.tier == "resident":
-        per_block = (4 + (s if low else 0)) if impl.store_fp32 else s
+        per_block = (mb + (s if low else 0)) if impl.store_fp32 else s
         dev["blocks"] = shape.layers * shape.block_params * per_block
     else:
         buffers = min(w.prefetch, shape.layers - 1) + 2

@@ -29,6 +29,7 @@ from distzo2_lab.plan.memory import (
     copies_of,
     directions_of,
     extra_forwards,
+    master_bytes,
     model_shape,
     padded_block,
     transfer_bytes_per_element,
@@ -92,7 +93,7 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
     head_fixed = (hw.launch_us if hw.head_us is None else hw.head_us) * 1e-6 / slow
     head = both(head_fixed, matmul(2 * tokens * shape.head_matmul_params, shape.head_matmul_params * s)) \
         + tokens * shape.vocab * (c + 8) / mem  # the fp32 copy and log-softmax of the logits
-    master = 4 if w.implementation.store_fp32 else s
+    master = master_bytes(w)
     axpy = (3 * master + (s if master != s else 0)) / mem
     rng = 1.0 / (hw.rng_gsamples * 1e9 * share)
     embed = hw.embed_us * 1e-6 / slow + tokens * shape.hidden * c * 3 / mem

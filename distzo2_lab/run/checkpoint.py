@@ -33,7 +33,7 @@ def digest(adapter: BlockAdapter, values=None) -> str:
         for s in b.slots:
             h.update(s.name.encode())
         flat = b.master if b.master is not None else values(b)
-        h.update(flat.detach().cpu().contiguous().numpy().tobytes())
+        h.update(flat.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -44,7 +44,7 @@ def checkpoint_tensors(adapter: BlockAdapter, values=None) -> dict[str, torch.Te
     out: dict[str, torch.Tensor] = {}
     for b in adapter.buckets:
         out.update(b.state(None if b.master is not None else values(b)))
-    return out
+    return {k: v.float() for k, v in out.items()}  # a bf16 master (precision.master) is exact in fp32
 
 
 def load_weights(adapter: BlockAdapter, path: str) -> None:

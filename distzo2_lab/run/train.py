@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from distzo2_lab.config import (
     SUITE_TASKS,
     ConfigError,
+    PrecisionConfig,
     TrainConfig,
     copies_perturbation,
     is_family,
@@ -48,7 +49,7 @@ from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.family_reference import EagerFamily
 from distzo2_lab.zo.reference import EagerMeZO
-from distzo2_lab.zo.spsa import PendingUpdate
+from distzo2_lab.zo.spsa import PendingUpdate, hold_masters
 
 EVAL_STEP = 10**9  # batches at this index and above are never trained on
 SUMMARY_EVERY = 25  # steps between two rewrites of DIR/summary.json while a run goes
@@ -56,8 +57,11 @@ SUMMARY_EVERY = 25  # steps between two rewrites of DIR/summary.json while a run
 
 def base_of(cfg: TrainConfig) -> dict:
     """Where the starting weights come from (what a seed log replays onto), and the device type
-    whose generators drew z (CPU and CUDA generators give different numbers for one seed)."""
+    whose generators drew z (CPU and CUDA generators give different numbers for one seed), and a
+    bf16 master (precision.master='bf16': the replay rounds each update as training did)."""
     peft = {"peft": cfg.peft, "peft_seed": cfg.seed} if cfg.peft is not None else {}
+    if cfg.precision.master == "bf16":
+        peft["master"] = "bf16"
     if is_local_dir(cfg.model):
         return {"model": os.path.abspath(cfg.model), "device": cfg.device, **peft}
     return {"model": cfg.model, "init_seed": cfg.seed, "device": cfg.device, **peft}
@@ -154,7 +158,11 @@ def rebuild(log_path: str, threads: int = 1, storage: str = "fp32") -> BlockAdap
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"seed log {log_path!r} was made on CUDA and must be replayed there (its updates "
                           "were computed with CUDA's elementwise arithmetic); no CUDA device is visible")
+    if log.base.get("master") == "bf16":  # the masters were bf16, each update rounded stochastically
+        storage = "bf16"
     adapter = build_adapter(log.base, storage, device)
+    if log.base.get("master") == "bf16":
+        hold_masters(adapter, PrecisionConfig("bf16", "bf16", "bf16"))
     replay(adapter, log, threads)
     return adapter
 
@@ -164,6 +172,10 @@ def _check_resume(resume: str, cfg: TrainConfig, log: SeedLog) -> None:
     if log.base.get("device", "cpu") != cfg.device:
         raise ConfigError(f"resume={resume!r} was trained on device={log.base.get('device', 'cpu')!r}; "
                           f"device={cfg.device!r} would round its updates differently. Resume on the same device type")
+    if log.base.get("master", "fp32") != cfg.precision.master:
+        raise ConfigError(f"resume={resume!r} was trained with precision.master={log.base.get('master', 'fp32')!r}; "
+                          f"precision.master={cfg.precision.master!r} would round its updates differently. "
+                          "Pass the same")
     # lr is logged per step and may change; the rest shapes z and the update rule.
     differ = [f"zo.{k}" for k in ("eps", "weight_decay", "noise", "perturb")
               if getattr(log.zo, k) != getattr(cfg.zo, k)]
@@ -240,7 +252,7 @@ class Run:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
                                   "its offload.store directory")
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
-                                   self.slicer, node_share() if distributed else None)
+                                   self.slicer, node_share() if distributed else None, cfg.precision.master)
             self.adapter = self.offload.adapter
             extra.update(self.offload.engine_options())
             if cfg.offload.tier == "disk":

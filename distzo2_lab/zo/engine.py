@@ -36,6 +36,7 @@ from distzo2_lab.zo.spsa import (
     compute_context,
     count_tokens,
     direction_seed,
+    hold_masters,
     perturb_,
     projected_grad,
     split_micro,
@@ -212,6 +213,7 @@ class ZO2Engine:
         once. `trim_buffers`: free idle working buffers after each sweep (lean runs). `start_step`
         and `pending`: where a resumed run continues (its first step index, the update it owes)."""
         check_engine_setup(adapter, zo, precision)
+        hold_masters(adapter, precision)
         if adapter.offloaded and streamer is None:
             raise ValueError("this adapter's blocks live in a store: pass streamer=Streamer(store, ...)")
         self.adapter, self.zo, self.precision = adapter, zo, precision
@@ -223,9 +225,10 @@ class ZO2Engine:
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
         # in place, z of the visited block is drawn here (the fused copies compute it where it is used)
         self._z_block = torch.empty(width, device=self.device) if not copies_perturbation(zo) else None
-        # One low-precision working buffer serves every streamed block (compute is sequential).
+        # One low-precision working buffer serves every streamed block (compute is sequential); a
+        # bf16 master is itself what the forward reads
         self._cast = (torch.empty(width, dtype=DTYPES[precision.storage], device=self.device)
-                      if streamer is not None and precision.storage != "fp32" else None)
+                      if streamer is not None and precision.storage != "fp32" and precision.master != "bf16" else None)
         self.pending = pending
         self.step_count = start_step  # the index of the next step (the spans' step)
         self._visit = 0  # streamed visits served so far (the streamer's sweep order)

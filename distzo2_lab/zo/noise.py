@@ -148,12 +148,26 @@ def _fill_impl(out, words, kind):
     out.copy_(noise_of(kind, idx, words[1], words[2], words[3]))
 
 
-def _visit_impl(master, words, params, kind, nterms, noisy, plus, minus):
-    """words: int32 [start, cur k0..k2, term1 k0..k2, ...]; params: fp32 [keep, eps, alpha1, ...]."""
+def round_bf16(m, idx, k0, k1, k2):
+    """fp32 `m` stochastically rounded to bf16 (returned as the fp32 value, exact in bf16): a seeded
+    16-bit integer r = top 16 bits of w1(idx) is added to the bit pattern and the low 16 bits are
+    dropped, so m lands on its upper bf16 neighbour with probability (its distance from the lower
+    one) / ulp. Unbiased, reproducible, and the same bits in torch, Inductor and Triton."""
+    w1, _ = hash_words(idx, k0, k1, k2)
+    bits = m.view(torch.int32) + _shr(w1, 16)
+    return (bits & _i32(0xFFFF0000)).view(torch.float32)
+
+
+def _visit_impl(master, words, params, kind, nterms, noisy, plus, minus, rounded):
+    """words: int32 [start, cur k0..k2, term1 k0..k2, ..., round k0..k2]; params: fp32 [keep, eps,
+    alpha1, ...]. rounded: the master is bf16, written back stochastically rounded."""
     idx = torch.arange(master.numel(), dtype=torch.int32, device=master.device) + words[0]
-    m = master * params[0]
+    m = master.to(torch.float32) * params[0]
     for t in range(nterms):
         m = m + params[2 + t] * noise_of(kind, idx, words[4 + 3 * t], words[5 + 3 * t], words[6 + 3 * t])
+    if rounded:
+        r = 4 + 3 * nterms
+        m = round_bf16(m, idx, words[r], words[r + 1], words[r + 2])
     master.copy_(m)
     if noisy:
         e = params[1] * noise_of(kind, idx, words[1], words[2], words[3])
@@ -244,18 +258,22 @@ def fill_(out: torch.Tensor, kind: str, key_words, start: int) -> torch.Tensor:
 
 
 def visit_(master: torch.Tensor, start: int, kind: str, updates, keep: float = 1.0, cur_key=None,
-           eps: float = 0.0, out_plus: torch.Tensor | None = None, out_minus: torch.Tensor | None = None):
+           eps: float = 0.0, out_plus: torch.Tensor | None = None, out_minus: torch.Tensor | None = None,
+           round_key=None):
     """One fused pass over a contiguous region holding elements [start, start + n) of its bucket:
 
         m = master * keep;  for (key_words, alpha) in updates: m = m + alpha * z(key_words)
         master[:] = m;  out_plus = (m + eps * z(cur_key)).to(dtype);  out_minus = (m - eps * z(cur_key))
 
     (each product and sum rounded to fp32; keep, alpha, eps rounded to fp32 first). With cur_key
-    None or eps == 0 the outs are plain copies of m. z is never materialised."""
+    None or eps == 0 the outs are plain copies of m. z is never materialised. A bf16 `master`
+    (precision.master='bf16') is computed in fp32 and written back stochastically rounded with the
+    noise of `round_key` (:func:`round_bf16`); the outs are made from the rounded value, the weights
+    the run holds. A pass that changes nothing (no update, keep 1) leaves it as it is."""
     _check_kind(kind)
     _flat(master, "master")
-    if master.dtype != torch.float32:
-        raise ValueError(f"master must be fp32; it is {master.dtype}")
+    if master.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"master must be fp32 or bf16; it is {master.dtype}")
     n = master.numel()
     for o, name in ((out_plus, "out_plus"), (out_minus, "out_minus")):
         if o is not None:
@@ -266,23 +284,29 @@ def visit_(master: torch.Tensor, start: int, kind: str, updates, keep: float = 1
     updates = [(tuple(k), float(a)) for k, a in updates]
     if n == 0:
         return master
+    bf16 = master.dtype == torch.bfloat16
+    if bf16 and (updates or keep != 1.0) and round_key is None:
+        raise ValueError("a bf16 master is written back stochastically rounded: pass round_key")
     noisy = cur_key is not None and eps != 0.0
     cur = [_i32(k) for k in cur_key] if noisy else [0, 0, 0]
     tr = _triton() if master.is_cuda else None
+    rk = [_i32(k) for k in round_key] if round_key is not None else [0, 0, 0]
     while True:  # at most MAX_TERMS terms a pass; the outs are written by the last pass
         now, updates = updates[:MAX_TERMS], updates[MAX_TERMS:]
         last = not updates
+        rounded = bf16 and (bool(now) or keep != 1.0)
         plus, minus = (out_plus, out_minus) if last else (None, None)
         if tr is not None:
-            tr.visit_(master, start, kind, now, keep, cur, eps, plus, minus, noisy and last)
+            tr.visit_(master, start, kind, now, keep, cur, eps, plus, minus, noisy and last, rk if rounded else None)
         else:
-            words = [_i32(start)] + cur + [_i32(k) for key, _ in now for k in key]
+            words = [_i32(start)] + cur + [_i32(k) for key, _ in now for k in key] + rk
             params = [keep, eps] + [a for _, a in now]
             w = torch.tensor(words, dtype=torch.int32, device=master.device)
             p = torch.tensor(params, dtype=torch.float32, device=master.device)
             tag = (kind, len(now), noisy and last, None if plus is None else plus.dtype,
-                   None if minus is None else minus.dtype)
-            _run(_visit_impl, tag, master.device, master, w, p, kind, len(now), noisy and last, plus, minus)
+                   None if minus is None else minus.dtype, master.dtype, rounded)
+            _run(_visit_impl, tag, master.device, master, w, p, kind, len(now), noisy and last, plus, minus, rounded)
         if last:
             return master
         keep = 1.0
+        rk[2] = _i32(rk[2] + 0x9E3779B9)  # each further pass rounds with noise of its own

@@ -110,19 +110,26 @@ if triton is not None:
         else:
             return x.to(dtype)
 
+    @triton.jit
+    def _round_bf16(m, idx, r0, r1, r2):  # stochastic rounding to bf16 (noise.round_bf16), as bf16
+        h = _lowbias32(idx ^ r0.to(tl.uint32, bitcast=True))
+        w1 = _lowbias32(h + r1.to(tl.uint32, bitcast=True))
+        b = m.to(tl.uint32, bitcast=True) + (w1 >> 16)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
     @triton.jit(do_not_specialize=["start", "k0", "k1", "k2"])  # a key word of 1 stays a value
     def _fill_kernel(out_ptr, n, start, k0, k1, k2, GAUSS: tl.constexpr, BLOCK: tl.constexpr):
         offs, mask, idx = _index(start, n, BLOCK)
         tl.store(out_ptr + offs, _noise(idx, k0, k1, k2, GAUSS), mask=mask)
 
     @triton.jit(do_not_specialize=["start", "c0", "c1", "c2", "t00", "t01", "t02", "t10", "t11", "t12",
-                                   "t20", "t21", "t22", "t30", "t31", "t32"])
+                                   "t20", "t21", "t22", "t30", "t31", "t32", "r0", "r1", "r2"])
     def _visit_kernel(m_ptr, plus_ptr, minus_ptr, n, start, keep, eps, c0, c1, c2,
-                      a0, a1, a2, a3, t00, t01, t02, t10, t11, t12, t20, t21, t22, t30, t31, t32,
+                      a0, a1, a2, a3, t00, t01, t02, t10, t11, t12, t20, t21, t22, t30, t31, t32, r0, r1, r2,
                       NT: tl.constexpr, NOISY: tl.constexpr, PLUS: tl.constexpr, MINUS: tl.constexpr,
-                      GAUSS: tl.constexpr, BLOCK: tl.constexpr):
+                      GAUSS: tl.constexpr, ROUND: tl.constexpr, BLOCK: tl.constexpr):
         offs, mask, idx = _index(start, n, BLOCK)
-        m = tl.load(m_ptr + offs, mask=mask) * keep
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32) * keep
         if NT > 0:
             m = m + a0 * _noise(idx, t00, t01, t02, GAUSS)
         if NT > 1:
@@ -131,7 +138,12 @@ if triton is not None:
             m = m + a2 * _noise(idx, t20, t21, t22, GAUSS)
         if NT > 3:
             m = m + a3 * _noise(idx, t30, t31, t32, GAUSS)
-        tl.store(m_ptr + offs, m, mask=mask)
+        if ROUND:  # a bf16 master: written back stochastically rounded, the copies made from it
+            mb = _round_bf16(m, idx, r0, r1, r2)
+            tl.store(m_ptr + offs, mb, mask=mask)
+            m = mb.to(tl.float32)
+        else:
+            tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
         if NOISY:
             e = eps * _noise(idx, c0, c1, c2, GAUSS)
             if PLUS:
@@ -157,8 +169,9 @@ def fill_(out: torch.Tensor, kind: str, key_words, start: int) -> None:
                            enable_fp_fusion=False)
 
 
-def visit_(master, start, kind, updates, keep, cur, eps, plus, minus, noisy) -> None:
-    """One pass of at most 4 update terms (noise.visit_ splits and checks); cur: int32 words."""
+def visit_(master, start, kind, updates, keep, cur, eps, plus, minus, noisy, round_words=None) -> None:
+    """One pass of at most 4 update terms (noise.visit_ splits and checks); cur: int32 words;
+    round_words: the int32 key words that round a bf16 master (None: written as computed)."""
     require()
     n = master.numel()
     terms = [(tuple(D._i32(k) for k in key), D.f32(a)) for key, a in updates]
@@ -166,6 +179,7 @@ def visit_(master, start, kind, updates, keep, cur, eps, plus, minus, noisy) -> 
     alphas = [a for _, a in pad]
     words = [k for key, _ in pad for k in key]
     _visit_kernel[_grid(n)](master, master if plus is None else plus, master if minus is None else minus,
-                            n, start, D.f32(keep), D.f32(eps), *cur, *alphas, *words,
-                            NT=len(terms), NOISY=bool(noisy), PLUS=plus is not None, MINUS=minus is not None,
+                            n, start, D.f32(keep), D.f32(eps), *cur, *alphas, *words, *(round_words or (0, 0, 0)),
+                            NT=len(terms), ROUND=round_words is not None, NOISY=bool(noisy),
+                            PLUS=plus is not None, MINUS=minus is not None,
                             GAUSS=kind == "gaussian", BLOCK=BLOCK, enable_fp_fusion=False)

@@ -102,13 +102,16 @@ class Perturber:
             plus = m + eps z(seed);  minus = m - eps z(seed)  (each in its own dtype, the compute dtype)
 
         `terms` are (seed, alpha) pairs (a pending update, see :func:`spsa.update_terms`); with `seed`
-        None the outs are plain copies of m. z is 0 on the frozen spans, where nothing moves."""
+        None the outs are plain copies of m. z is 0 on the frozen spans, where nothing moves. A bf16
+        master (precision.master='bf16') is rounded stochastically with noise keyed by the first
+        term's seed (:func:`noise.round_bf16`), so a replay of the same terms rounds the same way."""
         stop = start + master.numel()
         frozen = self.frozen.get(bucket.key, ())
         decay = self.decay_spans(bucket) if keep != 1.0 else ()
         cuts = sorted({start, stop, *(e for a, b in (*frozen, *decay) for e in (a, b) if start < e < stop)})
         keys = [(noise.noise_key(s, bucket.key), alpha) for s, alpha in terms]
         cur = None if seed is None else noise.noise_key(seed, bucket.key)
+        rk = noise.noise_key(terms[0][0], "round/" + bucket.key) if terms and master.dtype != torch.float32 else None
         for a, b in zip(cuts, cuts[1:]):
             still = any(f0 <= a and b <= f1 for f0, f1 in frozen)
             if still and plus is None and minus is None:
@@ -116,4 +119,4 @@ class Perturber:
             k = keep if any(d0 <= a and b <= d1 for d0, d1 in decay) else 1.0
             i, j = a - start, b - start
             noise.visit_(master[i:j], a, self.noise, [] if still else keys, k, None if still else cur, eps,
-                         None if plus is None else plus[i:j], None if minus is None else minus[i:j])
+                         None if plus is None else plus[i:j], None if minus is None else minus[i:j], rk)

@@ -28,6 +28,7 @@ from distzo2_lab.zo.spsa import (
     compute_context,
     count_tokens,
     direction_seed,
+    hold_masters,
     perturb_,
     projected_grad,
     split_micro,
@@ -43,6 +44,7 @@ class EagerMeZO:
     def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, micro_batches: int = 1):
         check_engine_setup(adapter, zo, precision)
+        hold_masters(adapter, precision)
         self.adapter, self.zo, self.precision = adapter, zo, precision
         self.micro_batches = micro_batches
         self.perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)

@@ -155,12 +155,23 @@ def compute_context(compute: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def hold_masters(adapter, precision) -> None:
+    """precision.master='bf16': the resident buckets' masters become bf16 (rounded to nearest once;
+    every update after that is rounded stochastically by the fused pass)."""
+    if precision.master == "bf16":
+        for b in adapter.buckets:
+            b.hold_master(torch.bfloat16)
+
+
 def check_engine_setup(adapter, zo, precision) -> None:
     """Validate the hyper-parameters and that the adapter's buckets use the precision's storage."""
-    from distzo2_lab.config import ConfigError, validate_precision, validate_zo
+    from distzo2_lab.config import ConfigError, copies_perturbation, validate_precision, validate_zo
 
     validate_zo(zo)
     validate_precision(precision)
+    if precision.master == "bf16" and not copies_perturbation(zo):
+        raise ConfigError("precision.master='bf16' with zo.perturb='in-place' would round the master at every "
+                          "perturbation; choose zo.perturb='copy' or 'auto', or precision.master='fp32'")
     stored = {b.storage for b in adapter.buckets}
     if stored != {precision.storage}:
         raise ConfigError(f"precision.storage={precision.storage!r} but the adapter was built with storage "
