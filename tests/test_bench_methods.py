@@ -4,7 +4,7 @@ import math
 import pytest
 
 from distzo2_lab.bench.methods import method_rows, method_table, run_method
-from distzo2_lab.config import STATE_FLOATS, TrainConfig, ZOConfig, forwards_per_step
+from distzo2_lab.config import STATE_FLOATS, ConfigError, TrainConfig, ZOConfig, forwards_per_step
 from distzo2_lab.run.train import train
 
 
@@ -32,3 +32,8 @@ def test_method_table_has_one_row_per_run():
     table = method_table(runs).splitlines()
     assert len(table) == 4 and table[2].startswith("| SGD |") and table[3].startswith("| MOMENTUM |")
     assert method_rows(runs)[1]["state_kib"] == runs[1].params * 4 / 2**10
+
+
+def test_a_method_run_refuses_a_non_positive_eval_interval():
+    with pytest.raises(ConfigError, match="eval_every=0 is not valid"):
+        run_method(ZOConfig(), 1, eval_every=0)

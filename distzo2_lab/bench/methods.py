@@ -12,7 +12,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from distzo2_lab.config import TrainConfig, ZOConfig, forwards_per_step, validate
+from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig, forwards_per_step, validate
 from distzo2_lab.plan.memory import Workload, state_bytes
 from distzo2_lab.run.train import EVAL_STEP, base_of, build_adapter, build_engine, make_task
 from distzo2_lab.seeds import step_seed
@@ -46,6 +46,8 @@ def _held_state_bytes(engine) -> int:
 def run_method(zo: ZOConfig, steps: int, label: str | None = None, model: str = "tiny", batch_size: int = 4,
                seq_len: int = 16, seed: int = 0, eval_every: int = 10) -> MethodRun:
     """`steps` steps of the method `zo` names on the synthetic task, from the seeded `model`."""
+    if not isinstance(eval_every, int) or eval_every < 1:
+        raise ConfigError(f"eval_every={eval_every!r} is not valid; it must be a positive integer")
     cfg = validate(TrainConfig(model=model, engine="eager", zo=zo, batch_size=batch_size, seq_len=seq_len,
                                seed=seed, steps=steps))
     adapter = build_adapter(base_of(cfg))
@@ -59,7 +61,7 @@ def run_method(zo: ZOConfig, steps: int, label: str | None = None, model: str = 
         if (t + 1) % eval_every == 0 or t + 1 == steps:
             evals.append((t + 1, engine.evaluate(held_out)))
     params = sum(b.numel for b in adapter.buckets)
-    return MethodRun(label or zo.optimizer, zo, evals, statistics.median(times) if times else 0.0,
+    return MethodRun(label or zo.optimizer, zo, evals, statistics.median(times),
                      forwards_per_step(zo), params, _held_state_bytes(engine),
                      params * state_bytes(Workload(model=model, optimizer=zo.optimizer)))
 
