@@ -30,7 +30,7 @@ def _ids(paths):
 
 def test_tutorials_and_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
-    assert "01_zo_basics.ipynb" in names and "07_road_to_opt175b.ipynb" in names, names
+    assert {"01_zo_basics.ipynb", "07_road_to_opt175b.ipynb", "08_beyond_mezo.ipynb"} <= set(names), names
     assert {"layout_tuner.ipynb", "overlap_profiler.ipynb", "sst2_finetune.ipynb"} <= set(names), names
 
 

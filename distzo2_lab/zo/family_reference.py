@@ -15,41 +15,26 @@ import torch
 from distzo2_lab.config import PrecisionConfig, ZOConfig, parse_perturbation
 from distzo2_lab.models.base import BlockAdapter
 from distzo2_lab.zo import directions as dirs
+from distzo2_lab.zo.eager import EagerResident
 from distzo2_lab.zo.estimators import curvature, one_sided, two_point
 from distzo2_lab.zo.methods import METHODS, Scalars, apply_, hizoo_direction
-from distzo2_lab.zo.perturb import Perturber
-from distzo2_lab.zo.spsa import (
-    StepResult,
-    check_engine_setup,
-    compute_context,
-    count_tokens,
-    direction_seed,
-    split_micro,
-    unpack_batch,
-    weighted_loss,
-)
+from distzo2_lab.zo.spsa import StepResult, count_tokens, direction_seed
 
 
-class EagerFamily:
+class EagerFamily(EagerResident):
     """A resident model stepped by zo.optimizer / zo.perturbation / zo.estimator, updates at once."""
 
     def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, micro_batches: int = 1):
-        check_engine_setup(adapter, zo, precision)
-        self.adapter, self.zo, self.precision, self.micro_batches = adapter, zo, precision, micro_batches
+        super().__init__(adapter, zo, precision, micro_batches)
         self.method = METHODS[zo.optimizer]
         self.kind, self.arg = parse_perturbation(zo.perturbation)
         if self.kind == "dense":
             self.kind = zo.noise
-        # frozen spans and decay spans only (z itself is counter-based noise, zo/noise.py)
-        self.perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
-        self.device = adapter.bucket_in.master.device
         self.state = {b.key: self.method.init_state(b.numel, self.device) for b in adapter.buckets}
         self.thresholds: dict[str, torch.Tensor] = {}  # sparse:F, per bucket: one h per slot
         self.v_seed: int | None = None  # lowrank:R, the step seed V was last drawn from
         self.updates = 0  # updates applied (Adam's t)
-        self.step_count = 0
-        self.pending = None  # every update is applied at once
         self.last: dict = {}  # l0, trial loss, acceptance, curvature of the last step
 
     # -- z ------------------------------------------------------------------------------------
@@ -84,13 +69,6 @@ class EagerFamily:
             self.thresholds = {b.key: dirs.sparse_thresholds(b, b.master, self.arg) for b in self.adapter.buckets}
 
     # -- passes -------------------------------------------------------------------------------
-    def _loss(self, ids, labels, mask) -> float:
-        with compute_context(self.precision.compute, self.device):
-            return float(self.adapter.loss(self.adapter.forward(ids, mask), labels))
-
-    def _batch_loss(self, micro) -> float:
-        return weighted_loss([self._loss(*m) for m in micro], [count_tokens(m[1]) for m in micro])
-
     def _loss_at(self, micro, flats: list[torch.Tensor]) -> float:
         """The loss with every bucket's parameters bound to `flats` (fp32, cast to the storage dtype)."""
         for b, f, out in zip(self.adapter.buckets, flats, self._copies):
@@ -140,12 +118,7 @@ class EagerFamily:
     @torch.no_grad()
     def step(self, batch: dict, seed: int, lr: float | None = None, step: int | None = None) -> StepResult:
         """One step of the configured method (`step`: its index, default the step after the last)."""
-        if step is not None:
-            self.step_count = step
-        micro = split_micro(batch, self.micro_batches)
-        for ids, _, _ in micro:
-            self.adapter.check_batch(ids)
-        lr = self.zo.lr if lr is None else lr
+        micro, lr = self._begin(batch, lr, step)
         self._copies = [torch.empty_like(b.working) for b in self.adapter.buckets]
         self._refresh(seed)
         loss_plus, loss_minus, terms, l0 = self._estimate(micro, seed)
@@ -169,15 +142,6 @@ class EagerFamily:
         grad = sum(g for _, g in terms) / len(terms)
         return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr,
                           sum(count_tokens(m[1]) for m in micro), tuple(terms) if len(terms) > 1 else ())
-
-    def flush(self) -> None:
-        """Nothing is ever pending in the eager reference."""
-
-    @torch.no_grad()
-    def evaluate(self, batch: dict) -> float:
-        ids, labels, mask = unpack_batch(batch)
-        self.adapter.check_batch(ids)
-        return self._loss(ids, labels, mask)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:

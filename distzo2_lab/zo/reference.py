@@ -19,41 +19,30 @@ import torch
 from distzo2_lab.config import PrecisionConfig, ZOConfig, copies_perturbation
 from distzo2_lab.models.base import BlockAdapter
 from distzo2_lab.models.buckets import DTYPES
-from distzo2_lab.zo.perturb import Perturber
+from distzo2_lab.zo.eager import EagerResident
 from distzo2_lab.zo.spsa import (
     PendingUpdate,
     StepResult,
     apply_update_,
-    check_engine_setup,
-    compute_context,
     count_tokens,
     direction_seed,
     hold_masters,
     perturb_,
     projected_grad,
-    split_micro,
-    unpack_batch,
     update_terms,
-    weighted_loss,
 )
 
 
-class EagerMeZO:
+class EagerMeZO(EagerResident):
     """MeZO step on a resident model: four noise passes, update applied at once."""
 
     def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, micro_batches: int = 1):
-        check_engine_setup(adapter, zo, precision)
+        super().__init__(adapter, zo, precision, micro_batches)
         hold_masters(adapter, precision)
-        self.adapter, self.zo, self.precision = adapter, zo, precision
-        self.micro_batches = micro_batches
-        self.perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
-        self.device = adapter.bucket_in.master.device
         # in place, z is drawn into memory; the copies' fused pass computes it where it is used
         widest = max(b.numel for b in adapter.buckets) if not copies_perturbation(zo) else 0
         self._z = torch.empty(widest, device=self.device)
-        self.step_count = 0
-        self.pending = None  # the reference applies every update at once; nothing is ever pending
 
     def _z_for(self, bucket, seed: int) -> torch.Tensor:
         return self.perturber.fill(self._z[: bucket.numel], seed, bucket.key)
@@ -62,13 +51,6 @@ class EagerMeZO:
         for b in self.adapter.buckets:
             perturb_(b.master, self._z_for(b, seed), scale)
             b.sync()
-
-    def _loss(self, ids, labels, mask) -> float:
-        with compute_context(self.precision.compute, self.device):
-            return float(self.adapter.loss(self.adapter.forward(ids, mask), labels))
-
-    def _batch_loss(self, micro) -> float:
-        return weighted_loss([self._loss(*m) for m in micro], [count_tokens(m[1]) for m in micro])
 
     def _bind_perturbed(self, seed: int, sign: int, copies: list[torch.Tensor]) -> None:
         """Bind theta + eps z (sign 0) or theta - eps z (sign 1) of every bucket, made in `copies`."""
@@ -79,12 +61,7 @@ class EagerMeZO:
     @torch.no_grad()
     def step(self, batch: dict, seed: int, lr: float | None = None, step: int | None = None) -> StepResult:
         """One ZO step, as ZO2Engine.step (`step`: its index, default the step after the last)."""
-        if step is not None:
-            self.step_count = step
-        micro = split_micro(batch, self.micro_batches)
-        for ids, _, _ in micro:
-            self.adapter.check_batch(ids)
-        lr = self.zo.lr if lr is None else lr
+        micro, lr = self._begin(batch, lr, step)
         eps, q = self.zo.eps, self.zo.directions
         if not copies_perturbation(self.zo):
             self._perturb_all(seed, eps)
@@ -119,12 +96,3 @@ class EagerMeZO:
         self.step_count += 1
         return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr,
                           sum(count_tokens(m[1]) for m in micro), update.terms)
-
-    def flush(self) -> None:
-        """Nothing is ever pending in the eager reference."""
-
-    @torch.no_grad()
-    def evaluate(self, batch: dict) -> float:
-        ids, labels, mask = unpack_batch(batch)
-        self.adapter.check_batch(ids)
-        return self._loss(ids, labels, mask)
