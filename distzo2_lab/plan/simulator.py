@@ -308,6 +308,12 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
     axpy, rng, call = cost.axpy_per_element, cost.rng_per_element, cost.call
     copy_per_element = 8 / (hw.memory_gbps * 1e9 * cost.speed)  # read + write one fp32
 
+    def fused_cost(zs: int) -> float:
+        """Seconds per element of one fused visit pass computing `zs` noise values per element: on a
+        GPU one kernel, bound by the larger of its arithmetic and its memory traffic (z never goes to
+        memory); on a CPU, whose profile is calibrated with the fill and the axpy apart, their sum."""
+        return max(zs * rng, axpy) if hw.kind == "gpu" else zs * rng + axpy
+
     def shared_piece(prog: _Program, phase: str, block: int, elements: int, size: int, per_element: float) -> None:
         """A piece computed by `size` ranks claiming its chunks (noise_share.SharedPieces): ranks
         arriving together wait for the longest run, ceil(chunks / size) chunks (work on this rank's
@@ -354,11 +360,11 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         phase = "update" if pending else "perturb"
         if members:
             if pending:
-                prog.work("update", elements * (rng + axpy) + call)
+                prog.work("update", elements * fused_cost(1) + call)
             for _ in range(signs):
-                shared_piece(prog, "perturb", block, elements, len(members), rng + axpy)
+                shared_piece(prog, "perturb", block, elements, len(members), fused_cost(1))
         else:
-            prog.work(phase, elements * ((1 + pending) * rng + axpy) + call)
+            prog.work(phase, elements * fused_cost(1 + pending) + call)
 
     def update(prog, r, elements, block, local=False) -> None:
         """The deferred update of a bucket: q draws of z and q axpy passes."""
@@ -393,7 +399,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                 for k, _ in enumerate(mine):  # the first direction's pass applies the pending update
                     for elem in res_buckets:
                         prog.work("update" if pending and k == 0 else "perturb",
-                                  elem * ((1 + (pending and k == 0)) * rng + axpy) + call)
+                                  elem * fused_cost(1 + (pending and k == 0)) + call)
                     prog.work("embed", signs * cost.embed_pass)
             prev = prog.close("embed", -1)
             for i in range(n):
@@ -412,7 +418,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                 if sliced:
                     if pending and own(r):  # an empty shard (padding only) has nothing to update
                         if copies:  # the fused pass on the shard, the update only
-                            prog.work("update", own(r) * (rng + axpy) + call)
+                            prog.work("update", own(r) * fused_cost(1) + call)
                         else:
                             update(prog, r, own(r), i, local=True)
                     prog.close("update", i)
@@ -455,7 +461,7 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             else:
                 for _ in mine:
                     if len(mine) > 1:
-                        prog.work("head", sum(elem * (rng + axpy) + call for elem in res_buckets))
+                        prog.work("head", sum(elem * fused_cost(1) + call for elem in res_buckets))
                     prog.work("head", signs * cost.head_pass)
             if extra:
                 prog.work("head", extra * cost.head_pass)
