@@ -431,6 +431,21 @@ def test_copies_share_the_cores_with_the_ranks_compute():
     assert ups and all(s.bytes == block for s in ups)  # the spans keep the bytes moved
 
 
+def test_this_engine_computes_counter_based_noise_at_its_own_rate_and_zo2_draws_at_torchs():
+    from distzo2_lab.plan.memory import ZO2_REFERENCE
+
+    hw = PROFILES["h100-sxm"]
+    slow = dataclasses.replace(hw, noise_gsamples=hw.noise_gsamples / 50)
+    w = Workload(model="opt-1.3b", batch=1, seq=256, tier="resident", precision=PrecisionConfig("bf16"))
+    fused = lambda h, wl: sum(s.seconds for s in simulate(wl, Layout(), h, steps=3).steady_spans()  # noqa: E731
+                              if s.phase in ("update", "perturb", "rng"))
+    assert fused(slow, w) > 5 * fused(hw, w)
+    zo2 = dataclasses.replace(w, implementation=ZO2_REFERENCE, perturb="in-place")
+    assert fused(slow, zo2) == pytest.approx(fused(hw, zo2))  # ZO2 draws with torch's generator
+    with pytest.raises(ConfigError, match="noise_gsamples=0"):
+        dataclasses.replace(hw, noise_gsamples=0)
+
+
 def test_a_bf16_master_moves_half_the_bytes_each_way():
     w = Workload(model="opt-125m", batch=1, seq=128, tier="host", precision=PrecisionConfig("bf16", "bf16", "bf16"))
     sim = simulate(w, Layout(), PROFILES["a100-80g-sxm"], steps=3)

@@ -38,6 +38,10 @@ class Hardware:
     """Device memory bandwidth: perturb / update / cast passes are memory-bound."""
     rng_gsamples: float = 100.0
     """Noise samples generated per second (G) (for 'cpu': per thread)."""
+    noise_gsamples: float | None = None
+    """Counter-based Gaussian samples per second (G) that this engine's fused pass computes
+    (zo/noise.py); None: `rng_gsamples`, which a calibration measures with that noise already.
+    ZO2's modelled implementation draws with torch's generator at `rng_gsamples`."""
     launch_us: float = 50.0
     """Fixed cost of one block pass (kernel launches, Python), microseconds."""
     h2d_gbps: float = 25.0
@@ -146,6 +150,10 @@ class Hardware:
                 none = " (or None: not limiting)" if name in self.LINKS else ""
                 raise ConfigError(f"hardware {self.name!r}: {name}={v!r} is not valid; it must be a positive "
                                   f"number{none}")
+        if self.noise_gsamples is not None and not (isinstance(self.noise_gsamples, (int, float))
+                                                    and self.noise_gsamples > 0):
+            raise ConfigError(f"hardware {self.name!r}: noise_gsamples={self.noise_gsamples!r} is not valid; it must "
+                              "be a positive number (or None: rng_gsamples)")
         if not self.matmul_tflops and not self.rate_by_width:
             raise ConfigError(f"hardware {self.name!r}: matmul_tflops is empty; give a rate per compute dtype")
 
@@ -210,35 +218,45 @@ rate) and OPT-125m's (`contention_wide`, the wide block's rate)."""
 # The effective PCIe figures are what pinned cudaMemcpyAsync reaches (about 80% of the signalling rate).
 # _CUDA_OVERHEAD_GB is the stated per-GPU runtime overhead, one constant for every GPU and model size.
 _CUDA_OVERHEAD_GB = 2.25
+# The counter-based Gaussian (zo/noise.py) is about 150 instructions a sample, half integer (three
+# lowbias32 hashes, the bit search of ln), half fp32 (the ln and cos polynomials, an IEEE division
+# and square root): its rate is the SMs' issue rate over 150, fp32 and int32 lanes taken in turn.
+_NOISE_MODEL = "about 150 instructions a sample at the SMs' fp32 / int32 issue rates, until calibrated"
 
 PROFILES: dict[str, Hardware] = {
     "a100-80g-sxm": Hardware(
         name="a100-80g-sxm", description="NVIDIA A100 80GB SXM4, 8 per node (DGX A100): PCIe Gen4 x16, "
         "2 GPUs per PCIe switch, NVLink 3 through NVSwitch", kind="gpu", device_memory_gb=80.0,
         host_memory_gb=2000.0, devices_per_node=8, matmul_tflops={"fp16": 312.0, "bf16": 312.0, "fp32": 156.0},
-        matmul_efficiency=0.6, memory_gbps=2039.0, rng_gsamples=250.0, launch_us=150.0, h2d_gbps=24.0,
+        matmul_efficiency=0.6, memory_gbps=2039.0, rng_gsamples=250.0,
+        noise_gsamples=65.0, launch_us=150.0, h2d_gbps=24.0,
         d2h_gbps=24.0, link_latency_us=10.0, devices_per_switch=2, switch_gbps=24.0, host_gbps=100.0,
         peer_gbps=240.0, peer_latency_us=15.0, disk_read_gbps=6.0, disk_write_gbps=3.0,
         context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA A100 datasheet (312 TFLOP/s fp16 dense, 2039 GB/s HBM2e, "
-        "NVLink 600 GB/s bidirectional); DGX A100 topology; PCIe at ~75% of 32 GB/s; fp32 = TF32"),
+        "NVLink 600 GB/s bidirectional); DGX A100 topology; PCIe at ~75% of 32 GB/s; fp32 = TF32; "
+        "counter-based noise: " + _NOISE_MODEL + " (108 SMs x 64 fp32 / 64 int32 lanes x 1.41 GHz)"),
     "h100-sxm": Hardware(
         name="h100-sxm", description="NVIDIA H100 80GB SXM5, 8 per node (DGX H100): PCIe Gen5 x16, "
         "2 GPUs per PCIe switch, NVLink 4 through NVSwitch", kind="gpu", device_memory_gb=80.0,
         host_memory_gb=2000.0, devices_per_node=8, matmul_tflops={"fp16": 989.0, "bf16": 989.0, "fp32": 495.0},
-        matmul_efficiency=0.5, memory_gbps=3350.0, rng_gsamples=400.0, launch_us=120.0, h2d_gbps=48.0,
+        matmul_efficiency=0.5, memory_gbps=3350.0, rng_gsamples=400.0,
+        noise_gsamples=135.0, launch_us=120.0, h2d_gbps=48.0,
         d2h_gbps=48.0, link_latency_us=8.0, devices_per_switch=2, switch_gbps=48.0, host_gbps=200.0,
         peer_gbps=360.0, peer_latency_us=12.0, disk_read_gbps=10.0, disk_write_gbps=5.0,
         context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA H100 datasheet (989 TFLOP/s fp16 dense, 3.35 TB/s HBM3, "
-        "NVLink 900 GB/s bidirectional); PCIe Gen5 at ~75% of 64 GB/s; fp32 = TF32"),
+        "NVLink 900 GB/s bidirectional); PCIe Gen5 at ~75% of 64 GB/s; fp32 = TF32; "
+        "counter-based noise: " + _NOISE_MODEL + " (132 SMs x 128 fp32 / 64 int32 lanes x 1.83 GHz)"),
     "rtx4090": Hardware(
         name="rtx4090", description="NVIDIA GeForce RTX 4090 24GB, PCIe Gen4 x16 each, no NVLink and no "
         "peer-to-peer: the all-gather goes through host memory", kind="gpu", device_memory_gb=24.0,
         host_memory_gb=256.0, devices_per_node=4, matmul_tflops={"fp16": 165.0, "bf16": 165.0, "fp32": 82.6},
-        matmul_efficiency=0.6, memory_gbps=1008.0, rng_gsamples=150.0, launch_us=100.0, h2d_gbps=24.0,
+        matmul_efficiency=0.6, memory_gbps=1008.0, rng_gsamples=150.0,
+        noise_gsamples=180.0, launch_us=100.0, h2d_gbps=24.0,
         d2h_gbps=24.0, link_latency_us=10.0, devices_per_switch=1, switch_gbps=None, host_gbps=60.0,
         peer_gbps=None, peer_latency_us=25.0, disk_read_gbps=5.0, disk_write_gbps=3.0,
         context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA Ada whitepaper (165 TFLOP/s fp16 dense with fp32 "
-        "accumulate, 1008 GB/s GDDR6X); PCIe Gen4 at ~75% of 32 GB/s; dual-channel DDR5 host"),
+        "accumulate, 1008 GB/s GDDR6X); PCIe Gen4 at ~75% of 32 GB/s; dual-channel DDR5 host; "
+        "counter-based noise: " + _NOISE_MODEL + " (128 SMs x 128 fp32 / 64 int32 lanes x 2.52 GHz)"),
 }
 
 

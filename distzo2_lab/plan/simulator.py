@@ -95,7 +95,8 @@ def costs(w: Workload, layout: Layout, hw: Hardware, threads: int = 1) -> Costs:
         + tokens * shape.vocab * (c + 8) / mem  # the fp32 copy and log-softmax of the logits
     master = master_bytes(w)
     axpy = (3 * master + (s if master != s else 0)) / mem
-    rng = 1.0 / (hw.rng_gsamples * 1e9 * share)
+    counter = w.implementation.noise == "block" and hw.noise_gsamples is not None  # this engine's noise
+    rng = 1.0 / ((hw.noise_gsamples if counter else hw.rng_gsamples) * 1e9 * share)
     embed = hw.embed_us * 1e-6 / slow + tokens * shape.hidden * c * 3 / mem
     disk = w.tier == "disk"
     # the one-rank commit's snapshot and wait (several ranks: the barrier and the leader's writes, modelled)
