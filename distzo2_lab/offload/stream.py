@@ -27,9 +27,14 @@ class Streamer:
     """Serves block visits in sweep order with transfers overlapped with compute."""
 
     def __init__(self, store, device: str | torch.device = "cpu", depth: int = 1, recorder: Recorder | None = None,
-                 link_gbps: float | None = None, slicer=None):
+                 link_gbps: float | None = None, slicer=None, spare: int = 1):
+        """`spare`: pool buffers beyond the prefetch window and the visit at hand. 1 lets a block's
+        write-back run while the next upload fills another buffer; 0 (lean runs) makes that upload
+        wait for the write-back, for one block buffer less."""
         if depth < 0:
             raise ValueError(f"depth={depth} is not valid; it must be >= 0")
+        if spare not in (0, 1):
+            raise ValueError(f"spare={spare!r} is not valid; choose 0 or 1")
         self.store, self.device = store, torch.device(device)
         # Prefetching a whole sweep ahead would read a block before its last write-back.
         self.depth = min(depth, len(store.numels) - 1)
@@ -43,9 +48,9 @@ class Streamer:
         self.slicer = slicer
         self.width = width = max(slicer.padded(n) if slicer else n for n in store.numels)
         self.pool: queue.Queue = queue.Queue()  # None = a buffer not allocated (yet, or after trim())
-        for _ in range(min(depth, len(store.numels) - 1) + 2):
+        for _ in range(min(depth, len(store.numels) - 1) + 1 + spare):
             self.pool.put(None)
-        self.buffers_allocated = self.depth + 2
+        self.buffers_allocated = self.depth + 1 + spare
         self.in_use = self.peak_in_use = 0  # working buffers out of the pool (checked by tests)
         self.bytes_up = self.bytes_down = 0  # bytes the blocks moved each way (uploads, write-backs)
         if self.cuda:

@@ -33,7 +33,7 @@ def digest(adapter: BlockAdapter, values=None) -> str:
         for s in b.slots:
             h.update(s.name.encode())
         flat = b.master if b.master is not None else values(b)
-        h.update(flat.detach().cpu().contiguous().numpy().tobytes())
+        h.update(flat.detach().cpu().contiguous().numpy())  # hashed in place: no bytes copy of the bucket
     return h.hexdigest()
 
 
