@@ -72,8 +72,10 @@ def test_lean_in_place_visit_holds_no_block_of_noise_and_changes_no_number(tmp_p
         run.engine.step(task.batch(t), t)
     z = run.engine._z_block  # the only noise buffer of the blocks' visits
     assert z is not None and z.numel() == 1000 < min(b.numel for b in run.adapter.blocks)
-    s = run.offload.streamer  # no spare buffer: prefetch + 1 blocks at most
+    s = run.offload.streamer  # no spare buffer: prefetch + 1 blocks at most, none between sweeps
     assert s.buffers_allocated == run.cfg.offload.prefetch + 1 and s.peak_in_use <= s.buffers_allocated
+    s.settle()
+    assert s.in_use == 0 and not s._uploaded  # no prefetch into the next sweep
     with pytest.raises(ValueError, match="spare=2 is not valid"):
         type(s)(run.offload.store, spare=2)
     run.close()

@@ -112,6 +112,9 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
             # the seeds and order build_model uses, so the values equal a fully built model's.
             groups, done = dict(adapter.groups(adapter.model)), set()
             for b in (adapter.bucket_in, adapter.bucket_out):
+                if b.master is None:  # deferred: fresh buffers, untouched until now
+                    b.attach(torch.empty(b.numel), None if b.storage == "fp32" else
+                             torch.empty(b.numel, dtype=b.working_dtype))
                 b.bind(b.master)  # initialise the fp32 master, not a bf16 / fp16 working copy
                 init_group_(groups[b.key], std, derive_seed(seed, "init", b.key), done)
                 b.sync()
@@ -119,6 +122,10 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
 
         if not defer_resident:
             init_resident()
+        else:  # the buckets' masters hold copies made at construction: free them until then
+            for b in (adapter.bucket_in, adapter.bucket_out):
+                b.detach()
+                b.unbind()
         # Blocks: a private fp32 block whose parameters are pointed at the output buffer, so the
         # init writes there directly (the adapter's shell may hold bf16 / fp16 working views).
         init_block = adapter.new_block()
@@ -136,12 +143,12 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
     @torch.no_grad()
     def values(key: str) -> torch.Tensor:
         bucket = next(b for b in adapter.buckets if b.key == key)
+        if pending and key in (adapter.bucket_in.key, adapter.bucket_out.key):
+            scratch.clear()  # deferred: free the block buffer (and the init block's views of it) first
+            for p in init_params.values():
+                p.data = torch.empty(0)
+            pending.pop()()
         if bucket.master is not None:
-            if pending:  # deferred: free the block buffer (and the init block's views of it) first
-                scratch.clear()
-                for p in init_params.values():
-                    p.data = torch.empty(0)
-                pending.pop()()
             return bucket.master
         if not scratch:
             scratch.append(torch.empty(max(b.numel for b in adapter.blocks)))
@@ -210,6 +217,8 @@ class Offload:
                                               base, values)
             if node is not None and node.leader:
                 node.barrier()
+            for b in (a.bucket_in, a.bucket_out):
+                values(b.key)  # deferred resident buckets exist from here on (a new store made them)
             del values  # its block buffer
             for b in (a.bucket_in, a.bucket_out):  # the committed resident state
                 if not (offload.lean and b is a.bucket_in):  # lean: loaded when needed
@@ -371,6 +380,7 @@ class LeanResident:
         self._pending()
         self._write_back()
         self._unload()
+        self.engine.streamer.drain()  # written and freed before the flush's sweep takes a block buffer
 
     def begin(self, seed: int, micro: list) -> list:
         e, a, eps = self.engine, self.adapter, self.engine.zo.eps

@@ -34,6 +34,7 @@ def digest(adapter: BlockAdapter, values=None) -> str:
             h.update(s.name.encode())
         flat = b.master if b.master is not None else values(b)
         h.update(flat.detach().cpu().contiguous().numpy())  # hashed in place: no bytes copy of the bucket
+        del flat  # a bucket read from a store is freed before the next one is read
     return h.hexdigest()
 
 
