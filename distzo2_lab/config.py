@@ -134,14 +134,16 @@ class OffloadConfig:
     tier: str = "resident"
     """'resident' (no offloading), 'host' (CPU memory) or 'disk' (a store directory)."""
     prefetch: int = 1
-    """Upload lane runs this many block visits ahead of compute (working memory: prefetch + 2 blocks)."""
+    """Upload lane runs this many block visits ahead of compute (working memory: prefetch + 2 blocks,
+    prefetch + 1 in a lean run)."""
     store: str | None = None
     """Disk tier: the store directory (created if missing, resumed from if it holds a run)."""
     link_gbps: float | None = None
     """Simulated link bandwidth in GB/s for every transfer (CPU demo of a slow link); None = real speed."""
     lean: bool = False
     """Disk tier: keep the embedding bucket in the store between its uses too (peak memory of
-    about one embedding matrix or prefetch + 2 blocks; costs two more noise passes over it)."""
+    about one embedding matrix or prefetch + 1 blocks; costs two more noise passes over it and
+    over every block, whose noise is regenerated slab by slab for each pass)."""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,32 @@ def test_lean_disk_tier_parks_the_embeddings_and_changes_no_number(storage, tmp_
     run.close()
 
 
+def test_lean_in_place_visit_holds_no_block_of_noise_and_changes_no_number(tmp_path, monkeypatch):
+    from distzo2_lab.data.tasks import SyntheticTask
+    from distzo2_lab.run.train import Run
+    from distzo2_lab.zo import engine
+
+    monkeypatch.setattr(engine, "LEAN_SLAB", 1000)  # many slabs per block, cut across the decay spans
+    cfg = dataclasses.replace(BASE, steps=5, zo=dataclasses.replace(BASE.zo, perturb="in-place"))
+    ref = train(cfg, progress=False)
+    got = train(offloaded(cfg, "disk", tmp_path, lean=True), progress=False)
+    assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
+    assert got["eval_loss_end"] == ref["eval_loss_end"]  # the flush goes slab by slab too
+    run = Run(offloaded(cfg, "disk", tmp_path, lean=True))
+    task = SyntheticTask(512, 12, 2)
+    for t in range(2):
+        run.engine.step(task.batch(t), t)
+    z = run.engine._z_block  # the only noise buffer of the blocks' visits
+    assert z is not None and z.numel() == 1000 < min(b.numel for b in run.adapter.blocks)
+    s = run.offload.streamer  # no spare buffer: prefetch + 1 blocks at most, none between sweeps
+    assert s.buffers_allocated == run.cfg.offload.prefetch + 1 and s.peak_in_use <= s.buffers_allocated
+    s.settle()
+    assert s.in_use == 0 and not s._uploaded  # no prefetch into the next sweep
+    with pytest.raises(ValueError, match="spare=2 is not valid"):
+        type(s)(run.offload.store, spare=2)
+    run.close()
+
+
 @pytest.mark.parametrize("depth", [0, 1, 3, 20])
 def test_prefetch_depth_bounds_working_memory_and_changes_no_number(depth, tmp_path):
     ref = train(BASE, progress=False)
@@ -79,9 +105,10 @@ def test_prefetch_depth_bounds_working_memory_and_changes_no_number(depth, tmp_p
     assert peak >= min(depth, 7) + 1  # uploads ran ahead as far as allowed
 
 
-def test_disk_store_is_created_block_by_block_and_holds_the_presets_values(tmp_path):
+@pytest.mark.parametrize("defer_resident", [False, True])
+def test_disk_store_is_created_block_by_block_and_holds_the_presets_values(defer_resident, tmp_path):
     full = build_adapter({"model": "tiny-deep", "init_seed": 3})
-    adapter, values = build_offloaded({"model": "tiny-deep", "init_seed": 3})
+    adapter, values = build_offloaded({"model": "tiny-deep", "init_seed": 3}, defer_resident=defer_resident)
     assert adapter.offloaded and all(b.master is None for b in adapter.blocks)
     store = DiskStore.create(str(tmp_path / "s"), [(b.key, b.numel) for b in adapter.blocks],
                              [("in", adapter.bucket_in.numel), ("out", adapter.bucket_out.numel)], {}, values)
@@ -90,6 +117,7 @@ def test_disk_store_is_created_block_by_block_and_holds_the_presets_values(tmp_p
         store.read_into(i, out)
         assert torch.equal(out, b.master)
     assert torch.equal(store.read_resident("in"), full.bucket_in.master)
+    assert torch.equal(store.read_resident("out"), full.bucket_out.master)
     store.close()
     reopened = DiskStore(str(tmp_path / "s"))
     assert reopened.committed == -1 and reopened.slot_step("block.0", 1) == -1

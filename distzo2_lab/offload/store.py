@@ -286,6 +286,7 @@ class DiskStore:
                     raise ValueError(f"values({key!r}) gave {flat.numel()} elements, the layout says {numel}")
                 sb = cls.slot_bytes(numel)  # the start state sits in slot 1, the slot of step -1
                 _pwrite_full(fd, _bytes_view(flat), sb + HEADER)
+                del flat  # values() may free its buffer before the next bucket
                 os.pwrite(fd, MAGIC + struct.pack("<q", -1), sb)
                 os.close(fd)
                 entries[kind].append({"key": key, "numel": numel, "file": name})

@@ -27,9 +27,16 @@ class Streamer:
     """Serves block visits in sweep order with transfers overlapped with compute."""
 
     def __init__(self, store, device: str | torch.device = "cpu", depth: int = 1, recorder: Recorder | None = None,
-                 link_gbps: float | None = None, slicer=None):
+                 link_gbps: float | None = None, slicer=None, spare: int = 1):
+        """`spare`: pool buffers beyond the prefetch window and the visit at hand. 1 lets a block's
+        write-back run while the next upload fills another buffer, and the lane prefetch the next
+        sweep's first blocks; 0 (lean runs) makes that upload wait for the write-back, for one block
+        buffer less, and keeps the lane inside the announced sweep, so between sweeps no block
+        buffer is held."""
         if depth < 0:
             raise ValueError(f"depth={depth} is not valid; it must be >= 0")
+        if spare not in (0, 1):
+            raise ValueError(f"spare={spare!r} is not valid; choose 0 or 1")
         self.store, self.device = store, torch.device(device)
         # Prefetching a whole sweep ahead would read a block before its last write-back.
         self.depth = min(depth, len(store.numels) - 1)
@@ -43,9 +50,10 @@ class Streamer:
         self.slicer = slicer
         self.width = width = max(slicer.padded(n) if slicer else n for n in store.numels)
         self.pool: queue.Queue = queue.Queue()  # None = a buffer not allocated (yet, or after trim())
-        for _ in range(min(depth, len(store.numels) - 1) + 2):
+        for _ in range(min(depth, len(store.numels) - 1) + 1 + spare):
             self.pool.put(None)
-        self.buffers_allocated = self.depth + 2
+        self.buffers_allocated = self.depth + 1 + spare
+        self._sweep_end = None if spare else 0  # lean: the lane uploads no visit at or past this one
         self.in_use = self.peak_in_use = 0  # working buffers out of the pool (checked by tests)
         self.bytes_up = self.bytes_down = 0  # bytes the blocks moved each way (uploads, write-backs)
         if self.cuda:
@@ -100,7 +108,7 @@ class Streamer:
         # One visit per call: a parked lane holds no reference to a buffer (see trim()).
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._stop or self._next_upload <= self._requested + self.depth)
+                self._cv.wait_for(lambda: self._stop or self._next_upload <= self._ahead())
                 if self._stop:
                     return
                 v = self._next_upload
@@ -195,10 +203,20 @@ class Streamer:
         if self._error is not None:
             raise RuntimeError("a streamer lane failed") from self._error
 
+    def _ahead(self) -> int:
+        """The last visit the upload lane may serve now."""
+        last = self._requested + self.depth
+        return last if self._sweep_end is None else min(last, self._sweep_end - 1)
+
     def begin_sweep(self, first_visit: int, step: int) -> None:
-        """Label the sweep starting at visit `first_visit` with `step` (for span labels only)."""
+        """Label the sweep starting at visit `first_visit` with `step` (span labels); a lean
+        streamer's lane may now upload its visits."""
         self.step = step
         self._sweep_steps[first_visit // self.n] = step
+        if self._sweep_end is not None:
+            with self._cv:
+                self._sweep_end = first_visit + self.n
+                self._cv.notify_all()
 
     def acquire(self, v: int) -> torch.Tensor:
         """The working buffer of visit `v` (block v % N) once its upload has landed."""
@@ -245,7 +263,7 @@ class Streamer:
         `depth` visits) have landed: the lanes are idle until compute asks for more."""
         self.drain()
         with self._cv:
-            ahead = range(self._requested + 1, self._requested + self.depth + 1)
+            ahead = range(self._requested + 1, self._ahead() + 1)
             self._cv.wait_for(lambda: self._error is not None or all(v in self._uploaded for v in ahead),
                               timeout=timeout)
         self._check()

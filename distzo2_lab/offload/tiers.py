@@ -21,7 +21,7 @@ from distzo2_lab.observe.events import Recorder
 from distzo2_lab.offload.store import DiskStore, HostStore, SharedHostStore
 from distzo2_lab.offload.stream import Streamer
 from distzo2_lab.seeds import derive_seed
-from distzo2_lab.zo.engine import ResidentSet
+from distzo2_lab.zo.engine import LEAN_SLAB, ResidentSet
 from distzo2_lab.zo.spsa import perturb_
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
@@ -74,9 +74,12 @@ def _meta_model(cfg):
     return adapter_class(cfg.model_type).meta_model(cfg)
 
 
-def build_offloaded(base: dict, storage: str = "fp32") -> tuple[BlockAdapter, callable]:
+def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = False) -> tuple[BlockAdapter, callable]:
     """An adapter whose blocks are layout-only, and values(key) -> flat fp32 start values of any
-    bucket (a resident bucket's own master, or a block generated / read into one reused buffer)."""
+    bucket (a resident bucket's own master, or a block generated / read into one reused buffer).
+
+    defer_resident: a preset's resident buckets are initialised on the first values() call for one
+    of them, after the block buffer is freed (a store written blocks first never holds both)."""
     model, seed = base["model"], base.get("init_seed", 0)
     if is_local_dir(model):
         cfg = checkpoint_config(model)
@@ -102,14 +105,27 @@ def build_offloaded(base: dict, storage: str = "fp32") -> tuple[BlockAdapter, ca
         cfg = preset_config(model)
         family = adapter_class(cfg.model_type)
         adapter = family(_meta_model(cfg), storage)
-        # Resident buckets: initialised in place (their parameters are views of the masters), with
-        # the seeds and order build_model uses, so the values equal a fully built model's.
-        groups, done, std = dict(adapter.groups(adapter.model)), set(), family.init_std(cfg)
-        for b in (adapter.bucket_in, adapter.bucket_out):
-            b.bind(b.master)  # initialise the fp32 master, not a bf16 / fp16 working copy
-            init_group_(groups[b.key], std, derive_seed(seed, "init", b.key), done)
-            b.sync()
-            b.bind(b.working)
+        std = family.init_std(cfg)
+
+        def init_resident() -> None:
+            # Resident buckets: initialised in place (their parameters are views of the masters), with
+            # the seeds and order build_model uses, so the values equal a fully built model's.
+            groups, done = dict(adapter.groups(adapter.model)), set()
+            for b in (adapter.bucket_in, adapter.bucket_out):
+                if b.master is None:  # deferred: fresh buffers, untouched until now
+                    b.attach(torch.empty(b.numel), None if b.storage == "fp32" else
+                             torch.empty(b.numel, dtype=b.working_dtype))
+                b.bind(b.master)  # initialise the fp32 master, not a bf16 / fp16 working copy
+                init_group_(groups[b.key], std, derive_seed(seed, "init", b.key), done)
+                b.sync()
+                b.bind(b.working)
+
+        if not defer_resident:
+            init_resident()
+        else:  # the buckets' masters hold copies made at construction: free them until then
+            for b in (adapter.bucket_in, adapter.bucket_out):
+                b.detach()
+                b.unbind()
         # Blocks: a private fp32 block whose parameters are pointed at the output buffer, so the
         # init writes there directly (the adapter's shell may hold bf16 / fp16 working views).
         init_block = adapter.new_block()
@@ -122,10 +138,16 @@ def build_offloaded(base: dict, storage: str = "fp32") -> tuple[BlockAdapter, ca
             init_group_([("", init_block)], std, derive_seed(seed, "init", bucket.key), set())
 
     scratch: list[torch.Tensor] = []
+    pending = [init_resident] if defer_resident and not is_local_dir(model) else []
 
     @torch.no_grad()
     def values(key: str) -> torch.Tensor:
         bucket = next(b for b in adapter.buckets if b.key == key)
+        if pending and key in (adapter.bucket_in.key, adapter.bucket_out.key):
+            scratch.clear()  # deferred: free the block buffer (and the init block's views of it) first
+            for p in init_params.values():
+                p.data = torch.empty(0)
+            pending.pop()()
         if bucket.master is not None:
             return bucket.master
         if not scratch:
@@ -163,7 +185,8 @@ class Offload:
         if node is not None and offload.lean:
             raise ConfigError("offload.lean=True keeps one rank's embeddings in the store; a distributed run "
                               "shares the store between ranks: choose offload.lean=False")
-        self.adapter, values = build_offloaded(base, storage)
+        # a new disk store is written blocks first: its resident buckets are made after the blocks
+        self.adapter, values = build_offloaded(base, storage, defer_resident=offload.tier == "disk")
         a = self.adapter
         blocks = [(b.key, b.numel) for b in a.blocks]
         keys, numels = [k for k, _ in blocks], [n for _, n in blocks]
@@ -202,6 +225,8 @@ class Offload:
                                               base, values)
             if node is not None and node.leader:
                 node.barrier()
+            for b in (a.bucket_in, a.bucket_out):
+                values(b.key)  # deferred resident buckets exist from here on (a new store made them)
             del values  # its block buffer
             for b in (a.bucket_in, a.bucket_out):  # the committed resident state
                 if not (offload.lean and b is a.bucket_in):  # lean: loaded when needed
@@ -220,7 +245,9 @@ class Offload:
                 layer.to(device)
             a.buffers_to(device)  # position ids, rotary frequencies: beside the resident weights
         self.slicer = slicer
-        self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps, slicer)
+        # lean: no spare buffer (a block's upload waits for the previous write-back)
+        self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps, slicer,
+                                 spare=0 if self.lean else 1)
         if self.lean:  # the embeddings live in the store; LeanResident loads them when needed
             a.bucket_in.detach()
             a.bucket_in.unbind()
@@ -305,7 +332,7 @@ class LeanResident:
     full-size noise buffer exists. Same elementwise arithmetic as :class:`ResidentSet`: bit-equal.
     """
 
-    def __init__(self, engine, store: DiskStore, slab: int = 1 << 23):
+    def __init__(self, engine, store: DiskStore, slab: int = LEAN_SLAB):
 
         self.engine, self.store, self.adapter = engine, store, engine.adapter
         if engine.copies:
@@ -361,6 +388,7 @@ class LeanResident:
         self._pending()
         self._write_back()
         self._unload()
+        self.engine.streamer.drain()  # written and freed before the flush's sweep takes a block buffer
 
     def begin(self, seed: int, micro: list) -> list:
         e, a, eps = self.engine, self.adapter, self.engine.zo.eps

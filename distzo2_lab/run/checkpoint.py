@@ -33,7 +33,11 @@ def digest(adapter: BlockAdapter, values=None) -> str:
         for s in b.slots:
             h.update(s.name.encode())
         flat = b.master if b.master is not None else values(b)
-        h.update(flat.detach().float().cpu().contiguous().numpy().tobytes())
+        flat = flat.detach().cpu()
+        if flat.dtype != torch.float32:  # a bf16 master (precision.master) hashes as its exact fp32 values
+            flat = flat.float()
+        h.update(flat.contiguous().numpy())  # hashed in place: no bytes copy of the bucket
+        del flat  # a bucket read from a store is freed before the next one is read
     return h.hexdigest()
 
 

@@ -45,6 +45,8 @@ from distzo2_lab.zo.spsa import (
     weighted_loss,
 )
 
+LEAN_SLAB = 1 << 22  # elements of z a lean run holds at once (16 MiB of fp32)
+
 
 class ResidentSet:
     """The resident buckets (embeddings; final norm and head) held in working memory for the whole
@@ -223,8 +225,12 @@ class ZO2Engine:
         self.noise_share, self.copy_share = noise_share, copy_share
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
-        # in place, z of the visited block is drawn here (the fused copies compute it where it is used)
-        self._z_block = torch.empty(width, device=self.device) if not copies_perturbation(zo) else None
+        # in place, z of the visited block is drawn here (the fused copies compute it where it is used);
+        # lean runs (trim_buffers) draw it slab by slab into a small buffer instead, regenerated for
+        # every pass (counter-based noise: any slice gives the same bits), so no block-sized z exists
+        self._slab = LEAN_SLAB if trim_buffers and noise_share is None and not copies_perturbation(zo) else 0
+        self._z_block = (torch.empty(min(width, self._slab) if self._slab else width, device=self.device)
+                         if not copies_perturbation(zo) else None)
         # One low-precision working buffer serves every streamed block (compute is sequential); a
         # bf16 master is itself what the forward reads
         self._cast = (torch.empty(width, dtype=DTYPES[precision.storage], device=self.device)
@@ -274,7 +280,8 @@ class ZO2Engine:
             return
         self.streamer.begin_sweep(self._visit, self.step_count)
         if self._z_block is None and not self.copies:
-            self._z_block = torch.empty(self._width, device=self.device)
+            self._z_block = torch.empty(min(self._width, self._slab) if self._slab else self._width,
+                                        device=self.device)
         for i, b in enumerate(self.adapter.blocks):
             v = self._visit
             self._visit += 1
@@ -289,7 +296,8 @@ class ZO2Engine:
             del buf
         if self.trim_buffers:  # between sweeps hold no block-sized memory (lean runs)
             b.unbind()  # the shell still viewed the last buffer
-            self._z_block = None
+            if not self._slab:
+                self._z_block = None
             self.streamer.trim()
 
     def _assemble(self, buf: torch.Tensor, b: ParamBucket, i: int) -> None:
@@ -327,9 +335,24 @@ class ZO2Engine:
             if self.copies:  # the fused pass, z made inside it
                 self.perturber.visit(bucket, bucket.master, *self.pending_terms())
                 return
+            spans = self.perturber.decay_spans(bucket)
             for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
+                if self._slab:
+                    def update(m, z, a, grad=grad, lr=lr, wd=wd):
+                        apply_update_(m, z, grad, lr, wd, spans, offset=a)
+
+                    self._by_slab(bucket, seed, update)
+                    continue
                 z = self.draw(scratch[: bucket.numel], seed, bucket.key, keep=False)
-                apply_update_(bucket.master, z, grad, lr, wd, self.perturber.decay_spans(bucket))
+                apply_update_(bucket.master, z, grad, lr, wd, spans)
+
+    def _by_slab(self, bucket: ParamBucket, seed: int, fn) -> None:
+        """fn(master slice, z slice, offset) over the bucket slab by slab, z(seed) of each slab
+        regenerated into the small buffer (lean runs: the same elementwise arithmetic, the same bits)."""
+        m, slab = bucket.master, self._slab
+        for a in range(0, bucket.numel, slab):
+            z = self.perturber.fill(self._z_block[: min(slab, bucket.numel - a)], seed, bucket.key, start=a)
+            fn(m[a : a + z.numel()], z, a)
 
     def pending_terms(self) -> tuple[list[tuple[int, float]], float]:
         """The pending update as the fused visit's (terms, keep); ([], 1.0) when none is pending."""
@@ -391,18 +414,25 @@ class ZO2Engine:
 
         def visit(i: int, b: ParamBucket) -> None:
             self.apply_pending(b, self._z_block, i)
-            with self.span("rng", i):
-                zb = self.draw(self._z_block[: b.numel], seed, b.key, keep=False)  # used up in this visit
+            if self._slab:  # lean: z regenerated slab by slab for each pass
+                def perturb(scale):
+                    self._by_slab(b, seed, lambda m, z, _: perturb_(m, z, scale))
+            else:
+                with self.span("rng", i):
+                    zb = self.draw(self._z_block[: b.numel], seed, b.key, keep=False)  # used up in this visit
+
+                def perturb(scale):
+                    perturb_(b.master, zb, scale)
             for k, scale in ((0, eps), (1, -2 * eps)):
                 with self.span("perturb", i):
-                    perturb_(b.master, zb, scale)
+                    perturb(scale)
                     b.sync()
                 if self.signs[k]:  # PertP: only the passes this rank runs
                     with self.span("forward", i):
                         for h in hs:
                             h[k] = a.run_block(i, h[k], h[2])
             with self.span("perturb", i):
-                perturb_(b.master, zb, eps)
+                perturb(eps)
                 b.sync()
 
         self._sweep(visit)
