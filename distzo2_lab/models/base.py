@@ -121,10 +121,13 @@ class BlockAdapter:
         groups = [(key, unique_params(mods, seen)) for key, mods in self.groups(model)]
         norms = {id(p) for _, mods in self.groups(model) for _, m in mods if m is not None
                  for sub in m.modules() if is_norm(sub) for p in sub.parameters(recurse=False)}
+        # blocks on the meta device live in a store; the shell (block 0) then holds no master either,
+        # so building never holds a block's values beside the embeddings'
+        self.offloaded = any(p.is_meta for _, params in groups[1:-1] for _, p in params)
         self.bucket_in = ParamBucket(groups[0][0], groups[0][1], storage, norms)
-        self.blocks = [ParamBucket(key, params, storage, norms) for key, params in groups[1:-1]]
+        self.blocks = [ParamBucket(key, params, storage, norms, layout_only=self.offloaded)
+                       for key, params in groups[1:-1]]
         self.bucket_out = ParamBucket(groups[-1][0], groups[-1][1], storage, norms)
-        self.offloaded = any(b.master is None for b in self.blocks)
         if self.offloaded:
             self._use_shell()
         n_model = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once

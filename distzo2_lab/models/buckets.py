@@ -37,8 +37,9 @@ class ParamBucket:
     """One flat fp32 master holding every unique parameter of a group of modules."""
 
     def __init__(self, key: str, named_params: list[tuple[str, nn.Parameter]], storage: str = "fp32",
-                 norms: set[int] = frozenset()):
-        """`norms`: ids of norm-layer parameters (no weight decay whatever their names are)."""
+                 norms: set[int] = frozenset(), layout_only: bool = False):
+        """`norms`: ids of norm-layer parameters (no weight decay whatever their names are).
+        `layout_only`: the values live elsewhere (an offloaded block, the shell included): no master."""
         self.key = key
         self.slots: list[Slot] = []
         offset = 0
@@ -52,7 +53,7 @@ class ParamBucket:
         self.decay_spans = _merge([(s.start, s.stop) for s in self.slots if s.decay])
         self.master: torch.Tensor | None = None
         self.working: torch.Tensor | None = None
-        if any(p.is_meta for _, p in named_params):
+        if layout_only or any(p.is_meta for _, p in named_params):
             return  # layout only: the values live in a store and are attached per visit
         device = named_params[0][1].device if named_params else torch.device("cpu")
         master = torch.empty(offset, dtype=torch.float32, device=device)
