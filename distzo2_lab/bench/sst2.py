@@ -4,7 +4,8 @@ MeZO's SST-2 protocol (arXiv 2305.17333, Sec. 3) on the pretrained all-MiniLM-L6
 starts as a zero-shot classifier built from the model's own embeddings of the label prompts (or a
 linear probe, ``start='probe'``); the model is then fine-tuned by ZO through the real engine and
 ``train()``, and by backprop + AdamW (:mod:`distzo2_lab.bench.first_order`). Accuracy is measured
-on the same dev examples, and each training phase's peak memory beside the other's.
+on the same dev examples, and each training phase's peak memory beside the other's. With
+``optimizer`` methods, ZO trains once per method of the family from the same start instead of once.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 
 import torch
 
-from distzo2_lab.bench.sst2_methods import bytes_per_step, method_table
-from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig, parse_peft
+from distzo2_lab.bench.sst2_methods import METHOD_SPEC, bytes_per_step, family_table, method_configs, method_table
+from distzo2_lab.config import ConfigError, TrainConfig, ZOConfig, forwards_per_step, parse_peft
 
 STARTS = ("zero-shot", "probe")
 SELECTS = ("best", "last")
@@ -136,6 +138,7 @@ class Settings:
     select: str = "best"  # the ZO checkpoint scored on dev: "best" on validation (MeZO's protocol) or "last"
     peft: str | None = None  # 'lora:R': also train peft LoRA adapters of rank R by ZO, beside full ZO
     peft_lr: float | None = None  # the LoRA run's learning rate (None: lr)
+    optimizer: tuple[str, ...] = ()  # ZO methods trained one by one from the start (sst2_methods.METHOD_SPEC)
 
     @classmethod
     def quick(cls, data: str, **kw) -> Settings:
@@ -254,12 +257,16 @@ def run(s: Settings, work: str, on_point=None) -> dict:
         raise ConfigError(f"select={s.select!r} is not valid; choose one of {', '.join(SELECTS)}")
     if s.peft is not None:
         parse_peft(s.peft)
+    zo = ZOConfig(lr=s.lr, eps=s.eps, directions=s.directions,
+                  freeze=tuple(p.strip() for p in s.freeze.split(",") if p.strip()))
+    methods = method_configs(tuple(s.optimizer), zo)  # every method checked before any work
+    if methods and s.peft is not None:
+        raise ConfigError(f"optimizer={list(s.optimizer)!r} with peft={s.peft!r}: each writes its own table; "
+                          "run the methods and the LoRA comparison one at a time")
     torch.set_num_threads(s.threads)
     src = s.model or minilm_dir()
     cfg = TrainConfig(model=src, task="sst2", data=s.data, shots=s.shots, seed=s.seed, steps=s.steps,
-                      batch_size=s.batch_size, seq_len=s.seq_len, threads=s.threads,
-                      zo=ZOConfig(lr=s.lr, eps=s.eps, directions=s.directions,
-                                  freeze=tuple(p.strip() for p in s.freeze.split(",") if p.strip())))
+                      batch_size=s.batch_size, seq_len=s.seq_len, threads=s.threads, zo=zo)
     adapter = adapter_for(build_model(src, seed=s.seed))
     if adapter.causal:
         raise ConfigError(f"model={src!r} is a causal LM; this benchmark fits a classifier head (BERT family)")
@@ -284,12 +291,15 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     del adapter
 
     zo_cfg = dataclasses.replace(cfg, model=base)
-    out["zo"], zo_hits = _zo_method(zo_cfg, s, work, test, on_point)
+    if methods:
+        out["methods"] = _family(zo_cfg, methods, s, work, test, start["hits"], on_point)
+    else:
+        out["zo"], zo_hits = _zo_method(zo_cfg, s, work, test, on_point)
+        out["zo_gain"] = out["zo"]["accuracy"] - out["start_accuracy"]
+        # paired on the same dev examples: is the gain more than sampling noise of these examples?
+        out["zo_vs_start"] = paired_comparison(start["hits"], zo_hits)
     out["first_order"] = _in_fresh_process("fo", zo_cfg, s, test)
-    out["zo_gain"] = out["zo"]["accuracy"] - out["start_accuracy"]
     out["fo_gain"] = out["first_order"]["accuracy"] - out["start_accuracy"]
-    # paired on the same dev examples: is the gain more than sampling noise of these examples?
-    out["zo_vs_start"] = paired_comparison(start["hits"], zo_hits)
     out["fo_vs_start"] = paired_comparison(start["hits"], out["first_order"].pop("hits"))
     if s.peft is not None:  # the same start, batches and step seeds; only the adapters move
         lr = s.lr if s.peft_lr is None else s.peft_lr
@@ -301,18 +311,37 @@ def run(s: Settings, work: str, on_point=None) -> dict:
     return out
 
 
-def _zo_method(cfg: TrainConfig, s: Settings, work: str, test: list, on_point=None) -> tuple[dict, list[int]]:
-    """ZO fine-tuning by `cfg` (full or LoRA) scored on `test`: its record and per-example hits."""
+def _family(cfg: TrainConfig, methods: list, s: Settings, work: str, test: list, start_hits: list[int],
+            on_point=None) -> list[dict]:
+    """One ZO run per (spec, zo, engine) of `methods` from the same start, batches and step seeds,
+    each scored on `test` with McNemar's test against the start's hits."""
+    from distzo2_lab.data.sst2 import paired_comparison
+
+    out = []
+    for i, (spec, zo, engine) in enumerate(methods):
+        where = os.path.join(work, f"method-{i}")
+        m, hits = _zo_method(dataclasses.replace(cfg, engine=engine, zo=zo), s, where, test, on_point, spec)
+        shutil.rmtree(where, ignore_errors=True)  # its checkpoints are scored; the next method starts afresh
+        out.append({**m, "method": spec, "engine": engine, "optimizer": zo.optimizer, "perturbation": zo.perturbation,
+                    "estimator": zo.estimator, "forwards": forwards_per_step(zo),
+                    "vs_start": paired_comparison(start_hits, hits)})
+    return out
+
+
+def _zo_method(cfg: TrainConfig, s: Settings, work: str, test: list, on_point=None,
+               label: str | None = None) -> tuple[dict, list[int]]:
+    """ZO fine-tuning by `cfg` (full, LoRA or a family method) scored on `test`: its record and
+    per-example hits."""
     from distzo2_lab.data.sst2 import accuracy
 
     os.makedirs(work, exist_ok=True)
-    label = "full" if cfg.peft is None else cfg.peft
+    label = label or ("full" if cfg.peft is None else cfg.peft)
     point = None if on_point is None else (lambda p: on_point({**p, "method": label}))
     summary, curve, adapter, task, chosen = zo_curve(cfg, work, s.eval_every, point, s.select)
     got = accuracy(adapter, task, test, per_example=True)
     del adapter
     phase = _in_fresh_process("zo-memory", cfg, s, test)
-    return {"steps": cfg.steps, "lr": cfg.zo.lr, "eps": s.eps, "directions": s.directions, "freeze": s.freeze,
+    return {"steps": cfg.steps, "lr": cfg.zo.lr, "eps": cfg.zo.eps, "directions": cfg.zo.directions, "freeze": s.freeze,
             "peft": cfg.peft, "batch_size": s.batch_size, "seconds": summary["zo_seconds_total"],
             "select": s.select, "selected_step": chosen, "accuracy": got["accuracy"], "curve": curve,
             "memory": phase["memory"], "bytes_per_step": phase["bytes_per_step"],
@@ -324,14 +353,21 @@ def _p(r: dict, key: str) -> str:
     return "" if c is None else f" (+{c['gained']}/-{c['lost']} examples, McNemar p = {c['p_value']:.2g})"
 
 
-def format_result(r: dict) -> str:
-    zo, fo, pr = r["zo"], r["first_order"], r["probe"]
-    zs = r["settings"]["start"] == "zero-shot"
+def _zo_line(r: dict) -> str:
+    zo = r["zo"]
     q = f" q {zo['directions']}" if zo["directions"] > 1 else ""
     q += " frozen " + zo["freeze"] if zo.get("freeze") else ""
     steps = zo["steps"] if zo.get("selected_step", zo["steps"]) == zo["steps"] else \
         f"{zo['selected_step']}/{zo['steps']}"
     zo_label = f"ZO {steps:>5} steps lr {zo['lr']:g} batch {zo['batch_size']}{q}"
+    return (f"  {zo_label:<39}{zo['accuracy']:.3f}   ({zo['seconds']:.0f} s, gain {r['zo_gain']:+.3f}"
+            f"{_p(r, 'zo_vs_start')}; peak RSS {zo['memory']['peak_mb']:.0f} MiB, +{zo['memory']['added_mb']:.0f})")
+
+
+def format_result(r: dict) -> str:
+    """The accuracies as text: start, probe, the single ZO run (when it ran) and first-order."""
+    fo, pr = r["first_order"], r["probe"]
+    zs = r["settings"]["start"] == "zero-shot"
     fo_label = f"FO {fo['steps']:>5} steps AdamW lr {fo['lr']:g}"
     label = f"linear probe ({'reference' if zs else 'the start'}, body frozen)"
     probe = (f"  {label:<39}{pr['accuracy']:.3f}   "
@@ -343,10 +379,7 @@ def format_result(r: dict) -> str:
         *([f"  zero-shot head (the start)             {r['start_accuracy']:.3f}   (label prompts "
            f"{' / '.join(r['zero_shot']['prompts'])}, scale {r['zero_shot']['scale']:g})"] if zs else []),
         probe,
-        f"  {zo_label:<39}{zo['accuracy']:.3f}   "
-        f"({zo['seconds']:.0f} s, gain {r['zo_gain']:+.3f}{_p(r, 'zo_vs_start')}; "
-        f"peak RSS {zo['memory']['peak_mb']:.0f} MiB, "
-        f"+{zo['memory']['added_mb']:.0f})",
+        *([_zo_line(r)] if "zo" in r else []),
         f"  {fo_label:<39}{fo['accuracy']:.3f}   ({fo['seconds']:.0f} s, "
         f"gain {r['fo_gain']:+.3f}{_p(r, 'fo_vs_start')}; "
         f"peak RSS {fo['memory']['peak_mb']:.0f} MiB, +{fo['memory']['added_mb']:.0f})",
@@ -363,17 +396,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="seconds-sized run (k=16, a few steps)")
     p.add_argument("--json", default=None, help="write the result here")
     for f in dataclasses.fields(Settings):
-        if f.name != "data":
+        if f.name == "optimizer":
+            p.add_argument("--optimizer", nargs="+", default=None, metavar="METHOD",
+                           help=f"train each method from the start: {METHOD_SPEC}")
+        elif f.name != "data":
             kind = {"shots": int, "peft_lr": float}.get(f.name, str) if f.default is None else type(f.default)
             p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None)
     a = p.parse_args(argv)
     kw = {f.name: getattr(a, f.name) for f in dataclasses.fields(Settings)
           if f.name != "data" and getattr(a, f.name) is not None}
+    kw.update(optimizer=tuple(kw.get("optimizer", ())))
     s = Settings.quick(a.data, **kw) if a.quick else Settings(data=a.data, **kw)
-    with tempfile.TemporaryDirectory() as work:
-        r = run(s, work, on_point=lambda pt: print(f"  {pt['method']:>6} step {pt['step']:>5}: validation accuracy "
-                                                     f"{pt['validation_accuracy']:.3f} ({pt['seconds']:.0f} s)"))
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            r = run(s, work, on_point=lambda pt: print(f"  {pt['method']:>6} step {pt['step']:>5}: validation "
+                                                         f"accuracy {pt['validation_accuracy']:.3f} "
+                                                         f"({pt['seconds']:.0f} s)"))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_result(r))
+    if "methods" in r:
+        zo2 = "engine zo2 for plain MeZO (its wall-clock includes compiling the noise kernel), " \
+            if any(m["engine"] == "zo2" for m in r["methods"]) else ""
+        print(f"\nThe ZO method family from the same start, batches and step seeds (batch {s.batch_size}, "
+              f"eps {s.eps:g}, resident tier; {zo2}the eager reference for the family; "
+              f"the {'best-validation' if s.select == 'best' else 'last'} checkpoint scored):\n")
+        print(family_table(r))
     if "lora" in r:
         print(f"\nFull-parameter ZO beside ZO on LoRA adapters (same start, batches and step seeds; "
               f"batch {s.batch_size}, eps {s.eps:g}, resident tier; the "
