@@ -62,4 +62,4 @@ def test_peak_memory_runs_in_a_fresh_process(tmp_path):
     assert r["peak_rss_kib"] >= r["baseline_rss_kib"] > 0
     assert _positive(r["rss_model_ratio"]) and r["disk_read_bytes_per_step"] > 0 and r["store_bytes"] > 0
     assert os.listdir(tmp_path) == []
-    assert "x model" in format_memory(r)
+    assert "of the model" in format_memory(r)
