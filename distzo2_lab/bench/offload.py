@@ -387,8 +387,8 @@ def format_overhead(r: dict) -> str:
 
 def format_memory(r: dict) -> str:
     mib = lambda kib: _fmt(None if kib is None else kib / 1024, ".0f")
-    return (f"{r['model']} {r['tier']}: peak RSS {mib(r['peak_rss_kib'])} MiB = {r['rss_model_ratio']:.1%} of the model "
-            f"({r['model_bytes'] / 2**20:.0f} MiB fp32); baseline {mib(r['baseline_rss_kib'])} MiB; "
+    return (f"{r['model']} {r['tier']}: peak RSS {mib(r['peak_rss_kib'])} MiB = {r['rss_model_ratio']:.1%} "
+            f"of the model ({r['model_bytes'] / 2**20:.0f} MiB fp32); baseline {mib(r['baseline_rss_kib'])} MiB; "
             f"store build {r['store_build_s']:.1f} s; {r['step_s']:.2f} s/step; "
             f"disk {r['disk_read_bytes_per_step'] / 2**20:.0f} MiB read + "
             f"{r['disk_written_bytes_per_step'] / 2**20:.0f} MiB written per step, "
