@@ -30,7 +30,7 @@ from distzo2_lab.config import (
 )
 from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
 from distzo2_lab.models import BlockAdapter, adapter_for, build_model
-from distzo2_lab.models.lora import is_peft, wrap_lora
+from distzo2_lab.models.lora import is_peft, save_adapters, wrap_lora
 from distzo2_lab.models.presets import is_local_dir
 from distzo2_lab.observe.events import Recorder, overlap_metrics, write_trace
 from distzo2_lab.offload.tiers import Offload
@@ -500,5 +500,7 @@ def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -
         tensors = checkpoint_tensors(run.adapter, run.values)
         save_checkpoint(save, tensors, {"step": summary["next_step"], "config": asdict(run.cfg), "base": run.base,
                                         "digest": summary["digest"]}, run.log)
-        if run.adapter.wrapper is not None:  # the adapters alone, loadable with PeftModel.from_pretrained
+        if run.adapter.wrapper is not None and run.offload is not None:  # the blocks' adapters are in the store
+            save_adapters(run.adapter.wrapper, tensors, save)
+        elif run.adapter.wrapper is not None:  # the adapters alone, loadable with PeftModel.from_pretrained
             run.adapter.wrapper.save_pretrained(save)
