@@ -407,9 +407,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check_bf16_master(cfg)
     if cfg.peft is not None:
         parse_peft(cfg.peft)
-        if cfg.offload.tier != "resident":
-            raise ConfigError(f"peft={cfg.peft!r} trains a resident model; offload.tier={cfg.offload.tier!r} "
-                              "streams blocks built from the base. Choose offload.tier='resident' or peft=None")
     if is_family(cfg.zo) and cfg.engine != "eager":
         raise ConfigError(f"zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation={cfg.zo.perturbation!r}, "
                           f"zo.estimator={cfg.zo.estimator!r} runs with the eager reference only until the block "

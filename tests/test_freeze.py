@@ -41,8 +41,8 @@ def test_frozen_parameters_never_move_and_the_engine_equals_the_reference(pertur
 
 
 def test_freeze_changes_the_estimate_and_streams_and_replays(tmp_path):
-    """The host tier equals the resident run; the seed log rebuilds the weights (the frozen spans'
-    z is 0 in the replay too); copies replay without the round trip."""
+    """The host tier equals the resident run and writes back no frozen span; the seed log rebuilds
+    the weights (the frozen spans' z is 0 in the replay too); copies replay without the round trip."""
     from distzo2_lab.run.checkpoint import digest
     from distzo2_lab.run.train import rebuild, train
 
@@ -52,6 +52,9 @@ def test_freeze_changes_the_estimate_and_streams_and_replays(tmp_path):
     assert plain["steps"][0]["loss_plus"] != frozen["steps"][0]["loss_plus"]
     host = train(validate(dataclasses.replace(cfg, offload=OffloadConfig(tier="host"))), progress=False)
     assert host["steps"] == frozen["steps"] and host["digest"] == frozen["digest"]
+    spans = frozen_spans(OPTAdapter(build_model("tiny")).buckets, FREEZE)
+    held = sum(y - x for k, s in spans.items() if k.startswith("block.") for x, y in s)
+    assert held > 0 and host["bytes_down_per_step"] == host["bytes_up_per_step"] - 4 * held  # frozen spans stay
     assert digest(rebuild(str(tmp_path / "f" / "seedlog.jsonl"))) == frozen["digest"]
     copies = dataclasses.replace(base, zo=dataclasses.replace(base.zo, perturb="copy"))
     c = train(copies, out=str(tmp_path / "c"), progress=False)

@@ -8,6 +8,7 @@ import torch
 from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig, validate
 from distzo2_lab.models import adapter_for, build_model
 from distzo2_lab.models.lora import frozen_patterns, wrap_lora
+from distzo2_lab.run.train import train
 from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.reference import EagerMeZO
 from tests.helpers import batches, masters_equal, run
@@ -93,9 +94,86 @@ def test_prefix_tuning_is_refused_with_the_reason_and_the_valid_choices():
     assert "\n" not in str(e.value)
 
 
-def test_peft_refuses_an_offloaded_tier():
-    with pytest.raises(ConfigError, match="offload.tier='resident'"):
-        validate(TrainConfig(peft="lora:2", offload=OffloadConfig(tier="host")))
+LORA = TrainConfig(model="tiny-deep", steps=4, batch_size=2, seq_len=12, threads=1, peft="lora:4",
+                   zo=ZOConfig(weight_decay=0.1))
+
+
+def _tier(cfg: TrainConfig, tier: str, store) -> TrainConfig:
+    return dataclasses.replace(cfg, offload=OffloadConfig(tier=tier, store=str(store) if tier == "disk" else None))
+
+
+def _block_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
+    """(block elements, trainable block elements, all elements) of cfg's LoRA model."""
+    from distzo2_lab.run.train import base_of, build_adapter
+
+    a = build_adapter(base_of(cfg))
+    lora = sum(s.stop - s.start for b in a.blocks for s in b.slots if ".lora_" in s.name)
+    return sum(b.numel for b in a.blocks), lora, sum(b.numel for b in a.buckets)
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_lora_on_an_offloaded_tier_equals_the_resident_run_and_writes_back_only_the_adapters(tier, tmp_path):
+    """Same losses, digest and adapters as the resident LoRA run; the base leaves the store as it
+    went in; each step uploads every block (fp32) and writes back only the adapters' elements."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    ref = train(LORA, progress=False, save=str(tmp_path / "ref"))
+    got = train(_tier(LORA, tier, tmp_path / "store"), progress=False, save=str(tmp_path / "got"))
+    assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
+    assert got["eval_loss_end"] == ref["eval_loss_end"]
+    start = _values(adapter_for(wrap_lora(build_model("tiny-deep", seed=0), "lora:4", 0)))
+    trained = load_file(tmp_path / "got" / "model.safetensors")
+    assert all(torch.equal(trained[n].flatten(), v) for n, v in start.items() if ".lora_" not in n)  # the base
+    assert any(not torch.equal(trained[n].flatten(), v) for n, v in start.items() if ".lora_B" in n)  # trained
+    blocks, lora, total = _block_sizes(LORA)
+    assert got["bytes_up_per_step"] == 4 * blocks and got["bytes_down_per_step"] == 4 * lora
+    assert got["bytes_per_param_per_step"] == pytest.approx(4 * (blocks + lora) / total)
+    ids = batches(1, batch=2)[0]["input_ids"]
+    ref_model, got_model = (PeftModel.from_pretrained(build_model("tiny-deep", seed=0), tmp_path / d).eval()
+                            for d in ("ref", "got"))
+    with torch.no_grad():  # the adapters saved the peft way from the store
+        assert torch.equal(got_model(input_ids=ids).logits, ref_model(input_ids=ids).logits)
+
+
+def test_offload_spans_carry_the_bytes_each_way(tmp_path):
+    """Upload spans: the whole fp32 block; offload spans: the block's adapter elements only."""
+    from distzo2_lab.observe.events import read_jsonl
+    from distzo2_lab.run.train import base_of, build_adapter
+
+    got = train(_tier(dataclasses.replace(LORA, steps=2), "host", None), progress=False, trace=str(tmp_path / "t"))
+    a = build_adapter(base_of(LORA))
+    lora = [sum(s.stop - s.start for s in b.slots if ".lora_" in s.name) for b in a.blocks]
+    spans = read_jsonl(got["trace"]["jsonl"])
+    up = [s for s in spans if s.lane == "upload"]
+    down = [s for s in spans if s.lane == "offload"]
+    assert up and all(s.bytes == 4 * a.blocks[s.block].numel for s in up)
+    assert down and all(s.bytes == 4 * lora[s.block] for s in down)
+
+
+def test_lora_disk_store_reopens_on_the_same_trajectory(tmp_path):
+    ref = train(dataclasses.replace(LORA, steps=5), progress=False)
+    cfg = _tier(LORA, "disk", tmp_path / "store")
+    first = train(dataclasses.replace(cfg, steps=2), progress=False)
+    rest = train(dataclasses.replace(cfg, steps=5), progress=False)
+    assert rest["start_step"] == 2 and first["steps"] + rest["steps"] == ref["steps"]
+    assert rest["digest"] == ref["digest"]
+
+
+def test_a_disk_store_is_refused_for_another_adapter_or_a_one_slot_start(tmp_path):
+    import json
+
+    from distzo2_lab.run.train import Run
+
+    cfg = _tier(dataclasses.replace(LORA, steps=1), "disk", tmp_path / "store")
+    train(cfg, progress=False)
+    with pytest.raises(ConfigError, match=r"offload.store=.* holds .*'peft': 'lora:4'"):
+        Run(dataclasses.replace(cfg, peft="lora:2", steps=3))
+    manifest = tmp_path / "store" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "version": 1}))  # a store whose slot 0 never held the start values
+    with pytest.raises(ConfigError, match="keeps the start values in one slot only"):
+        Run(dataclasses.replace(cfg, steps=3))
 
 
 def test_cli_train_takes_peft(tmp_path, capsys):

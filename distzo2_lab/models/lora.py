@@ -58,3 +58,20 @@ def frozen_patterns(model: nn.Module) -> tuple[str, ...]:
 def trainable_names(model: nn.Module) -> list[str]:
     """Names (as the adapter sees them) of the parameters ``peft`` trains."""
     return [n for n, p in hf_model(model).named_parameters() if p.requires_grad]
+
+
+def save_adapters(wrapper: nn.Module, tensors: dict[str, torch.Tensor], directory: str) -> None:
+    """The adapters the peft way (adapter_config.json, adapter_model.safetensors) from `tensors`
+    (name -> values, as the adapter names them): an offloaded model's blocks hold their values in
+    a store, not in the wrapper's modules, so ``save_pretrained`` cannot read them."""
+    import os
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = {"base_model.model." + n: t for n, t in tensors.items() if ".lora_" in n}
+    os.makedirs(directory, exist_ok=True)
+    adapters = get_peft_model_state_dict(wrapper, state_dict=state, save_embedding_layers=False)
+    save_file({k: v.contiguous() for k, v in adapters.items()}, os.path.join(directory, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    wrapper.peft_config["default"].save_pretrained(directory)

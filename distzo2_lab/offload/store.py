@@ -28,6 +28,7 @@ from distzo2_lab.config import ConfigError
 MAGIC = b"DZO2SLT1"
 HEADER = 4096  # one page per slot header keeps every slot's values page-aligned
 FORMAT = "distzo2-disk-store"
+VERSION = 2  # 2: both slots hold the start values (write-backs may leave the fixed spans out)
 
 
 class HostStore:
@@ -53,6 +54,11 @@ class HostStore:
 
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         self.blocks[i][start : start + src.numel()].copy_(src, non_blocking=non_blocking)
+
+    def write_spans(self, i: int, buf: torch.Tensor, spans, non_blocking: bool = False) -> None:
+        """The [a, b) spans of block i from `buf` (the whole block's buffer); the rest keeps its values."""
+        for a, b in spans:
+            self.write_from(i, buf[a:b], non_blocking, start=a)
 
     def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None) -> None:
         self.committed = step  # host memory does not outlive the process: nothing to persist
@@ -100,8 +106,10 @@ class SharedHostStore:
         return self.flat[self.offsets[i] + which * n : self.offsets[i] + (which + 1) * n]
 
     def fill(self, i: int, values: torch.Tensor) -> None:
-        """The start values of block i (written once, by the node's first rank)."""
-        self.slot(i, 0).copy_(values)
+        """The start values of block i (written once, by the node's first rank) into every slot: a
+        span no visit changes is then current in each."""
+        for which in range(self.slots):
+            self.slot(i, which).copy_(values)
 
     def nbytes(self, i: int) -> int:
         return self.numels[i] * self.dtype.itemsize
@@ -112,6 +120,15 @@ class SharedHostStore:
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         nxt = (self._latest[i] + 1) % self.slots
         self.slot(i, nxt)[start : start + src.numel()].copy_(src, non_blocking=non_blocking)
+        self._latest[i] = nxt
+
+    def write_spans(self, i: int, buf: torch.Tensor, spans, non_blocking: bool = False) -> None:
+        """The [a, b) spans of block i from `buf` into the next slot, which becomes the latest; the
+        rest of that slot holds the start values (fill writes every slot), as a span left out never
+        changes."""
+        nxt = (self._latest[i] + 1) % self.slots
+        for a, b in spans:
+            self.slot(i, nxt)[a:b].copy_(buf[a:b], non_blocking=non_blocking)
         self._latest[i] = nxt
 
     def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None) -> None:
@@ -208,6 +225,13 @@ class DiskStore:
                              f"({self._numel[key]} elements)")
         self._write(key, src, self.committed + 1, start)
 
+    def write_spans(self, i: int, buf: torch.Tensor, spans, non_blocking: bool = False) -> None:
+        """The [a, b) spans of block i from `buf` into the non-committed slot; the rest of that slot
+        holds the start values (create writes both slots), as a span left out never changes. No
+        spans: the slot is only marked with this step."""
+        for a, b in spans or [(0, 0)]:
+            self.write_from(i, buf[a:b], non_blocking, start=a)
+
     def write_resident(self, key: str, src: torch.Tensor) -> None:
         """Write a resident bucket's new state (the non-committed slot, like a block visit)."""
         self._write(key, src, self.committed + 1)
@@ -284,13 +308,14 @@ class DiskStore:
                 flat = values(key)
                 if flat.numel() != numel:
                     raise ValueError(f"values({key!r}) gave {flat.numel()} elements, the layout says {numel}")
-                sb = cls.slot_bytes(numel)  # the start state sits in slot 1, the slot of step -1
-                _pwrite_full(fd, _bytes_view(flat), sb + HEADER)
+                sb = cls.slot_bytes(numel)  # the start state sits in slot 1, the slot of step -1, and in
+                for slot in (0, 1):  # slot 0, so that a span no step changes is current in both
+                    _pwrite_full(fd, _bytes_view(flat), slot * sb + HEADER)
                 del flat  # values() may free its buffer before the next bucket
                 os.pwrite(fd, MAGIC + struct.pack("<q", -1), sb)
                 os.close(fd)
                 entries[kind].append({"key": key, "numel": numel, "file": name})
-        manifest = {"format": FORMAT, "version": 1, "base": base, "dtype": "float32", "committed": -1, **entries}
+        manifest = {"format": FORMAT, "version": VERSION, "base": base, "dtype": "float32", "committed": -1, **entries}
         _write_json_atomic(os.path.join(path, "manifest.json"), manifest)
         return cls(path)
 

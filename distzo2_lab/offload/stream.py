@@ -6,7 +6,8 @@ the offload of block i-1 on three CUDA streams. Here every consumer walks the bl
 - the upload lane runs up to `depth` visits ahead of compute (prefetch depth), into a pool of
   depth + 2 working buffers (so at most depth + 2 blocks are in working memory at once), and
   never reads a block whose previous write-back is still in flight;
-- the offload lane writes blocks back in order and returns their buffers to the pool.
+- the offload lane writes blocks back in order and returns their buffers to the pool; a block's
+  fixed spans (zo.freeze, a LoRA model's base) never change, so only its other spans go back.
 On CPU the lanes are worker threads (copies and file I/O release the GIL). On CUDA each lane
 also has its own stream; hand-offs are CUDA events (record / wait), buffers used across streams
 are marked with ``record_stream``, and host memory is pinned. An optional *simulated* link
@@ -27,12 +28,15 @@ class Streamer:
     """Serves block visits in sweep order with transfers overlapped with compute."""
 
     def __init__(self, store, device: str | torch.device = "cpu", depth: int = 1, recorder: Recorder | None = None,
-                 link_gbps: float | None = None, slicer=None, spare: int = 1):
+                 link_gbps: float | None = None, slicer=None, spare: int = 1,
+                 fixed: dict[str, list[tuple[int, int]]] | None = None):
         """`spare`: pool buffers beyond the prefetch window and the visit at hand. 1 lets a block's
         write-back run while the next upload fills another buffer, and the lane prefetch the next
         sweep's first blocks; 0 (lean runs) makes that upload wait for the write-back, for one block
         buffer less, and keeps the lane inside the announced sweep, so between sweeps no block
-        buffer is held."""
+        buffer is held. `fixed`: {block key: [start, stop) spans} that no visit changes (z is 0
+        there): kept out of the write-backs, which the store must allow (every slot holds their
+        start values)."""
         if depth < 0:
             raise ValueError(f"depth={depth} is not valid; it must be >= 0")
         if spare not in (0, 1):
@@ -45,6 +49,7 @@ class Streamer:
         if link_gbps:
             self.recorder.meta["simulated_link_gbps"] = link_gbps
         self.n = len(store.numels)
+        self.moving = [_complement((fixed or {}).get(k, []), n) for k, n in zip(store.keys, store.numels)]
         self.cuda = self.device.type == "cuda"
         # With a slicer each visit moves only this rank's shard; buffers are padded to whole shards.
         self.slicer = slicer
@@ -170,19 +175,21 @@ class Streamer:
             return
         i, buf, write, event, step = payload
         if write:
-            view, start, nbytes = self._part(buf, i)
+            view, start, _ = self._part(buf, i)
+            pieces = _clip(self.moving[i], start, start + view.numel())
+            nbytes = sum(b - a for a, b in pieces) * self.store.dtype.itemsize
             self.bytes_down += nbytes
             t0 = time.perf_counter_ns()
             if self.cuda:  # the span is the copy on the offload stream, timed by CUDA events
                 self.off_stream.wait_event(event)
                 with torch.cuda.stream(self.off_stream), \
                         self.recorder.cuda_span("offload", "offload", step, i, nbytes, stream=self.off_stream):
-                    self.store.write_from(i, view, non_blocking=self.store.tier == "host", start=start)
+                    self.store.write_spans(i, buf, pieces, non_blocking=self.store.tier == "host")
                 self.off_stream.synchronize()
                 self._simulate(nbytes, t0)
             else:
                 with self.recorder.span("offload", "offload", step, i, nbytes):
-                    self.store.write_from(i, view, start=start)
+                    self.store.write_spans(i, buf, pieces)
                     self._simulate(nbytes, t0)
             self._written[i].set()
         elif event is not None:
@@ -288,3 +295,18 @@ class Streamer:
         self._offq.put(None)
         for t in self._threads:
             t.join(timeout=10)
+
+
+def _complement(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """[0, n) without the sorted, disjoint `spans`."""
+    out, a = [], 0
+    for x, y in spans:
+        if x > a:
+            out.append((a, x))
+        a = max(a, y)
+    return out + [(a, n)] if a < n else out
+
+
+def _clip(spans: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
+    """The parts of `spans` inside [a, b)."""
+    return [(max(x, a), min(y, b)) for x, y in spans if x < b and y > a]

@@ -15,13 +15,22 @@ import torch
 
 from distzo2_lab.config import ConfigError, OffloadConfig
 from distzo2_lab.models.base import BlockAdapter
-from distzo2_lab.models.presets import checkpoint_config, init_group_, init_missing_, is_local_dir, preset_config
-from distzo2_lab.models.registry import adapter_class
+from distzo2_lab.models.lora import wrap_lora
+from distzo2_lab.models.presets import (
+    build_model,
+    checkpoint_config,
+    init_group_,
+    init_missing_,
+    is_local_dir,
+    preset_config,
+)
+from distzo2_lab.models.registry import adapter_class, adapter_for
 from distzo2_lab.observe.events import Recorder
 from distzo2_lab.offload.store import DiskStore, HostStore, SharedHostStore
 from distzo2_lab.offload.stream import Streamer
 from distzo2_lab.seeds import derive_seed
 from distzo2_lab.zo.engine import LEAN_SLAB, ResidentSet
+from distzo2_lab.zo.perturb import frozen_spans
 from distzo2_lab.zo.spsa import perturb_
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
@@ -68,10 +77,29 @@ def _copy_into_bucket(bucket, out: torch.Tensor, get) -> None:
         out[s.start : s.stop].copy_(get(s).reshape(-1))
 
 
-def _meta_model(cfg):
+def _meta_model(cfg, base: dict):
     """The family's model on the meta device whose resident modules and block 0 (the shell) have
-    real, still untouched storage: nothing is initialised twice and no page is touched before use."""
-    return adapter_class(cfg.model_type).meta_model(cfg)
+    real, still untouched storage: nothing is initialised twice and no page is touched before use.
+    A base naming LoRA adapters (peft) gets them wrapped around it (block 0's real, the others meta)."""
+    model = adapter_class(cfg.model_type).meta_model(cfg)
+    if base.get("peft") is None:
+        return model
+    return wrap_lora(model, base["peft"], base.get("peft_seed", 0))
+
+
+def _lora_blocks(base: dict):
+    """make(bucket, out) for the blocks of a LoRA base: copied from the wrapped model, built whole
+    on the first call (peft draws every lora_A from one generator in module order, so a block's
+    adapters are known only once those before it are drawn), and freed with `values`."""
+    held: list[BlockAdapter] = []
+
+    def make(bucket, out: torch.Tensor) -> None:
+        if not held:
+            model = build_model(base["model"], seed=base.get("init_seed", 0))
+            held.append(adapter_for(wrap_lora(model, base["peft"], base.get("peft_seed", 0))))
+        out.copy_(next(b for b in held[0].blocks if b.key == bucket.key).master)
+
+    return make
 
 
 def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = False) -> tuple[BlockAdapter, callable]:
@@ -83,11 +111,11 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
     model, seed = base["model"], base.get("init_seed", 0)
     if is_local_dir(model):
         cfg = checkpoint_config(model)
-        adapter = adapter_class(cfg.model_type)(_meta_model(cfg), storage)
+        adapter = adapter_for(_meta_model(cfg, base), storage)
         reader = _SafetensorsReader(model, adapter.model.base_model_prefix)
         missing = {s.name for b in adapter.buckets for s in b.slots if reader.key(s.name) is None}
         lacking = [s.name for b in adapter.blocks for s in b.slots if s.name in missing]
-        if lacking:
+        if lacking and adapter.wrapper is None:  # a LoRA base's blocks come from the wrapped model
             raise ConfigError(f"model={model!r}: checkpoint lacks block tensors, e.g. {lacking[:3]}")
         for b in (adapter.bucket_in, adapter.bucket_out):
             b.bind(b.master)  # fill the fp32 master, not a bf16 / fp16 working copy
@@ -104,7 +132,7 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
     else:
         cfg = preset_config(model)
         family = adapter_class(cfg.model_type)
-        adapter = family(_meta_model(cfg), storage)
+        adapter = adapter_for(_meta_model(cfg, base), storage)
         std = family.init_std(cfg)
 
         def init_resident() -> None:
@@ -137,6 +165,8 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
                 init_params[s.name[len(prefix):]].data = out[s.start : s.stop].view(s.shape)
             init_group_([("", init_block)], std, derive_seed(seed, "init", bucket.key), set())
 
+    if adapter.wrapper is not None:
+        make = _lora_blocks(base)
     scratch: list[torch.Tensor] = []
     pending = [init_resident] if defer_resident and not is_local_dir(model) else []
 
@@ -174,9 +204,11 @@ class Offload:
     """adapter + store + streamer for one rank, and the helpers training needs around them."""
 
     def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
-                 recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None, master: str = "fp32"):
+                 recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None, master: str = "fp32",
+                 freeze: tuple[str, ...] = ()):
         """`master`: precision.master; 'bf16' keeps the blocks' masters in bf16 in a host store (half
-        the host memory and the bytes each visit moves)."""
+        the host memory and the bytes each visit moves). `freeze`: the run's zo.freeze patterns; with
+        the adapter's own (a LoRA model's base) they are the spans no write-back carries."""
         self.config, self.node = offload, node
         if master == "bf16" and offload.tier != "host":
             raise ConfigError(f"precision.master='bf16' is held in memory; offload.tier={offload.tier!r} keeps fp32 "
@@ -188,6 +220,8 @@ class Offload:
         # a new disk store is written blocks first: its resident buckets are made after the blocks
         self.adapter, values = build_offloaded(base, storage, defer_resident=offload.tier == "disk")
         a = self.adapter
+        spans = frozen_spans(a.buckets, tuple(freeze) + a.frozen)
+        fixed = {b.key: spans[b.key] for b in a.blocks if b.key in spans}
         blocks = [(b.key, b.numel) for b in a.blocks]
         keys, numels = [k for k, _ in blocks], [n for _, n in blocks]
         if offload.tier == "host" and node is not None:  # one copy per node, in shared memory
@@ -198,6 +232,7 @@ class Offload:
                                              dtype=dtype)
                 for i, key in enumerate(keys):
                     self.store.fill(i, values(key))
+            del values  # its block buffer (and a LoRA base's wrapped model)
             node.barrier()  # the file is whole
             if not node.leader:
                 self.store = SharedHostStore(path, keys, numels, create=False, pin=device == "cuda", slots=slots,
@@ -210,6 +245,7 @@ class Offload:
             self.store = HostStore(keys, numels, pin=device == "cuda", dtype=dtype)
             for i, key in enumerate(keys):
                 self.store.blocks[i].copy_(values(key))
+            del values
             self.resumed_step = -1
         else:
             path = offload.store
@@ -217,9 +253,12 @@ class Offload:
                 node.barrier()  # the leader has created (or checked) the store
             if os.path.exists(os.path.join(path, "manifest.json")):
                 self.store = DiskStore(path)
-                if self.store.manifest["base"].get("model") != base["model"] or \
-                        self.store.manifest["base"].get("init_seed") != base.get("init_seed"):
-                    raise ConfigError(f"offload.store={path!r} holds {self.store.manifest['base']}, not {base}")
+                held = self.store.manifest["base"]
+                if any(held.get(k) != base.get(k) for k in ("model", "init_seed", "peft", "peft_seed")):
+                    raise ConfigError(f"offload.store={path!r} holds {held}, not {base}")
+                if fixed and self.store.manifest.get("version", 1) < 2:
+                    raise ConfigError(f"offload.store={path!r} keeps the start values in one slot only; zo.freeze "
+                                      "(or peft) writes back only what changes: create a new offload.store")
             else:
                 self.store = DiskStore.create(path, blocks, [("in", a.bucket_in.numel), ("out", a.bucket_out.numel)],
                                               base, values)
@@ -247,7 +286,7 @@ class Offload:
         self.slicer = slicer
         # lean: no spare buffer (a block's upload waits for the previous write-back)
         self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps, slicer,
-                                 spare=0 if self.lean else 1)
+                                 spare=0 if self.lean else 1, fixed=fixed)
         if self.lean:  # the embeddings live in the store; LeanResident loads them when needed
             a.bucket_in.detach()
             a.bucket_in.unbind()

@@ -30,7 +30,7 @@ from distzo2_lab.config import (
 )
 from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
 from distzo2_lab.models import BlockAdapter, adapter_for, build_model
-from distzo2_lab.models.lora import is_peft, wrap_lora
+from distzo2_lab.models.lora import is_peft, save_adapters, wrap_lora
 from distzo2_lab.models.presets import is_local_dir
 from distzo2_lab.observe.events import Recorder, overlap_metrics, write_trace
 from distzo2_lab.offload.tiers import Offload
@@ -241,10 +241,7 @@ class Run:
         pending = None
         if cfg.offload.tier == "resident":
             self.adapter = build_adapter(self.base, cfg.precision.storage, cfg.device, model)
-            if self.adapter.frozen:  # a peft model trains its adapters only: the rest is held fixed
-                zo = dataclasses.replace(cfg.zo, freeze=cfg.zo.freeze + self.adapter.frozen)
-                cfg = self.cfg = dataclasses.replace(cfg, zo=zo)
-                self.log.zo = zo
+            cfg = self._hold_frozen()
             if resume is not None:
                 self._resume(resume)
         else:
@@ -252,8 +249,10 @@ class Run:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
                                   "its offload.store directory")
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
-                                   self.slicer, node_share() if distributed else None, cfg.precision.master)
+                                   self.slicer, node_share() if distributed else None, cfg.precision.master,
+                                   cfg.zo.freeze)
             self.adapter = self.offload.adapter
+            cfg = self._hold_frozen()
             extra.update(self.offload.engine_options())
             if cfg.offload.tier == "disk":
                 pending = self._open_disk_log()
@@ -264,6 +263,14 @@ class Run:
         self.engine = build_engine(cfg, self.adapter, self.recorder, **extra)
         if self.start >= cfg.steps:
             raise ConfigError(f"steps={cfg.steps} is not beyond the step {self.start} already trained")
+
+    def _hold_frozen(self) -> TrainConfig:
+        """A peft model trains its adapters only: the rest joins zo.freeze (held fixed); the config."""
+        if self.adapter.frozen:
+            zo = dataclasses.replace(self.cfg.zo, freeze=self.cfg.zo.freeze + self.adapter.frozen)
+            self.cfg = dataclasses.replace(self.cfg, zo=zo)
+            self.log.zo = zo
+        return self.cfg
 
     def _node_shares(self, groups) -> dict:
         """The engine's noise generator and the node's shares of its draws and copies (CPU ranks of
@@ -493,5 +500,7 @@ def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -
         tensors = checkpoint_tensors(run.adapter, run.values)
         save_checkpoint(save, tensors, {"step": summary["next_step"], "config": asdict(run.cfg), "base": run.base,
                                         "digest": summary["digest"]}, run.log)
-        if run.adapter.wrapper is not None:  # the adapters alone, loadable with PeftModel.from_pretrained
+        if run.adapter.wrapper is not None and run.offload is not None:  # the blocks' adapters are in the store
+            save_adapters(run.adapter.wrapper, tensors, save)
+        elif run.adapter.wrapper is not None:  # the adapters alone, loadable with PeftModel.from_pretrained
             run.adapter.wrapper.save_pretrained(save)
