@@ -403,10 +403,7 @@ class LeanResident:
         self.bin.unbind()
 
     def _noise(self, seed: int, fn) -> None:
-        m = self.bin.master
-        for a in range(0, m.numel(), self.slab):
-            z = self.engine.perturber.fill(self._z[: min(self.slab, m.numel() - a)], seed, self.bin.key, start=a)
-            fn(m[a : a + z.numel()], z)
+        self.engine.perturber.by_slab(self.bin.master, seed, self.bin.key, self._z, lambda m, z, _: fn(m, z))
         self.bin.sync()
 
     def _pending(self) -> None:

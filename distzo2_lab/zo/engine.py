@@ -349,10 +349,7 @@ class ZO2Engine:
     def _by_slab(self, bucket: ParamBucket, seed: int, fn) -> None:
         """fn(master slice, z slice, offset) over the bucket slab by slab, z(seed) of each slab
         regenerated into the small buffer (lean runs: the same elementwise arithmetic, the same bits)."""
-        m, slab = bucket.master, self._slab
-        for a in range(0, bucket.numel, slab):
-            z = self.perturber.fill(self._z_block[: min(slab, bucket.numel - a)], seed, bucket.key, start=a)
-            fn(m[a : a + z.numel()], z, a)
+        self.perturber.by_slab(bucket.master, seed, bucket.key, self._z_block, fn)
 
     def pending_terms(self) -> tuple[list[tuple[int, float]], float]:
         """The pending update as the fused visit's (terms, keep); ([], 1.0) when none is pending."""

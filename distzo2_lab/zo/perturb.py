@@ -88,6 +88,14 @@ class Perturber:
                 out[max(a, start) - start : min(b, stop) - start].zero_()
         return out
 
+    def by_slab(self, master: torch.Tensor, seed: int, key: str, buf: torch.Tensor, fn) -> None:
+        """fn(master slice, z slice, offset) over a whole bucket's `master`, in slices as long as `buf`,
+        z(seed, key) of each regenerated into `buf` (no bucket-sized z: the same bits as one fill)."""
+        slab = buf.numel()
+        for a in range(0, master.numel(), slab):
+            z = self.fill(buf[: min(slab, master.numel() - a)], seed, key, start=a)
+            fn(master[a : a + z.numel()], z, a)
+
     def noise_for(self, seed: int, key: str, numel: int, start: int = 0, device="cpu") -> torch.Tensor:
         """A fresh buffer holding z(seed, key)[start : start + numel] (fp32)."""
         return self.fill(torch.empty(numel, dtype=torch.float32, device=device), seed, key, start)
