@@ -189,9 +189,10 @@ def test_nspsa_layouts_equal_the_single_rank_engine():
 def test_copy_perturbation_layouts_equal_the_single_rank_engine(monkeypatch):
     """zo.perturb='copy': a PertP rank copies theta + eps z or theta - eps z only (never the round
     trip). PertP(2) equals the single rank bit for bit; 2D(2x2) sliced over the host store equals
-    DDP(2) bit for bit, and both the single rank within float order (as in place). The ranks of
-    the same one sign make each block's copy once between them (copy_share.CopyShare), bit for bit
-    what each rank makes alone."""
+    DDP(2) bit for bit, and both the single rank within float order (as in place). On the resident
+    tier the machine's ranks hold the masters once and make every update and copy once between
+    them (master_share.MasterShare); sliced over a host store, the ranks of the same one sign make
+    each block's copy once (copy_share.CopyShare). Both are bit for bit what each rank makes alone."""
     monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")  # a tiny block (49,984 elements) is 13 grains to split
     cfg = dataclasses.replace(CFG, zo=ZOConfig(perturb="copy"))
     single = train(cfg, progress=False)
@@ -205,8 +206,15 @@ def test_copy_perturbation_layouts_equal_the_single_rank_engine(monkeypatch):
     assert two_d[0]["steps"] == ddp[0]["steps"]
     alone = run_layout(Layout(dp=2, pert=1, share_noise=False), cfg)  # every rank draws and copies alone
     assert {r["digest"] for r in alone.values()} == {ddp[0]["digest"]} and alone[0]["steps"] == ddp[0]["steps"]
-    # PertP ranks run different signs, DDP ranks both (one fused pass makes both copies): no share
+    # resident: the masters are shared (no copy share); alone: nothing is shared
     assert {r["copy_share"]["ranks"] for r in [*alone.values(), *pertp.values(), *ddp.values()]} == {1}
+    assert {r["master_share"]["ranks"] for r in [*alone.values(), *two_d.values()]} == {1}
+    for shared in (pertp, ddp):  # every update and copy made once by the node: the ranks' parts add up to one
+        reports = [r["master_share"] for r in shared.values()]
+        assert {m["ranks"] for m in reports} == {2} and {tuple(m["signs"]) for m in reports} == {(True, True)}
+        assert len({m["served_elements"] for m in reports}) == 1
+        assert sum(m["computed_elements"] for m in reports) == reports[0]["served_elements"]
+        assert all(m["computed_elements"] > 0 for m in reports)
     for shared, group in ((two_d, 2),):  # 2D: the two ranks of each sign
         reports = [r["copy_share"] for r in shared.values()]
         assert {c["ranks"] for c in reports} == {group}

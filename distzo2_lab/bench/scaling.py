@@ -10,8 +10,9 @@ T2 = one rank's forward of the global batch with every thread, T1c(W) = the same
 single-threaded ranks at once (so they contend as real ranks do). `ideal_layout` uses each
 layout's own forwards (a DDP rank runs both signs on its share of the batch), so "% layout" is the
 share that the engine's own work (noise, updates, copies, exchange, waits) leaves. By default the
-ranks of a node share the work they would repeat (node_share.py: the noise draws of an in-place
-run, the block copies of a copies run); `share_noise=False` shows what that saves.
+ranks of a node share the work they would repeat (master_share.py: with copies, one master per
+node whose updates and copies are each made once; node_share.py: the noise draws of an in-place
+run); `share_noise=False` shows what that saves.
 Every configuration runs `repeats` times round-robin and keeps its best run. Figures: docs/results.md.
 """
 from __future__ import annotations
@@ -72,9 +73,10 @@ def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout
             passes = sum(layout.signs(rank)) if world_size > 1 else 2
             step_forward_s = _time_forward(run.adapter, run.micro_batch(task.batch(1))["input_ids"],
                                            max(1, forward_repeats), passes)
-            # the node's shared work this rank made: noise draws in place, block copies with copies
-            share = engine.noise_share or engine.copy_share
-            made = share.ring.computed / share.served if share is not None and share.served else 1.0
+            # the node's shared work this rank made: noise draws in place; with copies the updates and
+            # copies of the node's one master (or the block copies of ranks of one sign over a store)
+            share = engine.master_share or engine.noise_share or engine.copy_share
+            made = share.computed / share.served if share is not None and share.served else 1.0
             return {"seconds": seconds, "forward_s": forward_s, "step_forward_s": step_forward_s,
                     "shared_fraction": made}
         finally:
@@ -221,7 +223,7 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
 
 
 def format_scaling(r: dict) -> str:
-    noise = ("z split by the ranks of the node" if r["share_noise"] else "every rank draws all of z")
+    noise = ("the node's work split by its ranks" if r["share_noise"] else "every rank does all of its work")
     lines = [f"{r['model']} global batch {r['batch']}x{r['seq']}, {r['steps']} timed steps, "
              f"{r['total_threads']} total threads (cpu_count {r['cpu_count']}), best of {r['repeats']} "
              f"round-robin rounds; noise: {noise}; perturbation: {r.get('perturb', 'auto')}",
@@ -248,8 +250,9 @@ def format_scaling(r: dict) -> str:
     lines.append("% ideal: of the ideal from this world's own concurrent forwards; % 2-rank: of the ideal "
                  "if taking turns on the cores cost nothing (total_threads ranks' forwards, times min(W, threads)); "
                  "% layout: of the ideal from each rank's own forwards of a step (its signs, its micro-batch)")
-    lines.append("z drawn: the share of the shared noise that rank 0 generated itself (the rest came from "
-                 "its node's ranks through shared memory; whoever is there first draws; 100%: nothing shared)")
+    lines.append("made: the share of the node's shared work that rank 0 did itself (with copies: the updates "
+                 "and copies of the node's one master; in place: the z draws); the rest came from its node's "
+                 "ranks through shared memory, whoever is there first computes; 100%: nothing shared")
     lines.extend(f"note: {n}" for n in r["notes"])
     return "\n".join(lines)
 

@@ -62,6 +62,8 @@ class ParallelGroups:
     token: str
     """A name common to the run (the node groups' shared-memory files)."""
     directions_total: int = 1
+    node_ranks: tuple[int, ...] = ()
+    """Every rank of this machine (their weights are identical in every layout)."""
 
     @property
     def world_size(self) -> int:
@@ -97,8 +99,9 @@ class ParallelGroups:
         if layout.share_noise and world > 1:
             noise = _node(hosts, rank, lambda r: tuple(layout.directions(r, directions)))
             copies = _node(hosts, rank, lambda r: (tuple(layout.directions(r, directions)), layout.signs(r)))
+        here = tuple(r for r in range(world) if hosts[r][0] == hosts[rank][0])
         return cls(layout, rank, backend or dist.get_backend(), dist.group.WORLD, dp, pert, noise, copies,
-                   hosts[0][1], directions)
+                   hosts[0][1], directions, here)
 
 
 def _cut(lines: list[list[int]], mine: int):

@@ -45,11 +45,16 @@ class SharedPieces:
     member compute (with `compute(slot, a, b)`, elements [a, b) of the piece) every chunk it can
     claim, then wait for the rest. `barrier()` is used only while the members open the shared
     files; `timeout` (seconds) bounds every wait for another member (a member that died or hangs
-    raises instead of blocking)."""
+    raises instead of blocking).
+
+    `lanes`: arrays of slot_elems a slot holds (a piece's chunk [a, b) is written in every lane,
+    e.g. the +eps and -eps copies of one block: the slot is then a (lanes, length) view, one
+    contiguous row per lane). lanes=0 holds no data at all, only the claims: the work lands
+    elsewhere (in place in a shared master) and `compute` receives None."""
 
     def __init__(self, index: int, size: int, barrier: Callable[[], None], path: str, create: bool,
                  slot_elems: int, chunk: int, dtype: torch.dtype = torch.float32, slots: int = 3,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, lanes: int = 1):
         if not 0 <= index < size:
             raise ValueError(f"index={index} is not in [0, {size})")
         if slots < 2:
@@ -57,15 +62,18 @@ class SharedPieces:
         self.index, self.size, self.slots, self.chunk, self.timeout = index, size, slots, chunk, timeout
         self.slot_chunks = max(1, -(-slot_elems // chunk))
         self.slot_elems = self.slot_chunks * chunk  # whole chunks
+        self.lanes = lanes
         ctl_len = size + slots + slots * self.slot_chunks  # progress | slot piece | chunk states
         ctl_path = path + ".ctl"
         if create:
-            with open(path, "wb") as f:
-                f.truncate(slots * self.slot_elems * torch.empty(0, dtype=dtype).element_size())
+            if lanes:
+                with open(path, "wb") as f:
+                    f.truncate(slots * lanes * self.slot_elems * torch.empty(0, dtype=dtype).element_size())
             with open(ctl_path, "wb") as f:
                 f.truncate(ctl_len * 8)
         barrier()  # the files exist
-        self.flat = torch.from_file(path, shared=True, size=slots * self.slot_elems, dtype=dtype)
+        self.flat = (torch.from_file(path, shared=True, size=slots * lanes * self.slot_elems, dtype=dtype)
+                     if lanes else None)
         ctl = torch.from_file(ctl_path, shared=True, size=ctl_len, dtype=torch.int64)
         self._fd = os.open(ctl_path, os.O_RDWR)
         barrier()  # every member has mapped and opened them: their names can go
@@ -123,9 +131,9 @@ class SharedPieces:
         answer on every member, so their sequences of ring pieces stay equal."""
         return length > self.chunk
 
-    def piece(self, length: int, compute: Callable[[torch.Tensor, int, int], None]) -> torch.Tensor:
-        """The next piece (`length` <= slot_elems elements), complete in its slot; valid until this
-        member asks for its next piece."""
+    def piece(self, length: int, compute: Callable[[torch.Tensor | None, int, int], None]) -> torch.Tensor | None:
+        """The next piece (`length` <= slot_elems elements), complete in its slot (None with lanes=0);
+        valid until this member asks for its next piece."""
         if length > self.slot_elems:
             raise ValueError(f"a piece of {length} elements does not fit a slot of {self.slot_elems}")
         chunk = self.chunk
@@ -148,7 +156,7 @@ class SharedPieces:
 
         if int(self.slot_piece[s]) != piece:
             self._wait(slot_ready, "a free shared slot")
-        slot = self.flat[s * self.slot_elems :][:length]
+        slot = self._slot(s, length)
         # claim chunks starting at this member's own run (rotating with the piece count, so a
         # piece's extra chunk goes to every member in turn), then wrap around
         lo, _ = split_run(chunks, (self.index + piece) % self.size, self.size)
@@ -165,6 +173,14 @@ class SharedPieces:
         if bool((state != DONE).any()):
             self._wait(lambda: bool((state == DONE).all()), "chunks other ranks are computing")
         return slot
+
+    def _slot(self, s: int, length: int) -> torch.Tensor | None:
+        if not self.lanes:
+            return None
+        if self.lanes == 1:
+            return self.flat[s * self.slot_elems :][:length]
+        whole = self.slot_elems * self.lanes
+        return self.flat[s * whole : (s + 1) * whole].view(self.lanes, self.slot_elems)[:, :length]
 
     def close(self) -> None:
         if self._fd is not None:
@@ -190,6 +206,8 @@ class NoiseShare:
     def drawn(self) -> int:
         """Elements this rank generated (the work it did)."""
         return self.ring.computed
+
+    computed = drawn
 
     @property
     def waited_s(self) -> float:

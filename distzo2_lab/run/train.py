@@ -273,9 +273,11 @@ class Run:
         return self.cfg
 
     def _node_shares(self, groups) -> dict:
-        """The engine's noise generator and the node's shares of its draws and copies (CPU ranks of
-        one machine). Pieces are at most one block wide; a piece of one chunk (config.share_grain()) has
-        nothing to split, so a model whose blocks fit one chunk draws everything alone."""
+        """The engine's noise generator and the node's shares of its masters, draws and copies (CPU
+        ranks of one machine). Resident fp32 masters with copies: the machine's ranks hold them once
+        and make every update and copy once (master_share.py). Otherwise pieces are at most one
+        block wide; a piece of one chunk (config.share_grain()) has nothing to split, so a model
+        whose blocks fit one chunk draws everything alone."""
         cfg = self.cfg
         width = max(b.numel for b in self.adapter.blocks)
         if not (self.layout.share_noise and cfg.device == "cpu" and width > share_grain()):
@@ -286,6 +288,14 @@ class Run:
         from distzo2_lab.zo.perturb import Perturber
 
         perturber = Perturber(cfg.zo.noise).freeze(self.adapter.buckets, cfg.zo.freeze)
+        if copies_perturbation(cfg.zo) and self.offload is None and self.slicer is None \
+                and cfg.precision.master == "fp32" and not is_family(cfg.zo):
+            from distzo2_lab.parallel.master_share import open_node_masters
+
+            # resident masters held once by the machine's ranks: every update and copy made once
+            masters = open_node_masters(self.adapter, perturber, groups, DTYPES[cfg.precision.compute])
+            if masters is not None:
+                return {"perturber": perturber, "master_share": masters}
         if copies_perturbation(cfg.zo):  # the block copies, made once by the ranks of the same one sign
             if all(groups.signs):  # both signs: one fused pass makes both copies, z computed once for the two
                 return {}
@@ -340,7 +350,7 @@ class Run:
         return digest(self.adapter, self.values)
 
     def close(self) -> None:
-        for share in (getattr(self.engine, "noise_share", None), getattr(self.engine, "copy_share", None)):
+        for share in (getattr(self.engine, name, None) for name in ("noise_share", "copy_share", "master_share")):
             if share is not None:
                 share.close()
         if self.offload is not None:
@@ -458,7 +468,7 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
         **({"layout": {"dp": run.layout.dp, "pert": run.layout.pert}, "rank": run.rank,
             "exchange_bytes_per_step": run.exchange.bytes_sent / max(1, len(records)),
             "sliced": run.slicer is not None, "noise_share": _noise_report(engine.noise_share),
-            "copy_share": _copy_report(engine.copy_share)}
+            "copy_share": _copy_report(engine.copy_share), "master_share": _master_report(engine.master_share)}
            if run.exchange is not None else {}),
     }
 
@@ -480,6 +490,16 @@ def _copy_report(share) -> dict:
         return {"ranks": 1}
     return {"ranks": share.size, "computed_elements": share.computed, "served_elements": share.served,
             "computed_fraction": share.computed / max(1, share.served), "alone_elements": share.alone}
+
+
+def _master_report(share) -> dict:
+    """How this rank's masters were held: its own (ranks 1), or once for `ranks` ranks of its node,
+    with the share of the node's updates and copies it computed."""
+    if share is None:
+        return {"ranks": 1}
+    return {"ranks": share.blocks.size, "computed_elements": share.computed, "served_elements": share.served,
+            "computed_fraction": share.computed / max(1, share.served), "waited_s": share.waited_s,
+            "signs": list(share.signs)}
 
 
 def _noise_report(share) -> dict:

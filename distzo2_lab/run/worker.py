@@ -70,6 +70,7 @@ def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=Non
                 "exchange_bytes": s.get("exchange_bytes_per_step"), "overlap": s.get("overlap"),
                 "memory": s["memory"], "node": os.uname().nodename,
                 "noise_share": s.get("noise_share"), "copy_share": s.get("copy_share"),
+                "master_share": s.get("master_share"),
                 "interrupted": s["interrupted"], "next_step": s["next_step"]}
     finally:
         dist.destroy_process_group()

@@ -64,7 +64,10 @@ class ResidentSet:
         self.pairs = [(b, torch.empty(b.numel if not engine.copies else 0, device=engine.device)) for b in buckets]
         # reused buffers: fresh allocations cost page faults every step
         self._plus = [torch.empty_like(b.working) for b, _ in self.pairs] if not engine.copies else []
-        self._copies = [(torch.empty(b.numel, dtype=engine.copy_dtype, device=engine.device),
+        # copies: this rank's buffers, or views of the node's shared slots (engine.master_share)
+        shared = engine.master_share is not None
+        self._copies = [(None, None) if shared else
+                        (torch.empty(b.numel, dtype=engine.copy_dtype, device=engine.device),
                          torch.empty(b.numel, dtype=engine.copy_dtype, device=engine.device))
                         for b, _ in self.pairs] if engine.copies else []
 
@@ -131,13 +134,17 @@ class ResidentSet:
     def make_copies(self, seed: int, pending: bool) -> None:
         """The compute-dtype copies theta + eps z(seed) and theta - eps z(seed) of every resident bucket
         (the signs this rank runs) in one fused pass, which applies the pending update first when
-        `pending` (the first direction of a step)."""
+        `pending` (the first direction of a step); with a node's shared masters, once per node."""
         e = self.engine
         terms, keep = e.pending_terms() if pending else ([], 1.0)
         plus, minus = e.signs
-        for (b, _), (cp, cm) in zip(self.pairs, self._copies):
+        for k, ((b, _), (cp, cm)) in enumerate(zip(self.pairs, self._copies)):
             with e.span("update" if terms else "perturb"):
-                e.perturber.visit(b, b.master, terms, keep, seed, e.zo.eps, cp if plus else None, cm if minus else None)
+                if e.master_share is not None:
+                    self._copies[k] = e.master_share.copies(b, terms, keep, seed, e.zo.eps, e.signs)
+                else:
+                    e.perturber.visit(b, b.master, terms, keep, seed, e.zo.eps, cp if plus else None,
+                                      cm if minus else None)
                 if terms:
                     b.sync()
 
@@ -208,12 +215,14 @@ class ZO2Engine:
                  signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None,
                  micro_batches: int = 1, directions: list[int] | None = None, perturber: Perturber | None = None,
                  noise_share=None, copy_share=None, trim_buffers: bool = False, start_step: int = 0,
-                 pending: PendingUpdate | None = None):
+                 pending: PendingUpdate | None = None, master_share=None):
         """`perturber`: the noise generator (built from zo when None; pass the one `noise_share` draws
         with). `noise_share` (node_share.NoiseShare): the node's ranks split every whole-bucket draw;
         `copy_share` (copy_share.CopyShare): the node's ranks of the same signs make each block copy
-        once. `trim_buffers`: free idle working buffers after each sweep (lean runs). `start_step`
-        and `pending`: where a resumed run continues (its first step index, the update it owes)."""
+        once. `master_share` (master_share.MasterShare): the node's ranks hold the resident masters
+        once and make each update and copy once. `trim_buffers`: free idle working buffers after each
+        sweep (lean runs). `start_step` and `pending`: where a resumed run continues (its first step
+        index, the update it owes)."""
         check_engine_setup(adapter, zo, precision)
         hold_masters(adapter, precision)
         if adapter.offloaded and streamer is None:
@@ -222,7 +231,9 @@ class ZO2Engine:
         self.streamer = streamer
         self.recorder = recorder or (streamer.recorder if streamer is not None else Recorder(enabled=False))
         self.perturber = perturber or Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
-        self.noise_share, self.copy_share = noise_share, copy_share
+        self.noise_share, self.copy_share, self.master_share = noise_share, copy_share, master_share
+        if master_share is not None and (streamer is not None or not copies_perturbation(zo)):
+            raise ValueError("master_share= holds resident masters and makes copies: no streamer, zo.perturb='copy'")
         self.device = torch.device(streamer.device) if streamer is not None else adapter.bucket_in.master.device
         self._width = width = max((b.numel for b in adapter.blocks), default=0)
         # in place, z of the visited block is drawn here (the fused copies compute it where it is used);
@@ -333,7 +344,10 @@ class ZO2Engine:
             return
         with self.span("update", block):
             if self.copies:  # the fused pass, z made inside it
-                self.perturber.visit(bucket, bucket.master, *self.pending_terms())
+                if self.master_share is not None:  # the node's master: updated once per node
+                    self.master_share.update(bucket, *self.pending_terms())
+                else:
+                    self.perturber.visit(bucket, bucket.master, *self.pending_terms())
                 return
             spans = self.perturber.decay_spans(bucket)
             for seed, grad, lr, wd in p.updates(self.zo.weight_decay):
@@ -469,7 +483,9 @@ class ZO2Engine:
         terms, keep = self.pending_terms() if pending else ([], 1.0)
         plus, minus = self.signs
         eps, n = self.zo.eps, b.numel
-        if self.copy_share is not None:  # update this rank's master, then share the making of the copies
+        if self.master_share is not None:  # the node's master: update and copies once per node
+            out = self.master_share.copies(b, terms, keep, seed, eps, self.signs)
+        elif self.copy_share is not None:  # update this rank's master, then share the making of the copies
             if terms:
                 self.perturber.visit(b, b.master, terms, keep)
             def part(sign):
