@@ -424,9 +424,10 @@ def test_copies_share_the_cores_with_the_ranks_compute():
     copies = model_shape("opt-125m").layers * 2 * block / (quiet.h2d_gbps * 1e9)  # a rank's, each step
     one, _ = extra(quiet, Layout())
     assert one == pytest.approx(extra(fast, Layout())[0], abs=0.05 * copies)
-    two, sim = extra(quiet, Layout(pert=2))
+    alone = Layout(pert=2, share_noise=False)  # the resident ranks keep their own masters, as the host ranks do
+    two, sim = extra(quiet, alone)
     assert 0.7 * copies < two < 1.2 * copies
-    assert abs(extra(fast, Layout(pert=2))[0]) < 0.05 * copies
+    assert abs(extra(fast, alone)[0]) < 0.05 * copies
     ups = [s for s in sim.steady_spans() if s.rank == 0 and s.phase == "upload"]
     assert ups and all(s.bytes == block for s in ups)  # the spans keep the bytes moved
 
@@ -570,9 +571,34 @@ def test_copy_share_splits_the_block_copies_of_ranks_with_the_same_signs():
     assert len(groups) == 4 and all(len(m) == 2 and len({two_d.signs(x) for x in m}) == 1 for m in groups.values())
     assert copy_groups_of(two_d, hw, 1, 49984) == {}  # a tiny block fits one chunk: nothing to split
     assert copy_groups_of(Layout(dp=2, pert=2, share_noise=False), hw, 1, block) == {}
-    w = Workload(model="opt-125m", batch=1, seq=16, precision=PrecisionConfig(), tier="resident", perturb="copy")
+    # over a host store each rank uploads its own block (on the resident tier the node's one master
+    # makes every copy: test_the_node_s_one_master_makes_each_update_and_copy_once)
+    w = Workload(model="opt-125m", batch=1, seq=16, precision=PrecisionConfig(), tier="host", perturb="copy")
     shared = simulate(w, two_d, hw)
     alone = simulate(w, dataclasses.replace(two_d, share_noise=False), hw)
     # alone: one fused pass (update and copy); shared: the update alone, then 4 of 7 chunks of the copy
     assert _busy(alone, 0, "perturb") == 0 and _busy(shared, 0, "perturb") > 0
     assert _busy(shared, 0, "update") + _busy(shared, 0, "perturb") < _busy(alone, 0, "update")
+
+
+def test_the_node_s_one_master_makes_each_update_and_copy_once():
+    """Resident tier with copies (master_share.MasterShare): every rank of the node (same directions)
+    holds one master; each bucket's fused pass, update and both signs' copies, is a piece whose
+    chunks the node's ranks split, so a rank computes a fraction of what it computes alone, in every
+    layout. Not for streamed tiers, the method family, or n-SPSA ranks running different directions."""
+    from distzo2_lab.plan.simulator import master_groups_of
+
+    hw = _cpu(barrier_us={2: 300.0, 4: 300.0}, collective_us={2: 300.0, 4: 300.0})
+    block = 7 << 20
+    for layout in (Layout(dp=2), Layout(pert=2), Layout(dp=2, pert=2)):
+        groups = master_groups_of(layout, hw, 1, block)
+        assert groups == {r: tuple(range(layout.world_size)) for r in range(layout.world_size)}
+        assert master_groups_of(dataclasses.replace(layout, share_noise=False), hw, 1, block) == {}
+    assert master_groups_of(Layout(pert=4), hw, 2, block) == {}  # two direction pairs: different z
+    w = Workload(model="opt-125m", batch=1, seq=16, precision=PrecisionConfig(), tier="resident", perturb="copy")
+    for layout in (Layout(dp=2), Layout(dp=2, pert=2)):
+        shared, alone = simulate(w, layout, hw), simulate(w, dataclasses.replace(layout, share_noise=False), hw)
+        work = [_busy(sim, 0, "update") + _busy(sim, 0, "perturb") for sim in (shared, alone)]
+        assert work[0] < 0.75 * work[1]
+        host = dataclasses.replace(w, tier="host")
+        assert simulate(host, layout, hw).step_s != shared.step_s

@@ -237,6 +237,17 @@ def copy_groups_of(layout: Layout, hw: Hardware, q: int, block_params: int) -> d
             and len(m := tuple(x for x in noise[r] if layout.signs(x) == layout.signs(r))) > 1}
 
 
+def master_groups_of(layout: Layout, hw: Hardware, q: int, block_params: int) -> dict[int, tuple[int, ...]]:
+    """CPU ranks holding their node's one master (master_share.MasterShare: the resident tier with
+    copies): a rank's noise group when it is every rank of its node (all run the same directions).
+    Each visit of a bucket, the update and the copies of every sign the node runs, is then one
+    fused pass whose chunks the node's ranks claim, so the node computes z twice per parameter."""
+    noise = noise_groups(layout, hw, q, block_params)
+    node = {r: sum(1 for x in range(layout.world_size) if x // hw.devices_per_node == r // hw.devices_per_node)
+            for r in noise}
+    return {r: m for r, m in noise.items() if len(m) == node[r]}
+
+
 class _Program:
     """One rank's compute-lane program: fixed work is gathered into segments, and a collective (a
     barrier of the noise-sharing ranks, a commit barrier) cuts it into tasks around a group task."""
@@ -349,7 +360,20 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             if piece > chunk:  # a shared piece is copied out of its slot
                 prog.work(phase, piece * copy_per_element)
 
-    copy_groups = copy_groups_of(layout, hw, q, shape.block_params) if copies else {}
+    # the node's one master (resident tier, ZO-SGD with fp32 masters), else the copies of one sign shared
+    one_master = copies and not streamed and w.optimizer == "sgd" and w.estimator == "two-point" \
+        and w.precision.master == "fp32"
+    masters = master_groups_of(layout, hw, q, shape.block_params) if one_master else {}
+    copy_groups = copy_groups_of(layout, hw, q, shape.block_params) if copies and not masters else {}
+
+    def visit_bucket(prog: _Program, r: int, phase: str, block: int, elements: int, zs: int) -> None:
+        """A fused pass over a bucket computing `zs` noise values per element: alone, or as a shared
+        piece of the node's one master (its chunks claimed by the node's ranks)."""
+        members = masters.get(r)
+        if members:
+            shared_piece(prog, phase, block, elements, len(members), fused_cost(zs))
+        else:
+            prog.work(phase, elements * fused_cost(zs) + call)
 
     def fused(prog: _Program, r: int, elements: int, block: int, pending: bool, signs: int) -> None:
         """The fused pass of a copies visit (Perturber.visit): the pending update's z and this
@@ -359,7 +383,9 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
         size) on the longest run), its z computed per copy."""
         members = copy_groups.get(r)
         phase = "update" if pending else "perturb"
-        if members:
+        if masters:
+            visit_bucket(prog, r, phase, block, elements, 1 + pending)
+        elif members:
             if pending:
                 prog.work("update", elements * fused_cost(1) + call)
             for _ in range(signs):
@@ -399,8 +425,8 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             else:
                 for k, _ in enumerate(mine):  # the first direction's pass applies the pending update
                     for elem in res_buckets:
-                        prog.work("update" if pending and k == 0 else "perturb",
-                                  elem * fused_cost(1 + (pending and k == 0)) + call)
+                        visit_bucket(prog, r, "update" if pending and k == 0 else "perturb", -1, elem,
+                                     1 + (pending and k == 0))
                     prog.work("embed", signs * cost.embed_pass)
             prev = prog.close("embed", -1)
             for i in range(n):
@@ -462,7 +488,8 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             else:
                 for _ in mine:
                     if len(mine) > 1:
-                        prog.work("head", sum(elem * fused_cost(1) + call for elem in res_buckets))
+                        for elem in res_buckets:
+                            visit_bucket(prog, r, "head", -1, elem, 1)
                     prog.work("head", signs * cost.head_pass)
             if extra:
                 prog.work("head", extra * cost.head_pass)
