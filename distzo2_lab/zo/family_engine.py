@@ -143,6 +143,7 @@ class FamilyEngine(ZO2Engine):
             raise ConfigError(f"the method family's block engine runs on one rank, resident or host tier; "
                               f"{', '.join(unsupported)} are not supported (choose zo.optimizer='sgd', "
                               "zo.perturbation='dense', zo.estimator='two-point' for them)")
+        options.pop("resident", None)  # None here: the family keeps its own resident buckets
         super().__init__(adapter, zo, precision, threads, resident=FamilyResident, **options)
         self.method = METHODS[zo.optimizer]
         self.kind, self.arg = parse_perturbation(zo.perturbation)
