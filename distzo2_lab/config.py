@@ -79,7 +79,8 @@ class ZOConfig:
     optimizer: str = "sgd"
     """The update rule (zo/methods.py): 'sgd' (MeZO), 'momentum' (ZO-SGD-MMT), 'adam' (ZO-Adam),
     'sign' (ZO-SGD-Sign), 'conservative' (ZO-SGD-Cons) of ZO-Bench (arXiv 2402.11592), or 'hizoo'
-    (diagonal-Hessian preconditioning, arXiv 2402.15173). Other than 'sgd': engine='eager' only, for now."""
+    (diagonal-Hessian preconditioning, arXiv 2402.15173). Other than 'sgd' (and with perturbation or
+    estimator other than the defaults), engine='zo2' runs one rank on offload.tier 'resident' or 'host'."""
     perturbation: str = "dense"
     """What z looks like: 'dense' (every element drawn from zo.noise; 'gaussian' / 'rademacher' say
     the same and must equal zo.noise), 'lowrank:R' (LOZO,
@@ -407,11 +408,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check_bf16_master(cfg)
     if cfg.peft is not None:
         parse_peft(cfg.peft)
-    if is_family(cfg.zo) and cfg.engine != "eager":
-        raise ConfigError(f"zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation={cfg.zo.perturbation!r}, "
-                          f"zo.estimator={cfg.zo.estimator!r} runs with the eager reference only until the block "
-                          f"engine implements the method family; choose engine='eager' (or the defaults sgd, "
-                          f"{cfg.zo.noise}, two-point)")
+    if is_family(cfg.zo) and cfg.engine == "zo2" and cfg.offload.tier == "disk":
+        raise ConfigError(f"offload.tier='disk' with zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation="
+                          f"{cfg.zo.perturbation!r}, zo.estimator={cfg.zo.estimator!r}: the disk store's crash-safe "
+                          "slots and seed-log resume hold ZO-SGD's update only; choose offload.tier='resident' or "
+                          f"'host' (or the defaults sgd, {cfg.zo.noise}, two-point)")
     if cfg.offload.tier != "resident" and cfg.engine == "eager":
         raise ConfigError("engine='eager' is the resident reference; offload.tier='host' or 'disk' needs engine='zo2'")
     return cfg

@@ -127,11 +127,15 @@ EFFECT = {
     # adapters only: a different function from the first step (lora_B = 0, but lora_A and B move)
     "peft": ("lora:2", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]
              and b["base"]["peft"] == "lora:2"),
-    # the method family runs with engine='eager' for now: tests/test_methods.py (each optimiser and
-    # perturbation on the tiny model, the hyper-parameters in its rule tests)
-    **{f"zo.{k}": (None, None) for k in ("optimizer", "perturbation", "estimator", "momentum", "adam_beta1",
-                                       "adam_beta2", "adam_eps", "hessian_smooth", "lowrank_interval",
-                                       "sparse_refresh")},
+    # the method family: the first losses at theta_0 +- eps z (up to the rounding of the copies), another
+    # rule; another z
+    "zo.optimizer": ("adam", lambda a, b: abs(a["steps"][0]["loss_plus"] - b["steps"][0]["loss_plus"]) < 1e-5
+                     and a["digest"] != b["digest"]),
+    "zo.perturbation": ("lowrank:2", lambda a, b: a["steps"][0]["loss_plus"] != b["steps"][0]["loss_plus"]),
+    # tests/test_methods.py and tests/test_family_engine.py (each optimiser, perturbation and estimator
+    # on the tiny model, the hyper-parameters in the rule tests)
+    **{f"zo.{k}": (None, None) for k in ("estimator", "momentum", "adam_beta1", "adam_beta2", "adam_eps",
+                                       "hessian_smooth", "lowrank_interval", "sparse_refresh")},
 }
 
 

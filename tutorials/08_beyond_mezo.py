@@ -20,7 +20,8 @@
 # turns losses into a scalar `g = (l+ − l−) / (2 eps)`, and an **update rule** `θ -= lr g z`.
 # Later papers change one part each. The toolkit keeps them as three independent settings,
 # `zo.optimizer`, `zo.perturbation` and `zo.estimator`, run by the eager reference
-# `EagerFamily` (`distzo2 train --engine eager --optimizer NAME`). This lesson says what each
+# `EagerFamily` (`distzo2 train --engine eager --optimizer NAME`) and, bit for bit the same, by the
+# block engine on the resident and host tiers (`--engine zo2`). This lesson says what each
 # method changes, then runs them all on the same tiny task.
 
 # %% [markdown]
@@ -163,5 +164,5 @@ Markdown(method_table(runs))
 # hundred steps. ZO-Bench and the papers above compare them on real tasks. What carries over is
 # the cost side: forwards per step and state per parameter are the same at any size, and the
 # planner of tutorial 07 turns them into bytes and seconds for OPT-175B
-# (`Workload(optimizer=...)`). The block engine runs ZO-SGD only for now; the other methods run
-# on the eager reference, the oracle the engine will be checked against.
+# (`Workload(optimizer=...)`). The block engine (`FamilyEngine`) runs every method too, with the
+# state streamed in each block's host slot on the host tier, and gives the eager reference's bits.

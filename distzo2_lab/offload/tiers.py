@@ -205,11 +205,18 @@ class Offload:
 
     def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
                  recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None, master: str = "fp32",
-                 freeze: tuple[str, ...] = ()):
+                 freeze: tuple[str, ...] = (), state: tuple[tuple[str, float], ...] = ()):
         """`master`: precision.master; 'bf16' keeps the blocks' masters in bf16 in a host store (half
         the host memory and the bytes each visit moves). `freeze`: the run's zo.freeze patterns; with
-        the adapter's own (a LoRA model's base) they are the spans no write-back carries."""
+        the adapter's own (a LoRA model's base) they are the spans no write-back carries. `state`:
+        (name, initial value) of the optimiser state of the method family (zo/methods.py), held in
+        each block's host slot after its master (zo/family_engine.py), so it streams with the block."""
         self.config, self.node = offload, node
+        if state and (offload.tier != "host" or node is not None):
+            raise ConfigError(f"optimiser state streams with its block in a one-rank host store; offload.tier="
+                              f"{offload.tier!r}{' with several ranks' if node is not None else ''} cannot hold it. "
+                              "Choose offload.tier='host' or 'resident' on one rank, or zo.optimizer sgd / sign / "
+                              "conservative (no state)")
         if master == "bf16" and offload.tier != "host":
             raise ConfigError(f"precision.master='bf16' is held in memory; offload.tier={offload.tier!r} keeps fp32 "
                               "slots. Choose offload.tier='host' or precision.master='fp32'")
@@ -242,9 +249,12 @@ class Offload:
                 self.store.unlink()
             self.resumed_step = -1
         elif offload.tier == "host":
-            self.store = HostStore(keys, numels, pin=device == "cuda", dtype=dtype)
-            for i, key in enumerate(keys):
-                self.store.blocks[i].copy_(values(key))
+            wide = [n * (1 + len(state)) for n in numels]  # [master | state_0 | state_1 ...]
+            self.store = HostStore(keys, wide, pin=device == "cuda", dtype=dtype)
+            for i, (key, n) in enumerate(zip(keys, numels)):
+                self.store.blocks[i][:n].copy_(values(key))
+                for j, (_, init) in enumerate(state):
+                    self.store.blocks[i][n * (1 + j) : n * (2 + j)].fill_(init)
             del values
             self.resumed_step = -1
         else:

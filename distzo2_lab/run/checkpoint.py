@@ -187,6 +187,38 @@ def save_checkpoint(path: str, tensors: dict[str, torch.Tensor], state: dict, lo
     log.write(os.path.join(path, "seedlog.jsonl"))
 
 
+def save_method_state(path: str, sd: dict) -> None:
+    """The method family's state (an engine's state_dict(), flushed) into `path`: its tensors in
+    method_state.safetensors, its scalars in method_state.json."""
+    if sd.get("pending") is not None:
+        raise ValueError("flush the engine before saving its method state (an update is pending)")
+    tensors = {f"state/{k}/{n}": t for k, v in sd["state"].items() for n, t in v.items()}
+    tensors.update({f"thresholds/{k}": t for k, t in sd["thresholds"].items()})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+              os.path.join(path, "method_state.safetensors"))
+    with open(os.path.join(path, "method_state.json"), "w") as f:
+        json.dump({k: sd[k] for k in ("v_seed", "updates", "step")}, f)
+
+
+def load_method_state(path: str) -> dict:
+    """What save_method_state wrote, as a state_dict() for an engine's load_state_dict()."""
+    f = os.path.join(path, "method_state.json")
+    if not os.path.isfile(f):
+        raise ConfigError(f"checkpoint {path!r} has no method_state.json: it was saved by a ZO-SGD run; resume it "
+                          "with zo.optimizer='sgd', zo.perturbation='dense', zo.estimator='two-point'")
+    with open(f) as fh:
+        sd = json.load(fh)
+    state, thresholds = {}, {}
+    for name, t in load_file(os.path.join(path, "method_state.safetensors")).items():
+        kind, _, rest = name.partition("/")
+        if kind == "state":
+            key, _, n = rest.rpartition("/")
+            state.setdefault(key, {})[n] = t
+        else:
+            thresholds[rest] = t
+    return {**sd, "state": state, "thresholds": thresholds, "pending": None}
+
+
 def read_state(path: str) -> dict:
     if not os.path.isdir(path):
         raise ConfigError(f"checkpoint {path!r} does not exist (give a directory written by --save)")

@@ -22,6 +22,7 @@ from distzo2_lab.config import (
     ConfigError,
     PrecisionConfig,
     TrainConfig,
+    ZOConfig,
     copies_perturbation,
     is_family,
     resolve_perturb,
@@ -39,15 +40,19 @@ from distzo2_lab.run.checkpoint import (
     SeedLog,
     checkpoint_tensors,
     digest,
+    load_method_state,
     load_weights,
     read_state,
     replay,
     save_checkpoint,
+    save_method_state,
 )
 from distzo2_lab.run.outputs import check_writable, write_json
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.family_engine import FamilyEngine
 from distzo2_lab.zo.family_reference import EagerFamily
+from distzo2_lab.zo.methods import METHODS
 from distzo2_lab.zo.reference import EagerMeZO
 from distzo2_lab.zo.spsa import PendingUpdate, hold_masters
 
@@ -89,6 +94,8 @@ def to_device(batch: dict, device: str) -> dict:
 
 def build_engine(cfg: TrainConfig, adapter: BlockAdapter, recorder: Recorder | None = None, **zo2_options):
     """The engine `cfg.engine` names; `zo2_options` (streamer, signs, exchange, slicer...) go to ZO2Engine."""
+    if cfg.engine == "zo2" and is_family(cfg.zo):  # the method family's block engine
+        return FamilyEngine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder, **zo2_options)
     if cfg.engine == "zo2":
         return ZO2Engine(adapter, cfg.zo, cfg.precision, threads=cfg.threads, recorder=recorder, **zo2_options)
     if is_family(cfg.zo):  # another optimiser, perturbation or estimator: the family's eager reference
@@ -213,6 +220,11 @@ class Run:
         if distributed and (cfg.engine != "zo2" or resume is not None):
             raise ConfigError("a distributed layout runs engine='zo2' and resumes from its disk store "
                               "(offload.store), not from resume=")
+        if distributed and is_family(cfg.zo):
+            raise ConfigError(f"a distributed layout (world size {layout.world_size}) with zo.optimizer="
+                              f"{cfg.zo.optimizer!r}, zo.perturbation={cfg.zo.perturbation!r}, zo.estimator="
+                              f"{cfg.zo.estimator!r}: the method family runs on one rank; choose a layout of one "
+                              f"rank or the defaults sgd, {cfg.zo.noise}, two-point")
         if distributed and groups is None:
             from distzo2_lab.parallel.groups import ParallelGroups
 
@@ -250,7 +262,7 @@ class Run:
                                   "its offload.store directory")
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
                                    self.slicer, node_share() if distributed else None, cfg.precision.master,
-                                   cfg.zo.freeze)
+                                   cfg.zo.freeze, METHODS[cfg.zo.optimizer].state if is_family(cfg.zo) else ())
             self.adapter = self.offload.adapter
             cfg = self._hold_frozen()
             extra.update(self.offload.engine_options())
@@ -261,6 +273,8 @@ class Run:
             if distributed:
                 extra.update(self._node_shares(groups))
         self.engine = build_engine(cfg, self.adapter, self.recorder, **extra)
+        if resume is not None and is_family(cfg.zo):  # the optimiser state and schedules beside the weights
+            self.engine.load_state_dict(load_method_state(resume))
         if self.start >= cfg.steps:
             raise ConfigError(f"steps={cfg.steps} is not beyond the step {self.start} already trained")
 
@@ -321,11 +335,14 @@ class Run:
         return pending
 
     def _resume(self, resume: str) -> None:
-        if is_family(self.cfg.zo):
-            raise ConfigError(f"resume= with zo.optimizer={self.cfg.zo.optimizer!r}, zo.perturbation="
-                              f"{self.cfg.zo.perturbation!r}, zo.estimator={self.cfg.zo.estimator!r}: a checkpoint "
-                              "holds the weights and the seed log, not the method's state; resume runs ZO-SGD only")
         state = read_state(resume)
+        held = state["config"].get("zo", {})
+        fields = ("optimizer", "perturbation", "estimator", "directions")
+        method = {k: held.get(k, getattr(ZOConfig(), k)) for k in fields}
+        if method != {k: getattr(self.cfg.zo, k) for k in method}:
+            raise ConfigError(f"resume={resume!r} was trained with "
+                              f"{', '.join(f'zo.{k}={v!r}' for k, v in method.items())}; "
+                              "its optimiser state belongs to that method, so pass the same values")
         if state["config"]["model"] != self.cfg.model or state["config"]["seed"] != self.cfg.seed:
             raise ConfigError(f"resume={resume!r} was trained with model={state['config']['model']!r}, "
                               f"seed={state['config']['seed']}; pass the same model and seed")
@@ -520,6 +537,8 @@ def _write_outputs(run: Run, summary: dict, out: str | None, save: str | None) -
         tensors = checkpoint_tensors(run.adapter, run.values)
         save_checkpoint(save, tensors, {"step": summary["next_step"], "config": asdict(run.cfg), "base": run.base,
                                         "digest": summary["digest"]}, run.log)
+        if is_family(run.cfg.zo):  # flushed: nothing pending
+            save_method_state(save, run.engine.state_dict())
         if run.adapter.wrapper is not None and run.offload is not None:  # the blocks' adapters are in the store
             save_adapters(run.adapter.wrapper, tensors, save)
         elif run.adapter.wrapper is not None:  # the adapters alone, loadable with PeftModel.from_pretrained

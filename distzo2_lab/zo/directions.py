@@ -77,3 +77,24 @@ def sparse_mask_(out: torch.Tensor, master: torch.Tensor, bucket, thresholds: to
         if a < b:
             out[a - start : b - start].mul_((master[a - start : b - start].abs() <= h).to(out.dtype))
     return out
+
+
+def family_z(out: torch.Tensor, kind: str, arg, noise: str, seed: int, bucket, start: int = 0,
+             v_seed: int | None = None, master: torch.Tensor | None = None, thresholds: torch.Tensor | None = None,
+             frozen=()) -> torch.Tensor:
+    """z[start : start + n] of a bucket under perturbation `kind` ('lowrank' with rank `arg` and V's
+    seed `v_seed`; 'sparse' masked by `master` (the same slice) and the bucket's `thresholds`;
+    otherwise dense), 0 on the `frozen` spans (bucket coordinates). The eager reference and the
+    block engine both make z here."""
+    n = out.numel()
+    if kind == "lowrank":
+        lowrank_(out, noise, seed, v_seed, bucket, start, arg)
+    else:
+        dense_(out, noise, seed, bucket.key, start)
+    if kind == "sparse":
+        sparse_mask_(out, master, bucket, thresholds, start)
+    for a, b in frozen:
+        a, b = max(a - start, 0), min(b - start, n)
+        if a < b:
+            out[a:b].zero_()
+    return out

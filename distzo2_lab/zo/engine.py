@@ -299,7 +299,7 @@ class ZO2Engine:
             buf = self.streamer.acquire(v)
             if self.slicer is not None:
                 self._assemble(buf, b, i)
-            b.attach(buf[: b.numel], None if self._cast is None else self._cast[: b.numel])
+            self._attach(b, buf)
             visit(i, b)
             self._skip_pending = False
             b.detach()
@@ -310,6 +310,11 @@ class ZO2Engine:
             if not self._slab:
                 self._z_block = None
             self.streamer.trim()
+
+    def _attach(self, b: ParamBucket, buf: torch.Tensor) -> None:
+        """Attach a streamed block to the working buffer its visit received (hook: a subclass may keep
+        more than the master in the buffer)."""
+        b.attach(buf[: b.numel], None if self._cast is None else self._cast[: b.numel])
 
     def _assemble(self, buf: torch.Tensor, b: ParamBucket, i: int) -> None:
         """Sliced visit: the pending update lands on this rank's shard only, then the ranks

@@ -42,17 +42,10 @@ class EagerFamily(EagerResident):
         """z of elements [start, start + n) of `bucket` at direction seed `seed` (frozen spans 0)."""
         n = bucket.numel - start if n is None else n
         out = torch.empty(n, dtype=torch.float32, device=self.device)
-        if self.kind == "lowrank":
-            dirs.lowrank_(out, self.zo.noise, seed, self.v_seed, bucket, start, self.arg)
-        else:
-            dirs.dense_(out, self.zo.noise, seed, bucket.key, start)
-        if self.kind == "sparse":
-            dirs.sparse_mask_(out, bucket.master[start : start + n], bucket, self.thresholds[bucket.key], start)
-        for a, b in self.perturber.frozen.get(bucket.key, ()):
-            a, b = max(a - start, 0), min(b - start, n)
-            if a < b:
-                out[a:b].zero_()
-        return out
+        sparse = self.kind == "sparse"
+        return dirs.family_z(out, self.kind, self.arg, self.zo.noise, seed, bucket, start, self.v_seed,
+                             bucket.master[start : start + n] if sparse else None,
+                             self.thresholds[bucket.key] if sparse else None, self.perturber.frozen.get(bucket.key, ()))
 
     def _direction(self, bucket, seed: int) -> torch.Tensor:
         z = self.z(bucket, seed)
