@@ -151,6 +151,37 @@ def test_offload_spans_carry_the_bytes_each_way(tmp_path):
     assert down and all(s.bytes == 4 * lora[s.block] for s in down)
 
 
+def test_the_frozen_base_goes_up_in_the_compute_dtype_and_never_comes_back(tmp_path):
+    """bf16 compute on the host tier: every block's frozen base is uploaded in bf16 (2 bytes an
+    element; the forwards read bf16 copies of it anyway), its adapters in fp32 (4), and only the
+    adapters come back. The run equals the resident bf16 run bit for bit, and the saved base is the
+    exact fp32 start."""
+    from safetensors.torch import load_file
+
+    from distzo2_lab.config import PrecisionConfig
+    from distzo2_lab.observe.events import read_jsonl
+    from distzo2_lab.run.train import base_of, build_adapter
+
+    cfg = dataclasses.replace(LORA, steps=3, precision=PrecisionConfig(compute="bf16"))
+    ref = train(cfg, progress=False)
+    got = train(_tier(cfg, "host", None), progress=False, save=str(tmp_path / "got"), trace=str(tmp_path / "t"))
+    assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
+    blocks, lora, total = _block_sizes(cfg)
+    assert got["bytes_up_per_step"] == 2 * (blocks - lora) + 4 * lora and got["bytes_down_per_step"] == 4 * lora
+    assert got["bytes_per_param_per_step"] == pytest.approx((2 * (blocks - lora) + 8 * lora) / total)
+    a = build_adapter(base_of(cfg))
+    lora_of = [sum(s.stop - s.start for s in b.slots if ".lora_" in s.name) for b in a.blocks]
+    up = [s for s in read_jsonl(got["trace"]["jsonl"]) if s.lane == "upload"]
+    assert up and all(s.bytes == 2 * (a.blocks[s.block].numel - lora_of[s.block]) + 4 * lora_of[s.block]
+                      for s in up)
+    start = _values(adapter_for(wrap_lora(build_model("tiny-deep", seed=0), "lora:4", 0)))
+    trained = load_file(tmp_path / "got" / "model.safetensors")
+    assert all(torch.equal(trained[n].flatten(), v) for n, v in start.items() if ".lora_" not in n)
+    # fp32 compute: the fp32 masters are what the forwards read, and they travel as they are
+    fp32 = train(_tier(dataclasses.replace(LORA, steps=1), "host", None), progress=False)
+    assert fp32["bytes_up_per_step"] == 4 * blocks
+
+
 def test_lora_disk_store_reopens_on_the_same_trajectory(tmp_path):
     ref = train(dataclasses.replace(LORA, steps=5), progress=False)
     cfg = _tier(LORA, "disk", tmp_path / "store")

@@ -46,11 +46,16 @@ class HostStore:
         self.committed = -1
 
     def nbytes(self, i: int) -> int:
+        """Bytes one upload of block i moves."""
         return self.numels[i] * self.dtype.itemsize
 
     def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         """Elements [start, start + len(dst)) of block i into dst (a slicer reads one shard)."""
         dst.copy_(self.blocks[i][start : start + dst.numel()], non_blocking=non_blocking)
+
+    def upload_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        """What a visit's upload reads: the block's values (read_into)."""
+        self.read_into(i, dst, non_blocking, start)
 
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         self.blocks[i][start : start + src.numel()].copy_(src, non_blocking=non_blocking)
@@ -65,6 +70,73 @@ class HostStore:
 
     def close(self) -> None:
         pass
+
+
+class FrozenBaseHostStore(HostStore):
+    """A host store whose blocks' fixed spans (a peft model's frozen base) travel in the compute dtype.
+
+    The frozen base is never perturbed nor updated, so a visit needs only what the forwards read of
+    it: its compute-dtype values (the copies the fused pass makes of a fixed span are those values,
+    cast). Each block's fixed spans are therefore also held gathered in `dtype` (bf16 / fp16), and an
+    upload moves them so (2 bytes an element) beside the trainable spans in fp32, then casts them into
+    the fp32 block buffer on the working device; write-backs carry the trainable spans only (the
+    streamer's `fixed`). The fp32 masters stay whole here, so the block's values (`read_into`: digests,
+    checkpoints) are exact. The run is bit for bit the fp32 store's: a compute-dtype value cast to
+    fp32 and back is itself."""
+
+    def __init__(self, keys: list[str], numels: list[int], fixed: dict[int, list[tuple[int, int]]],
+                 dtype: torch.dtype, pin: bool = False):
+        """`fixed`: {block index: [start, stop) spans} held in the compute dtype `dtype`."""
+        super().__init__(keys, numels, pin)
+        self.fixed = {i: sorted(fixed.get(i, ())) for i in range(len(self.numels))}
+        self.moving = [_gaps(self.fixed[i], n) for i, n in enumerate(self.numels)]
+        self.half_dtype, self._pin = dtype, pin
+        self.half: list[torch.Tensor | None] = [None] * len(self.numels)
+        self._stage: torch.Tensor | None = None  # the gathered spans on the working device
+
+    def seal(self) -> None:
+        """Make the compute-dtype copies of the fixed spans (after the blocks' values are in)."""
+        for i, spans in self.fixed.items():
+            if spans:
+                h = torch.cat([self.blocks[i][a:b] for a, b in spans]).to(self.half_dtype)
+                self.half[i] = h.pin_memory() if self._pin else h
+
+    def nbytes(self, i: int) -> int:
+        fixed = sum(b - a for a, b in self.fixed[i])
+        return (self.numels[i] - fixed) * self.dtype.itemsize + fixed * self.half_dtype.itemsize
+
+    def upload_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        if start != 0 or dst.numel() != self.numels[i]:
+            raise ValueError("a store with a compute-dtype base uploads whole blocks (no slicer)")
+        if self.half[i] is None and self.fixed[i]:
+            raise RuntimeError("FrozenBaseHostStore.seal() was not called after the blocks were filled")
+        for a, b in self.moving[i]:
+            dst[a:b].copy_(self.blocks[i][a:b], non_blocking=non_blocking)
+        if not self.fixed[i]:
+            return
+        n = self.half[i].numel()
+        if self._stage is None or self._stage.numel() < n or self._stage.device != dst.device:
+            self._stage = torch.empty(max(self.half[j].numel() for j in range(len(self.half))
+                                          if self.half[j] is not None),
+                                      dtype=self.half_dtype, device=dst.device)
+        stage = self._stage[:n]
+        stage.copy_(self.half[i], non_blocking=non_blocking)  # the link carries the compute dtype
+        off = 0
+        for a, b in self.fixed[i]:  # cast into the block buffer where it is used
+            dst[a:b].copy_(stage[off : off + b - a])
+            off += b - a
+
+
+def _gaps(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """[0, n) less the sorted, disjoint `spans`."""
+    out, at = [], 0
+    for a, b in spans:
+        if a > at:
+            out.append((at, a))
+        at = max(at, b)
+    if at < n:
+        out.append((at, n))
+    return out
 
 
 class SharedHostStore:
@@ -116,6 +188,8 @@ class SharedHostStore:
 
     def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         dst.copy_(self.slot(i, self._latest[i])[start : start + dst.numel()], non_blocking=non_blocking)
+
+    upload_into = HostStore.upload_into
 
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         nxt = (self._latest[i] + 1) % self.slots
@@ -216,6 +290,8 @@ class DiskStore:
             raise ValueError(f"read of [{start}, {start + dst.numel()}) is outside bucket {key} "
                              f"({self._numel[key]} elements)")
         self._read(key, self._latest[key], dst, start)
+
+    upload_into = HostStore.upload_into
 
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         """Block i's new values (or a sliced rank's shard of them) into the non-committed slot."""

@@ -149,14 +149,14 @@ class Streamer:
                 if self.staging is not None:
                     view.copy_(self.staging[: view.numel()], non_blocking=True)
                 else:
-                    self.store.read_into(i, view, non_blocking=True, start=start)
+                    self.store.upload_into(i, view, non_blocking=True, start=start)
             event = torch.cuda.Event()
             event.record(self.up_stream)
             event.synchronize()  # the staging buffer is reused by the next upload
             self._simulate(nbytes, t0)
         else:
             with self.recorder.span("upload", "upload", label, i, nbytes):
-                self.store.read_into(i, view, start=start)
+                self.store.upload_into(i, view, start=start)
                 self._simulate(nbytes, t0)
         with self._cv:
             self._uploaded[v] = (buf, event)

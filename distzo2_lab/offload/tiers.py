@@ -26,7 +26,7 @@ from distzo2_lab.models.presets import (
 )
 from distzo2_lab.models.registry import adapter_class, adapter_for
 from distzo2_lab.observe.events import Recorder
-from distzo2_lab.offload.store import DiskStore, HostStore, SharedHostStore
+from distzo2_lab.offload.store import DiskStore, FrozenBaseHostStore, HostStore, SharedHostStore
 from distzo2_lab.offload.stream import Streamer
 from distzo2_lab.seeds import derive_seed
 from distzo2_lab.zo.engine import LEAN_SLAB, ResidentSet
@@ -205,12 +205,15 @@ class Offload:
 
     def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
                  recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None, master: str = "fp32",
-                 freeze: tuple[str, ...] = (), state: tuple[tuple[str, float], ...] = ()):
+                 freeze: tuple[str, ...] = (), state: tuple[tuple[str, float], ...] = (),
+                 base_dtype: torch.dtype | None = None):
         """`master`: precision.master; 'bf16' keeps the blocks' masters in bf16 in a host store (half
         the host memory and the bytes each visit moves). `freeze`: the run's zo.freeze patterns; with
         the adapter's own (a LoRA model's base) they are the spans no write-back carries. `state`:
         (name, initial value) of the optimiser state of the method family (zo/methods.py), held in
-        each block's host slot after its master (zo/family_engine.py), so it streams with the block."""
+        each block's host slot after its master (zo/family_engine.py), so it streams with the block.
+        `base_dtype`: the dtype the forwards read the fixed spans in (the compute dtype of a copies
+        run); a one-rank host store then uploads them in it (store.FrozenBaseHostStore)."""
         self.config, self.node = offload, node
         if state and (offload.tier != "host" or node is not None):
             raise ConfigError(f"optimiser state streams with its block in a one-rank host store; offload.tier="
@@ -247,6 +250,15 @@ class Offload:
             node.barrier()  # every rank has mapped it: its name can go
             if node.leader:
                 self.store.unlink()
+            self.resumed_step = -1
+        elif offload.tier == "host" and fixed and base_dtype is not None and not state and dtype == torch.float32:
+            index = {k: i for i, k in enumerate(keys)}  # the frozen base goes up in the compute dtype
+            self.store = FrozenBaseHostStore(keys, numels, {index[k]: v for k, v in fixed.items()}, base_dtype,
+                                             pin=device == "cuda")
+            for i, key in enumerate(keys):
+                self.store.blocks[i].copy_(values(key))
+            self.store.seal()
+            del values
             self.resumed_step = -1
         elif offload.tier == "host":
             wide = [n * (1 + len(state)) for n in numels]  # [master | state_0 | state_1 ...]

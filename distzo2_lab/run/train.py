@@ -262,7 +262,8 @@ class Run:
                                   "its offload.store directory")
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
                                    self.slicer, node_share() if distributed else None, cfg.precision.master,
-                                   cfg.zo.freeze, METHODS[cfg.zo.optimizer].state if is_family(cfg.zo) else ())
+                                   cfg.zo.freeze, METHODS[cfg.zo.optimizer].state if is_family(cfg.zo) else (),
+                                   self._base_dtype())
             self.adapter = self.offload.adapter
             cfg = self._hold_frozen()
             extra.update(self.offload.engine_options())
@@ -277,6 +278,15 @@ class Run:
             self.engine.load_state_dict(load_method_state(resume))
         if self.start >= cfg.steps:
             raise ConfigError(f"steps={cfg.steps} is not beyond the step {self.start} already trained")
+
+    def _base_dtype(self):
+        """The dtype a copies run's forwards read fixed spans in (None: the masters' fp32 travels)."""
+        from distzo2_lab.models.buckets import DTYPES
+
+        p = self.cfg.precision
+        if p.compute == "fp32" or p.master != "fp32" or not copies_perturbation(self.cfg.zo):
+            return None
+        return DTYPES[p.compute]
 
     def _hold_frozen(self) -> TrainConfig:
         """A peft model trains its adapters only: the rest joins zo.freeze (held fixed); the config."""
