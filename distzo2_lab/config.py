@@ -45,7 +45,7 @@ def share_grain() -> int:
     if grain <= 0:
         raise ConfigError(f"{SHARE_GRAIN_ENV}={raw!r} is not valid; it must be a positive integer (elements)")
     return grain
-PEFT_KINDS = ("lora",)
+PEFT_KINDS = ("lora", "prefix")
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,10 @@ class TrainConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     """Parameter offloading and streaming."""
     peft: str | None = None
-    """'lora:R': wrap the model with ``peft`` LoRA adapters of rank R (seeded from ``seed``) and
-    train only them: every other parameter is held fixed (zo.freeze). None trains every parameter."""
+    """'lora:R': wrap the model with ``peft`` LoRA adapters of rank R; 'prefix:N': with ``peft``
+    prefix tuning, N virtual key/value positions per attention layer (OPT models). Either is seeded
+    from ``seed`` and trains alone: every other parameter is held fixed (zo.freeze). None trains
+    every parameter."""
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -345,16 +347,12 @@ def validate_offload(o: OffloadConfig) -> OffloadConfig:
 
 
 def parse_peft(spec: str) -> tuple[str, int]:
-    """'lora:8' -> ('lora', 8); one ConfigError naming the field and the valid forms otherwise."""
+    """'lora:8' -> ('lora', 8), 'prefix:16' -> ('prefix', 16); one ConfigError naming the field and
+    the valid forms otherwise."""
     kind, _, n = spec.partition(":") if isinstance(spec, str) else ("", "", "")
-    if kind == "prefix":  # MeZO's other PEFT method: named, so the refusal can say why
-        raise ConfigError(f"peft={spec!r} is not supported: peft's prefix tuning keeps every layer's key/value "
-                          "prefix in one table outside the blocks (prompt_encoder.embedding), while the engine "
-                          "perturbs block by block and runs both perturbed passes through one block context; "
-                          "choose peft='lora:R' (R a positive integer) or peft=None")
     if kind not in PEFT_KINDS or not n.isdigit() or int(n) <= 0:
-        raise ConfigError(f"peft={spec!r} is not valid; choose one of {', '.join(k + ':R' for k in PEFT_KINDS)} "
-                          "with R a positive integer (e.g. 'lora:8')")
+        raise ConfigError(f"peft={spec!r} is not valid; choose 'lora:R' (LoRA adapters of rank R) or 'prefix:N' "
+                          "(a prefix of N virtual tokens), R and N positive integers (e.g. 'lora:8', 'prefix:16')")
     return kind, int(n)
 
 

@@ -47,8 +47,8 @@ class ZOTrainer(Trainer):
         if isinstance(model, str):
             model = build_model(model, seed=args.seed if args is not None else 42)
         if model is not None and is_peft(model):
-            raise ConfigError("ZOTrainer wraps the model with LoRA itself, so its seed log can rebuild it: pass the "
-                              "base model and ZOArguments(peft='lora:R')")
+            raise ConfigError("ZOTrainer wraps the model with peft itself, so its seed log can rebuild it: pass the "
+                              "base model and ZOArguments(peft='lora:R' or 'prefix:N')")
         super().__init__(model=model, args=args, **kwargs)
         self.run: Run | None = None
         self.history: list[dict] = []  # one record per ZO step: step, seed, l+, l-, g, lr

@@ -18,6 +18,7 @@ from torch import nn
 
 from distzo2_lab.config import ConfigError
 from distzo2_lab.models.buckets import ParamBucket
+from distzo2_lab.models.prefix import TABLE
 
 # (bucket key, [(parameter-name prefix, module or None)]) for "in", "block.0" ... "block.N-1", "out"
 Groups = list[tuple[str, list[tuple[str, nn.Module | None]]]]
@@ -94,6 +95,7 @@ class BlockContext:
     position_ids: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary (cos, sin)
     masks: dict | None = None  # attention type -> mask, for families that mix them
+    prefix: torch.Tensor | None = None  # prefix tuning: the table (N, layers * 2 * C) as this pass saw it
 
 
 class BlockAdapter:
@@ -102,7 +104,9 @@ class BlockAdapter:
     A family subclass sets `family` (the config's model_type), `model_class` (the Hugging Face
     class its presets build) and implements `groups`, `block_modules`, `block_prefix`, `embed`,
     `run_block` and `head`. `choices` (None, or a LongTensor (K,) of label-word ids) switches the
-    causal-LM loss to cross-entropy over those K logits.
+    causal-LM loss to cross-entropy over those K logits. `prefix` (a ``peft`` prefix table's
+    module, models/prefix.py) joins the resident-in bucket; a family that passes each layer's
+    slice of it to its block sets `takes_prefix`.
     """
 
     family = ""
@@ -110,15 +114,25 @@ class BlockAdapter:
     causal = True  # next-token loss on (B, T) labels; False: one label per sequence (B,)
     wrapper: nn.Module | None = None  # the ``peft`` model around `model`, when adapter_for was given one
     frozen: tuple[str, ...] = ()  # zo.freeze patterns of what the wrapper does not train (lora.frozen_patterns)
+    takes_prefix = False  # run_block passes a prefix table's layer slice to the block
 
-    def __init__(self, model: nn.Module, storage: str = "fp32"):
+    def __init__(self, model: nn.Module, storage: str = "fp32", prefix: nn.Embedding | None = None):
+        if prefix is not None and not self.takes_prefix:
+            raise ConfigError(f"model_type={self.family!r} takes no prefix table; prefix tuning runs with "
+                              "the families whose adapters set takes_prefix (opt)")
         model.eval().requires_grad_(False)
         self.model = model
         self.config = model.config
         self.layers = list(self.block_modules(model))
         self.choices: torch.Tensor | None = None
+        self.prefix = prefix
+        if prefix is not None:
+            prefix.requires_grad_(False)
         seen: set[int] = set()
-        groups = [(key, unique_params(mods, seen)) for key, mods in self.groups(model)]
+        plan = self.groups(model)
+        if prefix is not None:  # the table is resident with the embeddings: perturbed and updated as they are
+            plan[0] = (plan[0][0], [*plan[0][1], (TABLE.rsplit(".", 1)[0], prefix)])
+        groups = [(key, unique_params(mods, seen)) for key, mods in plan]
         norms = {id(p) for _, mods in self.groups(model) for _, m in mods if m is not None
                  for sub in m.modules() if is_norm(sub) for p in sub.parameters(recurse=False)}
         # blocks on the meta device live in a store; the shell (block 0) then holds no master either,
@@ -131,6 +145,7 @@ class BlockAdapter:
         if self.offloaded:
             self._use_shell()
         n_model = sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
+        n_model += prefix.weight.numel() if prefix is not None else 0
         n_ours = sum(b.numel for b in self.buckets)
         if n_model != n_ours:
             raise RuntimeError(f"adapter covers {n_ours} of {n_model} parameters")
@@ -195,6 +210,11 @@ class BlockAdapter:
     @property
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
+
+    def prefix_now(self) -> torch.Tensor | None:
+        """A copy of the prefix table as it is now (None without one): the in-place step perturbs
+        the table again before the blocks run, so each pass keeps the values it embedded with."""
+        return None if self.prefix is None else self.prefix.weight.detach().clone()  # (N, layers * 2 * C)
 
     def check_batch(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.numel() == 0:

@@ -28,6 +28,14 @@ def hf_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if is_peft(model) else model
 
 
+def wrap_peft(model: nn.Module, spec: str, seed: int) -> nn.Module:
+    """`model` wrapped by ``peft`` as `spec` says: 'lora:R' (wrap_lora) or 'prefix:N' (prefix.wrap_prefix)."""
+    from distzo2_lab.models.prefix import wrap_prefix
+
+    kind, _ = parse_peft(spec)
+    return wrap_lora(model, spec, seed) if kind == "lora" else wrap_prefix(model, spec, seed)
+
+
 @torch.no_grad()
 def wrap_lora(model: nn.Module, spec: str, seed: int) -> nn.Module:
     """`model` wrapped by ``peft`` with LoRA adapters of rank R ('lora:R') on the family's default
@@ -69,9 +77,14 @@ def save_adapters(wrapper: nn.Module, tensors: dict[str, torch.Tensor], director
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    state = {"base_model.model." + n: t for n, t in tensors.items() if ".lora_" in n}
+    from distzo2_lab.models.prefix import TABLE
+
     os.makedirs(directory, exist_ok=True)
-    adapters = get_peft_model_state_dict(wrapper, state_dict=state, save_embedding_layers=False)
+    if TABLE in tensors:  # prefix tuning: peft saves the table itself, as 'prompt_embeddings'
+        adapters = {"prompt_embeddings": tensors[TABLE]}
+    else:
+        state = {"base_model.model." + n: t for n, t in tensors.items() if ".lora_" in n}
+        adapters = get_peft_model_state_dict(wrapper, state_dict=state, save_embedding_layers=False)
     save_file({k: v.contiguous() for k, v in adapters.items()}, os.path.join(directory, "adapter_model.safetensors"),
               metadata={"format": "pt"})
     wrapper.peft_config["default"].save_pretrained(directory)

@@ -5,16 +5,25 @@ embeddings, project_in), N homogeneous transformer blocks that stream, and resid
 (final LayerNorm, project_out, lm_head). We drive the blocks ourselves with the same calls the
 stock ``OPTDecoder.forward`` makes (no monkeypatching), so the block-by-block logits equal the
 stock ones. lm_head is tied to embed_tokens: one Parameter, kept in the resident-in bucket only.
+With a ``peft`` prefix (models/prefix.py) the calls are those the stock decoder makes when peft
+hands it the prefix as a KV cache: positions and the mask run N further, each layer gets its slice.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import OPTForCausalLM
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups, unique_params
 from distzo2_lab.models.masks import causal_mask
+from distzo2_lab.models.prefix import extend_mask, layer_prefix, prefix_cache
 
 __all__ = ["BlockContext", "OPTAdapter", "opt_groups", "unique_params"]
+
+# the decoder layer's cache argument: 'cache' from transformers 5.24, 'past_key_values' before
+_CACHE = "cache" if "cache" in inspect.signature(OPTDecoderLayer.forward).parameters else "past_key_values"
 
 
 def opt_groups(model: OPTForCausalLM) -> Groups:
@@ -34,10 +43,11 @@ class OPTAdapter(BlockAdapter):
 
     family = "opt"
     model_class = OPTForCausalLM
+    takes_prefix = True
 
-    def __init__(self, model: OPTForCausalLM, storage: str = "fp32"):
+    def __init__(self, model: OPTForCausalLM, storage: str = "fp32", prefix=None):
         self.decoder = model.model.decoder
-        super().__init__(model, storage)
+        super().__init__(model, storage, prefix)
 
     groups = staticmethod(opt_groups)
 
@@ -50,22 +60,32 @@ class OPTAdapter(BlockAdapter):
         return f"model.decoder.layers.{i}"
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Resident-in modules: tokens -> (hidden (B, T, C), BlockContext). Mirrors OPTDecoder."""
-        dec = self.decoder
+        """Resident-in modules: tokens -> (hidden (B, T, C), BlockContext). Mirrors OPTDecoder; with
+        a prefix of N positions, as it runs behind a cache already holding N."""
+        dec, table = self.decoder, self.prefix_now()
+        n = 0 if table is None else table.shape[0]
         inputs_embeds = dec.embed_tokens(input_ids)  # (B, T, E)
-        pos_mask = attention_mask
+        mask = extend_mask(attention_mask, n)  # (B, N + T) or None
+        pos_mask = mask
         if pos_mask is None:
-            pos_mask = torch.ones(input_ids.shape, device=input_ids.device)
-        position_ids = (torch.cumsum(pos_mask, dim=1) * pos_mask - 1).long()  # (B, T)
-        causal = causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
-        pos = dec.embed_positions(pos_mask, 0, position_ids=position_ids)  # (B, T, C)
+            pos_mask = torch.ones(input_ids.shape[0], n + input_ids.shape[1], device=input_ids.device)
+        position_ids = (torch.cumsum(pos_mask, dim=1) * pos_mask - 1).long()[:, n:]  # (B, T)
+        past = None if table is None else self._cache(table, 0, input_ids.shape[0])  # sizes the mask
+        causal = causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=mask, cache=past)
+        pos = dec.embed_positions(pos_mask, n, position_ids=position_ids)  # (B, T, C)
         if dec.project_in is not None:
             inputs_embeds = dec.project_in(inputs_embeds)
-        return inputs_embeds + pos, BlockContext(causal, position_ids)
+        return inputs_embeds + pos, BlockContext(causal, position_ids, prefix=table)
+
+    def _cache(self, table: torch.Tensor, i: int, batch: int):
+        """Layer i's slice of the prefix table in a cache the block's attention appends to."""
+        attn = self.layers[i].self_attn
+        return prefix_cache(*layer_prefix(table, i, batch, attn.num_heads, attn.head_dim), attn.layer_idx)
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        return self.layers[i](hidden, attention_mask=ctx.attention_mask,
-                              position_ids=ctx.position_ids, use_cache=False)
+        cache = None if ctx.prefix is None else self._cache(ctx.prefix, i, hidden.shape[0])
+        return self.layers[i](hidden, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
+                              use_cache=False, **{_CACHE: cache})
 
     def head(self, hidden: torch.Tensor, ctx=None) -> torch.Tensor:
         """Resident-out modules: hidden (B, T, C) -> logits (B, T, V)."""

@@ -10,6 +10,7 @@ from distzo2_lab.models.gpt2 import GPT2Adapter
 from distzo2_lab.models.llama import LlamaAdapter, Qwen2Adapter
 from distzo2_lab.models.lora import frozen_patterns, hf_model, is_peft
 from distzo2_lab.models.opt import OPTAdapter
+from distzo2_lab.models.prefix import prefix_embedding
 
 ADAPTERS: dict[str, type[BlockAdapter]] = {a.family: a for a in
                                            (OPTAdapter, GPT2Adapter, LlamaAdapter, Qwen2Adapter, BertAdapter)}
@@ -28,10 +29,10 @@ def adapter_for(model: nn.Module, storage: str = "fp32") -> BlockAdapter:
 
     A ``peft`` model is seen through its Hugging Face model; the adapter keeps it as `wrapper`
     and, in `frozen`, the zo.freeze patterns of everything it does not train (read before the
-    adapter turns gradients off)."""
+    adapter turns gradients off); a prefix-tuned model's table joins the resident-in bucket."""
     if not is_peft(model):
         return adapter_class(model.config.model_type)(model, storage)
     frozen = frozen_patterns(model)
-    adapter = adapter_class(model.config.model_type)(hf_model(model), storage)
+    adapter = adapter_class(model.config.model_type)(hf_model(model), storage, prefix=prefix_embedding(model))
     adapter.wrapper, adapter.frozen = model, frozen
     return adapter

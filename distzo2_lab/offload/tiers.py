@@ -15,7 +15,8 @@ import torch
 
 from distzo2_lab.config import ConfigError, OffloadConfig
 from distzo2_lab.models.base import BlockAdapter
-from distzo2_lab.models.lora import wrap_lora
+from distzo2_lab.models.lora import wrap_peft
+from distzo2_lab.models.prefix import init_prefix_
 from distzo2_lab.models.presets import (
     build_model,
     checkpoint_config,
@@ -80,11 +81,12 @@ def _copy_into_bucket(bucket, out: torch.Tensor, get) -> None:
 def _meta_model(cfg, base: dict):
     """The family's model on the meta device whose resident modules and block 0 (the shell) have
     real, still untouched storage: nothing is initialised twice and no page is touched before use.
-    A base naming LoRA adapters (peft) gets them wrapped around it (block 0's real, the others meta)."""
+    A base naming peft adapters gets them wrapped around it: LoRA's (block 0's real, the others
+    meta) or a prefix table (real: it is resident)."""
     model = adapter_class(cfg.model_type).meta_model(cfg)
     if base.get("peft") is None:
         return model
-    return wrap_lora(model, base["peft"], base.get("peft_seed", 0))
+    return wrap_peft(model, base["peft"], base.get("peft_seed", 0))
 
 
 def _lora_blocks(base: dict):
@@ -96,7 +98,7 @@ def _lora_blocks(base: dict):
     def make(bucket, out: torch.Tensor) -> None:
         if not held:
             model = build_model(base["model"], seed=base.get("init_seed", 0))
-            held.append(adapter_for(wrap_lora(model, base["peft"], base.get("peft_seed", 0))))
+            held.append(adapter_for(wrap_peft(model, base["peft"], base.get("peft_seed", 0))))
         out.copy_(next(b for b in held[0].blocks if b.key == bucket.key).master)
 
     return make
@@ -145,6 +147,8 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
                              torch.empty(b.numel, dtype=b.working_dtype))
                 b.bind(b.master)  # initialise the fp32 master, not a bf16 / fp16 working copy
                 init_group_(groups[b.key], std, derive_seed(seed, "init", b.key), done)
+                if b is adapter.bucket_in and adapter.prefix is not None:  # a prefix table: peft's seeded init
+                    init_prefix_(adapter.prefix.weight, base.get("peft_seed", 0))
                 b.sync()
                 b.bind(b.working)
 
@@ -165,7 +169,7 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
                 init_params[s.name[len(prefix):]].data = out[s.start : s.stop].view(s.shape)
             init_group_([("", init_block)], std, derive_seed(seed, "init", bucket.key), set())
 
-    if adapter.wrapper is not None:
+    if adapter.wrapper is not None and adapter.prefix is None:  # a prefix leaves the blocks as they are
         make = _lora_blocks(base)
     scratch: list[torch.Tensor] = []
     pending = [init_resident] if defer_resident and not is_local_dir(model) else []
@@ -461,7 +465,7 @@ class LeanResident:
         with e.span("embed"):
             for ids, mask in micro:
                 h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
-                hs.append([h_plus, None, ctx])
+                hs.append([h_plus, None, ctx, None])
         if plus:
             self.store.stash("plus", self.bin.working)
         self._noise(seed, lambda m, z: perturb_(m, z, -2 * eps))
@@ -469,7 +473,7 @@ class LeanResident:
         with e.span("embed"):
             for h, (ids, mask) in zip(hs, micro):
                 if minus:
-                    h[1], h[2] = a.embed(ids, mask)  # (B, T, C)
+                    h[1], h[3] = a.embed(ids, mask)  # (B, T, C)
         self.store.stash("minus", self.bin.master)
         self._unload()
         return hs
@@ -480,7 +484,7 @@ class LeanResident:
             loss_minus = loss_plus = None
             if hs[0][1] is not None:
                 self._attach(self.store.unstash("minus", self.bin.numel).to(e.device))
-                loss_minus = out.losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
+                loss_minus = out.losses([h[1] for h in hs], labels, counts, [h[3] for h in hs])
                 self._unload()
             out.bind_plus()
             if hs[0][0] is not None:

@@ -31,7 +31,7 @@ from distzo2_lab.config import (
 )
 from distzo2_lab.data.tasks import SyntheticTask, TextTask, tokenizer_for
 from distzo2_lab.models import BlockAdapter, adapter_for, build_model
-from distzo2_lab.models.lora import is_peft, save_adapters, wrap_lora
+from distzo2_lab.models.lora import is_peft, save_adapters, wrap_peft
 from distzo2_lab.models.presets import is_local_dir
 from distzo2_lab.observe.events import Recorder, overlap_metrics, write_trace
 from distzo2_lab.offload.tiers import Offload
@@ -78,7 +78,7 @@ def start_model(base: dict, model=None):
     if model is None:
         model = build_model(base["model"], seed=base.get("init_seed", 0))
     if base.get("peft") is not None and not is_peft(model):
-        model = wrap_lora(model, base["peft"], base.get("peft_seed", 0))
+        model = wrap_peft(model, base["peft"], base.get("peft_seed", 0))
     return model
 
 

@@ -107,7 +107,8 @@ class ResidentSet:
     # -- the keeper interface the engine calls --------------------------------------------
     def begin(self, seed: int, micro: list) -> list:
         """Deferred update, +eps, embed (h+), -2 eps, embed (h-) for each micro-batch (ids, mask);
-        returns [(h+, h-, ctx)] (None for a sign this rank does not run)."""
+        returns [[h+, h-, ctx+, ctx-]] (None for a sign this rank does not run). Each pass keeps
+        its own context: a prefix table (prefix tuning) is resident, perturbed with the embeddings."""
         e, a = self.engine, self.adapter
         plus, minus = e.signs
         self.to_plus(seed)
@@ -115,17 +116,17 @@ class ResidentSet:
         with e.span("embed"):
             for ids, mask in micro:
                 h_plus, ctx = a.embed(ids, mask) if plus else (None, None)  # (B, T, C)
-                out.append([h_plus, None, ctx])
+                out.append([h_plus, None, ctx, None])
             self.to_minus()
             for row, (ids, mask) in zip(out, micro):
                 if minus:
-                    row[1], row[2] = a.embed(ids, mask)  # (B, T, C)
+                    row[1], row[3] = a.embed(ids, mask)  # (B, T, C)
         return out
 
     def end(self, hs: list, labels: list, counts: list[int]) -> tuple[float, float]:
         """Head on the -eps state, then on the saved +eps state; restore. Returns (l+, l-)."""
         with self.engine.span("head"):
-            loss_minus = self.losses([h[1] for h in hs], labels, counts, [h[2] for h in hs])
+            loss_minus = self.losses([h[1] for h in hs], labels, counts, [h[3] for h in hs])
             self.bind_plus()
             loss_plus = self.losses([h[0] for h in hs], labels, counts, [h[2] for h in hs])
             self.restore()
@@ -426,7 +427,7 @@ class ZO2Engine:
     def _in_place(self, seed: int, micro, labels, counts) -> tuple[float | None, float | None]:
         """MeZO's step: per block update, +eps, forward h+, -2 eps, forward h-, +eps (z made once)."""
         a, eps = self.adapter, self.zo.eps
-        hs = self.resident.begin(seed, [(ids, mask) for ids, _, mask in micro])  # [[h+, h-, ctx]]
+        hs = self.resident.begin(seed, [(ids, mask) for ids, _, mask in micro])  # [[h+, h-, ctx+, ctx-]]
 
         def visit(i: int, b: ParamBucket) -> None:
             self.apply_pending(b, self._z_block, i)
@@ -446,7 +447,7 @@ class ZO2Engine:
                 if self.signs[k]:  # PertP: only the passes this rank runs
                     with self.span("forward", i):
                         for h in hs:
-                            h[k] = a.run_block(i, h[k], h[2])
+                            h[k] = a.run_block(i, h[k], h[2 + k])
             with self.span("perturb", i):
                 perturb(eps)
                 b.sync()

@@ -1,0 +1,71 @@
+"""Prefix tuning through ``peft``: N trained key/value positions in front of every attention layer.
+
+``peft``'s prefix tuning (Li & Liang 2021; one of MeZO's PEFT methods, arXiv 2305.17333, Sec. 3)
+keeps one table, ``prompt_encoder.default.embedding.weight`` of shape (N, layers * 2 * hidden),
+outside the blocks, and hands the model all layers' prefixes as a KV cache. Here the table joins
+the resident-in bucket (perturbed and updated with the embeddings, the base frozen), ``embed``
+copies the table as the pass sees it into the block context (each perturbed pass has its own), and
+each block's forward receives its own layer's slice through a one-layer cache, with positions and
+the attention mask extended by N as ``peft`` and the Hugging Face model do in a whole-model forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from distzo2_lab.config import ConfigError, parse_peft
+from distzo2_lab.seeds import derive_seed
+
+TABLE = "prompt_encoder.default.embedding.weight"  # the table's name in the PeftModel
+PREFIX_FAMILIES = ("opt",)  # the families whose adapters pass a layer's prefix to the block
+
+
+def prefix_embedding(wrapper: nn.Module | None) -> nn.Embedding | None:
+    """The prefix table's module of a ``peft`` prefix-tuned model (None for any other model)."""
+    encoders = getattr(wrapper, "prompt_encoder", None) if wrapper is not None else None
+    return encoders["default"].embedding if encoders else None
+
+
+@torch.no_grad()
+def init_prefix_(weight: torch.Tensor, seed: int) -> None:
+    """``peft``'s init of the table (N(0, 1), as nn.Embedding), drawn from its own generator."""
+    weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(derive_seed(seed, "prefix", 0)))
+
+
+def wrap_prefix(model: nn.Module, spec: str, seed: int) -> nn.Module:
+    """`model` wrapped by ``peft`` with a prefix of N virtual tokens ('prefix:N') per attention
+    layer, no projection MLP (the table is the prefix itself), its values seeded by `seed`."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    family = model.config.model_type
+    if family not in PREFIX_FAMILIES:
+        raise ConfigError(f"peft={spec!r} with model_type={family!r}: prefix tuning runs with model_type "
+                          f"{', '.join(map(repr, PREFIX_FAMILIES))}; choose peft='lora:R' or an OPT model")
+    _, n = parse_peft(spec)
+    wrapper = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
+    init_prefix_(prefix_embedding(wrapper).weight, seed)
+    return wrapper
+
+
+def layer_prefix(table: torch.Tensor, i: int, batch: int, heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """Layer i's (key, value), each (B, H, N, D) and expanded over the batch without a copy, from
+    a table (N, layers * 2 * H * D) laid out as ``peft``'s get_prompt reads it: per virtual token,
+    layer-major, key before value."""
+    kv = table.view(table.shape[0], -1, heads, head_dim)  # (N, 2L, H, D)
+    return tuple(kv[:, 2 * i + j].transpose(0, 1).unsqueeze(0).expand(batch, -1, -1, -1) for j in (0, 1))
+
+
+def prefix_cache(key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> DynamicCache:
+    """A cache holding one layer's prefix at `layer_idx` (the attention module's own index, which
+    the shell of an offloaded model keeps at 0): the layer appends its keys and values after it."""
+    cache = DynamicCache()
+    cache.update(key, value, layer_idx)
+    return cache
+
+
+def extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The attention mask with N leading ones for the prefix, made as ``peft`` makes it."""
+    if mask is None:
+        return None
+    return torch.cat((torch.ones(mask.shape[0], n).to(mask.device), mask), dim=1)  # (B, N + T)

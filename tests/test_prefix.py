@@ -1,0 +1,166 @@
+"""Prefix tuning through ``peft``: the block-by-block loss is peft's whole-model loss, only the
+prefix table moves, the engine equals the eager reference, offloaded tiers equal the resident
+run, the table saves and loads the peft way, and the CLI / config take 'prefix:N'."""
+import dataclasses
+
+import pytest
+import torch
+
+from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig
+from distzo2_lab.models import adapter_for, build_model
+from distzo2_lab.models.lora import wrap_peft
+from distzo2_lab.models.prefix import TABLE
+from distzo2_lab.run.train import train
+from distzo2_lab.zo.engine import ZO2Engine
+from distzo2_lab.zo.reference import EagerMeZO
+from tests.helpers import batches, masters_equal, run
+
+
+def _prefix_adapter(seed: int = 7, model: str = "tiny", n: int = 3):
+    return adapter_for(wrap_peft(build_model(model, seed=seed), f"prefix:{n}", seed))
+
+
+def _values(adapter) -> dict[str, torch.Tensor]:
+    return {s.name: b.master[s.start : s.stop].clone() for b in adapter.buckets for s in b.slots}
+
+
+def _padded(ids: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # a left-padded row: positions and the mask both follow the padding
+    return mask
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_block_by_block_loss_is_the_peft_models_whole_forward_loss(padded):
+    """Tolerance: the same operations in the same order, so bit for bit (0.0) in fp32."""
+    a = _prefix_adapter(model="tiny-deep")
+    ids = batches(1, batch=3)[0]["input_ids"]
+    mask = _padded(ids) if padded else None
+    with torch.no_grad():
+        ref = a.wrapper(input_ids=ids, attention_mask=mask)
+        got = a.forward(ids, mask)
+        plain = a.wrapper.get_base_model()(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, ref.logits)
+    assert float(a.loss(got, ids)) == float(a.loss(ref.logits, ids))
+    assert not torch.equal(got, plain)  # the prefix takes part
+
+
+def test_the_table_is_resident_and_everything_else_frozen():
+    a = _prefix_adapter()
+    from distzo2_lab.zo.perturb import frozen_spans
+
+    slot = next(s for s in a.bucket_in.slots if s.name == TABLE)
+    n_layers, hidden = a.config.num_hidden_layers, a.config.hidden_size
+    assert slot.shape == (3, n_layers * 2 * hidden)
+    spans = frozen_spans(a.buckets, a.frozen)
+    frozen = sum(e - s for sp in spans.values() for s, e in sp)
+    assert frozen + slot.stop - slot.start == sum(b.numel for b in a.buckets)
+    assert all(TABLE not in p for p in a.frozen)
+
+
+def test_prefix_engine_equals_the_eager_reference_and_only_the_table_moves():
+    a, b = _prefix_adapter(), _prefix_adapter()
+    zo = ZOConfig(lr=1e-2, weight_decay=0.1, freeze=a.frozen)
+    eager, engine = EagerMeZO(a, zo), ZO2Engine(b, zo)
+    before = _values(b)
+    bs = batches(3, batch=4)
+    ref, got = run(eager, bs), run(engine, bs)
+    engine.flush()
+    assert [r.to_dict() for r in ref] == [r.to_dict() for r in got]  # l+, l-, g bit for bit
+    assert masters_equal(a, b)
+    after = _values(b)
+    assert {n for n in after if not torch.equal(after[n], before[n])} == {TABLE}
+
+
+def test_each_perturbed_pass_reads_its_own_prefix():
+    """l+ and l- of a step are the peft model's losses at table +- eps z (the base unperturbed)."""
+    a = _prefix_adapter()
+    zo = ZOConfig(lr=1e-2, freeze=a.frozen)
+    engine = ZO2Engine(a, zo)
+    batch = batches(1, batch=4)[0]
+    start = a.wrapper.prompt_encoder["default"].embedding.weight.detach().clone()
+    res = engine.step(batch, 123)
+    b = _prefix_adapter()  # the same start: perturb its table by hand with the engine's z
+    slot = next(s for s in a.bucket_in.slots if s.name == TABLE)
+    z = torch.empty(a.bucket_in.numel)
+    engine.draw(z, 123, a.bucket_in.key)
+    table = b.wrapper.prompt_encoder["default"].embedding.weight
+    losses = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            table.copy_(start + sign * zo.eps * z[slot.start : slot.stop].view(slot.shape))
+            logits = b.wrapper(input_ids=batch["input_ids"]).logits
+        losses.append(float(b.loss(logits, batch["input_ids"])))
+    assert losses == pytest.approx([res.loss_plus, res.loss_minus], rel=1e-6, abs=1e-6)
+    assert losses[0] != losses[1]
+
+
+def test_cli_train_with_a_prefix_lowers_the_loss_and_keeps_the_base(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from distzo2_lab.cli import main
+
+    assert main(["train", "--model", "tiny", "--peft", "prefix:4", "--steps", "20", "--batch-size", "4",
+                 "--seq-len", "16", "--lr", "0.1", "--threads", "1", "--out", str(tmp_path / "o"),
+                 "--save", str(tmp_path / "ck")]) in (0, None)
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["eval_loss_end"] < s["eval_loss_start"]
+    assert '"peft": "prefix:4"' in (tmp_path / "o" / "seedlog.jsonl").read_text().splitlines()[0]
+    start = _values(_prefix_adapter(seed=0, n=4))
+    trained = load_file(tmp_path / "ck" / "model.safetensors")
+    assert all(torch.equal(trained[n].flatten(), v) for n, v in start.items() if n != TABLE)  # base bit-identical
+    assert not torch.equal(trained[TABLE].flatten(), start[TABLE])
+    assert (tmp_path / "ck" / "adapter_config.json").exists()
+
+
+def test_a_saved_prefix_loads_with_peft_and_gives_the_same_loss(tmp_path):
+    from peft import PeftModel
+
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, peft="prefix:3", zo=ZOConfig(lr=0.1))
+    s = train(cfg, progress=False, save=str(tmp_path / "ck"))
+    loaded = PeftModel.from_pretrained(build_model("tiny", seed=0), tmp_path / "ck").eval()
+    assert loaded.peft_config["default"].num_virtual_tokens == 3
+    a = _prefix_adapter(seed=0)
+    from safetensors.torch import load_file
+
+    a.bucket_in.load({**a.bucket_in.state(), TABLE: load_file(tmp_path / "ck" / "model.safetensors")[TABLE]})
+    ids = batches(1, batch=2)[0]["input_ids"]
+    with torch.no_grad():
+        ours = a.forward(ids)
+        theirs = loaded(input_ids=ids).logits
+    assert torch.equal(ours, theirs) and float(a.loss(ours, ids)) == float(a.loss(theirs, ids))
+    assert not torch.equal(loaded.prompt_encoder["default"].embedding.weight, _prefix_adapter(seed=0).prefix.weight)
+    assert s["steps"]
+
+
+PREFIX = TrainConfig(model="tiny-deep", steps=4, batch_size=2, seq_len=12, threads=1, peft="prefix:3",
+                     zo=ZOConfig(lr=0.1, weight_decay=0.1))
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_prefix_on_an_offloaded_tier_equals_the_resident_run_and_writes_back_nothing(tier, tmp_path):
+    """Same losses, digest and table as the resident run; the frozen blocks stream one way only."""
+    from peft import PeftModel
+
+    ref = train(PREFIX, progress=False, save=str(tmp_path / "ref"))
+    cfg = dataclasses.replace(PREFIX, offload=OffloadConfig(tier=tier, store=str(tmp_path / "s") if tier == "disk"
+                                                            else None))
+    got = train(cfg, progress=False, save=str(tmp_path / "got"))
+    assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
+    assert got["eval_loss_end"] == ref["eval_loss_end"]
+    assert got["bytes_up_per_step"] > 0 and got["bytes_down_per_step"] == 0
+    ids = batches(1, batch=2)[0]["input_ids"]
+    models = [PeftModel.from_pretrained(build_model("tiny-deep", seed=0), tmp_path / d).eval() for d in ("ref", "got")]
+    with torch.no_grad():
+        assert torch.equal(models[0](input_ids=ids).logits, models[1](input_ids=ids).logits)
+
+
+def test_prefix_tuning_is_refused_for_other_families():
+    with pytest.raises(ConfigError, match=r"peft='prefix:2' with model_type='gpt2': prefix tuning runs with "
+                                          r"model_type 'opt'; choose peft='lora:R' or an OPT model") as e:
+        wrap_peft(build_model("tiny-gpt2", seed=0), "prefix:2", 0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="model_type='gpt2'"):
+        train(dataclasses.replace(PREFIX, model="tiny-gpt2", steps=1), progress=False)
