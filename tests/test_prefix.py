@@ -58,9 +58,11 @@ def test_the_table_is_resident_and_everything_else_frozen():
     assert all(TABLE not in p for p in a.frozen)
 
 
-def test_prefix_engine_equals_the_eager_reference_and_only_the_table_moves():
+@pytest.mark.parametrize("options", [{"perturb": "in-place"}, {"perturb": "copy"}, {"directions": 2}])
+def test_prefix_engine_equals_the_eager_reference_and_only_the_table_moves(options):
+    """MeZO's in-place step, out-of-place copies and n-SPSA: each pass embeds with its own table."""
     a, b = _prefix_adapter(), _prefix_adapter()
-    zo = ZOConfig(lr=1e-2, weight_decay=0.1, freeze=a.frozen)
+    zo = ZOConfig(lr=1e-2, weight_decay=0.1, freeze=a.frozen, **options)
     eager, engine = EagerMeZO(a, zo), ZO2Engine(b, zo)
     before = _values(b)
     bs = batches(3, batch=4)
@@ -75,7 +77,7 @@ def test_prefix_engine_equals_the_eager_reference_and_only_the_table_moves():
 def test_each_perturbed_pass_reads_its_own_prefix():
     """l+ and l- of a step are the peft model's losses at table +- eps z (the base unperturbed)."""
     a = _prefix_adapter()
-    zo = ZOConfig(lr=1e-2, freeze=a.frozen)
+    zo = ZOConfig(lr=1e-2, freeze=a.frozen, perturb="in-place")  # the table is perturbed again before the blocks
     engine = ZO2Engine(a, zo)
     batch = batches(1, batch=4)[0]
     start = a.wrapper.prompt_encoder["default"].embedding.weight.detach().clone()
@@ -139,14 +141,19 @@ PREFIX = TrainConfig(model="tiny-deep", steps=4, batch_size=2, seq_len=12, threa
                      zo=ZOConfig(lr=0.1, weight_decay=0.1))
 
 
-@pytest.mark.parametrize("tier", ["host", "disk"])
+@pytest.mark.parametrize("tier", ["host", "disk", "lean"])
 def test_prefix_on_an_offloaded_tier_equals_the_resident_run_and_writes_back_nothing(tier, tmp_path):
-    """Same losses, digest and table as the resident run; the frozen blocks stream one way only."""
+    """Same losses, digest and table as the resident run; the frozen blocks stream one way only
+    (lean: the disk tier with the embeddings and the table parked in the store)."""
     from peft import PeftModel
 
-    ref = train(PREFIX, progress=False, save=str(tmp_path / "ref"))
-    cfg = dataclasses.replace(PREFIX, offload=OffloadConfig(tier=tier, store=str(tmp_path / "s") if tier == "disk"
-                                                            else None))
+    base = PREFIX if tier != "lean" else dataclasses.replace(PREFIX, zo=dataclasses.replace(PREFIX.zo,
+                                                                                          perturb="in-place"))
+    ref = train(base, progress=False, save=str(tmp_path / "ref"))  # lean runs MeZO's in-place step
+    on_disk = tier in ("disk", "lean")
+    offload = OffloadConfig(tier="disk" if on_disk else tier, store=str(tmp_path / "s") if on_disk else None,
+                            lean=tier == "lean")
+    cfg = dataclasses.replace(base, offload=offload)
     got = train(cfg, progress=False, save=str(tmp_path / "got"))
     assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
     assert got["eval_loss_end"] == ref["eval_loss_end"]
@@ -164,3 +171,13 @@ def test_prefix_tuning_is_refused_for_other_families():
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="model_type='gpt2'"):
         train(dataclasses.replace(PREFIX, model="tiny-gpt2", steps=1), progress=False)
+
+
+def test_an_adapter_refuses_a_prefix_model_of_another_family():
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = get_peft_model(build_model("tiny-gpt2", seed=0), PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                 num_virtual_tokens=2))
+    with pytest.raises(ConfigError, match=r"prefix-tuned model of model_type='gpt2': prefix tuning runs with "
+                                          r"model_type 'opt'; use LoRA"):
+        adapter_for(model)

@@ -117,9 +117,6 @@ class BlockAdapter:
     takes_prefix = False  # run_block passes a prefix table's layer slice to the block
 
     def __init__(self, model: nn.Module, storage: str = "fp32", prefix: nn.Embedding | None = None):
-        if prefix is not None and not self.takes_prefix:
-            raise ConfigError(f"model_type={self.family!r} takes no prefix table; prefix tuning runs with "
-                              "the families whose adapters set takes_prefix (opt)")
         model.eval().requires_grad_(False)
         self.model = model
         self.config = model.config

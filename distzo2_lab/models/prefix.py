@@ -18,7 +18,6 @@ from distzo2_lab.config import ConfigError, parse_peft
 from distzo2_lab.seeds import derive_seed
 
 TABLE = "prompt_encoder.default.embedding.weight"  # the table's name in the PeftModel
-PREFIX_FAMILIES = ("opt",)  # the families whose adapters pass a layer's prefix to the block
 
 
 def prefix_embedding(wrapper: nn.Module | None) -> nn.Embedding | None:
@@ -38,10 +37,12 @@ def wrap_prefix(model: nn.Module, spec: str, seed: int) -> nn.Module:
     layer, no projection MLP (the table is the prefix itself), its values seeded by `seed`."""
     from peft import PrefixTuningConfig, get_peft_model
 
+    from distzo2_lab.models.registry import prefix_families  # the registry imports this module
+
     family = model.config.model_type
-    if family not in PREFIX_FAMILIES:
+    if family not in prefix_families():
         raise ConfigError(f"peft={spec!r} with model_type={family!r}: prefix tuning runs with model_type "
-                          f"{', '.join(map(repr, PREFIX_FAMILIES))}; choose peft='lora:R' or an OPT model")
+                          f"{', '.join(map(repr, prefix_families()))}; choose peft='lora:R' or an OPT model")
     _, n = parse_peft(spec)
     wrapper = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
     init_prefix_(prefix_embedding(wrapper).weight, seed)

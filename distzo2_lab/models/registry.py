@@ -17,6 +17,11 @@ ADAPTERS: dict[str, type[BlockAdapter]] = {a.family: a for a in
 FAMILIES = tuple(ADAPTERS)
 
 
+def prefix_families() -> tuple[str, ...]:
+    """The families whose adapters pass each layer's slice of a prefix table to its block."""
+    return tuple(f for f, a in ADAPTERS.items() if a.takes_prefix)
+
+
 def adapter_class(model_type: str) -> type[BlockAdapter]:
     """The adapter class of a config's model_type ('opt', 'gpt2', 'llama', 'qwen2', 'bert')."""
     if model_type not in ADAPTERS:
@@ -33,6 +38,13 @@ def adapter_for(model: nn.Module, storage: str = "fp32") -> BlockAdapter:
     if not is_peft(model):
         return adapter_class(model.config.model_type)(model, storage)
     frozen = frozen_patterns(model)
-    adapter = adapter_class(model.config.model_type)(hf_model(model), storage, prefix=prefix_embedding(model))
+    cls, prefix = adapter_class(model.config.model_type), prefix_embedding(model)
+    if prefix is None:
+        adapter = cls(hf_model(model), storage)
+    elif cls.takes_prefix:
+        adapter = cls(hf_model(model), storage, prefix=prefix)
+    else:
+        raise ConfigError(f"a peft prefix-tuned model of model_type={cls.family!r}: prefix tuning runs with model_type "
+                          f"{', '.join(map(repr, prefix_families()))}; use LoRA for it")
     adapter.wrapper, adapter.frozen = model, frozen
     return adapter
