@@ -56,7 +56,7 @@ BAD = {
     "offload.store": ("/tmp/s", "offload.store='/tmp/s' is only used by offload.tier='disk'"),
     "offload.link_gbps": (0.0, "offload.link_gbps=0.0 is not valid"),
     "offload.lean": (True, "offload.lean=True parks the embeddings in the disk store; offload.tier='resident'"),
-    "peft": ("lora:0", "peft='lora:0' is not valid; choose one of lora:R"),
+    "peft": ("lora:0", "peft='lora:0' is not valid; choose 'lora:R' (LoRA adapters of rank R) or 'prefix:N'"),
 }
 
 

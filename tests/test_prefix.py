@@ -181,3 +181,25 @@ def test_an_adapter_refuses_a_prefix_model_of_another_family():
     with pytest.raises(ConfigError, match=r"prefix-tuned model of model_type='gpt2': prefix tuning runs with "
                                           r"model_type 'opt'; use LoRA"):
         adapter_for(model)
+
+
+@pytest.mark.parametrize("offload", ["resident", "host"])
+def test_zotrainer_trains_a_prefix_and_saves_it_the_peft_way(offload, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments
+
+    from distzo2_lab import ZOArguments, ZOTrainer
+    from tests.hf_workers import dataset
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, learning_rate=0.1, per_device_train_batch_size=4,
+                             save_steps=3, lr_scheduler_type="constant", seed=3, report_to="none", use_cpu=True,
+                             disable_tqdm=True)
+    zo = ZOArguments(peft="prefix:3", offload=offload)
+    t = ZOTrainer(model="tiny", args=args, zo_args=zo, train_dataset=dataset())
+    t.train()
+    ck = tmp_path / "checkpoint-3"
+    loaded = PeftModel.from_pretrained(build_model("tiny", seed=3), ck).eval()
+    table = load_file(ck / "model.safetensors")[TABLE]
+    assert torch.equal(loaded.prompt_encoder["default"].embedding.weight, table)
+    assert not torch.equal(table, _prefix_adapter(seed=3).prefix.weight)

@@ -20,7 +20,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from distzo2_lab.config import ConfigError
 from distzo2_lab.hf.arguments import ZOArguments, train_config
 from distzo2_lab.models import build_model
-from distzo2_lab.models.lora import is_peft
+from distzo2_lab.models.lora import is_peft, save_adapters
 from distzo2_lab.run.checkpoint import checkpoint_tensors, save_checkpoint
 from distzo2_lab.run.train import Run, to_device
 from distzo2_lab.seeds import derive_seed, step_seed
@@ -190,9 +190,12 @@ class ZOTrainer(Trainer):
         if self.is_world_process_zero():
             state = {"step": self.state.global_step, "config": asdict(run.cfg), "base": run.base,
                      "digest": run.digest()}
-            save_checkpoint(path, checkpoint_tensors(run.adapter, run.values), state, run.log)
+            tensors = checkpoint_tensors(run.adapter, run.values)
+            save_checkpoint(path, tensors, state, run.log)
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
-            if run.adapter.wrapper is not None:
+            if run.adapter.wrapper is not None and run.offload is not None:  # values held by the store
+                save_adapters(run.adapter.wrapper, tensors, path)
+            elif run.adapter.wrapper is not None:
                 run.adapter.wrapper.save_pretrained(path)
         return path
 
