@@ -203,3 +203,12 @@ def test_zotrainer_trains_a_prefix_and_saves_it_the_peft_way(offload, tmp_path):
     table = load_file(ck / "model.safetensors")[TABLE]
     assert torch.equal(loaded.prompt_encoder["default"].embedding.weight, table)
     assert not torch.equal(table, _prefix_adapter(seed=3).prefix.weight)
+
+
+def test_a_prefix_run_rebuilds_from_its_seed_log(tmp_path):
+    from distzo2_lab.run.checkpoint import digest
+    from distzo2_lab.run.train import rebuild
+
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, peft="prefix:2", zo=ZOConfig(lr=0.1))
+    s = train(cfg, out=str(tmp_path / "out"), progress=False)
+    assert digest(rebuild(str(tmp_path / "out" / "seedlog.jsonl"))) == s["digest"]
