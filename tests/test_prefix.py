@@ -212,3 +212,17 @@ def test_a_prefix_run_rebuilds_from_its_seed_log(tmp_path):
     cfg = TrainConfig(steps=3, batch_size=4, seq_len=12, threads=1, peft="prefix:2", zo=ZOConfig(lr=0.1))
     s = train(cfg, out=str(tmp_path / "out"), progress=False)
     assert digest(rebuild(str(tmp_path / "out" / "seedlog.jsonl"))) == s["digest"]
+
+
+def test_under_bf16_the_frozen_blocks_go_up_in_bf16_and_never_come_back():
+    """A prefix leaves every block element frozen: the host tier uploads each block in the compute
+    dtype (2 bytes an element) and writes nothing back, bit for bit the resident bf16 run."""
+    from distzo2_lab.config import PrecisionConfig
+    from distzo2_lab.run.train import base_of, build_adapter
+
+    cfg = dataclasses.replace(PREFIX, steps=3, precision=PrecisionConfig(compute="bf16"))
+    ref = train(cfg, progress=False)
+    got = train(dataclasses.replace(cfg, offload=OffloadConfig(tier="host")), progress=False)
+    assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
+    blocks = sum(b.numel for b in build_adapter(base_of(cfg)).blocks)
+    assert got["bytes_up_per_step"] == 2 * blocks and got["bytes_down_per_step"] == 0
