@@ -89,7 +89,7 @@ class FrozenBaseHostStore(HostStore):
         """`fixed`: {block index: [start, stop) spans} held in the compute dtype `dtype`."""
         super().__init__(keys, numels, pin)
         self.fixed = {i: sorted(fixed.get(i, ())) for i in range(len(self.numels))}
-        self.moving = [_gaps(self.fixed[i], n) for i, n in enumerate(self.numels)]
+        self.moving = [complement(self.fixed[i], n) for i, n in enumerate(self.numels)]
         self.half_dtype, self._pin = dtype, pin
         self.half: list[torch.Tensor | None] = [None] * len(self.numels)
         self._stage: torch.Tensor | None = None  # the gathered spans on the working device
@@ -127,8 +127,8 @@ class FrozenBaseHostStore(HostStore):
             off += b - a
 
 
-def _gaps(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    """[0, n) less the sorted, disjoint `spans`."""
+def complement(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """[0, n) without the sorted, disjoint `spans` (a block's moving spans from its fixed ones)."""
     out, at = [], 0
     for a, b in spans:
         if a > at:

@@ -22,6 +22,7 @@ import time
 import torch
 
 from distzo2_lab.observe.events import Recorder
+from distzo2_lab.offload.store import complement
 
 
 class Streamer:
@@ -49,7 +50,7 @@ class Streamer:
         if link_gbps:
             self.recorder.meta["simulated_link_gbps"] = link_gbps
         self.n = len(store.numels)
-        self.moving = [_complement((fixed or {}).get(k, []), n) for k, n in zip(store.keys, store.numels)]
+        self.moving = [complement((fixed or {}).get(k, []), n) for k, n in zip(store.keys, store.numels)]
         self.cuda = self.device.type == "cuda"
         # With a slicer each visit moves only this rank's shard; buffers are padded to whole shards.
         self.slicer = slicer
@@ -295,16 +296,6 @@ class Streamer:
         self._offq.put(None)
         for t in self._threads:
             t.join(timeout=10)
-
-
-def _complement(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    """[0, n) without the sorted, disjoint `spans`."""
-    out, a = [], 0
-    for x, y in spans:
-        if x > a:
-            out.append((a, x))
-        a = max(a, y)
-    return out + [(a, n)] if a < n else out
 
 
 def _clip(spans: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
