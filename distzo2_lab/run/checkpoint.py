@@ -70,10 +70,15 @@ class SeedLog:
         self.base, self.zo, self.records = base, zo, list(records or [])
         self._files = []
 
-    def append(self, step: int, seed: int, grad: float, lr: float, terms: tuple = ()) -> None:
+    def append(self, step: int, seed: int, grad: float, lr: float, terms: tuple = (),
+               method: dict | None = None) -> None:
+        """One step's record. `method`: the method family's scalars a replay needs beyond (seed, g, lr)
+        (zo.family_reference.replay_scalars: Adam's t, HiZOO's curvature, ZO-SGD-Cons's accept)."""
         rec = {"step": step, "seed": seed, "grad": grad, "lr": lr}
         if terms:  # n-SPSA: every direction's (seed, g)
             rec["terms"] = [list(t) for t in terms]
+        if method:
+            rec["method"] = dict(method)
         self.records.append(rec)
         for f in self._files:  # live logs: the record is in the file before the step commits
             f.write(json.dumps(rec) + "\n")
@@ -158,9 +163,13 @@ def _json_line(path: str, n: int, line: str):
 def replay(adapter: BlockAdapter, log: SeedLog, threads: int = 1) -> None:
     """Apply every logged step to the adapter's weights (which must be the log's base)."""
     zo = log.zo
-    if is_family(zo):
-        raise ConfigError(f"this seed log was trained with zo.optimizer={zo.optimizer!r}, zo.perturbation="
-                          f"{zo.perturbation!r}, zo.estimator={zo.estimator!r}; a replay rebuilds ZO-SGD runs only")
+    if is_family(zo):  # the method's rule, state and schedules, step by step, from the logged scalars
+        from distzo2_lab.zo.family_reference import EagerFamily
+
+        family = EagerFamily(adapter, zo, threads=threads)
+        for r in log.records:
+            family.replay_step(r)
+        return
     perturber = Perturber(zo.noise).freeze(adapter.buckets, zo.freeze)
     round_trip = not copies_perturbation(zo)  # in place, the weights carry the round trip's rounding
     for b in adapter.buckets:

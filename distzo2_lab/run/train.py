@@ -51,7 +51,7 @@ from distzo2_lab.run.outputs import check_writable, write_json
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.family_engine import FamilyEngine
-from distzo2_lab.zo.family_reference import EagerFamily
+from distzo2_lab.zo.family_reference import EagerFamily, replay_scalars
 from distzo2_lab.zo.methods import METHODS
 from distzo2_lab.zo.reference import EagerMeZO
 from distzo2_lab.zo.spsa import PendingUpdate, hold_masters
@@ -463,7 +463,7 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
         if stop is not None and stop.should_stop(t, run.rank):
             break
         r = engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t), step=t)
-        run.log.append(r.step, r.seed, r.grad, r.lr, r.terms)
+        run.log.append(r.step, r.seed, r.grad, r.lr, r.terms, replay_scalars(engine))
         if run.offload is not None:
             run.offload.commit(t)  # disk tier: the step is durable once its record is logged
         tokens += r.tokens

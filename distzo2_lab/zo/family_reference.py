@@ -21,6 +21,15 @@ from distzo2_lab.zo.methods import METHODS, Scalars, apply_, hizoo_direction
 from distzo2_lab.zo.spsa import StepResult, count_tokens, direction_seed
 
 
+def replay_scalars(engine) -> dict | None:
+    """The method scalars of an engine's last step that a seed-log replay needs (None for plain
+    ZO-SGD engines): Adam's update count t, HiZOO's curvature, ZO-SGD-Cons's accept flag."""
+    last = getattr(engine, "last", None)
+    if not last:
+        return None
+    return {k: last[k] for k in ("t", "curvature", "accept") if k in last}
+
+
 class EagerFamily(EagerResident):
     """A resident model stepped by zo.optimizer / zo.perturbation / zo.estimator, updates at once."""
 
@@ -135,6 +144,27 @@ class EagerFamily(EagerResident):
         grad = sum(g for _, g in terms) / len(terms)
         return StepResult(self.step_count - 1, seed, loss_plus, loss_minus, grad, lr,
                           sum(count_tokens(m[1]) for m in micro), tuple(terms) if len(terms) > 1 else ())
+
+    # -- seed-log replay -----------------------------------------------------------------------
+    @torch.no_grad()
+    def replay_step(self, record: dict) -> None:
+        """Apply one logged step (run/checkpoint.SeedLog record) as training did: the schedules at
+        its step, then the method's update from its directions' (seed, g), its lr and the method
+        scalars it logged; the state evolves as in training, so the weights come out bit for bit."""
+        seed, method = record["seed"], record.get("method")
+        if method is None:
+            raise ValueError(f"step {record['step']} of this seed log has no method record (accept, curvature, t): "
+                             "it was not written by a run of the method family")
+        self.step_count = record["step"]
+        self._refresh(seed)
+        terms = [tuple(t) for t in record.get("terms", ())] or [(direction_seed(seed, 0), record["grad"])]
+        scalars = {"lr": record["lr"], **method}
+        buckets = self.adapter.buckets
+        self._update([b.master for b in buckets], terms, scalars, [self.state[b.key] for b in buckets])
+        for b in buckets:
+            b.sync()
+        self.updates = method["t"]
+        self.step_count += 1
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
