@@ -330,3 +330,15 @@ def test_cli_no_share_noise_reaches_the_layout(capsys, monkeypatch):
     assert main(["train", "--layout", "dp=2,pert=1", "--batch-size", "4", "--dry-run", "--no-share-noise"]) == 0
     out = capsys.readouterr().out
     assert "noise drawn by every rank" in out and "noise: every rank draws all of z" in out
+
+
+@pytest.mark.parametrize("peft", ["lora:4", "prefix:4"])
+def test_peft_models_on_pertp_equal_the_single_rank(peft, monkeypatch):
+    """A LoRA or prefix model under PertP(2): each rank runs one sign (a prefix pass embeds with its
+    own table), the node's ranks hold one master, and both ranks end on the single rank's bits."""
+    monkeypatch.setenv("DISTZO2_SHARE_GRAIN", "4096")  # split the tiny blocks: the node's master share
+    cfg = dataclasses.replace(CFG, peft=peft)
+    single = train(cfg, progress=False)
+    pertp = run_layout(Layout(dp=1, pert=2), cfg)
+    assert {r["digest"] for r in pertp.values()} == {single["digest"]} and pertp[0]["steps"] == single["steps"]
+    assert {r["master_share"]["ranks"] for r in pertp.values()} == {2}
