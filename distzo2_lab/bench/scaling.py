@@ -1,7 +1,7 @@
 """Scaling benchmark: tokens/s of real multi-process runs at world sizes 1, 2 and 4, equal total CPU threads.
 
 Each layout (PertP, DDP, 2D; DistZO2, arXiv 2507.03211, Sec. 3) runs in fresh gloo worker
-processes; each rank takes a warm-up step, then `steps` timed steps between barriers, and the
+processes; each rank takes WARMUP warm-up steps, then `steps` timed steps between barriers, and the
 slowest rank counts: tokens/s = batch x seq x steps / seconds. `total_threads` are shared out
 equally, at least one per rank; more ranks than threads oversubscribe the cores and are flagged.
 
@@ -32,11 +32,15 @@ from distzo2_lab.parallel.launch import launch
 from distzo2_lab.parallel.layout import Layout, validate_layout
 
 WORLDS = (1, 2, 4)
+WARMUP = 3
+"""Untimed steps before the timing: the first step draws no update, the second compiles the fused
+visit's update variant and the third its shapes of the node's shared pieces, and the first
+touches of every buffer and shared slot land in these (one-time costs, not throughput)."""
 
 
 def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout, steps: int,
                  forward_repeats: int = 0) -> dict:
-    """One rank: gloo group, its process groups, Run, 1 warm-up step, barrier, `steps` timed steps, barrier.
+    """One rank: gloo group, its process groups, Run, WARMUP warm-up steps, barrier, `steps` timed steps, barrier.
 
     Returns {"seconds": timed-step seconds, "forward_s": None}. With `forward_repeats` > 0 the
     rank then also times (after the step timing, all ranks at once behind a barrier) the median
@@ -58,10 +62,11 @@ def bench_worker(rank: int, world_size: int, q, cfg: TrainConfig, layout: Layout
             def step(t: int) -> None:
                 engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t), step=t)
 
-            step(0)  # warm-up: first-touch allocations, the first exchange
+            for t in range(WARMUP):  # first-touch allocations, compiled variants, the first exchanges
+                step(t)
             dist.barrier()
             t0 = time.perf_counter()
-            for t in range(1, steps + 1):
+            for t in range(WARMUP, WARMUP + steps):
                 step(t)
             dist.barrier()
             seconds = time.perf_counter() - t0
@@ -150,7 +155,7 @@ def scaling(model: str = "opt-125m", batch: int = 8, seq: int = 128, steps: int 
     t1_worlds = set()  # the first run of each world of >= total_threads one-thread ranks measures T1c(W)
     for world in WORLDS:
         tpr = threads_per_rank(world, total_threads)
-        cfg = validate(TrainConfig(model=model, steps=steps + 1, seed=seed, batch_size=batch, seq_len=seq,
+        cfg = validate(TrainConfig(model=model, steps=steps + WARMUP, seed=seed, batch_size=batch, seq_len=seq,
                                    threads=tpr, zo=ZOConfig(perturb=perturb)))
         for name, layout in layouts_for(world, batch):
             try:
