@@ -24,6 +24,7 @@ import struct
 import torch
 
 from distzo2_lab.config import ConfigError
+from distzo2_lab.zo.perturb import subtract
 
 MAGIC = b"DZO2SLT1"
 HEADER = 4096  # one page per slot header keeps every slot's values page-aligned
@@ -129,14 +130,7 @@ class FrozenBaseHostStore(HostStore):
 
 def complement(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
     """[0, n) without the sorted, disjoint `spans` (a block's moving spans from its fixed ones)."""
-    out, at = [], 0
-    for a, b in spans:
-        if a > at:
-            out.append((at, a))
-        at = max(at, b)
-    if at < n:
-        out.append((at, n))
-    return out
+    return subtract((0, n), spans)
 
 
 class SharedHostStore:

@@ -40,7 +40,8 @@ def frozen_spans(buckets, patterns) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
-def _subtract(span: tuple[int, int], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def subtract(span: tuple[int, int], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [a, b) = `span` outside the sorted, disjoint `holes`."""
     a, b = span
     out = []
     for h0, h1 in holes:
@@ -69,7 +70,7 @@ class Perturber:
         z is 0 wherever it is drawn, so no pass perturbs them and no update (or its replay) moves
         them. Refuses a pattern that matches no parameter."""
         self.frozen = frozen_spans(buckets, patterns)
-        self._decay = {b.key: [piece for a, e in b.decay_spans for piece in _subtract((a, e), self.frozen[b.key])]
+        self._decay = {b.key: [piece for a, e in b.decay_spans for piece in subtract((a, e), self.frozen[b.key])]
                        for b in buckets if b.key in self.frozen}
         return self
 
