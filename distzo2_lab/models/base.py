@@ -18,7 +18,8 @@ from torch import nn
 
 from distzo2_lab.config import ConfigError
 from distzo2_lab.models.buckets import ParamBucket
-from distzo2_lab.models.prefix import TABLE
+
+TABLE = "prompt_encoder.default.embedding.weight"  # a peft prefix table's name in the PeftModel
 
 # (bucket key, [(parameter-name prefix, module or None)]) for "in", "block.0" ... "block.N-1", "out"
 Groups = list[tuple[str, list[tuple[str, nn.Module | None]]]]

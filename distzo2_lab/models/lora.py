@@ -77,7 +77,7 @@ def save_adapters(wrapper: nn.Module, tensors: dict[str, torch.Tensor], director
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from distzo2_lab.models.prefix import TABLE
+    from distzo2_lab.models.base import TABLE
 
     os.makedirs(directory, exist_ok=True)
     if TABLE in tensors:  # prefix tuning: peft saves the table itself, as 'prompt_embeddings'

@@ -15,9 +15,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from distzo2_lab.config import ConfigError, parse_peft
+from distzo2_lab.models.base import TABLE, BlockAdapter  # noqa: F401 (TABLE: the table's name in the PeftModel)
 from distzo2_lab.seeds import derive_seed
-
-TABLE = "prompt_encoder.default.embedding.weight"  # the table's name in the PeftModel
 
 
 def prefix_embedding(wrapper: nn.Module | None) -> nn.Embedding | None:
@@ -32,12 +31,22 @@ def init_prefix_(weight: torch.Tensor, seed: int) -> None:
     weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(derive_seed(seed, "prefix", 0)))
 
 
+def prefix_families() -> tuple[str, ...]:
+    """The families whose adapters pass each layer's slice of a prefix table to its block (every
+    adapter class is defined once the models package is imported, which importing this module does)."""
+    out, todo = set(), list(BlockAdapter.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.takes_prefix and getattr(cls, "family", None):
+            out.add(cls.family)
+    return tuple(sorted(out))
+
+
 def wrap_prefix(model: nn.Module, spec: str, seed: int) -> nn.Module:
     """`model` wrapped by ``peft`` with a prefix of N virtual tokens ('prefix:N') per attention
     layer, no projection MLP (the table is the prefix itself), its values seeded by `seed`."""
     from peft import PrefixTuningConfig, get_peft_model
-
-    from distzo2_lab.models.registry import prefix_families  # the registry imports this module
 
     family = model.config.model_type
     if family not in prefix_families():

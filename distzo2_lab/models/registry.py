@@ -10,16 +10,11 @@ from distzo2_lab.models.gpt2 import GPT2Adapter
 from distzo2_lab.models.llama import LlamaAdapter, Qwen2Adapter
 from distzo2_lab.models.lora import frozen_patterns, hf_model, is_peft
 from distzo2_lab.models.opt import OPTAdapter
-from distzo2_lab.models.prefix import prefix_embedding
+from distzo2_lab.models.prefix import prefix_embedding, prefix_families
 
 ADAPTERS: dict[str, type[BlockAdapter]] = {a.family: a for a in
                                            (OPTAdapter, GPT2Adapter, LlamaAdapter, Qwen2Adapter, BertAdapter)}
 FAMILIES = tuple(ADAPTERS)
-
-
-def prefix_families() -> tuple[str, ...]:
-    """The families whose adapters pass each layer's slice of a prefix table to its block."""
-    return tuple(f for f, a in ADAPTERS.items() if a.takes_prefix)
 
 
 def adapter_class(model_type: str) -> type[BlockAdapter]:
