@@ -34,8 +34,8 @@ NAME one of sgd, momentum, adam, sign, conservative, hizoo (zo.optimizer); ``:LR
 rate (default ``--lr``); ``+lowrank:R``, ``+sparse:F``, ``+gaussian`` or ``+rademacher`` its
 zo.perturbation; ``+one-sided:K`` FZOO's estimator with K directions (``+two-point``, the default,
 uses ``--directions``); e.g. ``--optimizer sgd adam:1e-5 hizoo sgd+lowrank:4 sgd+sparse:0.5``.
-Plain MeZO (sgd, dense, two-point) runs on the zo2 block engine (its wall-clock includes compiling
-the noise kernel), every other method on the eager reference: the table's engine column. Every
+Every method runs on the zo2 block engine (its wall-clock includes compiling the noise kernel): the
+table's engine column. Every
 method is checked before any work; an unknown name is one error naming the field and the choices.
 The table gives each method's dev accuracy, McNemar against the start, steps (the scored
 checkpoint's of all), lr, forwards per step, training wall-clock and peak RSS (added), the

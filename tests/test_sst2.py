@@ -297,7 +297,7 @@ def test_zo_curve_keeps_the_best_validation_checkpoint(small_dir, tmp_path):
 
 
 def test_method_specs_name_the_optimizer_perturbation_estimator_and_lr():
-    """'NAME[:LR][+PERTURBATION][+ESTIMATOR]' sets the zo fields; plain MeZO keeps the zo2 engine."""
+    """'NAME[:LR][+PERTURBATION][+ESTIMATOR]' sets the zo fields; every method runs on the zo2 engine."""
     from distzo2_lab.bench.sst2_methods import method_configs, method_zo
 
     base = ZOConfig(lr=5e-5, freeze=("*word_embeddings*",))
@@ -309,7 +309,7 @@ def test_method_specs_name_the_optimizer_perturbation_estimator_and_lr():
     assert (fzoo.perturbation, fzoo.estimator, fzoo.directions, fzoo.lr) == ("sparse:0.5", "one-sided", 4, 2e-5)
     assert method_zo("sgd+rademacher", base).noise == "rademacher"
     engines = [e for _, _, e in method_configs(("sgd", "momentum", "sgd+lowrank:2"), base)]
-    assert engines == ["zo2", "eager", "eager"]
+    assert engines == ["zo2", "zo2", "zo2"]
     with pytest.raises(ConfigError, match=r"optimizer='sgd\+lowrnk:4': 'lowrnk:4' is not valid after '\+'; "
                                           r"choose a perturbation \(lowrank:R"):
         method_zo("sgd+lowrnk:4", base)

@@ -417,10 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_result(r))
     if "methods" in r:
-        zo2 = "engine zo2 for plain MeZO (its wall-clock includes compiling the noise kernel), " \
-            if any(m["engine"] == "zo2" for m in r["methods"]) else ""
         print(f"\nThe ZO method family from the same start, batches and step seeds (batch {s.batch_size}, "
-              f"eps {s.eps:g}, resident tier; {zo2}the eager reference for the family; "
+              f"eps {s.eps:g}, resident tier, zo2 block engine; each wall-clock includes compiling its noise kernel; "
               f"the {'best-validation' if s.select == 'best' else 'last'} checkpoint scored):\n")
         print(family_table(r))
     if "lora" in r:

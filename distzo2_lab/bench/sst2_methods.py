@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from distzo2_lab.config import OPTIMIZERS, ConfigError, ZOConfig, is_family, validate_zo
+from distzo2_lab.config import OPTIMIZERS, ConfigError, ZOConfig, validate_zo
 from distzo2_lab.observe.events import overlap_metrics
 
 METHOD_SPEC = ("NAME[:LR][+PERTURBATION][+ESTIMATOR], e.g. 'adam:1e-4', 'sgd+lowrank:4', 'sgd+sparse:0.5', "
@@ -67,14 +67,14 @@ def method_zo(spec: str, base: ZOConfig) -> ZOConfig:
 
 
 def method_configs(specs: tuple[str, ...], base: ZOConfig) -> list[tuple[str, ZOConfig, str]]:
-    """(spec, zo, engine) of each method, all checked before any training: plain MeZO (sgd, dense,
-    two-point) keeps the zo2 block engine, every other method runs on the eager reference."""
+    """(spec, zo, engine) of each method, all checked before any training: every method runs on the
+    zo2 block engine (the family's FamilyEngine is bit-exact with its eager reference)."""
     if len(set(specs)) != len(specs):
         raise ConfigError(f"optimizer={list(specs)!r} names a method twice; give each method once")
     out = []
     for spec in specs:
         zo = method_zo(spec, base)
-        out.append((spec, zo, "eager" if is_family(zo) else "zo2"))
+        out.append((spec, zo, "zo2"))
     return out
 
 
