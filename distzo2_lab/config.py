@@ -190,7 +190,8 @@ class TrainConfig:
     """Parameter offloading and streaming."""
     peft: str | None = None
     """'lora:R': wrap the model with ``peft`` LoRA adapters of rank R; 'prefix:N': with ``peft``
-    prefix tuning, N virtual key/value positions per attention layer (OPT models). Either is seeded
+    prefix tuning, N virtual key/value positions per attention layer (OPT, GPT-2, LLaMA, Qwen2
+    models; not BERT). Either is seeded
     from ``seed`` and trains alone: every other parameter is held fixed (zo.freeze). None trains
     every parameter."""
 

@@ -55,7 +55,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="hold the parameters matching this glob fixed (repeatable), e.g. '*word_embeddings*'")
     p.add_argument("--peft", default=None, metavar="lora:R|prefix:N",
                    help="train only peft LoRA adapters of rank R, or a peft prefix of N virtual tokens "
-                        "(OPT models); the base model is held fixed")
+                        "(OPT, GPT-2, LLaMA, Qwen2 models); the base model is held fixed")
     p.add_argument("--micro-batches", type=int, default=d.micro_batches,
                    help="gradient accumulation: micro-batches per step inside every block visit")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")

@@ -36,7 +36,7 @@ class ZOArguments:
     """'dp=D,pert=P': this process is one rank of a launched run (see hf.worker.trainer_worker)."""
     peft: str | None = None
     """'lora:R': train peft LoRA adapters of rank R only; 'prefix:N': train a peft prefix of N
-    virtual tokens only (OPT models); the base stays fixed."""
+    virtual tokens only (the decoder families: OPT, GPT-2, LLaMA, Qwen2); the base stays fixed."""
     model: str | None = None
     """The preset name or directory the model was built from (the seed log's base); None saves
     the starting weights to OUTPUT_DIR/base so that ``distzo2 rebuild`` can replay onto them."""

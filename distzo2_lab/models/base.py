@@ -96,7 +96,7 @@ class BlockContext:
     position_ids: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary (cos, sin)
     masks: dict | None = None  # attention type -> mask, for families that mix them
-    prefix: torch.Tensor | None = None  # prefix tuning: the table (N, layers * 2 * C) as this pass saw it
+    prefix: torch.Tensor | None = None  # prefix tuning: the table (N, layers * 2 * H_kv * D) as this pass saw it
 
 
 class BlockAdapter:
@@ -107,7 +107,9 @@ class BlockAdapter:
     `run_block` and `head`. `choices` (None, or a LongTensor (K,) of label-word ids) switches the
     causal-LM loss to cross-entropy over those K logits. `prefix` (a ``peft`` prefix table's
     module, models/prefix.py) joins the resident-in bucket; a family that passes each layer's
-    slice of it to its block sets `takes_prefix`.
+    slice of it to its block sets `takes_prefix` (and `attention`, the block's attention module's
+    name, whose ``layer_idx`` says where in a cache the layer reads); a family that cannot take
+    one says why in `no_prefix`.
     """
 
     family = ""
@@ -116,6 +118,8 @@ class BlockAdapter:
     wrapper: nn.Module | None = None  # the ``peft`` model around `model`, when adapter_for was given one
     frozen: tuple[str, ...] = ()  # zo.freeze patterns of what the wrapper does not train (lora.frozen_patterns)
     takes_prefix = False  # run_block passes a prefix table's layer slice to the block
+    no_prefix = ""  # why a family without takes_prefix cannot take a prefix (one clause)
+    attention = "self_attn"  # the block's attention module (its layer_idx places a prefix in a cache)
 
     def __init__(self, model: nn.Module, storage: str = "fp32", prefix: nn.Embedding | None = None):
         model.eval().requires_grad_(False)
@@ -126,6 +130,7 @@ class BlockAdapter:
         self.prefix = prefix
         if prefix is not None:
             prefix.requires_grad_(False)
+            self._check_prefix(prefix.weight)
         seen: set[int] = set()
         plan = self.groups(model)
         if prefix is not None:  # the table is resident with the embeddings: perturbed and updated as they are
@@ -209,16 +214,41 @@ class BlockAdapter:
     def max_positions(self) -> int:
         return self.config.max_position_embeddings
 
+    def prefix_heads(self) -> tuple[int, int]:
+        """(key/value heads, head dim) of a layer's prefix: ``peft`` sizes the table with
+        num_key_value_heads * head_dim where the config has them (grouped-query attention)."""
+        c = self.config
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        return heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def _check_prefix(self, table: torch.Tensor) -> None:
+        heads, dim = self.prefix_heads()
+        want = len(self.layers) * 2 * heads * dim
+        if table.dim() != 2 or table.shape[1] != want:
+            raise ConfigError(f"a prefix table of shape {tuple(table.shape)} does not fit model_type={self.family!r}: "
+                              f"each row holds layers * 2 * key/value heads * head_dim = {len(self.layers)} * 2 * "
+                              f"{heads} * {dim} = {want} values")
+
+    def prefix_cache(self, table: torch.Tensor, i: int, batch: int):
+        """Layer i's slice of the prefix table in a cache the block's attention appends to, at the
+        attention module's own layer index (the shell of an offloaded model keeps 0)."""
+        from distzo2_lab.models.prefix import layer_cache  # prefix.py imports this module
+
+        attn = getattr(self.layers[i], self.attention)
+        return layer_cache(table, i, batch, *self.prefix_heads(), attn.layer_idx)
+
     def prefix_now(self) -> torch.Tensor | None:
         """A copy of the prefix table as it is now (None without one): the in-place step perturbs
         the table again before the blocks run, so each pass keeps the values it embedded with."""
-        return None if self.prefix is None else self.prefix.weight.detach().clone()  # (N, layers * 2 * C)
+        return None if self.prefix is None else self.prefix.weight.detach().clone()  # (N, layers * 2 * H_kv * D)
 
     def check_batch(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ConfigError(f"input_ids must be a non-empty (batch, seq) tensor, got {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.max_positions:
-            raise ConfigError(f"seq_len={input_ids.shape[1]} is longer than the model's "
+        n = 0 if self.prefix is None else self.prefix.weight.shape[0]  # a prefix's positions come first
+        if input_ids.shape[1] + n > self.max_positions:
+            with_prefix = f" plus the prefix's {n} positions" if n else ""
+            raise ConfigError(f"seq_len={input_ids.shape[1]}{with_prefix} is longer than the model's "
                               f"max_position_embeddings={self.max_positions}")
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

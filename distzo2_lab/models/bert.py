@@ -79,6 +79,10 @@ class BertAdapter(BlockAdapter):
     family = "bert"
     model_class = BertForSequenceClassification
     causal = False
+    # peft hands a prefix to a classifier only through a forward argument named past_key_values,
+    # which transformers 5.24 renamed to cache: peft's own forward of such a model raises
+    no_prefix = ("peft's prefix tuning cannot run a BERT classifier with this transformers (peft looks for a "
+                 "past_key_values argument that BertModel.forward names cache)")
 
     def __init__(self, model: BertForSequenceClassification, storage: str = "fp32"):
         if model.config.is_decoder:

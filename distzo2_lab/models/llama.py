@@ -4,16 +4,22 @@ Resident-in: the token embedding; blocks: ``model.layers``; resident-out: the fi
 and lm_head (tied to the embedding or not, as the config says). The rotary embedding has no
 parameters: its (cos, sin) are computed once in ``embed`` from the positions and handed to
 every block in the context, as ``LlamaModel.forward`` does. Qwen2 may mix full and
-sliding-window layers; each layer gets the mask of its type.
+sliding-window layers; each layer gets the mask of its type. With a ``peft`` prefix
+(models/prefix.py) the rotary positions of the tokens start at N, the masks cover the N prefix
+positions too, and each layer's cache holds its slice of the table (num_key_value_heads wide).
 """
 from __future__ import annotations
 
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from distzo2_lab.config import ConfigError
 from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups
 from distzo2_lab.models.masks import causal_mask, sliding_window_causal_mask
+from distzo2_lab.models.prefix import cache_argument, extend_mask, prefix_positions
+
+_CACHE = cache_argument(LlamaDecoderLayer)  # Qwen2's decoder layer takes it under the same name
 
 
 class LlamaAdapter(BlockAdapter):
@@ -21,6 +27,7 @@ class LlamaAdapter(BlockAdapter):
 
     family = "llama"
     model_class = LlamaForCausalLM
+    takes_prefix = True
 
     @staticmethod
     def groups(model) -> Groups:
@@ -49,21 +56,24 @@ class LlamaAdapter(BlockAdapter):
                               "through one shell layer, so the blocks must be of one attention type")
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        m = self.model.model
+        m, table = self.model.model, self.prefix_now()
+        n = 0 if table is None else table.shape[0]
         inputs_embeds = m.embed_tokens(input_ids)  # (B, T, C)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)  # (1, T)
-        kw = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                  position_ids=position_ids)
+        position_ids = prefix_positions(input_ids.shape[1], n, input_ids.device)  # (1, T)
+        past = None if table is None else self.prefix_cache(table, 0, input_ids.shape[0])  # sizes the masks
+        kw = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=extend_mask(attention_mask, n),
+                  position_ids=position_ids, cache=past)
         masks = {"full_attention": causal_mask(**kw)}
         if "sliding_attention" in self._layer_types():
             masks["sliding_attention"] = sliding_window_causal_mask(**kw)
         rotary = m.rotary_emb(inputs_embeds, position_ids=position_ids)  # (cos, sin), each (1, T, D)
-        return inputs_embeds, BlockContext(masks["full_attention"], position_ids, rotary, masks)
+        return inputs_embeds, BlockContext(masks["full_attention"], position_ids, rotary, masks, prefix=table)
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         mask = ctx.masks[self._layer_types()[i]]
+        cache = None if ctx.prefix is None else self.prefix_cache(ctx.prefix, i, hidden.shape[0])
         return self.layers[i](hidden, attention_mask=mask, position_embeddings=ctx.position_embeddings,
-                              position_ids=ctx.position_ids, use_cache=False)
+                              position_ids=ctx.position_ids, use_cache=False, **{_CACHE: cache})
 
     def head(self, hidden: torch.Tensor, ctx=None) -> torch.Tensor:
         """hidden (B, T, C) -> logits (B, T, V)."""

@@ -12,7 +12,6 @@ import inspect
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 _CACHE = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-_NO_CACHE = {_CACHE: None}
 
 
 def causal_mask(cache=None, **kw):
@@ -20,6 +19,6 @@ def causal_mask(cache=None, **kw):
     return create_causal_mask(**kw, **{_CACHE: cache})
 
 
-def sliding_window_causal_mask(**kw):
-    """``create_sliding_window_causal_mask`` without a KV cache."""
-    return create_sliding_window_causal_mask(**kw, **_NO_CACHE)
+def sliding_window_causal_mask(cache=None, **kw):
+    """``create_sliding_window_causal_mask`` without a KV cache, or with `cache` (a prefix)."""
+    return create_sliding_window_causal_mask(**kw, **{_CACHE: cache})

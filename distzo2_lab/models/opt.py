@@ -10,20 +10,18 @@ hands it the prefix as a KV cache: positions and the mask run N further, each la
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import OPTForCausalLM
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups, unique_params
 from distzo2_lab.models.masks import causal_mask
-from distzo2_lab.models.prefix import extend_mask, layer_prefix, prefix_cache
+from distzo2_lab.models.prefix import cache_argument, extend_mask
 
 __all__ = ["BlockContext", "OPTAdapter", "opt_groups", "unique_params"]
 
 # the decoder layer's cache argument: 'cache' from transformers 5.24, 'past_key_values' before
-_CACHE = "cache" if "cache" in inspect.signature(OPTDecoderLayer.forward).parameters else "past_key_values"
+_CACHE = cache_argument(OPTDecoderLayer)
 
 
 def opt_groups(model: OPTForCausalLM) -> Groups:
@@ -70,20 +68,15 @@ class OPTAdapter(BlockAdapter):
         if pos_mask is None:
             pos_mask = torch.ones(input_ids.shape[0], n + input_ids.shape[1], device=input_ids.device)
         position_ids = (torch.cumsum(pos_mask, dim=1) * pos_mask - 1).long()[:, n:]  # (B, T)
-        past = None if table is None else self._cache(table, 0, input_ids.shape[0])  # sizes the mask
+        past = None if table is None else self.prefix_cache(table, 0, input_ids.shape[0])  # sizes the mask
         causal = causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=mask, cache=past)
         pos = dec.embed_positions(pos_mask, n, position_ids=position_ids)  # (B, T, C)
         if dec.project_in is not None:
             inputs_embeds = dec.project_in(inputs_embeds)
         return inputs_embeds + pos, BlockContext(causal, position_ids, prefix=table)
 
-    def _cache(self, table: torch.Tensor, i: int, batch: int):
-        """Layer i's slice of the prefix table in a cache the block's attention appends to."""
-        attn = self.layers[i].self_attn
-        return prefix_cache(*layer_prefix(table, i, batch, attn.num_heads, attn.head_dim), attn.layer_idx)
-
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        cache = None if ctx.prefix is None else self._cache(ctx.prefix, i, hidden.shape[0])
+        cache = None if ctx.prefix is None else self.prefix_cache(ctx.prefix, i, hidden.shape[0])
         return self.layers[i](hidden, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
                               use_cache=False, **{_CACHE: cache})
 

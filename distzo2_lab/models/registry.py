@@ -10,7 +10,7 @@ from distzo2_lab.models.gpt2 import GPT2Adapter
 from distzo2_lab.models.llama import LlamaAdapter, Qwen2Adapter
 from distzo2_lab.models.lora import frozen_patterns, hf_model, is_peft
 from distzo2_lab.models.opt import OPTAdapter
-from distzo2_lab.models.prefix import prefix_embedding, prefix_families
+from distzo2_lab.models.prefix import no_prefix_reason, prefix_embedding
 
 ADAPTERS: dict[str, type[BlockAdapter]] = {a.family: a for a in
                                            (OPTAdapter, GPT2Adapter, LlamaAdapter, Qwen2Adapter, BertAdapter)}
@@ -39,7 +39,7 @@ def adapter_for(model: nn.Module, storage: str = "fp32") -> BlockAdapter:
     elif cls.takes_prefix:
         adapter = cls(hf_model(model), storage, prefix=prefix)
     else:
-        raise ConfigError(f"a peft prefix-tuned model of model_type={cls.family!r}: prefix tuning runs with model_type "
-                          f"{', '.join(map(repr, prefix_families()))}; use LoRA for it")
+        raise ConfigError(f"a peft prefix-tuned model of model_type={cls.family!r}: {no_prefix_reason(cls.family)}; "
+                          "use LoRA for it")
     adapter.wrapper, adapter.frozen = model, frozen
     return adapter
