@@ -229,14 +229,6 @@ class BlockAdapter:
                               f"each row holds layers * 2 * key/value heads * head_dim = {len(self.layers)} * 2 * "
                               f"{heads} * {dim} = {want} values")
 
-    def prefix_cache(self, table: torch.Tensor, i: int, batch: int):
-        """Layer i's slice of the prefix table in a cache the block's attention appends to, at the
-        attention module's own layer index (the shell of an offloaded model keeps 0)."""
-        from distzo2_lab.models.prefix import layer_cache  # prefix.py imports this module
-
-        attn = getattr(self.layers[i], self.attention)
-        return layer_cache(table, i, batch, *self.prefix_heads(), attn.layer_idx)
-
     def prefix_now(self) -> torch.Tensor | None:
         """A copy of the prefix table as it is now (None without one): the in-place step perturbs
         the table again before the blocks run, so each pass keeps the values it embedded with."""

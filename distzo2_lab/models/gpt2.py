@@ -15,7 +15,7 @@ from transformers import GPT2LMHeadModel
 
 from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups
 from distzo2_lab.models.masks import causal_mask
-from distzo2_lab.models.prefix import extend_mask, prefix_positions
+from distzo2_lab.models.prefix import block_cache, extend_mask, prefix_positions
 
 
 class GPT2Adapter(BlockAdapter):
@@ -49,14 +49,14 @@ class GPT2Adapter(BlockAdapter):
         inputs_embeds = t.wte(input_ids)  # (B, T, C)
         position_ids = prefix_positions(input_ids.shape[1], n, input_ids.device)  # (1, T)
         hidden = inputs_embeds + t.wpe(position_ids)  # (B, T, C)
-        past = None if table is None else self.prefix_cache(table, 0, input_ids.shape[0])  # sizes the mask
+        past = None if table is None else block_cache(self, table, 0, input_ids.shape[0])  # sizes the mask
         mask = extend_mask(attention_mask, n)  # (B, N + T) or None
         causal = causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=mask,
                              position_ids=position_ids, cache=past)
         return t.drop(hidden), BlockContext(causal, position_ids, prefix=table)
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        cache = None if ctx.prefix is None else self.prefix_cache(ctx.prefix, i, hidden.shape[0])
+        cache = None if ctx.prefix is None else block_cache(self, ctx.prefix, i, hidden.shape[0])
         return self.layers[i](hidden, cache, ctx.attention_mask, None, encoder_attention_mask=None,
                               use_cache=False, position_ids=ctx.position_ids)
 

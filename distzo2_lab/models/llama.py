@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from distzo2_lab.config import ConfigError
 from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups
 from distzo2_lab.models.masks import causal_mask, sliding_window_causal_mask
-from distzo2_lab.models.prefix import cache_argument, extend_mask, prefix_positions
+from distzo2_lab.models.prefix import block_cache, cache_argument, extend_mask, prefix_positions
 
 _CACHE = cache_argument(LlamaDecoderLayer)  # Qwen2's decoder layer takes it under the same name
 
@@ -60,7 +60,7 @@ class LlamaAdapter(BlockAdapter):
         n = 0 if table is None else table.shape[0]
         inputs_embeds = m.embed_tokens(input_ids)  # (B, T, C)
         position_ids = prefix_positions(input_ids.shape[1], n, input_ids.device)  # (1, T)
-        past = None if table is None else self.prefix_cache(table, 0, input_ids.shape[0])  # sizes the masks
+        past = None if table is None else block_cache(self, table, 0, input_ids.shape[0])  # sizes the masks
         kw = dict(config=self.config, inputs_embeds=inputs_embeds, attention_mask=extend_mask(attention_mask, n),
                   position_ids=position_ids, cache=past)
         masks = {"full_attention": causal_mask(**kw)}
@@ -71,7 +71,7 @@ class LlamaAdapter(BlockAdapter):
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         mask = ctx.masks[self._layer_types()[i]]
-        cache = None if ctx.prefix is None else self.prefix_cache(ctx.prefix, i, hidden.shape[0])
+        cache = None if ctx.prefix is None else block_cache(self, ctx.prefix, i, hidden.shape[0])
         return self.layers[i](hidden, attention_mask=mask, position_embeddings=ctx.position_embeddings,
                               position_ids=ctx.position_ids, use_cache=False, **{_CACHE: cache})
 

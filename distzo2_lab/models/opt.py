@@ -16,7 +16,7 @@ from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from distzo2_lab.models.base import BlockAdapter, BlockContext, Groups, unique_params
 from distzo2_lab.models.masks import causal_mask
-from distzo2_lab.models.prefix import cache_argument, extend_mask
+from distzo2_lab.models.prefix import block_cache, cache_argument, extend_mask
 
 __all__ = ["BlockContext", "OPTAdapter", "opt_groups", "unique_params"]
 
@@ -68,7 +68,7 @@ class OPTAdapter(BlockAdapter):
         if pos_mask is None:
             pos_mask = torch.ones(input_ids.shape[0], n + input_ids.shape[1], device=input_ids.device)
         position_ids = (torch.cumsum(pos_mask, dim=1) * pos_mask - 1).long()[:, n:]  # (B, T)
-        past = None if table is None else self.prefix_cache(table, 0, input_ids.shape[0])  # sizes the mask
+        past = None if table is None else block_cache(self, table, 0, input_ids.shape[0])  # sizes the mask
         causal = causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=mask, cache=past)
         pos = dec.embed_positions(pos_mask, n, position_ids=position_ids)  # (B, T, C)
         if dec.project_in is not None:
@@ -76,7 +76,7 @@ class OPTAdapter(BlockAdapter):
         return inputs_embeds + pos, BlockContext(causal, position_ids, prefix=table)
 
     def run_block(self, i: int, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
-        cache = None if ctx.prefix is None else self.prefix_cache(ctx.prefix, i, hidden.shape[0])
+        cache = None if ctx.prefix is None else block_cache(self, ctx.prefix, i, hidden.shape[0])
         return self.layers[i](hidden, attention_mask=ctx.attention_mask, position_ids=ctx.position_ids,
                               use_cache=False, **{_CACHE: cache})
 

@@ -101,6 +101,13 @@ def layer_cache(table: torch.Tensor, i: int, batch: int, heads: int, head_dim: i
     return cache
 
 
+def block_cache(adapter: BlockAdapter, table: torch.Tensor, i: int, batch: int) -> DynamicCache:
+    """Block i's prefix cache: layer i's slice of `table`, at the layer index of the block's
+    attention module (`adapter.attention`; the shell of an offloaded model keeps 0)."""
+    attn = getattr(adapter.layers[i], adapter.attention)
+    return layer_cache(table, i, batch, *adapter.prefix_heads(), attn.layer_idx)
+
+
 def cache_argument(layer_class: type) -> str:
     """The name a decoder layer takes its KV cache under: 'cache' from transformers 5.24,
     'past_key_values' before."""
