@@ -13,7 +13,9 @@ GPU; its disk offloading is a stub. Tiers here:
   slots are intact, so reopening gives every block at one step and training continues
   bit-exactly from the seed log's pending update.
 The store always holds fp32 masters: a lower-precision copy is made on the working device, so
-no update is rounded away (the no-lost-update rule).
+no update is rounded away (the no-lost-update rule). A block's fixed spans (a peft model's frozen
+base) may also be held in the compute dtype and uploaded so (:class:`FrozenBaseHostStore`; the
+shared and disk stores' ``base``, offload/frozen_base.py).
 """
 from __future__ import annotations
 
@@ -166,6 +168,7 @@ class SharedHostStore:
         self.pinned = pin
         self._latest = [0] * len(self.numels)
         self.committed = -1
+        self.base = None  # frozen_base.SharedBase: the fixed spans in the compute dtype
 
     def slot(self, i: int, which: int) -> torch.Tensor:
         n = self.numels[i]
@@ -176,14 +179,18 @@ class SharedHostStore:
         span no visit changes is then current in each."""
         for which in range(self.slots):
             self.slot(i, which).copy_(values)
+        if self.base is not None:
+            self.base.fill(i, values)
 
     def nbytes(self, i: int) -> int:
-        return self.numels[i] * self.dtype.itemsize
+        return self.numels[i] * self.dtype.itemsize if self.base is None else self.base.nbytes(i)
 
     def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         dst.copy_(self.slot(i, self._latest[i])[start : start + dst.numel()], non_blocking=non_blocking)
 
-    upload_into = HostStore.upload_into
+    def upload_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        """What a visit's upload reads: the block's values, its fixed spans from `base` when held."""
+        (self.read_into if self.base is None else self.base.upload)(i, dst, non_blocking, start)
 
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         nxt = (self._latest[i] + 1) % self.slots
@@ -206,12 +213,16 @@ class SharedHostStore:
         """Remove the file's name (the mappings stay valid until every rank closes)."""
         if os.path.exists(self.path):
             os.unlink(self.path)
+        if self.base is not None:
+            self.base.unlink()
 
     def close(self) -> None:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
             self.pinned = False
         self.flat = None
+        if self.base is not None:
+            self.base.close()
 
 
 class DiskStore:
@@ -240,6 +251,7 @@ class DiskStore:
         self._fds = {e["key"]: os.open(os.path.join(path, e["file"]), os.O_RDWR) for e in entries}
         self._numel = {e["key"]: e["numel"] for e in entries}
         self.bytes_read = self.bytes_written = 0
+        self.base = None  # frozen_base.DiskBase: the fixed spans in the compute dtype
         # The slot each bucket's latest values are in; the committed one on open.
         self._latest = {k: self.committed % 2 for k in self._fds}
         for k in self._fds:
@@ -275,7 +287,7 @@ class DiskStore:
 
     # -- the store interface ---------------------------------------------------------------
     def nbytes(self, i: int) -> int:
-        return self.numels[i] * 4
+        return self.numels[i] * 4 if self.base is None else self.base.nbytes(i)
 
     def read_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         """Elements [start, start + len(dst)) of block i (a sliced rank reads its shard)."""
@@ -285,7 +297,9 @@ class DiskStore:
                              f"({self._numel[key]} elements)")
         self._read(key, self._latest[key], dst, start)
 
-    upload_into = HostStore.upload_into
+    def upload_into(self, i: int, dst: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
+        """What a visit's upload reads: the block's values, its fixed spans from `base` when held."""
+        (self.read_into if self.base is None else self.base.upload)(i, dst, non_blocking, start)
 
     def write_from(self, i: int, src: torch.Tensor, non_blocking: bool = False, start: int = 0) -> None:
         """Block i's new values (or a sliced rank's shard of them) into the non-committed slot."""
@@ -358,6 +372,8 @@ class DiskStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+        if self.base is not None:
+            self.base.close()
 
     # -- creation ----------------------------------------------------------------------------
     @classmethod

@@ -64,7 +64,9 @@ class Streamer:
         self.bytes_up = self.bytes_down = 0  # bytes the blocks moved each way (uploads, write-backs)
         if self.cuda:
             self.up_stream, self.off_stream = torch.cuda.Stream(), torch.cuda.Stream()
-            self.staging = torch.empty(width, dtype=torch.float32).pin_memory() if store.tier == "disk" else None
+            # disk -> pinned staging -> device; a store with a compute-dtype base stages its own reads
+            disk = store.tier == "disk" and store.base is None
+            self.staging = torch.empty(width, dtype=torch.float32).pin_memory() if disk else None
         self._cv = threading.Condition()
         self._requested = -1  # the latest visit compute asked for
         self._uploaded: dict[int, tuple[torch.Tensor, object]] = {}

@@ -27,6 +27,7 @@ from distzo2_lab.models.presets import (
 )
 from distzo2_lab.models.registry import adapter_class, adapter_for
 from distzo2_lab.observe.events import Recorder
+from distzo2_lab.offload.frozen_base import SharedBase, open_disk_base
 from distzo2_lab.offload.store import DiskStore, FrozenBaseHostStore, HostStore, SharedHostStore
 from distzo2_lab.offload.stream import Streamer
 from distzo2_lab.seeds import derive_seed
@@ -217,7 +218,8 @@ class Offload:
         (name, initial value) of the optimiser state of the method family (zo/methods.py), held in
         each block's host slot after its master (zo/family_engine.py), so it streams with the block.
         `base_dtype`: the dtype the forwards read the fixed spans in (the compute dtype of a copies
-        run); a one-rank host store then uploads them in it (store.FrozenBaseHostStore)."""
+        run); a store whose ranks move whole fp32 blocks then uploads them in it
+        (store.FrozenBaseHostStore on one rank, offload/frozen_base.py for the shared and disk stores)."""
         self.config, self.node = offload, node
         if state and (offload.tier != "host" or node is not None):
             raise ConfigError(f"optimiser state streams with its block in a one-rank host store; offload.tier="
@@ -238,12 +240,18 @@ class Offload:
         fixed = {b.key: spans[b.key] for b in a.blocks if b.key in spans}
         blocks = [(b.key, b.numel) for b in a.blocks]
         keys, numels = [k for k, _ in blocks], [n for _, n in blocks]
+        by_index = {i: fixed[k] for i, k in enumerate(keys) if k in fixed}
+        # the frozen base travels in the compute dtype where whole fp32 blocks with no state move
+        half = base_dtype if fixed and slicer is None and not state and dtype == torch.float32 else None
         if offload.tier == "host" and node is not None:  # one copy per node, in shared memory
             path = os.path.join(SHM_DIR, f"distzo2-{node.name}.bin")
             slots = 1 if slicer is not None else 2  # see SharedHostStore
             if node.leader:
                 self.store = SharedHostStore(path, keys, numels, create=True, pin=device == "cuda", slots=slots,
                                              dtype=dtype)
+                if half is not None:
+                    self.store.base = SharedBase(path[:-4] + "-base.bin", self.store, by_index, half, create=True,
+                                                 pin=device == "cuda")
                 for i, key in enumerate(keys):
                     self.store.fill(i, values(key))
             del values  # its block buffer (and a LoRA base's wrapped model)
@@ -251,14 +259,15 @@ class Offload:
             if not node.leader:
                 self.store = SharedHostStore(path, keys, numels, create=False, pin=device == "cuda", slots=slots,
                                              dtype=dtype)
+                if half is not None:
+                    self.store.base = SharedBase(path[:-4] + "-base.bin", self.store, by_index, half, create=False,
+                                                 pin=device == "cuda")
             node.barrier()  # every rank has mapped it: its name can go
             if node.leader:
                 self.store.unlink()
             self.resumed_step = -1
-        elif offload.tier == "host" and fixed and base_dtype is not None and not state and dtype == torch.float32:
-            index = {k: i for i, k in enumerate(keys)}  # the frozen base goes up in the compute dtype
-            self.store = FrozenBaseHostStore(keys, numels, {index[k]: v for k, v in fixed.items()}, base_dtype,
-                                             pin=device == "cuda")
+        elif offload.tier == "host" and half is not None:  # the frozen base goes up in the compute dtype
+            self.store = FrozenBaseHostStore(keys, numels, by_index, half, pin=device == "cuda")
             for i, key in enumerate(keys):
                 self.store.blocks[i].copy_(values(key))
             self.store.seal()
@@ -288,6 +297,8 @@ class Offload:
             else:
                 self.store = DiskStore.create(path, blocks, [("in", a.bucket_in.numel), ("out", a.bucket_out.numel)],
                                               base, values)
+            # the fixed spans in the compute dtype, made once (the leader's) and found on reopening
+            self.store.base = open_disk_base(self.store, by_index, half, leader=node is None or node.leader)
             if node is not None and node.leader:
                 node.barrier()
             for b in (a.bucket_in, a.bucket_out):
@@ -349,7 +360,9 @@ class Offload:
 
     def shared_bytes(self) -> int:
         """Bytes of the store this rank shares with the other ranks of its node (0: none)."""
-        return self.store.nbytes_total if isinstance(self.store, SharedHostStore) else 0
+        if not isinstance(self.store, SharedHostStore):
+            return 0
+        return self.store.nbytes_total + (self.store.base.nbytes_total if self.store.base is not None else 0)
 
     def commit(self, step: int) -> None:
         """Disk tier: persist step `step` on the offload lane, after its block write-backs. With
