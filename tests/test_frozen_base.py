@@ -83,6 +83,7 @@ def test_a_recorded_base_is_dropped_for_a_run_that_may_change_it_and_rebuilt_fro
     assert open_disk_base(store, spans, None) is None and RECORD in manifest()  # kept fixed: stays valid
     fewer = {i: s[1:] for i, s in spans.items()}
     assert open_disk_base(store, fewer, None) is None and RECORD not in manifest()
+    os.truncate(tmp_path / "store" / "frozen-base.bin", 100)  # what a kill in the middle of a build leaves
     base = open_disk_base(store, fewer, torch.float16)
     assert manifest()[RECORD]["dtype"] == "float16"
     for i in range(len(store.numels)):  # the fixed spans in fp16, the rest the fp32 masters
@@ -96,21 +97,46 @@ def test_a_recorded_base_is_dropped_for_a_run_that_may_change_it_and_rebuilt_fro
     store.close()
 
 
-def test_the_shared_host_store_sends_the_frozen_base_up_in_the_compute_dtype_under_pertp(tmp_path):
-    """PertP(2) on the host tier: the node's ranks map one store and one compute-dtype copy of the
-    base; each rank uploads the base in bf16 and writes back only the adapters, and both end on the
-    single rank's bits (the digest covers the fp32 base the store keeps)."""
+def test_the_node_stores_send_the_frozen_base_up_in_the_compute_dtype_under_pertp(tmp_path):
+    """PertP(2), host tier: the node's ranks map one store and one compute-dtype copy of the base;
+    disk tier: the leader writes the store's compute-dtype file, the other rank opens it. Each rank
+    uploads the base in bf16 and writes back only the adapters, and both end on the single rank's
+    bits (the digest covers the fp32 base the store keeps)."""
+    from distzo2_lab.observe.events import read_jsonl
     from distzo2_lab.parallel.launch import launch
     from distzo2_lab.parallel.layout import Layout
+    from distzo2_lab.run.train import base_of, build_adapter
     from distzo2_lab.run.worker import train_worker
 
-    cfg = dataclasses.replace(BF16, steps=3, batch_size=4, offload=OffloadConfig(tier="host"))
-    single = train(dataclasses.replace(cfg, offload=OffloadConfig()), progress=False)
-    got = launch(train_worker, 2, args=(cfg, Layout(dp=1, pert=2), str(tmp_path / "out")), timeout=240).wait()
-    assert {r["digest"] for r in got.values()} == {single["digest"]}
+    cfg = dataclasses.replace(BF16, steps=3, batch_size=4)
+    single = train(cfg, progress=False)
     blocks, lora, total = _block_sizes(cfg)
-    _moved(json.loads((tmp_path / "out" / "summary.json").read_text()), blocks, lora, total, half=True)
-    assert got[0]["memory"]["shared_store_mb"] * 2**20 == 2 * 4 * blocks + 2 * (blocks - lora)
+    a = build_adapter(base_of(cfg))
+    each = [2 * b.numel + 2 * sum(s.stop - s.start for s in b.slots if ".lora_" in s.name) for b in a.blocks]
+    for tier in ("host", "disk"):
+        tiered = dataclasses.replace(cfg, offload=OffloadConfig(tier=tier, store=str(tmp_path / "store")
+                                                                if tier == "disk" else None))
+        out = tmp_path / tier
+        got = launch(train_worker, 2, args=(tiered, Layout(dp=1, pert=2), str(out), str(out / "trace")),
+                     timeout=240).wait()
+        assert {r["digest"] for r in got.values()} == {single["digest"]}
+        _moved(json.loads((out / "summary.json").read_text()), blocks, lora, total, half=True)
+        for rank in (0, 1):  # every upload of each rank: the base in bf16, the adapters in fp32
+            up = [s for s in read_jsonl(str(out / "trace" / f"rank{rank}.jsonl")) if s.lane == "upload"]
+            assert up and all(s.bytes == each[s.block] for s in up)
+        if tier == "host":  # two fp32 slots of every block, one bf16 copy of the base
+            assert got[0]["memory"]["shared_store_mb"] * 2**20 == 2 * 4 * blocks + 2 * (blocks - lora)
+    assert not [f for f in os.listdir("/dev/shm") if f.startswith("distzo2-")]  # nothing left behind
+
+
+def test_a_prefix_model_streams_every_block_in_bf16_from_disk(tmp_path):
+    """A prefix model's blocks are all frozen: 2 bytes a block element up, nothing down."""
+    cfg = dataclasses.replace(BF16, peft="prefix:4", steps=2)
+    ref = train(cfg, progress=False)
+    got = train(_disk(cfg, tmp_path / "store"), progress=False)
+    blocks, _, total = _block_sizes(cfg)
+    assert got["digest"] == ref["digest"]
+    assert (got["bytes_up_per_step"], got["bytes_down_per_step"]) == (2 * blocks, 0)
 
 
 @pytest.mark.parametrize("compute", ["fp32", "bf16"])
