@@ -121,16 +121,20 @@ def test_gpu_calibration_writes_a_measured_gpu_profile(tmp_path):
     assert get_hardware("this-machine", str(tmp_path)).description == hw.description
 
 
-def test_lora_base_uploads_in_bf16_and_matches_resident_on_cuda():
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_lora_base_uploads_in_bf16_and_matches_resident_on_cuda(tier, tmp_path):
     """The frozen base crosses the link in the compute dtype (store.FrozenBaseHostStore: pinned
-    bf16, cast on the GPU) and the run equals the resident one bit for bit."""
+    bf16, cast on the GPU; the disk store: its bf16 file through a pinned buffer) and the run
+    equals the resident one bit for bit."""
     from distzo2_lab.config import OffloadConfig
 
     cfg = TrainConfig(model="tiny-deep", steps=3, batch_size=2, seq_len=12, threads=1, peft="lora:4",
                       device="cuda", precision=PrecisionConfig(compute="bf16"))
     ref = train(cfg, progress=False)
-    got = train(dataclasses.replace(cfg, offload=OffloadConfig(tier="host")), progress=False)
+    tiered = OffloadConfig(tier=tier, store=str(tmp_path / "store") if tier == "disk" else None)
+    got = train(dataclasses.replace(cfg, offload=tiered), progress=False)
     assert got["steps"] == ref["steps"] and got["digest"] == ref["digest"]
-    cpu = train(dataclasses.replace(cfg, device="cpu", offload=OffloadConfig(tier="host")), progress=False)
+    on_cpu = OffloadConfig(tier=tier, store=str(tmp_path / "cpu") if tier == "disk" else None)
+    cpu = train(dataclasses.replace(cfg, device="cpu", offload=on_cpu), progress=False)
     assert (got["bytes_up_per_step"], got["bytes_down_per_step"]) == (cpu["bytes_up_per_step"],
                                                                        cpu["bytes_down_per_step"])
