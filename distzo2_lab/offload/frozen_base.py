@@ -80,7 +80,8 @@ class DiskBase(Gathered):
                 "spans": {k: [list(s) for s in f] for k, f in zip(self.store.keys, self.fixed) if f}}
 
     def build(self) -> None:
-        """Write the file from the store's latest slots (the spans are fixed: the start values)."""
+        """Write the file from the store's latest slots (the spans are fixed: the start values),
+        then name it in the manifest, so a kill in between leaves a file no manifest names."""
         fd = os.open(os.path.join(self.store.path, FILE), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             for i, spans in enumerate(self.fixed):
@@ -94,7 +95,6 @@ class DiskBase(Gathered):
                 half = gathered.to(self.dtype)
                 _pwrite_full(fd, _bytes_view(half), self.offsets[i] * self.dtype.itemsize)
                 self.store.bytes_written += half.numel() * self.dtype.itemsize
-            os.fsync(fd)  # whole on disk before the manifest names it
         finally:
             os.close(fd)
         self.store.manifest[RECORD] = self.record()
