@@ -27,6 +27,9 @@ def files(tmp_path_factory):
     del head["noise"]
     head["zo"]["chunk_size"] = 1 << 20
     (d / "chunked.jsonl").write_text("\n".join([json.dumps(head), *log[1:]]) + "\n")
+    head = json.loads(log[0])  # a log of the element-wise gaussian rule
+    head["noise"] = "counter-1"
+    (d / "counter1.jsonl").write_text("\n".join([json.dumps(head), *log[1:]]) + "\n")
     gap = json.loads(log[2])
     gap["step"] = 5
     (d / "gap.jsonl").write_text("\n".join([log[0], log[1], json.dumps(gap)]) + "\n")
@@ -118,6 +121,8 @@ CASES = [
     ("rebuild of a headerless log", ["rebuild", "{d}/header.jsonl"], "not a seed log header"),
     ("rebuild of a chunked-noise log", ["rebuild", "{d}/chunked.jsonl"],
      "chunked.jsonl: line 1: this seed log's noise rule is 'the chunked generators of earlier versions'"),
+    ("rebuild of an element-wise gaussian log", ["rebuild", "{d}/counter1.jsonl"],
+     "counter1.jsonl: line 1: this seed log's noise rule is 'counter-1', not 'counter-2'"),
     ("rebuild of a log with a gap", ["rebuild", "{d}/gap.jsonl"], "step 5 follows step 0"),
     ("rebuild of a missing file", ["rebuild", "{d}/none.jsonl"], "does not exist"),
 ]

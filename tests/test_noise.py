@@ -74,6 +74,58 @@ def test_fused_visit_equals_the_unfused_arithmetic(kind, updates, keep, cur, eps
         assert not same(master, torch.randn(n, generator=torch.Generator().manual_seed(0)))
 
 
+def test_pair_pieces_cover_every_element_once_and_pair_only_partners():
+    P = N.PAIR
+    for start, n in ((0, 3 * P + 12345), (P - 5000, 2 * P), (P + 7, P), (2 * P - 10, 3000), (123, 1 << 14),
+                     (5 * P + 1, 4 * P - 2), (0, 0)):
+        runs, singles = N.pair_pieces(start, n)
+        seen = torch.zeros(n, dtype=torch.int32)
+        for a, b, k in runs:
+            assert k >= N.MIN_PAIRED and b == a + P and ((start + a) >> N.PAIR_SHIFT) % 2 == 0
+            seen[a : a + k] += 1
+            seen[b : b + k] += 1
+        for o, k in singles:
+            seen[o : o + k] += 1
+        assert bool((seen == 1).all()), (start, n)
+        ends = [o + k for o, k in singles]
+        assert all(o not in ends for o, _ in singles)  # touching singles are merged: one pass each
+    assert N.pair_pieces(0, 2 * P) == ([(0, P, P)], [])
+
+
+@pytest.mark.parametrize("start, n", [(0, 2 * (1 << 19) + 4099), ((1 << 19) - 5001, (1 << 20) + 10001), (77, 1 << 20)])
+def test_regions_holding_whole_pairs_compute_both_at_once_with_the_same_bits(start, n):
+    """Two values of one Box-Muller draw (r cos, r sin) for the elements of a pair inside the region;
+    the fill and the fused visit equal the element-by-element definition and the unfused arithmetic."""
+    assert N.pair_pieces(start, n)[0]  # the region has runs of whole pairs
+    ref = N.noise_reference("gaussian", KEY, start, n)
+    assert same(N.fill_(torch.empty(n), "gaussian", KEY, start), ref)
+    master = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    for updates, dtype in (([(KEY2, -3e-4)], torch.bfloat16), ([(KEY2, 1e-3), (KEY3, -2e-3)], torch.float32)):
+        want = unfused(master, start, "gaussian", updates, 0.999, KEY, 1e-3, dtype)
+        m, plus, minus = master.clone(), torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+        N.visit_(m, start, "gaussian", updates, 0.999, KEY, 1e-3, plus, minus)
+        assert same(m, want[0]) and same(plus, want[1]) and same(minus, want[2])
+    low = master.to(torch.bfloat16)
+    want = rounded_unfused(low, start, "gaussian", [(KEY2, -1e-3)], 1.0, KEY, 1e-3, torch.bfloat16)
+    plus, minus = torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    N.visit_(low, start, "gaussian", [(KEY2, -1e-3)], 1.0, KEY, 1e-3, plus, minus, round_key=RKEY)
+    assert same(low, want[0]) and same(plus, want[1]) and same(minus, want[2])
+
+
+def test_the_second_of_a_pair_is_the_sine_of_the_first_s_draw():
+    """z[i + PAIR] / z[i] = tan(2 pi u2): both come from one (r, u2), r cos and r sin."""
+    P = N.PAIR
+    first = N.noise_reference("gaussian", KEY, 0, 64).double()
+    second = N.noise_reference("gaussian", KEY, P, 64).double()
+    r = torch.sqrt(first ** 2 + second ** 2)
+    w1, w2 = N.hash_words(torch.arange(64, dtype=torch.int32), *(N._i32(k) for k in KEY))
+    u1 = (N._shr(w1, 8).double() + 1) / 2 ** 24
+    u2 = N._shr(w2, 8).double() / 2 ** 24
+    assert torch.allclose(r, torch.sqrt(-2 * torch.log(u1)), rtol=1e-6)
+    assert torch.allclose(first, r * torch.cos(2 * math.pi * u2), atol=1e-6)
+    assert torch.allclose(second, r * torch.sin(2 * math.pi * u2), atol=1e-6)
+
+
 def test_visit_of_regions_that_are_views_into_a_bucket_at_odd_offsets():
     bucket = torch.randn(20000, generator=torch.Generator().manual_seed(2))
     before = bucket.clone()
@@ -202,7 +254,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: Triton's interprete
 @pytest.mark.parametrize("kind", N.NOISE_KINDS)
 def test_triton_fill_equals_the_cpu_path(kind):
     T = _triton()
-    for start, n in ((0, 2500), (13, 1031), (4_294_966_000, 1296)):
+    for start, n in ((0, 2500), (13, 1031), (4_294_966_000, 1296), ((1 << 19) - 700, 1400)):  # last: a pair edge
         out = torch.empty(n, device=DEV)
         T.fill_(out, kind, KEY, start)
         assert same(out.cpu(), N.fill_(torch.empty(n), kind, KEY, start)), (start, n)
@@ -243,6 +295,10 @@ def test_gaussian_statistics():
     assert z.abs().max() <= N.Z_BOUND * (1 + 1e-6)
     assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1]) < tol  # neighbours
     assert abs(torch.corrcoef(torch.stack([z[0::2], z[1::2]]))[0, 1]) < 1.5 * tol
+    first, second = z.view(-1, 2, N.PAIR)[:, 0].reshape(-1), z.view(-1, 2, N.PAIR)[:, 1].reshape(-1)
+    ptol = 6 / math.sqrt(first.numel())
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1]) < ptol  # the two of a pair
+    assert abs(torch.corrcoef(torch.stack([first ** 2, second ** 2]))[0, 1]) < ptol  # independent
     for other in (KEY2, KEY3, N.noise_key(1235, "decoder.layers.3")):  # other seeds and buckets
         y = N.noise_reference("gaussian", other, 0, n).double()
         assert abs(torch.corrcoef(torch.stack([z, y]))[0, 1]) < tol

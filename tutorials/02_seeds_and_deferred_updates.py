@@ -88,11 +88,14 @@ print(f"{block.key}, step 8: {z_other_step[:3].tolist()}")
 #
 # There is no generator: `noise_key(seed, key)` hashes the pair once into three 32-bit words, and
 # element `i` is computed from `i` and those words alone (`zo/noise.py`): two rounds of a 32-bit
-# integer hash give two words; their top 24 bits are two uniform numbers `u1`, `u2`, and
-# Box-Muller turns them into `z = sqrt(-2 ln u1) cos(2 pi u2)` (Rademacher noise takes the sign of
-# one bit instead). `ln` and `cos` are written with `+ - * /` and `sqrt` only, which IEEE rounds
-# exactly everywhere, so the compiled CPU kernel, the Triton GPU kernel and plain torch give the
-# same bits. Here the plain-torch definition next to the perturber:
+# integer hash of `i`'s pair give two words; their top 24 bits are two uniform numbers `u1`, `u2`,
+# and Box-Muller turns them into two independent normals, `sqrt(-2 ln u1) cos(2 pi u2)` for the
+# pair's first element and `sqrt(-2 ln u1) sin(2 pi u2)` for its second, `2**19` elements further
+# (Rademacher noise takes the sign of one bit instead). A pass over a whole block computes both
+# elements of a pair from one draw, half the work per element. `ln` and `cos` are written with
+# `+ - * /` and `sqrt` only, which IEEE rounds exactly everywhere, so the compiled CPU kernel, the
+# Triton GPU kernel and plain torch give the same bits. Here the plain-torch definition next to
+# the perturber:
 
 # %%
 from distzo2_lab.zo.noise import noise_key, noise_reference
@@ -101,6 +104,12 @@ words = noise_key(seed, block.key)
 print("key words of (seed, block):", [hex(w) for w in words])
 print("definition == perturber:", torch.equal(noise_reference("gaussian", words, 0, block.numel), z))
 print(f"mean {z.mean():+.4f}, std {z.std():.4f} over {z.numel():,} elements; max |z| {z.abs().max():.3f}")
+from distzo2_lab.zo.noise import PAIR
+
+pair = noise_reference("gaussian", words, 0, 2 * PAIR)
+first, second = pair[:3], pair[PAIR : PAIR + 3]
+print("first elements of three pairs:", first.tolist(), "their partners:", second.tolist())
+print("r = sqrt(first**2 + second**2) of each pair, one draw's radius:", (first**2 + second**2).sqrt().tolist())
 
 # %% [markdown]
 # Torch's global random state is neither read nor changed, so user code around the engine stays

@@ -147,8 +147,9 @@ class SeedLog:
 
 
 _RECORD = {"step", "seed", "grad", "lr"}
-NOISE_RULE = "counter-1"
-"""How z is made from a step seed (zo.noise's counter-based function); written in every seed log."""
+NOISE_RULE = "counter-2"
+"""How z is made from a step seed (zo.noise's counter-based function); written in every seed log.
+counter-1 drew each gaussian element from its own hash; counter-2 draws a pair (zo.noise.pair_of)."""
 
 
 def _json_line(path: str, n: int, line: str):

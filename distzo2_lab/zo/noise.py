@@ -11,12 +11,19 @@ Definition (the same bits on CPU, in torch, and on GPU, in Triton, ``noise_trito
 * per element, i < 2**32:  h = H(i ^ k0);  w1 = H(h + k1);  w2 = H(w1 ^ k2)  (mod 2**32), with H
   Wellons' lowbias32 finaliser (a bijection with low bias).
 * rademacher: z = +1 if the top bit of w1 is 0, else -1.
-* gaussian: Box-Muller, z = sqrt(-2 ln u1) * cos(2 pi u2), u1 = (top 24 bits of w1 + 1) / 2**24
-  in (0, 1], u2 = (top 24 bits of w2) / 2**24 in [0, 1). ln and cos are written here with IEEE
-  exact operations only (+ - * / sqrt, integer, compare and select operations; no bitcasts, which
-  Inductor does not vectorise), never a library log/cos, whose vectorised and scalar versions
-  differ in the last bit (eager CPU torch.sqrt too: see sqrt_rn). |z| <= sqrt(48 ln 2)
-  = 5.7683 (u1 >= 2**-24).
+* gaussian: Box-Muller on pairs. Element i belongs to pair j = the index i with bit PAIR_SHIFT
+  (19) taken out, so elements i and i + 2**19 of each aligned block of 2**20 share j, and
+  (w1, w2) = the words of j. r = sqrt(-2 ln u1), u1 = (top 24 bits of w1 + 1) / 2**24 in (0, 1],
+  u2 = (top 24 bits of w2) / 2**24 in [0, 1); the first element of the pair is r cos(2 pi u2), the
+  second r sin(2 pi u2) = r cos(2 pi (u2 - 1/4)), the 24-bit turn moved back by 2**22 exactly. Box-Muller's
+  two outputs are independent standard normals, so a region that holds both elements of its pairs
+  (any aligned run of 2**20, e.g. the body of a bucket) gets two values from one hash, one ln, one
+  sqrt and one cos/sin polynomial pair (``_visit_pairs``); an element whose partner lies outside the
+  region computes its own value alone, with the same operations, so it has the same bits. ln and
+  cos are written here with IEEE exact operations only (+ - * / sqrt, integer, compare and select
+  operations; no bitcasts, which Inductor does not vectorise), never a library log/cos, whose
+  vectorised and scalar versions differ in the last bit (eager CPU torch.sqrt too: see sqrt_rn).
+  |z| <= sqrt(48 ln 2) = 5.7683 (u1 >= 2**-24).
 
 Integer arithmetic runs in int32 with wraparound (the low 32 bits of a product are the same for
 signed and unsigned); a logical right shift is an arithmetic shift and a mask. No FMA contraction:
@@ -33,12 +40,27 @@ import warnings
 
 import torch
 
-from distzo2_lab.zo.noise_constants import COS_C, LN2, LN_C, M1, M2, SIN_C, SQRT2, TWO_M22, TWO_M24, _i32, f32  # noqa: F401
+from distzo2_lab.zo.noise_constants import (  # noqa: F401
+    COS_C,
+    LN2,
+    LN_C,
+    M1,
+    M2,
+    PAIR_SHIFT,
+    SIN_C,
+    SQRT2,
+    TWO_M22,
+    TWO_M24,
+    _i32,
+    f32,
+)
 
 NOISE_KINDS = ("gaussian", "rademacher")
 MAX_BUCKET = 1 << 32
 Z_BOUND = math.sqrt(48 * math.log(2))  # largest |z| of the gaussian: u1 >= 2**-24
 MAX_TERMS = 4  # update terms applied in one visit pass; more are applied in further passes
+PAIR = 1 << PAIR_SHIFT  # gaussian pairs: element i and i + PAIR of each aligned block of 2 * PAIR
+MIN_PAIRED = 1 << 12  # a shorter run of pairs is left to the element-wise pass (one call fewer)
 
 
 def noise_key(step_seed: int, key: str) -> tuple[int, int, int]:
@@ -115,12 +137,43 @@ def cos_turn(b):
     return torch.where((((q + 1) >> 1) & 1) == 1, -v, v)
 
 
+def cos_sin_turn(b):
+    """(cos, sin) of 2 pi b / 2**24 for int32 b in [0, 2**24): one pair of polynomials for both;
+    the sin has the bits of cos_turn((b - 2**22) mod 2**24)."""
+    t = (b + (1 << 21)) & 0xFFFFFF
+    q = t >> 22
+    f = ((t & 0x3FFFFF) - (1 << 21)).to(torch.float32) * TWO_M22  # exact
+    f2 = f * f
+    c = (((f2 * COS_C[4] + COS_C[3]) * f2 + COS_C[2]) * f2 + COS_C[1]) * f2 + COS_C[0]
+    s = ((((f2 * SIN_C[4] + SIN_C[3]) * f2 + SIN_C[2]) * f2 + SIN_C[1]) * f2 + SIN_C[0]) * f
+    odd = (q & 1) == 1
+    cv, sv = torch.where(odd, s, c), torch.where(odd, c, s)
+    return torch.where((((q + 1) >> 1) & 1) == 1, -cv, cv), torch.where(((q >> 1) & 1) == 1, -sv, sv)
+
+
+def pair_of(idx):
+    """(j, second) of int32 element indices: the pair index (bit PAIR_SHIFT taken out) and whether
+    the element is its pair's second (bit PAIR_SHIFT set)."""
+    return (_shr(idx, PAIR_SHIFT + 1) << PAIR_SHIFT) | (idx & (PAIR - 1)), _shr(idx, PAIR_SHIFT) & 1
+
+
+def gaussian_pair(j, k0, k1, k2):
+    """Both values (first, second) of pairs `j`: r cos and r sin of one Box-Muller draw."""
+    w1, w2 = hash_words(j, k0, k1, k2)
+    r = sqrt_rn(ln_uniform(_shr(w1, 8)) * -2.0)
+    c, s = cos_sin_turn(_shr(w2, 8))
+    return r * c, r * s
+
+
 def noise_of(kind: str, idx, k0, k1, k2):
-    """z at int32 indices `idx` (fp32)."""
-    w1, w2 = hash_words(idx, k0, k1, k2)
+    """z at int32 indices `idx` (fp32), each element alone."""
     if kind == "rademacher":
+        w1, _ = hash_words(idx, k0, k1, k2)
         return 1.0 - _shr(w1, 31).to(torch.float32) * 2.0
-    return sqrt_rn(ln_uniform(_shr(w1, 8)) * -2.0) * cos_turn(_shr(w2, 8))
+    j, second = pair_of(idx)
+    w1, w2 = hash_words(j, k0, k1, k2)
+    turn = (_shr(w2, 8) - (second << 22)) & 0xFFFFFF  # the second of a pair: a quarter turn back
+    return sqrt_rn(ln_uniform(_shr(w1, 8)) * -2.0) * cos_turn(turn)
 
 
 def sqrt_rn(x):
@@ -146,6 +199,14 @@ def noise_reference(kind: str, key_words, start: int, n: int, device="cpu") -> t
 def _fill_impl(out, words, kind):
     idx = torch.arange(out.numel(), dtype=torch.int32, device=out.device) + words[0]
     out.copy_(noise_of(kind, idx, words[1], words[2], words[3]))
+
+
+def _fill_pairs_impl(first, second, words):
+    """Gaussian pairs: first[t] and second[t] are elements words[0] + t and words[0] + t + PAIR."""
+    ia = torch.arange(first.numel(), dtype=torch.int32, device=first.device) + words[0]
+    za, zb = gaussian_pair(pair_of(ia)[0], words[1], words[2], words[3])
+    first.copy_(za)
+    second.copy_(zb)
 
 
 def round_bf16(m, idx, k0, k1, k2):
@@ -180,6 +241,61 @@ def _visit_impl(master, words, params, kind, nterms, noisy, plus, minus, rounded
             plus.copy_(m.to(plus.dtype))
         if minus is not None:
             minus.copy_(m.to(minus.dtype))
+
+
+def _visit_pairs_impl(ma, mb, words, params, nterms, noisy, pa, pb, na, nb, rounded):
+    """_visit_impl for gaussian pairs: ma, pa, na hold elements words[0] + t, mb, pb, nb their
+    partners words[0] + t + PAIR; one draw per pair and term gives both. Same operations, same
+    order, per element."""
+    ia = torch.arange(ma.numel(), dtype=torch.int32, device=ma.device) + words[0]
+    j = pair_of(ia)[0]
+    a = ma.to(torch.float32) * params[0]
+    b = mb.to(torch.float32) * params[0]
+    for t in range(nterms):
+        za, zb = gaussian_pair(j, words[4 + 3 * t], words[5 + 3 * t], words[6 + 3 * t])
+        a = a + params[2 + t] * za
+        b = b + params[2 + t] * zb
+    if rounded:
+        r = 4 + 3 * nterms
+        a = round_bf16(a, ia, words[r], words[r + 1], words[r + 2])
+        b = round_bf16(b, ia + PAIR, words[r], words[r + 1], words[r + 2])
+    ma.copy_(a)
+    mb.copy_(b)
+    ea = eb = None
+    if noisy:
+        za, zb = gaussian_pair(j, words[1], words[2], words[3])
+        ea, eb = params[1] * za, params[1] * zb
+    for m, e, plus, minus in ((a, ea, pa, na), (b, eb, pb, nb)):
+        if plus is not None:
+            plus.copy_((m if e is None else m + e).to(plus.dtype))
+        if minus is not None:
+            minus.copy_((m if e is None else m - e).to(minus.dtype))
+
+
+def pair_pieces(start: int, n: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """Elements [start, start + n) of a bucket cut for the gaussian's pairs: (runs, singles), offsets
+    from `start`. A run (a, b, length) holds both elements of `length` pairs, firsts at [a, a + length)
+    and seconds at [b, b + length) (b = a + PAIR); singles (offset, length) are the rest, merged
+    where they touch (elements whose partner is outside, and runs shorter than MIN_PAIRED)."""
+    stop, runs, rest = start + n, [], []
+    base = (start >> (PAIR_SHIFT + 1)) << (PAIR_SHIFT + 1)
+    while base < stop:
+        a0, a1 = max(start, base), min(stop, base + PAIR)
+        b0, b1 = max(start, base + PAIR), min(stop, base + 2 * PAIR)
+        lo, hi = max(a0 - base, b0 - base - PAIR), min(a1 - base, b1 - base - PAIR)
+        if hi - lo >= MIN_PAIRED:
+            runs.append((base + lo - start, base + PAIR + lo - start, hi - lo))
+            rest += [(a0, base + lo), (base + hi, a1), (b0, base + PAIR + lo), (base + PAIR + hi, b1)]
+        else:
+            rest += [(a0, a1), (b0, b1)]
+        base += 2 * PAIR
+    singles: list[tuple[int, int]] = []
+    for x, y in sorted((x - start, y - start) for x, y in rest if y > x):
+        if singles and singles[-1][0] + singles[-1][1] == x:
+            singles[-1] = (singles[-1][0], singles[-1][1] + y - x)
+        else:
+            singles.append((x, y - x))
+    return runs, singles
 
 
 # The hash reads each intermediate twice (x ^ x >> s): left inlined, Inductor's lowering expands the
@@ -252,9 +368,33 @@ def fill_(out: torch.Tensor, kind: str, key_words, start: int) -> torch.Tensor:
     if out.is_cuda and (tr := _triton()) is not None:
         tr.fill_(out, kind, key_words, start)
         return out
-    words = torch.tensor([_i32(start)] + [_i32(k) for k in key_words], dtype=torch.int32, device=out.device)
-    _run(_fill_impl, (kind,), out.device, out, words, kind)
+    keys = [_i32(k) for k in key_words]
+    runs, singles = pair_pieces(start, n) if kind == "gaussian" else ([], [(0, n)])
+    for a, b, length in runs:
+        words = torch.tensor([_i32(start + a)] + keys, dtype=torch.int32, device=out.device)
+        _run(_fill_pairs_impl, ("pairs",), out.device, out[a : a + length], out[b : b + length], words)
+    for o, length in singles:
+        words = torch.tensor([_i32(start + o)] + keys, dtype=torch.int32, device=out.device)
+        _run(_fill_impl, (kind,), out.device, out[o : o + length], words, kind)
     return out
+
+
+def _visit_pieces(master, start, kind, words, params, nterms, noisy, plus, minus, rounded) -> None:
+    """One pass of _visit_impl over [start, start + n): the gaussian's whole pairs two at a time
+    (_visit_pairs_impl), the rest element by element. words: the int32 key words after the start."""
+    dev, n = master.device, master.numel()
+    p = torch.tensor(params, dtype=torch.float32, device=dev)
+    dtypes = (None if plus is None else plus.dtype, None if minus is None else minus.dtype, master.dtype)
+    cut = lambda t, o, k: None if t is None else t[o : o + k]  # noqa: E731
+    runs, singles = pair_pieces(start, n) if kind == "gaussian" else ([], [(0, n)])
+    for a, b, k in runs:
+        w = torch.tensor([_i32(start + a)] + words, dtype=torch.int32, device=dev)
+        _run(_visit_pairs_impl, (nterms, noisy, *dtypes, rounded), dev, master[a : a + k], master[b : b + k],
+             w, p, nterms, noisy, cut(plus, a, k), cut(plus, b, k), cut(minus, a, k), cut(minus, b, k), rounded)
+    for o, k in singles:
+        w = torch.tensor([_i32(start + o)] + words, dtype=torch.int32, device=dev)
+        _run(_visit_impl, (kind, nterms, noisy, *dtypes, rounded), dev, master[o : o + k], w, p, kind, nterms,
+             noisy, cut(plus, o, k), cut(minus, o, k), rounded)
 
 
 def visit_(master: torch.Tensor, start: int, kind: str, updates, keep: float = 1.0, cur_key=None,
@@ -299,13 +439,8 @@ def visit_(master: torch.Tensor, start: int, kind: str, updates, keep: float = 1
         if tr is not None:
             tr.visit_(master, start, kind, now, keep, cur, eps, plus, minus, noisy and last, rk if rounded else None)
         else:
-            words = [_i32(start)] + cur + [_i32(k) for key, _ in now for k in key] + rk
-            params = [keep, eps] + [a for _, a in now]
-            w = torch.tensor(words, dtype=torch.int32, device=master.device)
-            p = torch.tensor(params, dtype=torch.float32, device=master.device)
-            tag = (kind, len(now), noisy and last, None if plus is None else plus.dtype,
-                   None if minus is None else minus.dtype, master.dtype, rounded)
-            _run(_visit_impl, tag, master.device, master, w, p, kind, len(now), noisy and last, plus, minus, rounded)
+            _visit_pieces(master, start, kind, cur + [_i32(k) for key, _ in now for k in key] + rk,
+                          [keep, eps] + [a for _, a in now], len(now), noisy and last, plus, minus, rounded)
         if last:
             return master
         keep = 1.0

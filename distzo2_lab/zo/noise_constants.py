@@ -25,3 +25,4 @@ _H = math.pi / 2  # cos / sin of (pi/2) f, |f| <= 1/2: Taylor coefficients times
 COS_C = [f32((-1) ** k * _H ** (2 * k) / math.factorial(2 * k)) for k in range(5)]
 SIN_C = [f32((-1) ** k * _H ** (2 * k + 1) / math.factorial(2 * k + 1)) for k in range(5)]
 TWO_M24, TWO_M22 = 2.0 ** -24, 2.0 ** -22
+PAIR_SHIFT = 19  # gaussian pairs: element i and i + 2**19 of each aligned block of 2**20 (noise.pair_of)

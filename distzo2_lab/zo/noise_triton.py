@@ -34,6 +34,9 @@ if triton is not None:
     _C0, _C1, _C2, _C3, _C4 = (tl.constexpr(c) for c in D.COS_C)
     _S0, _S1, _S2, _S3, _S4 = (tl.constexpr(c) for c in D.SIN_C)
     _TWO_M22 = tl.constexpr(D.TWO_M22)
+    _PS = tl.constexpr(D.PAIR_SHIFT)
+    _PS1 = tl.constexpr(D.PAIR_SHIFT + 1)
+    _PMASK = tl.constexpr((1 << D.PAIR_SHIFT) - 1)
 
     @triton.jit
     def _lowbias32(x):
@@ -83,13 +86,17 @@ if triton is not None:
 
     @triton.jit
     def _noise(idx, k0, k1, k2, GAUSS: tl.constexpr):  # idx uint32; k* int32 (the words' bits)
-        h = _lowbias32(idx ^ k0.to(tl.uint32, bitcast=True))
-        w1 = _lowbias32(h + k1.to(tl.uint32, bitcast=True))
-        if GAUSS:
+        if GAUSS:  # element idx of its pair j (noise.pair_of): the second turns a quarter back
+            j = ((idx >> _PS1) << _PS) | (idx & _PMASK)
+            second = ((idx >> _PS) & 1).to(tl.int32)
+            h = _lowbias32(j ^ k0.to(tl.uint32, bitcast=True))
+            w1 = _lowbias32(h + k1.to(tl.uint32, bitcast=True))
             w2 = _lowbias32(w1 ^ k2.to(tl.uint32, bitcast=True))
             r = tl.math.sqrt_rn(_ln_uniform((w1 >> 8).to(tl.int32)) * -2.0)
-            return r * _cos_turn((w2 >> 8).to(tl.int32))
+            return r * _cos_turn(((w2 >> 8).to(tl.int32) - (second << 22)) & 0xFFFFFF)
         else:
+            h = _lowbias32(idx ^ k0.to(tl.uint32, bitcast=True))
+            w1 = _lowbias32(h + k1.to(tl.uint32, bitcast=True))
             return 1.0 - (w1 >> 31).to(tl.float32) * 2.0
 
     @triton.jit
