@@ -273,6 +273,36 @@ def test_triton_visit_equals_the_cpu_path(kind, updates, keep, cur, eps, dtype):
     assert same(m.cpu(), want[0]) and same(plus.cpu(), want[1]) and same(minus.cpu(), want[2])
 
 
+def test_triton_pair_launches_cover_the_region_and_equal_the_cpu_path():
+    """Whole pairs in one launch per run of aligned blocks (pair p at ((p >> 19) << 20) + p mod 2**19,
+    its partner 2**19 further), the rest element by element: fill and visit equal the CPU path."""
+    T = _triton()
+    P = N.PAIR
+    for start, n in ((0, 2 * P + 3000), (P - 5000, 3 * P)):
+        launches, singles = N.pair_launches(start, n)
+        seen = torch.zeros(n, dtype=torch.int32)
+        for a, pairs in launches:
+            p = torch.arange(pairs)
+            oa = a + ((p >> N.PAIR_SHIFT) << (N.PAIR_SHIFT + 1)) + (p & (P - 1))
+            seen[oa] += 1
+            seen[oa + P] += 1
+        for o, k in singles:
+            seen[o : o + k] += 1
+        assert bool((seen == 1).all()) and launches, (start, n)
+    start, n = P - 5000, 4 * P + 14000  # a partial run, then a whole block and a partial one in one launch
+    assert [k for _, k in N.pair_launches(start, n)[0]] == [5000, P + 9000]
+    out = torch.empty(n, device=DEV)
+    N.triton_fill(T, out, "gaussian", KEY, start)
+    assert same(out.cpu(), N.noise_reference("gaussian", KEY, start, n))
+    master = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    want = unfused(master, start, "gaussian", [(KEY2, -1e-3)], 0.99, KEY, 1e-3, torch.bfloat16)
+    m, plus, minus = master.to(DEV), torch.empty(n, dtype=torch.bfloat16, device=DEV), torch.empty(
+        n, dtype=torch.bfloat16, device=DEV)
+    N.triton_visit(T, m, start, "gaussian", [(KEY2, -1e-3)], 0.99, [N._i32(k) for k in KEY], 1e-3, plus, minus,
+                   True, None)
+    assert same(m.cpu(), want[0]) and same(plus.cpu(), want[1]) and same(minus.cpu(), want[2])
+
+
 def test_triton_bf16_master_visit_equals_the_cpu_path():
     T = _triton()
     n, start = 1500, 11
@@ -340,14 +370,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from distzo2_lab.zo import noise_triton as T
 ptx = ""
-for master, rnd in (("*fp32", False), ("*bf16", True)):  # fp32 masters, and bf16 ones rounded stochastically
+# fp32 masters, and bf16 ones rounded stochastically; the element-wise kernel and the pairs' kernel
+for master, rnd, kernel in (("*fp32", False, "_visit_kernel"), ("*bf16", True, "_visit_kernel"),
+                            ("*fp32", False, "_visit_pairs_kernel"), ("*bf16", True, "_visit_pairs_kernel")):
+    gauss = ("GAUSS",) if kernel == "_visit_kernel" else ()
     sig = {"m_ptr": master, "plus_ptr": "*bf16", "minus_ptr": "*fp16", "n": "i32", "start": "i64",
            "keep": "fp32", "eps": "fp32", "c0": "i32", "c1": "i32", "c2": "i32",
            **{f"a{i}": "fp32" for i in range(4)}, **{f"t{i}{j}": "i32" for i in range(4) for j in range(3)},
            **{f"r{i}": "i32" for i in range(3)},
-           **{c: "constexpr" for c in ("NT", "NOISY", "PLUS", "MINUS", "GAUSS", "ROUND", "BLOCK")}}
-    src = ASTSource(T._visit_kernel, sig, constexprs={"NT": 2, "NOISY": True, "PLUS": True, "MINUS": True,
-                                                      "GAUSS": True, "ROUND": rnd, "BLOCK": 1024})
+           **{c: "constexpr" for c in ("NT", "NOISY", "PLUS", "MINUS", *gauss, "ROUND", "BLOCK")}}
+    src = ASTSource(getattr(T, kernel), sig, constexprs={"NT": 2, "NOISY": True, "PLUS": True, "MINUS": True,
+                                                         **{g: True for g in gauss}, "ROUND": rnd, "BLOCK": 1024})
     try:
         ptx += triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
     except Exception as exc:  # a missing toolchain skips; a kernel that does not compile fails

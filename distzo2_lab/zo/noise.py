@@ -298,6 +298,23 @@ def pair_pieces(start: int, n: int) -> tuple[list[tuple[int, int, int]], list[tu
     return runs, singles
 
 
+def pair_launches(start: int, n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """pair_pieces for a kernel that indexes pairs itself (Triton): consecutive runs that begin at an
+    aligned block of 2 * PAIR, all whole but the last, become one launch (offset, pairs); singles
+    as pair_pieces gives them."""
+    runs, singles = pair_pieces(start, n)
+    launches: list[list] = []  # [offset, pairs, open: every run so far whole and block-aligned]
+    for a, _, k in runs:
+        aligned = (start + a) % (2 * PAIR) == 0
+        last = launches[-1] if launches else None
+        if last is not None and last[2] and aligned and a == last[0] + 2 * last[1]:
+            last[1] += k
+            last[2] = k == PAIR
+        else:
+            launches.append([a, k, aligned and k == PAIR])
+    return [(a, k) for a, k, _ in launches], singles
+
+
 # The hash reads each intermediate twice (x ^ x >> s): left inlined, Inductor's lowering expands the
 # chain exponentially (minutes to compile). Realising every value with more than a few ops keeps it
 # linear; the scheduler still fuses them all into one kernel, with no buffer in memory.
@@ -350,6 +367,29 @@ def _triton():
         return None
 
 
+def triton_fill(tr, out: torch.Tensor, kind: str, key_words, start: int) -> torch.Tensor:
+    """fill_ by the Triton kernels of module `tr`: whole gaussian pairs two at a time, one launch
+    per run of aligned blocks (pair_launches), the rest element by element."""
+    launches, singles = pair_launches(start, out.numel()) if kind == "gaussian" else ([], [(0, out.numel())])
+    for a, pairs in launches:
+        tr.fill_pairs_(out[a:], pairs, key_words, start + a)
+    for o, k in singles:
+        tr.fill_(out[o : o + k], kind, key_words, start + o)
+    return out
+
+
+def triton_visit(tr, master, start, kind, updates, keep, cur, eps, plus, minus, noisy, round_words) -> None:
+    """One visit pass (at most MAX_TERMS terms) by the Triton kernels of module `tr`, cut as triton_fill."""
+    launches, singles = pair_launches(start, master.numel()) if kind == "gaussian" else ([], [(0, master.numel())])
+    cut = lambda t, o, k=None: None if t is None else t[o:] if k is None else t[o : o + k]  # noqa: E731
+    for a, pairs in launches:
+        tr.visit_pairs_(master[a:], pairs, start + a, updates, keep, cur, eps, cut(plus, a), cut(minus, a), noisy,
+                        round_words)
+    for o, k in singles:
+        tr.visit_(master[o : o + k], start + o, kind, updates, keep, cur, eps, cut(plus, o, k), cut(minus, o, k),
+                  noisy, round_words)
+
+
 def _flat(t: torch.Tensor, what: str) -> None:
     if t.dim() != 1 or not t.is_contiguous():
         raise ValueError(f"{what} must be a flat contiguous tensor")
@@ -366,8 +406,7 @@ def fill_(out: torch.Tensor, kind: str, key_words, start: int) -> torch.Tensor:
     if n == 0:
         return out
     if out.is_cuda and (tr := _triton()) is not None:
-        tr.fill_(out, kind, key_words, start)
-        return out
+        return triton_fill(tr, out, kind, key_words, start)
     keys = [_i32(k) for k in key_words]
     runs, singles = pair_pieces(start, n) if kind == "gaussian" else ([], [(0, n)])
     for a, b, length in runs:
@@ -437,7 +476,8 @@ def visit_(master: torch.Tensor, start: int, kind: str, updates, keep: float = 1
         rounded = bf16 and (bool(now) or keep != 1.0)
         plus, minus = (out_plus, out_minus) if last else (None, None)
         if tr is not None:
-            tr.visit_(master, start, kind, now, keep, cur, eps, plus, minus, noisy and last, rk if rounded else None)
+            triton_visit(tr, master, start, kind, now, keep, cur, eps, plus, minus, noisy and last,
+                         rk if rounded else None)
         else:
             _visit_pieces(master, start, kind, cur + [_i32(k) for key, _ in now for k in key] + rk,
                           [keep, eps] + [a for _, a in now], len(now), noisy and last, plus, minus, rounded)
