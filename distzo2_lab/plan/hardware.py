@@ -218,10 +218,11 @@ rate) and OPT-125m's (`contention_wide`, the wide block's rate)."""
 # The effective PCIe figures are what pinned cudaMemcpyAsync reaches (about 80% of the signalling rate).
 # _CUDA_OVERHEAD_GB is the stated per-GPU runtime overhead, one constant for every GPU and model size.
 _CUDA_OVERHEAD_GB = 2.25
-# The counter-based Gaussian (zo/noise.py) is about 150 instructions a sample, half integer (three
-# lowbias32 hashes, the bit search of ln), half fp32 (the ln and cos polynomials, an IEEE division
-# and square root): its rate is the SMs' issue rate over 150, fp32 and int32 lanes taken in turn.
-_NOISE_MODEL = "about 150 instructions a sample at the SMs' fp32 / int32 issue rates, until calibrated"
+# The counter-based Gaussian (zo/noise.py) is about 160 instructions a Box-Muller draw, half integer
+# (three lowbias32 hashes, the bit search of ln), half fp32 (the ln and cos / sin polynomials, an
+# IEEE division and square root), and a draw gives the two samples of a pair: about 80 a sample. Its
+# rate is the SMs' issue rate over 80, fp32 and int32 lanes taken in turn.
+_NOISE_MODEL = "about 80 instructions a sample (160 a pair) at the SMs' fp32 / int32 issue rates, until calibrated"
 
 PROFILES: dict[str, Hardware] = {
     "a100-80g-sxm": Hardware(
@@ -229,7 +230,7 @@ PROFILES: dict[str, Hardware] = {
         "2 GPUs per PCIe switch, NVLink 3 through NVSwitch", kind="gpu", device_memory_gb=80.0,
         host_memory_gb=2000.0, devices_per_node=8, matmul_tflops={"fp16": 312.0, "bf16": 312.0, "fp32": 156.0},
         matmul_efficiency=0.6, memory_gbps=2039.0, rng_gsamples=250.0,
-        noise_gsamples=65.0, launch_us=150.0, h2d_gbps=24.0,
+        noise_gsamples=120.0, launch_us=150.0, h2d_gbps=24.0,
         d2h_gbps=24.0, link_latency_us=10.0, devices_per_switch=2, switch_gbps=24.0, host_gbps=100.0,
         peer_gbps=240.0, peer_latency_us=15.0, disk_read_gbps=6.0, disk_write_gbps=3.0,
         context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA A100 datasheet (312 TFLOP/s fp16 dense, 2039 GB/s HBM2e, "
@@ -240,7 +241,7 @@ PROFILES: dict[str, Hardware] = {
         "2 GPUs per PCIe switch, NVLink 4 through NVSwitch", kind="gpu", device_memory_gb=80.0,
         host_memory_gb=2000.0, devices_per_node=8, matmul_tflops={"fp16": 989.0, "bf16": 989.0, "fp32": 495.0},
         matmul_efficiency=0.5, memory_gbps=3350.0, rng_gsamples=400.0,
-        noise_gsamples=135.0, launch_us=120.0, h2d_gbps=48.0,
+        noise_gsamples=250.0, launch_us=120.0, h2d_gbps=48.0,
         d2h_gbps=48.0, link_latency_us=8.0, devices_per_switch=2, switch_gbps=48.0, host_gbps=200.0,
         peer_gbps=360.0, peer_latency_us=12.0, disk_read_gbps=10.0, disk_write_gbps=5.0,
         context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA H100 datasheet (989 TFLOP/s fp16 dense, 3.35 TB/s HBM3, "
@@ -251,7 +252,7 @@ PROFILES: dict[str, Hardware] = {
         "peer-to-peer: the all-gather goes through host memory", kind="gpu", device_memory_gb=24.0,
         host_memory_gb=256.0, devices_per_node=4, matmul_tflops={"fp16": 165.0, "bf16": 165.0, "fp32": 82.6},
         matmul_efficiency=0.6, memory_gbps=1008.0, rng_gsamples=150.0,
-        noise_gsamples=180.0, launch_us=100.0, h2d_gbps=24.0,
+        noise_gsamples=340.0, launch_us=100.0, h2d_gbps=24.0,
         d2h_gbps=24.0, link_latency_us=10.0, devices_per_switch=1, switch_gbps=None, host_gbps=60.0,
         peer_gbps=None, peer_latency_us=25.0, disk_read_gbps=5.0, disk_write_gbps=3.0,
         context_gb=_CUDA_OVERHEAD_GB, source="NVIDIA Ada whitepaper (165 TFLOP/s fp16 dense with fp32 "
