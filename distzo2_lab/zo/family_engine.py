@@ -361,3 +361,20 @@ class FamilyEngine(ZO2Engine):
         self.v_seed, self.updates, self.step_count = sd["v_seed"], sd["updates"], sd["step"]
         p = sd.get("pending")
         self.pending = None if p is None else FamilyUpdate(**{**p, "terms": tuple(map(tuple, p["terms"]))})
+
+    def run_state(self) -> dict:
+        """What a disk store commits with each step beside its slots (JSON): the update count (Adam's
+        t), the lowrank:R V seed and the sparse:F thresholds; the state tensors are in the slots."""
+        return {"updates": self.updates, "v_seed": self.v_seed,
+                "thresholds": {k: t.tolist() for k, t in self.thresholds.items()}}
+
+    def resume(self, run_state: dict, record: dict) -> None:
+        """Continue from a disk store's committed step: its run_state(), and the update it owes from the
+        seed log's record of that step (each direction's (seed, g), lr, the method scalars it logged)."""
+        self.updates, self.v_seed = run_state["updates"], run_state["v_seed"]
+        self.thresholds = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                           for k, v in run_state["thresholds"].items()}
+        m, seed = record["method"], record["seed"]
+        terms = tuple(map(tuple, record.get("terms", ()))) or ((direction_seed(seed, 0), record["grad"]),)
+        self.pending = FamilyUpdate(record["step"], seed, record["grad"], record["lr"], terms, m["t"],
+                                    m.get("accept", True), m.get("curvature", 0.0), self.v_seed)
