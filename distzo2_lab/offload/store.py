@@ -11,7 +11,9 @@ GPU; its disk offloading is a stub. Tiers here:
   latest slot and writes the other; ``commit(step)`` (after the step's seed-log record is on
   disk) atomically moves the manifest to that step. After a kill at any moment the committed
   slots are intact, so reopening gives every block at one step and training continues
-  bit-exactly from the seed log's pending update.
+  bit-exactly from the seed log's pending update. A method-family run's slots hold
+  [master | state...] (one unit under one header), and each commit also moves the method's per-run
+  scalars into the manifest (docs/offload.md).
 The store always holds fp32 masters: a lower-precision copy is made on the working device, so
 no update is rounded away (the no-lost-update rule).
 """

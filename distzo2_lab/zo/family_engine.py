@@ -127,7 +127,7 @@ class FamilyResident(ResidentSet):
 
 
 class FamilyEngine(ZO2Engine):
-    """The block engine stepping zo.optimizer / zo.perturbation / zo.estimator; resident or host tier, one rank."""
+    """The block engine stepping zo.optimizer / zo.perturbation / zo.estimator on any tier, one rank."""
 
     def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, **options):
@@ -140,7 +140,7 @@ class FamilyEngine(ZO2Engine):
         if options.get("trim_buffers"):
             unsupported.append("trim_buffers")
         if unsupported:
-            raise ConfigError(f"the method family's block engine runs on one rank, resident or host tier; "
+            raise ConfigError(f"the method family's block engine runs on one rank, not lean; "
                               f"{', '.join(unsupported)} are not supported (choose zo.optimizer='sgd', "
                               "zo.perturbation='dense', zo.estimator='two-point' for them)")
         options.pop("resident", None)  # None here: the family keeps its own resident buckets
