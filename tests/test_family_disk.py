@@ -1,6 +1,7 @@
 """The method family on the disk tier: each block's slot is [master | state...], committed with the
 resident buckets' state and the per-run scalars, so it equals the resident engine and resumes bit-exactly."""
 import json
+import os
 
 import pytest
 import torch
@@ -85,3 +86,40 @@ def test_family_disk_run_counts_the_state_in_the_bytes_per_parameter(tmp_path):
     assert adam["bytes_up_per_step"] == 3 * sgd["bytes_up_per_step"]
     assert adam["bytes_per_param_per_step"] == pytest.approx(3 * sgd["bytes_per_param_per_step"])
 
+
+
+def test_sigkill_mid_run_then_reopen_continues_the_family_bit_exactly(tmp_path):
+    """A kill inside a step leaves the committed [master | state] slots and run state whole."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps, store = 12, str(tmp_path / "s")
+    ref = train(TrainConfig(model="tiny-deep", steps=steps, batch_size=2, seq_len=12, threads=1,
+                            zo=ZOConfig(optimizer="adam", perturbation="sparse:0.5")), progress=False)
+    cmd = [sys.executable, "-m", "distzo2_lab.cli.main", "train", "--model", "tiny-deep", "--steps", str(steps),
+           "--batch-size", "2", "--seq-len", "12", "--threads", "1", "--optimizer", "adam", "--perturbation",
+           "sparse:0.5", "--offload", "disk", "--store", store, "--no-progress",
+           "--out", str(tmp_path / "out")]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while _committed(store) < 5 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = _committed(store)
+    assert p.returncode == -signal.SIGKILL and 0 <= killed_at < steps - 1, (p.returncode, killed_at)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["start_step"] == killed_at + 1
+    assert summary["digest"] == ref["digest"] and summary["steps"] == ref["steps"][killed_at + 1:]
+
+
+def _committed(store: str) -> int:
+    try:
+        with open(os.path.join(store, "manifest.json")) as f:
+            return json.load(f)["committed"]
+    except (OSError, ValueError):
+        return -2

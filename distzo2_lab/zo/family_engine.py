@@ -127,7 +127,7 @@ class FamilyResident(ResidentSet):
 
 
 class FamilyEngine(ZO2Engine):
-    """The block engine stepping zo.optimizer / zo.perturbation / zo.estimator on any tier, one rank."""
+    """The block engine stepping zo.optimizer / .perturbation / .estimator; resident, host or disk tier, one rank."""
 
     def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, **options):
