@@ -347,6 +347,9 @@ class FamilyEngine(ZO2Engine):
                 "pending": None if self.pending is None else self.pending.to_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
+        if self._stored() and self.streamer.store.tier == "disk":  # a write would start a slot of a new step
+            raise ValueError("a disk store resumes from its committed step (Offload.keep_method_state), not from "
+                             "a state_dict")
         stored = {b.key: (i, b) for i, b in self._stored()}
         if stored:
             self.streamer.drain()
