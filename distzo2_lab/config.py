@@ -397,6 +397,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     validate_zo(cfg.zo)
     validate_precision(cfg.precision)
     validate_offload(cfg.offload)
+    if is_family(cfg.zo) and cfg.offload.lean:
+        raise ConfigError(f"offload.lean=True runs MeZO's in-place step; the method family (zo.optimizer="
+                          f"{cfg.zo.optimizer!r}, zo.perturbation={cfg.zo.perturbation!r}, zo.estimator="
+                          f"{cfg.zo.estimator!r}) perturbs out of place. Choose offload.lean=False or the defaults "
+                          f"sgd, {cfg.zo.noise}, two-point")
     if cfg.offload.lean and cfg.zo.directions > 1:
         raise ConfigError(f"offload.lean=True runs MeZO's in-place step; zo.directions={cfg.zo.directions} (n-SPSA) "
                           "perturbs out of place. Choose offload.lean=False or zo.directions=1")
@@ -407,11 +412,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check_bf16_master(cfg)
     if cfg.peft is not None:
         parse_peft(cfg.peft)
-    if is_family(cfg.zo) and cfg.engine == "zo2" and cfg.offload.tier == "disk":
-        raise ConfigError(f"offload.tier='disk' with zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation="
-                          f"{cfg.zo.perturbation!r}, zo.estimator={cfg.zo.estimator!r}: the disk store's crash-safe "
-                          "slots and seed-log resume hold ZO-SGD's update only; choose offload.tier='resident' or "
-                          f"'host' (or the defaults sgd, {cfg.zo.noise}, two-point)")
     if cfg.offload.tier != "resident" and cfg.engine == "eager":
         raise ConfigError("engine='eager' is the resident reference; offload.tier='host' or 'disk' needs engine='zo2'")
     return cfg

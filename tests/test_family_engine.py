@@ -165,9 +165,11 @@ def test_resume_with_another_optimizer_is_refused(tmp_path):
         train(other, progress=False, resume=str(tmp_path / "ck"))
 
 
-def test_disk_tier_is_refused_for_the_family_by_name(tmp_path):
-    cfg = TrainConfig(zo=ZOConfig(optimizer="adam"), offload=OffloadConfig(tier="disk", store=str(tmp_path)))
-    with pytest.raises(ConfigError, match="offload.tier='disk' with zo.optimizer='adam'.*choose offload.tier="):
+def test_lean_disk_tier_is_refused_for_the_family_by_name(tmp_path):
+    """The disk tier runs the family (tests/test_family_disk.py); a lean one runs MeZO's in-place step only."""
+    cfg = TrainConfig(zo=ZOConfig(optimizer="adam"), offload=OffloadConfig(tier="disk", store=str(tmp_path), lean=True))
+    with pytest.raises(ConfigError, match=r"offload.lean=True runs MeZO's in-place step; the method family "
+                                          r"\(zo.optimizer='adam'.*Choose offload.lean=False"):
         validate(cfg)
 
 

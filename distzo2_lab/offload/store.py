@@ -11,7 +11,9 @@ GPU; its disk offloading is a stub. Tiers here:
   latest slot and writes the other; ``commit(step)`` (after the step's seed-log record is on
   disk) atomically moves the manifest to that step. After a kill at any moment the committed
   slots are intact, so reopening gives every block at one step and training continues
-  bit-exactly from the seed log's pending update.
+  bit-exactly from the seed log's pending update. A method-family run's slots hold
+  [master | state...] (one unit under one header), and each commit also moves the method's per-run
+  scalars into the manifest (docs/offload.md).
 The store always holds fp32 masters: a lower-precision copy is made on the working device, so
 no update is rounded away (the no-lost-update rule). A block's fixed spans (a peft model's frozen
 base) may also be held in the compute dtype and uploaded so (:class:`FrozenBaseHostStore`; the
@@ -347,11 +349,14 @@ class DiskStore:
         self._read(key, self._latest[key], out)
         return out
 
-    def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None, leader: bool = True) -> None:
+    def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None, leader: bool = True,
+               run_state: dict | None = None) -> None:
         """Persist the resident buckets for `step`, then move the manifest to it (atomic rename).
 
         Several ranks sharing the store all call it once every rank's writes of the step have
-        landed (a barrier); only the leader writes the resident buckets and the manifest."""
+        landed (a barrier); only the leader writes the resident buckets and the manifest.
+        `run_state`: the method family's per-run scalars at `step` (JSON), committed in the manifest
+        with it (manifest["run_state"])."""
         if step != self.committed + 1:
             raise RuntimeError(f"commit({step}) after step {self.committed}: steps commit in order")
         if not leader:
@@ -365,6 +370,8 @@ class DiskStore:
         if missing:
             raise RuntimeError(f"commit({step}): buckets {missing[:3]} were not written this step")
         self.manifest["committed"] = step
+        if run_state is not None:
+            self.manifest["run_state"] = run_state
         _write_json_atomic(os.path.join(self.path, "manifest.json"), self.manifest)
         self.committed = step
 
@@ -378,10 +385,11 @@ class DiskStore:
     # -- creation ----------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str, blocks: list[tuple[str, int]], resident: list[tuple[str, int]], base: dict,
-               values) -> DiskStore:
+               values, method: dict | None = None) -> DiskStore:
         """Write a new store one bucket at a time: `values(key)` gives a flat fp32 CPU tensor.
 
-        Nothing but the bucket at hand is needed, so a model larger than RAM can be written."""
+        Nothing but the bucket at hand is needed, so a model larger than RAM can be written.
+        `method`: the update rule the slots are laid out for (manifest["method"]; None: ZO-SGD's)."""
         if os.path.exists(os.path.join(path, "manifest.json")):
             raise ConfigError(f"store={path!r} already exists; open it or choose another directory")
         os.makedirs(path, exist_ok=True)
@@ -402,6 +410,8 @@ class DiskStore:
                 os.close(fd)
                 entries[kind].append({"key": key, "numel": numel, "file": name})
         manifest = {"format": FORMAT, "version": VERSION, "base": base, "dtype": "float32", "committed": -1, **entries}
+        if method is not None:
+            manifest["method"] = method
         _write_json_atomic(os.path.join(path, "manifest.json"), manifest)
         return cls(path)
 

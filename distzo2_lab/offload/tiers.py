@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distzo2_lab.config import ConfigError, OffloadConfig
+from distzo2_lab.config import ConfigError, OffloadConfig, is_family
 from distzo2_lab.models.base import BlockAdapter
 from distzo2_lab.models.lora import wrap_peft
 from distzo2_lab.models.prefix import init_prefix_
@@ -194,6 +194,37 @@ def build_offloaded(base: dict, storage: str = "fp32", defer_resident: bool = Fa
     return adapter, values
 
 
+def method_of(zo) -> dict | None:
+    """The method family's rule a disk store's slots are laid out for (None: ZO-SGD's)."""
+    if not is_family(zo):
+        return None
+    return {k: getattr(zo, k) for k in ("optimizer", "perturbation", "estimator", "directions")}
+
+
+def _method_text(method: dict | None) -> str:
+    if method is None:
+        return "ZO-SGD (zo.optimizer='sgd', zo.perturbation='dense', zo.estimator='two-point')"
+    return ", ".join(f"zo.{k}={v!r}" for k, v in method.items())
+
+
+def _with_state(values, state: tuple[tuple[str, float], ...]):
+    """values(key) followed by each state tensor at its initial value: a new family slot's
+    [master | state_0 | state_1 ...] (values itself when there is no state)."""
+    if not state:
+        return values
+
+    def wide(key: str) -> torch.Tensor:
+        flat = values(key)
+        n = flat.numel()
+        out = torch.empty(n * (1 + len(state)))
+        out[:n].copy_(flat)
+        for j, (_, init) in enumerate(state):
+            out[n * (1 + j) : n * (2 + j)].fill_(init)
+        return out
+
+    return wide
+
+
 @dataclass(frozen=True)
 class NodeShare:
     """How the ranks of a distributed run share one store per node: the node's first rank (the
@@ -211,7 +242,7 @@ class Offload:
     def __init__(self, base: dict, offload: OffloadConfig, storage: str = "fp32", device: str = "cpu",
                  recorder: Recorder | None = None, slicer=None, node: NodeShare | None = None, master: str = "fp32",
                  freeze: tuple[str, ...] = (), state: tuple[tuple[str, float], ...] = (),
-                 base_dtype: torch.dtype | None = None):
+                 base_dtype: torch.dtype | None = None, method: dict | None = None):
         """`master`: precision.master; 'bf16' keeps the blocks' masters in bf16 in a host store (half
         the host memory and the bytes each visit moves). `freeze`: the run's zo.freeze patterns; with
         the adapter's own (a LoRA model's base) they are the spans no write-back carries. `state`:
@@ -219,13 +250,17 @@ class Offload:
         each block's host slot after its master (zo/family_engine.py), so it streams with the block.
         `base_dtype`: the dtype the forwards read the fixed spans in (the compute dtype of a copies
         run); a store whose ranks move whole fp32 blocks then uploads them in it
-        (store.FrozenBaseHostStore on one rank, offload/frozen_base.py for the shared and disk stores)."""
+        (store.FrozenBaseHostStore on one rank, offload/frozen_base.py for the shared and disk stores).
+        `method`: the method family's rule (method_of(zo); None for ZO-SGD), which a disk store's slots
+        are laid out for: written in a new store's manifest, checked against an existing one's."""
         self.config, self.node = offload, node
-        if state and (offload.tier != "host" or node is not None):
-            raise ConfigError(f"optimiser state streams with its block in a one-rank host store; offload.tier="
-                              f"{offload.tier!r}{' with several ranks' if node is not None else ''} cannot hold it. "
-                              "Choose offload.tier='host' or 'resident' on one rank, or zo.optimizer sgd / sign / "
+        if state and (node is not None or offload.lean):
+            raise ConfigError(f"optimiser state streams with its block in a one-rank store; offload.tier="
+                              f"{offload.tier!r}{' with several ranks' if node is not None else ' lean=True'} cannot "
+                              "hold it. Choose one rank and offload.lean=False, or zo.optimizer sgd / sign / "
                               "conservative (no state)")
+        if state and offload.tier == "disk" and method is None:
+            raise ValueError("a disk store holding optimiser state needs method= (the rule its slots are laid out for)")
         if master == "bf16" and offload.tier != "host":
             raise ConfigError(f"precision.master='bf16' is held in memory; offload.tier={offload.tier!r} keeps fp32 "
                               "slots. Choose offload.tier='host' or precision.master='fp32'")
@@ -291,12 +326,18 @@ class Offload:
                 held = self.store.manifest["base"]
                 if any(held.get(k) != base.get(k) for k in ("model", "init_seed", "peft", "peft_seed")):
                     raise ConfigError(f"offload.store={path!r} holds {held}, not {base}")
+                if (was := self.store.manifest.get("method")) != method:
+                    raise ConfigError(f"offload.store={path!r} holds a run of {_method_text(was)}, not "
+                                      f"{_method_text(method)}: its slots hold that method's state. Pass the same "
+                                      "zo values or choose another offload.store")
                 if fixed and self.store.manifest.get("version", 1) < 2:
                     raise ConfigError(f"offload.store={path!r} keeps the start values in one slot only; zo.freeze "
                                       "(or peft) writes back only what changes: create a new offload.store")
-            else:
-                self.store = DiskStore.create(path, blocks, [("in", a.bucket_in.numel), ("out", a.bucket_out.numel)],
-                                              base, values)
+            else:  # a family slot is [master | state_0 ...], as on the host; resident entries too
+                w = 1 + len(state)
+                self.store = DiskStore.create(path, [(k, n * w) for k, n in blocks],
+                                              [("in", a.bucket_in.numel * w), ("out", a.bucket_out.numel * w)],
+                                              base, _with_state(values, state), method)
             # the fixed spans in the compute dtype, made once (the leader's) and found on reopening
             self.store.base = open_disk_base(self.store, by_index, half, leader=node is None or node.leader)
             if node is not None and node.leader:
@@ -327,9 +368,11 @@ class Offload:
         if self.lean:  # the embeddings live in the store; LeanResident loads them when needed
             a.bucket_in.detach()
             a.bucket_in.unbind()
-        self._snap = {b.key: torch.empty(b.numel) for b in (a.bucket_in, a.bucket_out)
+        wide = 1 + len(state) if offload.tier == "disk" else 1  # a family commit: [master | state...]
+        self._snap = {b.key: torch.empty(b.numel * wide) for b in (a.bucket_in, a.bucket_out)
                       if not (self.lean and b is a.bucket_in)}
         self._committed = None
+        self.method, self._engine = method, None
 
     def engine_options(self) -> dict:
         """What ZO2Engine takes from this tier: the streamer, the resident keeper and, for a lean
@@ -380,17 +423,39 @@ class Offload:
         import threading
 
         self._committed = threading.Event()
-        a = self.adapter
+        a, e = self.adapter, self._engine
+        if self.method is not None and e is None:
+            raise RuntimeError("a method family's disk run commits its state: call keep_method_state(engine) first")
         for b in (a.bucket_in, a.bucket_out):
             if b.key in self._snap:
-                self._snap[b.key].copy_(b.master)
+                snap, n = self._snap[b.key], b.numel
+                snap[:n].copy_(b.master)
+                for j, (name, _) in enumerate(e.method.state if e is not None else ()):
+                    snap[n * (1 + j) : n * (2 + j)].copy_(e.state[b.key][name])
         done, snaps = self._committed, self._snap
+        run_state = None if e is None else e.run_state()
 
         def persist():
-            self.store.commit(step, snaps)
+            self.store.commit(step, snaps, run_state=run_state)
             done.set()
 
         self.streamer.on_offload_lane(persist)
+
+    def keep_method_state(self, engine, record: dict | None = None) -> None:
+        """Disk tier, method family: commit `engine`'s resident state and per-run scalars with every
+        step. A reopened store gives them back from its committed step, and `record` (the seed log's
+        record of that step) the update it owes."""
+        if self.store.tier != "disk":
+            return  # host memory: nothing outlives the process
+        self._engine = engine
+        if self.store.committed < 0:
+            return
+        a = self.adapter
+        for b in (a.bucket_in, a.bucket_out):
+            slot = self.store.read_resident(b.key)  # the committed [master | state...]
+            for j, (name, _) in enumerate(engine.method.state):
+                engine.state[b.key][name].copy_(slot[b.numel * (1 + j) : b.numel * (2 + j)])
+        engine.resume(self.store.manifest["run_state"], record)
 
     def close(self) -> None:
         self.streamer.drain()

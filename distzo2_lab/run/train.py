@@ -34,7 +34,7 @@ from distzo2_lab.models import BlockAdapter, adapter_for, build_model
 from distzo2_lab.models.lora import is_peft, save_adapters, wrap_peft
 from distzo2_lab.models.presets import is_local_dir
 from distzo2_lab.observe.events import Recorder, overlap_metrics, write_trace
-from distzo2_lab.offload.tiers import Offload
+from distzo2_lab.offload.tiers import Offload, method_of
 from distzo2_lab.parallel.stop import Stop, launched, sigint_requests_stop
 from distzo2_lab.run.checkpoint import (
     SeedLog,
@@ -263,7 +263,7 @@ class Run:
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
                                    self.slicer, node_share() if distributed else None, cfg.precision.master,
                                    cfg.zo.freeze, METHODS[cfg.zo.optimizer].state if is_family(cfg.zo) else (),
-                                   self._base_dtype())
+                                   self._base_dtype(), method=method_of(cfg.zo))
             self.adapter = self.offload.adapter
             cfg = self._hold_frozen()
             extra.update(self.offload.engine_options())
@@ -276,6 +276,8 @@ class Run:
         self.engine = build_engine(cfg, self.adapter, self.recorder, **extra)
         if resume is not None and is_family(cfg.zo):  # the optimiser state and schedules beside the weights
             self.engine.load_state_dict(load_method_state(resume))
+        if self.offload is not None and is_family(cfg.zo):  # a disk store commits them with every step
+            self.offload.keep_method_state(self.engine, self.log.records[-1] if self.start else None)
         if self.start >= cfg.steps:
             raise ConfigError(f"steps={cfg.steps} is not beyond the step {self.start} already trained")
 
@@ -336,8 +338,9 @@ class Run:
             _check_resume(self.cfg.offload.store, self.cfg, self.log)
             self.log.records = [r for r in self.log.records if r["step"] <= committed]  # drop uncommitted
             r = self.log.records[-1]
-            pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"],
-                                    tuple(map(tuple, r.get("terms", ()))))  # n-SPSA: every direction
+            if not is_family(self.cfg.zo):  # the family's comes with its run state (Offload.keep_method_state)
+                pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"],
+                                        tuple(map(tuple, r.get("terms", ()))))  # n-SPSA: every direction
             self.start = committed + 1
             self.notes.append(resume_note(self.cfg.offload.store, self.start, self.cfg, self.log))
         if self.offload.node is None or self.offload.node.leader:  # one writer of the store's log

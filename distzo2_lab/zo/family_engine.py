@@ -127,7 +127,7 @@ class FamilyResident(ResidentSet):
 
 
 class FamilyEngine(ZO2Engine):
-    """The block engine stepping zo.optimizer / zo.perturbation / zo.estimator; resident or host tier, one rank."""
+    """The block engine stepping zo.optimizer / .perturbation / .estimator; resident, host or disk tier, one rank."""
 
     def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, **options):
@@ -140,7 +140,7 @@ class FamilyEngine(ZO2Engine):
         if options.get("trim_buffers"):
             unsupported.append("trim_buffers")
         if unsupported:
-            raise ConfigError(f"the method family's block engine runs on one rank, resident or host tier; "
+            raise ConfigError(f"the method family's block engine runs on one rank, not lean; "
                               f"{', '.join(unsupported)} are not supported (choose zo.optimizer='sgd', "
                               "zo.perturbation='dense', zo.estimator='two-point' for them)")
         options.pop("resident", None)  # None here: the family keeps its own resident buckets
@@ -347,6 +347,9 @@ class FamilyEngine(ZO2Engine):
                 "pending": None if self.pending is None else self.pending.to_dict()}
 
     def load_state_dict(self, sd: dict) -> None:
+        if self._stored() and self.streamer.store.tier == "disk":  # a write would start a slot of a new step
+            raise ValueError("a disk store resumes from its committed step (Offload.keep_method_state), not from "
+                             "a state_dict")
         stored = {b.key: (i, b) for i, b in self._stored()}
         if stored:
             self.streamer.drain()
@@ -361,3 +364,20 @@ class FamilyEngine(ZO2Engine):
         self.v_seed, self.updates, self.step_count = sd["v_seed"], sd["updates"], sd["step"]
         p = sd.get("pending")
         self.pending = None if p is None else FamilyUpdate(**{**p, "terms": tuple(map(tuple, p["terms"]))})
+
+    def run_state(self) -> dict:
+        """What a disk store commits with each step beside its slots (JSON): the update count (Adam's
+        t), the lowrank:R V seed and the sparse:F thresholds; the state tensors are in the slots."""
+        return {"updates": self.updates, "v_seed": self.v_seed,
+                "thresholds": {k: t.tolist() for k, t in self.thresholds.items()}}
+
+    def resume(self, run_state: dict, record: dict) -> None:
+        """Continue from a disk store's committed step: its run_state(), and the update it owes from the
+        seed log's record of that step (each direction's (seed, g), lr, the method scalars it logged)."""
+        self.updates, self.v_seed = run_state["updates"], run_state["v_seed"]
+        self.thresholds = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                           for k, v in run_state["thresholds"].items()}
+        m, seed = record["method"], record["seed"]
+        terms = tuple(map(tuple, record.get("terms", ()))) or ((direction_seed(seed, 0), record["grad"]),)
+        self.pending = FamilyUpdate(record["step"], seed, record["grad"], record["lr"], terms, m["t"],
+                                    m.get("accept", True), m.get("curvature", 0.0), self.v_seed)
