@@ -178,14 +178,6 @@ def test_distributed_options_are_refused_by_the_family_engine():
         FamilyEngine(_adapter(), ZOConfig(optimizer="adam"), signs=(True, False), exchange=lambda *a: a[0])
 
 
-def test_distributed_layout_is_refused_for_the_family_by_name():
-    from distzo2_lab.parallel.layout import Layout
-    from distzo2_lab.run.train import Run
-    cfg = TrainConfig(steps=1, batch_size=2, seq_len=8, threads=1, zo=ZOConfig(optimizer="adam"))
-    with pytest.raises(ConfigError, match=r"distributed layout \(world size 2\) with zo.optimizer='adam'.*choose a"):
-        Run(cfg, layout=Layout(dp=2), rank=0)
-
-
 LEARNS = {"adam": ["--lr", "5e-3"], "conservative": []}  # the other optimisers: tests/test_methods.py (eager)
 
 

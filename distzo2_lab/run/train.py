@@ -220,11 +220,16 @@ class Run:
         if distributed and (cfg.engine != "zo2" or resume is not None):
             raise ConfigError("a distributed layout runs engine='zo2' and resumes from its disk store "
                               "(offload.store), not from resume=")
-        if distributed and is_family(cfg.zo):
-            raise ConfigError(f"a distributed layout (world size {layout.world_size}) with zo.optimizer="
-                              f"{cfg.zo.optimizer!r}, zo.perturbation={cfg.zo.perturbation!r}, zo.estimator="
-                              f"{cfg.zo.estimator!r}: the method family runs on one rank; choose a layout of one "
-                              f"rank or the defaults sgd, {cfg.zo.noise}, two-point")
+        if distributed and is_family(cfg.zo) and layout.slice:
+            raise ConfigError(f"layout slice=True with zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation="
+                              f"{cfg.zo.perturbation!r}, zo.estimator={cfg.zo.estimator!r}: the slicer's shards "
+                              f"hold masters only, not the method's state; choose slice=False or the defaults sgd, "
+                              f"{cfg.zo.noise}, two-point")
+        if distributed and is_family(cfg.zo) and cfg.offload.tier == "disk":
+            raise ConfigError(f"offload.tier='disk' with a layout of {layout.world_size} ranks and zo.optimizer="
+                              f"{cfg.zo.optimizer!r}: the node's ranks share one disk store whose slots hold "
+                              "ZO-SGD's masters; choose offload.tier='host' or 'resident' (each rank streams its own "
+                              f"master and state), or the defaults sgd, {cfg.zo.noise}, two-point")
         if distributed and groups is None:
             from distzo2_lab.parallel.groups import ParallelGroups
 
@@ -240,6 +245,8 @@ class Run:
 
             self.exchange = LossExchange(groups.pert, groups.dp, recorder=self.recorder, device=comm_device(cfg.device))
             extra = {"signs": groups.signs, "exchange": self.exchange, "directions": groups.directions}
+            if is_family(cfg.zo):  # the family deals its passes out over the pert group itself
+                extra = {"exchange": self.exchange, "pert": (layout.coords(rank)[1], layout.pert)}
         if cfg.engine == "zo2":
             extra["micro_batches"] = cfg.micro_batches
         if layout is not None and layout.slice:
@@ -260,8 +267,10 @@ class Run:
             if resume is not None:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
                                   "its offload.store directory")
+            # the method family's ranks each stream their own master and state (no node's shared store)
+            shared = node_share() if distributed and not is_family(cfg.zo) else None
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
-                                   self.slicer, node_share() if distributed else None, cfg.precision.master,
+                                   self.slicer, shared, cfg.precision.master,
                                    cfg.zo.freeze, METHODS[cfg.zo.optimizer].state if is_family(cfg.zo) else (),
                                    self._base_dtype(), method=method_of(cfg.zo))
             self.adapter = self.offload.adapter
@@ -306,6 +315,8 @@ class Run:
         whose blocks fit one chunk draws everything alone."""
         cfg = self.cfg
         width = max(b.numel for b in self.adapter.blocks)
+        if is_family(cfg.zo):  # each rank updates its own master and state; the passes are split instead
+            return {}
         if not (self.layout.share_noise and cfg.device == "cpu" and width > share_grain()):
             return {}
         from distzo2_lab.models.buckets import DTYPES

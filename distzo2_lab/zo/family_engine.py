@@ -130,10 +130,14 @@ class FamilyEngine(ZO2Engine):
     """The block engine stepping zo.optimizer / .perturbation / .estimator; resident, host or disk tier, one rank."""
 
     def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
-                 precision: PrecisionConfig = PrecisionConfig(), threads: int = 1, **options):
-        """`options`: ZO2Engine's streamer, recorder, micro_batches, start_step. The family runs on one
-        rank: no slicer, exchange, node shares, lean keeper nor pending MeZO update."""
-        unsupported = [k for k in ("slicer", "exchange", "noise_share", "copy_share", "resident", "directions",
+                 precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
+                 pert: tuple[int, int] = (0, 1), **options):
+        """`options`: ZO2Engine's streamer, recorder, micro_batches, start_step, exchange. Under a
+        layout, `pert` = (this rank's index in its pert group, the group's size): the step's passes
+        are dealt out round-robin over the group (see `passes`) and `exchange` (parallel.exchange.
+        LossExchange) gives every rank every pass's loss, combined over the pert and dp groups. No
+        slicer, node shares, lean keeper nor pending MeZO update."""
+        unsupported = [k for k in ("slicer", "noise_share", "copy_share", "master_share", "resident", "directions",
                                    "pending", "perturber") if options.get(k) is not None]
         if options.get("signs", (True, True)) != (True, True):
             unsupported.append("signs")
@@ -145,6 +149,11 @@ class FamilyEngine(ZO2Engine):
                               "zo.perturbation='dense', zo.estimator='two-point' for them)")
         options.pop("resident", None)  # None here: the family keeps its own resident buckets
         super().__init__(adapter, zo, precision, threads, resident=FamilyResident, **options)
+        self.pert_index, self.pert_size = pert
+        if not 0 <= self.pert_index < self.pert_size:
+            raise ValueError(f"pert={pert}: the rank's index must lie in [0, group size)")
+        if self.pert_size > 1 and self.exchange is None:
+            raise ValueError("a rank that runs only some of the passes needs exchange= to combine the losses")
         self.method = METHODS[zo.optimizer]
         self.kind, self.arg = parse_perturbation(zo.perturbation)
         if self.kind == "dense":
@@ -222,14 +231,28 @@ class FamilyEngine(ZO2Engine):
         b.bind(out[: b.numel].copy_(trial))
 
     # -- the passes ----------------------------------------------------------------------------
-    def each_pass(self, buckets: list[ParamBucket], outs: list[torch.Tensor], fn) -> None:
-        """fn(pass) for every pass of the step with `buckets` bound to what it reads: 'l0' theta_t, (j, scale)
-        the copy theta_t + scale p_j made in `outs` (p_j made once for both signs)."""
+    def passes(self) -> list:
+        """The step's passes in order: 'l0' (theta_t; one-sided, hizoo, conservative), then (j, +eps)
+        and, two-point, (j, -eps) for each direction j. Under PertP pass k is run by the pert group's
+        rank k mod size (with one direction and two signs: +eps on the first rank, -eps on the second,
+        as the plain engine splits them); ZO-SGD-Cons's trial by rank len(passes) mod size."""
         eps = self.zo.eps
-        if self._need_l0:
-            fn("l0")
         scales = (eps,) if self.zo.estimator == "one-sided" else (eps, -eps)
+        return (["l0"] if self._need_l0 else []) + [(j, s) for j in range(self.zo.directions) for s in scales]
+
+    def _mine(self, k: int) -> bool:
+        return k % self.pert_size == self.pert_index
+
+    def each_pass(self, buckets: list[ParamBucket], outs: list[torch.Tensor], fn) -> None:
+        """fn(pass) for every pass of the step this rank runs, with `buckets` bound to what it reads:
+        'l0' theta_t, (j, scale) the copy theta_t + scale p_j made in `outs` (p_j made once for both signs)."""
+        mine = [key for k, key in enumerate(self.passes()) if self._mine(k)]
+        if "l0" in mine:
+            fn("l0")
         for j, s in enumerate(self._seeds):
+            scales = [key[1] for key in mine if key != "l0" and key[0] == j]
+            if not scales:
+                continue
             ps = [self._direction(b, s) for b in buckets]
             for scale in scales:
                 for b, out, p in zip(buckets, outs, ps):
@@ -237,6 +260,15 @@ class FamilyEngine(ZO2Engine):
                 fn((j, scale))
             for b in buckets:
                 b.bind(b.working)
+
+    def _exchange(self, values: list, tokens: int) -> list[float]:
+        """Every pass's loss on every rank: this rank's values (None where another rank ran the pass),
+        combined over the pert and dp groups (one row a pass: PertP keeps the one value, DDP takes the
+        token-weighted mean). Without an exchange (one rank) the values as they are."""
+        if self.exchange is None:
+            return values
+        with self.span("exchange"):
+            return [lp for lp, _ in self.exchange([(v, v) for v in values], tokens, self.step_count)]
 
     @property
     def _need_l0(self) -> bool:
@@ -301,6 +333,8 @@ class FamilyEngine(ZO2Engine):
         with compute_context(self.precision.compute, self.device):
             got = self._losses(micro, labels, counts)
         self._refresh_due = False
+        keys = self.passes()
+        got = dict(zip(keys, self._exchange([got.get(k) for k in keys], sum(counts))))
         l0, seeds = got.get("l0"), self._seeds
         plus = [got[j, eps] for j in range(q)]
         if self.zo.estimator == "one-sided":
@@ -317,8 +351,11 @@ class FamilyEngine(ZO2Engine):
         if self.method.name == "hizoo":
             self.last["curvature"] = u.curvature
         if self.method.name == "conservative":  # try the candidate out of place on the same batch
-            with compute_context(self.precision.compute, self.device):
-                loss_trial = self._trial(micro, labels, counts, u)
+            loss_trial = None
+            if self._mine(len(keys)):
+                with compute_context(self.precision.compute, self.device):
+                    loss_trial = self._trial(micro, labels, counts, u)
+            loss_trial = self._exchange([loss_trial], sum(counts))[0]
             u = replace(u, accept=loss_trial <= l0)
             self.last.update(trial=loss_trial, accept=u.accept)
         self.pending = u

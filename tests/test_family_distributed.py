@@ -1,0 +1,80 @@
+"""The method family under DistZO2 layouts, through the project's launcher (real gloo groups on CPU).
+
+PertP deals the step's passes out over the pert group (FamilyEngine.passes), each loss is computed
+by one rank and the exchange hands every rank every loss, so PertP(2) equals one rank bit for bit;
+DDP averages the ranks' losses by tokens, equal to the single rank up to the order of float sums.
+"""
+import dataclasses
+
+import pytest
+
+from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig
+from distzo2_lab.parallel.launch import launch
+from distzo2_lab.parallel.layout import Layout
+from distzo2_lab.run.checkpoint import digest
+from distzo2_lab.run.train import Run, rebuild, train
+from distzo2_lab.run.worker import train_worker
+
+BASE = TrainConfig(model="tiny", steps=4, batch_size=4, seq_len=12, threads=1)
+PERTP = {  # one of each optimiser, every perturbation and both estimators among them
+    "adam": ZOConfig(optimizer="adam", lr=1e-3, weight_decay=0.05),
+    "hizoo-sparse": ZOConfig(optimizer="hizoo", perturbation="sparse:0.5", sparse_refresh=2, lr=1e-3),
+    "conservative": ZOConfig(optimizer="conservative", lr=1e-3),
+    "sgd-one-sided": ZOConfig(estimator="one-sided", directions=3, lr=1e-6),
+    "momentum-lowrank": ZOConfig(optimizer="momentum", perturbation="lowrank:2", lowrank_interval=2, lr=1e-3),
+    "sign-rademacher": ZOConfig(optimizer="sign", noise="rademacher", lr=1e-4),
+}
+
+
+def run_layout(layout: Layout, cfg: TrainConfig, out=None) -> dict:
+    return launch(train_worker, layout.world_size, args=(cfg, layout, out), timeout=240).wait()
+
+
+@pytest.mark.parametrize("name", sorted(PERTP))
+def test_pertp_deals_out_the_passes_and_equals_one_rank_bit_for_bit(name):
+    cfg = dataclasses.replace(BASE, zo=PERTP[name])
+    single = train(cfg, progress=False)
+    results = run_layout(Layout(dp=1, pert=2), cfg)
+    assert {r["digest"] for r in results.values()} == {single["digest"]}  # weights on every rank
+    assert results[0]["steps"] == results[1]["steps"] == single["steps"]  # losses, g, every method scalar
+    zo = cfg.zo
+    l0 = zo.estimator == "one-sided" or zo.optimizer in ("hizoo", "conservative")
+    losses = l0 + zo.directions * (1 if zo.estimator == "one-sided" else 2) + (zo.optimizer == "conservative")
+    assert results[0]["exchange_bytes"] == 32 * losses  # one row of four float64 a loss, nothing else
+
+
+def test_pertp_on_the_host_tier_equals_one_rank():
+    cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="host"))
+    single = train(dataclasses.replace(cfg, offload=OffloadConfig()), progress=False)
+    results = run_layout(Layout(dp=1, pert=2), cfg)
+    assert {r["digest"] for r in results.values()} == {single["digest"]}
+    assert results[0]["steps"] == single["steps"]
+
+
+@pytest.mark.parametrize("name", ["adam", "conservative"])
+def test_ddp_and_2d_match_one_rank_within_float_order(name):
+    cfg = dataclasses.replace(BASE, zo=PERTP[name])
+    single = train(cfg, progress=False)
+    ddp, two_d = run_layout(Layout(dp=2, pert=1), cfg), run_layout(Layout(dp=2, pert=2), cfg)
+    for results in (ddp, two_d):
+        assert len({r["digest"] for r in results.values()}) == 1  # identical weights on every rank
+    # the pert pairs split the passes and change no arithmetic: 2D equals DDP bit for bit
+    assert two_d[0]["steps"] == ddp[0]["steps"] and two_d[0]["digest"] == ddp[0]["digest"]
+    # DDP: a token-weighted mean of two half-batch means against one full-batch mean (the
+    # tolerance of tests/test_distributed.py's plain-MeZO check)
+    for mine, ref in zip(ddp[0]["steps"], single["steps"]):
+        assert mine["loss_plus"] == pytest.approx(ref["loss_plus"], rel=1e-5)
+        assert mine["loss_minus"] == pytest.approx(ref["loss_minus"], rel=1e-5)
+        assert mine["projected_grad"] == pytest.approx(ref["projected_grad"], abs=5e-3)
+
+
+def test_a_pertp_family_run_rebuilds_from_its_seed_log(tmp_path):
+    cfg = dataclasses.replace(BASE, zo=PERTP["hizoo-sparse"])
+    results = run_layout(Layout(dp=1, pert=2), cfg, out=str(tmp_path / "out"))
+    assert digest(rebuild(str(tmp_path / "out" / "seedlog.jsonl"))) == results[0]["digest"]
+
+
+def test_slicing_is_refused_for_the_family_by_name():
+    cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="host"))
+    with pytest.raises(ConfigError, match=r"layout slice=True with zo.optimizer='adam'.*choose slice=False"):
+        Run(cfg, layout=Layout(dp=1, pert=2, slice=True), rank=0)
