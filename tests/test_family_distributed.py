@@ -78,3 +78,9 @@ def test_slicing_is_refused_for_the_family_by_name():
     cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="host"))
     with pytest.raises(ConfigError, match=r"layout slice=True with zo.optimizer='adam'.*choose slice=False"):
         Run(cfg, layout=Layout(dp=1, pert=2, slice=True), rank=0)
+
+
+def test_a_disk_store_shared_by_a_layout_is_refused_for_the_family_by_name(tmp_path):
+    cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="disk", store=str(tmp_path / "s")))
+    with pytest.raises(ConfigError, match=r"offload.tier='disk' with a layout of 2 ranks and zo.optimizer='adam'"):
+        Run(cfg, layout=Layout(dp=2, pert=1), rank=0)

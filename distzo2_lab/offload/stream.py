@@ -62,6 +62,7 @@ class Streamer:
         self._sweep_end = None if spare else 0  # lean: the lane uploads no visit at or past this one
         self.in_use = self.peak_in_use = 0  # working buffers out of the pool (checked by tests)
         self.bytes_up = self.bytes_down = 0  # bytes the blocks moved each way (uploads, write-backs)
+        self._up_by_sweep: dict[int, int] = {}  # sweep index -> bytes its visits' uploads moved
         if self.cuda:
             self.up_stream, self.off_stream = torch.cuda.Stream(), torch.cuda.Stream()
             # disk -> pinned staging -> device; a store with a compute-dtype base stages its own reads
@@ -140,6 +141,7 @@ class Streamer:
             return False
         view, start, nbytes = self._part(buf, i)
         self.bytes_up += nbytes
+        self._up_by_sweep[v // self.n] = self._up_by_sweep.get(v // self.n, 0) + nbytes
         t0 = time.perf_counter_ns()
         event = None
         # a visit uploaded before its sweep was announced is a prefetch for the next step
@@ -217,6 +219,11 @@ class Streamer:
         """The last visit the upload lane may serve now."""
         last = self._requested + self.depth
         return last if self._sweep_end is None else min(last, self._sweep_end - 1)
+
+    def bytes_up_of_announced_sweeps(self) -> int:
+        """Upload bytes of the sweeps begun so far: a prefetch into a sweep no step has begun (the
+        lane running ahead of the last step) is not counted until that sweep begins."""
+        return sum(n for sweep, n in list(self._up_by_sweep.items()) if sweep in self._sweep_steps)
 
     def begin_sweep(self, first_visit: int, step: int) -> None:
         """Label the sweep starting at visit `first_visit` with `step` (span labels); a lean

@@ -470,7 +470,7 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
     records, tokens = [], 0
     t0 = time.perf_counter()
     streamer = run.offload.streamer if run.offload is not None else None
-    moved0 = (streamer.bytes_up, streamer.bytes_down) if streamer is not None else None
+    moved0 = (streamer.bytes_up_of_announced_sweeps(), streamer.bytes_down) if streamer is not None else None
     for t in tqdm(range(run.start, cfg.steps), disable=not progress or run.rank != 0,
                   desc=f"{cfg.engine} {cfg.model}",
                   initial=run.start, total=cfg.steps):
@@ -519,7 +519,7 @@ def _bytes_moved(run: Run, steps: int, before: tuple[int, int]) -> dict:
     steps (evaluations and the final flush left out), per step: each way, and per parameter of the
     model (the figure the host tier's schemes are compared by)."""
     s, params = run.offload.streamer, sum(b.numel for b in run.adapter.buckets)
-    up, down = s.bytes_up - before[0], s.bytes_down - before[1]
+    up, down = s.bytes_up_of_announced_sweeps() - before[0], s.bytes_down - before[1]  # not the next prefetch
     steps = max(1, steps)
     return {"bytes_up_per_step": up / steps, "bytes_down_per_step": down / steps,
             "bytes_per_param_per_step": (up + down) / steps / params}

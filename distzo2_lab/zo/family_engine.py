@@ -127,7 +127,8 @@ class FamilyResident(ResidentSet):
 
 
 class FamilyEngine(ZO2Engine):
-    """The block engine stepping zo.optimizer / .perturbation / .estimator; resident, host or disk tier, one rank."""
+    """The block engine stepping zo.optimizer / .perturbation / .estimator; resident, host or disk tier; one
+    rank or a layout's (the passes dealt out over the pert group, the losses exchanged)."""
 
     def __init__(self, adapter: BlockAdapter, zo: ZOConfig = ZOConfig(),
                  precision: PrecisionConfig = PrecisionConfig(), threads: int = 1,
@@ -144,7 +145,7 @@ class FamilyEngine(ZO2Engine):
         if options.get("trim_buffers"):
             unsupported.append("trim_buffers")
         if unsupported:
-            raise ConfigError(f"the method family's block engine runs on one rank, not lean; "
+            raise ConfigError(f"the method family's block engine keeps its own master and state, not lean; "
                               f"{', '.join(unsupported)} are not supported (choose zo.optimizer='sgd', "
                               "zo.perturbation='dense', zo.estimator='two-point' for them)")
         options.pop("resident", None)  # None here: the family keeps its own resident buckets
