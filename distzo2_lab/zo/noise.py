@@ -125,21 +125,14 @@ def ln_uniform(a):
 
 
 def cos_turn(b):
-    """cos(2 pi b / 2**24) for int32 b in [0, 2**24): quadrant q from the top bits, then cos or sin
-    of (pi/2) f, f = b / 2**22 - q in [-1/2, 1/2), by polynomials."""
-    t = (b + (1 << 21)) & 0xFFFFFF
-    q = t >> 22
-    f = ((t & 0x3FFFFF) - (1 << 21)).to(torch.float32) * TWO_M22  # exact
-    f2 = f * f
-    c = (((f2 * COS_C[4] + COS_C[3]) * f2 + COS_C[2]) * f2 + COS_C[1]) * f2 + COS_C[0]
-    s = ((((f2 * SIN_C[4] + SIN_C[3]) * f2 + SIN_C[2]) * f2 + SIN_C[1]) * f2 + SIN_C[0]) * f
-    v = torch.where((q & 1) == 1, s, c)
-    return torch.where((((q + 1) >> 1) & 1) == 1, -v, v)
+    """cos(2 pi b / 2**24) for int32 b in [0, 2**24) (see cos_sin_turn)."""
+    return cos_sin_turn(b)[0]
 
 
 def cos_sin_turn(b):
-    """(cos, sin) of 2 pi b / 2**24 for int32 b in [0, 2**24): one pair of polynomials for both;
-    the sin has the bits of cos_turn((b - 2**22) mod 2**24)."""
+    """(cos, sin) of 2 pi b / 2**24 for int32 b in [0, 2**24): quadrant q from the top bits, then cos
+    and sin of (pi/2) f, f = b / 2**22 - q in [-1/2, 1/2), by one pair of polynomials for both; the
+    sin has the bits of the cos of (b - 2**22) mod 2**24."""
     t = (b + (1 << 21)) & 0xFFFFFF
     q = t >> 22
     f = ((t & 0x3FFFFF) - (1 << 21)).to(torch.float32) * TWO_M22  # exact

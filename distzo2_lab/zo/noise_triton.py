@@ -76,14 +76,7 @@ if triton is not None:
 
     @triton.jit
     def _cos_turn(b):  # b: int32 in [0, 2**24)
-        t = (b + (1 << 21)) & 0xFFFFFF
-        q = t >> 22
-        f = ((t & 0x3FFFFF) - (1 << 21)).to(tl.float32) * _TWO_M22
-        f2 = f * f
-        c = (((f2 * _C4 + _C3) * f2 + _C2) * f2 + _C1) * f2 + _C0
-        s = ((((f2 * _S4 + _S3) * f2 + _S2) * f2 + _S1) * f2 + _S0) * f
-        v = tl.where((q & 1) == 1, s, c)
-        return tl.where((((q + 1) >> 1) & 1) == 1, -v, v)
+        return _cos_sin_turn(b)[0]
 
     @triton.jit
     def _noise(idx, k0, k1, k2, GAUSS: tl.constexpr):  # idx uint32; k* int32 (the words' bits)
