@@ -12,6 +12,7 @@ from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig
 from distzo2_lab.parallel.launch import launch
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.run.checkpoint import digest
+from distzo2_lab.run.preflight import check_layout
 from distzo2_lab.run.train import Run, rebuild, train
 from distzo2_lab.run.worker import train_worker
 
@@ -76,5 +77,8 @@ def test_a_pertp_family_run_rebuilds_from_its_seed_log(tmp_path):
 
 def test_slicing_is_refused_for_the_family_by_name():
     cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="host"))
-    with pytest.raises(ConfigError, match=r"layout slice=True with zo.optimizer='adam'.*choose slice=False"):
-        Run(cfg, layout=Layout(dp=1, pert=2, slice=True), rank=0)
+    layout = Layout(dp=1, pert=2, slice=True)
+    # before any process starts (the CLI's preflight) and in the rank's Run
+    for check in (lambda: check_layout(cfg, layout), lambda: Run(cfg, layout=layout, rank=0)):
+        with pytest.raises(ConfigError, match=r"layout slice=True with zo.optimizer='adam'.*choose slice=False"):
+            check()

@@ -48,6 +48,7 @@ from distzo2_lab.run.checkpoint import (
     save_method_state,
 )
 from distzo2_lab.run.outputs import check_writable, write_json
+from distzo2_lab.run.preflight import family_layout_refusal
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.family_engine import FamilyEngine
@@ -220,16 +221,8 @@ class Run:
         if distributed and (cfg.engine != "zo2" or resume is not None):
             raise ConfigError("a distributed layout runs engine='zo2' and resumes from its disk store "
                               "(offload.store), not from resume=")
-        if distributed and is_family(cfg.zo) and layout.slice:
-            raise ConfigError(f"layout slice=True with zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation="
-                              f"{cfg.zo.perturbation!r}, zo.estimator={cfg.zo.estimator!r}: the slicer's shards "
-                              f"hold masters only, not the method's state; choose slice=False or the defaults sgd, "
-                              f"{cfg.zo.noise}, two-point")
-        if distributed and is_family(cfg.zo) and cfg.offload.tier == "disk":
-            raise ConfigError(f"offload.tier='disk' with a layout of {layout.world_size} ranks and zo.optimizer="
-                              f"{cfg.zo.optimizer!r}: the node's ranks share one disk store whose slots hold "
-                              "ZO-SGD's masters; choose offload.tier='host' or 'resident' (each rank streams its own "
-                              f"master and state), or the defaults sgd, {cfg.zo.noise}, two-point")
+        if distributed and family_layout_refusal(cfg, layout):
+            raise ConfigError(family_layout_refusal(cfg, layout))
         if distributed and groups is None:
             from distzo2_lab.parallel.groups import ParallelGroups
 
