@@ -37,6 +37,7 @@ def test_pertp_deals_out_the_passes_and_equals_one_rank_bit_for_bit(name):
     single = train(cfg, progress=False)
     results = run_layout(Layout(dp=1, pert=2), cfg)
     assert {r["digest"] for r in results.values()} == {single["digest"]}  # weights on every rank
+    assert {r["state_digest"] for r in results.values()} == {single["state_digest"]}  # optimiser state too
     assert results[0]["steps"] == results[1]["steps"] == single["steps"]  # losses, g, every method scalar
     zo = cfg.zo
     l0 = zo.estimator == "one-sided" or zo.optimizer in ("hizoo", "conservative")

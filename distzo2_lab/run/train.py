@@ -204,6 +204,22 @@ def resume_note(path: str, step: int, cfg: TrainConfig, log: SeedLog, old: dict 
     return f"resuming {path} at step {step}" + (f" ({'; '.join(changed)})" if changed else "")
 
 
+def state_digest(sd: dict) -> str:
+    """sha256 of a FamilyEngine's optimiser state (every bucket's tensors, by name) and its schedules."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(sd["state"]):
+        for name in sorted(sd["state"][key]):
+            h.update(f"{key}.{name}".encode())
+            h.update(sd["state"][key][name].detach().float().cpu().contiguous().numpy().tobytes())
+    for key in sorted(sd["thresholds"]):
+        h.update(key.encode())
+        h.update(sd["thresholds"][key].detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(repr((sd["v_seed"], sd["updates"], sd["step"], sd["pending"])).encode())
+    return h.hexdigest()
+
+
 class Run:
     """Everything one rank's training holds: adapter, engine, seed log, and the offload tier."""
 
@@ -496,6 +512,7 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
         "eval_loss_start": eval_start,
         "eval_loss_end": engine.evaluate(eval_batch),
         "digest": run.digest(),
+        **({"state_digest": state_digest(engine.state_dict())} if isinstance(engine, FamilyEngine) else {}),
         "peak_rss_mb": peak_rss_mb(),
         "memory": memory_report(run),
         **(moved or {}),
