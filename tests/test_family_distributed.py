@@ -45,6 +45,15 @@ def test_pertp_deals_out_the_passes_and_equals_one_rank_bit_for_bit(name):
     assert results[0]["exchange_bytes"] == 32 * losses  # one row of four float64 a loss, nothing else
 
 
+def test_pertp_over_four_ranks_deals_out_l0_and_the_directions_bit_for_bit():
+    cfg = dataclasses.replace(BASE, steps=2, zo=ZOConfig(optimizer="conservative", estimator="one-sided",
+                                                         directions=2, lr=1e-3))
+    single = train(cfg, progress=False)
+    results = run_layout(Layout(dp=1, pert=4), cfg)  # l0, (0,+), (1,+) on ranks 0-2; the trial on rank 3
+    assert {(r["digest"], r["state_digest"]) for r in results.values()} == {(single["digest"], single["state_digest"])}
+    assert results[0]["steps"] == results[3]["steps"] == single["steps"]
+
+
 def test_pertp_on_the_host_tier_equals_one_rank():
     cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="host"))
     single = train(dataclasses.replace(cfg, offload=OffloadConfig()), progress=False)
