@@ -12,6 +12,7 @@ from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig
 from distzo2_lab.parallel.launch import launch
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.run.checkpoint import digest
+from distzo2_lab.run.preflight import check_layout
 from distzo2_lab.run.train import Run, rebuild, train
 from distzo2_lab.run.worker import train_worker
 
@@ -30,17 +31,28 @@ def run_layout(layout: Layout, cfg: TrainConfig, out=None) -> dict:
     return launch(train_worker, layout.world_size, args=(cfg, layout, out), timeout=240).wait()
 
 
-@pytest.mark.parametrize("name", sorted(PERTP))
+# adam: the host-tier test below; conservative: the four-rank test (its trial on a rank of its own)
+@pytest.mark.parametrize("name", ["hizoo-sparse", "momentum-lowrank", "sgd-one-sided", "sign-rademacher"])
 def test_pertp_deals_out_the_passes_and_equals_one_rank_bit_for_bit(name):
     cfg = dataclasses.replace(BASE, zo=PERTP[name])
     single = train(cfg, progress=False)
     results = run_layout(Layout(dp=1, pert=2), cfg)
     assert {r["digest"] for r in results.values()} == {single["digest"]}  # weights on every rank
+    assert {r["state_digest"] for r in results.values()} == {single["state_digest"]}  # optimiser state too
     assert results[0]["steps"] == results[1]["steps"] == single["steps"]  # losses, g, every method scalar
     zo = cfg.zo
     l0 = zo.estimator == "one-sided" or zo.optimizer in ("hizoo", "conservative")
     losses = l0 + zo.directions * (1 if zo.estimator == "one-sided" else 2) + (zo.optimizer == "conservative")
     assert results[0]["exchange_bytes"] == 32 * losses  # one row of four float64 a loss, nothing else
+
+
+def test_pertp_over_four_ranks_deals_out_l0_and_the_directions_bit_for_bit():
+    cfg = dataclasses.replace(BASE, steps=2, zo=ZOConfig(optimizer="conservative", estimator="one-sided",
+                                                         directions=2, lr=1e-3))
+    single = train(cfg, progress=False)
+    results = run_layout(Layout(dp=1, pert=4), cfg)  # l0, (0,+), (1,+) on ranks 0-2; the trial on rank 3
+    assert {(r["digest"], r["state_digest"]) for r in results.values()} == {(single["digest"], single["state_digest"])}
+    assert results[0]["steps"] == results[3]["steps"] == single["steps"]
 
 
 def test_pertp_on_the_host_tier_equals_one_rank():
@@ -51,7 +63,7 @@ def test_pertp_on_the_host_tier_equals_one_rank():
     assert results[0]["steps"] == single["steps"]
 
 
-@pytest.mark.parametrize("name", ["adam", "conservative"])
+@pytest.mark.parametrize("name", ["conservative"])  # l0, both signs and the trial loss averaged by tokens
 def test_ddp_and_2d_match_one_rank_within_float_order(name):
     cfg = dataclasses.replace(BASE, zo=PERTP[name])
     single = train(cfg, progress=False)
@@ -76,11 +88,16 @@ def test_a_pertp_family_run_rebuilds_from_its_seed_log(tmp_path):
 
 def test_slicing_is_refused_for_the_family_by_name():
     cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="host"))
-    with pytest.raises(ConfigError, match=r"layout slice=True with zo.optimizer='adam'.*choose slice=False"):
-        Run(cfg, layout=Layout(dp=1, pert=2, slice=True), rank=0)
+    layout = Layout(dp=1, pert=2, slice=True)
+    # before any process starts (the CLI's preflight) and in the rank's Run
+    for check in (lambda: check_layout(cfg, layout), lambda: Run(cfg, layout=layout, rank=0)):
+        with pytest.raises(ConfigError, match=r"layout slice=True with zo.optimizer='adam'.*choose slice=False"):
+            check()
 
 
 def test_a_disk_store_shared_by_a_layout_is_refused_for_the_family_by_name(tmp_path):
     cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="disk", store=str(tmp_path / "s")))
-    with pytest.raises(ConfigError, match=r"offload.tier='disk' with a layout of 2 ranks and zo.optimizer='adam'"):
-        Run(cfg, layout=Layout(dp=2, pert=1), rank=0)
+    layout = Layout(dp=2, pert=1)
+    for check in (lambda: check_layout(cfg, layout), lambda: Run(cfg, layout=layout, rank=0)):
+        with pytest.raises(ConfigError, match=r"offload.tier='disk' with a layout of 2 ranks and zo.optimizer='adam'"):
+            check()

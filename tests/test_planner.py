@@ -245,6 +245,19 @@ def test_simulator_counts_each_method_extra_forwards(capsys):
     assert one_sided < four  # 5 forwards against n-SPSA's 8
 
 
+def test_simulator_plans_the_family_on_pertp(capsys):
+    def step_s(pert, *flags):
+        assert main(["plan", "--model", "opt-125m", "--gpus", str(pert), "--layout", f"dp=1,pert={pert}", "--tier",
+                     "resident", "--steps", "2", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["step_s"]
+
+    # PertP deals the step's passes out over the pert group: hizoo's 3 forwards take 2 on the busier rank
+    assert step_s(2, "--optimizer", "hizoo") < step_s(1, "--optimizer", "hizoo")
+    assert step_s(2, "--optimizer", "hizoo") > step_s(2)
+    one_sided = ["--estimator", "one-sided", "--directions", "4"]  # 5 forwards: 3 on the busier of 2 ranks
+    assert step_s(2, *one_sided) < step_s(1, *one_sided)
+
+
 def test_plan_refuses_an_unknown_optimizer(capsys):
     assert main(["plan", "--steps", "2", "--optimizer", "lion"]) == 2
     assert "optimizer='lion' is not valid" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
-from distzo2_lab.config import ConfigError, share_grain
+from distzo2_lab.config import share_grain
 from distzo2_lab.observe.events import LANES, Span, overlap_metrics
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.plan.hardware import NARROW_WIDTH, WIDE_WIDTH, Hardware
@@ -292,10 +292,20 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
     world, n = layout.world_size, shape.layers
     q = directions_of(w, layout)
     copies = copies_of(w, layout)  # out-of-place passes (zo.perturb copy, n-SPSA)
-    extra = extra_forwards(w, q)  # the method family's unperturbed / trial forwards (one-sided: K + 1 in all)
-    if extra and layout.pert > 1:
-        raise ConfigError(f"optimizer={w.optimizer!r}, estimator={w.estimator!r} is planned on pert=1 layouts until "
-                          f"the engine assigns its extra forwards to PertP ranks; choose pert=1 (dp=D,pert=1)")
+    extra_all = extra_forwards(w, q)  # the method family's unperturbed / trial forwards (one-sided: K + 1 in all)
+
+    def dealt(r: int) -> tuple[list[tuple[int, int]], int]:
+        """The method family's passes on rank r as FamilyEngine.passes deals them round-robin over the
+        pert group: [(direction, its perturbed forwards)] and the rank's unperturbed / trial forwards."""
+        p, size = layout.coords(r)[1], layout.pert
+        trial = int(w.optimizer == "conservative")
+        scales = (1,) if w.estimator == "one-sided" else (1, -1)
+        keys = ["l0"] * (extra_all - trial) + [(j, sc) for j in range(q) for sc in scales]
+        runs: dict[int, int] = {}
+        for key in keys[p::size]:
+            if key != "l0":
+                runs[key[0]] = runs.get(key[0], 0) + 1
+        return sorted(runs.items()), int("l0" in keys[p::size]) + trial * int(len(keys) % size == p)
     streamed = w.tier != "resident"
     sliced = layout.slice and streamed and world > 1
     depth = min(w.prefetch, n - 1)
@@ -409,6 +419,9 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             plus, minus = layout.signs(r)
             signs = 1 if w.estimator == "one-sided" else int(plus) + int(minus)  # one-sided: +eps only
             mine = layout.directions(r, q)
+            runs, extra = [(j, signs) for j in mine], extra_all
+            if extra_all:  # the family's l0 / trial: its passes are dealt out over the pert group
+                runs, extra = dealt(r)
             links = _links(hw, r)
             lane_bytes = own(r) * moved  # what this rank uploads and writes back per visit
             prog = _Program(g, r, t)
@@ -470,9 +483,11 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
                         prog.work("forward", cost.block_pass)
                     prog.work(*perturb)
                 else:
-                    for k, _ in enumerate(mine):  # a sliced visit's update already landed on the shard
-                        fused(prog, r, elem, i, pending and k == 0 and not sliced, signs)
-                        for _ in range(signs):
+                    if not runs and pending and not sliced:  # a rank with no perturbed pass: the update alone
+                        prog.work("update", elem * fused_cost(1) + call)
+                    for k, (_, ns) in enumerate(runs):  # a sliced visit's update already landed on the shard
+                        fused(prog, r, elem, i, pending and k == 0 and not sliced, ns)
+                        for _ in range(ns):
                             prog.work("forward", cost.block_pass)
                 for _ in range(extra):
                     prog.work("forward", cost.block_pass)
@@ -486,11 +501,11 @@ def build_graph(w: Workload, layout: Layout, hw: Hardware, steps: int, threads: 
             if not copies:
                 prog.work("head", signs * cost.head_pass + sum(res_buckets) * axpy + 2 * call)
             else:
-                for _ in mine:
-                    if len(mine) > 1:
+                for _, ns in runs:
+                    if len(runs) > 1:
                         for elem in res_buckets:
                             visit_bucket(prog, r, "head", -1, elem, 1)
-                    prog.work("head", signs * cost.head_pass)
+                    prog.work("head", ns * cost.head_pass)
             if extra:
                 prog.work("head", extra * cost.head_pass)
             head = prog.close("head", -1)

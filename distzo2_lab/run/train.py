@@ -48,6 +48,7 @@ from distzo2_lab.run.checkpoint import (
     save_method_state,
 )
 from distzo2_lab.run.outputs import check_writable, write_json
+from distzo2_lab.run.preflight import family_layout_refusal
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.family_engine import FamilyEngine
@@ -203,6 +204,22 @@ def resume_note(path: str, step: int, cfg: TrainConfig, log: SeedLog, old: dict 
     return f"resuming {path} at step {step}" + (f" ({'; '.join(changed)})" if changed else "")
 
 
+def state_digest(sd: dict) -> str:
+    """sha256 of a FamilyEngine's optimiser state (every bucket's tensors, by name) and its schedules."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(sd["state"]):
+        for name in sorted(sd["state"][key]):
+            h.update(f"{key}.{name}".encode())
+            h.update(sd["state"][key][name].detach().float().cpu().contiguous().numpy().tobytes())
+    for key in sorted(sd["thresholds"]):
+        h.update(key.encode())
+        h.update(sd["thresholds"][key].detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(repr((sd["v_seed"], sd["updates"], sd["step"], sd["pending"])).encode())
+    return h.hexdigest()
+
+
 class Run:
     """Everything one rank's training holds: adapter, engine, seed log, and the offload tier."""
 
@@ -220,16 +237,8 @@ class Run:
         if distributed and (cfg.engine != "zo2" or resume is not None):
             raise ConfigError("a distributed layout runs engine='zo2' and resumes from its disk store "
                               "(offload.store), not from resume=")
-        if distributed and is_family(cfg.zo) and layout.slice:
-            raise ConfigError(f"layout slice=True with zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation="
-                              f"{cfg.zo.perturbation!r}, zo.estimator={cfg.zo.estimator!r}: the slicer's shards "
-                              f"hold masters only, not the method's state; choose slice=False or the defaults sgd, "
-                              f"{cfg.zo.noise}, two-point")
-        if distributed and is_family(cfg.zo) and cfg.offload.tier == "disk":
-            raise ConfigError(f"offload.tier='disk' with a layout of {layout.world_size} ranks and zo.optimizer="
-                              f"{cfg.zo.optimizer!r}: the node's ranks share one disk store whose slots hold "
-                              "ZO-SGD's masters; choose offload.tier='host' or 'resident' (each rank streams its own "
-                              f"master and state), or the defaults sgd, {cfg.zo.noise}, two-point")
+        if distributed and family_layout_refusal(cfg, layout):
+            raise ConfigError(family_layout_refusal(cfg, layout))
         if distributed and groups is None:
             from distzo2_lab.parallel.groups import ParallelGroups
 
@@ -503,6 +512,7 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
         "eval_loss_start": eval_start,
         "eval_loss_end": engine.evaluate(eval_batch),
         "digest": run.digest(),
+        **({"state_digest": state_digest(engine.state_dict())} if isinstance(engine, FamilyEngine) else {}),
         "peak_rss_mb": peak_rss_mb(),
         "memory": memory_report(run),
         **(moved or {}),

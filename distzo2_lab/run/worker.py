@@ -66,7 +66,8 @@ def train_worker(rank: int, world_size: int, q, cfg, layout, out=None, trace=Non
             if batcher is not None:
                 batcher.flush()
         log(q, rank, f"done: digest {s['digest'][:16]}")
-        return {"rank": rank, "digest": s["digest"], "steps": s["steps"], "eval_loss_end": s["eval_loss_end"],
+        return {"rank": rank, "digest": s["digest"], "state_digest": s.get("state_digest"),
+                "steps": s["steps"], "eval_loss_end": s["eval_loss_end"],
                 "exchange_bytes": s.get("exchange_bytes_per_step"), "overlap": s.get("overlap"),
                 "memory": s["memory"], "node": os.uname().nodename,
                 "noise_share": s.get("noise_share"), "copy_share": s.get("copy_share"),
