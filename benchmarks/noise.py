@@ -3,10 +3,11 @@
     python benchmarks/noise.py [--numel 16777216 --threads 1 --rounds 7 --kind gaussian rademacher] [--results]
 
 Times, in interleaved rounds (each round runs every case once, so drifts hit all alike), the
-median G samples/s per core of: torch ``normal_`` (baseline, its own generator), the compiled fill
-(z into an fp32 buffer), and the fused visit pass (master * keep + alpha z_old, stored, then
-m +- eps z_new written as two outs) with bf16 outs and with fp32 outs; on CUDA also the Triton
-kernels (per GPU, not per core). Compile time is paid before the rounds and printed.
+median G samples/s per core of: torch ``normal_`` (baseline, its own generator), the fill (z into
+an fp32 buffer), and the fused visit pass (master * keep + alpha z_old, stored, then m +- eps z_new
+written as two outs) with bf16 outs and with fp32 outs, each by the C kernels (noise_cpu.py) and by
+Inductor's build of the torch definition; on CUDA also the Triton kernels (per GPU, not per
+core). Compile time is paid before the rounds and printed.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from distzo2_lab.bench.results import add_results_option, printed_to_results
 from distzo2_lab.zo import noise as N
+from distzo2_lab.zo import noise_cpu
 
 
 def cpu_line() -> str:
@@ -49,11 +51,27 @@ def cases(n: int, device: str, kind: str) -> dict:
     def visit(dt):
         return lambda: N.visit_(master, 0, kind, [(k_old, 1e-7)], 1.0 - 1e-7, k_new, 1e-3, *outs[dt])
 
-    fns = {"torch normal_": lambda: z.normal_(),
-           "fill": lambda: N.fill_(z, kind, k_new, 0),
-           "visit 1 update, 2 bf16 outs": visit(torch.bfloat16),
-           "visit 1 update, 2 fp32 outs": visit(torch.float32)}
+    passes = {"fill": lambda: N.fill_(z, kind, k_new, 0),
+              "visit 1 update, 2 bf16 outs": visit(torch.bfloat16),
+              "visit 1 update, 2 fp32 outs": visit(torch.float32)}
+    fns = {"torch normal_": lambda: z.normal_()}
+    if device == "cpu":  # the C kernels (noise_kernels.cpp) beside Inductor's build of the torch definition
+        for name, fn in passes.items():
+            fns[f"{name} (C kernel)"] = on_backend("c", fn)
+            fns[f"{name} (Inductor)"] = on_backend("inductor", fn)
+    else:
+        fns.update(passes)
     return {name: (fn, sync) for name, fn in fns.items()}
+
+
+def on_backend(backend: str, fn):
+    def run():
+        was, noise_cpu.backend = noise_cpu.backend, backend
+        try:
+            fn()
+        finally:
+            noise_cpu.backend = was
+    return run
 
 
 def measure(n: int, device: str, kind: str, rounds: int) -> dict[str, float]:

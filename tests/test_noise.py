@@ -12,6 +12,7 @@ if not torch.cuda.is_available():  # Triton's interpreter runs the kernels on CP
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from distzo2_lab.zo import noise as N  # noqa: E402
+from distzo2_lab.zo import noise_cpu as C  # noqa: E402
 
 KEY = N.noise_key(1234, "decoder.layers.3")
 KEY2 = N.noise_key(1233, "decoder.layers.3")
@@ -205,9 +206,100 @@ def test_stochastic_rounding_lands_updates_far_below_bf16_resolution_on_average(
     assert bool((nearest == 1.0).all())
 
 
+def with_backend(backend: str, fn):
+    was = C.backend
+    C.backend = backend
+    try:
+        return fn()
+    finally:
+        C.backend = was
+
+
+def visit_all(kind, n, start, nterms, noisy, plus, minus, master_dtype=torch.float32):
+    """(master, plus, minus, fill) after one visit_ and one fill_ of a region [start, start + n)."""
+    master = torch.randn(n, generator=torch.Generator().manual_seed(1)).to(master_dtype)
+    master[3] = -0.0
+    outs = [None if d is None else torch.empty(n, dtype=d) for d in (plus, minus)]
+    updates = [(N.noise_key(t, "c"), 1e-3 * (t + 1)) for t in range(nterms)]
+    N.visit_(master, start, kind, updates, 1.0 - 1e-4, KEY if noisy else None, 1e-3, *outs,
+             round_key=RKEY if master_dtype == torch.bfloat16 else None)
+    return master, *outs, N.fill_(torch.empty(n), kind, KEY, start)
+
+
+C_VARIANTS = [  # kind, n, start (pairs need a region of more than 2**19 + MIN_PAIRED), terms, noisy, outs
+    ("gaussian", 4099, 77, 1, True, (torch.bfloat16, torch.bfloat16)),
+    ("gaussian", 4099, (1 << 19) - 2000, 0, True, (torch.float32, None)),  # crosses the pair bit
+    ("gaussian", (1 << 19) + 6000, 3_000_000_001, 4, True, (None, torch.bfloat16)),  # pairs and singles
+    ("gaussian", (1 << 19) + 5000, 1 << 20, 5, False, (torch.bfloat16, torch.bfloat16)),  # two passes
+    ("gaussian", (1 << 19) + 5000, 0, 2, True, (None, None)),
+    ("rademacher", 40_000, 2**31 - 7, 2, True, (torch.bfloat16, torch.float32)),
+    ("rademacher", 999, 5, 0, False, (torch.float32, torch.float32)),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind, n, start, nterms, noisy, outs", C_VARIANTS)
+def test_the_c_kernels_equal_the_eager_definition_bit_for_bit(kind, n, start, nterms, noisy, outs, threads,
+                                                              monkeypatch):
+    """noise_kernels.cpp (unsigned words, ln's exponent from the float's bits) against the torch
+    definition run eagerly: every layout (element by element, rademacher, pairs), term counts 0-5,
+    noisy and plain outs in fp32 / bf16 / none, starts past 2**31, across threads' chunks."""
+    if C.library("pairs") is None:
+        pytest.skip(f"the C kernels cannot be built here: {C.failed}")
+    monkeypatch.setattr(C, "_libs", {})
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = with_backend("c", lambda: visit_all(kind, n, start, nterms, noisy, *outs))
+    finally:
+        torch.set_num_threads(was)
+    want = with_backend("eager", lambda: visit_all(kind, n, start, nterms, noisy, *outs))
+    for g, w in zip(got, want):
+        assert (g is None and w is None) or same(g, w)
+    assert any(k[1:] == (nterms if nterms <= N.MAX_TERMS else 1, noisy) + outs for k in C._libs)  # C ran
+
+
+def test_a_bf16_master_takes_the_compiled_torch_path_with_the_same_bits():
+    got = with_backend("c", lambda: visit_all("gaussian", 5000, 9, 1, True, torch.bfloat16, None, torch.bfloat16))
+    want = with_backend("eager", lambda: visit_all("gaussian", 5000, 9, 1, True, torch.bfloat16, None,
+                                                   torch.bfloat16))
+    assert same(got[0], want[0]) and same(got[1], want[1]) and same(got[3], want[3])
+
+
+def test_without_a_c_compiler_the_noise_warns_once_and_runs_inductor(monkeypatch, tmp_path):
+    monkeypatch.setattr(C, "compiler", lambda: None)
+    monkeypatch.setattr(C, "_libs", {})
+    monkeypatch.setattr(C, "failed", None)
+    monkeypatch.setenv("DISTZO2_CACHE", str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        a = N.fill_(torch.empty(100), "gaussian", KEY, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = N.fill_(torch.empty(100), "rademacher", KEY, 5)
+    assert same(a, N.noise_reference("gaussian", KEY, 5, 100))
+    assert same(b, N.noise_reference("rademacher", KEY, 5, 100))
+
+
+def test_the_c_kernels_are_built_once_per_variant_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(C, "_libs", {})
+    monkeypatch.setenv("DISTZO2_CACHE", str(tmp_path))
+    if C.library("rademacher", 3, True, torch.float32, None) is None:
+        pytest.skip(f"the C kernels cannot be built here: {C.failed}")
+    built = sorted(os.listdir(tmp_path / "noise_kernels"))
+    assert len(built) == 1 and built[0].endswith(".so")
+    monkeypatch.setattr(C, "_libs", {})
+    C.library("rademacher", 3, True, torch.float32, None)  # found by its hash, not built again
+    assert sorted(os.listdir(tmp_path / "noise_kernels")) == built
+    monkeypatch.setattr(C, "_libs", {})
+    monkeypatch.setattr(C, "_cpu", lambda: "another CPU")
+    C.library("rademacher", 3, True, torch.float32, None)  # -march=native code of another CPU is not reused
+    assert len(os.listdir(tmp_path / "noise_kernels")) == 2
+
+
 def test_a_failed_compilation_warns_once_and_runs_the_same_definition(monkeypatch):
     def broken(fn, tag):
         raise RuntimeError("no compiler")
+    monkeypatch.setattr(C, "backend", "inductor")
     monkeypatch.setattr(N, "_compiled_variant", broken)
     monkeypatch.setattr(N, "compile_enabled", True)
     monkeypatch.setattr(N, "_warned", set())

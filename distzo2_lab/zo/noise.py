@@ -25,10 +25,13 @@ Definition (the same bits on CPU, in torch, and on GPU, in Triton, ``noise_trito
   vectorised and scalar versions differ in the last bit (eager CPU torch.sqrt too: see sqrt_rn).
   |z| <= sqrt(48 ln 2) = 5.7683 (u1 >= 2**-24).
 
-Integer arithmetic runs in int32 with wraparound (the low 32 bits of a product are the same for
-signed and unsigned); a logical right shift is an arithmetic shift and a mask. No FMA contraction:
-Inductor's C++ is compiled with -ffp-contract=off; the Triton kernels launch with
-enable_fp_fusion=False and use div_rn / sqrt_rn. Scalars (alpha, eps, keep) are rounded to fp32.
+On CPU the passes run as compiled C++ (noise_cpu.py, noise_kernels.cpp: the same operations spelled
+with unsigned words and ln's exponent read from the float's bits, in fewer vector instructions),
+else as this torch definition compiled by Inductor. Integer arithmetic runs in int32 with wraparound
+(the low 32 bits of a product are the same for signed and unsigned); a logical right shift is an
+arithmetic shift and a mask. No FMA contraction: Inductor's C++ is compiled with -ffp-contract=off;
+the Triton kernels launch with enable_fp_fusion=False and use div_rn / sqrt_rn. Scalars (alpha, eps,
+keep) are rounded to fp32.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import warnings
 
 import torch
 
+from distzo2_lab.zo import noise_cpu
 from distzo2_lab.zo.noise_constants import (  # noqa: F401
     COS_C,
     LN2,
@@ -339,7 +343,8 @@ def _compiled_variant(fn, tag: tuple):
 
 def _run(fn, tag: tuple, device: torch.device, *args, **kw) -> None:
     global compile_enabled
-    if device.type == "cpu" and compile_enabled and args[0].numel() > 1:  # size 1 would recompile
+    compiled = compile_enabled and noise_cpu.backend != "eager"
+    if device.type == "cpu" and compiled and args[0].numel() > 1:  # size 1 would recompile
         try:
             return _compiled_variant(fn, tag)(*args, **kw)
         except Exception as exc:  # no compiler, broken toolchain: the eager definition is the same
@@ -402,10 +407,17 @@ def fill_(out: torch.Tensor, kind: str, key_words, start: int) -> torch.Tensor:
         return triton_fill(tr, out, kind, key_words, start)
     keys = [_i32(k) for k in key_words]
     runs, singles = pair_pieces(start, n) if kind == "gaussian" else ([], [(0, n)])
+    cpu = out.device.type == "cpu"
     for a, b, length in runs:
+        if cpu and (lib := noise_cpu.library("pairs")) is not None:
+            noise_cpu.fill_pairs(lib, out[a : a + length], out[b : b + length], start + a, keys)
+            continue
         words = torch.tensor([_i32(start + a)] + keys, dtype=torch.int32, device=out.device)
         _run(_fill_pairs_impl, ("pairs",), out.device, out[a : a + length], out[b : b + length], words)
     for o, length in singles:
+        if cpu and (lib := noise_cpu.library(kind)) is not None:
+            noise_cpu.fill(lib, out[o : o + length], start + o, keys)
+            continue
         words = torch.tensor([_i32(start + o)] + keys, dtype=torch.int32, device=out.device)
         _run(_fill_impl, (kind,), out.device, out[o : o + length], words, kind)
     return out
@@ -419,11 +431,21 @@ def _visit_pieces(master, start, kind, words, params, nterms, noisy, plus, minus
     dtypes = (None if plus is None else plus.dtype, None if minus is None else minus.dtype, master.dtype)
     cut = lambda t, o, k: None if t is None else t[o : o + k]  # noqa: E731
     runs, singles = pair_pieces(start, n) if kind == "gaussian" else ([], [(0, n)])
+    c = dev.type == "cpu" and master.dtype == torch.float32 and not rounded
+    lib = lambda layout: c and noise_cpu.library(layout, nterms, noisy, *dtypes[:2]) or None  # noqa: E731
+    keys = words[: 3 * (1 + nterms)]  # cur, then each term's
     for a, b, k in runs:
+        if (cl := lib("pairs")) is not None:
+            noise_cpu.visit_pairs(cl, master[a : a + k], master[b : b + k], start + a, keys, params,
+                                  cut(plus, a, k), cut(plus, b, k), cut(minus, a, k), cut(minus, b, k))
+            continue
         w = torch.tensor([_i32(start + a)] + words, dtype=torch.int32, device=dev)
         _run(_visit_pairs_impl, (nterms, noisy, *dtypes, rounded), dev, master[a : a + k], master[b : b + k],
              w, p, nterms, noisy, cut(plus, a, k), cut(plus, b, k), cut(minus, a, k), cut(minus, b, k), rounded)
     for o, k in singles:
+        if (cl := lib(kind)) is not None:
+            noise_cpu.visit(cl, master[o : o + k], start + o, keys, params, cut(plus, o, k), cut(minus, o, k))
+            continue
         w = torch.tensor([_i32(start + o)] + words, dtype=torch.int32, device=dev)
         _run(_visit_impl, (kind, nterms, noisy, *dtypes, rounded), dev, master[o : o + k], w, p, kind, nterms,
              noisy, cut(plus, o, k), cut(minus, o, k), rounded)
