@@ -115,7 +115,7 @@ def _run(a) -> None:
                 else "G samples/s per GPU (Triton)"
             print(f"{dev}, {kind}, numel {a.numel}: median of {a.rounds} interleaved rounds, {unit}")
             for name, r in rates.items():
-                print(f"  {name:32s} {r:8.3f}")
+                print(f"  {name:42s} {r:8.3f}")
 
 
 if __name__ == "__main__":

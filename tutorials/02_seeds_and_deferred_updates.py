@@ -93,8 +93,8 @@ print(f"{block.key}, step 8: {z_other_step[:3].tolist()}")
 # pair's first element and `sqrt(-2 ln u1) sin(2 pi u2)` for its second, `2**19` elements further
 # (Rademacher noise takes the sign of one bit instead). A pass over a whole block computes both
 # elements of a pair from one draw, half the work per element. `ln` and `cos` are written with
-# `+ - * /` and `sqrt` only, which IEEE rounds exactly everywhere, so the compiled CPU kernel, the
-# Triton GPU kernel and plain torch give the same bits. Here the plain-torch definition next to
+# `+ - * /` and `sqrt` only, which IEEE rounds exactly everywhere, so the CPU kernels (C++ built on
+# first use, `zo/noise_kernels.cpp`), the Triton GPU kernel and plain torch give the same bits. Here the plain-torch definition next to
 # the perturber:
 
 # %%
