@@ -121,3 +121,40 @@ def test_ddp_on_one_shared_disk_store_matches_one_rank_within_float_order(tmp_pa
         assert mine["loss_plus"] == pytest.approx(ref["loss_plus"], rel=1e-5)
         assert mine["loss_minus"] == pytest.approx(ref["loss_minus"], rel=1e-5)
         assert mine["projected_grad"] == pytest.approx(ref["projected_grad"], abs=5e-3)
+
+
+def test_sigkill_of_a_layout_on_a_shared_disk_store_then_reopen_continues_bit_exactly(tmp_path):
+    """A kill of every rank inside a step leaves the node's store at its last committed step (one
+    manifest for the node); the relaunched layout continues to one rank's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps, store = 8, str(tmp_path / "s")
+    single = train(dataclasses.replace(BASE, model="tiny-deep", steps=steps, zo=PERTP["adam"]), progress=False)
+    cmd = [sys.executable, "-m", "distzo2_lab.cli.main", "train", "--model", "tiny-deep", "--steps", str(steps),
+           "--batch-size", "4", "--seq-len", "12", "--threads", "1", "--optimizer", "adam", "--lr", "1e-3",
+           "--weight-decay", "0.05", "--offload", "disk", "--store", store, "--layout", "dp=1,pert=2",
+           "--no-progress", "--out", str(tmp_path / "out")]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while _committed(store) < 2 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and its ranks
+    p.wait()
+    killed_at = _committed(store)
+    assert 0 <= killed_at < steps - 1, killed_at
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["start_step"] == killed_at + 1 and summary["digest"] == single["digest"]
+
+
+def _committed(store: str) -> int:
+    try:
+        with open(f"{store}/manifest.json") as f:
+            return json.load(f)["committed"]
+    except (OSError, ValueError):
+        return -2
