@@ -5,6 +5,7 @@ by one rank and the exchange hands every rank every loss, so PertP(2) equals one
 DDP averages the ranks' losses by tokens, equal to the single rank up to the order of float sums.
 """
 import dataclasses
+import json
 
 import pytest
 
@@ -95,9 +96,65 @@ def test_slicing_is_refused_for_the_family_by_name():
             check()
 
 
-def test_a_disk_store_shared_by_a_layout_is_refused_for_the_family_by_name(tmp_path):
-    cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="disk", store=str(tmp_path / "s")))
-    layout = Layout(dp=2, pert=1)
-    for check in (lambda: check_layout(cfg, layout), lambda: Run(cfg, layout=layout, rank=0)):
-        with pytest.raises(ConfigError, match=r"offload.tier='disk' with a layout of 2 ranks and zo.optimizer='adam'"):
-            check()
+@pytest.mark.parametrize("name", ["adam", "momentum-lowrank"])
+def test_pertp_on_one_shared_disk_store_equals_one_rank_and_reopens_bit_exactly(name, tmp_path):
+    """The pair's ranks share the node's store (one [master | state...] slot per block, written
+    alike by both, committed once by the leader with the run state); a second launch with more
+    steps continues it to the weights and state of one uninterrupted one-rank run."""
+    cfg = dataclasses.replace(BASE, steps=3, zo=PERTP[name])
+    single = train(cfg, progress=False)
+    disk = dataclasses.replace(cfg, offload=OffloadConfig(tier="disk", store=str(tmp_path / "s")))
+    first = run_layout(Layout(dp=1, pert=2), dataclasses.replace(disk, steps=2))
+    assert json.load(open(tmp_path / "s" / "manifest.json"))["committed"] == 1
+    rest = run_layout(Layout(dp=1, pert=2), disk)
+    assert first[0]["steps"] + rest[0]["steps"] == single["steps"]
+    assert {(r["digest"], r["state_digest"]) for r in rest.values()} == {(single["digest"], single["state_digest"])}
+
+
+def test_ddp_on_one_shared_disk_store_matches_one_rank_within_float_order(tmp_path):
+    cfg = dataclasses.replace(BASE, steps=2, zo=PERTP["adam"])
+    single = train(cfg, progress=False)
+    disk = dataclasses.replace(cfg, offload=OffloadConfig(tier="disk", store=str(tmp_path / "s")))
+    results = run_layout(Layout(dp=2, pert=1), disk)
+    assert len({(r["digest"], r["state_digest"]) for r in results.values()}) == 1  # one store, one state
+    for mine, ref in zip(results[0]["steps"], single["steps"]):
+        assert mine["loss_plus"] == pytest.approx(ref["loss_plus"], rel=1e-5)
+        assert mine["loss_minus"] == pytest.approx(ref["loss_minus"], rel=1e-5)
+        assert mine["projected_grad"] == pytest.approx(ref["projected_grad"], abs=5e-3)
+
+
+def test_sigkill_of_a_layout_on_a_shared_disk_store_then_reopen_continues_bit_exactly(tmp_path):
+    """A kill of every rank inside a step leaves the node's store at its last committed step (one
+    manifest for the node); the relaunched layout continues to one rank's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps, store = 8, str(tmp_path / "s")
+    single = train(dataclasses.replace(BASE, model="tiny-deep", steps=steps, zo=PERTP["adam"]), progress=False)
+    cmd = [sys.executable, "-m", "distzo2_lab.cli.main", "train", "--model", "tiny-deep", "--steps", str(steps),
+           "--batch-size", "4", "--seq-len", "12", "--threads", "1", "--optimizer", "adam", "--lr", "1e-3",
+           "--weight-decay", "0.05", "--offload", "disk", "--store", store, "--layout", "dp=1,pert=2",
+           "--no-progress", "--out", str(tmp_path / "out")]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while _committed(store) < 2 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and its ranks
+    p.wait()
+    killed_at = _committed(store)
+    assert 0 <= killed_at < steps - 1, killed_at
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    assert summary["start_step"] == killed_at + 1 and summary["digest"] == single["digest"]
+
+
+def _committed(store: str) -> int:
+    try:
+        with open(f"{store}/manifest.json") as f:
+            return json.load(f)["committed"]
+    except (OSError, ValueError):
+        return -2

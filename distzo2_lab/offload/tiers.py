@@ -254,10 +254,11 @@ class Offload:
         `method`: the method family's rule (method_of(zo); None for ZO-SGD), which a disk store's slots
         are laid out for: written in a new store's manifest, checked against an existing one's."""
         self.config, self.node = offload, node
-        if state and (node is not None or offload.lean):
-            raise ConfigError(f"optimiser state streams with its block in a one-rank store; offload.tier="
-                              f"{offload.tier!r}{' with several ranks' if node is not None else ' lean=True'} cannot "
-                              "hold it. Choose one rank and offload.lean=False, or zo.optimizer sgd / sign / "
+        if state and ((node is not None and offload.tier != "disk") or offload.lean):
+            raise ConfigError(f"optimiser state streams with its block in a one-rank host store or a disk store; "
+                              f"offload.tier={offload.tier!r}"
+                              f"{' with several ranks' if not offload.lean else ' lean=True'} cannot hold it. Choose "
+                              "offload.tier='disk' or one rank, and offload.lean=False, or zo.optimizer sgd / sign / "
                               "conservative (no state)")
         if state and offload.tier == "disk" and method is None:
             raise ValueError("a disk store holding optimiser state needs method= (the rule its slots are laid out for)")
@@ -409,37 +410,44 @@ class Offload:
 
     def commit(self, step: int) -> None:
         """Disk tier: persist step `step` on the offload lane, after its block write-backs. With
-        several ranks on one store: once every rank's writes have landed, the leader commits."""
+        several ranks on one store: once every rank's writes have landed, the leader commits, and no
+        rank goes on to the next step's writes (into the slots of step - 1) before the manifest has
+        moved to `step`."""
         if self.store.tier != "disk":
             return
+        if self.method is not None and self._engine is None:
+            raise RuntimeError("a method family's disk run commits its state: call keep_method_state(engine) first")
         if self.node is not None:
             self.streamer.drain()
-            self.node.barrier()
-            self.store.commit(step, {b.key: b.master for b in (self.adapter.bucket_in, self.adapter.bucket_out)},
-                              leader=self.node.leader)
+            self.node.barrier()  # every rank's block writes of the step have landed
+            snaps, run_state = self._snapshot() if self.node.leader else ({}, None)
+            self.store.commit(step, snaps, leader=self.node.leader, run_state=run_state)
+            self.node.barrier()  # the manifest holds `step`: the slots of step - 1 are free
             return
         if self._committed is not None:
             self._committed.wait()  # the snapshot buffers of the previous commit are free again
         import threading
 
         self._committed = threading.Event()
-        a, e = self.adapter, self._engine
-        if self.method is not None and e is None:
-            raise RuntimeError("a method family's disk run commits its state: call keep_method_state(engine) first")
-        for b in (a.bucket_in, a.bucket_out):
-            if b.key in self._snap:
-                snap, n = self._snap[b.key], b.numel
-                snap[:n].copy_(b.master)
-                for j, (name, _) in enumerate(e.method.state if e is not None else ()):
-                    snap[n * (1 + j) : n * (2 + j)].copy_(e.state[b.key][name])
-        done, snaps = self._committed, self._snap
-        run_state = None if e is None else e.run_state()
+        done, (snaps, run_state) = self._committed, self._snapshot()
 
         def persist():
             self.store.commit(step, snaps, run_state=run_state)
             done.set()
 
         self.streamer.on_offload_lane(persist)
+
+    def _snapshot(self) -> tuple[dict, dict | None]:
+        """The resident buckets' [master | state...] (into the snapshot buffers) and the method's
+        per-run scalars, as the step ends: what a commit persists beside the blocks' slots."""
+        a, e = self.adapter, self._engine
+        for b in (a.bucket_in, a.bucket_out):
+            if b.key in self._snap:
+                snap, n = self._snap[b.key], b.numel
+                snap[:n].copy_(b.master)
+                for j, (name, _) in enumerate(e.method.state if e is not None else ()):
+                    snap[n * (1 + j) : n * (2 + j)].copy_(e.state[b.key][name])
+        return self._snap, None if e is None else e.run_state()
 
     def keep_method_state(self, engine, record: dict | None = None) -> None:
         """Disk tier, method family: commit `engine`'s resident state and per-run scalars with every

@@ -40,7 +40,7 @@ def check_data(cfg: TrainConfig) -> None:
 
 
 def family_layout_refusal(cfg: TrainConfig, layout) -> str | None:
-    """Why the method family cannot run on this layout (slicing, the disk tier), or None."""
+    """Why the method family cannot run on this layout (slicing), or None."""
     if not is_family(cfg.zo) or layout is None or layout.world_size == 1:
         return None
     if layout.slice:
@@ -48,11 +48,6 @@ def family_layout_refusal(cfg: TrainConfig, layout) -> str | None:
                 f"{cfg.zo.perturbation!r}, zo.estimator={cfg.zo.estimator!r}: the slicer's shards "
                 f"hold masters only, not the method's state; choose slice=False or the defaults sgd, "
                 f"{cfg.zo.noise}, two-point")
-    if cfg.offload.tier == "disk":
-        return (f"offload.tier='disk' with a layout of {layout.world_size} ranks and zo.optimizer="
-                f"{cfg.zo.optimizer!r}: the node's ranks share one disk store whose slots hold "
-                "ZO-SGD's masters; choose offload.tier='host' or 'resident' (each rank streams its own "
-                f"master and state), or the defaults sgd, {cfg.zo.noise}, two-point")
     return None
 
 

@@ -276,8 +276,9 @@ class Run:
             if resume is not None:
                 raise ConfigError("resume= reads a resident checkpoint; an offloaded disk run resumes from "
                                   "its offload.store directory")
-            # the method family's ranks each stream their own master and state (no node's shared store)
-            shared = node_share() if distributed and not is_family(cfg.zo) else None
+            # the method family's ranks each stream their own master and state on the host tier; on
+            # disk the node's ranks share one store (their masters and state are bit-identical)
+            shared = node_share() if distributed and (not is_family(cfg.zo) or cfg.offload.tier == "disk") else None
             self.offload = Offload(self.base, cfg.offload, cfg.precision.storage, cfg.device, self.recorder,
                                    self.slicer, shared, cfg.precision.master,
                                    cfg.zo.freeze, METHODS[cfg.zo.optimizer].state if is_family(cfg.zo) else (),
