@@ -112,104 +112,78 @@ typedef float plus_t;
 
 static const long CHUNK = 1 << 14;  // elements a thread takes at a time
 
-// keys: cur, then one per term; params: keep, eps, alpha_1..alpha_NTERMS
-static inline void load(const u32 *w, const float *p, Key *keys, float *alpha) {
-    for (int t = 0; t <= NTERMS; t++) keys[t] = Key{w[3 * t], w[3 * t + 1], w[3 * t + 2]};
-    for (int t = 0; t < NTERMS; t++) alpha[t] = p[2 + t];
-}
-
-extern "C" void fill(float *out, long n, u32 start, const u32 *w, int threads) {
-    Key k{w[0], w[1], w[2]};
+// body(i) for every i < n: chunks shared out over the threads, each chunk one SIMD loop
+template <class F> static inline void each(long n, int threads, F body) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long c = 0; c < n; c += CHUNK) {
         long stop = c + CHUNK < n ? c + CHUNK : n;
 #pragma omp simd
-        for (long i = c; i < stop; i++) out[i] = noise_at(start + (u32)i, k);
+        for (long i = c; i < stop; i++) body(i);
     }
+}
+
+// a visit's keys (cur, then one per update term) and scalars (keep, eps, then each term's alpha)
+struct Terms {
+    Key keys[NTERMS + 1];
+    float alpha[NTERMS + 1], keep, eps;
+    Terms(const u32 *w, const float *p) : keep(p[0]), eps(p[1]) {
+        for (int t = 0; t <= NTERMS; t++) keys[t] = Key{w[3 * t], w[3 * t + 1], w[3 * t + 2]};
+        for (int t = 0; t < NTERMS; t++) alpha[t] = p[2 + t];
+    }
+};
+
+// the outs of element i from m and eps z(cur): m + e and m - e, or plain copies of m
+static inline void put(void *plus, void *minus, long i, float m, float e) {
+#if NOISY
+    PUT_PLUS(plus, i, m + e);
+    PUT_MINUS(minus, i, m - e);
+#else
+    (void)e;
+    PUT_PLUS(plus, i, m);
+    PUT_MINUS(minus, i, m);
+#endif
+}
+
+extern "C" void fill(float *out, long n, u32 start, const u32 *w, int threads) {
+    const Key k{w[0], w[1], w[2]};
+    each(n, threads, [&](long i) { out[i] = noise_at(start + (u32)i, k); });
 }
 
 // first[t], second[t]: elements start + t and start + t + 2**19 of the bucket, t < n
 extern "C" void fill_pairs(float *first, float *second, long n, u32 start, const u32 *w, int threads) {
-    Key k{w[0], w[1], w[2]};
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long c = 0; c < n; c += CHUNK) {
-        long stop = c + CHUNK < n ? c + CHUNK : n;
-#pragma omp simd
-        for (long i = c; i < stop; i++) {
-            float za, zb;
-            gaussian_pair(pair_of(start + (u32)i), k, za, zb);
-            first[i] = za;
-            second[i] = zb;
-        }
-    }
+    const Key k{w[0], w[1], w[2]};
+    each(n, threads, [&](long i) { gaussian_pair(pair_of(start + (u32)i), k, first[i], second[i]); });
 }
 
 // m = master * keep + sum_t alpha_t z_t;  master = m;  outs m +- eps z(cur) (or m)
 extern "C" void visit(float *master, long n, u32 start, const u32 *w, const float *p, void *plus, void *minus,
                       int threads) {
-    Key keys[NTERMS + 1];
-    float alpha[NTERMS + 1];
-    load(w, p, keys, alpha);
-    const float keep = p[0], eps = p[1];
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long c = 0; c < n; c += CHUNK) {
-        long stop = c + CHUNK < n ? c + CHUNK : n;
-#pragma omp simd
-        for (long i = c; i < stop; i++) {
-            u32 idx = start + (u32)i;
-            float m = master[i] * keep;
-            for (int t = 0; t < NTERMS; t++) m = m + alpha[t] * noise_at(idx, keys[1 + t]);
-            master[i] = m;
-#if NOISY
-            float e = eps * noise_at(idx, keys[0]);
-            PUT_PLUS(plus, i, m + e);
-            PUT_MINUS(minus, i, m - e);
-#else
-            (void)eps;
-            PUT_PLUS(plus, i, m);
-            PUT_MINUS(minus, i, m);
-#endif
-        }
-    }
+    const Terms T(w, p);
+    each(n, threads, [&](long i) {
+        u32 idx = start + (u32)i;
+        float m = master[i] * T.keep;
+        for (int t = 0; t < NTERMS; t++) m = m + T.alpha[t] * noise_at(idx, T.keys[1 + t]);
+        master[i] = m;
+        put(plus, minus, i, m, NOISY ? T.eps * noise_at(idx, T.keys[0]) : 0.0f);
+    });
 }
 
 // visit for gaussian pairs: ma, pa, na hold elements start + t; mb, pb, nb their partners (+ 2**19)
 extern "C" void visit_pairs(float *ma, float *mb, long n, u32 start, const u32 *w, const float *p, void *pa,
                             void *pb, void *na, void *nb, int threads) {
-    Key keys[NTERMS + 1];
-    float alpha[NTERMS + 1];
-    load(w, p, keys, alpha);
-    const float keep = p[0], eps = p[1];
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long c = 0; c < n; c += CHUNK) {
-        long stop = c + CHUNK < n ? c + CHUNK : n;
-#pragma omp simd
-        for (long i = c; i < stop; i++) {
-            u32 j = pair_of(start + (u32)i);
-            float a = ma[i] * keep, b = mb[i] * keep, za, zb;
-            for (int t = 0; t < NTERMS; t++) {
-                gaussian_pair(j, keys[1 + t], za, zb);
-                a = a + alpha[t] * za;
-                b = b + alpha[t] * zb;
-            }
-            ma[i] = a;
-            mb[i] = b;
-#if NOISY
-            gaussian_pair(j, keys[0], za, zb);
-            float ea = eps * za, eb = eps * zb;
-            PUT_PLUS(pa, i, a + ea);
-            PUT_MINUS(na, i, a - ea);
-            PUT_PLUS(pb, i, b + eb);
-            PUT_MINUS(nb, i, b - eb);
-#else
-            (void)eps;
-            (void)za;
-            (void)zb;
-            PUT_PLUS(pa, i, a);
-            PUT_MINUS(na, i, a);
-            PUT_PLUS(pb, i, b);
-            PUT_MINUS(nb, i, b);
-#endif
+    const Terms T(w, p);
+    each(n, threads, [&](long i) {
+        u32 j = pair_of(start + (u32)i);
+        float a = ma[i] * T.keep, b = mb[i] * T.keep, za = 0.0f, zb = 0.0f;
+        for (int t = 0; t < NTERMS; t++) {
+            gaussian_pair(j, T.keys[1 + t], za, zb);
+            a = a + T.alpha[t] * za;
+            b = b + T.alpha[t] * zb;
         }
-    }
+        ma[i] = a;
+        mb[i] = b;
+        if (NOISY) gaussian_pair(j, T.keys[0], za, zb);
+        put(pa, na, i, a, T.eps * za);
+        put(pb, nb, i, b, T.eps * zb);
+    });
 }
