@@ -296,6 +296,18 @@ def test_the_c_kernels_are_built_once_per_variant_and_cpu(monkeypatch, tmp_path)
     assert len(os.listdir(tmp_path / "noise_kernels")) == 2
 
 
+def test_a_cache_folder_that_cannot_be_made_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # $DISTZO2_CACHE/noise_kernels cannot be made under a file, even by root
+    monkeypatch.setenv("DISTZO2_CACHE", str(blocked))
+    monkeypatch.setattr(C.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(C, "_libs", {})
+    assert C.cache_dir().startswith(str(tmp_path / "tmp"))
+    if C.library("rademacher", 1, False, torch.float32, None) is None:
+        pytest.skip(f"the C kernels cannot be built here: {C.failed}")
+    assert len(os.listdir(C.cache_dir())) == 1
+
+
 def test_a_failed_compilation_warns_once_and_runs_the_same_definition(monkeypatch):
     def broken(fn, tag):
         raise RuntimeError("no compiler")

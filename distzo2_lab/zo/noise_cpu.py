@@ -60,9 +60,18 @@ def compiler() -> str | None:
 
 
 def cache_dir() -> str:
+    """$DISTZO2_CACHE, else $XDG_CACHE_HOME or ~/.cache, /distzo2_lab/noise_kernels; where that cannot
+    be written (a read-only home), a folder of this user's under the temporary directory."""
     base = os.environ.get("DISTZO2_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "distzo2_lab")
-    return os.path.join(base, "noise_kernels")
+    path = os.path.join(base, "noise_kernels")
+    try:
+        os.makedirs(path, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), f"distzo2_lab-{os.getuid()}", "noise_kernels")
 
 
 def _cpu() -> str:
@@ -85,10 +94,11 @@ def _build(defines: list[str]) -> str:
         src = f.read()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     tag = hashlib.sha256(src + " ".join([version, _cpu()] + FLAGS + defines).encode()).hexdigest()[:20]
-    path = os.path.join(cache_dir(), f"noise_{tag}.so")
+    folder = cache_dir()
+    path = os.path.join(folder, f"noise_{tag}.so")
     if not os.path.exists(path):
-        os.makedirs(cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
             done = subprocess.run([cxx, *FLAGS, *defines, SOURCE, "-o", tmp], capture_output=True, text=True)
