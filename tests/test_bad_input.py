@@ -63,8 +63,6 @@ CASES = [
     ("save with a layout", [*TRAIN, "--layout", "dp=1,pert=2", "--save", "{d}/s"], "single-rank"),
     ("family sliced", [*TRAIN, "--optimizer", "adam", "--offload", "host", "--layout", "dp=1,pert=2", "--slice"],
      "layout slice=True with zo.optimizer='adam'"),
-    ("family on a disk layout", [*TRAIN, "--optimizer", "adam", "--offload", "disk", "--store", "{d}/s", "--layout",
-                                 "dp=1,pert=2"], "offload.tier='disk' with a layout of 2 ranks"),
     ("unknown model", [*TRAIN, "--model", "opt-9b"], "model='opt-9b' is not a preset"),
     ("missing model directory", [*TRAIN, "--model", "./no/such/dir"], "checkpoint directory does not exist"),
     ("model directory without config", [*TRAIN, "--model", "{d}/empty_dir"], "has no config.json"),
