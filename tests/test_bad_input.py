@@ -61,8 +61,6 @@ CASES = [
     ("directions vs pert", [*TRAIN, "--layout", "dp=1,pert=4", "--directions", "1"], "pert=4 does not fit"),
     ("world size vs layout", [*TRAIN, "--layout", "dp=2,pert=2", "--world-size", "3"], "world_size=3"),
     ("save with a layout", [*TRAIN, "--layout", "dp=1,pert=2", "--save", "{d}/s"], "single-rank"),
-    ("family sliced", [*TRAIN, "--optimizer", "adam", "--offload", "host", "--layout", "dp=1,pert=2", "--slice"],
-     "layout slice=True with zo.optimizer='adam'"),
     ("unknown model", [*TRAIN, "--model", "opt-9b"], "model='opt-9b' is not a preset"),
     ("missing model directory", [*TRAIN, "--model", "./no/such/dir"], "checkpoint directory does not exist"),
     ("model directory without config", [*TRAIN, "--model", "{d}/empty_dir"], "has no config.json"),

@@ -9,12 +9,11 @@ import json
 
 import pytest
 
-from distzo2_lab.config import ConfigError, OffloadConfig, TrainConfig, ZOConfig
+from distzo2_lab.config import OffloadConfig, TrainConfig, ZOConfig
 from distzo2_lab.parallel.launch import launch
 from distzo2_lab.parallel.layout import Layout
 from distzo2_lab.run.checkpoint import digest
-from distzo2_lab.run.preflight import check_layout
-from distzo2_lab.run.train import Run, rebuild, train
+from distzo2_lab.run.train import rebuild, train
 from distzo2_lab.run.worker import train_worker
 
 BASE = TrainConfig(model="tiny", steps=4, batch_size=4, seq_len=12, threads=1)
@@ -87,13 +86,34 @@ def test_a_pertp_family_run_rebuilds_from_its_seed_log(tmp_path):
     assert digest(rebuild(str(tmp_path / "out" / "seedlog.jsonl"))) == results[0]["digest"]
 
 
-def test_slicing_is_refused_for_the_family_by_name():
-    cfg = dataclasses.replace(BASE, zo=PERTP["adam"], offload=OffloadConfig(tier="host"))
-    layout = Layout(dp=1, pert=2, slice=True)
-    # before any process starts (the CLI's preflight) and in the rank's Run
-    for check in (lambda: check_layout(cfg, layout), lambda: Run(cfg, layout=layout, rank=0)):
-        with pytest.raises(ConfigError, match=r"layout slice=True with zo.optimizer='adam'.*choose slice=False"):
-            check()
+# adam: state sharded, decayed; hizoo-sparse: h gathered, thresholds refreshed from the gathered
+# master; conservative: the trial's sweep gathers on both ranks (the trial runs on rank 1)
+@pytest.mark.parametrize("name", ["adam", "hizoo-sparse", "conservative"])
+def test_sliced_pertp_moves_shards_of_master_and_state_and_equals_one_rank_bit_for_bit(name, tmp_path):
+    cfg = dataclasses.replace(BASE, steps=3, zo=PERTP[name])
+    single = train(cfg, progress=False)
+    sliced = dataclasses.replace(cfg, offload=OffloadConfig(tier="host"))
+    results = launch(train_worker, 2, args=(sliced, Layout(dp=1, pert=2, slice=True), None, str(tmp_path / "t")),
+                     timeout=240).wait()
+    assert {(r["digest"], r["state_digest"]) for r in results.values()} == {(single["digest"], single["state_digest"])}
+    assert results[0]["steps"] == results[1]["steps"] == single["steps"]
+    # every upload of rank 0 moved its shard of the master and of each state tensor, nothing more
+    from distzo2_lab.observe.events import read_jsonl
+    from distzo2_lab.parallel.slicer import Slicer
+    from distzo2_lab.zo.methods import METHODS
+
+    spans = read_jsonl(str(tmp_path / "t" / "rank0.jsonl"))
+    start, stop = Slicer(0, 2).bounds(49984)  # a tiny block's shard
+    ups = [s.bytes for s in spans if s.lane == "upload"]
+    assert ups and set(ups) == {(1 + METHODS[cfg.zo.optimizer].floats_per_param) * (stop - start) * 4}
+
+
+def test_sliced_ddp_equals_unsliced_ddp_bit_for_bit():
+    cfg = dataclasses.replace(BASE, steps=2, zo=PERTP["momentum-lowrank"], offload=OffloadConfig(tier="host"))
+    naive, sliced = (run_layout(Layout(dp=2, pert=1, slice=s), cfg) for s in (False, True))
+    want = {(naive[0]["digest"], naive[0]["state_digest"])}
+    assert {(r["digest"], r["state_digest"]) for r in sliced.values()} == want
+    assert sliced[0]["steps"] == naive[0]["steps"]
 
 
 @pytest.mark.parametrize("name", ["adam", "momentum-lowrank"])

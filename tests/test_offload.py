@@ -243,3 +243,33 @@ def test_summary_reports_the_bytes_the_blocks_moved_per_parameter_and_step(tier,
     assert got["bytes_up_per_step"] == got["bytes_down_per_step"] == 4 * blocks
     assert got["bytes_per_param_per_step"] == pytest.approx(8 * blocks / total)
     assert "bytes_per_param_per_step" not in train(BASE, progress=False)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sliced_streamer_moves_its_shard_of_every_section_of_a_slot(rank):
+    """A method-family slot [master | m | v] of 3 x 7 elements over 2 ranks: the working buffer holds
+    each section padded to 2 x 4, a rank's shard of each section lands at the same place in its padded
+    section, and the write-back puts back that shard alone."""
+    from distzo2_lab.offload.store import HostStore
+    from distzo2_lab.offload.stream import Streamer
+    from distzo2_lab.parallel.slicer import Slicer
+
+    store = HostStore(["b"], [21])
+    store.blocks[0].copy_(torch.arange(21.0))
+    streamer = Streamer(store, slicer=Slicer(rank, 2), sections=3)
+    try:
+        buf = streamer.acquire(0)
+        assert buf.numel() == 24
+        a, b = (0, 4) if rank == 0 else (4, 7)
+        for j in range(3):
+            assert torch.equal(buf[8 * j + a : 8 * j + b], torch.arange(7.0 * j + a, 7.0 * j + b))
+            buf[8 * j + a : 8 * j + b] += 100
+        streamer.release(0, buf)
+        streamer.drain()
+        mine = torch.zeros(21, dtype=torch.bool)
+        for j in range(3):
+            mine[7 * j + a : 7 * j + b] = True
+        assert torch.equal(store.blocks[0], torch.arange(21.0) + 100 * mine)
+        assert streamer.bytes_up == streamer.bytes_down == 3 * (b - a) * 4
+    finally:
+        streamer.close()

@@ -12,6 +12,8 @@ On CPU the lanes are worker threads (copies and file I/O release the GIL). On CU
 also has its own stream; hand-offs are CUDA events (record / wait), buffers used across streams
 are marked with ``record_stream``, and host memory is pinned. An optional *simulated* link
 stretches each transfer to bytes / bandwidth, so a machine without a GPU can show a slow link.
+With a slicer (parallel/slicer.py) a visit moves this rank's shard only: of the master, and of each
+optimiser state section a method-family slot [master | state_0 | state_1 ...] holds (`sections`).
 """
 from __future__ import annotations
 
@@ -30,14 +32,16 @@ class Streamer:
 
     def __init__(self, store, device: str | torch.device = "cpu", depth: int = 1, recorder: Recorder | None = None,
                  link_gbps: float | None = None, slicer=None, spare: int = 1,
-                 fixed: dict[str, list[tuple[int, int]]] | None = None):
+                 fixed: dict[str, list[tuple[int, int]]] | None = None, sections: int = 1):
         """`spare`: pool buffers beyond the prefetch window and the visit at hand. 1 lets a block's
         write-back run while the next upload fills another buffer, and the lane prefetch the next
         sweep's first blocks; 0 (lean runs) makes that upload wait for the write-back, for one block
         buffer less, and keeps the lane inside the announced sweep, so between sweeps no block
         buffer is held. `fixed`: {block key: [start, stop) spans} that no visit changes (z is 0
         there): kept out of the write-backs, which the store must allow (every slot holds their
-        start values)."""
+        start values). `sections`: equal sections of each block's slot (1 + the method family's
+        state tensors, zo/family_engine.py); with a slicer each is cut into shards on its own, and
+        a working buffer holds each section padded to whole shards, so that each can be gathered."""
         if depth < 0:
             raise ValueError(f"depth={depth} is not valid; it must be >= 0")
         if spare not in (0, 1):
@@ -52,9 +56,12 @@ class Streamer:
         self.n = len(store.numels)
         self.moving = [complement((fixed or {}).get(k, []), n) for k, n in zip(store.keys, store.numels)]
         self.cuda = self.device.type == "cuda"
-        # With a slicer each visit moves only this rank's shard; buffers are padded to whole shards.
-        self.slicer = slicer
-        self.width = width = max(slicer.padded(n) if slicer else n for n in store.numels)
+        # With a slicer each visit moves only this rank's shard of each section; buffers hold every
+        # section padded to whole shards.
+        self.slicer, self.sections = slicer, sections
+        if any(n % sections for n in store.numels):
+            raise ValueError(f"sections={sections}: every slot of the store must hold that many equal sections")
+        self.width = width = max(self.buffer_numel(i) for i in range(len(store.numels)))
         self.pool: queue.Queue = queue.Queue()  # None = a buffer not allocated (yet, or after trim())
         for _ in range(min(depth, len(store.numels) - 1) + 1 + spare):
             self.pool.put(None)
@@ -139,7 +146,8 @@ class Streamer:
         # the previous sweep's write-back of this block has landed
         if self._wait_for(lambda: self._written[i].wait(0.05) or None) is None:
             return False
-        view, start, nbytes = self._part(buf, i)
+        pieces = self._pieces(i)
+        nbytes = self._upload_bytes(i, pieces)
         self.bytes_up += nbytes
         self._up_by_sweep[v // self.n] = self._up_by_sweep.get(v // self.n, 0) + nbytes
         t0 = time.perf_counter_ns()
@@ -147,21 +155,28 @@ class Streamer:
         # a visit uploaded before its sweep was announced is a prefetch for the next step
         label = self._sweep_steps.get(v // self.n, self.step + 1)
         if self.cuda:  # the span is the copy on the upload stream, timed by CUDA events
-            if self.staging is not None:  # disk -> pinned staging -> device
-                self.store.read_into(i, self.staging[: view.numel()], start=start)
+            if self.staging is not None:  # disk -> pinned staging -> device, the pieces side by side
+                off = 0
+                for _, start, n in pieces:
+                    self.store.read_into(i, self.staging[off : off + n], start=start)
+                    off += n
             with torch.cuda.stream(self.up_stream), \
                     self.recorder.cuda_span("upload", "upload", label, i, nbytes, stream=self.up_stream):
-                if self.staging is not None:
-                    view.copy_(self.staging[: view.numel()], non_blocking=True)
-                else:
-                    self.store.upload_into(i, view, non_blocking=True, start=start)
+                off = 0
+                for at, start, n in pieces:
+                    if self.staging is not None:
+                        buf[at : at + n].copy_(self.staging[off : off + n], non_blocking=True)
+                        off += n
+                    else:
+                        self.store.upload_into(i, buf[at : at + n], non_blocking=True, start=start)
             event = torch.cuda.Event()
             event.record(self.up_stream)
             event.synchronize()  # the staging buffer is reused by the next upload
             self._simulate(nbytes, t0)
         else:
             with self.recorder.span("upload", "upload", label, i, nbytes):
-                self.store.upload_into(i, view, start=start)
+                for at, start, n in pieces:
+                    self.store.upload_into(i, buf[at : at + n], start=start)
                 self._simulate(nbytes, t0)
         with self._cv:
             self._uploaded[v] = (buf, event)
@@ -180,21 +195,25 @@ class Streamer:
             return
         i, buf, write, event, step = payload
         if write:
-            view, start, _ = self._part(buf, i)
-            pieces = _clip(self.moving[i], start, start + view.numel())
-            nbytes = sum(b - a for a, b in pieces) * self.store.dtype.itemsize
+            # per piece: the moving spans inside it (slot coordinates), and the view of the buffer
+            # whose element k is the slot's element k there (a section starts further on in a
+            # buffer padded to whole shards)
+            parts = [(buf[at - start :], _clip(self.moving[i], start, start + n)) for at, start, n in self._pieces(i)]
+            nbytes = sum(b - a for _, spans in parts for a, b in spans) * self.store.dtype.itemsize
             self.bytes_down += nbytes
             t0 = time.perf_counter_ns()
             if self.cuda:  # the span is the copy on the offload stream, timed by CUDA events
                 self.off_stream.wait_event(event)
                 with torch.cuda.stream(self.off_stream), \
                         self.recorder.cuda_span("offload", "offload", step, i, nbytes, stream=self.off_stream):
-                    self.store.write_spans(i, buf, pieces, non_blocking=self.store.tier == "host")
+                    for view, spans in parts:
+                        self.store.write_spans(i, view, spans, non_blocking=self.store.tier == "host")
                 self.off_stream.synchronize()
                 self._simulate(nbytes, t0)
             else:
                 with self.recorder.span("offload", "offload", step, i, nbytes):
-                    self.store.write_spans(i, buf, pieces)
+                    for view, spans in parts:
+                        self.store.write_spans(i, view, spans)
                     self._simulate(nbytes, t0)
             self._written[i].set()
         elif event is not None:
@@ -203,12 +222,24 @@ class Streamer:
             self.in_use -= 1
         self.pool.put(buf)
 
-    def _part(self, buf: torch.Tensor, i: int) -> tuple[torch.Tensor, int, int]:
-        """(view, start, bytes) this rank moves for block i: all of it, or its shard."""
+    def buffer_numel(self, i: int) -> int:
+        """Elements of block i's working buffer: its slot, or each section padded to whole shards."""
+        n = self.store.numels[i]
+        return n if self.slicer is None else self.slicer.padded(n // self.sections) * self.sections
+
+    def _pieces(self, i: int) -> list[tuple[int, int, int]]:
+        """(buffer start, slot start, length) of what this rank moves of block i: the whole slot, or
+        its shard of each section."""
         if self.slicer is None:
-            return buf[: self.store.numels[i]], 0, self.store.nbytes(i)
-        a, b = self.slicer.bounds(self.store.numels[i])
-        return buf[a:b], a, (b - a) * self.store.dtype.itemsize
+            return [(0, 0, self.store.numels[i])]
+        n = self.store.numels[i] // self.sections
+        width, (a, b) = self.slicer.padded(n), self.slicer.bounds(n)
+        return [(j * width + a, j * n + a, b - a) for j in range(self.sections)]
+
+    def _upload_bytes(self, i: int, pieces: list[tuple[int, int, int]]) -> int:
+        if self.slicer is None:
+            return self.store.nbytes(i)  # a store may move some spans in the compute dtype
+        return sum(n for _, _, n in pieces) * self.store.dtype.itemsize
 
     # -- the compute side ----------------------------------------------------------------
     def _check(self) -> None:
@@ -246,8 +277,7 @@ class Streamer:
         if self.cuda:
             torch.cuda.current_stream().wait_event(event)
             buf.record_stream(torch.cuda.current_stream())
-        n = self.store.numels[v % self.n]
-        return buf[: self.slicer.padded(n) if self.slicer else n]
+        return buf[: self.buffer_numel(v % self.n)]
 
     def release(self, v: int, buf: torch.Tensor, write: bool = True) -> None:
         """Hand visit `v`'s buffer to the offload lane (written back when `write`)."""

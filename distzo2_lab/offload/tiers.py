@@ -365,7 +365,7 @@ class Offload:
         self.slicer = slicer
         # lean: no spare buffer (a block's upload waits for the previous write-back)
         self.streamer = Streamer(self.store, device, offload.prefetch, recorder, offload.link_gbps, slicer,
-                                 spare=0 if self.lean else 1, fixed=fixed)
+                                 spare=0 if self.lean else 1, fixed=fixed, sections=1 + len(state))
         if self.lean:  # the embeddings live in the store; LeanResident loads them when needed
             a.bucket_in.detach()
             a.bucket_in.unbind()
@@ -393,11 +393,7 @@ class Offload:
             return self.store.read_resident(bucket.key)
         i = self.adapter.blocks.index(bucket)
         if self.slicer is not None:  # each rank's store is current on its own shard only
-            out = torch.empty(self.slicer.padded(bucket.numel))
-            start, stop = self.slicer.bounds(bucket.numel)
-            self.store.read_into(i, out[start:stop], start=start)
-            self.slicer.assemble(out, bucket.numel, -1, i)
-            return out[: bucket.numel]
+            return self.slicer.whole(lambda dst, start: self.store.read_into(i, dst, start=start), bucket.numel, i)
         out = torch.empty(bucket.numel)
         self.store.read_into(i, out)
         return out

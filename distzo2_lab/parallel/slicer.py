@@ -6,8 +6,13 @@ shard (its own share of the host link), applies the deferred update to that shar
 regenerated for the shard only), and the ranks all-gather the updated shards into the whole block
 (over NVLink on GPUs; gloo on CPU here). After the dual forward each rank writes back only its
 shard. The arithmetic per element is the unsliced engine's, so the results are the same bit for bit.
+The method family's slot [master | state...] is cut section by section: a rank moves and updates its
+shard of the master and of each state tensor, and gathers what the passes read whole (the master;
+HiZOO's h), zo/family_engine.py.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -46,4 +51,12 @@ class Slicer:
         self.bytes_gathered += nbytes
         self.recorder.add("exchange", "allgather", step, block, t0, self.recorder.now(), nbytes)
 
-
+    def whole(self, read: Callable[[torch.Tensor, int], None], numel: int, block: int = -1) -> torch.Tensor:
+        """A bucket (or one section of a slot) of which this rank's store is current on its own shard
+        only: read(dst, start) fills the shard, the all-gather the rest. Every rank calls it, in the
+        same order (digests, checkpoints, the optimiser state)."""
+        out = torch.empty(self.padded(numel))
+        start, stop = self.bounds(numel)
+        read(out[start:stop], start)
+        self.assemble(out, numel, -1, block)
+        return out[:numel]

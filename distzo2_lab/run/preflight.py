@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from distzo2_lab.config import SUITE_TASKS, ConfigError, TrainConfig, is_family, validate
+from distzo2_lab.config import SUITE_TASKS, ConfigError, TrainConfig, validate
 from distzo2_lab.models.presets import checkpoint_config, is_local_dir, preset_config
 from distzo2_lab.run.checkpoint import SeedLog, check_checkpoint
 from distzo2_lab.run.outputs import check_writable
@@ -39,18 +39,6 @@ def check_data(cfg: TrainConfig) -> None:
         read_split(cfg.task, cfg.data, "train")
 
 
-def family_layout_refusal(cfg: TrainConfig, layout) -> str | None:
-    """Why the method family cannot run on this layout (slicing), or None."""
-    if not is_family(cfg.zo) or layout is None or layout.world_size == 1:
-        return None
-    if layout.slice:
-        return (f"layout slice=True with zo.optimizer={cfg.zo.optimizer!r}, zo.perturbation="
-                f"{cfg.zo.perturbation!r}, zo.estimator={cfg.zo.estimator!r}: the slicer's shards "
-                f"hold masters only, not the method's state; choose slice=False or the defaults sgd, "
-                f"{cfg.zo.noise}, two-point")
-    return None
-
-
 def check_layout(cfg: TrainConfig, layout) -> None:
     """What a distributed layout needs of the rest of the config (the layout's own checks are
     parallel.layout.validate_layout)."""
@@ -59,8 +47,6 @@ def check_layout(cfg: TrainConfig, layout) -> None:
     if layout.slice and cfg.offload.tier == "resident":
         raise ConfigError("--slice (layout slice=True) moves shards of offloaded blocks: add --offload host "
                           "or --offload disk --store DIR (offload.tier='resident' moves no shards)")
-    if family_layout_refusal(cfg, layout):
-        raise ConfigError(family_layout_refusal(cfg, layout))
     if layout.world_size > 1 and cfg.engine != "zo2":
         raise ConfigError(f"engine={cfg.engine!r} is the one-rank reference; a distributed layout runs engine='zo2'")
 

@@ -48,7 +48,6 @@ from distzo2_lab.run.checkpoint import (
     save_method_state,
 )
 from distzo2_lab.run.outputs import check_writable, write_json
-from distzo2_lab.run.preflight import family_layout_refusal
 from distzo2_lab.seeds import step_seed
 from distzo2_lab.zo.engine import ZO2Engine
 from distzo2_lab.zo.family_engine import FamilyEngine
@@ -237,8 +236,6 @@ class Run:
         if distributed and (cfg.engine != "zo2" or resume is not None):
             raise ConfigError("a distributed layout runs engine='zo2' and resumes from its disk store "
                               "(offload.store), not from resume=")
-        if distributed and family_layout_refusal(cfg, layout):
-            raise ConfigError(family_layout_refusal(cfg, layout))
         if distributed and groups is None:
             from distzo2_lab.parallel.groups import ParallelGroups
 

@@ -19,6 +19,16 @@ block carries it in its own store slot, [master | state_0 | state_1 ...], each o
 the upload lane brings it with the master and the offload lane writes it back, overlapped with
 compute like the master (a state table kept apart on the host would need its own synchronous
 transfers on every visit, since the rule updates master and state together).
+
+Sliced (parallel/slicer.py, DistZO2 Sec. 3.3): each section of the slot is cut into one shard per rank
+and a rank moves only its shard of each. The pending update lands on its master shard and state
+shards, with z of the shard alone (family_z at the shard's start: dense and lowrank:R regenerate any
+slice, sparse:F masks with the master slice and the bucket's thresholds); then the ranks all-gather
+the master, which every pass reads whole, and HiZOO's h, which its directions z / sqrt(h) read
+whole. The other state stays sharded: the rule alone reads it, elementwise. Sparse thresholds are
+refreshed from the gathered theta_t; ZO-SGD-Cons's trial sweep gathers the master once more on every
+rank (its candidate keeps no state). Each rank's store is current on its own shards, so the state is
+read for a checkpoint by a gather too (Slicer.whole).
 """
 from __future__ import annotations
 
@@ -136,9 +146,11 @@ class FamilyEngine(ZO2Engine):
         """`options`: ZO2Engine's streamer, recorder, micro_batches, start_step, exchange. Under a
         layout, `pert` = (this rank's index in its pert group, the group's size): the step's passes
         are dealt out round-robin over the group (see `passes`) and `exchange` (parallel.exchange.
-        LossExchange) gives every rank every pass's loss, combined over the pert and dp groups. No
-        slicer, node shares, lean keeper nor pending MeZO update."""
-        unsupported = [k for k in ("slicer", "noise_share", "copy_share", "master_share", "resident", "directions",
+        LossExchange) gives every rank every pass's loss, combined over the pert and dp groups.
+        `slicer` (parallel.slicer.Slicer, with a streamer built with the same one): each rank moves
+        and updates its shard of every streamed block's master and state. No node shares, lean
+        keeper nor pending MeZO update."""
+        unsupported = [k for k in ("noise_share", "copy_share", "master_share", "resident", "directions",
                                    "pending", "perturber") if options.get(k) is not None]
         if options.get("signs", (True, True)) != (True, True):
             unsupported.append("signs")
@@ -178,20 +190,41 @@ class FamilyEngine(ZO2Engine):
         self._seeds: list[int] = []
 
     # -- state and z ---------------------------------------------------------------------------
+    def _section(self, b: ParamBucket) -> int:
+        """Elements between the starts of two sections of a streamed block's working buffer: the
+        block, or (sliced) the block padded to whole shards (Streamer.buffer_numel)."""
+        return b.numel if self.slicer is None else self.slicer.padded(b.numel)
+
     def _attach(self, b: ParamBucket, buf: torch.Tensor) -> None:
         super()._attach(b, buf)
-        n = b.numel
-        self._block_state = {name: buf[n * (1 + j) : n * (2 + j)] for j, (name, _) in enumerate(self.method.state)}
+        n, w = b.numel, self._section(b)
+        self._block_state = {name: buf[w * (1 + j) : w * (1 + j) + n] for j, (name, _) in enumerate(self.method.state)}
+
+    def _assemble(self, buf: torch.Tensor, b: ParamBucket, i: int) -> None:
+        """Sliced visit: the pending update on this rank's shard of the master and of each state
+        section, then the all-gather of the master (and of HiZOO's h, read whole by its directions)."""
+        w, (start, stop) = self._section(b), self.slicer.bounds(b.numel)
+        if self.pending is not None and stop > start:
+            state = {name: buf[w * (1 + j) + start : w * (1 + j) + stop]
+                     for j, (name, _) in enumerate(self.method.state)}
+            with self.span("update", i):
+                self._update(b, buf[start:stop], state, self.pending, start)
+        for j in range(2 if self.method.name == "hizoo" else 1):
+            self.slicer.assemble(buf[w * j : w * (j + 1)], b.numel, self.step_count, i)
+        self._skip_pending = True
 
     def state_of(self, b: ParamBucket) -> dict[str, torch.Tensor]:
         return self.state[b.key] if b.key in self.state else self._block_state
 
-    def z(self, b: ParamBucket, seed: int, v_seed: int | None) -> torch.Tensor:
-        """z of a whole bucket at direction seed `seed` (V of lowrank:R from `v_seed`)."""
-        out = torch.empty(b.numel, dtype=torch.float32, device=self.device)
+    def z(self, b: ParamBucket, seed: int, v_seed: int | None, theta: torch.Tensor | None = None,
+          start: int = 0) -> torch.Tensor:
+        """z at direction seed `seed` (V of lowrank:R from `v_seed`) of the elements of bucket `b` that
+        `theta` holds, from `start` on (default: the whole master); sparse:F masks with `theta`."""
+        theta = b.master if theta is None else theta
+        out = torch.empty(theta.numel(), dtype=torch.float32, device=self.device)
         sparse = self.kind == "sparse"
-        return dirs.family_z(out, self.kind, self.arg, self.zo.noise, seed, b, 0, v_seed,
-                             b.master if sparse else None, self.thresholds[b.key] if sparse else None,
+        return dirs.family_z(out, self.kind, self.arg, self.zo.noise, seed, b, start, v_seed,
+                             theta if sparse else None, self.thresholds[b.key] if sparse else None,
                              self.perturber.frozen.get(b.key, ()))
 
     def _direction(self, b: ParamBucket, seed: int) -> torch.Tensor:
@@ -199,21 +232,23 @@ class FamilyEngine(ZO2Engine):
         return hizoo_direction(z, self.state_of(b)) if self.method.name == "hizoo" else z
 
     # -- the update ----------------------------------------------------------------------------
-    def _update(self, b: ParamBucket, theta: torch.Tensor, state: dict, u: FamilyUpdate) -> None:
-        """theta (the master or a candidate) and `state` after update `u`: the rule on g * d."""
+    def _update(self, b: ParamBucket, theta: torch.Tensor, state: dict, u: FamilyUpdate, start: int = 0) -> None:
+        """theta (the master, a candidate, or a shard of the master from element `start`) and `state`
+        (the same elements) after update `u`: the rule on g * d, z made before theta changes."""
         terms = u.terms
         if len(terms) == 1:
-            d, g = self.z(b, terms[0][0], u.v_seed), terms[0][1]
+            d, g = self.z(b, terms[0][0], u.v_seed, theta, start), terms[0][1]
         else:
-            d, g = torch.zeros(b.numel, dtype=torch.float32, device=self.device), 1.0
+            d, g = torch.zeros(theta.numel(), dtype=torch.float32, device=self.device), 1.0
             for s, gj in terms:
-                d.add_(self.z(b, s, u.v_seed), alpha=gj / len(terms))
+                d.add_(self.z(b, s, u.v_seed, theta, start), alpha=gj / len(terms))
         apply_(self.method, theta, d, state, u.scalars(self.zo, g), self.zo.weight_decay,
-               self.perturber.decay_spans(b))
+               self.perturber.decay_spans(b), start)
 
     def apply_pending(self, bucket: ParamBucket, scratch=None, block: int = -1) -> None:
-        """The pending update on one bucket's master and state (`scratch` unused: z is made per bucket)."""
-        if self.pending is None:
+        """The pending update on one bucket's master and state (`scratch` unused: z is made per bucket);
+        block >= 0: a streamed block, whose shard a sliced visit has updated already (_assemble)."""
+        if self.pending is None or (self._skip_pending and block >= 0):
             return
         with self.span("update", block):
             self._update(bucket, bucket.master, self.state_of(bucket), self.pending)
@@ -333,6 +368,7 @@ class FamilyEngine(ZO2Engine):
         self._schedule(seed)
         with compute_context(self.precision.compute, self.device):
             got = self._losses(micro, labels, counts)
+        self.pending = None  # the sweep has applied it to every bucket
         self._refresh_due = False
         keys = self.passes()
         got = dict(zip(keys, self._exchange([got.get(k) for k in keys], sum(counts))))
@@ -356,6 +392,8 @@ class FamilyEngine(ZO2Engine):
             if self._mine(len(keys)):
                 with compute_context(self.precision.compute, self.device):
                     loss_trial = self._trial(micro, labels, counts, u)
+            elif self.slicer is not None:  # the trial's gathers span every rank: take part in them
+                self._sweep(lambda i, b: None, write=False)
             loss_trial = self._exchange([loss_trial], sum(counts))[0]
             u = replace(u, accept=loss_trial <= l0)
             self.last.update(trial=loss_trial, accept=u.accept)
@@ -376,13 +414,23 @@ class FamilyEngine(ZO2Engine):
         if self._stored():
             self.streamer.drain()
         for i, b in self._stored():
-            state[b.key] = {}
-            for j, (name, _) in enumerate(self.method.state):
-                state[b.key][name] = t = torch.empty(b.numel)
-                self.streamer.store.read_into(i, t, start=b.numel * (1 + j))
+            state[b.key] = {name: self._read_section(i, b, 1 + j) for j, (name, _) in enumerate(self.method.state)}
         return {"state": state, "thresholds": {k: t.clone() for k, t in self.thresholds.items()},
                 "v_seed": self.v_seed, "updates": self.updates, "step": self.step_count,
                 "pending": None if self.pending is None else self.pending.to_dict()}
+
+    def _read_section(self, i: int, b: ParamBucket, j: int) -> torch.Tensor:
+        """Section j of block i's store slot (a sliced rank's store is current on its shard only)."""
+        store, at = self.streamer.store, b.numel * j
+
+        def read(dst: torch.Tensor, start: int) -> None:
+            store.read_into(i, dst, start=at + start)
+
+        if self.slicer is not None:
+            return self.slicer.whole(read, b.numel, i)
+        out = torch.empty(b.numel)
+        read(out, 0)
+        return out
 
     def load_state_dict(self, sd: dict) -> None:
         if self._stored() and self.streamer.store.tier == "disk":  # a write would start a slot of a new step
