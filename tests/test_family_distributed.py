@@ -108,6 +108,19 @@ def test_sliced_pertp_moves_shards_of_master_and_state_and_equals_one_rank_bit_f
     assert ups and set(ups) == {(1 + METHODS[cfg.zo.optimizer].floats_per_param) * (stop - start) * 4}
 
 
+def test_sliced_pertp_on_one_shared_disk_store_reopens_to_one_rank_bit_for_bit(tmp_path):
+    """Each rank writes its shards of every section of the node's [master | state...] slots; the
+    leader commits; a second launch continues from the store to one uninterrupted rank's run."""
+    cfg = dataclasses.replace(BASE, steps=3, zo=PERTP["adam"])
+    single = train(cfg, progress=False)
+    disk = dataclasses.replace(cfg, offload=OffloadConfig(tier="disk", store=str(tmp_path / "s")))
+    layout = Layout(dp=1, pert=2, slice=True)
+    first = run_layout(layout, dataclasses.replace(disk, steps=2))
+    rest = run_layout(layout, disk)
+    assert first[0]["steps"] + rest[0]["steps"] == single["steps"]
+    assert {(r["digest"], r["state_digest"]) for r in rest.values()} == {(single["digest"], single["state_digest"])}
+
+
 def test_sliced_ddp_equals_unsliced_ddp_bit_for_bit():
     cfg = dataclasses.replace(BASE, steps=2, zo=PERTP["momentum-lowrank"], offload=OffloadConfig(tier="host"))
     naive, sliced = (run_layout(Layout(dp=2, pert=1, slice=s), cfg) for s in (False, True))
