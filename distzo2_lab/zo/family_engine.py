@@ -209,7 +209,8 @@ class FamilyEngine(ZO2Engine):
                      for j, (name, _) in enumerate(self.method.state)}
             with self.span("update", i):
                 self._update(b, buf[start:stop], state, self.pending, start)
-        for j in range(2 if self.method.name == "hizoo" else 1):
+        whole = 2 if self.method.name == "hizoo" else 1  # sections gathered: the master, and h (every sweep alike)
+        for j in range(whole):
             self.slicer.assemble(buf[w * j : w * (j + 1)], b.numel, self.step_count, i)
         self._skip_pending = True
 
