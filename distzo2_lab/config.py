@@ -81,7 +81,7 @@ class ZOConfig:
     'sign' (ZO-SGD-Sign), 'conservative' (ZO-SGD-Cons) of ZO-Bench (arXiv 2402.11592), or 'hizoo'
     (diagonal-Hessian preconditioning, arXiv 2402.15173). Other than 'sgd' (and with perturbation or
     estimator other than the defaults), engine='zo2' runs it on every tier (not lean) and under PertP,
-    DDP and 2D layouts without slicing."""
+    DDP and 2D layouts, sliced or not."""
     perturbation: str = "dense"
     """What z looks like: 'dense' (every element drawn from zo.noise; 'gaussian' / 'rademacher' say
     the same and must equal zo.noise), 'lowrank:R' (LOZO,
