@@ -360,7 +360,7 @@ def _zo_line(r: dict) -> str:
     steps = zo["steps"] if zo.get("selected_step", zo["steps"]) == zo["steps"] else \
         f"{zo['selected_step']}/{zo['steps']}"
     zo_label = f"ZO {steps:>5} steps lr {zo['lr']:g} batch {zo['batch_size']}{q}"
-    return (f"  {zo_label:<39}{zo['accuracy']:.3f}   ({zo['seconds']:.0f} s, gain {r['zo_gain']:+.3f}"
+    return (f"  {zo_label:<38} {zo['accuracy']:.3f}   ({zo['seconds']:.0f} s, gain {r['zo_gain']:+.3f}"
             f"{_p(r, 'zo_vs_start')}; peak RSS {zo['memory']['peak_mb']:.0f} MiB, +{zo['memory']['added_mb']:.0f})")
 
 
