@@ -38,8 +38,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="number of ZO steps (a resumed run's total)")
     p.add_argument("--seed", type=int, default=d.seed, help="run seed: init, data order and every step seed")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate; default: the tiny presets' 3e-3, MeZO's 1e-6 for OPT-shaped and local "
-                        "models, or the rate a resumed run last used")
+                   help="learning rate; default: by --optimizer (sgd: the tiny presets' 3e-3, MeZO's 1e-6 for "
+                        "OPT-shaped and local models; see DEFAULT_LR), or the rate a resumed run last used")
     p.add_argument("--eps", type=float, default=z.eps, help="perturbation scale: theta +- eps z")
     p.add_argument("--weight-decay", type=float, default=z.weight_decay, help="decoupled weight decay")
     p.add_argument("--noise", default=None,
@@ -105,13 +105,27 @@ def _default_directions(layout: str | None) -> int:
     return max(1, parse_layout(layout).pert // 2)
 
 
-def default_lr(model: str) -> tuple[float, str]:
-    """(learning rate, why) for a run without --lr: the tiny presets keep their own rate; an
-    OPT-shaped preset or a local (pretrained) checkpoint gets MeZO's scale (it fine-tunes OPT
-    with 1e-6 / 1e-7; the tiny rate makes a pretrained-size model's loss blow up)."""
+DEFAULT_LR = {  # zo.optimizer: (the tiny presets' rate, the scale for a pretrained model)
+    "sgd": (3e-3, 1e-6),  # MeZO fine-tunes OPT with 1e-6 / 1e-7
+    "momentum": (3e-4, 1e-7),  # m sums about 1 / (1 - beta) = 10 steps of g z: a tenth of sgd's rate
+    "adam": (5e-3, 1e-5),  # each element moves about lr a step, whatever the scale of g
+    "sign": (1e-2, 1e-6),  # each element moves exactly lr a step
+    "conservative": (3e-3, 1e-6),
+    "hizoo": (3e-3, 1e-6),
+}
+
+
+def default_lr(model: str, optimizer: str = "sgd") -> tuple[float, str]:
+    """(learning rate, why) for a run without --lr, by model and zo.optimizer (DEFAULT_LR): the
+    tiny presets keep their own rate; an OPT-shaped preset or a local (pretrained) checkpoint gets
+    MeZO's scale (the tiny rate makes a pretrained-size model's loss blow up). Momentum takes a
+    tenth of sgd's rate, as its buffer sums about ten steps; adam and sign move each element by
+    about lr whatever g's scale, so theirs is set on the element's step."""
+    tiny, pretrained = DEFAULT_LR.get(optimizer, DEFAULT_LR["sgd"])
+    for_method = "" if optimizer == "sgd" else f" for {optimizer}"
     if model.startswith("tiny"):
-        return ZOConfig().lr, "the tiny presets' rate"
-    return 1e-6, f"MeZO's scale for {model}"
+        return tiny, f"the tiny presets' rate{for_method}"
+    return pretrained, f"MeZO's scale for {model}{for_method}"
 
 
 def _resumed_lr(a) -> float | None:
@@ -142,7 +156,8 @@ def config_from_args(a: argparse.Namespace, ranks: int = 1) -> TrainConfig:
     lr, threads = a.lr, a.threads
     if lr is None:
         resumed = _resumed_lr(a)
-        lr, why = (resumed, "the resumed run's last rate") if resumed is not None else default_lr(a.model)
+        lr, why = ((resumed, "the resumed run's last rate") if resumed is not None
+                   else default_lr(a.model, a.optimizer))
         chosen.append(f"lr {lr:g} ({why}; --lr to change)")
     if threads is None:
         threads = default_threads(ranks)
