@@ -21,3 +21,8 @@ def trainer(out: str, steps: int = 30, zo: ZOArguments = ZOArguments(), save_ste
                              lr_scheduler_type="constant", seed=3, report_to="none", use_cpu=True,
                              disable_tqdm=True, **extra)
     return ZOTrainer(model="tiny", args=args, zo_args=zo, train_dataset=dataset(), eval_dataset=dataset(8, seed=0))
+
+
+def evaluating_trainer(out: str, steps: int, zo: ZOArguments, eval_steps: int) -> ZOTrainer:
+    """trainer() that evaluates every `eval_steps` steps (each evaluation flushes the pending update)."""
+    return trainer(out, steps=steps, zo=zo, eval_strategy="steps", eval_steps=eval_steps)
