@@ -144,10 +144,11 @@ class SharedHostStore:
     touches another's elements. Ranks that move whole blocks (slots=2) read the slot holding a
     block's latest values and write the other, which then is the latest: every rank keeps this
     map for itself, and all ranks visit the blocks in the same order, step by step (the loss
-    exchange ends every step), so a slow rank still reads the block of its own step while a fast
-    one writes the next (with one slot it would apply an update twice); the ranks write identical
-    bytes, their arithmetic being the same. The file is unlinked once every rank has mapped it,
-    so nothing is left in /dev/shm whatever happens to the ranks."""
+    exchange ends every step, a barrier every flush: ZO2Engine.flush), so a slow rank still
+    reads the block of its own step or flush while a fast one writes the next (with one slot it
+    would apply an update twice); the ranks write identical bytes, their arithmetic being the same.
+    The file is unlinked once every rank has mapped it, so nothing is left in /dev/shm whatever
+    happens to the ranks."""
 
     tier = "host"
 

@@ -376,9 +376,11 @@ class Offload:
         self.method, self._engine = method, None
 
     def engine_options(self) -> dict:
-        """What ZO2Engine takes from this tier: the streamer, the resident keeper and, for a lean
-        tier, trim_buffers (between sweeps only the embeddings are held)."""
-        return {"streamer": self.streamer, "resident": self.resident_keeper(), "trim_buffers": self.lean}
+        """What ZO2Engine takes from this tier: the streamer, the resident keeper, for a lean tier
+        trim_buffers (between sweeps only the embeddings are held), and for a store shared by the
+        ranks of a node the barrier they leave a flush by (ZO2Engine.flush)."""
+        return {"streamer": self.streamer, "resident": self.resident_keeper(), "trim_buffers": self.lean,
+                "flush_barrier": self.node.barrier if self.node is not None else None}
 
     def resident_keeper(self):
         """What the engine's `resident=` takes: LeanResident for a lean disk tier, else the default."""

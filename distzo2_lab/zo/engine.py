@@ -216,14 +216,15 @@ class ZO2Engine:
                  signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None,
                  micro_batches: int = 1, directions: list[int] | None = None, perturber: Perturber | None = None,
                  noise_share=None, copy_share=None, trim_buffers: bool = False, start_step: int = 0,
-                 pending: PendingUpdate | None = None, master_share=None):
+                 pending: PendingUpdate | None = None, master_share=None, flush_barrier=None):
         """`perturber`: the noise generator (built from zo when None; pass the one `noise_share` draws
         with). `noise_share` (node_share.NoiseShare): the node's ranks split every whole-bucket draw;
         `copy_share` (copy_share.CopyShare): the node's ranks of the same signs make each block copy
         once. `master_share` (master_share.MasterShare): the node's ranks hold the resident masters
         once and make each update and copy once. `trim_buffers`: free idle working buffers after each
         sweep (lean runs). `start_step` and `pending`: where a resumed run continues (its first step
-        index, the update it owes)."""
+        index, the update it owes). `flush_barrier`: the ranks sharing one store wait there for each
+        other after a flush's writes have landed (offload.tiers.Offload.engine_options)."""
         check_engine_setup(adapter, zo, precision)
         hold_masters(adapter, precision)
         if adapter.offloaded and streamer is None:
@@ -268,6 +269,7 @@ class ZO2Engine:
         self._oop = None  # copies: this rank's (+eps, -eps) copies of the visited block
         self.exchange = exchange
         self.slicer = slicer  # streamed blocks arrive as this rank's shard; see _assemble
+        self.flush_barrier = flush_barrier
         self._skip_pending = False
         # `resident(engine)` builds the keeper of the embeddings / head buckets.
         self.resident = (resident or ResidentSet)(self)
@@ -377,7 +379,11 @@ class ZO2Engine:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Apply the pending update to every bucket now (evaluation never sees stale weights)."""
+        """Apply the pending update to every bucket now (evaluation never sees stale weights).
+
+        Ranks sharing one store (flush_barrier) leave the flush together: a step ends with the loss
+        exchange, a flush with nothing, and a rank that ran ahead into the next step would write a
+        block's slot while a slower rank still reads it for its flush (and applies the update twice)."""
         if self.pending is None:
             return
         self.resident.flush()
@@ -388,6 +394,9 @@ class ZO2Engine:
 
         self._sweep(visit)
         self.pending = None
+        if self.flush_barrier is not None:
+            self.streamer.drain()  # this rank's writes of the flush have landed
+            self.flush_barrier()
 
     # -- one step ------------------------------------------------------------------------
     @torch.no_grad()
