@@ -224,6 +224,52 @@ def test_copy_perturbation_layouts_equal_the_single_rank_engine(monkeypatch):
         assert mine["projected_grad"] == pytest.approx(ref["projected_grad"], abs=5e-3)
 
 
+def lagging_resume_worker(rank: int, world_size: int, q, cfg: TrainConfig, lag: float) -> str:
+    """A PertP rank that reopens its disk store, flushes the update the store owes, and (rank 0)
+    lags behind before training on, so the other rank's next step visits every block first."""
+    import time
+
+    import torch.distributed as dist
+
+    from distzo2_lab.run.train import Run, make_task, to_device
+    from distzo2_lab.seeds import step_seed
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    run = Run(cfg, layout=Layout(1, 2), rank=rank)
+    try:
+        task = make_task(cfg, run.adapter)
+        run.engine.flush()
+        if rank == 0:
+            time.sleep(lag)
+        for t in range(run.start, cfg.steps):
+            r = run.engine.step(to_device(task.batch(t), cfg.device), step_seed(cfg.seed, t), step=t)
+            run.log.append(r.step, r.seed, r.grad, r.lr, r.terms)
+            run.offload.commit(t)
+        run.engine.flush()
+        return run.digest()
+    finally:
+        run.close()
+        dist.destroy_process_group()
+
+
+def test_a_flush_on_a_shared_disk_store_leaves_the_next_in_place_step_its_own_slot(tmp_path):
+    """In place, a step's write-back of a block differs from what it read (the +eps, -2 eps, +eps
+    round trip). After a flush the next step must still read a slot no rank writes in that step."""
+    cfg = dataclasses.replace(CFG, steps=6, zo=ZOConfig(perturb="in-place"))
+    single = train(cfg, progress=False)
+    disk = dataclasses.replace(cfg, offload=OffloadConfig(tier="disk", store=str(tmp_path / "store")))
+    run_layout(Layout(dp=1, pert=2), dataclasses.replace(disk, steps=3))
+    got = launch(lagging_resume_worker, 2, args=(disk, 2.0), timeout=240).wait()
+    assert set(got.values()) == {single["digest"]}
+    import json
+
+    manifest = json.load(open(tmp_path / "store" / "manifest.json"))
+    assert manifest["committed"] == 5 and manifest["flushed"]  # the last flush committed: nothing owed
+    longer = train(dataclasses.replace(cfg, steps=8), progress=False)
+    more = run_layout(Layout(dp=1, pert=2), dataclasses.replace(disk, steps=8))  # reopens the flushed store
+    assert {r["digest"] for r in more.values()} == {longer["digest"]} and more[0]["steps"] == longer["steps"][6:]
+
+
 def test_stores_shared_by_the_ranks_of_a_node(single, tmp_path):
     """Host tier: one /dev/shm copy per node (unlinked once mapped); disk tier: one store directory
     for every rank, the leader commits. Both give the single-rank numbers."""

@@ -1,11 +1,13 @@
 """ZOTrainer: ``transformers.Trainer`` with the toolkit's ZO engine as its training step.
 
-MeZO (arXiv 2305.17333) needs no backward pass and no optimizer state, so ``train`` is replaced
+MeZO (arXiv 2305.17333) needs no backward pass and no torch optimizer, so ``train`` is replaced
 whole rather than patched at ``training_step``: each step is one ``engine.step`` on a batch that
 is a pure function of (seed, step), the Trainer's callbacks decide when to log, evaluate and
 save, evaluation flushes the pending update first, and checkpoints are the toolkit's
-(safetensors + seed log), so ``distzo2 rebuild`` replays them bit-exactly and a resumed run
-continues the same trajectory. A layout ('dp=1,pert=2') runs it as one rank of a launched run.
+(safetensors + seed log, and the method family's state), so ``distzo2 rebuild`` replays them
+bit-exactly and a resumed run continues the same trajectory. ZOArguments' optimizer,
+perturbation and estimator pick the method (the family's block engine, as ``distzo2 train``
+does). A layout ('dp=1,pert=2') runs it as one rank of a launched run.
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from transformers import Trainer
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from distzo2_lab.config import ConfigError
-from distzo2_lab.hf.arguments import ZOArguments, train_config
+from distzo2_lab.config import ConfigError, is_family, validate_zo
+from distzo2_lab.hf.arguments import ZOArguments, train_config, zo_config
 from distzo2_lab.models import build_model
 from distzo2_lab.models.lora import is_peft, save_adapters
-from distzo2_lab.run.checkpoint import checkpoint_tensors, save_checkpoint
+from distzo2_lab.run.checkpoint import checkpoint_tensors, save_checkpoint, save_method_state
 from distzo2_lab.run.train import Run, to_device
 from distzo2_lab.seeds import derive_seed, step_seed
+from distzo2_lab.zo.family_reference import replay_scalars
 from distzo2_lab.zo.spsa import count_tokens
 
 
@@ -38,11 +41,14 @@ def batch_rows(step: int, rows: int, n: int, seed: int) -> list[int]:
 
 
 class ZOTrainer(Trainer):
-    """A Trainer whose step is ZO-SGD (no backward, no torch optimizer). `model` is a Hugging Face
-    model of a supported family, or a preset name / directory; `zo_args` holds the ZO options."""
+    """A Trainer whose step is a ZO method (no backward, no torch optimizer). `model` is a Hugging
+    Face model of a supported family, or a preset name / directory; `zo_args` holds the ZO options,
+    checked (config.validate_zo) before anything is built."""
 
     def __init__(self, model=None, args=None, zo_args: ZOArguments | None = None, **kwargs):
         self.zo_args = zo_args or ZOArguments()
+        if args is not None:  # a bad method or hyper-parameter is refused before any work
+            validate_zo(zo_config(args, self.zo_args))
         self._base_name = model if isinstance(model, str) else self.zo_args.model
         if isinstance(model, str):
             model = build_model(model, seed=args.seed if args is not None else 42)
@@ -96,7 +102,8 @@ class ZOTrainer(Trainer):
 
     # -- training -----------------------------------------------------------------------
     def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
-        """ZO-SGD keeps no optimizer state: the update is the engine's (seed, g, lr) record."""
+        """No torch optimizer: the update is the engine's (seed, g, lr) record, and the method
+        family's state lives in its engine."""
 
     def _lrs(self, steps: int) -> list[float]:
         """The learning rate of every step under TrainingArguments' schedule (lr_scheduler_type,
@@ -135,7 +142,9 @@ class ZOTrainer(Trainer):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             batch = to_device(run.micro_batch(self._batch(t, cfg.batch_size)), cfg.device)
             r = run.engine.step(batch, step_seed(cfg.seed, t), lr=lrs[t], step=t)
-            run.log.append(r.step, r.seed, r.grad, r.lr, r.terms)
+            run.log.append(r.step, r.seed, r.grad, r.lr, r.terms, replay_scalars(run.engine))
+            if run.offload is not None:
+                run.offload.commit(t)  # disk tier: the step is durable once its record is logged
             self.history.append({"step": r.step, "seed": r.seed, "loss_plus": r.loss_plus,
                                  "loss_minus": r.loss_minus, "projected_grad": r.grad, "lr": r.lr})
             window.append((r.loss_plus + r.loss_minus) / 2)
@@ -183,7 +192,8 @@ class ZOTrainer(Trainer):
 
     def save_zo_checkpoint(self) -> str:
         """OUTPUT_DIR/checkpoint-N: the toolkit's checkpoint (model.safetensors, state.json, seed
-        log), the Trainer's state, and a peft model's adapters the peft way."""
+        log, and the method family's state: method_state.*, flushed), the Trainer's state, and a
+        peft model's adapters the peft way."""
         run = self.run
         run.engine.flush()
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
@@ -192,6 +202,8 @@ class ZOTrainer(Trainer):
                      "digest": run.digest()}
             tensors = checkpoint_tensors(run.adapter, run.values)
             save_checkpoint(path, tensors, state, run.log)
+            if is_family(run.cfg.zo):  # what a resume loads beside the weights
+                save_method_state(path, run.engine.state_dict())
             self.state.save_to_json(os.path.join(path, "trainer_state.json"))
             if run.adapter.wrapper is not None and run.offload is not None:  # values held by the store
                 save_adapters(run.adapter.wrapper, tensors, path)

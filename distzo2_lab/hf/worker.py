@@ -6,8 +6,8 @@ import os
 
 def trainer_worker(rank: int, world_size: int, q, build, *args) -> dict:
     """Join the process group (gloo), build this rank's ZOTrainer with `build(*args)` (an
-    importable function: ZOArguments.layout names the layout), train it, and return its digest
-    and per-step records."""
+    importable function: ZOArguments.layout names the layout), train it, and return its digest,
+    per-step records and the eval losses its evaluations logged."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -18,6 +18,7 @@ def trainer_worker(rank: int, world_size: int, q, build, *args) -> dict:
     try:
         trainer = build(*args)
         trainer.train()
-        return {"rank": rank, "digest": trainer.digest(), "steps": trainer.history}
+        evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+        return {"rank": rank, "digest": trainer.digest(), "steps": trainer.history, "eval_losses": evals}
     finally:
         dist.destroy_process_group()

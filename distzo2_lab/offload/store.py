@@ -144,10 +144,11 @@ class SharedHostStore:
     touches another's elements. Ranks that move whole blocks (slots=2) read the slot holding a
     block's latest values and write the other, which then is the latest: every rank keeps this
     map for itself, and all ranks visit the blocks in the same order, step by step (the loss
-    exchange ends every step), so a slow rank still reads the block of its own step while a fast
-    one writes the next (with one slot it would apply an update twice); the ranks write identical
-    bytes, their arithmetic being the same. The file is unlinked once every rank has mapped it,
-    so nothing is left in /dev/shm whatever happens to the ranks."""
+    exchange ends every step, a barrier every flush: ZO2Engine.flush), so a slow rank still
+    reads the block of its own step or flush while a fast one writes the next (with one slot it
+    would apply an update twice); the ranks write identical bytes, their arithmetic being the same.
+    The file is unlinked once every rank has mapped it, so nothing is left in /dev/shm whatever
+    happens to the ranks."""
 
     tier = "host"
 
@@ -247,6 +248,9 @@ class DiskStore:
             raise ConfigError(f"store={path!r}: manifest format {self.manifest.get('format')!r} is not {FORMAT!r}")
         self.path = path
         self.committed: int = self.manifest["committed"]
+        # a committed flush (commit(flushed=True)): the committed slots hold the step's update applied
+        self.flushed: bool = self.manifest.get("flushed", False)
+        self.slot = self.manifest.get("slot", self.committed % 2)  # the committed slot of every bucket
         entries = self.manifest["blocks"] + self.manifest["resident"]
         self.keys = [e["key"] for e in self.manifest["blocks"]]
         self.numels = [e["numel"] for e in self.manifest["blocks"]]
@@ -255,12 +259,12 @@ class DiskStore:
         self.bytes_read = self.bytes_written = 0
         self.base = None  # frozen_base.DiskBase: the fixed spans in the compute dtype
         # The slot each bucket's latest values are in; the committed one on open.
-        self._latest = {k: self.committed % 2 for k in self._fds}
+        self._latest = {k: self.slot for k in self._fds}
         for k in self._fds:
             held = self.slot_step(k, self._latest[k])
-            if held != self.committed:
+            if held != self.committed + self.flushed:  # a flush writes with the next step's header
                 raise ConfigError(f"store={path!r}: bucket {k} slot holds step {held}, manifest says "
-                                  f"{self.committed}; the store is damaged")
+                                  f"{self.committed}{' (flushed)' if self.flushed else ''}; the store is damaged")
 
     # -- layout ----------------------------------------------------------------------------
     @staticmethod
@@ -280,7 +284,7 @@ class DiskStore:
 
     def _write(self, key: str, src: torch.Tensor, step: int, start: int = 0) -> None:
         src = src if src.device.type == "cpu" else src.cpu()  # device buffers go through the host
-        slot = (self.committed + 1) % 2  # never the committed slot
+        slot = 1 - self.slot  # never the committed slot
         fd, off = self._fds[key], self._offset(key, slot)
         _pwrite_full(fd, _bytes_view(src), off + HEADER + 4 * start)
         os.pwrite(fd, MAGIC + struct.pack("<q", step), off)  # the header last: the slot is whole
@@ -350,30 +354,34 @@ class DiskStore:
         return out
 
     def commit(self, step: int, resident: dict[str, torch.Tensor] | None = None, leader: bool = True,
-               run_state: dict | None = None) -> None:
+               run_state: dict | None = None, flushed: bool = False) -> None:
         """Persist the resident buckets for `step`, then move the manifest to it (atomic rename).
 
         Several ranks sharing the store all call it once every rank's writes of the step have
         landed (a barrier); only the leader writes the resident buckets and the manifest.
         `run_state`: the method family's per-run scalars at `step` (JSON), committed in the manifest
-        with it (manifest["run_state"])."""
-        if step != self.committed + 1:
-            raise RuntimeError(f"commit({step}) after step {self.committed}: steps commit in order")
+        with it (manifest["run_state"]). `flushed=True` commits a flush of the committed step: the
+        written slots hold its update applied (nothing is owed on reopening), and the next step
+        writes the other slots."""
+        if step != self.committed + (not flushed):
+            raise RuntimeError(f"commit({step}{', flushed' if flushed else ''}) after step {self.committed}: "
+                               "steps commit in order")
+        new = 1 - self.slot
         if not leader:
             for k in self._fds:  # the leader writes the resident buckets' slots
-                self._latest[k] = step % 2
-            self.committed = step
+                self._latest[k] = new
+            self.committed, self.slot, self.flushed = step, new, flushed
             return
         for key, t in (resident or {}).items():
-            self._write(key, t, step)
-        missing = [k for k in self._fds if self._latest[k] != step % 2]
+            self._write(key, t, self.committed + 1)
+        missing = [k for k in self._fds if self._latest[k] != new]
         if missing:
             raise RuntimeError(f"commit({step}): buckets {missing[:3]} were not written this step")
-        self.manifest["committed"] = step
+        self.manifest.update(committed=step, slot=new, flushed=flushed)
         if run_state is not None:
             self.manifest["run_state"] = run_state
         _write_json_atomic(os.path.join(self.path, "manifest.json"), self.manifest)
-        self.committed = step
+        self.committed, self.slot, self.flushed = step, new, flushed
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -376,9 +376,26 @@ class Offload:
         self.method, self._engine = method, None
 
     def engine_options(self) -> dict:
-        """What ZO2Engine takes from this tier: the streamer, the resident keeper and, for a lean
-        tier, trim_buffers (between sweeps only the embeddings are held)."""
-        return {"streamer": self.streamer, "resident": self.resident_keeper(), "trim_buffers": self.lean}
+        """What ZO2Engine takes from this tier: the streamer, the resident keeper, for a lean tier
+        trim_buffers (between sweeps only the embeddings are held), and for a store shared by the
+        ranks of a node what ends their flushes (after_flush)."""
+        return {"streamer": self.streamer, "resident": self.resident_keeper(), "trim_buffers": self.lean,
+                "after_flush": self.after_flush if self.node is not None else None}
+
+    def after_flush(self, engine) -> None:
+        """The ranks sharing this store leave a flush together. A step ends with the loss exchange,
+        a flush with nothing: a rank that ran ahead into the next step would write a block's slot
+        while a slower rank still read it for its flush (and applied the update twice). In place,
+        a step writes back what differs from what it read (the +eps, -2 eps, +eps round trip), so
+        it must not read the slots it writes, which other ranks read: the disk store commits the
+        flush (the step stays, its update is applied), and the next step writes the other slots."""
+        self.streamer.drain()
+        self.node.barrier()  # every rank's writes of the flush have landed
+        if self.store.tier != "disk" or engine.copies:
+            return
+        snaps = self._snapshot()[0] if self.node.leader else {}
+        self.store.commit(self.store.committed, snaps, leader=self.node.leader, flushed=True)
+        self.node.barrier()  # the manifest names the flushed slots: the committed ones are free
 
     def resident_keeper(self):
         """What the engine's `resident=` takes: LeanResident for a lean disk tier, else the default."""

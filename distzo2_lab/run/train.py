@@ -356,7 +356,8 @@ class Run:
             _check_resume(self.cfg.offload.store, self.cfg, self.log)
             self.log.records = [r for r in self.log.records if r["step"] <= committed]  # drop uncommitted
             r = self.log.records[-1]
-            if not is_family(self.cfg.zo):  # the family's comes with its run state (Offload.keep_method_state)
+            owed = not self.offload.store.flushed  # a committed flush applied it (Offload.after_flush)
+            if owed and not is_family(self.cfg.zo):  # the family's comes with its run state (keep_method_state)
                 pending = PendingUpdate(r["step"], r["seed"], r["grad"], r["lr"],
                                         tuple(map(tuple, r.get("terms", ()))))  # n-SPSA: every direction
             self.start = committed + 1

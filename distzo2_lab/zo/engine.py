@@ -216,14 +216,15 @@ class ZO2Engine:
                  signs: tuple[bool, bool] = (True, True), exchange=None, slicer=None,
                  micro_batches: int = 1, directions: list[int] | None = None, perturber: Perturber | None = None,
                  noise_share=None, copy_share=None, trim_buffers: bool = False, start_step: int = 0,
-                 pending: PendingUpdate | None = None, master_share=None):
+                 pending: PendingUpdate | None = None, master_share=None, after_flush=None):
         """`perturber`: the noise generator (built from zo when None; pass the one `noise_share` draws
         with). `noise_share` (node_share.NoiseShare): the node's ranks split every whole-bucket draw;
         `copy_share` (copy_share.CopyShare): the node's ranks of the same signs make each block copy
         once. `master_share` (master_share.MasterShare): the node's ranks hold the resident masters
         once and make each update and copy once. `trim_buffers`: free idle working buffers after each
         sweep (lean runs). `start_step` and `pending`: where a resumed run continues (its first step
-        index, the update it owes)."""
+        index, the update it owes). `after_flush(engine)`: called once a flush has updated every
+        bucket (offload.tiers.Offload.after_flush: the ranks sharing one store leave it together)."""
         check_engine_setup(adapter, zo, precision)
         hold_masters(adapter, precision)
         if adapter.offloaded and streamer is None:
@@ -268,6 +269,7 @@ class ZO2Engine:
         self._oop = None  # copies: this rank's (+eps, -eps) copies of the visited block
         self.exchange = exchange
         self.slicer = slicer  # streamed blocks arrive as this rank's shard; see _assemble
+        self.after_flush = after_flush
         self._skip_pending = False
         # `resident(engine)` builds the keeper of the embeddings / head buckets.
         self.resident = (resident or ResidentSet)(self)
@@ -377,7 +379,9 @@ class ZO2Engine:
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Apply the pending update to every bucket now (evaluation never sees stale weights)."""
+        """Apply the pending update to every bucket now (evaluation never sees stale weights); then
+        after_flush, where ranks sharing one store meet (a step ends with the loss exchange, a
+        flush with nothing of its own)."""
         if self.pending is None:
             return
         self.resident.flush()
@@ -388,6 +392,8 @@ class ZO2Engine:
 
         self._sweep(visit)
         self.pending = None
+        if self.after_flush is not None:
+            self.after_flush(self)
 
     # -- one step ------------------------------------------------------------------------
     @torch.no_grad()
