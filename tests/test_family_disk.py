@@ -99,8 +99,8 @@ def test_sigkill_mid_run_then_reopen_continues_the_family_bit_exactly(tmp_path):
     ref = train(TrainConfig(model="tiny-deep", steps=steps, batch_size=2, seq_len=12, threads=1,
                             zo=ZOConfig(optimizer="adam", perturbation="sparse:0.5")), progress=False)
     cmd = [sys.executable, "-m", "distzo2_lab.cli.main", "train", "--model", "tiny-deep", "--steps", str(steps),
-           "--batch-size", "2", "--seq-len", "12", "--threads", "1", "--optimizer", "adam", "--perturbation",
-           "sparse:0.5", "--offload", "disk", "--store", store, "--no-progress",
+           "--batch-size", "2", "--seq-len", "12", "--threads", "1", "--lr", str(ZOConfig().lr), "--optimizer", "adam",
+           "--perturbation", "sparse:0.5", "--offload", "disk", "--store", store, "--no-progress",
            "--out", str(tmp_path / "out")]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120

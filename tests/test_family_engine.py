@@ -1,13 +1,11 @@
 """The method family on the block engine equals the eager reference bit for bit, on every tier it runs."""
 import dataclasses
-import json
 import os
 
 import pytest
 import torch
 from helpers import batches
 
-from distzo2_lab.cli.main import main
 from distzo2_lab.config import (
     OPTIMIZERS,
     ConfigError,
@@ -176,15 +174,3 @@ def test_lean_disk_tier_is_refused_for_the_family_by_name(tmp_path):
 def test_distributed_options_are_refused_by_the_family_engine():
     with pytest.raises(ConfigError, match="signs are not supported"):
         FamilyEngine(_adapter(), ZOConfig(optimizer="adam"), signs=(True, False), exchange=lambda *a: a[0])
-
-
-LEARNS = {"adam": ["--lr", "5e-3"], "conservative": []}  # the other optimisers: tests/test_methods.py (eager)
-
-
-@pytest.mark.parametrize("name", list(LEARNS))
-def test_cli_train_on_zo2_lowers_the_loss_by_ten_percent_in_300_steps(name, tmp_path):
-    out = tmp_path / "run"
-    assert main(["train", "--model", "tiny", "--steps", "300", "--optimizer", name, *LEARNS[name], "--engine",
-                 "zo2", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
-    s = json.loads((out / "summary.json").read_text())
-    assert s["eval_loss_end"] <= 0.9 * s["eval_loss_start"]
