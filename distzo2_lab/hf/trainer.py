@@ -26,7 +26,6 @@ from distzo2_lab.models.lora import is_peft, save_adapters
 from distzo2_lab.run.checkpoint import checkpoint_tensors, save_checkpoint, save_method_state
 from distzo2_lab.run.train import Run, to_device
 from distzo2_lab.seeds import derive_seed, step_seed
-from distzo2_lab.zo.family_reference import replay_scalars
 from distzo2_lab.zo.spsa import count_tokens
 
 
@@ -142,11 +141,7 @@ class ZOTrainer(Trainer):
             self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
             batch = to_device(run.micro_batch(self._batch(t, cfg.batch_size)), cfg.device)
             r = run.engine.step(batch, step_seed(cfg.seed, t), lr=lrs[t], step=t)
-            run.log.append(r.step, r.seed, r.grad, r.lr, r.terms, replay_scalars(run.engine))
-            if run.offload is not None:
-                run.offload.commit(t)  # disk tier: the step is durable once its record is logged
-            self.history.append({"step": r.step, "seed": r.seed, "loss_plus": r.loss_plus,
-                                 "loss_minus": r.loss_minus, "projected_grad": r.grad, "lr": r.lr})
+            self.history.append(run.record(r))  # seed log, then the disk tier's commit
             window.append((r.loss_plus + r.loss_minus) / 2)
             self.state.global_step = t + 1
             self.state.epoch = (t + 1) * cfg.batch_size / len(self.train_dataset)

@@ -398,6 +398,16 @@ class Run:
     def digest(self) -> str:
         return digest(self.adapter, self.values)
 
+    def record(self, r) -> dict:
+        """After engine.step: step result `r` into the seed log (with the method's replay scalars),
+        then the disk tier's commit of the step (durable once its record is logged); returns the
+        step's per-step record (losses, g, lr) for the summary or the trainer's history."""
+        self.log.append(r.step, r.seed, r.grad, r.lr, r.terms, replay_scalars(self.engine))
+        if self.offload is not None:
+            self.offload.commit(r.step)
+        return {"step": r.step, "seed": r.seed, "loss_plus": r.loss_plus, "loss_minus": r.loss_minus,
+                "projected_grad": r.grad, "lr": r.lr}
+
     def close(self) -> None:
         for share in (getattr(self.engine, name, None) for name in ("noise_share", "copy_share", "master_share")):
             if share is not None:
@@ -485,12 +495,8 @@ def _loop(run: Run, task, progress: bool, on_step, out: str | None = None, stop:
         if stop is not None and stop.should_stop(t, run.rank):
             break
         r = engine.step(to_device(run.micro_batch(task.batch(t)), cfg.device), step_seed(cfg.seed, t), step=t)
-        run.log.append(r.step, r.seed, r.grad, r.lr, r.terms, replay_scalars(engine))
-        if run.offload is not None:
-            run.offload.commit(t)  # disk tier: the step is durable once its record is logged
+        records.append(run.record(r))
         tokens += r.tokens
-        records.append({"step": r.step, "seed": r.seed, "loss_plus": r.loss_plus,
-                        "loss_minus": r.loss_minus, "projected_grad": r.grad, "lr": r.lr})
         if on_step is not None:
             on_step(r)
         if out is not None and len(records) % SUMMARY_EVERY == 0:
